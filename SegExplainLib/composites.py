@@ -1,0 +1,331 @@
+"""Composites: which rule for which layer, and the context that wires them into a model.
+
+A :class:`Composite` maps layer *categories* (convolution, dense, norm, ...) to rules, optionally gives the first
+layer (the one reading the image) its own rule and single named layers theirs. Presets are registered by name::
+
+    register_composite("my_preset", lambda: Composite(rules={**lrp_defaults(), "convolution": Gamma(0.5)}))
+
+While a composite is attached, every leaf module of the model must belong to a known category; a module or a
+functional operation that the method cannot propagate through correctly raises :class:`UnsupportedLayerError`
+naming it and its path, instead of silently degrading to the plain gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .canonizers import Canonizer, MergeBatchNorm
+from .errors import SegExplainError, UnsupportedLayerError
+from .rules import (CONVOLUTIONS, NORMS, TRANSPOSED_CONVOLUTIONS, AlphaBeta, Deconvolution, Epsilon, Flat, Gamma,
+                    GuidedBackprop, Pass, PropagationContext, Rule, WSquare, ZBox, Zero, ZPlus)
+
+CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
+    "convolution": (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS),
+    "dense": (nn.Linear,),
+    "parameter_free": (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                       nn.AdaptiveAvgPool3d, nn.Upsample),
+    "norm": NORMS,
+    "rectifier": (nn.ReLU, nn.LeakyReLU, nn.PReLU),
+    "activation": (nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Tanh, nn.Hardtanh,
+                   nn.ReLU6, nn.Hardswish, nn.Softsign),
+    "head": (nn.Softmax, nn.LogSoftmax, nn.Sigmoid),
+    "passthrough": (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                    nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+                    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.ConstantPad1d,
+                    nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+                    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
+}
+
+# Functional operations that bypass module hooks, grouped by why a method cannot pass them.
+_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
+_NORM_FUNCTIONS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
+_RECTIFIER_FUNCTIONS = {F.relu, torch.relu, torch.Tensor.relu, F.leaky_relu, F.prelu, F.relu_, torch.relu_}
+_NONLINEAR = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, torch.tanh, torch.Tensor.tanh, F.tanh, F.gelu,
+              F.silu, F.elu, F.selu, F.celu, F.softplus, F.mish, F.relu6, F.hardtanh, F.hardswish, torch.exp,
+              torch.Tensor.exp, torch.log, torch.Tensor.log, F.softmax, torch.softmax, torch.Tensor.softmax,
+              F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+_PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.matmul,
+             torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.einsum, torch.div, torch.Tensor.div,
+             torch.Tensor.__truediv__}
+
+
+def category_of(module: nn.Module) -> str | None:
+    """The category of a leaf module, or ``None`` if SegExplain does not know it."""
+    for category, types in CATEGORIES.items():
+        if type(module) in types:
+            return category
+    for category, types in CATEGORIES.items():
+        if isinstance(module, types):
+            return category
+    return None
+
+
+def _function_name(func: Callable) -> str:
+    module = getattr(func, "__module__", None) or "torch.Tensor"
+    return f"{module.replace('torch.nn.functional', 'F')}.{getattr(func, '__name__', repr(func))}"
+
+
+@dataclass(frozen=True)
+class Composite:
+    """Which rule each layer of a network gets.
+
+    Attributes:
+        rules: Rule per category (see :data:`CATEGORIES`).
+        first_layer: Rule for convolution/dense layers that read the network input (e.g. :class:`Flat`).
+        layer_rules: Rule per module name from ``model.named_modules()``, overriding the category's rule.
+        canonizers: Factories of canonizers applied while the composite is attached.
+        required: Categories that must have a rule; a module of such a category without one is an error
+            (an LRP composite cannot leave an ELU or an InstanceNorm to the plain gradient).
+        denied_functions: Functional operations that, called outside a leaf module, would bypass the rules.
+        name: Registry name, for the record.
+    """
+
+    rules: Mapping[str, Rule]
+    first_layer: Rule | None = None
+    layer_rules: Mapping[str, Rule] = field(default_factory=dict)
+    canonizers: tuple[Callable[[], Canonizer], ...] = (MergeBatchNorm,)
+    required: frozenset[str] = frozenset({"convolution", "dense", "parameter_free", "norm", "activation"})
+    denied_functions: frozenset = frozenset(_WEIGHTED | _NORM_FUNCTIONS | _NONLINEAR | _PRODUCTS)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for category, rule in self.rules.items():
+            if category not in CATEGORIES:
+                msg = f"unknown layer category {category!r}; expected one of {sorted(CATEGORIES)}"
+                raise SegExplainError(msg)
+            if category not in rule.categories:
+                msg = f"rule {rule.name!r} cannot be used for {category!r} layers; it applies to {sorted(rule.categories)}"
+                raise SegExplainError(msg)
+        if self.first_layer is not None and not {"convolution", "dense"} & self.first_layer.categories:
+            msg = f"first-layer rule {self.first_layer.name!r} must apply to convolution or dense layers"
+            raise SegExplainError(msg)
+
+    def rule_for(self, name: str, category: str, reads_input: bool) -> Rule | None:
+        """The rule of module ``name`` of ``category``; ``reads_input`` tells whether it reads the network input."""
+        if name in self.layer_rules:
+            return self.layer_rules[name]
+        if reads_input and self.first_layer is not None and category in ("convolution", "dense"):
+            return self.first_layer
+        rule = self.rules.get(category)
+        if rule is not None and rule.first_layer_only and not reads_input:
+            return None
+        return rule
+
+    def options(self) -> dict[str, Any]:
+        """The composite as JSON-friendly values, for the explanation record."""
+        return {
+            "composite": self.name,
+            "rules": {category: rule.options() for category, rule in self.rules.items()},
+            "first_layer": None if self.first_layer is None else self.first_layer.options(),
+            "layer_rules": {name: rule.options() for name, rule in self.layer_rules.items()},
+            "canonizers": [factory().name for factory in self.canonizers],
+        }
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module, ctx: PropagationContext) -> Iterator[Callable[[torch.Tensor], Any]]:
+        """Wire the rules into ``model`` and yield its guarded forward function.
+
+        The model is put in eval mode with frozen parameters and in-place activations switched off; all of this,
+        the canonizers and every hook are undone on exit, also after an exception.
+        """
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_frozen_eval(model))
+            for factory in self.canonizers:
+                stack.enter_context(factory().applied(model))
+            wiring = _Wiring(self, model, ctx)
+            stack.callback(wiring.remove)
+            yield wiring.forward
+
+
+class _Wiring:
+    """The hooks of one attached composite, and the forward that runs under the functional guard."""
+
+    def __init__(self, composite: Composite, model: nn.Module, ctx: PropagationContext) -> None:
+        self.composite, self.model, self.ctx = composite, model, ctx
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.stack: list[tuple[str, nn.Module]] = []
+        self.head_outputs: list[tuple[str, torch.Tensor]] = []
+        try:
+            for name, module in model.named_modules():
+                self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+                self.handles.append(module.register_forward_hook(self._leave))
+                if not next(module.children(), None):
+                    self._check_leaf(name, module)
+                    self.handles.append(module.register_forward_hook(self._apply_rule(name)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _check_leaf(self, name: str, module: nn.Module) -> None:
+        category = category_of(module)
+        if category is None:
+            msg = (f"unsupported layer {type(module).__name__} at '{name}': no rule propagates through it; "
+                   "use occlusion, or replace the layer")
+            raise UnsupportedLayerError(msg)
+        if category in self.composite.required and category not in self.composite.rules and (
+                name not in self.composite.layer_rules):
+            msg = (f"composite {self.composite.name!r} has no rule for {category} layer {type(module).__name__} "
+                   f"at '{name}'")
+            raise UnsupportedLayerError(msg)
+
+    def _enter(self, name: str) -> Callable:
+        def hook(module, args):
+            self.stack.append((name, module))
+        return hook
+
+    def _leave(self, module, args, output):
+        self.stack.pop()
+
+    def _apply_rule(self, name: str) -> Callable:
+        def hook(module, args, output):
+            category = category_of(module)
+            if category == "head":
+                self.head_outputs.append((name, args[0]))
+                return args[0]
+            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+                return None
+            rule = self.composite.rule_for(name, category, args[0] is self.ctx.network_input)
+            if rule is None:
+                return None
+            return rule.wrap(module, args[0], output, self.ctx)
+        return hook
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        with _FunctionalGuard(self):
+            output = self.model(inputs)
+        for name, logits in self.head_outputs:
+            if output is not logits:
+                msg = f"{name!r} is a softmax/sigmoid inside the network, not its output head; it is not supported"
+                raise UnsupportedLayerError(msg)
+        self.head_outputs.clear()
+        return output
+
+
+class _FunctionalGuard(TorchFunctionMode):
+    """Refuses denied functional operations called outside leaf modules during the forward pass."""
+
+    def __init__(self, wiring: _Wiring) -> None:
+        super().__init__()
+        self.wiring = wiring
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        stack = self.wiring.stack
+        inside_leaf = bool(stack) and next(stack[-1][1].children(), None) is None
+        if not inside_leaf and func in self.wiring.composite.denied_functions:
+            grad_tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+            if func not in _PRODUCTS or len(grad_tensors) >= 2:
+                where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
+                msg = (f"functional {_function_name(func)} in the forward of {where} bypasses the "
+                       f"{self.wiring.composite.name!r} rules; use a module for it (e.g. nn.Conv3d, nn.ELU)")
+                raise UnsupportedLayerError(msg)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode, parameters without grad, in-place activations off; restored exactly on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        for m in inplace:
+            m.inplace = False
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad in grads:
+            p.requires_grad_(requires_grad)
+        for m in inplace:
+            m.inplace = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry of presets
+
+_REGISTRY: dict[str, Callable[..., Composite]] = {}
+
+
+def register_composite(name: str, factory: Callable[..., Composite]) -> None:
+    """Register a composite factory under a snake_case name (overwrites an earlier one of the same name)."""
+    if not name or not name.replace("_", "").isalnum() or name.lower() != name:
+        msg = f"composite names are snake_case identifiers, got {name!r}"
+        raise SegExplainError(msg)
+    _REGISTRY[name] = factory
+
+
+def composite_names() -> list[str]:
+    """Names of all registered composites."""
+    return sorted(_REGISTRY)
+
+
+def get_composite(spec: str | Composite, **options: Any) -> Composite:
+    """A registered composite by name (options go to its factory, e.g. ``epsilon=1e-3``), or a composite as is."""
+    if isinstance(spec, Composite):
+        return spec
+    if spec not in _REGISTRY:
+        msg = f"unknown composite {spec!r}; expected one of {composite_names()}"
+        raise SegExplainError(msg)
+    try:
+        composite = _REGISTRY[spec](**options)
+    except TypeError as error:
+        msg = f"composite {spec!r} does not take options {sorted(options)}: {error}"
+        raise SegExplainError(msg) from None
+    return Composite(**{**composite.__dict__, "name": spec})
+
+
+def lrp_defaults(epsilon: float = 1e-6) -> dict[str, Rule]:
+    """Rules every LRP composite shares: epsilon for everything linear, pass for norms and activations."""
+    return {"convolution": Epsilon(epsilon), "dense": Epsilon(epsilon), "parameter_free": Epsilon(epsilon),
+            "norm": Pass(), "activation": Pass()}
+
+
+def _conv_preset(conv_rule: Callable[[], Rule], first_layer: Callable[[], Rule] | None = None):
+    def factory(epsilon: float = 1e-6, **first_layer_options: Any) -> Composite:
+        first = None if first_layer is None else first_layer(**first_layer_options)
+        return Composite(rules={**lrp_defaults(epsilon), "convolution": conv_rule()}, first_layer=first)
+    return factory
+
+
+def _uniform(rule: Callable[..., Rule]):
+    def factory(**options: Any) -> Composite:
+        return Composite(rules={**lrp_defaults(), "convolution": rule(**options), "dense": rule(**options)})
+    return factory
+
+
+register_composite("epsilon", lambda epsilon=1e-6: Composite(rules=lrp_defaults(epsilon)))
+register_composite("zero", lambda: Composite(rules={**lrp_defaults(0.0), "convolution": Zero(), "dense": Zero()}))
+register_composite("z_plus", _uniform(ZPlus))
+register_composite("alpha1_beta0", _uniform(lambda **o: AlphaBeta(1.0, 0.0, **o)))
+register_composite("alpha2_beta1", _uniform(lambda **o: AlphaBeta(2.0, 1.0, **o)))
+register_composite("gamma", _uniform(Gamma))
+register_composite("epsilon_plus", _conv_preset(ZPlus))
+register_composite("epsilon_plus_flat", _conv_preset(ZPlus, Flat))
+register_composite("epsilon_plus_w_square", _conv_preset(ZPlus, WSquare))
+register_composite("epsilon_plus_z_box", _conv_preset(ZPlus, ZBox))
+register_composite("epsilon_alpha2_beta1", _conv_preset(lambda: AlphaBeta(2.0, 1.0)))
+register_composite("epsilon_alpha2_beta1_flat", _conv_preset(lambda: AlphaBeta(2.0, 1.0), Flat))
+register_composite("epsilon_gamma_z_box", _conv_preset(Gamma, ZBox))
+
+_MODIFIED_BACKWARD = frozenset({"rectifier", "activation"})
+GUIDED_BACKPROP = Composite(rules={"rectifier": GuidedBackprop(), "activation": GuidedBackprop()}, canonizers=(),
+                            required=_MODIFIED_BACKWARD, denied_functions=frozenset(_RECTIFIER_FUNCTIONS | _NONLINEAR),
+                            name="guided_backprop")
+DECONVOLUTION = Composite(rules={"rectifier": Deconvolution()}, canonizers=(), required=_MODIFIED_BACKWARD,
+                          denied_functions=frozenset(_RECTIFIER_FUNCTIONS | _NONLINEAR), name="deconvolution")

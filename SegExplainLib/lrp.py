@@ -1,0 +1,122 @@
+"""Methods that run the model's backward pass with rules attached: LRP, Guided Backprop and Deconvolution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._method import AttributionMethod, AttributionOutput
+from .composites import DECONVOLUTION, GUIDED_BACKPROP, Composite, get_composite
+from .errors import SegExplainError
+from .rules import PropagationContext
+
+
+def check_logits(logits: Any, seed: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The model output as logits shaped like ``seed``; a clear error for anything else."""
+    if not isinstance(logits, torch.Tensor):
+        msg = f"the model must return a logits tensor (N, K, D, H, W), got {type(logits).__name__}"
+        raise SegExplainError(msg)
+    if logits.shape != seed.shape:
+        msg = (f"model output has shape {tuple(logits.shape)} but (N, K, *spatial) = {tuple(seed.shape)} was "
+               f"expected for input {tuple(inputs.shape)}")
+        raise SegExplainError(msg)
+    return logits
+
+
+class _RuleMethod(AttributionMethod):
+    """Shared body: attach a composite, run forward and the modified backward, read the input relevance."""
+
+    composite: Composite
+    relevance_times_input: bool
+
+    def attribute(self, model: nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = inputs.detach().requires_grad_(True)
+        sink = torch.zeros_like(x, requires_grad=True)
+        ctx = PropagationContext(network_input=x, input_sink=sink, layer_filter=self._layer_filter())
+        with self.composite.attached(model, ctx) as forward:
+            logits = check_logits(forward(x), seed, inputs)
+            grad_x, grad_sink = torch.autograd.grad(logits, (x, sink), grad_outputs=seed, allow_unused=True,
+                                                    create_graph=seed.requires_grad)
+        grad_x = torch.zeros_like(x) if grad_x is None else grad_x
+        maps = x.detach() * grad_x if self.relevance_times_input else grad_x
+        if grad_sink is not None:
+            maps = maps + grad_sink
+        if not self.relevance_times_input:
+            return AttributionOutput(maps)
+        expected = (seed * logits.detach()).flatten(1).sum(1)
+        return AttributionOutput(maps, delta=maps.detach().flatten(1).sum(1) - expected.detach(), expected=expected)
+
+    def _layer_filter(self) -> Any:
+        return None
+
+
+class LRP(_RuleMethod):
+    """Layer-wise Relevance Propagation with a composite of rules.
+
+    Relevance starts at the explained logits (``R = seed * logits``) and is redistributed layer by layer to the
+    input voxels of every MRI sequence. ``delta`` reports conservation: ``sum(R_input) - sum(seed * logits)``.
+
+    Args:
+        composite: A registered name (``"epsilon_plus_flat"``, ``"z_plus"``, ``"epsilon"``, ...; see
+            :func:`SegExplainLib.composites.composite_names`) or a :class:`Composite`.
+        layer_filter: An :class:`~SegExplainLib.filters.AmplitudeFilter` applied to the relevance entering every
+            linear and norm layer during the propagation (Tjoa et al.'s layer-wise mode). The map is then no longer
+            linear in the seed.
+        **composite_options: Passed to the composite's factory, e.g. ``epsilon=1e-3``.
+
+    Example:
+        >>> lrp = LRP(composite="epsilon_plus_flat")  # z+ in convolutions, flat in the first layer
+    """
+
+    name = "lrp"
+
+    def __init__(self, *, composite: str | Composite = "epsilon_plus_flat", layer_filter: Any = None,
+                 **composite_options: Any) -> None:
+        self.composite = get_composite(composite, **composite_options)
+        self.layer_filter = layer_filter
+        self.relevance_times_input = True
+
+    @property
+    def linear_in_seed(self) -> bool:  # type: ignore[override]
+        return self.layer_filter is None
+
+    def _layer_filter(self) -> Any:
+        return self.layer_filter
+
+    def options(self) -> dict[str, Any]:
+        return {**self.composite.options(),
+                "layer_filter": None if self.layer_filter is None else str(self.layer_filter)}
+
+
+class GuidedBackprop(_RuleMethod):
+    """Guided Backprop: the gradient with only positive signals passed back through each rectifier.
+
+    Correct for LeakyReLU and PReLU (their negative slope gates the forward part), where common libraries fall back
+    to the plain gradient.
+    """
+
+    name = "guided_backprop"
+    linear_in_seed = False
+
+    def __init__(self) -> None:
+        self.composite = GUIDED_BACKPROP
+        self.relevance_times_input = False
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+class Deconvolution(_RuleMethod):
+    """Deconvolution: the backward signal passes through each rectifier's own function (ReLU, LeakyReLU, PReLU)."""
+
+    name = "deconvolution"
+    linear_in_seed = False
+
+    def __init__(self) -> None:
+        self.composite = DECONVOLUTION
+        self.relevance_times_input = False
+
+    def options(self) -> dict[str, Any]:
+        return {}

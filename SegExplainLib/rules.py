@@ -1,0 +1,512 @@
+"""Rules: how one layer passes relevance back.
+
+The engine propagates a *modified gradient* ``g`` rather than relevance itself: at every tensor ``t`` of the
+network the relevance is ``R_t = t * g_t``. Propagating ``g`` instead of ``R`` has two consequences that make LRP as
+cheap as a gradient:
+
+* Operations that are positively homogeneous (ReLU, LeakyReLU, PReLU, max pooling, concatenation, slicing, padding,
+  nearest upsampling) pass ``g`` exactly like the gradient does, so the plain autograd backward is already the LRP
+  identity rule there and no hook is needed.
+* For a linear layer ``z = W x + b`` the epsilon rule ``R_x = x * W^T (R_z / (z + eps))`` becomes
+  ``g_x = W^T (g_z * z / (z + eps))``: one element-wise factor on the incoming gradient, then the layer's own
+  backward. A residual addition is the LRP-0 rule (relevance split in proportion to the two contributions).
+
+Rules that change the weights (z-plus, alpha-beta, gamma, flat, w-square, z-box) run a modified forward of the layer
+in the backward pass and return ``g`` (or, for rules of the first layer, the input relevance itself).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import SegExplainError, UnsupportedLayerError
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHTED_LINEAR = (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS, nn.Linear)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+         nn.GroupNorm)
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = 1``, so that no denominator is zero."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+@dataclass
+class PropagationContext:
+    """What a rule needs to know besides its own layer.
+
+    Attributes:
+        network_input: The input tensor of the explained forward pass (rules of the first layer check it).
+        input_sink: A zero tensor shaped like the input: rules of the first layer send the input relevance to it as
+            its gradient, because relevance such as the flat rule's cannot be written as ``input * g``.
+        layer_filter: An amplitude filter applied to the relevance entering every linear layer and norm layer
+            (Tjoa et al.'s layer-wise mode), or ``None``.
+    """
+
+    network_input: torch.Tensor
+    input_sink: torch.Tensor
+    layer_filter: Any = None
+
+    def filtered(self, relevance: torch.Tensor) -> torch.Tensor:
+        if self.layer_filter is None:
+            return relevance
+        return relevance * self.layer_filter.factor(relevance)
+
+
+class _ReplaceBackward(torch.autograd.Function):
+    """Identity on the layer output whose backward is ``propagate(x, y, grad)`` instead of the layer's own."""
+
+    @staticmethod
+    def forward(ctx, x, y, sink, propagate):  # noqa: D102 - autograd protocol
+        ctx.propagate = propagate
+        ctx.save_for_backward(x, y)
+        ctx.has_sink = sink is not None
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        x, y = ctx.saved_tensors
+        grad_x = ctx.propagate(x, y, grad)
+        if ctx.has_sink:
+            return None, None, grad_x, None
+        return grad_x, None, None, None
+
+
+class _TransformGrad(torch.autograd.Function):
+    """Identity whose backward replaces the incoming gradient by ``transform(y, grad)``; the layer's backward follows."""
+
+    @staticmethod
+    def forward(ctx, y, transform):  # noqa: D102 - autograd protocol
+        ctx.transform = transform
+        ctx.save_for_backward(y)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - autograd protocol
+        (y,) = ctx.saved_tensors
+        return ctx.transform(y, grad), None
+
+
+def replace_backward(x: torch.Tensor, y: torch.Tensor, propagate: Callable, sink: torch.Tensor | None = None):
+    """Return ``y`` cut from its own graph, reconnected to ``x`` (or to ``sink``) through ``propagate``."""
+    return _ReplaceBackward.apply(x, y.detach(), sink, propagate)
+
+
+def transform_grad(y: torch.Tensor, transform: Callable) -> torch.Tensor:
+    """Return ``y`` unchanged; on the way back its gradient becomes ``transform(y, grad)`` before the layer's own."""
+    return _TransformGrad.apply(y, transform)
+
+
+class Rule(abc.ABC):
+    """How one module passes relevance back.
+
+    ``categories`` lists the kinds of module the rule can be attached to (see
+    :data:`SegExplainLib.composites.CATEGORIES`); ``first_layer_only`` rules need the network input as the layer's
+    input, because their relevance does not factor as ``input * g``.
+    """
+
+    name: ClassVar[str]
+    categories: ClassVar[frozenset[str]]
+    first_layer_only: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def wrap(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: PropagationContext) -> torch.Tensor:
+        """Return the module output ``y`` wired so that the backward pass applies this rule."""
+
+    def options(self) -> dict[str, Any]:
+        """The rule's name and parameters, for the explanation record."""
+        return {"rule": self.name}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.options().items() if k != "rule")
+        return f"{type(self).__name__}({params})"
+
+
+def _check_non_negative(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or value < 0 or value != value:
+        msg = f"{name} must be a non-negative number, got {value!r}"
+        raise SegExplainError(msg)
+    return float(value)
+
+
+class Epsilon(Rule):
+    """LRP-epsilon: ``R_x = x * W^T (R_z / (z + eps sign z))``; biases absorb part of the relevance.
+
+    On a norm layer the rule treats the layer as the affine map it is for the current input (statistics frozen).
+
+    Args:
+        epsilon: Stabilizer added to every denominator. ``epsilon=0`` is LRP-0 (the rule :class:`Zero`).
+    """
+
+    name = "epsilon"
+    categories = frozenset({"convolution", "dense", "parameter_free", "norm"})
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = _check_non_negative("epsilon", epsilon)
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": self.name, "epsilon": self.epsilon}
+
+    def _ratio(self, y: torch.Tensor, grad: torch.Tensor, ctx: PropagationContext) -> torch.Tensor:
+        """``R_y / (y + eps)`` with ``R_y = y * grad`` after the layer-wise filter."""
+        relevance = ctx.filtered(y * grad)
+        if self.epsilon == 0.0:
+            return torch.where(y == 0, torch.zeros_like(y), relevance / torch.where(y == 0, 1.0, y))
+        return relevance / stabilize(y, self.epsilon)
+
+    def wrap(self, module, x, y, ctx):
+        if isinstance(module, NORMS):
+            scale = frozen_norm_scale(module, x)
+
+            def propagate(x_in, y_out, grad):
+                return self._ratio(y_out, grad, ctx) * scale
+
+            return replace_backward(x, y, propagate)
+        return transform_grad(y, lambda y_out, grad: self._ratio(y_out, grad, ctx))
+
+
+class Zero(Epsilon):
+    """LRP-0: the epsilon rule without stabilizer (gradient x input on ReLU networks without biases)."""
+
+    name = "zero"
+
+    def __init__(self) -> None:
+        super().__init__(epsilon=0.0)
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": self.name}
+
+
+class Pass(Rule):
+    """Relevance passes through unchanged: ``R_x = R_y`` (element-wise activations, norm layers).
+
+    On a norm layer this equals merging the layer, with its statistics frozen, into the preceding convolution under
+    the z-plus rule (for a positive scale), which keeps relevance conserved; it is the default for norm layers that a
+    canonizer cannot merge (InstanceNorm, GroupNorm).
+    """
+
+    name = "pass"
+    categories = frozenset({"norm", "activation"})
+
+    def __init__(self, epsilon: float = 1e-12) -> None:
+        self.epsilon = _check_non_negative("epsilon", epsilon)
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": self.name, "epsilon": self.epsilon}
+
+    def wrap(self, module, x, y, ctx):
+        def propagate(x_in, y_out, grad):
+            relevance = y_out * grad
+            if isinstance(module, NORMS):
+                relevance = ctx.filtered(relevance)
+            return relevance / stabilize(x_in, self.epsilon)
+
+        return replace_backward(x, y, propagate)
+
+
+def frozen_norm_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-voxel slope ``dy/dx`` of a norm layer with its statistics held fixed (gain / standard deviation)."""
+    batch, channels = x.shape[:2]
+    view = (1, channels) + (1,) * (x.dim() - 2)
+    weight = module.weight if getattr(module, "weight", None) is not None else None
+    with torch.no_grad():
+        if isinstance(module, nn.GroupNorm):
+            grouped = x.reshape(batch, module.num_groups, -1)
+            std = torch.sqrt(grouped.var(dim=2, unbiased=False) + module.eps)
+            inv = (1.0 / std).repeat_interleave(channels // module.num_groups, dim=1)
+            inv = inv.reshape((batch, channels) + (1,) * (x.dim() - 2))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
+            inv = (1.0 / torch.sqrt(module.running_var + module.eps)).reshape(view)
+        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            # InstanceNorm, and BatchNorm when it normalizes with the current statistics
+            dims = tuple(range(2, x.dim())) if isinstance(module, nn.modules.instancenorm._InstanceNorm) else (
+                (0,) + tuple(range(2, x.dim())))
+            if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats and (
+                    not module.training):
+                inv = (1.0 / torch.sqrt(module.running_var + module.eps)).reshape(view)
+            else:
+                inv = 1.0 / torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + module.eps)
+        else:
+            msg = f"no frozen-statistics slope for norm layer {type(module).__name__}"
+            raise UnsupportedLayerError(msg)
+        return inv * weight.reshape(view) if weight is not None else inv
+
+
+def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Run a weighted linear layer with replaced parameters (same stride, padding, groups, ...)."""
+    if isinstance(module, CONVOLUTIONS):
+        return module._conv_forward(x, weight, bias)
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[x.dim() - 2]
+        return conv(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
+                    module.dilation)
+    return F.linear(x, weight, bias)
+
+
+@dataclass
+class Term:
+    """One modified forward ``sign * layer(input; weight, bias)`` inside a rule.
+
+    ``gate`` marks terms whose input is the layer input restricted to a sign (``x * gate``); their contribution to
+    the propagated ``g`` is ``gate * vjp``. Rules of the first layer ignore it and collect ``input * vjp``.
+    """
+
+    input: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    sign: float = 1.0
+
+
+class WeightRule(Rule):
+    """Base of rules that run modified forwards of a weighted layer (conv, transposed conv, linear).
+
+    A subclass returns groups of :class:`Term`; each group ``(coefficient, terms)`` gets the denominator
+    ``z_g = sum(sign * layer(input; weight, bias))`` and passes ``coefficient * R / z_g`` back through its terms.
+    """
+
+    categories = frozenset({"convolution", "dense"})
+
+    def __init__(self, *, epsilon: float = 1e-6) -> None:
+        self.epsilon = _check_non_negative("epsilon", epsilon)
+
+    @abc.abstractmethod
+    def groups(self, module: nn.Module, x: torch.Tensor) -> list[tuple[float, list[Term]]]:
+        """The modified forwards of this rule for layer input ``x``."""
+
+    def options(self) -> dict[str, Any]:
+        return {"rule": self.name, "epsilon": self.epsilon}
+
+    def wrap(self, module, x, y, ctx):
+        if self.first_layer_only and x is not ctx.network_input:
+            msg = (f"rule {self.name!r} applies to a layer that reads the network input, but "
+                   f"{type(module).__name__} receives an intermediate tensor")
+            raise SegExplainError(msg)
+
+        def propagate(x_in, y_out, grad):
+            relevance = ctx.filtered(y_out * grad)
+            create_graph = torch.is_grad_enabled()
+            total = torch.zeros_like(x_in)
+            for coefficient, terms in self.groups(module, x_in):
+                with torch.enable_grad():
+                    leaves = [term.input.detach().requires_grad_(True) for term in terms]
+                    z = sum(term.sign * affine_forward(module, leaf, term.weight, term.bias)
+                            for term, leaf in zip(terms, leaves))
+                ratio = coefficient * relevance / stabilize(z, self.epsilon)
+                vjps = torch.autograd.grad(z, leaves, grad_outputs=ratio, create_graph=create_graph)
+                for term, vjp in zip(terms, vjps):
+                    if self.first_layer_only:
+                        total = total + term.input * vjp
+                    else:
+                        total = total + (vjp if term.gate is None else term.gate * vjp)
+            return total
+
+        sink = ctx.input_sink if self.first_layer_only else None
+        return replace_backward(x, y, propagate, sink)
+
+
+def _signed_parts(x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``(x_part, gate, positive)`` for the positive part and, if present, the negative part of ``x``."""
+    parts = [(x.clamp(min=0), (x > 0).to(x.dtype), True)]
+    if bool((x < 0).any()):
+        parts.append((x.clamp(max=0), (x < 0).to(x.dtype), False))
+    return parts
+
+
+class ZPlus(WeightRule):
+    """z-plus (Tjoa et al.): ``R_i = sum_j x_i w_ij+ / sum_k x_k w_kj+ R_j``, positive contributions only.
+
+    For signed inputs (after LeakyReLU) the positive contributions are ``x+ w+`` and ``x- w-``; on non-negative
+    activations this is exactly the paper's rule and relevance is conserved. Biases are ignored.
+    """
+
+    name = "z_plus"
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        terms = [Term(part, weight.clamp(min=0) if positive else weight.clamp(max=0), None, gate)
+                 for part, gate, positive in _signed_parts(x)]
+        return [(1.0, terms)]
+
+
+class AlphaBeta(WeightRule):
+    """Alpha-beta: ``alpha`` times the positive contributions minus ``beta`` times the negative ones.
+
+    ``alpha - beta = 1`` keeps relevance conserved; presets: alpha1-beta0 (equals z-plus) and alpha2-beta1.
+
+    Args:
+        alpha: Weight of positive contributions.
+        beta: Weight of negative contributions.
+    """
+
+    name = "alpha_beta"
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, *, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon=epsilon)
+        self.alpha = _check_non_negative("alpha", alpha)
+        self.beta = _check_non_negative("beta", beta)
+        if abs(self.alpha - self.beta - 1.0) > 1e-9:
+            msg = f"alpha - beta must equal 1 to conserve relevance, got alpha={alpha!r}, beta={beta!r}"
+            raise SegExplainError(msg)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "alpha": self.alpha, "beta": self.beta}
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        w_pos, w_neg = weight.clamp(min=0), weight.clamp(max=0)
+        parts = _signed_parts(x)
+        positive = [Term(p, w_pos if pos else w_neg, None, g) for p, g, pos in parts]
+        negative = [Term(p, w_neg if pos else w_pos, None, g) for p, g, pos in parts]
+        groups = [(self.alpha, positive)]
+        if self.beta:
+            groups.append((-self.beta, negative))
+        return groups
+
+
+class Gamma(WeightRule):
+    """Gamma: weights ``w + gamma * w+`` (for negative inputs ``w + gamma * w-``), favouring positive evidence.
+
+    Args:
+        gamma: How much positive contributions are boosted (0 gives LRP-epsilon without biases' absorption).
+    """
+
+    name = "gamma"
+
+    def __init__(self, gamma: float = 0.25, *, epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon=epsilon)
+        self.gamma = _check_non_negative("gamma", gamma)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "gamma": self.gamma}
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        bias = None if module.bias is None else module.bias.detach()
+        terms = []
+        for part, gate, positive in _signed_parts(x):
+            boost = weight.clamp(min=0) if positive else weight.clamp(max=0)
+            bias_part = None if bias is None or not positive else bias + self.gamma * bias.clamp(min=0)
+            terms.append(Term(part, weight + self.gamma * boost, bias_part, gate))
+        return [(1.0, terms)]
+
+
+class Flat(WeightRule):
+    """Flat (first layer): relevance spread uniformly over each output's receptive field, whatever the input."""
+
+    name = "flat"
+    first_layer_only = True
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        return [(1.0, [Term(torch.ones_like(x), torch.ones_like(weight))])]
+
+
+class WSquare(WeightRule):
+    """w-square (first layer): relevance spread in proportion to the squared weights."""
+
+    name = "w_square"
+    first_layer_only = True
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        return [(1.0, [Term(torch.ones_like(x), weight * weight)])]
+
+
+class ZBox(WeightRule):
+    """z-box (first layer) for inputs known to lie in ``[low, high]`` (e.g. normalized MRI intensities).
+
+    Args:
+        low: Lowest possible input value: a number, or one value per input channel.
+        high: Highest possible input value, likewise.
+    """
+
+    name = "z_box"
+    first_layer_only = True
+
+    def __init__(self, low: float | list[float] = -3.0, high: float | list[float] = 3.0, *,
+                 epsilon: float = 1e-6) -> None:
+        super().__init__(epsilon=epsilon)
+        low_t = torch.as_tensor(low, dtype=torch.float64)
+        high_t = torch.as_tensor(high, dtype=torch.float64)
+        if low_t.dim() > 1 or high_t.dim() > 1 or not bool((low_t < high_t).all()):
+            msg = f"z_box needs low < high (numbers or one value per channel), got low={low!r}, high={high!r}"
+            raise SegExplainError(msg)
+        self.low, self.high = low_t, high_t
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "low": self.low.tolist(), "high": self.high.tolist()}
+
+    def _bound(self, value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        value = value.to(dtype=x.dtype, device=x.device)
+        if value.dim() == 1:
+            if value.numel() != x.shape[1]:
+                msg = f"z_box bounds have {value.numel()} values but the input has {x.shape[1]} channels"
+                raise SegExplainError(msg)
+            value = value.reshape((1, -1) + (1,) * (x.dim() - 2))
+        return value.expand_as(x)
+
+    def groups(self, module, x):
+        weight = module.weight.detach()
+        terms = [Term(x, weight, None if module.bias is None else module.bias.detach()),
+                 Term(self._bound(self.low, x), weight.clamp(min=0), sign=-1.0),
+                 Term(self._bound(self.high, x), weight.clamp(max=0), sign=-1.0)]
+        return [(1.0, terms)]
+
+
+class GuidedBackprop(Rule):
+    """Guided Backprop on a rectifier: ``g_x = f'(x) * max(g_y, 0)``; f' is LeakyReLU's or PReLU's slope too."""
+
+    name = "guided_backprop"
+    categories = frozenset({"rectifier", "activation"})
+
+    def wrap(self, module, x, y, ctx):
+        def propagate(x_in, y_out, grad):
+            with torch.enable_grad():
+                leaf = x_in.detach().requires_grad_(True)
+                out = module.forward(leaf)  # not module(): its hooks would apply this rule again
+            return torch.autograd.grad(out, leaf, grad_outputs=grad.clamp(min=0),
+                                       create_graph=torch.is_grad_enabled())[0]
+
+        return replace_backward(x, y, propagate)
+
+
+class Deconvolution(Rule):
+    """Deconvolution (Zeiler & Fergus): the backward signal goes through the rectifier itself, ``g_x = f(g_y)``.
+
+    ReLU gives ``max(g, 0)``; LeakyReLU and PReLU keep their negative slope, as their forward does.
+    """
+
+    name = "deconvolution"
+    categories = frozenset({"rectifier"})
+
+    def wrap(self, module, x, y, ctx):
+        return replace_backward(x, y, lambda x_in, y_out, grad: module.forward(grad))
+
+
+RULES: dict[str, type[Rule]] = {
+    rule.name: rule for rule in (Epsilon, Zero, Pass, ZPlus, AlphaBeta, Gamma, Flat, WSquare, ZBox,
+                                 GuidedBackprop, Deconvolution)
+}
+
+
+def make_rule(spec: str | Rule, **options: Any) -> Rule:
+    """A rule from its registry name (``"epsilon"``, ``"z_plus"``, ...) and options, or a rule as it is."""
+    if isinstance(spec, Rule):
+        return spec
+    if spec not in RULES:
+        msg = f"unknown LRP rule {spec!r}; expected one of {sorted(RULES)}"
+        raise SegExplainError(msg)
+    try:
+        return RULES[spec](**options)
+    except TypeError as error:
+        msg = f"rule {spec!r} does not take options {sorted(options)}: {error}"
+        raise SegExplainError(msg) from None

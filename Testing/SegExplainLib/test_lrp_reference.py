@@ -1,0 +1,173 @@
+"""LRP rules against a slow, obviously correct matrix-form reference on tiny 3D conv nets (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from SegExplainLib.lrp import LRP
+
+EPS = 1e-6
+
+
+def as_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Dense (W, b) of an affine layer: b = layer(0), column i = layer(e_i) - b."""
+    n = int(np.prod(in_shape))
+    with torch.no_grad():
+        bias = layer(torch.zeros((1, *in_shape), dtype=torch.float64)).flatten()
+        basis = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
+        columns = layer(basis).reshape(n, -1) - bias
+    return columns.T.numpy(), bias.numpy()
+
+
+def stab(z: np.ndarray, eps: float = EPS) -> np.ndarray:
+    return z + eps * np.where(z >= 0, 1.0, -1.0)
+
+
+def reference_layer(rule: str, W: np.ndarray, b: np.ndarray, x: np.ndarray, R: np.ndarray,
+                    eps: float = EPS) -> np.ndarray:
+    """Relevance of the inputs x of one affine layer z = W x + b, written out as in the LRP papers."""
+    out = np.zeros_like(x)
+    if rule == "epsilon":
+        z = W @ x + b
+        for j in range(W.shape[0]):
+            out += x * W[j] * R[j] / stab(z[j], eps)
+    elif rule == "z_plus":
+        contrib = np.where(x[None] >= 0, np.clip(W, 0, None), np.clip(W, None, 0)) * x[None]  # positive parts
+        z = contrib.sum(1)
+        for j in range(W.shape[0]):
+            out += contrib[j] * R[j] / stab(z[j])
+    elif rule == "alpha2_beta1":
+        contrib = W * x[None]
+        pos, neg = np.clip(contrib, 0, None), np.clip(contrib, None, 0)
+        for j in range(W.shape[0]):
+            out += 2 * pos[j] * R[j] / stab(pos[j].sum()) - neg[j] * R[j] / stab(neg[j].sum())
+    elif rule == "gamma":
+        gamma = 0.25
+        Wg = W + gamma * np.where(x[None] >= 0, np.clip(W, 0, None), np.clip(W, None, 0))
+        contrib = Wg * x[None]
+        z = contrib.sum(1) + b + gamma * np.clip(b, 0, None)
+        for j in range(W.shape[0]):
+            out += contrib[j] * R[j] / stab(z[j])
+    elif rule == "flat":
+        for j in range(W.shape[0]):
+            support = (W[j] != 0).astype(float)
+            out += support * R[j] / stab(support.sum())
+    elif rule == "w_square":
+        for j in range(W.shape[0]):
+            out += W[j] ** 2 * R[j] / stab((W[j] ** 2).sum())
+    elif rule == "z_box":
+        low, high = -3.0 * np.ones_like(x), 3.0 * np.ones_like(x)
+        for j in range(W.shape[0]):
+            contrib = x * W[j] - low * np.clip(W[j], 0, None) - high * np.clip(W[j], None, 0)
+            out += contrib * R[j] / stab(contrib.sum() + b[j])
+    return out
+
+
+def chain_net(first_kernel: int = 3) -> nn.Sequential:
+    # odd kernel sizes and a strided convolution keep receptive fields distinct from the flat rule's all-ones weights
+    return nn.Sequential(
+        nn.Conv3d(2, 3, first_kernel, padding=first_kernel // 2), nn.ReLU(),
+        nn.Conv3d(3, 4, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv3d(4, 2, 1),
+    ).double()
+
+
+def reference_chain(model: nn.Sequential, x: torch.Tensor, seed: torch.Tensor, rules: list[str]) -> np.ndarray:
+    """Forward through the chain collecting activations, then propagate relevance back layer by layer."""
+    activations, shapes, layers = [x[0].numpy().ravel()], [tuple(x.shape[1:])], []
+    h = x
+    for module in model:
+        h = module(h)
+        if isinstance(module, nn.Conv3d):
+            layers.append((module, shapes[-1]))
+        activations.append(h[0].detach().numpy().ravel())
+        shapes.append(tuple(h.shape[1:]))
+    R = (seed[0].numpy() * h[0].detach().numpy()).ravel()
+    conv_inputs = [a for a, m in zip(activations, model) if isinstance(m, nn.Conv3d)]
+    for (module, in_shape), x_in, rule in reversed(list(zip(layers, conv_inputs, rules))):
+        W, b = as_matrix(module, in_shape)
+        R = reference_layer(rule, W, b, x_in, R)  # ReLU passes relevance unchanged
+    return R.reshape(shapes[0])
+
+
+COMPOSITES = {
+    "epsilon": ["epsilon", "epsilon", "epsilon"],
+    "z_plus": ["z_plus", "z_plus", "z_plus"],
+    "epsilon_plus": ["z_plus", "z_plus", "z_plus"],
+    "epsilon_plus_flat": ["flat", "z_plus", "z_plus"],
+    "epsilon_plus_w_square": ["w_square", "z_plus", "z_plus"],
+    "epsilon_alpha2_beta1": ["alpha2_beta1", "alpha2_beta1", "alpha2_beta1"],
+    "gamma": ["gamma", "gamma", "gamma"],
+    "epsilon_gamma_z_box": ["z_box", "gamma", "gamma"],
+}
+
+
+@pytest.mark.parametrize("composite", sorted(COMPOSITES))
+def test_composite_matches_matrix_reference(composite):
+    model = chain_net()
+    x = torch.randn(1, 2, 4, 6, 6, dtype=torch.float64)
+    seed = torch.zeros(1, 2, 2, 3, 3, dtype=torch.float64)
+    seed[0, 1, :, 1:, 1:] = 1.0
+    expected = reference_chain(model, x, seed, COMPOSITES[composite])
+    maps = LRP(composite=composite).attribute(model, x, seed).maps[0].numpy()
+    np.testing.assert_allclose(maps, expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+
+
+class SkipNet(nn.Module):
+    """A residual addition and a concatenation skip, the two merges of U-Nets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv3d(2, 3, 3, padding=1, bias=False), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv3d(3, 3, 3, padding=1, bias=False), nn.ReLU()
+        self.head = nn.Conv3d(6, 2, 1, bias=False)
+
+    def forward(self, x):
+        h1 = self.act1(self.conv1(x))
+        h2 = self.act2(self.conv2(h1)) + h1
+        return self.head(torch.cat([h1, h2], dim=1))
+
+
+def test_skips_split_relevance_and_conserve_it():
+    torch.manual_seed(3)
+    model = SkipNet().double()
+    with torch.no_grad():  # positive activations: LRP-0 conserves exactly and has a closed form below
+        for conv in (model.conv1, model.conv2, model.head):
+            conv.weight.abs_()
+    x = torch.rand(1, 2, 3, 4, 4, dtype=torch.float64)
+    seed = torch.zeros(1, 2, 3, 4, 4, dtype=torch.float64)
+    seed[0, 0, 1, 1:3, 1:3] = 1.0
+    out = LRP(composite="zero").attribute(model, x, seed)
+
+    # reference: relevance of the concat input is split into its two parts, the addition splits in proportion
+    shape = (3, 3, 4, 4)
+    h1 = model.act1(model.conv1(x))
+    a = model.act2(model.conv2(h1))
+    h2 = a + h1
+    cat = torch.cat([h1, h2], 1)[0].detach().numpy().ravel()
+    W, b = as_matrix(model.head, (6, 3, 4, 4))
+    R_cat = reference_layer("epsilon", W, b, cat, (seed[0].numpy() * model(x)[0].detach().numpy()).ravel(), eps=0)
+    R_cat = R_cat.reshape(6, 3, 4, 4)
+    R_h1_skip, R_h2 = R_cat[:3].ravel(), R_cat[3:].ravel()
+    a_np, h1_np, h2_np = (t[0].detach().numpy().ravel() for t in (a, h1, h2))
+    R_a, R_h1_res = a_np / h2_np * R_h2, h1_np / h2_np * R_h2
+    W2, b2 = as_matrix(model.conv2, shape)
+    R_h1 = R_h1_skip + R_h1_res + reference_layer("epsilon", W2, b2, h1_np, R_a, eps=0)
+    W1, b1 = as_matrix(model.conv1, (2, 3, 4, 4))
+    expected = reference_layer("epsilon", W1, b1, x[0].numpy().ravel(), R_h1, eps=0).reshape(2, 3, 4, 4)
+
+    np.testing.assert_allclose(out.maps[0].numpy(), expected, rtol=1e-8, atol=1e-12)
+    assert abs(float(out.delta[0])) < 1e-8 * abs(float(out.expected[0]))
+
+
+def test_epsilon_without_biases_equals_gradient_times_input():
+    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.LeakyReLU(0.1), nn.MaxPool3d(2),
+                          nn.Conv3d(4, 2, 1, bias=False)).double()
+    x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    seed = torch.randn(1, 2, 2, 2, 2, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((model(x) * seed).sum(), x)
+    maps = LRP(composite="zero").attribute(model, x, seed).maps
+    torch.testing.assert_close(maps, grad * x.detach())
