@@ -1,3 +1,45 @@
-"""SegExplainLib: explanations (LRP, Integrated Gradients and friends) for 3D medical segmentation networks."""
+"""SegExplainLib: what a 3D medical segmentation network looked at.
+
+Layer-wise Relevance Propagation (LRP), Integrated Gradients and the gradient family, explained for a region of the
+output (a segment, a box, a clicked voxel, the predicted region of a class), on the image grid, with the record of
+how each map was made. Plain Python (torch, numpy): no Slicer, Qt or VTK import.
+
+Example:
+    >>> import SegExplainLib as sx
+    >>> unet = sx.reference_unet()                       # 6 MRI sequences in, background/lesion out
+    >>> result = sx.explain(unet, image, sx.PredictedRegion(class_index=1), "lrp", composite="epsilon_plus_flat")
+    >>> result.maps.shape                                # (6, D, H, W): one relevance map per sequence
+    >>> sx.relevance_shares(result.maps)                 # per-sequence share of the positive relevance
+"""
 
 __version__ = "0.1.0"
+
+from ._method import AttributionMethod, AttributionOutput
+from .api import METHODS, explain, make_method
+from .baselines import (Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline,
+                        make_baseline)
+from .canonizers import Canonizer, MergeBatchNorm
+from .composites import Composite, composite_names, get_composite, lrp_defaults, register_composite
+from .errors import SegExplainError, UnsupportedLayerError
+from .explanation import Explanation
+from .filters import AmplitudeFilter, clamp_filter, pass_filter
+from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
+from .lrp import LRP, Deconvolution, GuidedBackprop
+from .metrics import (PerturbationCurve, alpha_sweep, binarize, ground_truth_inclusivity, inclusivity,
+                      input_inclusivity, perturbation_curve, relevance_mass_in_region, relevance_shares)
+from .models import UNet3D, reference_unet, tiny_unet
+from .rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
+from .targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget
+
+__all__ = [
+    "AlphaBeta", "AmplitudeFilter", "AttributionMethod", "AttributionOutput", "Baseline", "BlurredBaseline",
+    "BoxTarget", "Canonizer", "ChannelMinimumBaseline", "ClassChannel", "Composite", "ConstantBaseline",
+    "Deconvolution", "Epsilon", "Explanation", "Flat", "Gamma", "GradCAM", "Gradient", "GradientXInput",
+    "GuidedBackprop", "IntegratedGradients", "LRP", "METHODS", "MaskTarget", "MergeBatchNorm", "Occlusion", "Pass",
+    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "SegExplainError", "SmoothGrad", "Target", "UNet3D",
+    "UnsupportedLayerError", "VoxelTarget", "WSquare", "ZBox", "ZPlus", "Zero", "ZeroBaseline", "alpha_sweep",
+    "binarize", "clamp_filter", "composite_names", "explain", "get_composite", "ground_truth_inclusivity",
+    "inclusivity", "input_inclusivity", "lrp_defaults", "make_baseline", "make_method", "make_rule", "pass_filter",
+    "perturbation_curve", "reference_unet", "register_composite", "relevance_mass_in_region", "relevance_shares",
+    "tiny_unet",
+]

@@ -136,7 +136,7 @@ class Composite:
         the canonizers and every hook are undone on exit, also after an exception.
         """
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_frozen_eval(model))
+            stack.enter_context(frozen_eval(model))
             for factory in self.canonizers:
                 stack.enter_context(factory().applied(model))
             wiring = _Wiring(self, model, ctx)
@@ -152,13 +152,17 @@ class _Wiring:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.stack: list[tuple[str, nn.Module]] = []
         self.head_outputs: list[tuple[str, torch.Tensor]] = []
+        self.patched: list[tuple[nn.Module, Callable | None]] = []
         try:
             for name, module in model.named_modules():
                 self.handles.append(module.register_forward_pre_hook(self._enter(name)))
                 self.handles.append(module.register_forward_hook(self._leave))
                 if not next(module.children(), None):
                     self._check_leaf(name, module)
-                    self.handles.append(module.register_forward_hook(self._apply_rule(name)))
+                    if category_of(module) == "head":
+                        self.handles.append(module.register_forward_hook(self._strip_head(name)))
+                    else:
+                        self._patch_forward(name, module)
         except BaseException:
             self.remove()
             raise
@@ -167,6 +171,12 @@ class _Wiring:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for module, instance_forward in self.patched:
+            if instance_forward is None:
+                del module.forward
+            else:
+                module.forward = instance_forward
+        self.patched.clear()
 
     def _check_leaf(self, name: str, module: nn.Module) -> None:
         category = category_of(module)
@@ -188,19 +198,26 @@ class _Wiring:
     def _leave(self, module, args, output):
         self.stack.pop()
 
-    def _apply_rule(self, name: str) -> Callable:
+    def _strip_head(self, name: str) -> Callable:
+        """The softmax/sigmoid head is skipped: explanations are of the logits."""
         def hook(module, args, output):
-            category = category_of(module)
-            if category == "head":
-                self.head_outputs.append((name, args[0]))
-                return args[0]
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                return None
-            rule = self.composite.rule_for(name, category, args[0] is self.ctx.network_input)
-            if rule is None:
-                return None
-            return rule.wrap(module, args[0], output, self.ctx)
+            self.head_outputs.append((name, args[0]))
+            return args[0]
         return hook
+
+    def _patch_forward(self, name: str, module: nn.Module) -> None:
+        """Route the module's calls through its rule; the instance attribute is removed again in :meth:`remove`."""
+        category = category_of(module)
+        original = module.forward
+        self.patched.append((module, module.__dict__.get("forward")))
+
+        def forward(*args, **kwargs):
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                return original(*args, **kwargs)
+            rule = self.composite.rule_for(name, category, args[0] is self.ctx.network_input)
+            return original(args[0]) if rule is None else rule.forward(module, args[0], original, self.ctx)
+
+        module.forward = forward
 
     def forward(self, inputs: torch.Tensor) -> Any:
         with _FunctionalGuard(self):
@@ -235,7 +252,7 @@ class _FunctionalGuard(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def _frozen_eval(model: nn.Module) -> Iterator[None]:
+def frozen_eval(model: nn.Module) -> Iterator[None]:
     """Eval mode, parameters without grad, in-place activations off; restored exactly on exit."""
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]

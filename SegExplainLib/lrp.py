@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -32,13 +32,54 @@ class _RuleMethod(AttributionMethod):
     relevance_times_input: bool
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        output, _ = self._propagate(model, inputs, seed, ())
+        return output
+
+    def attribute_layers(self, model: nn.Module, inputs: torch.Tensor, seed: torch.Tensor,
+                         layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The signal at the outputs of named layers: relevance for LRP, the modified gradient for GBP/Deconv.
+
+        Args:
+            layers: Names from ``model.named_modules()``, e.g. ``["encoder.0", "bottleneck", "decoder.2"]``.
+
+        Returns:
+            Per layer name, a tensor shaped like that layer's output (B, C_l, *spatial_l).
+        """
+        _, signals = self._propagate(model, inputs, seed, layers)
+        return signals
+
+    def _propagate(self, model, inputs, seed, layers):
+        modules = dict(model.named_modules())
+        unknown = [name for name in layers if name not in modules or name == ""]
+        if unknown:
+            valid = [name for name in modules if name][:8]
+            msg = f"unknown layer name(s) {unknown}; valid names include {valid}"
+            raise SegExplainError(msg)
         x = inputs.detach().requires_grad_(True)
         sink = torch.zeros_like(x, requires_grad=True)
         ctx = PropagationContext(network_input=x, input_sink=sink, layer_filter=self._layer_filter())
-        with self.composite.attached(model, ctx) as forward:
-            logits = check_logits(forward(x), seed, inputs)
-            grad_x, grad_sink = torch.autograd.grad(logits, (x, sink), grad_outputs=seed, allow_unused=True,
-                                                    create_graph=seed.requires_grad)
+        captured: dict[str, torch.Tensor] = {}
+        handles = [modules[name].register_forward_hook(_capture(captured, name)) for name in layers]
+        try:
+            with self.composite.attached(model, ctx) as forward:
+                logits = check_logits(forward(x), seed, inputs)
+                grads = torch.autograd.grad(logits, (x, sink, *captured.values()), grad_outputs=seed,
+                                            allow_unused=True, create_graph=seed.requires_grad)
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [name for name in layers if name not in captured]
+        if missing:
+            msg = f"layer(s) {missing} did not run in the forward pass (merged into a convolution, or unused)"
+            raise SegExplainError(msg)
+        grad_x, grad_sink = grads[:2]
+        signals = {}
+        for (name, tensor), grad in zip(captured.items(), grads[2:]):
+            grad = torch.zeros_like(tensor) if grad is None else grad
+            signals[name] = tensor.detach() * grad if self.relevance_times_input else grad
+        return self._maps(x, grad_x, grad_sink, seed, logits), signals
+
+    def _maps(self, x, grad_x, grad_sink, seed, logits) -> AttributionOutput:
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         maps = x.detach() * grad_x if self.relevance_times_input else grad_x
         if grad_sink is not None:
@@ -50,6 +91,15 @@ class _RuleMethod(AttributionMethod):
 
     def _layer_filter(self) -> Any:
         return None
+
+
+def _capture(captured: dict[str, torch.Tensor], name: str):
+    def hook(module, args, output):
+        if not isinstance(output, torch.Tensor):
+            msg = f"layer {name!r} returns {type(output).__name__}, not a tensor; pick one of its sub-layers"
+            raise SegExplainError(msg)
+        captured[name] = output
+    return hook
 
 
 class LRP(_RuleMethod):

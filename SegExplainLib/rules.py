@@ -121,6 +121,13 @@ class Rule(abc.ABC):
     def wrap(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: PropagationContext) -> torch.Tensor:
         """Return the module output ``y`` wired so that the backward pass applies this rule."""
 
+    def forward(self, module: nn.Module, x: torch.Tensor, original: Callable, ctx: PropagationContext):
+        """Run the module on ``x`` (its own ``forward`` is ``original``) and wire the output for this rule.
+
+        Rules may compute what their backward pass needs in the same call as the output (see :class:`ZPlus`).
+        """
+        return self.wrap(module, x, original(x), ctx)
+
     def options(self) -> dict[str, Any]:
         """The rule's name and parameters, for the explanation record."""
         return {"rule": self.name}
@@ -240,6 +247,11 @@ def frozen_norm_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return inv * weight.reshape(view) if weight is not None else inv
 
 
+def unwired(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The module's own function, bypassing the hooks and the patched ``forward`` that apply rules."""
+    return lambda x: type(module).forward(module, x)
+
+
 def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """Run a weighted linear layer with replaced parameters (same stride, padding, groups, ...)."""
     if isinstance(module, CONVOLUTIONS):
@@ -249,6 +261,31 @@ def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
         return conv(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
                     module.dilation)
     return F.linear(x, weight, bias)
+
+
+def fusable(module: nn.Module) -> bool:
+    """Whether extra output channels can be computed in the same call as the layer's output (zero padding, groups 1)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS)) and module.groups == 1 and (
+        module.padding_mode == "zeros") and not isinstance(module.padding, str)
+
+
+def weight_dims(module: nn.Module) -> tuple[int, int]:
+    """Dimensions of the input and output channels in a weighted layer's weight."""
+    return (0, 1) if isinstance(module, TRANSPOSED_CONVOLUTIONS) else (1, 0)
+
+
+def affine_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``W^T grad`` of a weighted layer (the input gradient of ``layer(x; weight)``) without a forward pass."""
+    if isinstance(module, nn.Linear):
+        return grad @ weight
+    transposed = isinstance(module, TRANSPOSED_CONVOLUTIONS)
+    output_padding = module.output_padding if transposed else (0,) * (x.dim() - 2)
+    grad_x, _, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, module.stride, module.padding, module.dilation, transposed, output_padding,
+        module.groups, [True, False, False])
+    return grad_x
 
 
 @dataclass
@@ -285,11 +322,14 @@ class WeightRule(Rule):
     def options(self) -> dict[str, Any]:
         return {"rule": self.name, "epsilon": self.epsilon}
 
-    def wrap(self, module, x, y, ctx):
+    def _check_reads_input(self, module: nn.Module, x: torch.Tensor, ctx: PropagationContext) -> None:
         if self.first_layer_only and x is not ctx.network_input:
             msg = (f"rule {self.name!r} applies to a layer that reads the network input, but "
                    f"{type(module).__name__} receives an intermediate tensor")
             raise SegExplainError(msg)
+
+    def wrap(self, module, x, y, ctx):
+        self._check_reads_input(module, x, ctx)
 
         def propagate(x_in, y_out, grad):
             relevance = ctx.filtered(y_out * grad)
@@ -329,6 +369,35 @@ class ZPlus(WeightRule):
     """
 
     name = "z_plus"
+
+    def forward(self, module, x, original, ctx):
+        # The denominators z+ come from the same call as the output: a layer's cost on CPU is dominated by
+        # unfolding its input, so a second weight set costs little. Signed inputs (after LeakyReLU) are stacked as
+        # [x+, x-] along the channels, with weights [W, W] for the output and [W+, W-] for z+.
+        if not fusable(module):
+            return super().forward(module, x, original, ctx)
+        weight = module.weight.detach()
+        in_dim, out_dim = weight_dims(module)
+        signed = bool((x < 0).any())
+        positive = weight.clamp(min=0)
+        if signed:
+            stacked = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
+            positive = torch.cat([positive, weight.clamp(max=0)], dim=in_dim)
+            weight = torch.cat([weight, weight], dim=in_dim)
+        else:
+            stacked = x
+        bias = None if module.bias is None else torch.cat([module.bias.detach(), torch.zeros_like(module.bias)])
+        y, z_plus = affine_forward(module, stacked, torch.cat([weight, positive], dim=out_dim), bias).chunk(2, dim=1)
+
+        def propagate(x_in, y_out, grad):
+            ratio = ctx.filtered(y_out * grad) / stabilize(z_plus, self.epsilon)
+            vjp = affine_vjp(module, stacked, positive, ratio)
+            if not signed:
+                return vjp * (x_in > 0).to(x_in.dtype)
+            on_positive, on_negative = vjp.chunk(2, dim=1)
+            return torch.where(x_in > 0, on_positive, torch.where(x_in < 0, on_negative, 0.0))
+
+        return replace_backward(x, y, propagate)
 
     def groups(self, module, x):
         weight = module.weight.detach()
@@ -405,6 +474,22 @@ class Flat(WeightRule):
     name = "flat"
     first_layer_only = True
 
+    def forward(self, module, x, original, ctx):
+        # All weights are one, so every input channel receives the same relevance: compute it on one channel.
+        if not isinstance(module, CONVOLUTIONS) or not fusable(module):
+            return super().forward(module, x, original, ctx)
+        self._check_reads_input(module, x, ctx)
+        y = original(x)
+        ones = torch.ones((1, 1, *module.kernel_size), dtype=x.dtype, device=x.device)
+        one_channel = torch.ones_like(x[:, :1])
+        count = module._conv_forward(one_channel, ones, None) * x.shape[1]
+
+        def propagate(x_in, y_out, grad):
+            ratio = (ctx.filtered(y_out * grad) / stabilize(count, self.epsilon)).sum(1, keepdim=True)
+            return affine_vjp(module, one_channel, ones, ratio).expand_as(x_in)
+
+        return replace_backward(x, y, propagate, ctx.input_sink)
+
     def groups(self, module, x):
         weight = module.weight.detach()
         return [(1.0, [Term(torch.ones_like(x), torch.ones_like(weight))])]
@@ -472,7 +557,7 @@ class GuidedBackprop(Rule):
         def propagate(x_in, y_out, grad):
             with torch.enable_grad():
                 leaf = x_in.detach().requires_grad_(True)
-                out = module.forward(leaf)  # not module(): its hooks would apply this rule again
+                out = unwired(module)(leaf)
             return torch.autograd.grad(out, leaf, grad_outputs=grad.clamp(min=0),
                                        create_graph=torch.is_grad_enabled())[0]
 
@@ -489,7 +574,7 @@ class Deconvolution(Rule):
     categories = frozenset({"rectifier"})
 
     def wrap(self, module, x, y, ctx):
-        return replace_backward(x, y, lambda x_in, y_out, grad: module.forward(grad))
+        return replace_backward(x, y, lambda x_in, y_out, grad: unwired(module)(grad))
 
 
 RULES: dict[str, type[Rule]] = {

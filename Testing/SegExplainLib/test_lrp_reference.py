@@ -7,76 +7,26 @@ import pytest
 import torch
 from torch import nn
 
+from lrp_reference import as_matrix, reference_layer
+
+from SegExplainLib.filters import AmplitudeFilter
 from SegExplainLib.lrp import LRP
 
-EPS = 1e-6
 
-
-def as_matrix(layer: nn.Module, in_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Dense (W, b) of an affine layer: b = layer(0), column i = layer(e_i) - b."""
-    n = int(np.prod(in_shape))
-    with torch.no_grad():
-        bias = layer(torch.zeros((1, *in_shape), dtype=torch.float64)).flatten()
-        basis = torch.eye(n, dtype=torch.float64).reshape((n, *in_shape))
-        columns = layer(basis).reshape(n, -1) - bias
-    return columns.T.numpy(), bias.numpy()
-
-
-def stab(z: np.ndarray, eps: float = EPS) -> np.ndarray:
-    return z + eps * np.where(z >= 0, 1.0, -1.0)
-
-
-def reference_layer(rule: str, W: np.ndarray, b: np.ndarray, x: np.ndarray, R: np.ndarray,
-                    eps: float = EPS) -> np.ndarray:
-    """Relevance of the inputs x of one affine layer z = W x + b, written out as in the LRP papers."""
-    out = np.zeros_like(x)
-    if rule == "epsilon":
-        z = W @ x + b
-        for j in range(W.shape[0]):
-            out += x * W[j] * R[j] / stab(z[j], eps)
-    elif rule == "z_plus":
-        contrib = np.where(x[None] >= 0, np.clip(W, 0, None), np.clip(W, None, 0)) * x[None]  # positive parts
-        z = contrib.sum(1)
-        for j in range(W.shape[0]):
-            out += contrib[j] * R[j] / stab(z[j])
-    elif rule == "alpha2_beta1":
-        contrib = W * x[None]
-        pos, neg = np.clip(contrib, 0, None), np.clip(contrib, None, 0)
-        for j in range(W.shape[0]):
-            out += 2 * pos[j] * R[j] / stab(pos[j].sum()) - neg[j] * R[j] / stab(neg[j].sum())
-    elif rule == "gamma":
-        gamma = 0.25
-        Wg = W + gamma * np.where(x[None] >= 0, np.clip(W, 0, None), np.clip(W, None, 0))
-        contrib = Wg * x[None]
-        z = contrib.sum(1) + b + gamma * np.clip(b, 0, None)
-        for j in range(W.shape[0]):
-            out += contrib[j] * R[j] / stab(z[j])
-    elif rule == "flat":
-        for j in range(W.shape[0]):
-            support = (W[j] != 0).astype(float)
-            out += support * R[j] / stab(support.sum())
-    elif rule == "w_square":
-        for j in range(W.shape[0]):
-            out += W[j] ** 2 * R[j] / stab((W[j] ** 2).sum())
-    elif rule == "z_box":
-        low, high = -3.0 * np.ones_like(x), 3.0 * np.ones_like(x)
-        for j in range(W.shape[0]):
-            contrib = x * W[j] - low * np.clip(W[j], 0, None) - high * np.clip(W[j], None, 0)
-            out += contrib * R[j] / stab(contrib.sum() + b[j])
-    return out
-
-
-def chain_net(first_kernel: int = 3) -> nn.Sequential:
-    # odd kernel sizes and a strided convolution keep receptive fields distinct from the flat rule's all-ones weights
+def chain_net(activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    # a strided convolution keeps receptive fields distinct from the flat rule's all-ones weights
     return nn.Sequential(
-        nn.Conv3d(2, 3, first_kernel, padding=first_kernel // 2), nn.ReLU(),
-        nn.Conv3d(3, 4, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv3d(2, 3, 3, padding=1), activation(),
+        nn.Conv3d(3, 4, 3, padding=1, stride=2), activation(),
         nn.Conv3d(4, 2, 1),
     ).double()
 
 
 def reference_chain(model: nn.Sequential, x: torch.Tensor, seed: torch.Tensor, rules: list[str]) -> np.ndarray:
-    """Forward through the chain collecting activations, then propagate relevance back layer by layer."""
+    """Forward through the chain collecting activations, then propagate relevance back layer by layer.
+
+    Activations pass relevance unchanged (the LRP identity rule for ReLU and LeakyReLU).
+    """
     activations, shapes, layers = [x[0].numpy().ravel()], [tuple(x.shape[1:])], []
     h = x
     for module in model:
@@ -89,7 +39,7 @@ def reference_chain(model: nn.Sequential, x: torch.Tensor, seed: torch.Tensor, r
     conv_inputs = [a for a, m in zip(activations, model) if isinstance(m, nn.Conv3d)]
     for (module, in_shape), x_in, rule in reversed(list(zip(layers, conv_inputs, rules))):
         W, b = as_matrix(module, in_shape)
-        R = reference_layer(rule, W, b, x_in, R)  # ReLU passes relevance unchanged
+        R = reference_layer(rule, W, b, x_in, R)
     return R.reshape(shapes[0])
 
 
@@ -105,9 +55,10 @@ COMPOSITES = {
 }
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["relu", "leaky_relu"])
 @pytest.mark.parametrize("composite", sorted(COMPOSITES))
-def test_composite_matches_matrix_reference(composite):
-    model = chain_net()
+def test_composite_matches_matrix_reference(composite, activation):
+    model = chain_net(activation)
     x = torch.randn(1, 2, 4, 6, 6, dtype=torch.float64)
     seed = torch.zeros(1, 2, 2, 3, 3, dtype=torch.float64)
     seed[0, 1, :, 1:, 1:] = 1.0
@@ -171,3 +122,36 @@ def test_epsilon_without_biases_equals_gradient_times_input():
     (grad,) = torch.autograd.grad((model(x) * seed).sum(), x)
     maps = LRP(composite="zero").attribute(model, x, seed).maps
     torch.testing.assert_close(maps, grad * x.detach())
+
+
+@pytest.mark.parametrize("spec", ["pass:0.4", "clamp:0.2", "pass:0.05,0.6"])
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon_plus_flat"])
+def test_layer_wise_filter_matches_reference(composite, spec):
+    """Tjoa et al.'s filters inside the propagation: applied to the relevance entering every layer."""
+    amplitude_filter = AmplitudeFilter.parse(spec)
+    model = chain_net()
+    x = torch.randn(1, 2, 4, 6, 6, dtype=torch.float64)
+    seed = torch.zeros(1, 2, 2, 3, 3, dtype=torch.float64)
+    seed[0, 1] = 1.0
+
+    convs = [m for m in model if isinstance(m, nn.Conv3d)]
+    inputs, outputs, h = [], [], x
+    for module in model:
+        if isinstance(module, nn.Conv3d):
+            inputs.append(h[0].detach().numpy().ravel())
+        h = module(h)
+        if isinstance(module, nn.Conv3d):
+            outputs.append(tuple(h.shape[1:]))
+    in_shapes = [tuple(x.shape[1:])] + outputs[:-1]
+    R = (seed[0] * h[0].detach()).numpy()
+    for conv, x_in, in_shape, out_shape, rule in reversed(list(zip(convs, inputs, in_shapes, outputs,
+                                                                    COMPOSITES[composite]))):
+        R = amplitude_filter(R.reshape(out_shape))  # per-channel normalization by max|R|, filter, scale back
+        W, b = as_matrix(conv, in_shape)
+        R = reference_layer(rule, W, b, x_in, R.ravel())
+    expected = R.reshape(x.shape[1:])
+
+    result = LRP(composite=composite, layer_filter=amplitude_filter).attribute(model, x, seed)
+    np.testing.assert_allclose(result.maps[0].numpy(), expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+    plain = LRP(composite=composite).attribute(model, x, seed).maps
+    assert not torch.allclose(plain, result.maps)  # the filter changed something

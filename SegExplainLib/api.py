@@ -1,0 +1,348 @@
+"""``explain()``: one verb from a model, an image and a target to relevance maps with their record."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._method import AttributionMethod, AttributionOutput
+from .composites import frozen_eval
+from .errors import SegExplainError
+from .explanation import Explanation
+from .gradients import Gradient, GradientXInput, GradCAM, IntegratedGradients, Occlusion, SmoothGrad
+from .lrp import LRP, Deconvolution, GuidedBackprop, check_logits
+from .targets import Target
+
+METHODS: dict[str, type[AttributionMethod]] = {
+    cls.name: cls for cls in (LRP, IntegratedGradients, Gradient, GradientXInput, SmoothGrad, GuidedBackprop,
+                              Deconvolution, Occlusion, GradCAM)
+}
+
+# A voxel whose map sums to less than this fraction of the largest map sum cannot be normalized reliably.
+NEAR_ZERO_SUM = 1e-6
+
+
+def make_method(method: str | AttributionMethod, **options: Any) -> AttributionMethod:
+    """A method instance from its registry name and constructor options (or an instance as it is)."""
+    if isinstance(method, AttributionMethod):
+        if options:
+            msg = f"options {sorted(options)} cannot be combined with an already built {type(method).__name__}"
+            raise SegExplainError(msg)
+        return method
+    if method not in METHODS:
+        msg = f"unknown method {method!r}; expected one of {sorted(METHODS)}"
+        raise SegExplainError(msg)
+    try:
+        return METHODS[method](**options)
+    except TypeError as error:
+        msg = f"method {method!r} does not take options {sorted(options)}: {error}"
+        raise SegExplainError(msg) from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else must name an available device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        msg = f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"
+        raise SegExplainError(msg) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        msg = f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'"
+        raise SegExplainError(msg)
+    return resolved
+
+
+def check_image(image: Any) -> torch.Tensor:
+    """The image as a float tensor (C, D, H, W), or an error naming what is wrong with it."""
+    tensor = torch.as_tensor(image) if not isinstance(image, torch.Tensor) else image
+    if tensor.dim() != 4:
+        msg = f"image must have shape (C, D, H, W) (one channel per MRI sequence), got shape {tuple(tensor.shape)}"
+        raise SegExplainError(msg)
+    if not tensor.is_floating_point():
+        msg = f"image must be floating point (normalized intensities), got dtype {tensor.dtype}"
+        raise SegExplainError(msg)
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = (~finite).flatten(1).sum(1)
+        channels = [int(c) for c in torch.nonzero(bad).flatten()]
+        msg = f"image has {int(bad.sum())} NaN/Inf voxels (in channels {channels}); clean or mask them first"
+        raise SegExplainError(msg)
+    return tensor
+
+
+def _expected_in_channels(model: nn.Module) -> tuple[str, int] | None:
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            return name, (module.in_channels if hasattr(module, "in_channels") else module.in_features)
+    return None
+
+
+@contextlib.contextmanager
+def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Iterator[torch.dtype]:
+    """Run the model on ``device``/``dtype`` for a while and put it back exactly where it was."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+    devices = {t.device for t in tensors}
+    current_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.get_default_dtype()
+    target_dtype = dtype or current_dtype
+    if len(devices) > 1 or float_dtypes:
+        msg = "the model's parameters are spread over several devices or float types; place it on one first"
+        raise SegExplainError(msg)
+    home = devices.pop() if devices else device
+    moved = home != device or target_dtype != current_dtype
+    try:
+        if moved:
+            model.to(device=device, dtype=target_dtype)
+        yield target_dtype
+    finally:
+        if moved:
+            model.to(device=home, dtype=current_dtype)
+
+
+def explain(model: nn.Module, image: Any, target: Target, method: str | AttributionMethod = "lrp", *,
+            device: str | torch.device = "auto", dtype: torch.dtype | None = None, samples: int | None = None,
+            sampling_seed: int = 0, voxel_batch_size: int = 8, **options: Any) -> Explanation:
+    """Explain what a segmentation network looked at to segment a target region.
+
+    Args:
+        model: A ``torch.nn.Module`` returning logits (N, K, D, H, W); it is left exactly as it was (mode,
+            device, dtype, parameters, hooks), also when an error is raised.
+        image: Float array or tensor (C, D, H, W), one channel per MRI sequence, normalized as the model expects.
+        target: What to explain: a :class:`~SegExplainLib.targets.MaskTarget` (segment), ``BoxTarget``,
+            ``VoxelTarget`` (click), ``PredictedRegion`` or ``ClassChannel``, with its class and aggregation.
+        method: Registry name (``"lrp"``, ``"integrated_gradients"``, ``"gradient"``, ``"gradient_x_input"``,
+            ``"smoothgrad"``, ``"guided_backprop"``, ``"deconvolution"``, ``"occlusion"``, ``"gradcam"``) or a
+            method instance.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
+        dtype: Computation type, e.g. ``torch.float64`` for reference-grade numbers; default: the model's.
+        samples: For ``aggregation="normalized"``: estimate from this many randomly drawn region voxels instead of
+            all of them, and report the standard error. ``None`` computes the exact aggregation.
+        sampling_seed: Seed of that draw.
+        voxel_batch_size: Output voxels explained together in one batched pass when voxels are explained one by one
+            (normalized aggregation of methods that are not linear in the seed, and sampling).
+        **options: Options of the method's constructor, e.g. ``composite="z_plus"`` or ``n_steps=64``.
+
+    Returns:
+        The :class:`~SegExplainLib.explanation.Explanation`: maps (C, D, H, W) on the image grid and the record.
+
+    Example:
+        >>> explanation = explain(unet, mri, PredictedRegion(class_index=1), "lrp", composite="epsilon_plus_flat")
+        >>> explanation.maps.shape, explanation.relative_delta
+    """
+    started = time.perf_counter()
+    attribution = make_method(method, **options)
+    if samples is not None and (target.aggregation != "normalized" or isinstance(samples, bool) or samples < 1):
+        msg = f"samples={samples!r} needs a positive integer and aggregation='normalized'"
+        raise SegExplainError(msg)
+    if voxel_batch_size < 1:
+        msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
+        raise SegExplainError(msg)
+    with _prepared(model, image, target, device, dtype) as (x, logits, region):
+        score = float(logits[0, target.class_index][region].sum())
+        aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
+        if target.aggregation == "sum":
+            maps, expected, delta, extras, warns, error = aggregate.summed()
+        elif samples is not None:
+            maps, expected, delta, extras, warns, error = aggregate.sampled(samples, sampling_seed)
+        elif attribution.linear_in_seed:
+            maps, expected, delta, extras, warns, error = aggregate.exact_normalized()
+        else:
+            maps, expected, delta, extras, warns, error = aggregate.voxelwise_normalized()
+    for warning in warns:
+        warnings.warn(warning, stacklevel=2)
+    return Explanation(
+        maps=maps[0].detach().cpu().numpy(), method=attribution.name, options=attribution.options(),
+        target=target.describe(), target_score=score, region_voxels=int(region.sum()), expected_sum=expected,
+        delta=delta, seconds=time.perf_counter() - started, device=str(x.device),
+        dtype=str(x.dtype).replace("torch.", ""), warnings=warns, extras=extras,
+        standard_error=None if error is None else error[0].cpu().numpy())
+
+
+def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequence[str],
+                   method: str | AttributionMethod = "lrp", *, device: str | torch.device = "auto",
+                   dtype: torch.dtype | None = None, **options: Any) -> dict[str, np.ndarray]:
+    """Layer-wise attribution: where each named layer's relevance (or Guided Backprop signal) lies.
+
+    The per-layer figure of Chatterjee et al.: for every layer, the signal at its output summed over its channels
+    and resampled (trilinear) onto the image grid, so that layers of every depth can be shown side by side as MIPs.
+
+    Args:
+        layers: Names from ``model.named_modules()`` (e.g. the encoder blocks and the bottleneck).
+        method: ``"lrp"``, ``"guided_backprop"`` or ``"deconvolution"`` (or such an instance).
+        Other arguments: as for :func:`explain` (the target is explained with the ``"sum"`` aggregation).
+
+    Returns:
+        Per layer name, an array (D, H, W) on the image grid.
+    """
+    attribution = make_method(method, **options)
+    if not hasattr(attribution, "attribute_layers"):
+        msg = f"layer-wise attribution needs 'lrp', 'guided_backprop' or 'deconvolution', got {attribution.name!r}"
+        raise SegExplainError(msg)
+    with _prepared(model, image, target, device, dtype) as (x, logits, region):
+        seed = torch.zeros_like(logits)
+        seed[0, target.class_index] = region.to(x.dtype)
+        signals = attribution.attribute_layers(model, x, seed, list(layers))
+    maps = {}
+    for name, signal in signals.items():
+        summed = signal.sum(1, keepdim=True)
+        if summed.dim() == x.dim() and summed.shape[2:] != x.shape[2:]:
+            mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[summed.dim()]
+            summed = torch.nn.functional.interpolate(summed, size=x.shape[2:], mode=mode, align_corners=False)
+        maps[name] = summed[0, 0].detach().cpu().numpy()
+    return maps
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.device,
+              dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Validate, place the model, run it once: yields the batched input, its logits and the target region."""
+    image_tensor = check_image(image)
+    if not isinstance(target, Target):
+        msg = f"target must be a SegExplainLib target (MaskTarget, BoxTarget, ...), got {type(target).__name__}"
+        raise SegExplainError(msg)
+    first = _expected_in_channels(model)
+    if first is not None and first[1] != image_tensor.shape[0]:
+        msg = (f"the model expects {first[1]} input channels (first layer '{first[0]}'), "
+               f"got an image with {image_tensor.shape[0]}")
+        raise SegExplainError(msg)
+    run_device = resolve_device(device)
+    with placed(model, run_device, dtype) as run_dtype, frozen_eval(model):
+        x = image_tensor.to(device=run_device, dtype=run_dtype)[None]
+        with torch.no_grad():
+            try:
+                logits = model(x)
+            except RuntimeError as error:
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                msg = f"the model failed on an image of shape {tuple(image_tensor.shape)}: {first_line}"
+                raise SegExplainError(msg) from None
+        if not isinstance(logits, torch.Tensor) or logits.dim() != x.dim() or logits.shape[0] != 1:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            msg = f"the model must return logits (N, K, D, H, W) for input {tuple(x.shape)}, got {shape}"
+            raise SegExplainError(msg)
+        region = torch.as_tensor(target.region(logits[0]), device=run_device)
+        yield x, logits, region
+
+
+def _as_float(value: torch.Tensor | None) -> float | None:
+    return None if value is None else float(value.detach().sum())
+
+
+class _Aggregator:
+    """The four ways of turning a target into maps; each returns (maps, expected, delta, extras, warnings, error)."""
+
+    def __init__(self, method: AttributionMethod, model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                 target: Target, region: torch.Tensor, voxel_batch_size: int) -> None:
+        self.method, self.model, self.x, self.logits = method, model, x, logits
+        self.target, self.region, self.batch = target, region, voxel_batch_size
+
+    def _seed(self, weights: torch.Tensor) -> torch.Tensor:
+        seed = torch.zeros_like(self.logits)
+        seed[0, self.target.class_index] = weights
+        return seed
+
+    def summed(self):
+        out = self.method.attribute(self.model, self.x, self._seed(self.region.to(self.x.dtype)))
+        return out.maps, _as_float(out.expected), _as_float(out.delta), {}, [], None
+
+    def exact_normalized(self):
+        """M_A = L(mask / s) with s = L^T 1 read off one differentiable pass: a constant number of passes."""
+        seed = self._seed(self.region.to(self.x.dtype)).requires_grad_(True)
+        summed = self.method.attribute(self.model, self.x, seed)
+        (sums,) = torch.autograd.grad(summed.maps.sum(), seed)
+        sums = sums[0, self.target.class_index].detach()
+        weights, warns, excluded = self._inverse_sums(sums)
+        out = self.method.attribute(self.model, self.x, self._seed(weights))
+        valid = int(self.region.sum()) - excluded
+        # the sum-form pass carries the method's own sum rule (conservation/completeness) for the whole region
+        extras = {"excluded_voxels": excluded, "region_delta": _as_float(summed.delta),
+                  "region_expected": _as_float(summed.expected), "passes": 2}
+        return out.maps, float(valid), float(out.maps.sum()) - valid, extras, warns, None
+
+    def _inverse_sums(self, sums: torch.Tensor) -> tuple[torch.Tensor, list[str], int]:
+        in_region = sums[self.region]
+        tolerance = NEAR_ZERO_SUM * float(in_region.abs().max()) if in_region.numel() else 0.0
+        valid = self.region & (sums.abs() > tolerance)
+        excluded = int(self.region.sum() - valid.sum())
+        warns = []
+        if excluded:
+            warns.append(f"{excluded} of {int(self.region.sum())} target voxels have a map summing to about zero "
+                         "and were left out of the normalized aggregation")
+        if not bool(valid.any()):
+            raise SegExplainError("no target voxel has a map with a non-zero sum; use aggregation='sum'")
+        weights = torch.where(valid, 1.0 / torch.where(valid, sums, torch.ones_like(sums)), torch.zeros_like(sums))
+        return weights, warns, excluded
+
+    def _voxel_maps(self, voxels: torch.Tensor) -> Iterator[tuple[torch.Tensor, AttributionOutput]]:
+        """Per-voxel maps for region voxels (flat indices), ``batch`` voxels per forward/backward pass."""
+        class_index = self.target.class_index
+        for start in range(0, len(voxels), self.batch):
+            chunk = voxels[start:start + self.batch]
+            seed = torch.zeros((len(chunk), *self.logits.shape[1:]), dtype=self.x.dtype, device=self.x.device)
+            seed[:, class_index].view(len(chunk), -1)[torch.arange(len(chunk)), chunk] = 1.0
+            x = self.x.expand(len(chunk), *self.x.shape[1:])
+            yield chunk, self.method.attribute(self.model, x, seed)
+
+    def _normalized_chunks(self, voxels: torch.Tensor):
+        """Per-voxel maps divided by their sums, with near-zero sums dropped (and counted)."""
+        for chunk, out in self._voxel_maps(voxels):
+            sums = out.maps.flatten(1).sum(1)
+            yield chunk, out, sums
+
+    def voxelwise_normalized(self):
+        """Exact for any method: every region voxel explained separately, batched along the batch axis."""
+        voxels = torch.nonzero(self.region.flatten()).flatten()
+        all_sums, chunks = [], []
+        for chunk, out, sums in self._normalized_chunks(voxels):
+            all_sums.append(sums)
+            chunks.append((out.maps, sums))
+        sums = torch.cat(all_sums)
+        tolerance = NEAR_ZERO_SUM * float(sums.abs().max())
+        total, excluded = torch.zeros_like(self.x), 0
+        for maps, chunk_sums in chunks:
+            valid = chunk_sums.abs() > tolerance
+            excluded += int((~valid).sum())
+            weights = torch.where(valid, 1.0 / torch.where(valid, chunk_sums, 1.0), 0.0)
+            total = total + (maps * weights.reshape(-1, *[1] * (maps.dim() - 1))).sum(0, keepdim=True)
+        warns = [] if not excluded else [
+            f"{excluded} of {len(voxels)} target voxels have a map summing to about zero and were left out"]
+        valid_count = len(voxels) - excluded
+        extras = {"excluded_voxels": excluded, "passes": -(-len(voxels) // self.batch)}
+        return total, float(valid_count), float(total.sum()) - valid_count, extras, warns, None
+
+    def sampled(self, samples: int, sampling_seed: int):
+        """Unbiased estimate from ``samples`` voxels drawn without replacement, with its standard error."""
+        voxels = torch.nonzero(self.region.flatten()).flatten()
+        population = len(voxels)
+        draw = min(samples, population)
+        generator = torch.Generator().manual_seed(sampling_seed)
+        chosen = voxels[torch.randperm(population, generator=generator)[:draw].to(voxels.device)]
+        mean = torch.zeros_like(self.x[0])
+        square = torch.zeros_like(self.x[0])
+        excluded = 0
+        for _, out, sums in self._normalized_chunks(chosen):
+            valid = sums.abs() > NEAR_ZERO_SUM * float(sums.abs().max())
+            excluded += int((~valid).sum())
+            normalized = out.maps[valid] / sums[valid].reshape(-1, *[1] * (out.maps.dim() - 1))
+            mean = mean + normalized.sum(0)
+            square = square + (normalized ** 2).sum(0)
+        used = draw - excluded
+        if used < 1:
+            raise SegExplainError("no sampled voxel has a map with a non-zero sum; use aggregation='sum'")
+        mean, square = mean / used, square / used
+        variance = (square - mean ** 2).clamp(min=0) * used / max(used - 1, 1)
+        correction = 1.0 - draw / population  # finite population: sampling everything leaves no error
+        estimate = population * mean
+        error = population * torch.sqrt(variance / used * correction)
+        norm = float(estimate.norm())
+        extras = {"samples": draw, "population": population, "excluded_voxels": excluded, "sampling_seed":
+                  sampling_seed, "relative_standard_error": float(error.norm()) / norm if norm else None}
+        warns = [] if not excluded else [f"{excluded} of {draw} sampled voxels have a map summing to about zero"]
+        return estimate[None], float(population), float(estimate.sum()) - population, extras, warns, error[None]

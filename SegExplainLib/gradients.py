@@ -1,0 +1,692 @@
+"""Gradient-family attribution methods: saliency, Gradient x Input, Integrated Gradients, SmoothGrad, Occlusion and
+Grad-CAM.
+
+Every method explains, for each batch element ``b``, the scalar score ``sum(seed[b] * model(inputs)[b])`` (see
+:mod:`SegExplainLib._method`). Gradients are taken w.r.t. the input only (``torch.autograd.grad(score, inputs)``);
+parameter gradients are never computed. When ``seed.requires_grad`` is true, the backward passes are built with
+``create_graph=True`` so that the returned maps can be differentiated w.r.t. the seed (used by the exact normalized
+aggregation); otherwise the maps are detached.
+
+The multi-pass methods (:class:`IntegratedGradients`, :class:`SmoothGrad`, :class:`Occlusion`) stack their perturbed
+inputs along the batch dimension, ``internal_batch_size`` at a time (chosen from a memory budget when ``None``, see
+:mod:`SegExplainLib._batching`); batch elements of ``inputs`` are flattened into the same stream, so ``B > 1`` is
+supported at no extra cost.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._batching import check_batch_option, choose_internal_batch_size, max_batch_for
+from ._method import AttributionMethod, AttributionOutput
+from .baselines import Baseline, ZeroBaseline, make_baseline
+from .errors import SegExplainError
+
+__all__ = [
+    "Gradient",
+    "GradientXInput",
+    "IntegratedGradients",
+    "SmoothGrad",
+    "Occlusion",
+    "GradCAM",
+    "IG_METHODS",
+]
+
+IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared checks and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_inputs(inputs: Any) -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise SegExplainError(f"inputs must be a torch.Tensor (B, C, D, H, W), got {type(inputs).__name__}")
+    if inputs.dim() != 5:
+        raise SegExplainError(f"inputs must have shape (B, C, D, H, W), got shape {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise SegExplainError(f"inputs must be a floating point tensor, got dtype {inputs.dtype}")
+    if inputs.numel() == 0:
+        raise SegExplainError(f"inputs must not be empty, got shape {tuple(inputs.shape)}")
+    return inputs.detach()
+
+
+def _check_seed(seed: Any, inputs: torch.Tensor) -> torch.Tensor:
+    if not isinstance(seed, torch.Tensor):
+        raise SegExplainError(f"seed must be a torch.Tensor shaped like the model output, got {type(seed).__name__}")
+    if seed.device != inputs.device:
+        raise SegExplainError(f"seed is on device {seed.device}, expected the inputs' device {inputs.device}")
+    if not seed.is_floating_point():
+        seed = seed.to(inputs.dtype)
+    return seed
+
+
+def _check_output(out: Any, seed: torch.Tensor, batch: int) -> torch.Tensor:
+    """Check a (chunk of) model output against the seed; ``batch`` is the batch size of the full inputs."""
+    if not isinstance(out, torch.Tensor):
+        raise SegExplainError(f"model output must be a tensor (B, K, D, H, W), got {type(out).__name__}")
+    expected = (batch,) + tuple(out.shape[1:])
+    if tuple(seed.shape) != expected:
+        raise SegExplainError(
+            f"seed shape {tuple(seed.shape)} does not match the model output shape {expected}"
+        )
+    return out
+
+
+def _scores(seed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per-row score ``sum(seed * out)`` over all but the batch dimension."""
+    return (seed * out).flatten(1).sum(1)
+
+
+def _chunks(total: int, size: int) -> Iterator[range]:
+    """Split ``range(total)`` into ``ceil(total / size)`` consecutive chunks of nearly equal length (<= ``size``).
+
+    Balanced rather than ``size, size, ..., rest``: a small last chunk (batch 1 in the worst case) would run the
+    slow batch-1 CPU convolution kernels.
+    """
+    n_chunks = -(-total // size)
+    base, extra = divmod(total, n_chunks) if n_chunks else (0, 0)
+    start = 0
+    for i in range(n_chunks):
+        stop = start + base + (1 if i < extra else 0)
+        yield range(start, stop)
+        start = stop
+
+
+def _forward_no_grad(model: torch.nn.Module, batch: torch.Tensor, size: int) -> torch.Tensor:
+    with torch.no_grad():
+        outs = [model(batch[r.start : r.stop]) for r in _chunks(batch.shape[0], size)]
+    if not all(isinstance(o, torch.Tensor) for o in outs):
+        bad = next(o for o in outs if not isinstance(o, torch.Tensor))
+        raise SegExplainError(f"model output must be a tensor (B, K, D, H, W), got {type(bad).__name__}")
+    return torch.cat(outs, dim=0)
+
+
+def _input_gradient(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    b_idx: torch.Tensor | None,
+    batch: int,
+    create_graph: bool,
+) -> torch.Tensor:
+    """d/dx of sum(seed[b_idx] * model(x)) for a batch of rows ``x`` (``b_idx``: the batch element of each row,
+    ``None`` when ``x`` is the whole input batch); checks the full ``seed`` against the output shape."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = _check_output(model(x), seed, batch)
+        rows = seed if b_idx is None else seed[b_idx]
+        score = (rows * out).sum()
+        (grad,) = torch.autograd.grad(score, x, create_graph=create_graph)
+    return grad if create_graph else grad.detach()
+
+
+def _check_batch_size_option(value: Any) -> None:
+    check_batch_option("internal_batch_size", value)
+
+
+def _resolve_batch(
+    method: Any, model: torch.nn.Module, inputs: torch.Tensor, total: int
+) -> int:
+    """Internal batch size for ``total`` passes: the option, or the memory-budget choice; never above ``total``."""
+    k = method.internal_batch_size
+    if k is None:
+        if total <= 1:
+            k = 1
+        else:
+            budget = method.memory_budget_bytes
+            k = choose_internal_batch_size(
+                model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget)
+            )
+    k = max(1, min(int(k), total))
+    method.last_internal_batch_size = k
+    return k
+
+
+def _coerce_baseline(value: Any, option: str = "baseline") -> Baseline:
+    try:
+        return make_baseline(value)
+    except SegExplainError as exc:
+        raise SegExplainError(f"{option}: {exc}") from None
+
+
+def _accumulate(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    if create_graph:
+        return acc.index_add(0, index, values)
+    return acc.index_add_(0, index, values.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saliency and Gradient x Input
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Gradient(AttributionMethod):
+    """Saliency: ``maps = d score / d inputs``, signed.
+
+    Taking the absolute value (as in the original saliency maps) is a display choice left to the caller; the signed
+    map keeps the direction in which each voxel moves the score. One forward and one backward pass.
+    """
+
+    name = "gradient"
+    linear_in_seed = True
+
+    def __init__(self) -> None:
+        pass
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        grad = _input_gradient(model, x, seed, None, x.shape[0], seed.requires_grad)
+        return AttributionOutput(maps=grad)
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+class GradientXInput(AttributionMethod):
+    """Gradient x Input: ``maps = inputs * d score / d inputs``.
+
+    For a bias-free piecewise linear network this sums to the score, but there is no such rule in general, so
+    ``delta`` is ``None``.
+    """
+
+    name = "gradient_x_input"
+    linear_in_seed = True
+
+    def __init__(self) -> None:
+        pass
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        grad = _input_gradient(model, x, seed, None, x.shape[0], seed.requires_grad)
+        return AttributionOutput(maps=x * grad)
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Integrated Gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quadrature(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes ``alpha`` in [0, 1] and weights (summing to one) of the path integral, in float64.
+
+    ``gausslegendre`` maps ``numpy.polynomial.legendre.leggauss`` from [-1, 1] to [0, 1]. The Riemann rules use
+    ``n_steps`` equal intervals of [0, 1] (left/right end points or mid points); ``riemann_trapezoid`` evaluates
+    ``linspace(0, 1, n_steps)`` with weights ``1/(n_steps-1)``, halved at both ends (the proper trapezoid rule;
+    captum 0.9 uses ``1/n_steps`` there, so its weights sum to ``(n_steps-1)/n_steps``).
+    """
+    n = n_steps
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return 0.5 * (nodes + 1.0), 0.5 * weights
+    if method == "riemann_trapezoid":
+        alphas = np.linspace(0.0, 1.0, n)
+        weights = np.full(n, 1.0 / (n - 1))
+        weights[0] /= 2
+        weights[-1] /= 2
+        return alphas, weights
+    weights = np.full(n, 1.0 / n)
+    if method == "riemann_left":
+        return np.arange(n) / n, weights
+    if method == "riemann_right":
+        return np.arange(1, n + 1) / n, weights
+    if method == "riemann_middle":
+        return (np.arange(n) + 0.5) / n, weights
+    raise SegExplainError(f"method {method!r} is not valid; expected one of {', '.join(IG_METHODS)}")
+
+
+class IntegratedGradients(AttributionMethod):
+    """Integrated Gradients (Sundararajan et al. 2017) along the straight path from a baseline to the input.
+
+    ``maps = (x - x0) * sum_i w_i * grad(x0 + alpha_i (x - x0))`` with the quadrature of :func:`quadrature`.
+    ``delta = sum(maps) - (score(x) - score(x0))`` measures the quadrature error (completeness); ``expected`` is
+    ``score(x) - score(x0)``. Gauss-Legendre (the default) converges much faster than the Riemann rules on smooth
+    paths; on ReLU networks the integrand is piecewise smooth and both converge at low order, so check ``delta``.
+
+    Args:
+        n_steps: Number of gradient evaluations per input (>= 1; >= 2 for ``riemann_trapezoid``).
+        method: ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or
+            ``"riemann_middle"``.
+        baseline: A :class:`~SegExplainLib.baselines.Baseline` or a spec for
+            :func:`~SegExplainLib.baselines.make_baseline` (default: zeros).
+        internal_batch_size: Interpolated inputs per forward/backward pass; ``None`` chooses from the memory budget.
+        memory_budget_bytes: Budget for that choice; ``None`` uses the device default (see ``_batching``).
+    """
+
+    name = "integrated_gradients"
+    linear_in_seed = True
+
+    def __init__(
+        self,
+        *,
+        n_steps: int = 32,
+        method: str = "gausslegendre",
+        baseline: Baseline | str | float | None = None,
+        internal_batch_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> None:
+        if method not in IG_METHODS:
+            raise SegExplainError(f"method {method!r} is not valid; expected one of {', '.join(IG_METHODS)}")
+        minimum = 2 if method == "riemann_trapezoid" else 1
+        if not _is_int(n_steps) or n_steps < minimum:
+            raise SegExplainError(f"n_steps must be an integer >= {minimum} for method {method!r}, got {n_steps!r}")
+        _check_batch_size_option(internal_batch_size)
+        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        self.n_steps = int(n_steps)
+        self.method = method
+        self.baseline = ZeroBaseline() if baseline is None else _coerce_baseline(baseline)
+        self.internal_batch_size = internal_batch_size
+        self.memory_budget_bytes = memory_budget_bytes
+        self.last_internal_batch_size: int | None = None
+
+    def _quadrature(self) -> tuple[np.ndarray, np.ndarray]:
+        return quadrature(self.method, self.n_steps)
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        create_graph = seed.requires_grad
+        batch = x.shape[0]
+        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
+        if x0.shape != x.shape:
+            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        diff = x - x0
+        alphas_np, weights_np = self._quadrature()
+        n = len(alphas_np)
+        total = batch * n
+        k = _resolve_batch(self, model, x, total)
+
+        # Scores at both ends of the path (forward only); checks the seed against the output shape first.
+        ends = _forward_no_grad(model, torch.cat([x, x0], dim=0), max(k, 2))
+        _check_output(ends, seed, batch)
+        expected = _scores(seed, ends[:batch]) - _scores(seed, ends[batch:])
+        del ends
+
+        alphas = torch.as_tensor(alphas_np, dtype=x.dtype, device=x.device)
+        weights = torch.as_tensor(weights_np, dtype=x.dtype, device=x.device)
+        acc = torch.zeros_like(x)
+        for rows in _chunks(total, k):
+            idx = torch.arange(rows.start, rows.stop, device=x.device)
+            b_idx, s_idx = idx // n, idx % n
+            shape = (-1, 1, 1, 1, 1)
+            xi = x0[b_idx] + alphas[s_idx].view(shape) * diff[b_idx]
+            grad = _input_gradient(model, xi, seed, b_idx, batch, create_graph)
+            acc = _accumulate(acc, b_idx, grad * weights[s_idx].view(shape), create_graph)
+        maps = diff * acc
+        if not create_graph:
+            expected = expected.detach()
+        delta = maps.flatten(1).sum(1) - expected
+        return AttributionOutput(maps=maps, delta=delta, expected=expected)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "n_steps": self.n_steps,
+            "method": self.method,
+            "baseline": self.baseline.to_dict(),
+            "internal_batch_size": self.internal_batch_size,
+            "memory_budget_bytes": self.memory_budget_bytes,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SmoothGrad
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SmoothGrad(AttributionMethod):
+    """SmoothGrad (Smilkov et al. 2017): the gradient averaged over noisy copies of the input.
+
+    The noise is Gaussian with standard deviation ``noise_level * (max - min)`` of each channel of each sample, i.e.
+    a fraction of that MRI sequence's intensity range (a constant channel gets no noise). The noise is drawn from a
+    ``torch.Generator`` seeded with ``seed``, one sample at a time, so results are reproducible and do not depend on
+    ``internal_batch_size``. With ``multiply_by_inputs`` the averaged gradient is multiplied by the (noise-free)
+    input, giving a smoothed Gradient x Input.
+
+    Args:
+        n_samples: Number of noisy copies per input (>= 1).
+        noise_level: Noise standard deviation as a fraction of each channel's intensity range (>= 0).
+        seed: Seed of the noise generator.
+        multiply_by_inputs: Return ``inputs * mean gradient`` instead of the mean gradient.
+        internal_batch_size, memory_budget_bytes: As for :class:`IntegratedGradients`.
+    """
+
+    name = "smoothgrad"
+    linear_in_seed = True
+
+    def __init__(
+        self,
+        *,
+        n_samples: int = 16,
+        noise_level: float = 0.1,
+        seed: int = 0,
+        multiply_by_inputs: bool = False,
+        internal_batch_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> None:
+        if not _is_int(n_samples) or n_samples < 1:
+            raise SegExplainError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        if (
+            isinstance(noise_level, bool)
+            or not isinstance(noise_level, (int, float))
+            or not math.isfinite(noise_level)
+            or noise_level < 0
+        ):
+            raise SegExplainError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
+        if not _is_int(seed):
+            raise SegExplainError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(multiply_by_inputs, bool):
+            raise SegExplainError(f"multiply_by_inputs must be a bool, got {multiply_by_inputs!r}")
+        _check_batch_size_option(internal_batch_size)
+        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        self.n_samples = int(n_samples)
+        self.noise_level = float(noise_level)
+        self.seed = int(seed)
+        self.multiply_by_inputs = multiply_by_inputs
+        self.internal_batch_size = internal_batch_size
+        self.memory_budget_bytes = memory_budget_bytes
+        self.last_internal_batch_size: int | None = None
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        create_graph = seed.requires_grad
+        batch = x.shape[0]
+        n = self.n_samples
+        total = batch * n
+        k = _resolve_batch(self, model, x, total)
+        spatial = (2, 3, 4)
+        std = self.noise_level * (x.amax(dim=spatial, keepdim=True) - x.amin(dim=spatial, keepdim=True))
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(self.seed)
+        acc = torch.zeros_like(x)
+        for rows in _chunks(total, k):
+            idx = torch.arange(rows.start, rows.stop, device=x.device)
+            b_idx = idx // n
+            noise = torch.stack(
+                [torch.randn(x.shape[1:], generator=generator, dtype=x.dtype, device=x.device) for _ in rows]
+            )
+            xi = x[b_idx] + std[b_idx] * noise
+            grad = _input_gradient(model, xi, seed, b_idx, batch, create_graph)
+            acc = _accumulate(acc, b_idx, grad, create_graph)
+        maps = acc / n
+        if self.multiply_by_inputs:
+            maps = x * maps
+        return AttributionOutput(maps=maps)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "n_samples": self.n_samples,
+            "noise_level": self.noise_level,
+            "seed": self.seed,
+            "multiply_by_inputs": self.multiply_by_inputs,
+            "internal_batch_size": self.internal_batch_size,
+            "memory_budget_bytes": self.memory_budget_bytes,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Occlusion
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _triple(value: Any, option: str) -> tuple[int, int, int]:
+    if _is_int(value):
+        values = (int(value),) * 3
+    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(_is_int(v) for v in value):
+        values = tuple(int(v) for v in value)
+    else:
+        raise SegExplainError(f"{option} must be an integer or 3 integers (D, H, W), got {value!r}")
+    if min(values) < 1:
+        raise SegExplainError(f"{option} must be >= 1 along every axis, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def _window_positions(size: int, window: int, stride: int) -> tuple[list[int], int]:
+    """Start positions along one axis (captum's convention) and the window length clipped to the axis."""
+    window = min(window, size)
+    count = -(-(size - window) // stride) + 1  # ceil((size - window) / stride) + 1
+    return [i * stride for i in range(count)], window
+
+
+def _coverage(size: int, starts: Sequence[int], window: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    matrix = torch.zeros(len(starts), size, dtype=dtype, device=device)
+    for i, s in enumerate(starts):
+        matrix[i, s : s + window] = 1
+    return matrix
+
+
+class Occlusion(AttributionMethod):
+    """Occlusion (Zeiler & Fergus 2014) with a sliding 3D window; model-agnostic (forward passes only).
+
+    For each window position (and each input channel when ``per_channel``), the window is replaced by the baseline
+    and the score drop ``score(x) - score(x occluded)`` is recorded; a voxel's map value is the mean drop over the
+    windows that cover it. Windows start at ``0, stride, 2*stride, ...`` until the last one reaches the end of the
+    axis; that last one may be cut at the border (same convention as captum's ``Occlusion``). A window larger than
+    an axis is clipped to it.
+
+    With ``per_channel`` (default) each MRI sequence is occluded separately and the maps separate the sequences
+    (``C`` times more passes). Otherwise all channels are occluded together and the same value is repeated over
+    the channels.
+
+    Forward passes run under ``torch.no_grad``. When ``seed.requires_grad`` the score differences are formed
+    differentiably from the stored outputs (the score is linear in the seed), so the maps are differentiable
+    w.r.t. the seed; this keeps every forward output alive until the backward pass.
+
+    Args:
+        window: Window size in voxels, an int or ``(D, H, W)``.
+        stride: Step between windows, an int or ``(D, H, W)``, at most the window (default: the window).
+        baseline: Occlusion value: a number, a Baseline or a baseline spec (default 0).
+        per_channel: Occlude one input channel at a time.
+        internal_batch_size, memory_budget_bytes: As for :class:`IntegratedGradients`.
+    """
+
+    name = "occlusion"
+    linear_in_seed = True
+
+    def __init__(
+        self,
+        *,
+        window: int | Sequence[int] = 4,
+        stride: int | Sequence[int] | None = None,
+        baseline: Baseline | str | float = 0.0,
+        per_channel: bool = True,
+        internal_batch_size: int | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> None:
+        self.window = _triple(window, "window")
+        self.stride = self.window if stride is None else _triple(stride, "stride")
+        if any(s > w for s, w in zip(self.stride, self.window)):
+            raise SegExplainError(
+                f"stride {self.stride} must not exceed window {self.window} along any axis (voxels would be skipped)"
+            )
+        if not isinstance(per_channel, bool):
+            raise SegExplainError(f"per_channel must be a bool, got {per_channel!r}")
+        _check_batch_size_option(internal_batch_size)
+        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        self.baseline = _coerce_baseline(baseline)
+        self.per_channel = per_channel
+        self.internal_batch_size = internal_batch_size
+        self.memory_budget_bytes = memory_budget_bytes
+        self.last_internal_batch_size: int | None = None
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        batch, channels = x.shape[:2]
+        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
+        if x0.shape != x.shape:
+            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        axes = [_window_positions(size, w, s) for size, w, s in zip(x.shape[2:], self.window, self.stride)]
+        (pd, wd), (ph, wh), (pw, ww) = axes
+        groups = channels if self.per_channel else 1
+        per_sample = groups * len(pd) * len(ph) * len(pw)
+        total = batch * per_sample
+        k = _resolve_batch(self, model, x, total)
+
+        ref = _forward_no_grad(model, x, max(k, 1))
+        _check_output(ref, seed, batch)
+        ref_scores = _scores(seed, ref)
+        del ref
+
+        diffs = []
+        for rows in _chunks(total, k):
+            b_list = []
+            xs = torch.empty((len(rows),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            for r, j in enumerate(rows):
+                b, rem = divmod(j, per_sample)
+                g, rem = divmod(rem, len(pd) * len(ph) * len(pw))
+                i_d, rem = divmod(rem, len(ph) * len(pw))
+                i_h, i_w = divmod(rem, len(pw))
+                c = slice(g, g + 1) if self.per_channel else slice(None)
+                region = (c, slice(pd[i_d], pd[i_d] + wd), slice(ph[i_h], ph[i_h] + wh), slice(pw[i_w], pw[i_w] + ww))
+                xs[r] = x[b]
+                xs[r][region] = x0[b][region]
+                b_list.append(b)
+            b_idx = torch.tensor(b_list, device=x.device)
+            with torch.no_grad():
+                out = model(xs)
+            diffs.append(ref_scores[b_idx] - _scores(seed[b_idx], out))
+        grid = torch.cat(diffs).reshape(batch, groups, len(pd), len(ph), len(pw))
+        md, mh, mw = (
+            _coverage(size, starts, w, x.dtype, x.device)
+            for size, (starts, w) in zip(x.shape[2:], axes)
+        )
+        summed = torch.einsum("bgpqr,pd,qh,rw->bgdhw", grid, md, mh, mw)
+        count = torch.einsum("d,h,w->dhw", md.sum(0), mh.sum(0), mw.sum(0))
+        maps = summed / count.clamp(min=1)
+        if not self.per_channel:
+            maps = maps.expand(-1, channels, -1, -1, -1)
+        maps = maps.contiguous()
+        if not seed.requires_grad:
+            maps = maps.detach()
+        return AttributionOutput(maps=maps)
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "window": list(self.window),
+            "stride": list(self.stride),
+            "baseline": self.baseline.to_dict(),
+            "per_channel": self.per_channel,
+            "internal_batch_size": self.internal_batch_size,
+            "memory_budget_bytes": self.memory_budget_bytes,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grad-CAM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class GradCAM(AttributionMethod):
+    """3D Grad-CAM (Selvaraju et al. 2017) on the output of a named layer.
+
+    With ``A`` the layer's activation ``(B, Ck, d, h, w)``, ``w_c = mean over (d, h, w) of d score / d A_c`` and
+    ``cam = relu(sum_c w_c A_c)``, upsampled (trilinear, ``align_corners=False``) to the input grid. Grad-CAM has one
+    map for all input channels: it is not per MRI sequence. The returned map repeats ``cam / C`` over the ``C`` input
+    channels, so that summing over channels gives ``cam``.
+
+    The map is linear in the seed only without the ReLU, so ``linear_in_seed`` is ``not relu`` on instances.
+    The hook that captures the activation is removed in a ``finally`` block, even when the forward pass fails.
+
+    Args:
+        layer: Name of a module as listed by ``model.named_modules()``; its output must be a 5D tensor and the
+            module must run once per forward pass.
+        relu: Apply the ReLU of the original method.
+        upsample: Interpolation to the input grid, ``"trilinear"`` (default) or ``"nearest"``.
+    """
+
+    name = "gradcam"
+    linear_in_seed = False
+
+    def __init__(self, *, layer: str, relu: bool = True, upsample: str = "trilinear") -> None:
+        if not isinstance(layer, str) or not layer:
+            raise SegExplainError(f"layer must be a non-empty module name from model.named_modules(), got {layer!r}")
+        if not isinstance(relu, bool):
+            raise SegExplainError(f"relu must be a bool, got {relu!r}")
+        if upsample not in ("trilinear", "nearest"):
+            raise SegExplainError(f"upsample {upsample!r} is not valid; expected 'trilinear' or 'nearest'")
+        self.layer = layer
+        self.relu = relu
+        self.upsample = upsample
+        self.linear_in_seed = not relu  # type: ignore[misc]
+
+    def _module(self, model: torch.nn.Module) -> torch.nn.Module:
+        modules = dict(model.named_modules())
+        if self.layer not in modules or not self.layer:
+            names = [n for n in modules if n]
+            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise SegExplainError(
+                f"layer {self.layer!r} is not a module of the model; expected one of {len(names)} names such as {shown}"
+            )
+        return modules[self.layer]
+
+    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        x = _check_inputs(inputs)
+        seed = _check_seed(seed, x)
+        create_graph = seed.requires_grad
+        module = self._module(model)
+        captured: list[torch.Tensor] = []
+        layer = self.layer
+
+        def hook(_mod: torch.nn.Module, _args: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor) or output.dim() != 5:
+                kind = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise SegExplainError(f"layer {layer!r} output must be a 5D tensor (B, C, d, h, w), got {kind}")
+            # A leaf of its own: the backward pass stops at the layer. The clone keeps in-place ops downstream
+            # (e.g. ReLU(inplace=True)) off the captured activation.
+            act = output.detach().requires_grad_(True)
+            captured.append(act)
+            return act.clone()
+
+        handle = module.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                out = model(x)
+        finally:
+            handle.remove()
+        _check_output(out, seed, x.shape[0])
+        if len(captured) != 1:
+            raise SegExplainError(
+                f"layer {layer!r} ran {len(captured)} times in one forward pass; expected exactly once"
+            )
+        act = captured[0]
+        with torch.enable_grad():
+            score = _scores(seed, out).sum()
+            grad = None
+            if score.requires_grad:
+                (grad,) = torch.autograd.grad(score, act, create_graph=create_graph, allow_unused=True)
+        if grad is None:
+            raise SegExplainError(f"layer {layer!r} does not influence the model output; choose another layer")
+        if not create_graph:
+            grad, act = grad.detach(), act.detach()
+        weights = grad.mean(dim=(2, 3, 4), keepdim=True)
+        cam = (weights * act).sum(dim=1, keepdim=True)
+        if self.relu:
+            cam = F.relu(cam)
+        if self.upsample == "trilinear":
+            cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)
+        else:
+            cam = F.interpolate(cam, size=tuple(x.shape[2:]), mode="nearest")
+        channels = x.shape[1]
+        maps = (cam / channels).expand(-1, channels, -1, -1, -1).contiguous()
+        if not create_graph:
+            maps = maps.detach()
+        return AttributionOutput(maps=maps)
+
+    def options(self) -> dict[str, Any]:
+        return {"layer": self.layer, "relu": self.relu, "upsample": self.upsample}
