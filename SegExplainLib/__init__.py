@@ -16,8 +16,7 @@ __version__ = "0.1.0"
 
 from ._method import AttributionMethod, AttributionOutput
 from .api import METHODS, explain, make_method
-from .baselines import (Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline,
-                        make_baseline)
+from .baselines import Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline, make_baseline
 from .canonizers import Canonizer, MergeBatchNorm
 from .composites import Composite, composite_names, get_composite, lrp_defaults, register_composite
 from .errors import SegExplainError, UnsupportedLayerError
@@ -25,8 +24,17 @@ from .explanation import Explanation
 from .filters import AmplitudeFilter, clamp_filter, pass_filter
 from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
 from .lrp import LRP, Deconvolution, GuidedBackprop
-from .metrics import (PerturbationCurve, alpha_sweep, binarize, ground_truth_inclusivity, inclusivity,
-                      input_inclusivity, perturbation_curve, relevance_mass_in_region, relevance_shares)
+from .metrics import (
+                        PerturbationCurve,
+                        alpha_sweep,
+                        binarize,
+                        ground_truth_inclusivity,
+                        inclusivity,
+                        input_inclusivity,
+                        perturbation_curve,
+                        relevance_mass_in_region,
+                        relevance_shares,
+)
 from .models import UNet3D, reference_unet, tiny_unet
 from .rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
 from .targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget

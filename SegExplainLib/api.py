@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._method import AttributionMethod, AttributionOutput
+from ._method import AttributionMethod
 from .composites import frozen_eval
 from .errors import SegExplainError
 from .explanation import Explanation
-from .gradients import Gradient, GradientXInput, GradCAM, IntegratedGradients, Occlusion, SmoothGrad
-from .lrp import LRP, Deconvolution, GuidedBackprop, check_logits
+from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
+from .lrp import LRP, Deconvolution, GuidedBackprop
 from .targets import Target
 
 METHODS: dict[str, type[AttributionMethod]] = {
@@ -280,30 +281,20 @@ class _Aggregator:
         weights = torch.where(valid, 1.0 / torch.where(valid, sums, torch.ones_like(sums)), torch.zeros_like(sums))
         return weights, warns, excluded
 
-    def _voxel_maps(self, voxels: torch.Tensor) -> Iterator[tuple[torch.Tensor, AttributionOutput]]:
-        """Per-voxel maps for region voxels (flat indices), ``batch`` voxels per forward/backward pass."""
-        class_index = self.target.class_index
+    def _voxel_maps(self, voxels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Maps and their sums for region voxels (flat indices), ``batch`` voxels per forward/backward pass."""
         for start in range(0, len(voxels), self.batch):
             chunk = voxels[start:start + self.batch]
             seed = torch.zeros((len(chunk), *self.logits.shape[1:]), dtype=self.x.dtype, device=self.x.device)
-            seed[:, class_index].view(len(chunk), -1)[torch.arange(len(chunk)), chunk] = 1.0
-            x = self.x.expand(len(chunk), *self.x.shape[1:])
-            yield chunk, self.method.attribute(self.model, x, seed)
-
-    def _normalized_chunks(self, voxels: torch.Tensor):
-        """Per-voxel maps divided by their sums, with near-zero sums dropped (and counted)."""
-        for chunk, out in self._voxel_maps(voxels):
-            sums = out.maps.flatten(1).sum(1)
-            yield chunk, out, sums
+            seed[:, self.target.class_index].view(len(chunk), -1)[torch.arange(len(chunk)), chunk] = 1.0
+            maps = self.method.attribute(self.model, self.x.expand(len(chunk), *self.x.shape[1:]), seed).maps
+            yield maps, maps.flatten(1).sum(1)
 
     def voxelwise_normalized(self):
         """Exact for any method: every region voxel explained separately, batched along the batch axis."""
         voxels = torch.nonzero(self.region.flatten()).flatten()
-        all_sums, chunks = [], []
-        for chunk, out, sums in self._normalized_chunks(voxels):
-            all_sums.append(sums)
-            chunks.append((out.maps, sums))
-        sums = torch.cat(all_sums)
+        chunks = list(self._voxel_maps(voxels))
+        sums = torch.cat([chunk_sums for _, chunk_sums in chunks])
         tolerance = NEAR_ZERO_SUM * float(sums.abs().max())
         total, excluded = torch.zeros_like(self.x), 0
         for maps, chunk_sums in chunks:
@@ -327,10 +318,10 @@ class _Aggregator:
         mean = torch.zeros_like(self.x[0])
         square = torch.zeros_like(self.x[0])
         excluded = 0
-        for _, out, sums in self._normalized_chunks(chosen):
+        for maps, sums in self._voxel_maps(chosen):
             valid = sums.abs() > NEAR_ZERO_SUM * float(sums.abs().max())
             excluded += int((~valid).sum())
-            normalized = out.maps[valid] / sums[valid].reshape(-1, *[1] * (out.maps.dim() - 1))
+            normalized = maps[valid] / sums[valid].reshape(-1, *[1] * (maps.dim() - 1))
             mean = mean + normalized.sum(0)
             square = square + (normalized ** 2).sum(0)
         used = draw - excluded

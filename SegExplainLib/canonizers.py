@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .rules import WEIGHTED_LINEAR, TRANSPOSED_CONVOLUTIONS
+from .rules import TRANSPOSED_CONVOLUTIONS, WEIGHTED_LINEAR
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

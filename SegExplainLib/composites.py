@@ -13,8 +13,9 @@ naming it and its path, instead of silently degrading to the plain gradient.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,24 @@ from torch.overrides import TorchFunctionMode
 
 from .canonizers import Canonizer, MergeBatchNorm
 from .errors import SegExplainError, UnsupportedLayerError
-from .rules import (CONVOLUTIONS, NORMS, TRANSPOSED_CONVOLUTIONS, AlphaBeta, Deconvolution, Epsilon, Flat, Gamma,
-                    GuidedBackprop, Pass, PropagationContext, Rule, WSquare, ZBox, Zero, ZPlus)
+from .rules import (
+    CONVOLUTIONS,
+    NORMS,
+    TRANSPOSED_CONVOLUTIONS,
+    AlphaBeta,
+    Deconvolution,
+    Epsilon,
+    Flat,
+    Gamma,
+    GuidedBackprop,
+    Pass,
+    PropagationContext,
+    Rule,
+    WSquare,
+    ZBox,
+    Zero,
+    ZPlus,
+)
 
 CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
     "convolution": (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS),

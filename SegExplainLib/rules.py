@@ -18,14 +18,15 @@ in the backward pass and return ``g`` (or, for rules of the first layer, the inp
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import SegExplainError, UnsupportedLayerError
+from .errors import SegExplainError
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -220,31 +221,23 @@ class Pass(Rule):
 
 
 def frozen_norm_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-voxel slope ``dy/dx`` of a norm layer with its statistics held fixed (gain / standard deviation)."""
+    """Slope ``dy/dx`` of a norm layer with its statistics held fixed: gain / standard deviation."""
     batch, channels = x.shape[:2]
-    view = (1, channels) + (1,) * (x.dim() - 2)
-    weight = module.weight if getattr(module, "weight", None) is not None else None
+    spatial = tuple(range(2, x.dim()))
     with torch.no_grad():
-        if isinstance(module, nn.GroupNorm):
-            grouped = x.reshape(batch, module.num_groups, -1)
-            std = torch.sqrt(grouped.var(dim=2, unbiased=False) + module.eps)
-            inv = (1.0 / std).repeat_interleave(channels // module.num_groups, dim=1)
-            inv = inv.reshape((batch, channels) + (1,) * (x.dim() - 2))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training:
-            inv = (1.0 / torch.sqrt(module.running_var + module.eps)).reshape(view)
-        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            # InstanceNorm, and BatchNorm when it normalizes with the current statistics
-            dims = tuple(range(2, x.dim())) if isinstance(module, nn.modules.instancenorm._InstanceNorm) else (
-                (0,) + tuple(range(2, x.dim())))
-            if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats and (
-                    not module.training):
-                inv = (1.0 / torch.sqrt(module.running_var + module.eps)).reshape(view)
-            else:
-                inv = 1.0 / torch.sqrt(x.var(dim=dims, unbiased=False, keepdim=True) + module.eps)
-        else:
-            msg = f"no frozen-statistics slope for norm layer {type(module).__name__}"
-            raise UnsupportedLayerError(msg)
-        return inv * weight.reshape(view) if weight is not None else inv
+        if getattr(module, "running_var", None) is not None and not module.training:
+            var = module.running_var.reshape((1, channels) + (1,) * len(spatial))
+        elif isinstance(module, nn.GroupNorm):
+            grouped = x.reshape(batch, module.num_groups, -1).var(dim=2, unbiased=False)
+            var = grouped.repeat_interleave(channels // module.num_groups, dim=1)
+            var = var.reshape((batch, channels) + (1,) * len(spatial))
+        else:  # InstanceNorm statistics per sample, BatchNorm's over the batch
+            dims = spatial if isinstance(module, nn.modules.instancenorm._InstanceNorm) else (0, *spatial)
+            var = x.var(dim=dims, unbiased=False, keepdim=True)
+        scale = torch.rsqrt(var + module.eps)
+        if getattr(module, "weight", None) is not None:
+            scale = scale * module.weight.reshape((1, channels) + (1,) * len(spatial))
+        return scale
 
 
 def unwired(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -387,7 +380,8 @@ class ZPlus(WeightRule):
         else:
             stacked = x
         bias = None if module.bias is None else torch.cat([module.bias.detach(), torch.zeros_like(module.bias)])
-        y, z_plus = affine_forward(module, stacked, torch.cat([weight, positive], dim=out_dim), bias).chunk(2, dim=1)
+        with torch.no_grad():  # the backward pass is this rule's own: no graph needed
+            y, z_plus = affine_forward(module, stacked, torch.cat([weight, positive], dim=out_dim), bias).chunk(2, 1)
 
         def propagate(x_in, y_out, grad):
             ratio = ctx.filtered(y_out * grad) / stabilize(z_plus, self.epsilon)
@@ -482,7 +476,8 @@ class Flat(WeightRule):
         y = original(x)
         ones = torch.ones((1, 1, *module.kernel_size), dtype=x.dtype, device=x.device)
         one_channel = torch.ones_like(x[:, :1])
-        count = module._conv_forward(one_channel, ones, None) * x.shape[1]
+        with torch.no_grad():
+            count = module._conv_forward(one_channel, ones, None) * x.shape[1]
 
         def propagate(x_in, y_out, grad):
             ratio = (ctx.filtered(y_out * grad) / stabilize(count, self.epsilon)).sum(1, keepdim=True)

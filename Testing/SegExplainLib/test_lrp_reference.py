@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from lrp_reference import as_matrix, reference_layer
+from torch import nn
 
 from SegExplainLib.filters import AmplitudeFilter
 from SegExplainLib.lrp import LRP
