@@ -6,6 +6,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from copy import deepcopy
 from typing import Any
 
 import numpy as np
@@ -86,26 +87,27 @@ def _expected_in_channels(model: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-@contextlib.contextmanager
-def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> Iterator[torch.dtype]:
-    """Run the model on ``device``/``dtype`` for a while and put it back exactly where it was."""
+def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> tuple[nn.Module, torch.dtype]:
+    """The model on ``device``/``dtype``: the model itself when it is there already, else a copy moved there.
+
+    Copying leaves the user's model, its parameters and its buffers untouched (no tensor is replaced).
+    """
     tensors = list(model.parameters()) + list(model.buffers())
     float_dtypes = {t.dtype for t in tensors if t.is_floating_point()}
     devices = {t.device for t in tensors}
-    current_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else torch.get_default_dtype()
-    target_dtype = dtype or current_dtype
-    if len(devices) > 1 or float_dtypes:
+    if len(devices) > 1 or len(float_dtypes) > 1:
         msg = "the model's parameters are spread over several devices or float types; place it on one first"
         raise SegExplainError(msg)
-    home = devices.pop() if devices else device
-    moved = home != device or target_dtype != current_dtype
+    current_dtype = float_dtypes.pop() if float_dtypes else torch.get_default_dtype()
+    target_dtype = dtype or current_dtype
+    if devices in (set(), {device}) and target_dtype == current_dtype:
+        return model, target_dtype
     try:
-        if moved:
-            model.to(device=device, dtype=target_dtype)
-        yield target_dtype
-    finally:
-        if moved:
-            model.to(device=home, dtype=current_dtype)
+        copy = deepcopy(model)
+    except Exception as error:  # noqa: BLE001 - any failure to copy means the same thing to the user
+        msg = f"could not copy the model to move it to {device}/{target_dtype}: {error}; place it there first"
+        raise SegExplainError(msg) from None
+    return copy.to(device=device, dtype=target_dtype), target_dtype
 
 
 def explain(model: nn.Module, image: Any, target: Target, method: str | AttributionMethod = "lrp", *,
@@ -146,7 +148,7 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
     if voxel_batch_size < 1:
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
-    with _prepared(model, image, target, device, dtype) as (x, logits, region):
+    with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
         score = float(logits[0, target.class_index][region].sum())
         aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
         if target.aggregation == "sum":
@@ -187,7 +189,7 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
     if not hasattr(attribution, "attribute_layers"):
         msg = f"layer-wise attribution needs 'lrp', 'guided_backprop' or 'deconvolution', got {attribution.name!r}"
         raise SegExplainError(msg)
-    with _prepared(model, image, target, device, dtype) as (x, logits, region):
+    with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
         seed = torch.zeros_like(logits)
         seed[0, target.class_index] = region.to(x.dtype)
         signals = attribution.attribute_layers(model, x, seed, list(layers))
@@ -203,8 +205,8 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
 
 @contextlib.contextmanager
 def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.device,
-              dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validate, place the model, run it once: yields the batched input, its logits and the target region."""
+              dtype: torch.dtype | None) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region."""
     image_tensor = check_image(image)
     if not isinstance(target, Target):
         msg = f"target must be a SegExplainLib target (MaskTarget, BoxTarget, ...), got {type(target).__name__}"
@@ -215,7 +217,8 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
                f"got an image with {image_tensor.shape[0]}")
         raise SegExplainError(msg)
     run_device = resolve_device(device)
-    with placed(model, run_device, dtype) as run_dtype, frozen_eval(model):
+    model, run_dtype = placed(model, run_device, dtype)
+    with frozen_eval(model):
         x = image_tensor.to(device=run_device, dtype=run_dtype)[None]
         with torch.no_grad():
             try:
@@ -229,7 +232,7 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
             msg = f"the model must return logits (N, K, D, H, W) for input {tuple(x.shape)}, got {shape}"
             raise SegExplainError(msg)
         region = torch.as_tensor(target.region(logits[0]), device=run_device)
-        yield x, logits, region
+        yield model, x, logits, region
 
 
 def _as_float(value: torch.Tensor | None) -> float | None:

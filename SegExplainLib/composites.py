@@ -63,14 +63,19 @@ CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
 # Functional operations that bypass module hooks, grouped by why a method cannot pass them.
 _WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
 _NORM_FUNCTIONS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
-_RECTIFIER_FUNCTIONS = {F.relu, torch.relu, torch.Tensor.relu, F.leaky_relu, F.prelu, F.relu_, torch.relu_}
-_NONLINEAR = {torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid, torch.tanh, torch.Tensor.tanh, F.tanh, F.gelu,
-              F.silu, F.elu, F.selu, F.celu, F.softplus, F.mish, F.relu6, F.hardtanh, F.hardswish, torch.exp,
-              torch.Tensor.exp, torch.log, torch.Tensor.log, F.softmax, torch.softmax, torch.Tensor.softmax,
-              F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
-_PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.matmul,
-             torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.einsum, torch.div, torch.Tensor.div,
-             torch.Tensor.__truediv__}
+_RECTIFIER_FUNCTIONS = {F.relu, torch.relu, torch.Tensor.relu, F.leaky_relu, F.prelu, F.relu_, torch.relu_,
+                        torch.Tensor.relu_, F.threshold, torch.clamp, torch.Tensor.clamp, torch.clamp_min,
+                        torch.Tensor.clamp_min, torch.maximum, torch.Tensor.maximum}
+_NONLINEAR = {torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid, torch.tanh, torch.Tensor.tanh,
+              torch.Tensor.tanh_, F.tanh, F.gelu, F.silu, F.elu, F.selu, F.celu, F.softplus, F.mish, F.relu6,
+              F.hardtanh, F.hardswish, torch.exp, torch.Tensor.exp, torch.Tensor.exp_, torch.log, torch.Tensor.log,
+              F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
+              torch.Tensor.log_softmax, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.__rpow__,
+              torch.sqrt, torch.Tensor.sqrt, torch.abs, torch.Tensor.abs, torch.Tensor.__abs__}
+_PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__, torch.Tensor.__rmul__,
+             torch.Tensor.__imul__, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
+             torch.einsum, torch.div, torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__,
+             torch.Tensor.__itruediv__}
 
 
 def category_of(module: nn.Module) -> str | None:
@@ -231,7 +236,7 @@ class _Wiring:
         def forward(*args, **kwargs):
             if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
                 return original(*args, **kwargs)
-            rule = self.composite.rule_for(name, category, args[0] is self.ctx.network_input)
+            rule = self.composite.rule_for(name, category, self.ctx.reads_input(args[0]))
             return original(args[0]) if rule is None else rule.forward(module, args[0], original, self.ctx)
 
         module.forward = forward
@@ -258,14 +263,36 @@ class _FunctionalGuard(TorchFunctionMode):
         kwargs = kwargs or {}
         stack = self.wiring.stack
         inside_leaf = bool(stack) and next(stack[-1][1].children(), None) is None
-        if not inside_leaf and func in self.wiring.composite.denied_functions:
+        if inside_leaf:
+            return func(*args, **kwargs)
+        if func in self.wiring.composite.denied_functions:
             grad_tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
             if func not in _PRODUCTS or len(grad_tensors) >= 2:
                 where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
                 msg = (f"functional {_function_name(func)} in the forward of {where} bypasses the "
                        f"{self.wiring.composite.name!r} rules; use a module for it (e.g. nn.Conv3d, nn.ELU)")
                 raise UnsupportedLayerError(msg)
-        return func(*args, **kwargs)
+        return _out_of_place(func, args, kwargs)(*args, **kwargs)
+
+
+# Outputs of the rules keep their forward value for the backward pass, so in-place updates of them (``out += res``
+# in a residual block, ``F.relu(h, inplace=True)``) are run out of place: the code rebinds the returned tensor.
+_RULE_OUTPUTS = ("_ReplaceBackwardBackward", "_TransformGradBackward")
+
+
+def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> Callable:
+    target = args[0] if args else None
+    if not isinstance(target, torch.Tensor) or type(target.grad_fn).__name__ not in _RULE_OUTPUTS:
+        return func
+    if kwargs.get("inplace"):
+        kwargs["inplace"] = False
+        return func
+    name = getattr(func, "__name__", "")
+    if name.startswith("__i") and name.endswith("__"):
+        return getattr(torch.Tensor, "__" + name[3:], func)
+    if name.endswith("_") and not name.startswith("_"):
+        return getattr(torch.Tensor, name[:-1], func)
+    return func
 
 
 @contextlib.contextmanager
@@ -324,10 +351,15 @@ def get_composite(spec: str | Composite, **options: Any) -> Composite:
     return Composite(**{**composite.__dict__, "name": spec})
 
 
-def lrp_defaults(epsilon: float = 1e-6) -> dict[str, Rule]:
-    """Rules every LRP composite shares: epsilon for everything linear, pass for norms and activations."""
+def lrp_defaults(epsilon: float = 1e-6, norm: Rule | None = None) -> dict[str, Rule]:
+    """Rules every LRP composite shares: epsilon for everything linear, pass for activations and (by default) norms.
+
+    ``Pass`` on a norm layer matches the z-plus family (it equals merging the norm into the convolution below). A
+    composite that keeps epsilon on convolutions gives norms ``Epsilon`` too: after ``Pass`` the convolution's
+    epsilon rule would divide by its own near-zero outputs.
+    """
     return {"convolution": Epsilon(epsilon), "dense": Epsilon(epsilon), "parameter_free": Epsilon(epsilon),
-            "norm": Pass(), "activation": Pass()}
+            "norm": Pass() if norm is None else norm, "activation": Pass()}
 
 
 def _conv_preset(conv_rule: Callable[[], Rule], first_layer: Callable[[], Rule] | None = None):
@@ -343,8 +375,9 @@ def _uniform(rule: Callable[..., Rule]):
     return factory
 
 
-register_composite("epsilon", lambda epsilon=1e-6: Composite(rules=lrp_defaults(epsilon)))
-register_composite("zero", lambda: Composite(rules={**lrp_defaults(0.0), "convolution": Zero(), "dense": Zero()}))
+register_composite("epsilon", lambda epsilon=1e-6: Composite(rules=lrp_defaults(epsilon, Epsilon(epsilon))))
+register_composite("zero", lambda: Composite(rules={**lrp_defaults(0.0, Zero()), "convolution": Zero(),
+                                                    "dense": Zero()}))
 register_composite("z_plus", _uniform(ZPlus))
 register_composite("alpha1_beta0", _uniform(lambda **o: AlphaBeta(1.0, 0.0, **o)))
 register_composite("alpha2_beta1", _uniform(lambda **o: AlphaBeta(2.0, 1.0, **o)))

@@ -61,6 +61,39 @@ class PropagationContext:
             return relevance
         return relevance * self.layer_filter.factor(relevance)
 
+    def reads_input(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is the network input or a copy of it (padded, cropped, reshaped): a first layer's input."""
+        if x is self.network_input:
+            return True
+        node = x.grad_fn
+        while node is not None and type(node).__name__ in _COPY_NODES:
+            parents = [parent for parent, _ in node.next_functions if parent is not None]
+            if len(parents) != 1:
+                return False
+            node = parents[0]
+        return type(node).__name__ == "AccumulateGrad" and node.variable is self.network_input
+
+    def to_input(self, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        """Relevance of a first layer's input ``x`` carried back to the network input through the copies.
+
+        A copy passes relevance like a gradient: each input voxel gets the relevance of all its copies, and padding
+        voxels, which are no input voxels, drop theirs.
+        """
+        if x is self.network_input:
+            return relevance
+        (carried,) = torch.autograd.grad(x, self.network_input, grad_outputs=relevance, retain_graph=True,
+                                         create_graph=torch.is_grad_enabled())
+        return carried
+
+
+_COPY_NODES = frozenset({
+    "ConstantPadNdBackward0", "ReplicationPad1DBackward0", "ReplicationPad2DBackward0", "ReplicationPad3DBackward0",
+    "ReflectionPad1DBackward0", "ReflectionPad2DBackward0", "ReflectionPad3DBackward0", "SliceBackward0",
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+    "SqueezeBackward1", "PermuteBackward0", "TransposeBackward0", "CloneBackward0", "AliasBackward0",
+    "ToCopyBackward0", "ExpandBackward0",
+})
+
 
 class _ReplaceBackward(torch.autograd.Function):
     """Identity on the layer output whose backward is ``propagate(x, y, grad)`` instead of the layer's own."""
@@ -316,7 +349,7 @@ class WeightRule(Rule):
         return {"rule": self.name, "epsilon": self.epsilon}
 
     def _check_reads_input(self, module: nn.Module, x: torch.Tensor, ctx: PropagationContext) -> None:
-        if self.first_layer_only and x is not ctx.network_input:
+        if self.first_layer_only and not ctx.reads_input(x):
             msg = (f"rule {self.name!r} applies to a layer that reads the network input, but "
                    f"{type(module).__name__} receives an intermediate tensor")
             raise SegExplainError(msg)
@@ -340,7 +373,7 @@ class WeightRule(Rule):
                         total = total + term.input * vjp
                     else:
                         total = total + (vjp if term.gate is None else term.gate * vjp)
-            return total
+            return ctx.to_input(x, total) if self.first_layer_only else total
 
         sink = ctx.input_sink if self.first_layer_only else None
         return replace_backward(x, y, propagate, sink)
@@ -481,7 +514,7 @@ class Flat(WeightRule):
 
         def propagate(x_in, y_out, grad):
             ratio = (ctx.filtered(y_out * grad) / stabilize(count, self.epsilon)).sum(1, keepdim=True)
-            return affine_vjp(module, one_channel, ones, ratio).expand_as(x_in)
+            return ctx.to_input(x, affine_vjp(module, one_channel, ones, ratio).expand_as(x_in))
 
         return replace_backward(x, y, propagate, ctx.input_sink)
 
