@@ -18,10 +18,10 @@ budget:
   :data:`FALLBACK_CPU_BUDGET_BYTES` when that file cannot be read, e.g. on macOS or Windows).
 * **Choice.** ``k = clamp(budget // per_sample, 1, max_batch)``; any integer, not only powers of two.
 
-Speed note (measured on a 2-core CPU): captum's IG on a ``(1, 6, 19, 48, 48)`` input was fastest with an internal
-batch of 4 to 8 and slower at 32 (cache pressure), so the methods cap the automatic choice at
-:data:`DEFAULT_MAX_BATCH` = 8 when no budget is given and allow up to :data:`BUDGETED_MAX_BATCH` = 16 when the caller
-states a budget explicitly (:func:`max_batch_for`).
+Speed note (measured on a 2-core CPU with ``bench/bench_engine.py``): IG on a ``(1, 6, 19, 48, 48)`` input was
+fastest with an internal batch of 2 to 4 and about 20 % slower at 8 (cache pressure), so on CPU the methods cap the
+automatic choice at :data:`DEFAULT_MAX_BATCH` = 4 when no budget is given; on CUDA, and whenever the caller states a
+budget, up to :data:`BUDGETED_MAX_BATCH` = 16 (:func:`max_batch_for`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 SAFETY_FACTOR = 1.5
-DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_BATCH = 4
 BUDGETED_MAX_BATCH = 16
 FALLBACK_CPU_BUDGET_BYTES = 2 * 1024**3
 CPU_BUDGET_FRACTION = 0.25
@@ -58,9 +58,11 @@ def check_batch_option(name: str, value: object) -> None:
         raise SegExplainError(f"{name} must be None or an integer >= 1, got {value!r}")
 
 
-def max_batch_for(memory_budget_bytes: int | None) -> int:
-    """Cap of the automatic choice: 8 without a stated budget (CPU sweet spot), 16 with one."""
-    return DEFAULT_MAX_BATCH if memory_budget_bytes is None else BUDGETED_MAX_BATCH
+def max_batch_for(memory_budget_bytes: int | None, device: torch.device | str = "cpu") -> int:
+    """Cap of the automatic choice: 4 on CPU without a stated budget (its sweet spot), else 16."""
+    if memory_budget_bytes is None and torch.device(device).type == "cpu":
+        return DEFAULT_MAX_BATCH
+    return BUDGETED_MAX_BATCH
 
 
 def _mem_available_bytes() -> int | None:

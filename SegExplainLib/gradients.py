@@ -147,7 +147,7 @@ def _resolve_batch(
         else:
             budget = method.memory_budget_bytes
             k = choose_internal_batch_size(
-                model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget)
+                model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget, inputs.device)
             )
     k = max(1, min(int(k), total))
     method.last_internal_batch_size = k

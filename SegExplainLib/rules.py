@@ -37,7 +37,15 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.I
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z + epsilon * sign(z)`` with ``sign(0) = 1``, so that no denominator is zero."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def epsilon_factor(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z / (z + epsilon * sign(z))``, which is ``|z| / (|z| + epsilon)``: the epsilon rule as a gradient factor."""
+    if epsilon == 0.0:
+        return (z != 0).to(z.dtype)
+    magnitude = z.abs()
+    return magnitude / (magnitude + epsilon)
 
 
 @dataclass
@@ -96,47 +104,53 @@ _COPY_NODES = frozenset({
 
 
 class _ReplaceBackward(torch.autograd.Function):
-    """Identity on the layer output whose backward is ``propagate(x, y, grad)`` instead of the layer's own."""
+    """Identity on the layer output whose backward is ``propagate(x, saved, grad)`` instead of the layer's own."""
 
     @staticmethod
-    def forward(ctx, x, y, sink, propagate):  # noqa: D102 - autograd protocol
+    def forward(ctx, x, y, sink, saved, propagate):  # noqa: D102 - autograd protocol
         ctx.propagate = propagate
-        ctx.save_for_backward(x, y)
+        ctx.save_for_backward(x, saved)
         ctx.has_sink = sink is not None
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
-        x, y = ctx.saved_tensors
-        grad_x = ctx.propagate(x, y, grad)
+        x, saved = ctx.saved_tensors
+        grad_x = ctx.propagate(x, saved, grad)
         if ctx.has_sink:
-            return None, None, grad_x, None
-        return grad_x, None, None, None
+            return None, None, grad_x, None, None
+        return grad_x, None, None, None, None
 
 
 class _TransformGrad(torch.autograd.Function):
-    """Identity whose backward replaces the incoming gradient by ``transform(y, grad)``; the layer's backward follows."""
+    """Identity whose backward replaces the gradient by ``transform(saved, grad)``; the layer's backward follows."""
 
     @staticmethod
-    def forward(ctx, y, transform):  # noqa: D102 - autograd protocol
+    def forward(ctx, y, saved, transform):  # noqa: D102 - autograd protocol
         ctx.transform = transform
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(saved)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102 - autograd protocol
-        (y,) = ctx.saved_tensors
-        return ctx.transform(y, grad), None
+        (saved,) = ctx.saved_tensors
+        return ctx.transform(saved, grad), None, None
 
 
-def replace_backward(x: torch.Tensor, y: torch.Tensor, propagate: Callable, sink: torch.Tensor | None = None):
-    """Return ``y`` cut from its own graph, reconnected to ``x`` (or to ``sink``) through ``propagate``."""
-    return _ReplaceBackward.apply(x, y.detach(), sink, propagate)
+def replace_backward(x: torch.Tensor, y: torch.Tensor, propagate: Callable, sink: torch.Tensor | None = None,
+                     saved: torch.Tensor | None = None):
+    """Return ``y`` cut from its own graph, reconnected to ``x`` (or to ``sink``) through ``propagate``.
+
+    ``propagate(x, saved, grad)`` receives what the rule saved in the forward pass: by default the output ``y``;
+    rules that can fold their denominators into one tensor save that instead, to keep memory at the gradient's.
+    """
+    y = y.detach()
+    return _ReplaceBackward.apply(x, y, sink, y if saved is None else saved, propagate)
 
 
-def transform_grad(y: torch.Tensor, transform: Callable) -> torch.Tensor:
-    """Return ``y`` unchanged; on the way back its gradient becomes ``transform(y, grad)`` before the layer's own."""
-    return _TransformGrad.apply(y, transform)
+def transform_grad(y: torch.Tensor, transform: Callable, saved: torch.Tensor | None = None) -> torch.Tensor:
+    """Return ``y`` unchanged; on the way back its gradient becomes ``transform(saved, grad)`` (``saved``: ``y``)."""
+    return _TransformGrad.apply(y, y.detach() if saved is None else saved, transform)
 
 
 class Rule(abc.ABC):
@@ -204,13 +218,19 @@ class Epsilon(Rule):
         return relevance / stabilize(y, self.epsilon)
 
     def wrap(self, module, x, y, ctx):
-        if isinstance(module, NORMS):
-            scale = frozen_norm_scale(module, x)
-
-            def propagate(x_in, y_out, grad):
-                return self._ratio(y_out, grad, ctx) * scale
-
-            return replace_backward(x, y, propagate)
+        norm = isinstance(module, NORMS)
+        scale = frozen_norm_scale(module, x) if norm else None
+        if ctx.layer_filter is None:
+            # the rule is one factor on the gradient, computed now: the backward pass is a single product
+            with torch.no_grad():
+                factor = epsilon_factor(y, self.epsilon)
+                if norm:
+                    factor = factor * scale
+            if norm:
+                return replace_backward(x, y, lambda x_in, saved, grad: grad * saved, saved=factor)
+            return transform_grad(y, lambda saved, grad: grad * saved, saved=factor)
+        if norm:
+            return replace_backward(x, y, lambda x_in, y_out, grad: self._ratio(y_out, grad, ctx) * scale)
         return transform_grad(y, lambda y_out, grad: self._ratio(y_out, grad, ctx))
 
 
@@ -397,40 +417,51 @@ class ZPlus(WeightRule):
     name = "z_plus"
 
     def forward(self, module, x, original, ctx):
-        # The denominators z+ come from the same call as the output: a layer's cost on CPU is dominated by
-        # unfolding its input, so a second weight set costs little. Signed inputs (after LeakyReLU) are stacked as
-        # [x+, x-] along the channels, with weights [W, W] for the output and [W+, W-] for z+.
+        # The denominators z+ = x W+ come from the same call as the output (weights [W; W+]): on CPU a small layer's
+        # cost is dominated by unfolding its input, so a second weight set costs little. Signed inputs (after
+        # LeakyReLU, or an up-convolution) add x- (W- - W+) to z+, and gate W-^T on the negative inputs.
         if not fusable(module):
             return super().forward(module, x, original, ctx)
         weight = module.weight.detach()
-        in_dim, out_dim = weight_dims(module)
-        signed = bool((x < 0).any())
-        positive = weight.clamp(min=0)
-        if signed:
-            stacked = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1)
-            positive = torch.cat([positive, weight.clamp(max=0)], dim=in_dim)
-            weight = torch.cat([weight, weight], dim=in_dim)
-        else:
-            stacked = x
+        out_dim = weight_dims(module)[1]
+        positive, negative = weight.clamp(min=0), weight.clamp(max=0)
+        signed = bool(x.detach().amin() < 0)
         bias = None if module.bias is None else torch.cat([module.bias.detach(), torch.zeros_like(module.bias)])
         with torch.no_grad():  # the backward pass is this rule's own: no graph needed
-            y, z_plus = affine_forward(module, stacked, torch.cat([weight, positive], dim=out_dim), bias).chunk(2, 1)
+            fused = affine_forward(module, x, torch.cat([weight, positive], dim=out_dim), bias)
+            y, z_plus = fused.chunk(2, dim=1)
+            if signed:
+                z_plus.add_(affine_forward(module, x.clamp(max=0), negative - positive, None))
+            z_plus.add_(self.epsilon)
+            # without a layer-wise filter only y / (z+ + eps) is needed later: one tensor, as the gradient keeps
+            saved = y / z_plus if ctx.layer_filter is None else fused
 
-        def propagate(x_in, y_out, grad):
-            ratio = ctx.filtered(y_out * grad) / stabilize(z_plus, self.epsilon)
-            vjp = affine_vjp(module, stacked, positive, ratio)
+        def propagate(x_in, saved, grad):
+            if ctx.layer_filter is None:
+                ratio = grad * saved
+            else:
+                y_out, stabilized = saved.chunk(2, dim=1)
+                ratio = ctx.filtered(y_out * grad) / stabilized
+            on_positive = affine_vjp(module, x_in, positive, ratio)
             if not signed:
-                return vjp * (x_in > 0).to(x_in.dtype)
-            on_positive, on_negative = vjp.chunk(2, dim=1)
-            return torch.where(x_in > 0, on_positive, torch.where(x_in < 0, on_negative, 0.0))
+                # zero inputs get no relevance (R = x g = 0); their g dies in the ReLU (or padding) that made them
+                return on_positive
+            return _gate(on_positive, x_in <= 0) + _gate(affine_vjp(module, x_in, negative, ratio), x_in >= 0)
 
-        return replace_backward(x, y, propagate)
+        return replace_backward(x, y, propagate, saved=saved)
 
     def groups(self, module, x):
         weight = module.weight.detach()
         terms = [Term(part, weight.clamp(min=0) if positive else weight.clamp(max=0), None, gate)
                  for part, gate, positive in _signed_parts(x)]
         return [(1.0, terms)]
+
+
+def _gate(values: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
+    """``values`` with zeros where ``closed``; in place unless a graph of the backward pass is being built."""
+    if torch.is_grad_enabled():
+        return values.masked_fill(closed, 0.0)
+    return values.masked_fill_(closed, 0.0)
 
 
 class AlphaBeta(WeightRule):
@@ -506,17 +537,19 @@ class Flat(WeightRule):
         if not isinstance(module, CONVOLUTIONS) or not fusable(module):
             return super().forward(module, x, original, ctx)
         self._check_reads_input(module, x, ctx)
-        y = original(x)
         ones = torch.ones((1, 1, *module.kernel_size), dtype=x.dtype, device=x.device)
         one_channel = torch.ones_like(x[:, :1])
         with torch.no_grad():
-            count = module._conv_forward(one_channel, ones, None) * x.shape[1]
+            y = original(x)
+            count = module._conv_forward(one_channel, ones, None).mul_(x.shape[1]).add_(self.epsilon)
+            saved = y / count if ctx.layer_filter is None else y
 
-        def propagate(x_in, y_out, grad):
-            ratio = (ctx.filtered(y_out * grad) / stabilize(count, self.epsilon)).sum(1, keepdim=True)
-            return ctx.to_input(x, affine_vjp(module, one_channel, ones, ratio).expand_as(x_in))
+        def propagate(x_in, saved, grad):
+            ratio = grad * saved if ctx.layer_filter is None else ctx.filtered(saved * grad) / count
+            spread = affine_vjp(module, one_channel, ones, ratio.sum(1, keepdim=True))
+            return ctx.to_input(x, spread.expand_as(x_in))
 
-        return replace_backward(x, y, propagate, ctx.input_sink)
+        return replace_backward(x, y, propagate, ctx.input_sink, saved=saved)
 
     def groups(self, module, x):
         weight = module.weight.detach()

@@ -290,15 +290,16 @@ def test_meminfo_reader_reads_this_machine():
 
 
 def test_default_cap_and_method_choice(monkeypatch):
-    assert max_batch_for(None) == DEFAULT_MAX_BATCH == 8
+    assert max_batch_for(None) == DEFAULT_MAX_BATCH == 4
     assert max_batch_for(123) == BUDGETED_MAX_BATCH == 16
+    assert max_batch_for(None, "cuda") == BUDGETED_MAX_BATCH
     model = relu_net()
     x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
     seed = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
     monkeypatch.setattr(batching, "_mem_available_bytes", lambda: 10**15)
     ig = IntegratedGradients(n_steps=32)
     auto = ig.attribute(model, x, seed)
-    assert ig.last_internal_batch_size == 8  # capped without a stated budget
+    assert ig.last_internal_batch_size == DEFAULT_MAX_BATCH  # capped without a stated budget
     ig = IntegratedGradients(n_steps=32, memory_budget_bytes=10**15)
     ig.attribute(model, x, seed)
     assert ig.last_internal_batch_size == 16
