@@ -423,15 +423,20 @@ class ZPlus(WeightRule):
         if not fusable(module):
             return super().forward(module, x, original, ctx)
         weight = module.weight.detach()
-        out_dim = weight_dims(module)[1]
+        in_dim, out_dim = weight_dims(module)
         positive, negative = weight.clamp(min=0), weight.clamp(max=0)
-        signed = bool(x.detach().amin() < 0)
+        # only channels that hold negative values (the up-convolution half of a decoder's concatenation) need the
+        # extra terms of signed inputs
+        signed = torch.nonzero(x.detach().amin(dim=[d for d in range(x.dim()) if d != 1]) < 0).flatten()
+        if len(signed):
+            shift = (negative - positive).index_select(in_dim, signed)
+            negative = negative.index_select(in_dim, signed)
         bias = None if module.bias is None else torch.cat([module.bias.detach(), torch.zeros_like(module.bias)])
         with torch.no_grad():  # the backward pass is this rule's own: no graph needed
             fused = affine_forward(module, x, torch.cat([weight, positive], dim=out_dim), bias)
             y, z_plus = fused.chunk(2, dim=1)
-            if signed:
-                z_plus.add_(affine_forward(module, x.clamp(max=0), negative - positive, None))
+            if len(signed):
+                z_plus.add_(affine_forward(module, x.index_select(1, signed).clamp(max=0), shift, None))
             z_plus.add_(self.epsilon)
             # without a layer-wise filter only y / (z+ + eps) is needed later: one tensor, as the gradient keeps
             saved = y / z_plus if ctx.layer_filter is None else fused
@@ -443,10 +448,15 @@ class ZPlus(WeightRule):
                 y_out, stabilized = saved.chunk(2, dim=1)
                 ratio = ctx.filtered(y_out * grad) / stabilized
             on_positive = affine_vjp(module, x_in, positive, ratio)
-            if not signed:
+            if not len(signed):
                 # zero inputs get no relevance (R = x g = 0); their g dies in the ReLU (or padding) that made them
                 return on_positive
-            return _gate(on_positive, x_in <= 0) + _gate(affine_vjp(module, x_in, negative, ratio), x_in >= 0)
+            x_signed = x_in.index_select(1, signed)
+            on_negative = _gate(affine_vjp(module, x_signed, negative, ratio), x_signed >= 0)
+            on_positive = _gate(on_positive, x_in <= 0)
+            if torch.is_grad_enabled():
+                return on_positive.index_add(1, signed, on_negative)
+            return on_positive.index_add_(1, signed, on_negative)
 
         return replace_backward(x, y, propagate, saved=saved)
 
@@ -537,16 +547,20 @@ class Flat(WeightRule):
         if not isinstance(module, CONVOLUTIONS) or not fusable(module):
             return super().forward(module, x, original, ctx)
         self._check_reads_input(module, x, ctx)
-        ones = torch.ones((1, 1, *module.kernel_size), dtype=x.dtype, device=x.device)
         one_channel = torch.ones_like(x[:, :1])
+        box = _BoxSum(module) if _BoxSum.applies(module) else None
         with torch.no_grad():
             y = original(x)
-            count = module._conv_forward(one_channel, ones, None).mul_(x.shape[1]).add_(self.epsilon)
+            count = box.over_inputs(one_channel) if box else module._conv_forward(
+                one_channel, _ones_kernel(module, x), None)
+            count = count.mul_(x.shape[1]).add_(self.epsilon)
             saved = y / count if ctx.layer_filter is None else y
 
         def propagate(x_in, saved, grad):
             ratio = grad * saved if ctx.layer_filter is None else ctx.filtered(saved * grad) / count
-            spread = affine_vjp(module, one_channel, ones, ratio.sum(1, keepdim=True))
+            ratio = ratio.sum(1, keepdim=True)
+            spread = box.over_outputs(ratio) if box else affine_vjp(module, one_channel, _ones_kernel(module, x),
+                                                                    ratio)
             return ctx.to_input(x, spread.expand_as(x_in))
 
         return replace_backward(x, y, propagate, ctx.input_sink, saved=saved)
@@ -554,6 +568,38 @@ class Flat(WeightRule):
     def groups(self, module, x):
         weight = module.weight.detach()
         return [(1.0, [Term(torch.ones_like(x), torch.ones_like(weight))])]
+
+
+def _ones_kernel(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.ones((1, 1, *module.kernel_size), dtype=x.dtype, device=x.device)
+
+
+class _BoxSum:
+    """Sums over a stride-1 3D convolution's windows, with a sum pooling instead of a convolution with ones.
+
+    ``over_inputs`` counts, per output voxel, the input voxels inside the image; ``over_outputs`` is the transposed
+    sum that spreads each output's share back onto its window.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.kernel = tuple(module.kernel_size)
+        self.padding = tuple(module.padding)
+
+    @staticmethod
+    def applies(module: nn.Module) -> bool:
+        return (isinstance(module, nn.Conv3d) and tuple(module.stride) == (1, 1, 1) and
+                tuple(module.dilation) == (1, 1, 1) and not isinstance(module.padding, str) and
+                all(p < k for p, k in zip(module.padding, module.kernel_size)))
+
+    def _sum(self, values: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
+        padded = F.pad(values, [p for pad in reversed(pads) for p in (pad, pad)])
+        return F.avg_pool3d(padded, self.kernel, stride=1, divisor_override=1)
+
+    def over_inputs(self, ones: torch.Tensor) -> torch.Tensor:
+        return self._sum(ones, self.padding)
+
+    def over_outputs(self, values: torch.Tensor) -> torch.Tensor:
+        return self._sum(values, tuple(k - 1 - p for k, p in zip(self.kernel, self.padding)))
 
 
 class WSquare(WeightRule):

@@ -290,7 +290,7 @@ def test_meminfo_reader_reads_this_machine():
 
 
 def test_default_cap_and_method_choice(monkeypatch):
-    assert max_batch_for(None) == DEFAULT_MAX_BATCH == 4
+    assert max_batch_for(None) == DEFAULT_MAX_BATCH == 2
     assert max_batch_for(123) == BUDGETED_MAX_BATCH == 16
     assert max_batch_for(None, "cuda") == BUDGETED_MAX_BATCH
     model = relu_net()
