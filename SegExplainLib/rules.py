@@ -45,7 +45,7 @@ def epsilon_factor(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     if epsilon == 0.0:
         return (z != 0).to(z.dtype)
     magnitude = z.abs()
-    return magnitude / (magnitude + epsilon)
+    return magnitude.div_(magnitude + epsilon)
 
 
 @dataclass
