@@ -181,21 +181,19 @@ class Gradient(AttributionMethod):
 
     name = "gradient"
     linear_in_seed = True
-
-    def __init__(self) -> None:
-        pass
+    multiply_by_inputs = False
 
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = _check_inputs(inputs)
         seed = _check_seed(seed, x)
         grad = _input_gradient(model, x, seed, None, x.shape[0], seed.requires_grad)
-        return AttributionOutput(maps=grad)
+        return AttributionOutput(maps=x * grad if self.multiply_by_inputs else grad)
 
     def options(self) -> dict[str, Any]:
         return {}
 
 
-class GradientXInput(AttributionMethod):
+class GradientXInput(Gradient):
     """Gradient x Input: ``maps = inputs * d score / d inputs``.
 
     For a bias-free piecewise linear network this sums to the score, but there is no such rule in general, so
@@ -203,19 +201,7 @@ class GradientXInput(AttributionMethod):
     """
 
     name = "gradient_x_input"
-    linear_in_seed = True
-
-    def __init__(self) -> None:
-        pass
-
-    def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
-        x = _check_inputs(inputs)
-        seed = _check_seed(seed, x)
-        grad = _input_gradient(model, x, seed, None, x.shape[0], seed.requires_grad)
-        return AttributionOutput(maps=x * grad)
-
-    def options(self) -> dict[str, Any]:
-        return {}
+    multiply_by_inputs = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 from SegExplainLib.errors import SegExplainError
@@ -14,16 +15,9 @@ from SegExplainLib.gradients import GradCAM
 captum_attr = pytest.importorskip("captum.attr")
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def small_net(inplace: bool = False) -> nn.Module:
     """Layer "2" (strided conv) is at half resolution; "3" is a ReLU that may work in place on its output."""
-    return _frozen(
+    return frozen(
         nn.Sequential(
             nn.Conv3d(3, 4, 3, padding=1),
             nn.ReLU(),
@@ -134,7 +128,7 @@ def test_layer_errors():
             self.side(z)  # computed but unused
             return self.head(self.conv(self.conv(z)))
 
-    model = _frozen(Twice().double())
+    model = frozen(Twice().double())
     with pytest.raises(SegExplainError, match=r"layer 'conv' ran 2 times in one forward pass; expected exactly once"):
         GradCAM(layer="conv").attribute(model, x, seed)
     with pytest.raises(SegExplainError, match=r"layer 'side' does not influence the model output"):
@@ -158,7 +152,7 @@ def test_options_and_constructor_errors():
 
 def test_runs_on_the_tiny_unet():
     models = pytest.importorskip("SegExplainLib.models")
-    model = _frozen(models.tiny_unet().double())
+    model = frozen(models.tiny_unet().double())
     names = [n for n, _ in model.named_modules() if n]
     layer = next(n for n in names if n.startswith("bottleneck"))
     x = torch.randn(1, 2, 8, 8, 8, dtype=torch.float64)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 from SegExplainLib._method import AttributionMethod
@@ -23,16 +24,9 @@ from SegExplainLib.gradients import (
 captum_attr = pytest.importorskip("captum.attr")
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def small_net(c_in: int = 2, k: int = 2) -> nn.Module:
     """Conv -> ReLU -> strided conv -> ReLU -> upsample -> conv, float64; layer "3" is at half resolution."""
-    return _frozen(
+    return frozen(
         nn.Sequential(
             nn.Conv3d(c_in, 3, 3, padding=1),
             nn.ReLU(),

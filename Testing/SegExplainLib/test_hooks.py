@@ -30,15 +30,6 @@ from SegExplainLib.targets import ClassChannel
 METHODS = {"lrp": LRP, "guided_backprop": GuidedBackprop, "deconvolution": Deconvolution}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and does not spin when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Bomb(nn.Module):
     """A container whose forward raises on its second call (the first is the user's own)."""
 

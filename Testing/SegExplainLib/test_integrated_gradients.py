@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 import SegExplainLib._batching as batching
@@ -25,13 +26,6 @@ from SegExplainLib.gradients import IG_METHODS, IntegratedGradients, quadrature
 captum_attr = pytest.importorskip("captum.attr")
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 class VoxelLinear(nn.Module):
     """``logits[k] = sum_c w[k, c] * x[c] + b[k]`` per voxel: IG of any seed is exactly ``(x - x0) * dscore/dx``."""
 
@@ -45,7 +39,7 @@ class VoxelLinear(nn.Module):
 
 
 def relu_net(c_in: int = 2, k: int = 2) -> nn.Module:
-    return _frozen(
+    return frozen(
         nn.Sequential(
             nn.Conv3d(c_in, 4, 3, padding=1),
             nn.ReLU(),
@@ -79,7 +73,7 @@ def test_quadrature_nodes_and_weights():
 @pytest.mark.parametrize("method", IG_METHODS)
 def test_linear_model_is_exact_for_every_method(method):
     spatial = (3, 4, 5)
-    model = _frozen(VoxelLinear(3, 2, spatial))
+    model = frozen(VoxelLinear(3, 2, spatial))
     x = torch.randn((2, 3) + spatial, dtype=torch.float64)
     seed = torch.randn((2, 2) + spatial, dtype=torch.float64)
     baseline = ConstantBaseline(0.3)
@@ -127,7 +121,7 @@ def test_gauss_legendre_beats_trapezoid_on_relu_nets():
 
 
 def test_gauss_legendre_converges_fast_on_smooth_net():
-    model = _frozen(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 3, padding=1)).double())
+    model = frozen(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 3, padding=1)).double())
     x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
     seed = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
     gl = IntegratedGradients(n_steps=8).attribute(model, x, seed)
@@ -269,7 +263,7 @@ def test_estimate_scales_with_input_and_ignores_parameters():
     assert 1.8 < large / small < 2.2
     # 880 kB of weights that autograd saves for the backward pass, but only 4 kB activations: weights do not
     # grow with the batch and are left out.
-    big_weights = _frozen(
+    big_weights = frozen(
         nn.Sequential(nn.Conv3d(2, 64, 1), nn.Conv3d(64, 64, 3, padding=1), nn.Conv3d(64, 2, 1)).double()
     )
     est = estimate_sample_bytes(big_weights, torch.randn(1, 2, 2, 2, 2, dtype=torch.float64))

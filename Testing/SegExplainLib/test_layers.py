@@ -31,15 +31,6 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm)
 IDENTITY = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Dropout, nn.Dropout3d, nn.Flatten, nn.Identity, *NORMS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and does not spin when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def max_route(x: np.ndarray, R: np.ndarray, k: int) -> np.ndarray:
     """Max pooling with non-overlapping k-windows: each output's relevance goes to the input that was the maximum."""
     out = np.zeros_like(x)

@@ -59,14 +59,6 @@ from SegExplainLib.targets import MaskTarget
 monai_nets = pytest.importorskip("monai.networks.nets")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is as fast, and does not spin when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 UNET = {"spatial_dims": 3, "in_channels": 2, "out_channels": 2, "channels": (4, 8, 16), "strides": (2, 2)}
 DYNUNET = {"spatial_dims": 3, "in_channels": 2, "out_channels": 2, "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
            "upsample_kernel_size": [2, 2], "filters": [4, 8, 16], "norm_name": "instance"}

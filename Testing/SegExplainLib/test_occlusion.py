@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 from SegExplainLib.baselines import ChannelMinimumBaseline, ConstantBaseline
@@ -15,15 +16,8 @@ from SegExplainLib.gradients import Occlusion
 captum_attr = pytest.importorskip("captum.attr")
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
 def relu_net(c_in: int = 3, k: int = 2) -> nn.Module:
-    return _frozen(
+    return frozen(
         nn.Sequential(nn.Conv3d(c_in, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, k, 3, padding=1)).double()
     )
 
