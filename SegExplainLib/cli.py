@@ -1,0 +1,309 @@
+"""Command line: ``segexplain explain`` reads MRI sequence files, explains a region and writes maps, record, figures.
+
+Example::
+
+    segexplain explain --input t2.nii.gz t1.nii.gz --model reference --weights unet.safetensors \\
+        --point-ras 12.5 -30 44 --radius 5 --class 1 --output results/
+
+Every failure prints one line ``error: ...`` on stderr and exits with status 2; an interrupted run (Ctrl-C) exits
+with 130 and leaves no output folder behind, because results are written to a temporary folder that is renamed into
+place at the very end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SegExplainError
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Progress:
+    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, or nothing."""
+
+    def __init__(self, mode: str, steps: Sequence[str], stream=None) -> None:
+        self.mode, self.steps, self.done = mode, list(steps), 0
+        self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self.started = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        """Announce that step ``name`` starts."""
+        fraction = self.done / len(self.steps)
+        self.done += 1
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "progress", "step": name, "fraction": round(fraction, 3)}) + "\n")
+        elif self.mode == "bar":
+            filled = int(30 * fraction)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {name:<28}")
+        self.stream.flush()
+
+    def finish(self, output: Path) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "done", "fraction": 1.0, "output": str(output),
+                                          "seconds": round(seconds, 3)}) + "\n")
+        elif self.mode == "bar":
+            self.stream.write(f"\r[{'#' * 30}] done in {seconds:.1f} s{' ' * 20}\n")
+        self.stream.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segexplain", description="Explain what a 3D segmentation network saw.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    explain = commands.add_parser("explain", help="explain one case: sequence files in, relevance maps out")
+    inputs = explain.add_argument_group("inputs")
+    inputs.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                        help="one file per MRI sequence (NIfTI, NRRD, MHA), or one 4D file")
+    inputs.add_argument("--sequence-names", nargs="+", metavar="NAME", help="names of the sequences, in order")
+    inputs.add_argument("--resample", action="store_true",
+                        help="resample sequences onto the first one's grid instead of refusing different grids")
+    model = explain.add_argument_group("model")
+    model.add_argument("--model", default="reference",
+                       help="'reference', 'unet3d', 'file.py:Class', 'package.module:factory', 'monai:UNet', "
+                            "'pickle:FILE' (default: reference)")
+    model.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the model")
+    model.add_argument("--weights", metavar="FILE", help="state dict (.pt with weights_only, or .safetensors)")
+    model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
+                                                      "normalization; overrides --model/--weights")
+    model.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs code)")
+    region = explain.add_argument_group("region (default: the predicted region of --class)")
+    where = region.add_mutually_exclusive_group()
+    where.add_argument("--label", metavar="FILE", help="label map on the image grid; see --label-value")
+    where.add_argument("--box-index", nargs=6, type=int, metavar="N", help="voxel box: D0 H0 W0 D1 H1 W1 (half open)")
+    where.add_argument("--box-ras", nargs=6, type=float, metavar="MM", help="box between two RAS corners")
+    where.add_argument("--box-lps", nargs=6, type=float, metavar="MM", help="box between two LPS corners")
+    where.add_argument("--point-ras", nargs=3, type=float, metavar="MM", help="clicked point, RAS (as Slicer shows)")
+    where.add_argument("--point-lps", nargs=3, type=float, metavar="MM", help="clicked point, LPS")
+    where.add_argument("--voxel", nargs=3, type=int, metavar="N", help="clicked voxel index D H W")
+    where.add_argument("--whole-class", action="store_true", help="the whole output channel of --class")
+    region.add_argument("--label-value", type=int, default=1, help="label value of the segment (default 1)")
+    region.add_argument("--radius", type=float, default=0.0, help="ball radius around a point (mm) or voxel")
+    region.add_argument("--class", dest="class_index", type=int, default=1, help="output class (default 1)")
+    region.add_argument("--aggregation", choices=("sum", "normalized"), default="sum")
+    region.add_argument("--samples", type=int, help="normalized aggregation estimated from this many voxels")
+    method = explain.add_argument_group("method")
+    method.add_argument("--method", default="lrp", help="lrp, integrated_gradients, gradient, gradient_x_input, "
+                                                        "smoothgrad, guided_backprop, deconvolution, occlusion, gradcam")
+    method.add_argument("--composite", help="LRP composite (default epsilon_plus_flat)")
+    method.add_argument("--layer-filter", metavar="SPEC", help="Tjoa filter inside the propagation, e.g. pass:0.4")
+    method.add_argument("--n-steps", type=int, help="IG steps")
+    method.add_argument("--ig-method", help="IG quadrature, e.g. gausslegendre, riemann_trapezoid")
+    method.add_argument("--baseline", help="IG baseline: zero, constant:V, min, blur:SIGMA")
+    method.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                        help="any other option of the method, e.g. --option window=4")
+    method.add_argument("--filter", action="append", default=[], metavar="SPEC",
+                        help="post-hoc filter maps to write as well, e.g. pass:0.4 or clamp:0.2 (repeatable)")
+    run = explain.add_argument_group("run")
+    run.add_argument("--ground-truth", metavar="FILE", help="ground-truth label map: inclusivity per sequence")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    run.add_argument("--output", required=True, metavar="DIR", help="output folder (must not exist unless "
+                                                                     "--overwrite)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                     help="progress display (default: bar on a terminal, none otherwise)")
+    run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+def _json_option(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        msg = f"{what} must be JSON, got {text!r} ({error.msg})"
+        raise SegExplainError(msg) from None
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if args.composite:
+        options["composite"] = args.composite
+    if args.layer_filter:
+        from .filters import AmplitudeFilter
+
+        options["layer_filter"] = AmplitudeFilter.parse(args.layer_filter)
+    if args.n_steps is not None:
+        options["n_steps"] = args.n_steps
+    if args.ig_method:
+        options["method"] = args.ig_method
+    if args.baseline:
+        options["baseline"] = args.baseline
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            msg = f"--option must look like KEY=JSON, got {item!r}"
+            raise SegExplainError(msg)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare string such as layer=bottleneck
+    return options
+
+
+def _target(args: argparse.Namespace, geometry, label_path: str | None):
+    from . import imaging
+    from .targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, VoxelTarget
+
+    common = {"class_index": args.class_index, "aggregation": args.aggregation}
+    if label_path:
+        labels = imaging.read_label(label_path, geometry, resample=args.resample)
+        mask = labels == args.label_value
+        if not mask.any():
+            msg = f"label value {args.label_value} does not occur in {label_path}"
+            raise SegExplainError(msg)
+        return MaskTarget(mask, **common)
+    if args.box_index:
+        return BoxTarget(tuple(args.box_index[:3]), tuple(args.box_index[3:]), **common)
+    for frame in ("ras", "lps"):
+        box = getattr(args, f"box_{frame}")
+        if box:
+            start, stop = imaging.box_to_index(box[:3], box[3:], geometry, frame=frame)
+            return BoxTarget(tuple(start), tuple(stop), **common)
+        point = getattr(args, f"point_{frame}")
+        if point:
+            index = imaging.physical_to_index(point, geometry, frame=frame)
+            spacing_dhw = tuple(reversed(geometry.spacing))  # a physical radius: the ball is round in millimetres
+            return VoxelTarget(tuple(index), radius=args.radius, spacing=spacing_dhw, **common)
+    if args.voxel:
+        return VoxelTarget(tuple(args.voxel), radius=args.radius, **common)
+    if args.whole_class:
+        return ClassChannel(**common)
+    return PredictedRegion(**common)
+
+
+def _load(args: argparse.Namespace):
+    """The model and, if a card was given, the card (its normalization and sequence names)."""
+    from .loading import ModelCard, load_model
+
+    if args.card:
+        card = ModelCard.read(args.card)
+        return card.load_model(), card
+    model = load_model(args.model, kwargs=_json_option(args.model_kwargs, "--model-kwargs"), weights=args.weights,
+                       trust_pickle=args.trust_pickle)
+    return model, None
+
+
+def _prepare_output(path: Path, overwrite: bool) -> Path:
+    """A fresh staging folder beside ``path``; refuses to replace earlier results unless asked to."""
+    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if occupied and not overwrite:
+        msg = f"output {str(path)!r} already exists; choose another folder or pass --overwrite"
+        raise SegExplainError(msg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+
+
+def run_explain(args: argparse.Namespace) -> Path:
+    """Run ``segexplain explain``; returns the output folder."""
+    import torch
+
+    from . import imaging, metrics
+    from .api import explain
+    from .explanation import software_versions
+    from .filters import AmplitudeFilter
+
+    output = Path(args.output)
+    filters = [AmplitudeFilter.parse(spec) for spec in args.filter]
+    options = _method_options(args)
+    steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
+    progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
+    staging = _prepare_output(output, args.overwrite)
+    try:
+        progress.step("reading images")
+        image, geometry = imaging.read_sequences(args.input, resample=args.resample)
+        progress.step("loading model")
+        model, card = _load(args)
+        names = args.sequence_names or (card.sequences if card and card.sequences else
+                                        [f"sequence{i}" for i in range(image.shape[0])])
+        if len(names) != image.shape[0]:
+            msg = f"{len(names)} sequence names given for {image.shape[0]} image channels"
+            raise SegExplainError(msg)
+        model_input = card.normalize(image) if card else image
+        target = _target(args, geometry, args.label)
+        torch.manual_seed(args.seed)
+        progress.step("explaining")
+        result = explain(model, model_input, target, args.method, device=args.device, samples=args.samples,
+                         sampling_seed=args.seed, **options)
+        progress.step("writing maps")
+        maps = result.maps.astype(np.float32)
+        written = imaging.write_maps(maps, geometry, staging, names)
+        for amplitude_filter in filters:
+            tag = str(amplitude_filter).replace(":", "_").replace(",", "-")
+            written += imaging.write_maps(amplitude_filter(maps), geometry, staging, names,
+                                          prefix=f"relevance_{tag}_")
+        summary = {
+            **result.record(),
+            "inputs": [str(Path(p).resolve()) for p in args.input], "sequence_names": list(names),
+            "geometry": geometry.to_dict(), "model": {"spec": args.card or args.model, "weights": args.weights,
+                                                      "card": card.to_dict() if card else None},
+            "normalized_input": card is not None,
+            "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
+                                 for kind in ("positive", "negative", "absolute")},
+            "post_hoc_filters": [str(f) for f in filters], "files": [p.name for p in written],
+            "software": software_versions(),
+        }
+        if args.ground_truth:
+            truth = imaging.read_label(args.ground_truth, geometry, resample=args.resample) > 0
+            summary["ground_truth_inclusivity"] = dict(zip(names, metrics.ground_truth_inclusivity(
+                maps, truth, smoothing=1.0).tolist()))
+            summary["input_inclusivity"] = dict(zip(names, metrics.input_inclusivity(maps, image,
+                                                                                     smoothing=1.0).tolist()))
+        progress.step("figures")
+        if not args.no_figures:
+            summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
+        progress.step("summary")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress.finish(output)
+    return output
+
+
+def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: dict[str, float],
+             folder: Path) -> list[str]:
+    from . import figures
+
+    made = []
+    for filename, figure in (("mip.png", figures.mip_figure(image, maps, sequence_names=names)),
+                             ("montage.png", figures.montage_figure(image, maps, sequence_names=names)),
+                             ("shares.png", figures.shares_figure(np.array([shares[n] for n in names]),
+                                                                  sequence_names=names))):
+        figures.save_figure(figure, folder / filename)
+        made.append(filename)
+    return made
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``segexplain`` command."""
+    args = _parser().parse_args(argv)
+    try:
+        output = run_explain(args)
+    except SegExplainError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if (args.progress or "") != "json":
+        print(f"wrote {output}", file=sys.stderr if args.progress == "bar" else sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m SegExplainLib.cli
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""segexplain explain: files in, maps out with the input's geometry; bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SegExplainLib import cli
+from SegExplainLib.api import explain
+from SegExplainLib.models import tiny_unet
+from SegExplainLib.targets import BoxTarget
+
+SHAPE = (6, 8, 10)  # D, H, W
+SPACING = (0.8, 0.9, 3.0)  # x, y, z
+ORIGIN = (-12.0, 40.0, 7.5)
+ANGLE = math.radians(30)
+DIRECTION = (math.cos(ANGLE), -math.sin(ANGLE), 0.0, math.sin(ANGLE), math.cos(ANGLE), 0.0, 0.0, 0.0, 1.0)
+
+
+def write_image(path, array):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(SPACING)
+    image.SetOrigin(ORIGIN)
+    image.SetDirection(DIRECTION)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.fixture
+def case(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [write_image(tmp_path / f"seq{i}.nii.gz", rng.normal(size=SHAPE).astype(np.float32)) for i in range(2)]
+    model = tiny_unet()
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    return {"images": [str(p) for p in images], "weights": str(weights), "model": model, "dir": tmp_path}
+
+
+def base_args(case, output):
+    return ["explain", "--input", *case["images"], "--model", "SegExplainLib.models:tiny_unet",
+            "--weights", case["weights"], "--output", str(output), "--no-figures", "--progress", "none"]
+
+
+def test_round_trip_keeps_geometry_and_matches_the_library(case):
+    output = case["dir"] / "out"
+    code = cli.main([*base_args(case, output), "--box-index", "1", "2", "2", "4", "6", "7",
+                     "--composite", "epsilon", "--sequence-names", "T2", "FLAIR", "--filter", "pass:0.4"])
+    assert code == 0
+    reference = sitk.ReadImage(case["images"][0])
+    arrays = []
+    for name in ("T2", "FLAIR"):
+        written = sitk.ReadImage(str(output / f"relevance_{name}.nii.gz"))
+        np.testing.assert_allclose(written.GetSpacing(), reference.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-5)
+        arrays.append(sitk.GetArrayFromImage(written))
+        assert (output / f"relevance_pass_0.4_{name}.nii.gz").exists()
+    image = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in case["images"]])
+    expected = explain(case["model"], image, BoxTarget((1, 2, 2), (4, 6, 7), class_index=1), "lrp",
+                       composite="epsilon").maps
+    np.testing.assert_allclose(np.stack(arrays), expected, rtol=1e-5, atol=1e-7)
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["method"] == "lrp" and summary["options"]["composite"] == "epsilon"
+    assert summary["target"]["kind"] == "box" and summary["sequence_names"] == ["T2", "FLAIR"]
+    assert sum(summary["relevance_shares"]["absolute"].values()) == pytest.approx(1.0)
+    assert summary["geometry"]["spacing"] == pytest.approx(list(SPACING))
+    assert not list(case["dir"].glob(".out.partial-*"))
+
+
+def test_point_in_ras_becomes_the_voxel_slicer_shows(case):
+    reference = sitk.ReadImage(case["images"][0])
+    lps = reference.TransformIndexToPhysicalPoint((4, 3, 2))  # x, y, z index = (w, h, d)
+    ras = (-lps[0], -lps[1], lps[2])
+    output = case["dir"] / "point"
+    assert cli.main([*base_args(case, output), "--point-ras", *map(str, ras), "--method", "gradient"]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["target"]["index"] == [2, 3, 4] and summary["region_voxels"] == 1
+
+
+def test_json_progress_lines(case, capsys):
+    output = case["dir"] / "json"
+    args = base_args(case, output)
+    args[args.index("none")] = "json"
+    assert cli.main([*args, "--method", "gradient"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["event"] for line in lines][-1] == "done"
+    fractions = [line["fraction"] for line in lines]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert lines[-1]["output"] == str(output)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input", "missing.nii.gz"], "missing.nii.gz"),
+    (["--voxel", "50", "0", "0"], r"voxel \(50, 0, 0\) lies outside"),
+    (["--point-lps", "1000", "1000", "1000"], "outside"),
+    (["--class", "5"], "class_index 5 is out of range"),
+    (["--model-kwargs", "{bad"], "--model-kwargs must be JSON"),
+    (["--method", "shap"], "unknown method 'shap'"),
+])
+def test_bad_input_gives_one_line_and_exit_2(case, capsys, extra, message):
+    output = case["dir"] / "bad"
+    args = base_args(case, output)
+    if extra[0] == "--input":
+        args[args.index("--input") + 1:args.index("--input") + 3] = [str(case["dir"] / extra[1])]
+        extra = []
+    assert cli.main([*args, *extra]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not output.exists() and not list(case["dir"].glob(".bad.partial-*"))
+
+
+def test_mismatched_grids_nan_voxels_and_wrong_channel_count(case, capsys):
+    other = case["dir"] / "other.nii.gz"
+    image = sitk.GetImageFromArray(np.zeros(SHAPE, np.float32))
+    image.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(image, str(other))
+    args = base_args(case, case["dir"] / "o1")
+    args[args.index("--input") + 2] = str(other)
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "spacing" in capsys.readouterr().err
+
+    nan = np.zeros(SHAPE, np.float32)
+    nan[1, 1, 1] = np.nan
+    args = base_args(case, case["dir"] / "o2")
+    # NIfTI writing turns NaN into 0, MetaImage keeps it
+    args[args.index("--input") + 2] = str(write_image(case["dir"] / "nan.mha", nan))
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "NaN/Inf" in capsys.readouterr().err
+
+    args = base_args(case, case["dir"] / "o3")
+    del args[args.index("--input") + 2]
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "expects 2 input channels" in capsys.readouterr().err
+
+
+def test_label_segment_and_empty_label(case, capsys):
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:4, 3:5, 3:6] = 2
+    label_path = write_image(case["dir"] / "labels.nii.gz", labels)
+    output = case["dir"] / "label"
+    assert cli.main([*base_args(case, output), "--label", str(label_path), "--label-value", "2",
+                     "--method", "gradient"]) == 0
+    assert json.loads((output / "summary.json").read_text())["region_voxels"] == 12
+    assert cli.main([*base_args(case, case["dir"] / "empty"), "--label", str(label_path),
+                     "--label-value", "7"]) == cli.EXIT_ERROR
+    assert "label value 7 does not occur" in capsys.readouterr().err
+
+
+def test_existing_results_are_not_overwritten_unless_asked(case, capsys):
+    output = case["dir"] / "keep"
+    output.mkdir()
+    (output / "mine.txt").write_text("precious")
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == cli.EXIT_ERROR
+    assert "already exists" in capsys.readouterr().err
+    assert (output / "mine.txt").read_text() == "precious"
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == 0
+    assert (output / "summary.json").exists() and not (output / "mine.txt").exists()
+
+
+def test_interrupt_leaves_nothing_behind(case, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("SegExplainLib.api.explain", interrupted)
+    output = case["dir"] / "interrupted"
+    assert cli.main(base_args(case, output)) == cli.EXIT_INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    assert not output.exists() and not list(case["dir"].glob(".interrupted.partial-*"))
+
+
+def test_figures_are_written(case):
+    output = case["dir"] / "figures"
+    args = [a for a in base_args(case, output) if a != "--no-figures"]
+    assert cli.main([*args, "--method", "gradient"]) == 0
+    for name in ("mip.png", "montage.png", "shares.png"):
+        assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
