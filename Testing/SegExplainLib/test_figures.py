@@ -1,0 +1,432 @@
+"""Tests of the figures: projections against numpy, rendered pixel colours at planted blobs, atomic saving."""
+
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.figures import (
+    inclusivity_figure,
+    maximum_intensity_projection,
+    mip_figure,
+    montage_figure,
+    montage_slices,
+    save_figure,
+    shares_figure,
+)
+
+NAMES = ["T1", "FLAIR"]
+SHAPE = (2, 6, 16, 16)
+
+
+def errors(message: str):
+    return pytest.raises(SegExplainError, match=re.escape(message))
+
+
+def render(fig: Figure) -> np.ndarray:
+    """RGBA pixels (rows top to bottom) of the figure drawn on its Agg canvas, as int."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).astype(int)
+
+
+def pixel(fig: Figure, pixels: np.ndarray, ax, x: float, y: float) -> np.ndarray:
+    """RGB of the rendered pixel at data coordinates (x, y) of ``ax``."""
+    display_x, display_y = ax.transData.transform((x, y))
+    return pixels[int(pixels.shape[0] - display_y), int(display_x), :3]
+
+
+def axes_by_label(fig: Figure, prefix: str) -> list:
+    return [ax for ax in fig.axes if ax.get_label().startswith(prefix)]
+
+
+def is_red(rgb: np.ndarray) -> bool:
+    return rgb[0] - rgb[2] > 30 and rgb[0] - rgb[1] > 30
+
+
+def is_blue(rgb: np.ndarray) -> bool:
+    return rgb[2] - rgb[0] > 30
+
+
+def is_grey(rgb: np.ndarray) -> bool:
+    return int(rgb.max()) - int(rgb.min()) <= 3
+
+
+@pytest.fixture
+def planted(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Grey image with noise; T1 has a positive blob at rows/cols 2..5 and a negative one at 10..13 (slices 1..2),
+    FLAIR only a negative blob at rows/cols 2..5 (slice 4); weak noise elsewhere."""
+    image = 0.5 + 0.1 * rng.standard_normal(SHAPE)
+    maps = 0.001 * rng.standard_normal(SHAPE)
+    maps[0, 1:3, 2:6, 2:6] = 2.0
+    maps[0, 1:3, 10:14, 10:14] = -2.0
+    maps[1, 4, 2:6, 2:6] = -0.5
+    return image, maps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# maximum_intensity_projection
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_mip_matches_numpy_reference(rng, axis):
+    volume = rng.standard_normal((5, 6, 7))
+    unsigned = maximum_intensity_projection(volume, axis=axis, signed=False)
+    np.testing.assert_array_equal(unsigned, volume.max(axis=axis))
+    signed = maximum_intensity_projection(volume, axis=axis)
+    moved = np.moveaxis(volume, axis, -1)
+    reference = np.empty(moved.shape[:2])
+    for i, j in np.ndindex(reference.shape):
+        line = moved[i, j]
+        reference[i, j] = line[np.argmax(np.abs(line))]
+    np.testing.assert_array_equal(signed, reference)
+
+
+def test_mip_keeps_sign_of_strongest_value():
+    volume = np.zeros((4, 1, 3))
+    volume[:, 0, 0] = [1.0, -5.0, 2.0, 0.5]  # the negative value dominates although the maximum is positive
+    volume[:, 0, 1] = [0.1, 0.2, 3.0, -1.0]
+    volume[:, 0, 2] = [-2.0, 2.0, 0.0, 0.0]  # tie: the first along the axis wins
+    np.testing.assert_array_equal(maximum_intensity_projection(volume), [[-5.0, 3.0, -2.0]])
+    np.testing.assert_array_equal(maximum_intensity_projection(volume, signed=False), [[2.0, 3.0, 2.0]])
+
+
+def test_mip_accepts_tensor():
+    volume = torch.tensor([[[1.0]], [[-3.0]]], dtype=torch.bfloat16)
+    np.testing.assert_array_equal(maximum_intensity_projection(volume), [[-3.0]])
+
+
+def test_mip_rejects_bad_input():
+    with errors("axis must be 0, 1 or 2 (a spatial axis of (D, H, W)), got 3"):
+        maximum_intensity_projection(np.zeros((2, 2, 2)), axis=3)
+    with errors("axis must be 0, 1 or 2 (a spatial axis of (D, H, W)), got True"):
+        maximum_intensity_projection(np.zeros((2, 2, 2)), axis=True)
+    with errors("volume must be shaped (D, H, W), got shape (2, 2)"):
+        maximum_intensity_projection(np.zeros((2, 2)))
+    with errors("signed must be True or False, got 1"):
+        maximum_intensity_projection(np.zeros((2, 2, 2)), signed=1)
+    with errors("volume contains NaN or infinite values; expected finite numbers"):
+        maximum_intensity_projection(np.full((2, 2, 2), np.nan))
+    with errors("volume must hold real numbers, got dtype complex128"):
+        maximum_intensity_projection(np.zeros((2, 2, 2), dtype=complex))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# mip_figure
+
+
+def test_mip_figure_overlays_red_and_blue_at_the_blobs(planted):
+    image, maps = planted
+    fig = mip_figure(image, maps, sequence_names=NAMES, title="case 7")
+    pixels = render(fig)
+    t1, flair = axes_by_label(fig, "image:")
+    # imshow: pixel (row, col) is centred at data (x=col, y=row).
+    assert is_red(pixel(fig, pixels, t1, 3.5, 3.5))
+    assert is_blue(pixel(fig, pixels, t1, 11.5, 11.5))
+    assert is_grey(pixel(fig, pixels, t1, 8, 1))  # no relevance: the grey image shows unchanged
+    assert is_blue(pixel(fig, pixels, flair, 3.5, 3.5))
+    assert is_grey(pixel(fig, pixels, flair, 11.5, 11.5))
+    assert [ax.get_title() for ax in axes_by_label(fig, "image:")] == NAMES
+    assert fig.get_suptitle() == "case 7"
+
+
+def test_mip_figure_has_one_colour_bar_per_sequence_with_symmetric_limits(planted):
+    image, maps = planted
+    fig = mip_figure(image, maps, sequence_names=NAMES)
+    bars = axes_by_label(fig, "colorbar:")
+    assert [ax.get_label() for ax in bars] == ["colorbar:T1", "colorbar:FLAIR"]
+    assert len(fig.axes) == 2 * len(NAMES)
+    np.testing.assert_allclose([ax.get_ylim() for ax in bars], [(-2.0, 2.0), (-0.5, 0.5)])
+    shared = mip_figure(image, maps, sequence_names=NAMES, shared_scale=True)
+    np.testing.assert_allclose([ax.get_ylim() for ax in axes_by_label(shared, "colorbar:")], [(-2.0, 2.0)] * 2)
+
+
+def test_mip_figure_along_other_axes_and_with_spacing(planted):
+    image, maps = planted
+    fig = mip_figure(image, torch.from_numpy(maps), sequence_names=NAMES, axis=1, spacing=(3.0, 1.0, 1.0))
+    pixels = render(fig)
+    t1 = axes_by_label(fig, "image:T1")[0]
+    # axis=1 leaves (D, W): T1's blobs lie at slices 1..2, columns 2..5 (positive) and 10..13 (negative); the
+    # positive and negative blobs do not overlap in W, so the MIP keeps both.
+    assert is_red(pixel(fig, pixels, t1, 3.5, 1.5))
+    assert is_blue(pixel(fig, pixels, t1, 11.5, 1.5))
+    assert is_grey(pixel(fig, pixels, t1, 3.5, 4.0))
+    # A slice is displayed three times as tall as a voxel is wide.
+    (x0, y0), (x1, y1) = t1.transData.transform([(0, 0), (1, 1)])
+    assert abs(y0 - y1) == pytest.approx(3 * abs(x1 - x0), rel=1e-6)
+
+
+def test_mip_figure_of_an_all_zero_map_shows_only_grey(planted):
+    image, _ = planted
+    fig = mip_figure(image, np.zeros(SHAPE), sequence_names=NAMES, alpha=1.0)
+    pixels = render(fig)
+    for c, ax in enumerate(axes_by_label(fig, "image:")):
+        grey = image[c].max(axis=0)
+        expected = (grey - grey.min()) / (grey.max() - grey.min()) * 255  # the "gray" map, unchanged by an overlay
+        for col, row in [(3, 3), (11, 11), (8, 1), (0, 15)]:
+            rgb = pixel(fig, pixels, ax, col, row)
+            assert is_grey(rgb)
+            assert abs(rgb[0] - expected[row, col]) <= 2
+
+
+def test_mip_figure_rejects_bad_input(planted):
+    image, maps = planted
+    with errors("image shape (1, 6, 16, 16) does not match maps shape (2, 6, 16, 16); expected the same (C, D, H, W)"):
+        mip_figure(image[:1], maps, sequence_names=NAMES)
+    with errors("maps must be shaped (C, D, H, W), got shape (6, 16, 16)"):
+        mip_figure(image[0], maps[0], sequence_names=NAMES)
+    with errors("sequence_names has 3 names for 2 sequences; expected one per channel"):
+        mip_figure(image, maps, sequence_names=["a", "b", "c"])
+    with errors("sequence_names must be a list of 2 strings, got 'T1'"):
+        mip_figure(image, maps, sequence_names="T1")
+    with errors("sequence_names must hold strings, got 2"):
+        mip_figure(image, maps, sequence_names=["T1", 2])
+    with errors("axis must be 0, 1 or 2 (a spatial axis of (D, H, W)), got -1"):
+        mip_figure(image, maps, sequence_names=NAMES, axis=-1)
+    with errors("alpha must be a number in [0, 1], got 1.5"):
+        mip_figure(image, maps, sequence_names=NAMES, alpha=1.5)
+    with errors("shared_scale must be True or False, got 'yes'"):
+        mip_figure(image, maps, sequence_names=NAMES, shared_scale="yes")
+    with errors("cmap must be the name of a matplotlib colour map such as 'RdBu_r', got 'nope'"):
+        mip_figure(image, maps, sequence_names=NAMES, cmap="nope")
+    with errors("spacing must be three positive voxel sizes (D, H, W), got (1.0, 0.0, 1.0)"):
+        mip_figure(image, maps, sequence_names=NAMES, spacing=(1.0, 0.0, 1.0))
+    with errors("title must be a string or None, got 3"):
+        mip_figure(image, maps, sequence_names=NAMES, title=3)
+    bad = maps.copy()
+    bad[0, 0, 0, 0] = np.inf
+    with errors("maps contains NaN or infinite values; expected finite numbers"):
+        mip_figure(image, bad, sequence_names=NAMES)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# montage_figure
+
+
+def test_montage_slices_even_and_relevance(planted):
+    _, maps = planted
+    assert montage_slices(maps, slices=3) == [1, 3, 5]
+    assert montage_slices(maps, slices=1) == [3]
+    assert montage_slices(maps, slices=50) == list(range(6))  # more than the volume has: every slice
+    assert montage_slices(maps, slices=2, placement="relevance") == [1, 2]
+    assert montage_slices(maps, slices=4, axis=2, placement="relevance") == [2, 3, 4, 5]
+    assert montage_slices(np.zeros((1, 20, 2, 2)), slices=4) == [2, 7, 12, 17]
+
+
+def test_montage_figure_layout_and_overlay(planted):
+    image, maps = planted
+    fig = montage_figure(image, maps, sequence_names=NAMES, slices=3, title="montage")
+    tiles = axes_by_label(fig, "image:")
+    assert [ax.get_label() for ax in tiles] == [f"image:{n}:{i}" for n in NAMES for i in (1, 3, 5)]
+    assert [ax.get_title() for ax in tiles[:3]] == ["D=1", "D=3", "D=5"]
+    assert [tiles[0].get_ylabel(), tiles[3].get_ylabel()] == NAMES
+    assert [ax.get_label() for ax in axes_by_label(fig, "colorbar:")] == ["colorbar:T1", "colorbar:FLAIR"]
+    assert fig.get_suptitle() == "montage"
+    pixels = render(fig)
+    t1_slice1, t1_slice3, t1_slice5, _, _, flair_slice5 = tiles
+    assert is_red(pixel(fig, pixels, t1_slice1, 3.5, 3.5))
+    assert is_blue(pixel(fig, pixels, t1_slice1, 11.5, 11.5))
+    assert is_grey(pixel(fig, pixels, t1_slice3, 3.5, 3.5))  # the blob ends at slice 2
+    assert is_grey(pixel(fig, pixels, t1_slice5, 3.5, 3.5))
+    assert is_grey(pixel(fig, pixels, flair_slice5, 3.5, 3.5))  # FLAIR's blob is at slice 4, not shown
+
+
+def test_montage_figure_through_the_region_of_largest_relevance(planted):
+    image, maps = planted
+    fig = montage_figure(image, maps, sequence_names=NAMES, slices=1, placement="relevance")
+    t1, flair = axes_by_label(fig, "image:")
+    assert t1.get_label() == "image:T1:1"
+    pixels = render(fig)
+    assert is_red(pixel(fig, pixels, t1, 3.5, 3.5))
+    # FLAIR alone: its only blob is at slice 4.
+    fig = montage_figure(image[1:], maps[1:], sequence_names=["FLAIR"], slices=1, placement="relevance")
+    (flair,) = axes_by_label(fig, "image:")
+    assert flair.get_label() == "image:FLAIR:4"
+    assert is_blue(pixel(fig, render(fig), flair, 3.5, 3.5))
+
+
+def test_montage_figure_rejects_bad_input(planted):
+    image, maps = planted
+    with errors("slices must be an integer >= 1, got 0"):
+        montage_figure(image, maps, sequence_names=NAMES, slices=0)
+    with errors("slices must be an integer >= 1, got 2.5"):
+        montage_figure(image, maps, sequence_names=NAMES, slices=2.5)
+    with errors("placement must be one of 'even', 'relevance', got 'top'"):
+        montage_figure(image, maps, sequence_names=NAMES, placement="top")
+    with errors("axis must be 0, 1 or 2 (a spatial axis of (D, H, W)), got 4"):
+        montage_figure(image, maps, sequence_names=NAMES, axis=4)
+    with errors("image shape (2, 6, 16, 15) does not match maps shape (2, 6, 16, 16)"):
+        montage_figure(image[..., :15], maps, sequence_names=NAMES)
+    with errors("sequence_names has 1 names for 2 sequences; expected one per channel"):
+        montage_figure(image, maps, sequence_names=["T1"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shares_figure and inclusivity_figure
+
+
+def test_shares_figure_bar_chart_for_one_case():
+    shares = np.array([0.2, 0.7, 0.1])
+    names = ["T1", "T2", "FLAIR"]
+    fig = shares_figure(shares, sequence_names=names, title="case 3")
+    (ax,) = fig.axes
+    assert ax.get_label() == "shares" and ax.get_title() == "case 3"
+    bars = [p for p in ax.patches if (p.get_gid() or "").startswith("share:")]
+    assert [b.get_gid() for b in bars] == [f"share:{n}" for n in names]
+    np.testing.assert_allclose([b.get_height() for b in bars], shares)
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert ax.get_ylabel() == "share of positive relevance"
+    pixels = render(fig)
+    assert is_red(pixel(fig, pixels, ax, 2, 0.35))  # inside the T2 bar
+    assert not is_red(pixel(fig, pixels, ax, 3, 0.35))  # above the FLAIR bar
+    negative = shares_figure(shares, sequence_names=names, kind="negative")
+    assert is_blue(pixel(negative, render(negative), negative.axes[0], 2, 0.35))
+
+
+def test_shares_figure_distribution_over_cases(rng):
+    shares = rng.dirichlet([1.0, 2.0, 4.0], size=20)
+    names = ["T1", "T2", "FLAIR"]
+    fig = shares_figure(torch.from_numpy(shares), sequence_names=names)
+    (ax,) = fig.axes
+    medians = [line for line in ax.lines if (line.get_gid() or "").startswith("median:")]
+    assert [m.get_gid() for m in medians] == [f"median:{n}" for n in names]
+    np.testing.assert_allclose([m.get_ydata()[0] for m in medians], np.median(shares, axis=0))
+    assert [len(c.get_offsets()) for c in ax.collections] == [20, 20, 20]  # one point per case
+    assert ax.get_xlabel() == "20 cases"
+    pixels = render(fig)
+    # The median line is black; the box beside it is filled in light red.
+    assert pixel(fig, pixels, ax, 3.25, np.median(shares[:, 2])).max() < 60
+    q1, q3 = np.percentile(shares[:, 2], [25, 75])
+    inside = pixel(fig, pixels, ax, 3.25, q1 + 0.1 * (q3 - q1))
+    assert inside[0] - inside[2] > 30
+
+
+def test_shares_figure_rejects_bad_input():
+    with errors("shares shape (0,) is empty; expected at least one case and one sequence"):
+        shares_figure(np.array([]), sequence_names=[])
+    with errors("shares shape (0, 3) is empty; expected at least one case and one sequence"):
+        shares_figure(np.zeros((0, 3)), sequence_names=["a", "b", "c"])
+    with errors("shares must be shaped (C,) or (n_cases, C), got shape (2, 2, 2)"):
+        shares_figure(np.zeros((2, 2, 2)), sequence_names=["a", "b"])
+    with errors("sequence_names has 2 names for 3 sequences; expected one per channel"):
+        shares_figure(np.ones(3) / 3, sequence_names=["a", "b"])
+    with errors("kind must be one of 'positive', 'negative', 'absolute', got 'signed'"):
+        shares_figure(np.ones(3) / 3, sequence_names=["a", "b", "c"], kind="signed")
+    with errors("shares contains NaN or infinite values; expected finite numbers"):
+        shares_figure(np.array([np.nan, 1.0]), sequence_names=["a", "b"])
+
+
+def test_inclusivity_figure_boxes_over_filters(rng):
+    values = {
+        "none": rng.uniform(0.2, 0.4, 12),
+        "pass:0.4": rng.uniform(0.6, 0.9, 12),
+        "clamp:0.2": rng.uniform(size=9),
+    }
+    fig = inclusivity_figure(values, title="Tjoa fig. 4")
+    (ax,) = fig.axes
+    assert ax.get_label() == "inclusivity" and ax.get_title() == "Tjoa fig. 4" and ax.get_ylabel() == "inclusivity"
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(values)
+    medians = [line for line in ax.lines if (line.get_gid() or "").startswith("median:")]
+    assert [m.get_gid() for m in medians] == [f"median:{k}" for k in values]
+    np.testing.assert_allclose([m.get_ydata()[0] for m in medians], [np.median(v) for v in values.values()])
+    pixels = render(fig)
+    for x, v in enumerate(values.values(), start=1):
+        assert pixel(fig, pixels, ax, x + 0.25, np.median(v)).max() < 60  # the median line is drawn there
+    # Far below the first box there is only background.
+    assert (pixel(fig, pixels, ax, 2.25, 0.5) > 240).all()
+
+
+def test_inclusivity_figure_rejects_bad_input():
+    with errors("values is empty; expected at least one filter label with its per-case values"):
+        inclusivity_figure({})
+    with errors("values must map filter labels to arrays of per-case values, got list"):
+        inclusivity_figure([[0.1, 0.2]])
+    with errors("values keys must be filter labels (strings), got 0.4"):
+        inclusivity_figure({0.4: [0.1]})
+    with errors("values['pass:0.4'] must be a non-empty 1-D array of per-case values, got shape (0,)"):
+        inclusivity_figure({"pass:0.4": []})
+    with errors("values['pass:0.4'] must be a non-empty 1-D array of per-case values, got shape (2, 2)"):
+        inclusivity_figure({"pass:0.4": np.zeros((2, 2))})
+    with errors("values['none'] contains NaN or infinite values; expected finite numbers"):
+        inclusivity_figure({"none": [0.1, np.nan]})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# save_figure
+
+
+def test_save_figure_writes_png_atomically(tmp_path, planted):
+    image, maps = planted
+    fig = mip_figure(image, maps, sequence_names=NAMES)
+    target = tmp_path / "mip.PNG"
+    target.write_bytes(b"old")  # replaced as a whole
+    assert save_figure(fig, target, dpi=50) == target
+    data = target.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    read_back = matplotlib.image.imread(io.BytesIO(data), format="png")
+    assert read_back.shape[:2] == (round(fig.get_figheight() * 50), round(fig.get_figwidth() * 50))
+    # The saved picture holds the overlay: strongly red and strongly blue pixels are present.
+    rgb = (read_back[..., :3] * 255).astype(int)
+    assert ((rgb[..., 0] - rgb[..., 2]) > 60).any() and ((rgb[..., 2] - rgb[..., 0]) > 60).any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mip.PNG"]
+    assert fig.axes == []  # closed (cleared)
+
+
+def test_save_figure_writes_pdf_and_can_keep_the_figure(tmp_path):
+    fig = shares_figure(np.array([0.5, 0.5]), sequence_names=NAMES)
+    path = save_figure(fig, str(tmp_path / "shares.pdf"), close=False)
+    assert Path(path).read_bytes()[:4] == b"%PDF"
+    assert len(fig.axes) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shares.pdf"]
+
+
+def test_save_figure_removes_the_temporary_file_when_writing_fails(tmp_path):
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.set_title("$\\notacommand$")  # mathtext error while rendering
+    with pytest.raises(ValueError):
+        save_figure(fig, tmp_path / "broken.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_figure_rejects_bad_input(tmp_path):
+    fig = Figure()
+    with errors(f"path {str(tmp_path / 'a.jpg')!r} has suffix '.jpg'; expected .png or .pdf"):
+        save_figure(fig, tmp_path / "a.jpg")
+    with errors(f"folder {str(tmp_path / 'missing')!r} of path {str(tmp_path / 'missing' / 'a.png')!r} does not exist"):
+        save_figure(fig, tmp_path / "missing" / "a.png")
+    (tmp_path / "dir.png").mkdir()
+    with errors(f"path {str(tmp_path / 'dir.png')!r} is a folder; expected a file path ending in .png or .pdf"):
+        save_figure(fig, tmp_path / "dir.png")
+    with errors("dpi must be a positive number, got 0"):
+        save_figure(fig, tmp_path / "a.png", dpi=0)
+    with errors("fig must be a matplotlib Figure, got ndarray"):
+        save_figure(np.zeros((2, 2)), tmp_path / "a.png")
+    with errors("path must be a file path ending in .png or .pdf, got 3"):
+        save_figure(fig, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png"]
+
+
+def test_figures_are_made_and_saved_in_threads_without_pyplot(tmp_path, planted):
+    image, maps = planted
+
+    def job(i: int) -> bytes:
+        fig = mip_figure(image, maps * (i + 1), sequence_names=NAMES)
+        return save_figure(fig, tmp_path / f"mip{i}.png", dpi=40).read_bytes()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outputs = list(pool.map(job, range(4)))
+    pictures = [matplotlib.image.imread(io.BytesIO(data), format="png")[..., :3] for data in outputs]
+    assert len({p.shape for p in pictures}) == 1
+    for picture in pictures:  # each thread's picture is complete: both blobs are drawn
+        rgb = (picture * 255).astype(int)
+        assert ((rgb[..., 0] - rgb[..., 2]) > 60).any() and ((rgb[..., 2] - rgb[..., 0]) > 60).any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"mip{i}.png" for i in range(4)]
