@@ -7,7 +7,8 @@ Example::
 
 Every failure prints one line ``error: ...`` on stderr and exits with status 2; an interrupted run (Ctrl-C) exits
 with 130 and leaves no output folder behind, because results are written to a temporary folder that is renamed into
-place at the very end.
+place at the very end. ``segexplain cohort`` runs the same explanation over the cases of a CSV, goes on after a
+failing case (exit status 1 when any failed) and does not recompute finished cases when run again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from .errors import SegExplainError
 
 EXIT_ERROR = 2
+EXIT_CASES_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -115,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                      help="progress display (default: bar on a terminal, none otherwise)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    cohort = commands.add_parser(
+        "cohort", help="explain every case of a CSV with one configuration; per-case table and cohort figures",
+        description="Options after '--' are those of 'segexplain explain' (model, region, method), used for every "
+                    "case. The CSV has the columns case, inputs (paths separated by ';'), and optionally label (a "
+                    "segment to explain) and ground_truth; relative paths are relative to the CSV.")
+    cohort.add_argument("--cases", required=True, metavar="CSV", help="the cases")
+    cohort.add_argument("--output", required=True, metavar="DIR", help="cohort folder; finished cases are kept "
+                                                                        "and not recomputed")
+    cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
+                        default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
+                        help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
     return parser
 
 
@@ -289,19 +302,111 @@ def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: 
     return made
 
 
+def _read_cases(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    if not path.is_file():
+        msg = f"cases file {str(path)!r} does not exist"
+        raise SegExplainError(msg)
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"case", "inputs"} <= set(rows[0]):
+        msg = f"cases file {str(path)!r} needs the columns 'case' and 'inputs' and at least one row"
+        raise SegExplainError(msg)
+    names = [row["case"] for row in rows]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates or any(not name or "/" in name for name in names):
+        msg = f"case names in {str(path)!r} must be unique, non-empty and without '/': {duplicates or names}"
+        raise SegExplainError(msg)
+
+    def resolve(text: str) -> str:
+        candidate = Path(text.strip())
+        return str(candidate if candidate.is_absolute() else path.parent / candidate)
+
+    return [{"case": row["case"], "inputs": [resolve(p) for p in row["inputs"].split(";") if p.strip()],
+             "label": resolve(row["label"]) if row.get("label") else None,
+             "ground_truth": resolve(row["ground_truth"]) if row.get("ground_truth") else None} for row in rows]
+
+
+def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path:
+    """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones."""
+    import csv
+
+    from . import figures, imaging, metrics
+    from .filters import AmplitudeFilter
+
+    cases = _read_cases(Path(args.cases))
+    filters = [AmplitudeFilter.parse(spec) for spec in args.inclusivity_filters]
+    output = Path(args.output)
+    (output / "cases").mkdir(parents=True, exist_ok=True)
+    rows, failures, shares, inclusivity = [], {}, [], {"none": [], **{str(f): [] for f in filters}}
+    names: list[str] | None = None
+    for number, case in enumerate(cases, 1):
+        folder = output / "cases" / case["case"]
+        print(f"[{number}/{len(cases)}] {case['case']}", file=sys.stderr)
+        if not (folder / "summary.json").exists():
+            argv = ["explain", "--input", *case["inputs"], "--output", str(folder), "--progress", "none",
+                    "--overwrite", *(["--label", case["label"]] if case["label"] else []),
+                    *(["--ground-truth", case["ground_truth"]] if case["ground_truth"] else []), *explain_options]
+            try:
+                run_explain(_parser().parse_args(argv))
+            except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
+                failures[case["case"]] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                print(f"  failed: {failures[case['case']]}", file=sys.stderr)
+                continue
+        summary = json.loads((folder / "summary.json").read_text())
+        names = summary["sequence_names"]
+        case_shares = summary["relevance_shares"]
+        shares.append([case_shares["positive"][n] for n in names])
+        truth = summary.get("ground_truth_inclusivity")
+        for name in names:
+            rows.append({"case": case["case"], "sequence": name,
+                         **{f"share_{kind}": case_shares[kind][name] for kind in ("positive", "negative", "absolute")},
+                         "ground_truth_inclusivity": None if truth is None else truth[name]})
+        if case["ground_truth"]:
+            maps, geometry = imaging.read_sequences([folder / f for f in summary["files"][:len(names)]])
+            mask = imaging.read_label(case["ground_truth"], geometry, resample=True) > 0
+            inclusivity["none"].append(float(np.mean(metrics.ground_truth_inclusivity(maps, mask, smoothing=1.0))))
+            for amplitude_filter in filters:
+                values = metrics.ground_truth_inclusivity(amplitude_filter(maps), mask, smoothing=1.0)
+                inclusivity[str(amplitude_filter)].append(float(np.mean(values)))
+    with (output / "cohort.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["case", "sequence", "share_positive", "share_negative",
+                                                    "share_absolute", "ground_truth_inclusivity"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (output / "failures.json").write_text(json.dumps(failures, indent=2))
+    if shares and names:
+        figures.save_figure(figures.shares_figure(np.array(shares), sequence_names=names),
+                            output / "shares_across_cases.png")
+    if inclusivity["none"]:
+        figures.save_figure(figures.inclusivity_figure({k: np.array(v) for k, v in inclusivity.items()},
+                                                       title="ground-truth inclusivity per filter"),
+                            output / "inclusivity.png")
+    print(f"{len(cases) - len(failures)} of {len(cases)} cases explained; {len(failures)} failed", file=sys.stderr)
+    return output
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segexplain`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ["cohort"] and "--" in argv:
+        argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = _parser().parse_args(argv)
     try:
-        output = run_explain(args)
+        output = run_cohort(args, extra) if args.command == "cohort" else run_explain(args)
     except SegExplainError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if (args.progress or "") != "json":
-        print(f"wrote {output}", file=sys.stderr if args.progress == "bar" else sys.stdout)
+    progress = getattr(args, "progress", None)
+    if progress != "json":
+        print(f"wrote {output}", file=sys.stderr if progress == "bar" else sys.stdout)
+    if args.command == "cohort" and json.loads((output / "failures.json").read_text()):
+        return EXIT_CASES_FAILED
     return 0
 
 

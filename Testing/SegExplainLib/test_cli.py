@@ -181,3 +181,41 @@ def test_figures_are_written(case):
     assert cli.main([*args, "--method", "gradient"]) == 0
     for name in ("mip.png", "montage.png", "shares.png"):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:4, 3:5, 3:6] = 1
+    truth = write_image(case["dir"] / "truth.nii.gz", labels)
+    cases = case["dir"] / "cases.csv"
+    inputs = ";".join(case["images"])
+    cases.write_text("case,inputs,ground_truth\n"
+                     f"a,{inputs},{truth.name}\n"
+                     f"b,{case['images'][0]};missing.nii.gz,\n"
+                     f"c,{inputs},{truth.name}\n")
+    output = case["dir"] / "cohort"
+    argv = ["cohort", "--cases", str(cases), "--output", str(output), "--",
+            "--model", "SegExplainLib.models:tiny_unet", "--weights", case["weights"], "--whole-class",
+            "--method", "gradient", "--no-figures", "--sequence-names", "T2", "FLAIR"]
+    assert cli.main(argv) == cli.EXIT_CASES_FAILED
+    failures = json.loads((output / "failures.json").read_text())
+    assert list(failures) == ["b"] and "missing.nii.gz" in failures["b"]
+    table = (output / "cohort.csv").read_text().splitlines()
+    assert table[0] == "case,sequence,share_positive,share_negative,share_absolute,ground_truth_inclusivity"
+    assert [line.split(",")[:2] for line in table[1:]] == [["a", "T2"], ["a", "FLAIR"], ["c", "T2"], ["c", "FLAIR"]]
+    assert all(line.split(",")[5] for line in table[1:])  # inclusivity against the ground truth
+    for name in ("shares_across_cases.png", "inclusivity.png"):
+        assert (output / name).read_bytes()[:4] == b"\x89PNG"
+
+    finished = (output / "cases" / "a" / "summary.json").stat().st_mtime_ns
+    cases.write_text("case,inputs,ground_truth\n" f"a,{inputs},{truth.name}\n" f"c,{inputs},{truth.name}\n")
+    assert cli.main(argv) == 0
+    assert (output / "cases" / "a" / "summary.json").stat().st_mtime_ns == finished  # not recomputed
+    assert json.loads((output / "failures.json").read_text()) == {}
+
+
+def test_cohort_rejects_a_bad_cases_file(case, capsys):
+    bad = case["dir"] / "bad.csv"
+    bad.write_text("name,files\nx,y\n")
+    assert cli.main(["cohort", "--cases", str(bad), "--output", str(case["dir"] / "c")]) == cli.EXIT_ERROR
+    assert "needs the columns 'case' and 'inputs'" in capsys.readouterr().err
