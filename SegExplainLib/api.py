@@ -159,6 +159,12 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
             maps, expected, delta, extras, warns, error = aggregate.exact_normalized()
         else:
             maps, expected, delta, extras, warns, error = aggregate.voxelwise_normalized()
+    first_layer = getattr(getattr(attribution, "composite", None), "first_layer", None)
+    if first_layer is not None and first_layer.name in ("flat", "w_square") and int(image.shape[0]) > 1:
+        # these rules ignore the image in the first layer, so they cannot tell the sequences apart
+        warns = [*warns, f"the first-layer rule {first_layer.name!r} ignores the input values: per-sequence "
+                         "shares of this map reflect the rule, not the image; use epsilon_plus or "
+                         "epsilon_plus_z_box to compare sequences"]
     for warning in warns:
         warnings.warn(warning, stacklevel=2)
     return Explanation(

@@ -117,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                      help="progress display (default: bar on a terminal, none otherwise)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    demo = commands.add_parser("demo", help="explain the bundled demo network on a generated 6-sequence case")
+    demo.add_argument("--output", default="segexplain-demo", metavar="DIR", help="output folder "
+                                                                                 "(default: segexplain-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    demo.add_argument("--seed", type=int, default=1000, help="which generated case (held out from training)")
     cohort = commands.add_parser(
         "cohort", help="explain every case of a CSV with one configuration; per-case table and cohort figures",
         description="Options after '--' are those of 'segexplain explain' (model, region, method), used for every "
@@ -395,7 +400,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, extra = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     args = _parser().parse_args(argv)
     try:
-        output = run_cohort(args, extra) if args.command == "cohort" else run_explain(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            output = run_demo(args.output, seed=args.seed, overwrite=args.overwrite,
+                              extra_args=["--progress", "bar" if sys.stderr.isatty() else "none"])
+        elif args.command == "cohort":
+            output = run_cohort(args, extra)
+        else:
+            output = run_explain(args)
     except SegExplainError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
