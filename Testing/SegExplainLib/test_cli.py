@@ -219,3 +219,16 @@ def test_cohort_rejects_a_bad_cases_file(case, capsys):
     bad.write_text("name,files\nx,y\n")
     assert cli.main(["cohort", "--cases", str(bad), "--output", str(case["dir"] / "c")]) == cli.EXIT_ERROR
     assert "needs the columns 'case' and 'inputs'" in capsys.readouterr().err
+
+
+def test_demo_command_runs_on_the_bundled_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo"]) == 0  # no arguments: writes ./segexplain-demo
+    output = tmp_path / "segexplain-demo"
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["normalized_input"] and summary["options"]["composite"] == "epsilon_plus"
+    shares = summary["relevance_shares"]["positive"]
+    assert len(shares) == 6 and max(shares.values()) > 2 * min(shares.values())
+    assert set(summary["ground_truth_inclusivity"]) == set(shares)
+    assert len(list(output.glob("relevance_*.nii.gz"))) == 6 and (output / "montage.png").exists()
+    assert cli.main(["demo"]) == cli.EXIT_ERROR  # never overwrites the earlier results unasked
