@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
                                                       "normalization; overrides --model/--weights")
     model.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs code)")
+    model.add_argument("--patch-size", nargs=3, type=int, metavar="N",
+                       help="run the network by overlapping windows of this size (default: the card's patch_size)")
+    model.add_argument("--overlap", type=float, default=0.5, help="overlap of the windows (default 0.5)")
     region = explain.add_argument_group("region (default: the predicted region of --class)")
     where = region.add_mutually_exclusive_group()
     where.add_argument("--label", metavar="FILE", help="label map on the image grid; see --label-value")
@@ -204,13 +207,18 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
 def _load(args: argparse.Namespace):
     """The model and, if a card was given, the card (its normalization and sequence names)."""
     from .loading import ModelCard, load_model
+    from .sliding import SlidingWindow
 
-    if args.card:
-        card = ModelCard.read(args.card)
-        return card.load_model(), card
-    model = load_model(args.model, kwargs=_json_option(args.model_kwargs, "--model-kwargs"), weights=args.weights,
-                       trust_pickle=args.trust_pickle)
-    return model, None
+    card = ModelCard.read(args.card) if args.card else None
+    if card:
+        model = card.load_model()
+    else:
+        model = load_model(args.model, kwargs=_json_option(args.model_kwargs, "--model-kwargs"),
+                           weights=args.weights, trust_pickle=args.trust_pickle)
+    patch_size = args.patch_size or (card.patch_size if card else None)
+    if patch_size:  # a network trained on patches runs (and is explained) by overlapping windows
+        model = SlidingWindow(model, patch_size, overlap=args.overlap)
+    return model, card
 
 
 def _prepare_output(path: Path, overwrite: bool) -> Path:
@@ -266,7 +274,9 @@ def run_explain(args: argparse.Namespace) -> Path:
             "inputs": [str(Path(p).resolve()) for p in args.input], "sequence_names": list(names),
             "geometry": geometry.to_dict(), "model": {"spec": args.card or args.model, "weights": args.weights,
                                                       "card": card.to_dict() if card else None},
-            "normalized_input": card is not None,
+            "normalized_input": card is not None, "sliding_window": (
+                {"patch_size": list(model.patch_size), "overlap": model.overlap}
+                if hasattr(model, "patch_size") else None),
             "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
                                  for kind in ("positive", "negative", "absolute")},
             "post_hoc_filters": [str(f) for f in filters], "files": [p.name for p in written],

@@ -267,7 +267,8 @@ class _FunctionalGuard(TorchFunctionMode):
             return func(*args, **kwargs)
         if func in self.wiring.composite.denied_functions:
             grad_tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
-            if func not in _PRODUCTS or len(grad_tensors) >= 2:
+            # operations on constants (weights of a blend, masks) do not touch the relevance
+            if len(grad_tensors) >= (2 if func in _PRODUCTS else 1):
                 where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
                 msg = (f"functional {_function_name(func)} in the forward of {where} bypasses the "
                        f"{self.wiring.composite.name!r} rules; use a module for it (e.g. nn.Conv3d, nn.ELU)")

@@ -232,3 +232,10 @@ def test_demo_command_runs_on_the_bundled_model(tmp_path, monkeypatch):
     assert set(summary["ground_truth_inclusivity"]) == set(shares)
     assert len(list(output.glob("relevance_*.nii.gz"))) == 6 and (output / "montage.png").exists()
     assert cli.main(["demo"]) == cli.EXIT_ERROR  # never overwrites the earlier results unasked
+
+
+def test_patch_size_runs_the_network_by_windows(case):
+    output = case["dir"] / "windows"
+    assert cli.main([*base_args(case, output), "--patch-size", "4", "4", "6", "--method", "gradient"]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sliding_window"] == {"patch_size": [4, 4, 6], "overlap": 0.5}
