@@ -14,6 +14,7 @@ failing case (exit status 1 when any failed) and does not recompute finished cas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -130,7 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Options after '--' are those of 'segexplain explain' (model, region, method), used for every "
                     "case. The CSV has the columns case, inputs (paths separated by ';'), and optionally label (a "
                     "segment to explain) and ground_truth; relative paths are relative to the CSV.")
-    cohort.add_argument("--cases", required=True, metavar="CSV", help="the cases")
+    cohort.add_argument("--cases", required=True, metavar="CSV_OR_FOLDER",
+                        help="a CSV, or a folder with one subfolder per case holding its sequence files (named "
+                             "<sequence>.nii.gz when --sequence-names is given), label.* and ground_truth.*")
     cohort.add_argument("--output", required=True, metavar="DIR", help="cohort folder; finished cases are kept "
                                                                         "and not recomputed")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
@@ -317,9 +320,39 @@ def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: 
     return made
 
 
-def _read_cases(path: Path) -> list[dict[str, Any]]:
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+_SPECIAL_FILES = ("label", "ground_truth")
+
+
+def _image_stem(path: Path) -> str | None:
+    return next((path.name[:-len(s)] for s in _IMAGE_SUFFIXES if path.name.endswith(s)), None)
+
+
+def _read_case_folders(root: Path, sequence_names: Sequence[str] | None) -> list[dict[str, Any]]:
+    """One case per subfolder: its image files (``<sequence name>.nii.gz`` in that order when names are given, else
+    every image file sorted by name), with ``label.*`` and ``ground_truth.*`` set apart."""
+    cases = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = {_image_stem(p): p for p in sorted(folder.iterdir()) if _image_stem(p)}
+        special = {name: str(images.pop(name)) if name in images else None for name in _SPECIAL_FILES}
+        if sequence_names:
+            missing = [name for name in sequence_names if name not in images]
+            inputs = [str(images[name]) for name in sequence_names if name in images] if not missing else [
+                str(folder / f"{missing[0]}.nii.gz")]  # reported as a missing file by that case
+        else:
+            inputs = [str(p) for p in images.values()]
+        cases.append({"case": folder.name, "inputs": inputs, **special})
+    if not cases:
+        msg = f"cases folder {str(root)!r} has no case subfolders"
+        raise SegExplainError(msg)
+    return cases
+
+
+def _read_cases(path: Path, sequence_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     import csv
 
+    if path.is_dir():
+        return _read_case_folders(path, sequence_names)
     if not path.is_file():
         msg = f"cases file {str(path)!r} does not exist"
         raise SegExplainError(msg)
@@ -350,7 +383,11 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
     from . import figures, imaging, metrics
     from .filters import AmplitudeFilter
 
-    cases = _read_cases(Path(args.cases))
+    names_given = explain_options[explain_options.index("--sequence-names") + 1:] if (
+        "--sequence-names" in explain_options) else None
+    if names_given:
+        names_given = list(itertools.takewhile(lambda option: not option.startswith("--"), names_given))
+    cases = _read_cases(Path(args.cases), names_given)
     filters = [AmplitudeFilter.parse(spec) for spec in args.inclusivity_filters]
     output = Path(args.output)
     (output / "cases").mkdir(parents=True, exist_ok=True)

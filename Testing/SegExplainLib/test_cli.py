@@ -239,3 +239,27 @@ def test_patch_size_runs_the_network_by_windows(case):
     assert cli.main([*base_args(case, output), "--patch-size", "4", "4", "6", "--method", "gradient"]) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["sliding_window"] == {"patch_size": [4, 4, 6], "overlap": 0.5}
+
+
+def test_cohort_from_a_folder_of_cases(case):
+    import shutil
+
+    root = case["dir"] / "folders"
+    for name in ("p1", "p2"):
+        folder = root / name
+        folder.mkdir(parents=True)
+        shutil.copy(case["images"][0], folder / "T2.nii.gz")
+        shutil.copy(case["images"][1], folder / "FLAIR.nii.gz")
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:4, 3:5, 3:6] = 1
+    write_image(root / "p2" / "ground_truth.nii.gz", labels)
+    output = case["dir"] / "folder_cohort"
+    argv = ["cohort", "--cases", str(root), "--output", str(output), "--",
+            "--model", "SegExplainLib.models:tiny_unet", "--weights", case["weights"], "--whole-class",
+            "--method", "gradient", "--no-figures", "--sequence-names", "T2", "FLAIR"]
+    assert cli.main(argv) == 0
+    table = (output / "cohort.csv").read_text().splitlines()[1:]
+    assert [line.split(",")[:2] for line in table] == [["p1", "T2"], ["p1", "FLAIR"], ["p2", "T2"], ["p2", "FLAIR"]]
+    assert [bool(line.split(",")[5]) for line in table] == [False, False, True, True]
+    summary = json.loads((output / "cases" / "p1" / "summary.json").read_text())
+    assert [p.split("/")[-1] for p in summary["inputs"]] == ["T2.nii.gz", "FLAIR.nii.gz"]
