@@ -136,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
                              "<sequence>.nii.gz when --sequence-names is given), label.* and ground_truth.*")
     cohort.add_argument("--output", required=True, metavar="DIR", help="cohort folder; finished cases are kept "
                                                                         "and not recomputed")
+    cohort.add_argument("--parquet", action="store_true", help="also write the table as cohort.parquet (pyarrow)")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
@@ -376,6 +377,16 @@ def _read_cases(path: Path, sequence_names: Sequence[str] | None = None) -> list
              "ground_truth": resolve(row["ground_truth"]) if row.get("ground_truth") else None} for row in rows]
 
 
+def _write_parquet(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        msg = "--parquet needs the pyarrow package: pip install pyarrow (or segexplain[parquet])"
+        raise SegExplainError(msg) from None
+    pq.write_table(pa.table({column: [row[column] for row in rows] for column in columns}), path)
+
+
 def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path:
     """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones."""
     import csv
@@ -422,11 +433,13 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
             for amplitude_filter in filters:
                 values = metrics.ground_truth_inclusivity(amplitude_filter(maps), mask, smoothing=1.0)
                 inclusivity[str(amplitude_filter)].append(float(np.mean(values)))
+    columns = ["case", "sequence", "share_positive", "share_negative", "share_absolute", "ground_truth_inclusivity"]
     with (output / "cohort.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["case", "sequence", "share_positive", "share_negative",
-                                                    "share_absolute", "ground_truth_inclusivity"])
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    if args.parquet:
+        _write_parquet(rows, columns, output / "cohort.parquet")
     (output / "failures.json").write_text(json.dumps(failures, indent=2))
     if shares and names:
         figures.save_figure(figures.shares_figure(np.array(shares), sequence_names=names),

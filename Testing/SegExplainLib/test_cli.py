@@ -254,7 +254,7 @@ def test_cohort_from_a_folder_of_cases(case):
     labels[2:4, 3:5, 3:6] = 1
     write_image(root / "p2" / "ground_truth.nii.gz", labels)
     output = case["dir"] / "folder_cohort"
-    argv = ["cohort", "--cases", str(root), "--output", str(output), "--",
+    argv = ["cohort", "--cases", str(root), "--output", str(output), "--parquet", "--",
             "--model", "SegExplainLib.models:tiny_unet", "--weights", case["weights"], "--whole-class",
             "--method", "gradient", "--no-figures", "--sequence-names", "T2", "FLAIR"]
     assert cli.main(argv) == 0
@@ -263,3 +263,5 @@ def test_cohort_from_a_folder_of_cases(case):
     assert [bool(line.split(",")[5]) for line in table] == [False, False, True, True]
     summary = json.loads((output / "cases" / "p1" / "summary.json").read_text())
     assert [p.split("/")[-1] for p in summary["inputs"]] == ["T2.nii.gz", "FLAIR.nii.gz"]
+    parquet = pytest.importorskip("pyarrow.parquet").read_table(output / "cohort.parquet").to_pylist()
+    assert [(row["case"], row["sequence"]) for row in parquet] == [tuple(line.split(",")[:2]) for line in table]
