@@ -431,13 +431,15 @@ class ZPlus(WeightRule):
         if len(signed):
             shift = (negative - positive).index_select(in_dim, signed)
             negative = negative.index_select(in_dim, signed)
-        bias = None if module.bias is None else torch.cat([module.bias.detach(), torch.zeros_like(module.bias)])
+        channels = weight.shape[out_dim]
+        # the z+ half gets the stabilizer as its bias: z+ + eps comes out of the same call
+        bias = torch.full((2 * channels,), self.epsilon, dtype=weight.dtype, device=weight.device)
+        bias[:channels] = 0.0 if module.bias is None else module.bias.detach()
         with torch.no_grad():  # the backward pass is this rule's own: no graph needed
             fused = affine_forward(module, x, torch.cat([weight, positive], dim=out_dim), bias)
             y, z_plus = fused.chunk(2, dim=1)
             if len(signed):
                 z_plus.add_(affine_forward(module, x.index_select(1, signed).clamp(max=0), shift, None))
-            z_plus.add_(self.epsilon)
             # without a layer-wise filter only y / (z+ + eps) is needed later: one tensor, as the gradient keeps
             saved = y / z_plus if ctx.layer_filter is None else fused
 
