@@ -427,7 +427,7 @@ class ZPlus(WeightRule):
         positive, negative = weight.clamp(min=0), weight.clamp(max=0)
         # only channels that hold negative values (the up-convolution half of a decoder's concatenation) need the
         # extra terms of signed inputs
-        signed = torch.nonzero(x.detach().amin(dim=[d for d in range(x.dim()) if d != 1]) < 0).flatten()
+        signed = _negative_channels(x)
         if len(signed):
             shift = (negative - positive).index_select(in_dim, signed)
             negative = negative.index_select(in_dim, signed)
@@ -467,6 +467,32 @@ class ZPlus(WeightRule):
         terms = [Term(part, weight.clamp(min=0) if positive else weight.clamp(max=0), None, gate)
                  for part, gate, positive in _signed_parts(x)]
         return [(1.0, terms)]
+
+
+# Autograd nodes whose output is non-negative when all their inputs are (a ReLU's is in any case): an input made by
+# them needs no scan for negative values.
+_RECTIFYING_NODES = frozenset({"ReluBackward0", "ThresholdBackward0"})
+_SIGN_KEEPING_NODES = frozenset({"MaxPool1DWithIndicesBackward0", "MaxPool2DWithIndicesBackward0",
+                                 "MaxPool3DWithIndicesBackward0", "CatBackward0", "SliceBackward0", "ViewBackward0",
+                                 "CloneBackward0", "UpsampleNearest1DBackward0", "UpsampleNearest2DBackward0",
+                                 "UpsampleNearest3DBackward0"})
+
+
+def _known_non_negative(node: Any, depth: int = 0) -> bool:
+    name = type(node).__name__
+    if name in _RECTIFYING_NODES:
+        return True
+    if name not in _SIGN_KEEPING_NODES or depth > 8:
+        return False
+    parents = [parent for parent, _ in node.next_functions if parent is not None]
+    return bool(parents) and all(_known_non_negative(parent, depth + 1) for parent in parents)
+
+
+def _negative_channels(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the channels of ``x`` that hold negative values (none after a ReLU, without looking)."""
+    if x.grad_fn is not None and _known_non_negative(x.grad_fn):
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.nonzero(x.detach().amin(dim=[d for d in range(x.dim()) if d != 1]) < 0).flatten()
 
 
 def _gate(values: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:

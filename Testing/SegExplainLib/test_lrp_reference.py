@@ -154,3 +154,16 @@ def test_layer_wise_filter_matches_reference(composite, spec):
     np.testing.assert_allclose(result.maps[0].numpy(), expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
     plain = LRP(composite=composite).attribute(model, x, seed).maps
     assert not torch.allclose(plain, result.maps)  # the filter changed something
+
+
+def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
+    from SegExplainLib.rules import _negative_channels
+
+    x = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    rectified = torch.relu(x)
+    pooled = nn.functional.max_pool3d(rectified, 2)
+    assert len(_negative_channels(rectified)) == len(_negative_channels(pooled)) == 0
+    mixed = torch.cat([rectified, x * 1.0], dim=1)  # the second half is signed: found by the scan
+    assert _negative_channels(mixed).tolist() == [3, 4, 5]
+    shifted = rectified - 1.0  # not a rectifier: scanned
+    assert _negative_channels(shifted).tolist() == [0, 1, 2]
