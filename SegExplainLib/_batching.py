@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import is_int
 from .errors import SegExplainError
 
 __all__ = [
@@ -49,13 +50,9 @@ CPU_BUDGET_FRACTION = 0.25
 CUDA_BUDGET_FRACTION = 0.5
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_batch_option(name: str, value: object) -> None:
     """Validate an ``internal_batch_size`` / ``memory_budget_bytes`` option: ``None`` or an int >= 1."""
-    if value is not None and (not _is_int(value) or value < 1):  # type: ignore[operator]
+    if value is not None and (not is_int(value) or value < 1):  # type: ignore[operator]
         raise SegExplainError(f"{name} must be None or an integer >= 1, got {value!r}")
 
 
@@ -135,7 +132,7 @@ def choose_internal_batch_size(
         max_batch: Upper bound of the result (methods pass :func:`max_batch_for` of their budget).
     """
     check_batch_option("memory_budget_bytes", memory_budget_bytes)
-    if not _is_int(max_batch) or max_batch < 1:
+    if not is_int(max_batch) or max_batch < 1:
         raise SegExplainError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     per_sample = estimate_sample_bytes(model, sample)
     budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(sample.device)

@@ -32,7 +32,7 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import matplotlib
 import numpy as np
@@ -42,7 +42,8 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from SegExplainLib.errors import SegExplainError
+from ._checks import check_choice
+from .errors import SegExplainError
 
 __all__ = [
     "Placement",
@@ -103,13 +104,6 @@ def _check_fraction(value: object, name: str) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
         raise SegExplainError(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
-
-
-def _check_choice(value: object, name: str, literal: object) -> str:
-    choices = get_args(literal)
-    if value not in choices:
-        raise SegExplainError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return str(value)
 
 
 def _check_title(title: object) -> str | None:
@@ -225,7 +219,7 @@ def montage_slices(maps: object, *, axis: int = 0, slices: int = 8, placement: P
     axis = _check_axis(axis)
     if not isinstance(slices, numbers.Integral) or isinstance(slices, bool) or slices < 1:
         raise SegExplainError(f"slices must be an integer >= 1, got {slices!r}")
-    placement = _check_choice(placement, "placement", Placement)
+    placement = check_choice(placement, "placement", Placement)
     array = _as_array(maps, "maps")
     if array.ndim != 4:
         raise SegExplainError(f"maps must be shaped (C, D, H, W), got shape {array.shape}")
@@ -512,7 +506,7 @@ def shares_figure(
         >>> per_case = np.stack([relevance_shares(e.maps) for e in explanations])     # (20, 6)
         >>> fig = shares_figure(per_case, sequence_names=names)
     """
-    kind = _check_choice(kind, "kind", ShareKind)
+    kind = check_choice(kind, "kind", ShareKind)
     title = _check_title(title)
     array = _as_array(shares, "shares").astype(np.float64)
     if array.ndim not in (1, 2):

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar, get_args
 import numpy as np
 import torch
 
-from SegExplainLib.errors import SegExplainError
+from .errors import SegExplainError
 
 __all__ = ["AmplitudeFilter", "FilterKind", "clamp_filter", "pass_filter"]
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._batching import check_batch_option, choose_internal_batch_size, max_batch_for
+from ._checks import is_int
 from ._method import AttributionMethod, AttributionOutput
 from .baselines import Baseline, ZeroBaseline, make_baseline
 from .errors import SegExplainError
@@ -44,10 +45,6 @@ IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_rig
 # ----------------------------------------------------------------------------------------------------------------
 # Shared checks and helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _check_inputs(inputs: Any) -> torch.Tensor:
@@ -132,8 +129,13 @@ def _input_gradient(
     return grad if create_graph else grad.detach()
 
 
-def _check_batch_size_option(value: Any) -> None:
-    check_batch_option("internal_batch_size", value)
+def _set_batching(method: Any, internal_batch_size: Any, memory_budget_bytes: Any) -> None:
+    """Validate and store the batching options shared by the multi-pass methods."""
+    check_batch_option("internal_batch_size", internal_batch_size)
+    check_batch_option("memory_budget_bytes", memory_budget_bytes)
+    method.internal_batch_size = internal_batch_size
+    method.memory_budget_bytes = memory_budget_bytes
+    method.last_internal_batch_size = None
 
 
 def _resolve_batch(
@@ -270,16 +272,12 @@ class IntegratedGradients(AttributionMethod):
         if method not in IG_METHODS:
             raise SegExplainError(f"method {method!r} is not valid; expected one of {', '.join(IG_METHODS)}")
         minimum = 2 if method == "riemann_trapezoid" else 1
-        if not _is_int(n_steps) or n_steps < minimum:
+        if not is_int(n_steps) or n_steps < minimum:
             raise SegExplainError(f"n_steps must be an integer >= {minimum} for method {method!r}, got {n_steps!r}")
-        _check_batch_size_option(internal_batch_size)
-        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        _set_batching(self, internal_batch_size, memory_budget_bytes)
         self.n_steps = int(n_steps)
         self.method = method
         self.baseline = ZeroBaseline() if baseline is None else _coerce_baseline(baseline)
-        self.internal_batch_size = internal_batch_size
-        self.memory_budget_bytes = memory_budget_bytes
-        self.last_internal_batch_size: int | None = None
 
     def _quadrature(self) -> tuple[np.ndarray, np.ndarray]:
         return quadrature(self.method, self.n_steps)
@@ -365,7 +363,7 @@ class SmoothGrad(AttributionMethod):
         internal_batch_size: int | None = None,
         memory_budget_bytes: int | None = None,
     ) -> None:
-        if not _is_int(n_samples) or n_samples < 1:
+        if not is_int(n_samples) or n_samples < 1:
             raise SegExplainError(f"n_samples must be an integer >= 1, got {n_samples!r}")
         if (
             isinstance(noise_level, bool)
@@ -374,19 +372,15 @@ class SmoothGrad(AttributionMethod):
             or noise_level < 0
         ):
             raise SegExplainError(f"noise_level must be a finite number >= 0, got {noise_level!r}")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise SegExplainError(f"seed must be an integer, got {seed!r}")
         if not isinstance(multiply_by_inputs, bool):
             raise SegExplainError(f"multiply_by_inputs must be a bool, got {multiply_by_inputs!r}")
-        _check_batch_size_option(internal_batch_size)
-        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        _set_batching(self, internal_batch_size, memory_budget_bytes)
         self.n_samples = int(n_samples)
         self.noise_level = float(noise_level)
         self.seed = int(seed)
         self.multiply_by_inputs = multiply_by_inputs
-        self.internal_batch_size = internal_batch_size
-        self.memory_budget_bytes = memory_budget_bytes
-        self.last_internal_batch_size: int | None = None
 
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = _check_inputs(inputs)
@@ -432,9 +426,9 @@ class SmoothGrad(AttributionMethod):
 
 
 def _triple(value: Any, option: str) -> tuple[int, int, int]:
-    if _is_int(value):
+    if is_int(value):
         values = (int(value),) * 3
-    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(_is_int(v) for v in value):
+    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(is_int(v) for v in value):
         values = tuple(int(v) for v in value)
     else:
         raise SegExplainError(f"{option} must be an integer or 3 integers (D, H, W), got {value!r}")
@@ -503,13 +497,9 @@ class Occlusion(AttributionMethod):
             )
         if not isinstance(per_channel, bool):
             raise SegExplainError(f"per_channel must be a bool, got {per_channel!r}")
-        _check_batch_size_option(internal_batch_size)
-        check_batch_option("memory_budget_bytes", memory_budget_bytes)
+        _set_batching(self, internal_batch_size, memory_budget_bytes)
         self.baseline = _coerce_baseline(baseline)
         self.per_channel = per_channel
-        self.internal_batch_size = internal_batch_size
-        self.memory_budget_bytes = memory_budget_bytes
-        self.last_internal_batch_size: int | None = None
 
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = _check_inputs(inputs)

@@ -16,13 +16,14 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
 
-from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter
+from ._checks import check_choice
+from .errors import SegExplainError
+from .filters import AmplitudeFilter
 
 __all__ = [
     "PerturbationCurve",
@@ -88,12 +89,6 @@ def _check_count(value: object, name: str) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise SegExplainError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
-
-
-def _check_choice(value: object, name: str, literal: object) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise SegExplainError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
 def _channel_inclusivity(a: np.ndarray, b: np.ndarray, smoothing: float, names: Sequence[str]) -> np.ndarray:
@@ -245,7 +240,7 @@ def relevance_shares(maps: MapLike, *, kind: RelevanceKind = "positive") -> np.n
         >>> relevance_shares(t1_flair)                        # FLAIR carries 3/4 of the positive evidence
         array([0.25, 0.75])
     """
-    _check_choice(kind, "kind", RelevanceKind)
+    check_choice(kind, "kind", RelevanceKind)
     per_channel = _relevance_part(_as_maps(maps, "maps"), kind).sum(axis=_SPATIAL)
     total = per_channel.sum()
     return per_channel / total if total > 0 else np.zeros_like(per_channel)
@@ -302,7 +297,7 @@ def relevance_mass_in_region(maps: MapLike, region: MapLike, *, kind: RelevanceK
         >>> relevance_mass_in_region(t1_flair, lesion)
         0.75
     """
-    _check_choice(kind, "kind", RelevanceKind)
+    check_choice(kind, "kind", RelevanceKind)
     relevance = _as_maps(maps, "maps")
     mask = _as_mask(region, "region", relevance.shape[1:])
     per_voxel = _relevance_part(relevance, kind).sum(axis=0)
@@ -366,7 +361,7 @@ def perturbation_curve(
     """
     if not callable(score_fn):
         raise SegExplainError(f"score_fn must be callable, got {type(score_fn).__name__}")
-    _check_choice(mode, "mode", PerturbationMode)
+    check_choice(mode, "mode", PerturbationMode)
     steps = _check_count(steps, "steps")
     batch_size = _check_count(batch_size, "batch_size")
     start = _as_maps(image, "image")

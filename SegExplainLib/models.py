@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from SegExplainLib.errors import SegExplainError
+from ._checks import check_choice
+from .errors import SegExplainError
 
 __all__ = [
     "ACTIVATIONS",
@@ -45,12 +46,6 @@ def _check_positive_int(name: str, value: Any) -> int:
     # bool is an int subclass, but True as a channel count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SegExplainError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise SegExplainError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -110,9 +105,9 @@ class UNet3D(nn.Module):
         if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
             raise SegExplainError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
-        self.norm = _check_choice("norm", norm, NORMS)
-        self.activation = _check_choice("activation", activation, ACTIVATIONS)
-        self.upsample = _check_choice("upsample", upsample, UPSAMPLES)
+        self.norm = check_choice(norm, "norm", NORMS)
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.upsample = check_choice(upsample, "upsample", UPSAMPLES)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise SegExplainError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
