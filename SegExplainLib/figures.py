@@ -32,7 +32,7 @@ import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import matplotlib
 import numpy as np
@@ -299,6 +299,19 @@ def _grey_range(values: np.ndarray) -> tuple[float, float]:
 # Figures
 
 
+def _overlay_inputs(image: Any, maps: Any, sequence_names: Any, axis: Any, alpha: Any, shared_scale: Any, cmap: Any,
+                    title: Any, spacing: Any) -> tuple:
+    """Validated options and arrays of the overlay figures, in the order they are unpacked."""
+    axis = _check_axis(axis)
+    alpha = _check_fraction(alpha, "alpha")
+    shared_scale = _check_bool(shared_scale, "shared_scale")
+    colours = _check_cmap(cmap)
+    title = _check_title(title)
+    voxel = _check_spacing(spacing)
+    image_array, maps_array, names = _image_and_maps(image, maps, sequence_names)
+    return axis, alpha, colours, title, voxel, image_array, maps_array, names, _limits(maps_array, shared_scale)
+
+
 def mip_figure(
     image: object,
     maps: object,
@@ -339,14 +352,8 @@ def mip_figure(
     Example:
         >>> fig = mip_figure(image, result.maps, sequence_names=["T1", "T2", "FLAIR"], axis=0)
     """
-    axis = _check_axis(axis)
-    alpha = _check_fraction(alpha, "alpha")
-    shared_scale = _check_bool(shared_scale, "shared_scale")
-    colours = _check_cmap(cmap)
-    title = _check_title(title)
-    voxel = _check_spacing(spacing)
-    image_array, maps_array, names = _image_and_maps(image, maps, sequence_names)
-    limits = _limits(maps_array, shared_scale)
+    axis, alpha, colours, title, voxel, image_array, maps_array, names, limits = _overlay_inputs(
+        image, maps, sequence_names, axis, alpha, shared_scale, cmap, title, spacing)
 
     figure = _new_figure(_TILE_INCHES * 1.3 * len(names), _TILE_INCHES + (0.6 if title else 0.3))
     axes = figure.subplots(1, len(names), squeeze=False)[0]
@@ -413,15 +420,9 @@ def montage_figure(
     Example:
         >>> fig = montage_figure(image, result.maps, sequence_names=names, slices=6, placement="relevance")
     """
-    axis = _check_axis(axis)
-    alpha = _check_fraction(alpha, "alpha")
-    shared_scale = _check_bool(shared_scale, "shared_scale")
-    colours = _check_cmap(cmap)
-    title = _check_title(title)
-    voxel = _check_spacing(spacing)
-    image_array, maps_array, names = _image_and_maps(image, maps, sequence_names)
+    axis, alpha, colours, title, voxel, image_array, maps_array, names, limits = _overlay_inputs(
+        image, maps, sequence_names, axis, alpha, shared_scale, cmap, title, spacing)
     columns = montage_slices(maps_array, axis=axis, slices=slices, placement=placement)
-    limits = _limits(maps_array, shared_scale)
 
     figure = _new_figure(
         _TILE_INCHES * 0.8 * len(columns) + 1.2, _TILE_INCHES * 0.8 * len(names) + (0.6 if title else 0.3)
