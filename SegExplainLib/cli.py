@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -475,6 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as error:  # noqa: BLE001 - a user sees one line; SEGEXPLAIN_DEBUG=1 shows the traceback
+        if os.environ.get("SEGEXPLAIN_DEBUG"):
+            raise
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        print(f"error: {type(error).__name__}: {first_line} (SEGEXPLAIN_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR
     progress = getattr(args, "progress", None)
     if progress != "json":
         print(f"wrote {output}", file=sys.stderr if progress == "bar" else sys.stdout)

@@ -265,3 +265,18 @@ def test_cohort_from_a_folder_of_cases(case):
     assert [p.split("/")[-1] for p in summary["inputs"]] == ["T2.nii.gz", "FLAIR.nii.gz"]
     parquet = pytest.importorskip("pyarrow.parquet").read_table(output / "cohort.parquet").to_pylist()
     assert [(row["case"], row["sequence"]) for row in parquet] == [tuple(line.split(",")[:2]) for line in table]
+
+
+def test_unexpected_failures_are_one_line_too(case, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full\nmore detail")
+
+    monkeypatch.setattr("SegExplainLib.api.explain", broken)
+    output = case["dir"] / "broken"
+    assert cli.main(base_args(case, output)) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: RuntimeError: disk full (SEGEXPLAIN_DEBUG=1 shows the traceback)"]
+    assert not output.exists()
+    monkeypatch.setenv("SEGEXPLAIN_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.main(base_args(case, output))
