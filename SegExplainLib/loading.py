@@ -30,7 +30,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,14 +211,20 @@ def _build_model(spec: str, kwargs: dict[str, Any], *, trust_pickle: bool) -> nn
     return _call_factory(factory, kwargs, spec)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _existing_file(path: Path, what: str, suffixes: Sequence[str]) -> str:
+    """The lower-case suffix of ``path`` after checking that it is one of ``suffixes`` and that the file exists."""
     suffix = path.suffix.lower()
-    if suffix not in WEIGHT_SUFFIXES:
+    if suffix not in suffixes:
         raise SegExplainError(
-            f"weights file {str(path)!r} has extension {suffix or '(none)'!r}; expected one of {', '.join(WEIGHT_SUFFIXES)}"
+            f"{what} {str(path)!r} has extension {suffix or '(none)'!r}; expected one of {', '.join(suffixes)}"
         )
     if not path.is_file():
-        raise SegExplainError(f"weights file {str(path)!r} does not exist")
+        raise SegExplainError(f"{what} {str(path)!r} does not exist")
+    return suffix
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    suffix = _existing_file(path, "weights file", WEIGHT_SUFFIXES)
     if suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -609,13 +615,7 @@ class ModelCard:
                 names the file and the field.
         """
         card_path = Path(path).expanduser()
-        suffix = card_path.suffix.lower()
-        if suffix not in CARD_SUFFIXES:
-            raise SegExplainError(
-                f"model card {str(card_path)!r} has extension {suffix or '(none)'!r}; expected one of {', '.join(CARD_SUFFIXES)}"
-            )
-        if not card_path.is_file():
-            raise SegExplainError(f"model card {str(card_path)!r} does not exist")
+        suffix = _existing_file(card_path, "model card", CARD_SUFFIXES)
         text = card_path.read_text(encoding="utf-8")
         try:
             if suffix == ".json":

@@ -136,6 +136,12 @@ def outputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return tuple(results)
 
 
+def assert_same_outputs(model: nn.Module, x: torch.Tensor, out_before) -> None:
+    """The model gives bit-identical outputs to those recorded before the explanation."""
+    for a, b in zip(out_before, outputs(model, x)):
+        assert torch.equal(a, b)
+
+
 def assert_restored(model: nn.Module, before: dict, buffer_identity: bool = True) -> None:
     after = snapshot(model)
     assert [(n, id(m)) for n, m in after["modules"]] == [(n, id(m)) for n, m in before["modules"]]
@@ -189,8 +195,7 @@ def test_model_is_restored_after_success_and_failure(method, scenario):
         with pytest.raises(error, match=message):
             METHODS[method]().attribute(model, x, seed)
     assert_restored(model, before)
-    for a, b in zip(out_before, outputs(model, x)):
-        assert torch.equal(a, b)
+    assert_same_outputs(model, x, out_before)
 
 
 def test_lrp_rule_error_in_the_middle_of_the_forward_restores_the_model():
@@ -202,8 +207,7 @@ def test_lrp_rule_error_in_the_middle_of_the_forward_restores_the_model():
     with pytest.raises(SegExplainError, match="receives an intermediate tensor"):
         LRP(composite=composite).attribute(model, x, torch.randn(1, 2, 4, 4, 4, dtype=torch.float64))
     assert_restored(model, before)
-    for a, b in zip(out_before, outputs(model, x)):
-        assert torch.equal(a, b)
+    assert_same_outputs(model, x, out_before)
 
 
 def test_repeated_explanations_are_identical_and_leave_nothing_behind():
