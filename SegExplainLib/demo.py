@@ -352,7 +352,7 @@ def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m SegExplainLib.demo train [--output DIR]`` or ``... run --output DIR``."""
+    """``python -m SegExplainLib.demo train [--output DIR]``, ``... run --output DIR`` or ``... case --output DIR``."""
     parser = argparse.ArgumentParser(prog="python -m SegExplainLib.demo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train the demo network and write weights and card")
@@ -363,7 +363,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="explain the shipped network on a demo case")
     run_parser.add_argument("--output", required=True)
     run_parser.add_argument("--overwrite", action="store_true")
+    case_parser = commands.add_parser("case", help="write a demo case (6 sequences and the lesion label) to load in "
+                                                   "Slicer or the review app")
+    case_parser.add_argument("--output", required=True)
+    case_parser.add_argument("--seed", type=int, default=HELD_OUT_SEEDS[0])
     args = parser.parse_args(argv)
+    if args.command == "case":
+        paths, label = write_demo_case(args.output, args.seed)
+        print("\n".join(str(p) for p in [*paths, label]))
+        return 0
     if args.command == "train":
         import torch
 

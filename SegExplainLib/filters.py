@@ -163,13 +163,15 @@ class AmplitudeFilter:
         with torch.no_grad():
             amplitude = r.detach().abs()
             norm = amplitude.amax(dim=dims, keepdim=True)
-            # An all-zero channel has N == 0; dividing by 1 keeps it at zero instead of NaN.
-            normalized = amplitude / torch.where(norm > 0, norm, torch.ones_like(norm))
-            keep = normalized >= low
+            # An all-zero channel has N == 0; taking N = 1 keeps it at zero instead of NaN. The bounds are scaled
+            # by N rather than |r| divided by N: one pass less over the tensor.
+            norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+            keep = amplitude >= low * norm
             if self.kind == "pass":
-                return (keep & (normalized <= high)).to(r.dtype)
-            # a2 / max(a2, |f1|) is min(1, a2 N / |r|) without a division by zero.
-            return high / normalized.clamp(min=high) * keep
+                return keep.logical_and_(amplitude <= high * norm).to(r.dtype)
+            # a2 N / max(a2 N, |r|) is min(1, a2 N / |r|) without a division by zero.
+            ceiling = high * norm
+            return ceiling / amplitude.clamp_(min=ceiling) * keep
 
     def __call__(self, r: MapT) -> MapT:
         """Filter one explanation map post hoc, normalizing each channel (input MRI sequence) by its own ``max|r|``.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,11 @@ def test_run_demo_goes_through_the_cli(tmp_path):
     assert abs(summary["relative_delta"]) < RELATIVE_DELTA_BOUND
     assert set(summary["ground_truth_inclusivity"]) == set(demo.SEQUENCE_NAMES)
     assert len(list(output.glob("*.nii.gz"))) == len(demo.SEQUENCE_NAMES)
+
+
+def test_case_command_writes_the_files_it_prints(tmp_path, capsys):
+    assert demo.main(["case", "--output", str(tmp_path / "case"), "--seed", "1001"]) == 0
+    printed = [Path(line) for line in capsys.readouterr().out.split()]
+    assert [p.name for p in printed] == [f"case_1001_{n}.nii.gz" for n in (*demo.SEQUENCE_NAMES, "label")]
+    image, _ = read_sequences(printed[:-1])
+    np.testing.assert_allclose(image, demo.make_case(1001)[0], rtol=1e-6)

@@ -1,0 +1,739 @@
+"""SegExplain: what did the segmentation network look at? LRP and Integrated Gradients maps in Slicer.
+
+The five parts of Slicer's scripted-module template: the module (metadata), the parameter node (everything the user
+sets, saved with the scene), the widget (the panel), the logic (no GUI; raises on bad input) and the self-test.
+
+The logic that touches MRML lives in the Qt-free package ``SegExplainMRML`` beside this file, so that it also runs in
+the browser review app and in the headless test suite; the engine is ``SegExplainLib``. Both import torch, so they
+are imported at first use, after the requirements were checked, never when Slicer starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+)
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# In a source checkout (the repository's SegExplain folder added to the module paths) the engine sits one folder up;
+# in an installed extension it is next to this file, which Slicer already puts on sys.path.
+_sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_sourceRoot, "SegExplainLib")) and _sourceRoot not in sys.path:
+    sys.path.append(_sourceRoot)
+
+#: Python packages the engine needs besides torch (which comes from the PyTorch extension): import name, pip name.
+PIP_REQUIREMENTS = (("SimpleITK", "SimpleITK"), ("safetensors", "safetensors"), ("matplotlib", "matplotlib"),
+                    ("yaml", "pyyaml"))
+SLICE_VIEWS = ("Red", "Yellow", "Green")
+
+
+#
+# SegExplain
+#
+
+
+class SegExplain(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SegExplain")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = ["PyTorchUtils"]
+        self.parent.contributors = ["SegExplain developers"]
+        self.parent.helpText = _("""
+Explains what a 3D segmentation network looked at: pick a segment, a box or click a voxel, choose LRP, Integrated
+Gradients or another method, and get one relevance map per MRI sequence as an overlay (red: evidence for the class,
+blue: against). Filter sliders, per-sequence relevance shares, inclusivity and a one-page report are included.
+See the <a href="https://github.com/segexplain/SegExplain">documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Built on the layer-wise relevance propagation of Bach et al. and Montavon et al., its use for 3D segmentation by
+Tjoa et al. and Chatterjee et al., and Integrated Gradients by Sundararajan et al.
+""")
+
+
+#
+# SegExplainParameterNode
+#
+
+
+@parameterNodeWrapper
+class SegExplainParameterNode:
+    """Everything the user sets in the panel; saved with the scene and restored when it is loaded.
+
+    modelCard: model card file (YAML/JSON) naming the network, its weights and sequences; empty for the bundled demo.
+    inputVolumes: one volume per MRI sequence of the card, in the card's order.
+    regionKind: what to explain: a segment, an ROI box, a clicked point, the predicted region or the whole class.
+    The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
+    """
+
+    modelCard: str = ""
+    inputVolumes: list[vtkMRMLScalarVolumeNode]
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    regionKind: Annotated[str, Choice(["segment", "box", "point", "predicted", "class"])] = "point"
+    regionSegmentation: vtkMRMLSegmentationNode
+    regionSegmentId: str = ""
+    regionRoi: vtkMRMLMarkupsROINode
+    clickedPoints: vtkMRMLMarkupsFiducialNode
+    radius: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
+    explainOnClick: bool = True
+    method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
+                                   "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
+    composite: str = "epsilon_plus"
+    nSteps: Annotated[int, WithinRange(1, 1024)] = 32
+    baseline: str = "zero"
+    aggregation: Annotated[str, Choice(["sum", "normalized"])] = "sum"
+    samples: Annotated[int, WithinRange(0, 100000)] = 0
+    classIndex: Annotated[int, WithinRange(0, 255)] = 1
+    seed: int = 0
+    layerwiseFilter: bool = False
+    replacePrevious: bool = False
+    filterKind: Annotated[str, Choice(["none", "pass", "clamp"])] = "none"
+    filterLow: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
+    filterHigh: Annotated[float, WithinRange(0.0, 1.0)] = 1.0
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
+    displayedSequence: int = 0
+    groundTruthSegmentation: vtkMRMLSegmentationNode
+    groundTruthSegmentId: str = ""
+    montageOrientation: Annotated[str, Choice(["Axial", "Coronal", "Sagittal"])] = "Axial"
+
+
+#
+# SegExplainWidget
+#
+
+
+class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobTimer = qt.QTimer()
+        self._jobTimer.setInterval(200)
+        self._jobTimer.connect("timeout()", self.onJobTimer)
+        self._sequenceSelectors = []
+        self._explanation = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SegExplain.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SegExplainLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.deviceLabel.text = self.logic.deviceDescription()
+        self.ui.modelCardPathLineEdit.connect("currentPathChanged(QString)", self.onModelCardChanged)
+        # The segment selectors hold a node and a segment ID; they are bound by hand.
+        self.ui.regionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRegionSegmentationChanged)
+        self.ui.regionSegmentSelector.connect("currentSegmentChanged(QString)", self.onRegionSegmentChanged)
+        self.ui.groundTruthSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)",
+                                                   self.onGroundTruthSegmentationChanged)
+        self.ui.groundTruthSegmentSelector.connect("currentSegmentChanged(QString)", self.onGroundTruthSegmentChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.explanationComboBox.connect("currentIndexChanged(int)", self.onExplanationSelected)
+        self.ui.sequenceComboBox.connect("currentIndexChanged(int)", self.onSequenceSelected)
+        self.ui.inclusivityButton.connect("clicked(bool)", self.onInclusivityButton)
+        self.ui.layoutScreenshotButton.connect("clicked(bool)", self.onLayoutScreenshot)
+        self.ui.montageButton.connect("clicked(bool)", self.onMontage)
+        self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.installButton.connect("clicked(bool)", self.onInstallRequirements)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self._updateRequirementsBanner()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._finishJobUi()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.clickedPoints:
+            self._parameterNode.clickedPoints = self.logic.newClickedPointsNode()
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            if self._parameterNode.clickedPoints:
+                self.removeObserver(self._parameterNode.clickedPoints,
+                                    slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            if self._parameterNode.clickedPoints:
+                self.addObserver(self._parameterNode.clickedPoints,
+                                 slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
+            self.ui.pointPlaceWidget.setCurrentNode(self._parameterNode.clickedPoints)
+            self._rebuildSequenceSelectors()
+            self._refreshExplanations()
+            self._onParameterNodeModified()
+
+    # ------------------------------------------------------------------------------------------------ inputs
+
+    def _updateRequirementsBanner(self) -> None:
+        missing = self.logic.missingRequirements()
+        self.ui.requirementsFrame.visible = bool(missing)
+        self.ui.requirementsLabel.text = _("Needs: {packages}").format(packages=", ".join(missing))
+
+    def onInstallRequirements(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the requirements."), waitCursor=True):
+            self.logic.ensureRequirements(askConfirmation=True)
+        self._updateRequirementsBanner()
+        self._rebuildSequenceSelectors()
+
+    def onModelCardChanged(self, path) -> None:
+        self._rebuildSequenceSelectors()
+
+    def _rebuildSequenceSelectors(self) -> None:
+        """One volume selector per sequence of the model card, named after it."""
+        for label, selector in self._sequenceSelectors:
+            label.deleteLater()
+            selector.deleteLater()
+        self._sequenceSelectors = []
+        if not self._parameterNode or self.logic.missingRequirements():
+            return
+        try:
+            names = self.logic.sequenceNames(self._parameterNode.modelCard)
+        except Exception as error:  # a bad card path shows its one-line message under the path field
+            self.ui.cardStatusLabel.text = str(error)
+            return
+        self.ui.cardStatusLabel.text = _("{count} sequences: {names}").format(count=len(names), names=", ".join(names))
+        chosen = list(self._parameterNode.inputVolumes)
+        for index, name in enumerate(names):
+            selector = slicer.qMRMLNodeComboBox()
+            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            selector.addEnabled = selector.removeEnabled = selector.noneEnabled = False
+            selector.setMRMLScene(slicer.mrmlScene)
+            selector.toolTip = _("Volume of the {name} sequence, on the same grid as the others").format(name=name)
+            if index < len(chosen) and chosen[index] is not None:
+                selector.setCurrentNode(chosen[index])
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self._onSequenceVolumesChanged)
+            label = qt.QLabel(f"{name}:")
+            self.ui.sequencesWidget.layout().addRow(label, selector)
+            self._sequenceSelectors.append((label, selector))
+        self._onSequenceVolumesChanged()
+
+    def _onSequenceVolumesChanged(self, *unused) -> None:
+        if self._parameterNode:
+            self._parameterNode.inputVolumes = [selector.currentNode() for _label, selector in self._sequenceSelectors]
+
+    def onRegionSegmentationChanged(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.regionSegmentation = node
+
+    def onGroundTruthSegmentationChanged(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.groundTruthSegmentation = node
+
+    def onRegionSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode:
+            self._parameterNode.regionSegmentId = segmentId or ""
+
+    def onGroundTruthSegmentChanged(self, segmentId) -> None:
+        if self._parameterNode:
+            self._parameterNode.groundTruthSegmentId = segmentId or ""
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        if not parameters:
+            return
+        for selector, node, segmentId in (
+                (self.ui.regionSegmentSelector, parameters.regionSegmentation, parameters.regionSegmentId),
+                (self.ui.groundTruthSegmentSelector, parameters.groundTruthSegmentation,
+                 parameters.groundTruthSegmentId)):
+            selector.setCurrentNode(node)
+            if segmentId:
+                selector.setCurrentSegmentID(segmentId)
+        ready = self._job is not None or (parameters.inputVolumes and all(parameters.inputVolumes))
+        self.ui.applyButton.enabled = bool(ready)
+        self.ui.applyButton.toolTip = "" if ready else _("Select a volume for every sequence of the model card")
+        self.ui.lrpFrame.visible = parameters.method == "lrp"
+        self.ui.igFrame.visible = parameters.method == "integrated_gradients"
+        if self._explanation is not None:
+            with slicer.util.tryWithErrorDisplay(_("Failed to update the overlay."), waitCursor=False):
+                self.logic.showExplanation(self._explanation, parameters)
+
+    # ------------------------------------------------------------------------------------------------ running
+
+    def onPointClicked(self, caller, event) -> None:
+        parameters = self._parameterNode
+        if parameters and parameters.explainOnClick and self._job is None:
+            parameters.regionKind = "point"
+            self.onApplyButton()
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self._finishJobUi()
+            self.ui.statusLabel.text = _("Cancelled")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
+            self.logic.ensureRequirements(askConfirmation=True)
+            self._job = self.logic.startExplanation(self._parameterNode)
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene")
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.visible = True
+            self.ui.statusLabel.text = _("Starting")
+            self._jobTimer.start()
+
+    def onJobTimer(self) -> None:
+        job = self._job
+        job.poll()
+        self.ui.progressBar.value = int(100 * job.fraction)
+        self.ui.statusLabel.text = job.step
+        if job.running:
+            return
+        self._finishJobUi()
+        if job.state == "failed":
+            slicer.util.errorDisplay(_("Explanation failed: {error}").format(error=job.error))
+            self.ui.statusLabel.text = _("Failed")
+            job.cleanup()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the explanation."), waitCursor=True):
+            try:
+                self._explanation = self.logic.finishExplanation(job, self._parameterNode, self._explanation)
+            finally:
+                job.cleanup()
+            self.logic.showExplanation(self._explanation, self._parameterNode)
+            self.logic.showSharesChart(self._explanation)
+            self._refreshExplanations()
+            record = self._explanation.record
+            self.ui.statusLabel.text = _("Done in {seconds:.1f} s; score {score:.4g}, delta {delta}").format(
+                seconds=record["seconds"], score=record["target_score"], delta=record.get("delta"))
+
+    def _finishJobUi(self) -> None:
+        self._jobTimer.stop()
+        self._job = None
+        self.ui.applyButton.text = _("Explain")
+        self.ui.progressBar.visible = False
+        self._onParameterNodeModified()
+
+    # ------------------------------------------------------------------------------------------------ results
+
+    def _refreshExplanations(self) -> None:
+        combo = self.ui.explanationComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        for item in self.logic.explanationFolders():
+            combo.addItem(shNode.GetItemName(item), item)
+        if self._explanation is not None:
+            combo.setCurrentIndex(max(0, combo.findData(self._explanation.folderItem)))
+        combo.blockSignals(wasBlocked)
+        self.onExplanationSelected(combo.currentIndex)
+
+    def onExplanationSelected(self, index) -> None:
+        if index < 0:
+            self._explanation = None
+            self.ui.sequenceComboBox.clear()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the explanation."), waitCursor=False):
+            self._explanation = self.logic.explanation(self.ui.explanationComboBox.itemData(index))
+            combo = self.ui.sequenceComboBox
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(self._explanation.sequenceNames)
+            combo.setCurrentIndex(min(self._parameterNode.displayedSequence, combo.count - 1))
+            combo.blockSignals(wasBlocked)
+            self.logic.showExplanation(self._explanation, self._parameterNode)
+
+    def onSequenceSelected(self, index) -> None:
+        if index >= 0 and self._parameterNode:
+            self._parameterNode.displayedSequence = index
+
+    def onInclusivityButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to compute the inclusivity."), waitCursor=True):
+            values = self.logic.groundTruthInclusivity(self._explanation, self._parameterNode)
+            self.ui.inclusivityLabel.text = ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+
+    def _saveFileName(self, title, defaultName, filters):
+        return qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), title, defaultName, filters)
+
+    def onLayoutScreenshot(self) -> None:
+        path = self._saveFileName(_("Save screenshot of the views"), "segexplain-views.png", "PNG (*.png)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Failed to save the screenshot."), waitCursor=True):
+                import ScreenCapture
+
+                ScreenCapture.ScreenCaptureLogic().captureImageFromView(None, path)
+
+    def onMontage(self) -> None:
+        path = self._saveFileName(_("Save slice montage"), "segexplain-montage.png", "PNG (*.png)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Failed to save the montage."), waitCursor=True):
+                self.logic.saveMontage(self._explanation, self._parameterNode, path)
+
+    def onReport(self) -> None:
+        path = self._saveFileName(_("Save report"), "segexplain-report.pdf", "PDF (*.pdf);;PNG (*.png)")
+        if path:
+            with slicer.util.tryWithErrorDisplay(_("Failed to save the report."), waitCursor=True):
+                self.logic.saveReport(self._explanation, self._parameterNode, path)
+
+
+#
+# SegExplainLogic
+#
+
+
+class SegExplainLogic(ScriptedLoadableModuleLogic):
+    """Turns the parameter node into an explanation job and its results into scene nodes. No GUI; raises on error.
+
+    The MRML work is done by ``SegExplainMRML`` (Qt-free, shared with the browser app and tested headless).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    def getParameterNode(self):
+        return SegExplainParameterNode(super().getParameterNode())
+
+    # requirements ---------------------------------------------------------------------------------------------
+
+    def missingRequirements(self) -> list[str]:
+        """Packages the engine needs that are not installed (checked without importing them)."""
+        missing = [] if importlib.util.find_spec("torch") else ["torch (PyTorch extension)"]
+        return missing + [pip for module, pip in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+
+    def ensureRequirements(self, askConfirmation: bool = True) -> None:
+        """Install torch through the PyTorch extension and the other packages with pip, after asking the user."""
+        if importlib.util.find_spec("torch") is None:
+            import PyTorchUtils
+
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.installTorch(askConfirmation=askConfirmation) is None:
+                raise ValueError(_("PyTorch is required; install it from the PyTorch module"))
+        missing = [pip for module, pip in PIP_REQUIREMENTS if importlib.util.find_spec(module) is None]
+        if missing:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    _("SegExplain needs these Python packages: {packages}. Install them now?").format(
+                        packages=", ".join(missing))):
+                raise ValueError(_("Missing Python packages: {packages}").format(packages=", ".join(missing)))
+            slicer.util.pip_install(missing)
+
+    # inputs ---------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def deviceDescription() -> str:
+        """What 'auto' will pick, read without importing torch in Slicer's process (nvidia-smi or CUDA env)."""
+        import shutil
+        import subprocess
+
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                names = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                       text=True, timeout=5).stdout.strip().splitlines()
+            except (OSError, subprocess.SubprocessError):
+                names = []
+            if names:
+                return _("CUDA: {gpus}").format(gpus=", ".join(names))
+        return _("No CUDA GPU found: CPU")
+
+    @staticmethod
+    def cardPath(modelCard: str) -> str:
+        from SegExplainMRML.job import demoCardPath
+
+        return modelCard or demoCardPath()
+
+    def sequenceNames(self, modelCard: str) -> list[str]:
+        """The sequences of the model card (the bundled demo's when ``modelCard`` is empty)."""
+        from SegExplainLib.loading import ModelCard
+
+        card = ModelCard.read(self.cardPath(modelCard))
+        if not card.sequences:
+            raise ValueError(_("model card {path} lists no sequences").format(path=self.cardPath(modelCard)))
+        return list(card.sequences)
+
+    def newClickedPointsNode(self):
+        """The markups node whose placed points trigger click-to-explain."""
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SegExplain click")
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
+        return node
+
+    def region(self, parameters):
+        """The region to explain, from the parameter node (segment, ROI box, last clicked point, ...)."""
+        from SegExplainMRML import nodes
+        from SegExplainMRML.job import Region
+
+        reference = parameters.inputVolumes[0]
+        kind = parameters.regionKind
+        if kind == "segment":
+            segmentation = parameters.regionSegmentation
+            mask = nodes.segmentMask(segmentation, parameters.regionSegmentId, reference)
+            segmentName = segmentation.GetSegmentation().GetSegment(parameters.regionSegmentId).GetName()
+            return Region("segment", mask=mask, description=f"segment {segmentName!r} of {segmentation.GetName()!r}")
+        if kind == "box":
+            box = nodes.roiIndexBox(parameters.regionRoi, reference)
+            return Region("box", box=box, description=f"ROI {parameters.regionRoi.GetName()!r}, voxels {box}")
+        if kind == "point":
+            points = parameters.clickedPoints
+            last = points.GetNumberOfControlPoints() - 1 if points else -1
+            point = nodes.clickedPoint(points, last, reference)
+            return Region("point", pointRas=tuple(point), radius=parameters.radius,
+                          description=f"point {points.GetNthControlPointLabel(last)!r}, radius {parameters.radius} mm")
+        return Region(kind, description="predicted region" if kind == "predicted" else "whole class channel")
+
+    def settings(self, parameters):
+        """The method and options, from the parameter node (validated by ExplainSettings)."""
+        from SegExplainMRML.job import ExplainSettings
+
+        layerFilter = ""
+        if parameters.layerwiseFilter and parameters.filterKind != "none":
+            layerFilter = f"{parameters.filterKind}:{parameters.filterLow:g},{parameters.filterHigh:g}"
+        return ExplainSettings(method=parameters.method, composite=parameters.composite, layerFilter=layerFilter,
+                               nSteps=parameters.nSteps, baseline=parameters.baseline,
+                               aggregation=parameters.aggregation, samples=parameters.samples,
+                               classIndex=parameters.classIndex, device=parameters.device, seed=parameters.seed)
+
+    def startExplanation(self, parameters):
+        """Write the inputs and start the background job; returns the running ``ExplainJob``."""
+        from SegExplainMRML.job import ExplainJob
+        from SegExplainMRML.nodes import stackVolumes
+
+        volumes = list(parameters.inputVolumes)
+        names = self.sequenceNames(parameters.modelCard)
+        if len(volumes) != len(names) or not all(volumes):
+            raise ValueError(_("select one volume for each of the {count} sequences: {names}").format(
+                count=len(names), names=", ".join(names)))
+        stack = stackVolumes(volumes, names)
+        job = ExplainJob(stack, self.region(parameters), self.settings(parameters),
+                         card=self.cardPath(parameters.modelCard))
+        job.start()
+        logging.info("SegExplain: %s", " ".join(job.command()))
+        return job
+
+    def finishExplanation(self, job, parameters, previous=None):
+        """Load a finished job into the scene as a new explanation folder (replacing ``previous`` if asked)."""
+        from SegExplainMRML.results import loadExplanation, removeExplanation
+
+        settings = job.settings
+        name = f"{settings.method} {settings.composite if settings.method == 'lrp' else ''}".strip()
+        explanation = loadExplanation(job.outputFolder, job.stack, list(parameters.inputVolumes),
+                                      name=f"{name}, {job.region.description}", command=job.command())
+        if parameters.replacePrevious and previous is not None:
+            removeExplanation(slicer.mrmlScene, previous.folderItem)
+        return explanation
+
+    def explanationFolders(self) -> list[int]:
+        from SegExplainMRML.results import explanationFolders
+
+        return explanationFolders(slicer.mrmlScene)
+
+    def explanation(self, folderItem):
+        from SegExplainMRML.results import explanationOf
+
+        return explanationOf(slicer.mrmlScene, folderItem)
+
+    # display ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def sliceCompositeNodes() -> list:
+        return [slicer.app.layoutManager().sliceWidget(name).mrmlSliceCompositeNode() for name in SLICE_VIEWS]
+
+    def showExplanation(self, explanation, parameters) -> None:
+        """Show the chosen sequence's relevance, filtered by the sliders, over that sequence on the slice views."""
+        from SegExplainMRML import display
+
+        index = min(max(parameters.displayedSequence, 0), len(explanation.relevance) - 1)
+        relevance = explanation.relevance[index]
+        overlay = explanation.overlay
+        overlay.SetAttribute("SegExplain.sequence", relevance.GetAttribute("SegExplain.sequence"))
+        display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
+        amplitudeFilter = display.amplitudeFilter(parameters.filterKind, parameters.filterLow, parameters.filterHigh)
+        display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
+        display.showOverlay(self.sliceCompositeNodes(), explanation.inputVolume(index), overlay,
+                            parameters.overlayOpacity)
+
+    @staticmethod
+    def showSharesChart(explanation) -> None:
+        slicer.modules.plots.logic().ShowChartInLayout(explanation.chart)
+
+    def groundTruthInclusivity(self, explanation, parameters) -> dict:
+        from SegExplainMRML.results import addGroundTruthInclusivity
+
+        if explanation is None:
+            raise ValueError(_("run or select an explanation first"))
+        return addGroundTruthInclusivity(explanation, parameters.groundTruthSegmentation,
+                                         parameters.groundTruthSegmentId)
+
+    # export -----------------------------------------------------------------------------------------------------
+
+    def montage(self, explanation, parameters):
+        from SegExplainMRML.export import sliceMontage
+
+        if explanation is None:
+            raise ValueError(_("run or select an explanation first"))
+        index = min(max(parameters.displayedSequence, 0), len(explanation.relevance) - 1)
+        return sliceMontage(slicer.mrmlScene, slicer.app.applicationLogic(), explanation.inputVolume(index),
+                            explanation.overlay, orientation=parameters.montageOrientation,
+                            opacity=parameters.overlayOpacity)
+
+    def saveMontage(self, explanation, parameters, path: str) -> None:
+        from SegExplainMRML.export import writePng
+
+        writePng(self.montage(explanation, parameters), path)
+
+    def saveReport(self, explanation, parameters, path: str) -> None:
+        from SegExplainMRML.export import writeReport
+
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        writeReport(explanation, self.montage(explanation, parameters), path,
+                    title=shNode.GetItemName(explanation.folderItem))
+
+
+#
+# SegExplainTest
+#
+
+
+class SegExplainTest(ScriptedLoadableModuleTest):
+    """The whole workflow on a generated 6-sequence case with the bundled demo network, inside Slicer."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegExplainWorkflow()
+        self.setUp()
+        self.test_SegExplainParametersSavedWithScene()
+
+    def _demoScene(self):
+        import numpy as np
+
+        from SegExplainLib.demo import make_case
+
+        image, label = make_case(1000)
+        logic = SegExplainLogic()
+        logic.ensureRequirements(askConfirmation=False)
+        names = logic.sequenceNames("")
+        ijkToRas = np.diag([-1.2, -1.2, 3.0, 1.0])
+        volumes = [slicer.util.addVolumeFromArray(image[c], ijkToRas, name) for c, name in enumerate(names)]
+        labelNode = slicer.util.addVolumeFromArray(label.astype(np.uint8), ijkToRas, "lesion",
+                                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
+        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentation)
+        parameters = logic.getParameterNode()
+        parameters.modelCard = ""
+        parameters.inputVolumes = volumes
+        return logic, parameters, volumes, label, segmentation
+
+    def test_SegExplainWorkflow(self):
+        import numpy as np
+
+        self.delayDisplay("Explaining a clicked point of the demo case")
+        logic, parameters, volumes, label, segmentation = self._demoScene()
+        parameters.clickedPoints = logic.newClickedPointsNode()
+        lesion = np.argwhere(label > 0).mean(axis=0)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumes[0].GetIJKToRASMatrix(ijkToRas)
+        point = ijkToRas.MultiplyPoint([lesion[2], lesion[1], lesion[0], 1.0])[:3]
+        parameters.clickedPoints.AddControlPoint(point)
+        parameters.regionKind = "point"
+        job = logic.startExplanation(parameters)
+        self.assertEqual(job.wait(timeout=300), "done", job.error)
+        explanation = logic.finishExplanation(job, parameters)
+        job.cleanup()
+        self.assertEqual(len(explanation.relevance), 6)
+        self.assertGreater(explanation.record["target_score"], 0)
+
+        self.delayDisplay("Overlay and live filter")
+        logic.showExplanation(explanation, parameters)
+        composite = logic.sliceCompositeNodes()[0]
+        self.assertEqual(composite.GetForegroundVolumeID(), explanation.overlay.GetID())
+        raw = slicer.util.arrayFromVolume(explanation.relevance[0]).copy()
+        parameters.filterKind, parameters.filterLow, parameters.filterHigh = "pass", 0.5, 1.0
+        logic.showExplanation(explanation, parameters)
+        shown = slicer.util.arrayFromVolume(explanation.overlay)
+        keep = np.abs(raw) >= 0.5 * np.abs(raw).max()
+        np.testing.assert_array_equal(shown[~keep], 0)
+        np.testing.assert_array_equal(shown[keep], raw[keep])
+
+        self.delayDisplay("Shares, inclusivity, report")
+        logic.showSharesChart(explanation)
+        parameters.groundTruthSegmentation = segmentation
+        parameters.groundTruthSegmentId = segmentation.GetSegmentation().GetNthSegmentID(0)
+        inclusivity = logic.groundTruthInclusivity(explanation, parameters)
+        self.assertEqual(len(inclusivity), 6)
+        folder = tempfile.mkdtemp()
+        logic.saveReport(explanation, parameters, os.path.join(folder, "report.pdf"))
+        self.assertGreater(os.path.getsize(os.path.join(folder, "report.pdf")), 10000)
+
+        self.delayDisplay("A second run adds a second explanation")
+        job = logic.startExplanation(parameters)
+        self.assertEqual(job.wait(timeout=300), "done", job.error)
+        logic.finishExplanation(job, parameters)
+        job.cleanup()
+        self.assertEqual(len(logic.explanationFolders()), 2)
+        self.delayDisplay("Workflow passed")
+
+    def test_SegExplainParametersSavedWithScene(self):
+        self.delayDisplay("Parameters are saved with the scene")
+        logic, parameters, volumes, label, segmentation = self._demoScene()
+        parameters.method, parameters.nSteps, parameters.filterKind = "integrated_gradients", 48, "clamp"
+        parameters.filterHigh, parameters.overlayOpacity, parameters.regionKind = 0.3, 0.45, "segment"
+        parameters.regionSegmentation = segmentation
+        folder = tempfile.mkdtemp()
+        scenePath = os.path.join(folder, "scene.mrb")
+        self.assertTrue(slicer.util.saveScene(scenePath))
+        slicer.mrmlScene.Clear()
+        slicer.util.loadScene(scenePath)
+        restored = SegExplainLogic().getParameterNode()
+        self.assertEqual((restored.method, restored.nSteps, restored.filterKind), ("integrated_gradients", 48, "clamp"))
+        self.assertAlmostEqual(restored.filterHigh, 0.3)
+        self.assertAlmostEqual(restored.overlayOpacity, 0.45)
+        self.assertEqual(restored.regionKind, "segment")
+        self.assertEqual(restored.regionSegmentation.GetName(), "truth")
+        self.assertEqual([v.GetName() for v in restored.inputVolumes], [v.GetName() for v in volumes])
+        self.delayDisplay("Parameters restored")

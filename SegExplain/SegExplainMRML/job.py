@@ -1,0 +1,298 @@
+"""The explanation as a background process: ``segexplain explain`` on files written from the scene.
+
+The Slicer module (and the browser app) must stay responsive while a 3D explanation runs for seconds to minutes, and
+a user must be able to cancel it. So the job writes the input sequences and the region to a private temporary
+folder, starts ``python -m SegExplainLib explain ... --progress json`` as a child process, and reports its JSON
+progress lines through :meth:`ExplainJob.poll`, which a GUI timer calls. The child process is the same command line a
+researcher runs by hand, so a result from Slicer can be reproduced outside it from the recorded arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import SegExplainLib
+from SegExplainLib.demo import demo_card_path
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.imaging import Geometry, write_volume
+
+from .nodes import VolumeStack
+
+#: The regions a user can pick, and what each needs.
+REGION_KINDS = ("segment", "box", "point", "predicted", "class")
+#: Methods offered in the module, in menu order (the engine's names).
+METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
+           "deconvolution", "occlusion")
+
+
+@dataclass
+class Region:
+    """What to explain, in voxels of the input grid.
+
+    Attributes:
+        kind: One of :data:`REGION_KINDS`.
+        mask: ``segment``: the (D, H, W) bool mask of the segment.
+        box: ``box``: (D0, H0, W0, D1, H1, W1), half open.
+        pointRas: ``point``: the clicked point in the volume's local RAS frame (mm).
+        radius: ``point``: radius (mm) of the ball around the point; 0 explains the one voxel.
+        description: How the record names the region, e.g. ``segment 'Lesion' of 'Segmentation'``.
+    """
+
+    kind: str
+    mask: np.ndarray | None = None
+    box: tuple[int, ...] | None = None
+    pointRas: tuple[float, float, float] | None = None
+    radius: float = 0.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in REGION_KINDS:
+            raise SegExplainError(f"region kind must be one of {', '.join(REGION_KINDS)}, got {self.kind!r}")
+        needed = {"segment": self.mask, "box": self.box, "point": self.pointRas}
+        if self.kind in needed and needed[self.kind] is None:
+            raise SegExplainError(f"a {self.kind!r} region needs its {'mask' if self.kind == 'segment' else self.kind}")
+        if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float)) or not self.radius >= 0:
+            raise SegExplainError(f"radius must be a number of mm >= 0, got {self.radius!r}")
+
+
+@dataclass
+class ExplainSettings:
+    """The method and options of one explanation, as the module's parameter node holds them.
+
+    Attributes:
+        method: Engine method, one of :data:`METHODS`.
+        composite: LRP composite (``epsilon_plus`` gives each sequence its own share; ``epsilon_plus_flat`` does not).
+        layerFilter: Tjoa's layer-wise filter inside the LRP propagation, e.g. ``"pass:0.4"``; empty for none.
+        nSteps: Integrated Gradients steps.
+        baseline: Integrated Gradients baseline: ``zero``, ``min``, ``constant:V`` or ``blur:SIGMA``.
+        aggregation: ``sum`` of the region's logits or ``normalized`` (every voxel weighted equally).
+        samples: Voxels drawn for a sampled normalized estimate; 0 computes it exactly.
+        classIndex: Output class explained (1 = the first foreground class).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        seed: Seed of every random draw (SmoothGrad noise, sampled aggregation).
+    """
+
+    method: str = "lrp"
+    composite: str = "epsilon_plus"
+    layerFilter: str = ""
+    nSteps: int = 32
+    baseline: str = "zero"
+    aggregation: str = "sum"
+    samples: int = 0
+    classIndex: int = 1
+    device: str = "auto"
+    seed: int = 0
+    extraOptions: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SegExplainError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.aggregation not in ("sum", "normalized"):
+            raise SegExplainError(f"aggregation must be 'sum' or 'normalized', got {self.aggregation!r}")
+        for name in ("nSteps", "samples", "classIndex", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "nSteps" else 0):
+                raise SegExplainError(f"{name} must be an integer >= {1 if name == 'nSteps' else 0}, got {value!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise SegExplainError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def arguments(self) -> list[str]:
+        """The ``segexplain explain`` options for these settings."""
+        args = ["--method", self.method, "--class", str(self.classIndex), "--aggregation", self.aggregation,
+                "--device", self.device, "--seed", str(self.seed)]
+        if self.method == "lrp":
+            args += ["--composite", self.composite] + (["--layer-filter", self.layerFilter] if self.layerFilter else [])
+        if self.method == "integrated_gradients":
+            args += ["--n-steps", str(self.nSteps), "--baseline", self.baseline]
+        if self.aggregation == "normalized" and self.samples:
+            args += ["--samples", str(self.samples)]
+        for key, value in self.extraOptions.items():
+            args += ["--option", f"{key}={json.dumps(value)}"]
+        return args
+
+    def toDict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fileSafe(name: str) -> str:
+    """A sequence name usable in a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
+    return safe or "sequence"
+
+
+def pythonExecutable() -> str:
+    """The Python that runs the job: Slicer's ``PythonSlicer`` inside Slicer, else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def regionArguments(region: Region, geometry: Geometry, folder: Path) -> list[str]:
+    if region.kind == "segment":
+        path = write_volume(region.mask.astype(np.uint8), geometry, folder / "region.nrrd")
+        return ["--label", str(path), "--label-value", "1"]
+    if region.kind == "box":
+        return ["--box-index", *(str(v) for v in region.box)]
+    if region.kind == "point":
+        return ["--point-ras", *(f"{v:.6g}" for v in region.pointRas), "--radius", f"{region.radius:g}"]
+    if region.kind == "class":
+        return ["--whole-class"]
+    return []
+
+
+class ExplainJob:
+    """One explanation running in a child process.
+
+    Example (what the module's Apply button does, with a timer calling ``poll``):
+        >>> job = ExplainJob(stackVolumes([t2, t1]), Region("point", pointRas=(10.0, -4.5, 22.0), radius=3.0),
+        ...                  ExplainSettings(method="lrp"), card="/models/prostate/card.yaml")
+        >>> job.start()
+        >>> while job.running:
+        ...     for event in job.poll(): print(event["step"], event["fraction"])
+        >>> job.state, job.outputFolder
+        ('done', PosixPath('/tmp/segexplain-job-.../result'))
+    """
+
+    def __init__(self, stack: VolumeStack, region: Region, settings: ExplainSettings, *, card: str | None = None,
+                 python: str | None = None) -> None:
+        if card is not None and not Path(card).is_file():
+            raise SegExplainError(f"model card {card!r} is not a file")
+        self.stack, self.region, self.settings, self.card = stack, region, settings, card
+        self.python = python or pythonExecutable()
+        self.state = "new"
+        self.fraction, self.step, self.error = 0.0, "", ""
+        self.folder: Path | None = None
+        self._process: subprocess.Popen | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._stderr: list[str] = []
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def outputFolder(self) -> Path:
+        if self.folder is None:
+            raise SegExplainError("the job has not been started")
+        return self.folder / "result"
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def command(self) -> list[str]:
+        """The full command line; valid once :meth:`start` wrote the inputs."""
+        names = [fileSafe(n) for n in self.stack.names]
+        inputs = [str(self.folder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
+        model = ["--card", self.card or demoCardPath()]
+        return [self.python, "-m", "SegExplainLib", "explain", "--input", *inputs, "--sequence-names", *names, *model,
+                *regionArguments(self.region, self.stack.geometry, self.folder), *self.settings.arguments(),
+                "--output", str(self.outputFolder), "--progress", "json", "--no-figures"]
+
+    def start(self) -> None:
+        """Write the inputs and start the child process; returns at once."""
+        if self.state != "new":
+            raise SegExplainError(f"a job runs once; this one is {self.state}")
+        self.folder = Path(tempfile.mkdtemp(prefix="segexplain-job-"))
+        try:
+            for index, (channel, name) in enumerate(zip(self.stack.image, self.stack.names)):
+                write_volume(channel, self.stack.geometry, self.folder / f"input_{index}_{fileSafe(name)}.nrrd")
+            command = self.command()
+            (self.folder / "command.json").write_text(json.dumps(command))
+            environment = dict(os.environ)
+            libraryRoot = str(Path(SegExplainLib.__file__).resolve().parent.parent)
+            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [libraryRoot, environment.get("PYTHONPATH")]))
+            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env=environment, start_new_session=os.name == "posix")
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.state = "failed"
+            raise
+        self.state = "running"
+        self._threads = [threading.Thread(target=self._readEvents, daemon=True),
+                         threading.Thread(target=self._readErrors, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    def _readEvents(self) -> None:
+        for line in self._process.stdout:
+            try:
+                self._events.put(json.loads(line))
+            except json.JSONDecodeError:
+                self._stderr.append(line.rstrip())
+
+    def _readErrors(self) -> None:
+        for line in self._process.stderr:
+            self._stderr.append(line.rstrip())
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Progress events since the last call; updates ``state``, ``fraction``, ``step`` and ``error``."""
+        finished = self.state == "running" and self._process.poll() is not None
+        if finished:
+            for thread in self._threads:  # every line the process wrote is read before the state changes
+                thread.join()
+        events = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        for event in events:
+            self.fraction, self.step = float(event.get("fraction", self.fraction)), event.get("step", self.step)
+        if finished and self._process.returncode == 0:
+            self.state, self.fraction = "done", 1.0
+        elif finished:
+            self.state, self.error = "failed", self._errorLine()
+        return events
+
+    def _errorLine(self) -> str:
+        errors = [line for line in self._stderr if line.startswith("error:")]
+        if errors:
+            return errors[-1][len("error:"):].strip()
+        last = next((line for line in reversed(self._stderr) if line.strip()), "")
+        return f"the explanation process stopped with exit code {self._process.returncode}" + (
+            f": {last}" if last else "")
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the process ends (tests and scripts); returns the final state."""
+        if self.state == "running":
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.cancel()
+                raise SegExplainError(f"the explanation took longer than {timeout} s and was cancelled") from None
+            self.poll()
+        return self.state
+
+    def cancel(self) -> None:
+        """Stop the process (interrupt, then kill after 5 s) and delete everything it wrote."""
+        if self.state == "running":
+            if os.name == "posix":
+                self._process.send_signal(signal.SIGINT)
+            else:
+                self._process.terminate()
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            for thread in self._threads:
+                thread.join()
+            self.state = "cancelled"
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """Delete the temporary folder (after the results were loaded into the scene)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def demoCardPath() -> str:
+    """The model card of the bundled demo U-Net (6 synthetic MRI sequences, lesion class 1)."""
+    return str(demo_card_path())

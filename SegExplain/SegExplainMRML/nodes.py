@@ -1,0 +1,270 @@
+"""Volume nodes to arrays and back, and the regions a user picks (segment, ROI box, clicked point) as voxels.
+
+Arrays follow the engine's layout: a volume is (D, H, W) = (K, J, I) in Slicer's IJK terms, several sequences are
+stacked to (C, D, H, W). A volume under a linear transform is handled in its own (local) frame: the inputs are
+written with their local geometry, regions are mapped from world coordinates into that frame, and the relevance
+volumes are placed under the same transform, so they overlay the inputs wherever the transform moves them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.imaging import Geometry
+
+_LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+def nodeLabel(node: Any) -> str:
+    """How messages name a node: its name and ID, e.g. ``'T2' (vtkMRMLScalarVolumeNode1)``."""
+    return f"{node.GetName()!r} ({node.GetID()})" if node is not None else "None"
+
+
+def _checkVolume(node: Any, what: str) -> None:
+    scalar = node is not None and node.IsA("vtkMRMLScalarVolumeNode")
+    if not scalar or node.IsA("vtkMRMLLabelMapVolumeNode") or node.IsA("vtkMRMLVectorVolumeNode"):
+        got = node.GetClassName() if node is not None else "nothing"
+        raise SegExplainError(f"{what} must be a scalar volume node, got {got}"
+                              + (f" {nodeLabel(node)}" if node is not None else ""))
+    if node.GetImageData() is None:
+        raise SegExplainError(f"{what} {nodeLabel(node)} has no voxels")
+
+
+def ijkToRasMatrix(volumeNode: Any) -> np.ndarray:
+    """The 4x4 IJK-to-RAS matrix of a volume in its own (local) frame."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def worldFromLocalMatrix(node: Any) -> np.ndarray:
+    """The 4x4 matrix taking the node's local RAS to world RAS (identity without a parent transform).
+
+    Raises:
+        SegExplainError: The node is under a non-linear transform, which has no single matrix; harden it first.
+    """
+    transformNode = node.GetParentTransformNode()
+    if transformNode is None:
+        return np.eye(4)
+    if not transformNode.IsTransformToWorldLinear():
+        raise SegExplainError(f"{nodeLabel(node)} is under the non-linear transform {nodeLabel(transformNode)}; "
+                              "harden the transform (Data module) before explaining")
+    matrix = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToWorld(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def geometryOfVolume(volumeNode: Any) -> Geometry:
+    """The grid of a scalar (or multi-component vector) volume node in ITK's LPS convention, in its local frame.
+
+    Example:
+        >>> geometryOfVolume(getNode("T2")).spacing
+        (0.9375, 0.9375, 3.0)
+    """
+    if not (volumeNode is not None and volumeNode.IsA("vtkMRMLVectorVolumeNode")):
+        _checkVolume(volumeNode, "the volume")
+    ijkToRas = ijkToRasMatrix(volumeNode)
+    spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
+    direction = (ijkToRas[:3, :3] / spacing[None, :]) * _LPS_FROM_RAS[:, None]
+    origin = ijkToRas[:3, 3] * _LPS_FROM_RAS
+    size = volumeNode.GetImageData().GetDimensions()
+    return Geometry(tuple(spacing), tuple(origin), tuple(direction.ravel()), tuple(int(n) for n in size))
+
+
+@dataclass(frozen=True)
+class VolumeStack:
+    """The explained image: the sequences stacked to (C, D, H, W) float32, their grid and the node they came from.
+
+    Attributes:
+        image: The voxels, a copy (the scene's volumes are never written to).
+        geometry: The shared grid, local frame of ``reference``.
+        names: One name per channel, e.g. the model card's sequence names.
+        reference: The first input volume: results get its geometry and parent transform.
+    """
+
+    image: np.ndarray
+    geometry: Geometry
+    names: tuple[str, ...]
+    reference: Any
+
+
+def stackVolumes(volumeNodes: list[Any], names: list[str] | None = None) -> VolumeStack:
+    """Stack one scalar volume per sequence (or one multi-component vector volume) into the engine's image.
+
+    Args:
+        volumeNodes: The sequences in the model's channel order, e.g. ``[t2Node, t1Node]``; or a single
+            ``vtkMRMLVectorVolumeNode`` whose components are the sequences.
+        names: Channel names; by default the node names (a vector volume's channels get ``<name>[c]``).
+
+    Returns:
+        The stacked image, its geometry and names.
+
+    Raises:
+        SegExplainError: No volume, a missing or non-scalar node, grids that differ (the message names the nodes and
+            the fields: size, spacing, origin, direction), nodes under different transforms, or a name count that
+            does not match the channels.
+    """
+    if not volumeNodes:
+        raise SegExplainError("select at least one input volume (one per MRI sequence)")
+    if len(volumeNodes) == 1 and volumeNodes[0] is not None and volumeNodes[0].IsA("vtkMRMLVectorVolumeNode"):
+        vector = volumeNodes[0]
+        voxels = slicer.util.arrayFromVolume(vector)
+        image = np.ascontiguousarray(np.moveaxis(voxels, -1, 0), dtype=np.float32)
+        geometry = geometryOfVolume(vector)
+        defaultNames = [f"{vector.GetName()}[{c}]" for c in range(image.shape[0])]
+        return VolumeStack(image, geometry, _checkedNames(names, defaultNames), vector)
+    for index, node in enumerate(volumeNodes):
+        _checkVolume(node, f"input volume {index + 1}")
+    reference = volumeNodes[0]
+    geometry = geometryOfVolume(reference)
+    referenceTransform = reference.GetParentTransformNode()
+    for node in volumeNodes[1:]:
+        differences = geometry.differences(geometryOfVolume(node), tolerance=1e-4)
+        if differences:
+            raise SegExplainError(f"input volume {nodeLabel(node)} is not on the grid of {nodeLabel(reference)} "
+                                  f"(differs in {', '.join(differences)}); resample it first (Resample Scalar "
+                                  "Volume module)")
+        if node.GetParentTransformNode() is not referenceTransform:
+            raise SegExplainError(f"input volume {nodeLabel(node)} is under another transform than "
+                                  f"{nodeLabel(reference)}; harden the transforms or use the same one")
+    image = np.stack([slicer.util.arrayFromVolume(node).astype(np.float32) for node in volumeNodes])
+    return VolumeStack(image, geometry, _checkedNames(names, [n.GetName() for n in volumeNodes]), reference)
+
+
+def _checkedNames(names: list[str] | None, defaults: list[str]) -> tuple[str, ...]:
+    if names is None:
+        return tuple(defaults)
+    if len(names) != len(defaults):
+        raise SegExplainError(f"{len(names)} sequence names ({', '.join(names)}) given for {len(defaults)} "
+                              "input channels")
+    return tuple(str(n) for n in names)
+
+
+def worldToIndex(volumeNode: Any, pointWorld: Any) -> np.ndarray:
+    """Continuous voxel index (d, h, w) of a world RAS point, e.g. a clicked markups point."""
+    worldFromIjk = worldFromLocalMatrix(volumeNode) @ ijkToRasMatrix(volumeNode)
+    ijk = np.linalg.solve(worldFromIjk, np.append(np.asarray(pointWorld, dtype=float), 1.0))[:3]
+    return ijk[::-1]
+
+
+def localPoint(volumeNode: Any, pointWorld: Any) -> np.ndarray:
+    """A world RAS point in the volume's local RAS frame (the frame of the files the job writes)."""
+    local = np.linalg.solve(worldFromLocalMatrix(volumeNode), np.append(np.asarray(pointWorld, dtype=float), 1.0))
+    return local[:3]
+
+
+def _shape(volumeNode: Any) -> tuple[int, int, int]:
+    i, j, k = volumeNode.GetImageData().GetDimensions()
+    return k, j, i
+
+
+def clickedPoint(markupsNode: Any, pointIndex: int, referenceVolume: Any) -> np.ndarray:
+    """The local RAS position of control point ``pointIndex`` of a markups node, checked to lie in the volume.
+
+    Raises:
+        SegExplainError: No such point, or the point lies outside the grid of ``referenceVolume``.
+    """
+    if markupsNode is None or not markupsNode.IsA("vtkMRMLMarkupsNode"):
+        raise SegExplainError(f"the clicked point must be a markups node, got {nodeLabel(markupsNode)}")
+    count = markupsNode.GetNumberOfControlPoints()
+    if not 0 <= pointIndex < count:
+        raise SegExplainError(f"point index {pointIndex} is out of range: {nodeLabel(markupsNode)} has {count} "
+                              "control points; click a point on a slice view first")
+    world = np.zeros(3)
+    markupsNode.GetNthControlPointPositionWorld(pointIndex, world)
+    index = np.round(worldToIndex(referenceVolume, world)).astype(int)
+    if np.any(index < 0) or np.any(index >= np.array(_shape(referenceVolume))):
+        raise SegExplainError(f"point {markupsNode.GetNthControlPointLabel(pointIndex)!r} at RAS "
+                              f"({', '.join(f'{v:.1f}' for v in world)}) lies outside {nodeLabel(referenceVolume)} "
+                              f"(voxel {tuple(int(v) for v in index)} for a grid of {_shape(referenceVolume)})")
+    return localPoint(referenceVolume, world)
+
+
+def roiIndexBox(roiNode: Any, referenceVolume: Any) -> tuple[int, int, int, int, int, int]:
+    """The voxel box (D0, H0, W0, D1, H1, W1), half open, that a markups ROI covers on the reference grid.
+
+    The ROI's eight corners are mapped to voxel indices, so a rotated ROI gives its bounding box on the grid; the
+    box is clipped to the volume.
+
+    Raises:
+        SegExplainError: Not an ROI node, or an ROI that does not overlap the volume.
+    """
+    if roiNode is None or not roiNode.IsA("vtkMRMLMarkupsROINode"):
+        raise SegExplainError(f"the box must be a markups ROI node, got {nodeLabel(roiNode)}")
+    center = np.zeros(3)
+    roiNode.GetCenter(center)
+    size = np.array(roiNode.GetSize())  # wrapped as GetSize() -> tuple; there is no GetSize(double[3])
+    roiToWorldArray = slicer.util.arrayFromVTKMatrix(roiNode.GetObjectToWorldMatrix())
+    signs = np.array(np.meshgrid([-0.5, 0.5], [-0.5, 0.5], [-0.5, 0.5])).reshape(3, -1).T
+    cornersObject = signs * size
+    cornersWorld = (roiToWorldArray[:3, :3] @ cornersObject.T).T + roiToWorldArray[:3, 3]
+    indices = np.array([worldToIndex(referenceVolume, corner) for corner in cornersWorld])
+    shape = np.array(_shape(referenceVolume))
+    low = np.clip(np.floor(indices.min(axis=0) + 0.5).astype(int), 0, shape)
+    high = np.clip(np.floor(indices.max(axis=0) + 0.5).astype(int) + 1, 0, shape)
+    if np.any(high <= low):
+        raise SegExplainError(f"ROI {nodeLabel(roiNode)} (centre RAS {np.round(center, 1).tolist()}, size "
+                              f"{np.round(size, 1).tolist()} mm) does not overlap {nodeLabel(referenceVolume)}")
+    return (*(int(v) for v in low), *(int(v) for v in high))
+
+
+def segmentMask(segmentationNode: Any, segmentId: str, referenceVolume: Any) -> np.ndarray:
+    """The voxels of one segment on the reference grid, as a (D, H, W) bool array.
+
+    Raises:
+        SegExplainError: Not a segmentation, no such segment, or a segment with no voxel on the grid.
+    """
+    if segmentationNode is None or not segmentationNode.IsA("vtkMRMLSegmentationNode"):
+        raise SegExplainError(f"the region must be a segmentation node, got {nodeLabel(segmentationNode)}")
+    segmentation = segmentationNode.GetSegmentation()
+    if not segmentId or segmentation.GetSegment(segmentId) is None:
+        known = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+        raise SegExplainError(f"segment {segmentId!r} is not in {nodeLabel(segmentationNode)} (it has "
+                              f"{', '.join(map(repr, known)) or 'no segments'})")
+    scene = segmentationNode.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "SegExplain temporary labelmap")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segmentId)
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, ids, labelmap, referenceVolume)
+        if not exported:
+            raise SegExplainError(f"segment {segmentId!r} of {nodeLabel(segmentationNode)} could not be converted to "
+                                  f"voxels on the grid of {nodeLabel(referenceVolume)}")
+        mask = slicer.util.arrayFromVolume(labelmap) > 0
+        if mask.shape != _shape(referenceVolume):
+            raise SegExplainError(f"segment {segmentId!r} was exported on a {mask.shape} grid, expected "
+                                  f"{_shape(referenceVolume)}")
+    finally:
+        scene.RemoveNode(labelmap)
+    if not mask.any():
+        name = segmentation.GetSegment(segmentId).GetName()
+        raise SegExplainError(f"segment {name!r} of {nodeLabel(segmentationNode)} has no voxel inside "
+                              f"{nodeLabel(referenceVolume)}")
+    return mask
+
+
+def addVolumeLike(referenceVolume: Any, array: np.ndarray, name: str) -> Any:
+    """A new scalar volume with the voxels ``array`` (D, H, W) on the grid and under the transform of a reference.
+
+    The name is made unique in the scene, so an earlier result is never replaced.
+    """
+    if array.shape != _shape(referenceVolume):
+        raise SegExplainError(f"array of shape {array.shape} does not fit the grid {_shape(referenceVolume)} of "
+                              f"{nodeLabel(referenceVolume)}")
+    scene = referenceVolume.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    matrix = vtk.vtkMatrix4x4()
+    referenceVolume.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
+    transform = referenceVolume.GetParentTransformNode()
+    if transform is not None:
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    return node

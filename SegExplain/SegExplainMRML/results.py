@@ -1,0 +1,251 @@
+"""Explanations in the scene: one subject-hierarchy folder per run, holding its record, maps, shares and chart.
+
+A folder holds, for an explanation of a C-sequence image:
+
+- C relevance volumes (role ``relevance``), one per sequence, on the input grid, each referencing its input volume;
+- one overlay volume (role ``overlay``): the filtered map of the sequence shown on the slice views;
+- a table (role ``shares``) with the positive, negative and absolute relevance share per sequence, and the
+  inclusivity against a ground-truth segment once computed;
+- a bar chart (role ``chart``) of the positive shares.
+
+The folder's attributes hold the record of the run (method, options, target, score, delta, software versions, the
+command line), so that the result can be reproduced; they are saved with the scene. Nothing is ever replaced: a new
+run gets a new folder, unless the caller removes an old one explicitly with :func:`removeExplanation`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from SegExplainLib import metrics
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.imaging import Geometry
+
+from .display import setDivergingDisplay
+from .job import fileSafe
+from .nodes import VolumeStack, addVolumeLike, segmentMask
+
+#: Attribute that marks a subject-hierarchy folder as an explanation; its value is the JSON record.
+RECORD_ATTRIBUTE = "SegExplain.record"
+ROLE_ATTRIBUTE = "SegExplain.role"
+SEQUENCE_ATTRIBUTE = "SegExplain.sequence"
+INPUT_REFERENCE = "segexplainInput"
+#: Record fields also stored as attributes of their own, for the Data module's attribute view.
+_SHOWN_FIELDS = ("method", "target", "target_score", "delta")
+SHARE_KINDS = ("positive", "negative", "absolute")
+
+
+@dataclass
+class Explanation:
+    """The nodes of one explanation folder (see the module docstring)."""
+
+    folderItem: int
+    record: dict[str, Any]
+    relevance: list[Any]
+    overlay: Any
+    table: Any
+    chart: Any
+
+    @property
+    def sequenceNames(self) -> list[str]:
+        return [node.GetAttribute(SEQUENCE_ATTRIBUTE) for node in self.relevance]
+
+    def inputVolume(self, index: int) -> Any:
+        """The input volume explained by relevance volume ``index`` (None if it was deleted)."""
+        return self.relevance[index].GetNodeReference(INPUT_REFERENCE)
+
+    def maps(self) -> np.ndarray:
+        """The relevance maps (C, D, H, W), a copy."""
+        return np.stack([slicer.util.arrayFromVolume(node) for node in self.relevance]).astype(np.float32)
+
+
+def subjectHierarchy(scene: Any) -> Any:
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _readMap(path: Path, geometry: Geometry) -> np.ndarray:
+    if not path.is_file():
+        raise SegExplainError(f"the explanation did not write {path.name} (in {path.parent})")
+    image = sitk.ReadImage(str(path))
+    differences = geometry.differences(Geometry.of(image), tolerance=1e-4)
+    if differences:
+        raise SegExplainError(f"{path.name} is not on the input grid (differs in {', '.join(differences)})")
+    return sitk.GetArrayFromImage(image).astype(np.float32)
+
+
+def _uniqueFolderName(shNode: Any, parent: Any, base: str) -> str:
+    children = vtk.vtkIdList()
+    shNode.GetItemChildren(parent, children)
+    taken = {shNode.GetItemName(children.GetId(i)) for i in range(children.GetNumberOfIds())}
+    if base not in taken:
+        return base
+    return next(f"{base} ({n})" for n in range(2, len(taken) + 3) if f"{base} ({n})" not in taken)
+
+
+def _placeInFolder(shNode: Any, node: Any, folder: int, role: str) -> None:
+    node.SetAttribute(ROLE_ATTRIBUTE, role)
+    item = shNode.GetItemByDataNode(node)
+    if item:  # Slicer's subject hierarchy plugins add an item for every new node; headless, we add it
+        shNode.SetItemParent(item, folder)
+    else:
+        shNode.CreateItem(folder, node)
+
+
+def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[Any], *, name: str,
+                    command: list[str] | None = None) -> Explanation:
+    """Bring the files of a finished ``segexplain explain`` run into the scene as an explanation folder.
+
+    Args:
+        outputFolder: The run's output folder (``summary.json`` and ``relevance_<sequence>.nii.gz``).
+        stack: The explained image, as given to the job: its grid and sequence names.
+        inputs: The input volume nodes, one per sequence (or the one vector volume).
+        name: Folder name, e.g. ``"LRP epsilon_plus, Lesion"``; made unique among its siblings.
+        command: The command line that produced the files, kept in the record.
+
+    Returns:
+        The new explanation. Raises :class:`SegExplainError` (and adds nothing) if a file is missing or off-grid.
+    """
+    outputFolder = Path(outputFolder)
+    summaryPath = outputFolder / "summary.json"
+    if not summaryPath.is_file():
+        raise SegExplainError(f"{outputFolder} has no summary.json: not a finished explanation")
+    record = json.loads(summaryPath.read_text())
+    if command is not None:
+        record["command"] = command
+    maps = [_readMap(outputFolder / f"relevance_{fileSafe(n)}.nii.gz", stack.geometry) for n in stack.names]
+    scene = stack.reference.GetScene()
+    shNode = subjectHierarchy(scene)
+    referenceItem = shNode.GetItemByDataNode(stack.reference)
+    parent = shNode.GetItemParent(referenceItem) if referenceItem else shNode.GetSceneItemID()
+    folder = shNode.CreateFolderItem(parent, _uniqueFolderName(shNode, parent, name))
+    folderName = shNode.GetItemName(folder)
+    shNode.SetItemAttribute(folder, RECORD_ATTRIBUTE, json.dumps(record, default=str))
+    for field in _SHOWN_FIELDS:
+        shNode.SetItemAttribute(folder, f"SegExplain.{field}", json.dumps(record.get(field), default=str))
+    relevance = []
+    for index, (sequence, array) in enumerate(zip(stack.names, maps)):
+        node = addVolumeLike(stack.reference, array, f"{folderName} {sequence}")
+        node.SetAttribute(SEQUENCE_ATTRIBUTE, sequence)
+        source = inputs[index] if len(inputs) == len(stack.names) else inputs[0]
+        node.SetNodeReferenceID(INPUT_REFERENCE, source.GetID())
+        setDivergingDisplay(node)
+        _placeInFolder(shNode, node, folder, "relevance")
+        relevance.append(node)
+    overlay = addVolumeLike(stack.reference, maps[0], f"{folderName} overlay")
+    overlay.SetAttribute(SEQUENCE_ATTRIBUTE, stack.names[0])
+    setDivergingDisplay(overlay)
+    _placeInFolder(shNode, overlay, folder, "overlay")
+    table = _sharesTable(scene, f"{folderName} shares", stack.names, record["relevance_shares"])
+    _placeInFolder(shNode, table, folder, "shares")
+    chart = _sharesChart(scene, table, folderName)
+    _placeInFolder(shNode, chart, folder, "chart")
+    return Explanation(folder, record, relevance, overlay, table, chart)
+
+
+def _sharesTable(scene: Any, name: str, sequences: tuple[str, ...], shares: dict[str, dict[str, float]]) -> Any:
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    labels = vtk.vtkStringArray()
+    labels.SetName("Sequence")
+    for sequence in sequences:
+        labels.InsertNextValue(sequence)
+    table.AddColumn(labels)
+    for kind in SHARE_KINDS:
+        _addNumberColumn(table, f"{kind.capitalize()} share", [shares[kind][s] for s in sequences])
+    return table
+
+
+def _addNumberColumn(table: Any, name: str, values: list[float]) -> None:
+    column = table.GetTable().GetColumnByName(name)
+    if column is None:
+        column = vtk.vtkDoubleArray()
+        column.SetName(name)
+        column.SetNumberOfTuples(len(values))
+        table.AddColumn(column)
+    for row, value in enumerate(values):
+        column.SetValue(row, float(value))
+    table.GetTable().Modified()
+    table.Modified()
+
+
+def _sharesChart(scene: Any, table: Any, folderName: str) -> Any:
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{folderName} positive"))
+    series.SetAndObserveTableNodeID(table.GetID())
+    series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeBar)
+    series.SetLabelColumnName("Sequence")
+    series.SetYColumnName("Positive share")
+    series.SetColor(0.84, 0.38, 0.30)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{folderName} chart"))
+    chart.SetAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle(f"Relevance share per sequence: {folderName}")
+    chart.SetXAxisTitle("Sequence")
+    chart.SetYAxisTitle("Share of positive relevance")
+    chart.SetLegendVisibility(False)
+    return chart
+
+
+def explanationFolders(scene: Any) -> list[int]:
+    """Subject-hierarchy items of every explanation in the scene, oldest first."""
+    shNode = subjectHierarchy(scene)
+    items = vtk.vtkIdList()
+    shNode.GetItemChildren(shNode.GetSceneItemID(), items, True)
+    found = [items.GetId(i) for i in range(items.GetNumberOfIds())]
+    return [item for item in found if shNode.HasItemAttribute(item, RECORD_ATTRIBUTE)]
+
+
+def explanationOf(scene: Any, folderItem: int) -> Explanation:
+    """The explanation stored in a folder, e.g. after the scene was saved and loaded again."""
+    shNode = subjectHierarchy(scene)
+    if not shNode.HasItemAttribute(folderItem, RECORD_ATTRIBUTE):
+        raise SegExplainError(f"subject hierarchy item {folderItem} ({shNode.GetItemName(folderItem)!r}) is not an "
+                              "explanation folder")
+    children = vtk.vtkIdList()
+    shNode.GetItemChildren(folderItem, children)
+    nodes = [shNode.GetItemDataNode(children.GetId(i)) for i in range(children.GetNumberOfIds())]
+    byRole: dict[str, list[Any]] = {}
+    for node in nodes:
+        if node is not None and node.GetAttribute(ROLE_ATTRIBUTE):
+            byRole.setdefault(node.GetAttribute(ROLE_ATTRIBUTE), []).append(node)
+    missing = [role for role in ("relevance", "overlay", "shares", "chart") if role not in byRole]
+    if missing:
+        raise SegExplainError(f"explanation {shNode.GetItemName(folderItem)!r} lacks its {', '.join(missing)} "
+                              "node(s); was something deleted?")
+    record = json.loads(shNode.GetItemAttribute(folderItem, RECORD_ATTRIBUTE))
+    order = {name: i for i, name in enumerate(record.get("sequence_names", []))}
+    relevance = sorted(byRole["relevance"], key=lambda n: order.get(n.GetAttribute(SEQUENCE_ATTRIBUTE), len(order)))
+    return Explanation(folderItem, record, relevance, byRole["overlay"][0], byRole["shares"][0], byRole["chart"][0])
+
+
+def removeExplanation(scene: Any, folderItem: int) -> None:
+    """Delete an explanation folder and every node in it (the Re-run "replace" option; nothing else calls it)."""
+    explanationOf(scene, folderItem)  # refuses to delete anything that is not an explanation folder
+    subjectHierarchy(scene).RemoveItem(folderItem, True, True)
+
+
+def addGroundTruthInclusivity(explanation: Explanation, segmentationNode: Any, segmentId: str) -> dict[str, float]:
+    """Ground-truth inclusivity D(relevant, segment) = |relevant ∩ segment| / |segment| per sequence.
+
+    The relevant voxels are those with positive relevance (smoothing 1, as in the command line's summary). The
+    values go into the shares table as a column and into the folder's attributes.
+
+    Returns:
+        Sequence name to inclusivity, e.g. ``{"T2": 0.91, "T1": 0.34}``.
+    """
+    reference = explanation.relevance[0]
+    mask = segmentMask(segmentationNode, segmentId, reference)
+    values = metrics.ground_truth_inclusivity(explanation.maps(), mask, smoothing=1.0)
+    result = dict(zip(explanation.sequenceNames, (float(v) for v in values)))
+    segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
+    _addNumberColumn(explanation.table, f"Inclusivity of {segmentName}", list(result.values()))
+    shNode = subjectHierarchy(reference.GetScene())
+    shNode.SetItemAttribute(explanation.folderItem, "SegExplain.groundTruthInclusivity", json.dumps(
+        {"segmentation": segmentationNode.GetName(), "segment": segmentName, "values": result}))
+    return result
+

@@ -1,0 +1,176 @@
+"""The Slicer module file, its .ui and its CMake build agree with each other and with the Qt-free logic.
+
+``SegExplain.py`` imports qt, ctk and Slicer's parameterNodeWrapper, which exist only inside the Slicer application,
+so it is read here as source: these tests catch a widget bound to a parameter that does not exist, a menu that
+offers a method the engine does not know, a parameter default that differs from the logic's, or a heavy import at
+module load. The parameter node's storage (a vtkMRMLScriptedModuleNode with string parameters and node references)
+is saved and loaded with a real scene. The module's own workflow test, SegExplainTest, runs inside Slicer.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import pytest
+from SegExplainLib import composite_names
+from SegExplainMRML.job import METHODS, REGION_KINDS, ExplainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULE = ROOT / "SegExplain" / "SegExplain.py"
+UI = ROOT / "SegExplain" / "Resources" / "UI" / "SegExplain.ui"
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    return next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name)
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(MODULE.read_text())
+
+
+@pytest.fixture(scope="module")
+def parameters(tree) -> dict[str, tuple[str, object]]:
+    """Parameter node fields: name -> (annotation source, default value or None)."""
+    fields = {}
+    for statement in _class(tree, "SegExplainParameterNode").body:
+        if isinstance(statement, ast.AnnAssign):
+            default = ast.literal_eval(statement.value) if statement.value is not None else None
+            fields[statement.target.id] = (ast.unparse(statement.annotation), default)
+    return fields
+
+
+@pytest.fixture(scope="module")
+def ui() -> ElementTree.Element:
+    return ElementTree.parse(UI).getroot()
+
+
+def _choices(annotation: str) -> list[str] | None:
+    if "Choice(" not in annotation:
+        return None
+    return ast.literal_eval(annotation.split("Choice(", 1)[1].rsplit(")", 1)[0].rsplit(")", 1)[0])
+
+
+def _bound_widgets(ui) -> dict[str, ElementTree.Element]:
+    bound = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget
+    return bound
+
+
+def test_module_file_has_the_five_parts_of_the_template(tree):
+    classes = {node.name: [ast.unparse(b) for b in node.bases] for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert classes["SegExplain"] == ["ScriptedLoadableModule"]
+    assert classes["SegExplainWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert classes["SegExplainLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["SegExplainTest"] == ["ScriptedLoadableModuleTest"]
+    decorators = [ast.unparse(d) for d in _class(tree, "SegExplainParameterNode").decorator_list]
+    assert decorators == ["parameterNodeWrapper"]
+
+
+def test_module_import_stays_light(tree):
+    """Slicer imports every module at start-up: torch and the engine are imported at first use only."""
+    top_level = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top_level.add(node.module.split(".")[0])
+    assert not top_level & {"torch", "SegExplainLib", "SegExplainMRML", "numpy", "SimpleITK", "matplotlib"}
+
+
+def test_parameter_defaults_match_the_logic(parameters):
+    defaults = ExplainSettings()
+    shared = {"method", "composite", "nSteps", "baseline", "aggregation", "samples", "classIndex", "device", "seed"}
+    for name in shared:
+        assert name in parameters, f"parameter node lacks {name}"
+        assert parameters[name][1] == getattr(defaults, name), f"default of {name} differs from ExplainSettings"
+    ExplainSettings(**{name: parameters[name][1] for name in shared})  # the module's defaults are valid settings
+
+
+def test_parameter_choices_match_the_logic(parameters):
+    assert _choices(parameters["method"][0]) == list(METHODS)
+    assert _choices(parameters["regionKind"][0]) == list(REGION_KINDS)
+    assert _choices(parameters["filterKind"][0]) == ["none", "pass", "clamp"]
+
+
+def test_every_bound_widget_names_a_parameter_and_offers_valid_items(ui, parameters):
+    bound = _bound_widgets(ui)
+    assert bound, "no widget is bound to the parameter node"
+    for name, widget in bound.items():
+        assert name in parameters, f"widget {widget.get('name')} is bound to unknown parameter {name!r}"
+        if widget.get("class") == "QComboBox":
+            items = [item.find("property/string").text for item in widget.findall("item")]
+            choices = _choices(parameters[name][0])
+            if choices is not None:
+                assert items == choices, f"{widget.get('name')} items differ from the choices of {name}"
+            if name == "composite":
+                assert set(items) <= set(composite_names()), "the composite menu offers an unknown composite"
+                assert items[0] == ExplainSettings().composite
+
+
+def test_every_scalar_parameter_has_a_widget(parameters, ui):
+    """Node lists, segment IDs and the shown sequence are bound in code; every other parameter has a widget."""
+    bound_in_code = {"inputVolumes", "regionSegmentation", "regionSegmentId", "clickedPoints", "displayedSequence",
+                     "groundTruthSegmentation", "groundTruthSegmentId"}
+    assert set(parameters) - set(_bound_widgets(ui)) == bound_in_code
+
+
+def test_widgets_used_by_the_module_exist_in_the_ui(ui):
+    source = MODULE.read_text()
+    names = {widget.get("name") for widget in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used - names == set(), f"SegExplain.py uses widgets the .ui lacks: {sorted(used - names)}"
+
+
+def test_cmake_ships_the_module_and_the_engine():
+    root = (ROOT / "CMakeLists.txt").read_text()
+    module = (ROOT / "SegExplain" / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SegExplain")
+    assert "set(EXTENSION_DEPENDS PyTorch)" in root
+    assert "add_subdirectory(SegExplain)" in root
+    assert "SegExplainLib/*.py" in root and "SegExplainLib/Resources/demo/*" in root
+    assert "SegExplainMRML/*.py" in module and "slicer_add_python_unittest(SCRIPT SegExplain.py)" in module
+    for resource in ("Resources/Icons/SegExplain.png", "Resources/UI/SegExplain.ui"):
+        assert resource in module
+        assert (ROOT / "SegExplain" / resource).is_file()
+
+
+def test_parameter_node_storage_survives_scene_save_and_load(scene, tmp_path):
+    """What parameterNodeWrapper stores (strings and node references in a scripted module node) is saved and
+    restored with the scene, including the references to the input volumes."""
+    import numpy as np
+    import slicer
+    from conftest import addVolume
+
+    volumes = [addVolume(scene, np.full((4, 5, 6), float(c)), name=f"sequence {c}") for c in range(2)]
+    parameter_node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegExplain")
+    parameter_node.SetAttribute("ModuleName", "SegExplain")
+    values = {"method": "integrated_gradients", "nSteps": "48", "filterHigh": "0.3", "layerwiseFilter": "True",
+              "modelCard": "/models/prostate card/card.yaml"}
+    for name, value in values.items():
+        parameter_node.SetParameter(name, value)
+    for index, volume in enumerate(volumes):
+        parameter_node.AddNodeReferenceID("inputVolumes", volume.GetID())
+        storage = volume.CreateDefaultStorageNode()
+        scene.AddNode(storage)
+        storage.SetFileName(str(tmp_path / f"volume{index}.nrrd"))
+        storage.WriteData(volume)
+        volume.SetAndObserveStorageNodeID(storage.GetID())
+    scene.SetRootDirectory(str(tmp_path))
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert loaded.Connect()
+    restored = loaded.GetFirstNodeByName("SegExplain")
+    assert restored.GetAttribute("ModuleName") == "SegExplain"
+    assert {name: restored.GetParameter(name) for name in values} == values
+    references = [restored.GetNthNodeReference("inputVolumes", i) for i in range(2)]
+    assert [node.GetName() for node in references] == ["sequence 0", "sequence 1"]
+    assert float(slicer.util.arrayFromVolume(references[1]).mean()) == 1.0
