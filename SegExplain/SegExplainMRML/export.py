@@ -25,6 +25,7 @@ from SegExplainLib.errors import SegExplainError
 from SegExplainLib.figures import save_figure
 
 from .display import checkedOpacity
+from .nodes import worldFromLocalMatrix
 from .results import Explanation
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
@@ -52,9 +53,17 @@ def writePng(pixels: np.ndarray, path: str | Path) -> Path:
     return save_figure(figure, path, dpi=100)
 
 
+def _onBlack(pixels: np.ndarray) -> np.ndarray:
+    """An RGBA image as a slice view draws it on its black background: RGB weighted by alpha, fully opaque."""
+    alpha = pixels[..., 3:].astype(np.float32) / 255.0
+    opaque = np.full_like(pixels, 255)
+    opaque[..., :3] = np.round(pixels[..., :3] * alpha).astype(np.uint8)
+    return opaque
+
+
 def captureSliceView(sliceLogic: Any, path: str | Path) -> Path:
     """Save what a slice view shows (background, relevance overlay, segmentation labelmap layer) as PNG."""
-    return writePng(sliceImage(sliceLogic), path)
+    return writePng(_onBlack(sliceImage(sliceLogic)), path)
 
 
 class _PrivateSliceView:
@@ -74,10 +83,14 @@ class _PrivateSliceView:
         return self.logic
 
     def __exit__(self, *exc: object) -> None:
-        for node in (self.logic.GetSliceCompositeNode(), self.logic.GetSliceNode()):
+        owned = (self.logic.GetSliceCompositeNode(), self.logic.GetSliceNode())
+        # the logic's slice model nodes go first, and the logic leaves the scene before its slice node does: a slice
+        # logic that sees its slice node removed makes a new slice model
+        self.logic.DeleteSliceModel()
+        self.logic.SetMRMLScene(None)
+        for node in owned:
             if node is not None and node.GetScene() is self.scene:
                 self.scene.RemoveNode(node)
-        self.logic.SetMRMLScene(None)
 
 
 def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: Any, *, orientation: str = "Axial",
@@ -119,7 +132,7 @@ def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: An
         logic.FitSliceToBackground()
         for offset in offsets:
             logic.SetSliceOffset(offset)
-            tiles.append(sliceImage(logic))
+            tiles.append(_onBlack(sliceImage(logic)))
     rows = -(-len(tiles) // columns)
     montage = np.zeros((rows * tileSize, min(columns, len(tiles)) * tileSize, 4), dtype=np.uint8)
     montage[..., 3] = 255
@@ -136,7 +149,7 @@ def _sliceOffsets(overlay: Any, orientation: str, count: int) -> list[float]:
     low, high = (nonzero.min(0), nonzero.max(0)) if len(nonzero) else (np.zeros(3), np.array(voxels.shape) - 1)
     ijkToRas = vtk.vtkMatrix4x4()
     overlay.GetIJKToRASMatrix(ijkToRas)
-    matrix = slicer.util.arrayFromVTKMatrix(ijkToRas)
+    matrix = worldFromLocalMatrix(overlay) @ slicer.util.arrayFromVTKMatrix(ijkToRas)  # slice offsets are world
     corners = np.array([[i, j, k, 1.0] for k in (low[0], high[0]) for j in (low[1], high[1])
                         for i in (low[2], high[2])])
     ras = (matrix @ corners.T).T[:, :3]

@@ -143,10 +143,13 @@ def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[A
     overlay.SetAttribute(SEQUENCE_ATTRIBUTE, stack.names[0])
     setDivergingDisplay(overlay)
     _placeInFolder(shNode, overlay, folder, "overlay")
-    table = _sharesTable(scene, f"{folderName} shares", stack.names, record["relevance_shares"])
+    shares = {kind: {n: values[fileSafe(n)] for n in stack.names}  # the job names the sequences file-safe
+              for kind, values in record["relevance_shares"].items()}
+    table = _sharesTable(scene, f"{folderName} shares", stack.names, shares)
     _placeInFolder(shNode, table, folder, "shares")
     chart = _sharesChart(scene, table, folderName)
     _placeInFolder(shNode, chart, folder, "chart")
+    _placeInFolder(shNode, chart.GetNthPlotSeriesNode(0), folder, "series")  # removed with the folder
     return Explanation(folder, record, relevance, overlay, table, chart)
 
 
@@ -219,7 +222,8 @@ def explanationOf(scene: Any, folderItem: int) -> Explanation:
                               "node(s); was something deleted?")
     record = json.loads(shNode.GetItemAttribute(folderItem, RECORD_ATTRIBUTE))
     order = {name: i for i, name in enumerate(record.get("sequence_names", []))}
-    relevance = sorted(byRole["relevance"], key=lambda n: order.get(n.GetAttribute(SEQUENCE_ATTRIBUTE), len(order)))
+    relevance = sorted(byRole["relevance"],
+                       key=lambda n: order.get(fileSafe(n.GetAttribute(SEQUENCE_ATTRIBUTE)), len(order)))
     return Explanation(folderItem, record, relevance, byRole["overlay"][0], byRole["shares"][0], byRole["chart"][0])
 
 

@@ -1,0 +1,174 @@
+"""SegExplainMRML.export: slice-view captures, montages and the one-page report, from Slicer's own slice pipeline."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import slicer
+import vtk
+from conftest import addDemoCase, addVolume
+from matplotlib.image import imread
+from SegExplainMRML import display, export, nodes, results
+
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.filters import AmplitudeFilter
+
+GREY = 100.0
+
+
+@pytest.fixture
+def view(scene):
+    """A grey background, a relevance map with a strong positive, a strong negative, a weak positive and a zero
+    square, and a slice view (100 x 80 pixels) showing both at full opacity on axial slice 1."""
+    background = addVolume(scene, np.full((4, 20, 20), GREY), name="T2", spacing=(1.0, 1.0, 2.0))
+    background.GetDisplayNode().SetAutoWindowLevel(False)
+    background.GetDisplayNode().SetWindowLevel(2 * GREY, GREY)  # grey 127
+    relevance = np.zeros((4, 20, 20), np.float32)
+    relevance[:, 2:8, 2:8] = 1.0
+    relevance[:, 12:18, 12:18] = -1.0
+    relevance[:, 2:8, 12:18] = 0.4
+    relevanceNode = addVolume(scene, relevance, name="R", spacing=(1.0, 1.0, 2.0))
+    overlay = addVolume(scene, relevance, name="R overlay", spacing=(1.0, 1.0, 2.0))
+    for node in (relevanceNode, overlay):
+        display.setDivergingDisplay(node)
+    logic = slicer.vtkMRMLSliceLogic()
+    logic.SetMRMLApplicationLogic(scene.applicationLogic)
+    logic.SetMRMLScene(scene)
+    logic.AddSliceNode("Red")
+    logic.ResizeSliceNode(100, 80)
+    display.showOverlay([logic.GetSliceCompositeNode()], background, overlay, 1.0)
+    logic.FitSliceToBackground()
+    logic.SetSliceOffset(2.0)
+    return SimpleNamespace(logic=logic, background=background, relevance=relevanceNode, overlay=overlay)
+
+
+def pixelOf(logic, volume, k, j, i):
+    """(row, column) of voxel (k, j, i) in a slice image (rows top to bottom), from the slice node's XY-to-RAS."""
+    ras = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(ras)
+    point = ras.MultiplyPoint((i, j, k, 1.0))
+    xyToRas = vtk.vtkMatrix4x4()
+    vtk.vtkMatrix4x4.Invert(logic.GetSliceNode().GetXYToRAS(), xyToRas)
+    x, y, z, _ = xyToRas.MultiplyPoint(point)
+    assert abs(z) < 1e-6  # the voxel is on the shown slice
+    height = logic.GetSliceNode().GetDimensions()[1]
+    return height - 1 - int(round(y)), int(round(x))
+
+
+def test_slice_image_shows_the_overlay_colours(view):
+    """Positive relevance is red over the background, negative blue, zero leaves the background as it is."""
+    image = export.sliceImage(view.logic)
+    assert image.shape == (80, 100, 4) and image.dtype == np.uint8
+    positive, negative, weak, zero = (image[pixelOf(view.logic, view.overlay, 1, *ji)][:3].astype(int)
+                                      for ji in ((4, 4), (15, 15), (4, 15), (15, 4)))
+    np.testing.assert_allclose(positive, display.divergingColors(np.array(1.0))[:3] * 255, atol=1)
+    np.testing.assert_allclose(negative, display.divergingColors(np.array(-1.0))[:3] * 255, atol=1)
+    assert positive[0] > positive[2] and weak[0] > weak[2] and negative[2] > negative[0]
+    np.testing.assert_array_equal(zero, [127, 127, 127])
+
+
+def test_slice_image_follows_opacity_and_filter(view):
+    """Opacity 0 shows only the background; a pass filter dropping the strong voxels blanks them in the view."""
+    composite = view.logic.GetSliceCompositeNode()
+    strong, weak = (pixelOf(view.logic, view.overlay, 1, *ji) for ji in ((4, 4), (4, 15)))
+    shown = export.sliceImage(view.logic)
+    display.setOverlayOpacity([composite], 0.0)
+    hidden = export.sliceImage(view.logic)
+    np.testing.assert_array_equal(hidden[strong][:3], [127, 127, 127])
+    assert np.abs(shown[strong][:3].astype(int) - hidden[strong][:3]).max() > 50
+    display.setOverlayOpacity([composite], 1.0)
+    display.updateFilteredOverlay(view.relevance, view.overlay, AmplitudeFilter("pass", (0.0, 0.5)))
+    filtered = export.sliceImage(view.logic)
+    np.testing.assert_array_equal(filtered[strong][:3], [127, 127, 127])
+    np.testing.assert_array_equal(filtered[weak], shown[weak])
+
+
+def test_capture_slice_view_writes_the_view_as_png(view, tmp_path):
+    """The PNG has the slice view's size and its pixels as drawn on the view's black background."""
+    path = export.captureSliceView(view.logic, tmp_path / "red.png")
+    pixels = imread(path)
+    width, height, _ = view.logic.GetSliceNode().GetDimensions()
+    assert pixels.shape[:2] == (height, width)
+    image = export.sliceImage(view.logic).astype(float)
+    assert (image[..., 3] == 0).any()  # the view is wider than the volume
+    np.testing.assert_allclose(pixels[..., :3] * 255, image[..., :3] * image[..., 3:] / 255, atol=1)
+    np.testing.assert_array_equal(pixels[..., 3], 1.0)
+    with pytest.raises(SegExplainError, match="must end in .png"):
+        export.captureSliceView(view.logic, tmp_path / "red.jpg")
+
+
+@pytest.mark.parametrize(("count", "columns", "shape"), [(5, 4, (2, 4)), (3, 4, (1, 3)), (4, 2, (2, 2))])
+def test_slice_montage_shape_and_cleanup(view, scene, count, columns, shape):
+    """The montage is rows x columns opaque RGBA tiles; its private slice view leaves no node behind and the user's
+    view as it was."""
+    before = scene.GetNumberOfNodes()
+    shown = export.sliceImage(view.logic)
+    montage = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=count,
+                                  tileSize=32, columns=columns, orientation="Coronal")
+    assert montage.shape == (shape[0] * 32, shape[1] * 32, 4) and montage.dtype == np.uint8
+    assert (montage[..., 3] == 255).all()
+    assert scene.GetNumberOfNodes() == before
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSliceNode") == 1
+    np.testing.assert_array_equal(export.sliceImage(view.logic), shown)
+    red = montage[..., 0].astype(int) - montage[..., 2]
+    assert red.max() > 50 and red.min() < -50  # both signs of the overlay show
+
+
+def test_slice_montage_of_transformed_volumes(view, scene):
+    """Volumes moved by a transform give the same montage: the slices follow the overlay into world space."""
+    montage = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(2, 3, 40.0)
+    transform.SetMatrixTransformToParent(matrix)
+    for node in (view.background, view.overlay):
+        node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32)
+    np.testing.assert_array_equal(moved, montage)
+    assert (montage[..., 0].astype(int) - montage[..., 2]).max() > 50
+
+
+def test_slice_montage_validates_arguments(view, scene):
+    """Bad orientation, counts, sizes and opacities are refused with the value."""
+    for options, message in (({"orientation": "Oblique"}, "got 'Oblique'"), ({"count": 0}, "count .* got 0"),
+                             ({"tileSize": True}, "tileSize .* got True"), ({"columns": 1.5}, "columns .* got 1.5"),
+                             ({"opacity": 2}, "opacity .* got 2")):
+        with pytest.raises(SegExplainError, match=message):
+            export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, **options)
+
+
+@pytest.fixture
+def explanation(scene, demoRun):
+    """The session job's explanation loaded into the scene, and the volumes it explains."""
+    assert demoRun.job.state == "done", demoRun.job.error
+    volumes, _ = addDemoCase(scene)
+    loaded = results.loadExplanation(demoRun.output, nodes.stackVolumes(volumes), volumes, name="LRP lesion",
+                                     command=["segexplain", "explain", "--method", "lrp"])
+    return SimpleNamespace(volumes=volumes, explanation=loaded)
+
+
+def test_record_lines(explanation):
+    """The report's record lists the method, the target and the command line."""
+    lines = export.recordLines(explanation.explanation.record)
+    assert "method: lrp" in lines
+    assert any(line.startswith("target: ") and '"kind": "voxel"' in line for line in lines)
+    assert "command: " + json.dumps(["segexplain", "explain", "--method", "lrp"]) in lines
+    assert all(len(line) <= 110 for line in lines)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".pdf"])
+def test_write_report(scene, explanation, tmp_path, suffix):
+    """The report is written as PNG (an A4 page at 150 dpi) or PDF; other suffixes are refused."""
+    montage = export.sliceMontage(scene, scene.applicationLogic, explanation.volumes[0],
+                                  explanation.explanation.overlay, count=4, tileSize=48)
+    path = export.writeReport(explanation.explanation, montage, tmp_path / f"report{suffix}", title="Lesion")
+    if suffix == ".pdf":
+        assert path.read_bytes().startswith(b"%PDF")
+    else:
+        height, width = imread(path).shape[:2]
+        assert abs(height - 11.69 * 150) <= 1 and abs(width - 8.27 * 150) <= 1
+    with pytest.raises(SegExplainError, match="report.txt"):
+        export.writeReport(explanation.explanation, montage, tmp_path / "report.txt")
