@@ -501,66 +501,31 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         node.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
         return node
 
-    def region(self, parameters):
+    @staticmethod
+    def region(parameters):
         """The region to explain, from the parameter node (segment, ROI box, last clicked point, ...)."""
-        from SegExplainMRML import nodes
-        from SegExplainMRML.job import Region
+        from SegExplainMRML import workflow
 
-        reference = parameters.inputVolumes[0]
-        kind = parameters.regionKind
-        if kind == "segment":
-            segmentation = parameters.regionSegmentation
-            mask = nodes.segmentMask(segmentation, parameters.regionSegmentId, reference)
-            segmentName = segmentation.GetSegmentation().GetSegment(parameters.regionSegmentId).GetName()
-            return Region("segment", mask=mask, description=f"segment {segmentName!r} of {segmentation.GetName()!r}")
-        if kind == "box":
-            box = nodes.roiIndexBox(parameters.regionRoi, reference)
-            return Region("box", box=box, description=f"ROI {parameters.regionRoi.GetName()!r}, voxels {box}")
-        if kind == "point":
-            points = parameters.clickedPoints
-            last = points.GetNumberOfControlPoints() - 1 if points else -1
-            point = nodes.clickedPoint(points, last, reference)
-            return Region("point", pointRas=tuple(point), radius=parameters.radius,
-                          description=f"point {points.GetNthControlPointLabel(last)!r}, radius {parameters.radius} mm")
-        return Region(kind, description="predicted region" if kind == "predicted" else "whole class channel")
-
-    def settings(self, parameters):
-        """The method and options, from the parameter node (validated by ExplainSettings)."""
-        from SegExplainMRML.job import ExplainSettings
-
-        layerFilter = ""
-        if parameters.layerwiseFilter and parameters.filterKind != "none":
-            layerFilter = f"{parameters.filterKind}:{parameters.filterLow:g},{parameters.filterHigh:g}"
-        return ExplainSettings(method=parameters.method, composite=parameters.composite, layerFilter=layerFilter,
-                               nSteps=parameters.nSteps, baseline=parameters.baseline,
-                               aggregation=parameters.aggregation, samples=parameters.samples,
-                               classIndex=parameters.classIndex, device=parameters.device, seed=parameters.seed)
+        return workflow.region(parameters, parameters.inputVolumes[0], segmentation=parameters.regionSegmentation,
+                               roi=parameters.regionRoi, clickedPoints=parameters.clickedPoints)
 
     def startExplanation(self, parameters):
         """Write the inputs and start the background job; returns the running ``ExplainJob``."""
-        from SegExplainMRML.job import ExplainJob
-        from SegExplainMRML.nodes import stackVolumes
+        from SegExplainMRML import workflow
 
-        volumes = list(parameters.inputVolumes)
-        names = self.sequenceNames(parameters.modelCard)
-        if len(volumes) != len(names) or not all(volumes):
-            raise ValueError(_("select one volume for each of the {count} sequences: {names}").format(
-                count=len(names), names=", ".join(names)))
-        stack = stackVolumes(volumes, names)
-        job = ExplainJob(stack, self.region(parameters), self.settings(parameters),
-                         card=self.cardPath(parameters.modelCard))
-        job.start()
+        job = workflow.startExplanation(list(parameters.inputVolumes), self.sequenceNames(parameters.modelCard),
+                                        self.region(parameters), workflow.settings(parameters),
+                                        self.cardPath(parameters.modelCard))
         logging.info("SegExplain: %s", " ".join(job.command()))
         return job
 
-    def finishExplanation(self, job, parameters, previous=None):
+    @staticmethod
+    def finishExplanation(job, parameters, previous=None):
         """Load a finished job into the scene as a new explanation folder (replacing ``previous`` if asked)."""
-        from SegExplainMRML.results import loadExplanation, removeExplanation
+        from SegExplainMRML import workflow
+        from SegExplainMRML.results import removeExplanation
 
-        settings = job.settings
-        name = f"{settings.method} {settings.composite if settings.method == 'lrp' else ''}".strip()
-        explanation = loadExplanation(job.outputFolder, job.stack, list(parameters.inputVolumes),
-                                      name=f"{name}, {job.region.description}", command=job.command())
+        explanation = workflow.finishExplanation(job, list(parameters.inputVolumes))
         if parameters.replacePrevious and previous is not None:
             removeExplanation(slicer.mrmlScene, previous.folderItem)
         return explanation
@@ -583,17 +548,9 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
     def showExplanation(self, explanation, parameters) -> None:
         """Show the chosen sequence's relevance, filtered by the sliders, over that sequence on the slice views."""
-        from SegExplainMRML import display
+        from SegExplainMRML import workflow
 
-        index = min(max(parameters.displayedSequence, 0), len(explanation.relevance) - 1)
-        relevance = explanation.relevance[index]
-        overlay = explanation.overlay
-        overlay.SetAttribute("SegExplain.sequence", relevance.GetAttribute("SegExplain.sequence"))
-        display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
-        amplitudeFilter = display.amplitudeFilter(parameters.filterKind, parameters.filterLow, parameters.filterHigh)
-        display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
-        display.showOverlay(self.sliceCompositeNodes(), explanation.inputVolume(index), overlay,
-                            parameters.overlayOpacity)
+        workflow.showExplanation(explanation, parameters, self.sliceCompositeNodes())
 
     @staticmethod
     def showSharesChart(explanation) -> None:
@@ -609,27 +566,22 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
     # export -----------------------------------------------------------------------------------------------------
 
-    def montage(self, explanation, parameters):
-        from SegExplainMRML.export import sliceMontage
+    @staticmethod
+    def saveMontage(explanation, parameters, path: str) -> None:
+        from SegExplainMRML import workflow
+        from SegExplainMRML.export import writePng
 
         if explanation is None:
             raise ValueError(_("run or select an explanation first"))
-        index = min(max(parameters.displayedSequence, 0), len(explanation.relevance) - 1)
-        return sliceMontage(slicer.mrmlScene, slicer.app.applicationLogic(), explanation.inputVolume(index),
-                            explanation.overlay, orientation=parameters.montageOrientation,
-                            opacity=parameters.overlayOpacity)
+        writePng(workflow.montage(explanation, parameters, slicer.app.applicationLogic()), path)
 
-    def saveMontage(self, explanation, parameters, path: str) -> None:
-        from SegExplainMRML.export import writePng
+    @staticmethod
+    def saveReport(explanation, parameters, path: str) -> None:
+        from SegExplainMRML import workflow
 
-        writePng(self.montage(explanation, parameters), path)
-
-    def saveReport(self, explanation, parameters, path: str) -> None:
-        from SegExplainMRML.export import writeReport
-
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        writeReport(explanation, self.montage(explanation, parameters), path,
-                    title=shNode.GetItemName(explanation.folderItem))
+        if explanation is None:
+            raise ValueError(_("run or select an explanation first"))
+        workflow.writeReport(explanation, parameters, slicer.app.applicationLogic(), path)
 
 
 #

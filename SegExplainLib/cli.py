@@ -9,6 +9,8 @@ Every failure prints one line ``error: ...`` on stderr and exits with status 2; 
 with 130 and leaves no output folder behind, because results are written to a temporary folder that is renamed into
 place at the very end. ``segexplain cohort`` runs the same explanation over the cases of a CSV, goes on after a
 failing case (exit status 1 when any failed) and does not recompute finished cases when run again.
+``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
+127.0.0.1.
 """
 
 from __future__ import annotations
@@ -141,7 +143,47 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
+    review = commands.add_parser(
+        "review", help="explain a case in a local web app with Slicer's slice and 3D views (needs the review extra)",
+        description="Serves the review app on http://HOST:PORT/ until interrupted; it never opens a browser. With no "
+                    "CASE, the bundled demo case and model are used.")
+    review.add_argument("case", nargs="?", metavar="CASE_OR_FOLDER",
+                        help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
+                             ".nrrd or .mha) and optionally label.*")
+    review.add_argument("--model", metavar="CARD", help="model card (default: the bundled demo model)")
+    review.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    review.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     return parser
+
+
+def run_review(args: argparse.Namespace) -> None:
+    """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
+    try:
+        from SegExplainReview.app import serve
+        from SegExplainReview.session import ReviewCase
+    except ImportError as error:
+        raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
+    from .demo import demo_card_path, write_demo_case
+
+    if args.case is None and args.model is not None:
+        raise SegExplainError("--model needs a CASE_OR_FOLDER whose sequences the model takes")
+    card = args.model or str(demo_card_path())
+    if not Path(card).is_file():
+        raise SegExplainError(f"model card {card!r} is not a file")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
+              "from other machines", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="segexplain-review-") as folder:
+        if args.case is None:
+            sequences, label = write_demo_case(folder)
+            case = ReviewCase(card, tuple(sequences), label)
+        else:
+            case = ReviewCase.fromFolder(args.case, card)
+        try:
+            serve(case, host=args.host, port=args.port)
+        except KeyboardInterrupt:
+            print("review app stopped", file=sys.stderr)
 
 
 def _json_option(text: str, what: str) -> Any:
@@ -468,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                               extra_args=["--progress", "bar" if sys.stderr.isatty() else "none"])
         elif args.command == "cohort":
             output = run_cohort(args, extra)
+        elif args.command == "review":
+            run_review(args)
+            return 0
         else:
             output = run_explain(args)
     except SegExplainError as error:

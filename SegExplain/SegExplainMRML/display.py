@@ -29,7 +29,9 @@ _ANCHORS = np.array([(-1.0, 5, 48, 97), (-0.5, 67, 147, 195), (0.0, 247, 247, 24
                      (1.0, 103, 0, 31)])
 #: An odd number of entries puts relevance 0 on the centre entry exactly.
 _ENTRIES = 257
-#: Amplitude (fraction of max|R|) from which a colour is fully opaque; below, opacity rises linearly from 0.
+#: Amplitude (fraction of max|R|) from which a table entry's alpha is 1; below, it rises linearly from 0. Slicer's
+#: slice views draw any non-zero alpha opaque (at the overlay opacity), so there only the entries around zero are
+#: transparent; renderers that blend alpha (e.g. volume rendering of the table) use the ramp.
 _OPAQUE_FROM = 0.25
 #: Slicer's slice pipeline maps the window onto 256 grey levels before the table, so relevance 0 (grey level 127.5)
 #: lands on an entry next to the centre, and it draws every entry with a non-zero alpha fully opaque. The entries

@@ -9,9 +9,7 @@ slice orientation presets), so the module's Qt-free logic runs on exactly the cl
 from __future__ import annotations
 
 import shutil
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,31 +17,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the Slicer module tests need slicer-core (pip install -e '.[test]')")
 import vtk  # noqa: E402 - comes with slicer-core
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SegExplain"))
-
-
-def wiredScene():
-    """A new scene with the application logic, colour tables, module logics and slice presets wired as in Slicer."""
-    scene = slicer.vtkMRMLScene()
-    application = slicer.vtkSlicerApplicationLogic()
-    application.SetMRMLScene(scene)
-    application.GetColorLogic().SetMRMLScene(scene)
-    application.GetColorLogic().AddDefaultColorNodes()
-    application.SetSliceLogics(vtk.vtkCollection())
-    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
-    logics = []
-    for cls, name in ((slicer.vtkSlicerSegmentationsModuleLogic, "Segmentations"),
-                      (slicer.vtkSlicerMarkupsLogic, "Markups"), (slicer.vtkSlicerVolumesLogic, "Volumes"),
-                      (slicer.vtkSlicerSubjectHierarchyModuleLogic, "SubjectHierarchy")):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(application)
-        logic.SetMRMLScene(scene)
-        application.SetModuleLogic(name, logic)
-        logics.append(logic)
-    scene.applicationLogic = application
-    scene.moduleLogics = logics  # kept alive as long as the scene
-    return scene
+from mrml_scene import addDemoCase, wiredScene  # noqa: E402
 
 
 @pytest.fixture
@@ -56,42 +30,9 @@ def scene():
     scene.Clear(True)
 
 
-def addVolume(scene, array, *, name="T2", spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None):
-    """A scalar volume from a (D, H, W) array with the given IJK-to-RAS geometry."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    node.SetSpacing(*spacing)
-    node.SetOrigin(*origin)
-    if direction is not None:
-        matrix = vtk.vtkMatrix4x4()
-        for r in range(3):
-            for c in range(3):
-                matrix.SetElement(r, c, direction[r][c])
-        node.SetIJKToRASDirectionMatrix(matrix)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
-    node.CreateDefaultDisplayNodes()
-    return node
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-#: Grid of the demo case in the tests: anisotropic voxels, off the origin.
-DEMO_SPACING, DEMO_ORIGIN = (1.2, 1.2, 3.0), (-20.0, 10.0, 5.0)
-
-
-def addDemoCase(scene):
-    """The six sequences of demo case 1000 as volumes, and its lesion label.
-
-    The volumes are named like DICOM series in Slicer (``'7: T1-60s'``): names that are not file-safe.
-    """
-    from SegExplainLib.demo import SEQUENCE_NAMES, make_case
-
-    image, label = make_case(1000)
-    volumes = [addVolume(scene, channel, name=f"{series}: {name}", spacing=DEMO_SPACING, origin=DEMO_ORIGIN)
-               for series, (channel, name) in enumerate(zip(image, SEQUENCE_NAMES), start=4)]
-    return volumes, label
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from SegExplainLib import composite_names
 from SegExplainMRML.job import METHODS, REGION_KINDS, ExplainSettings
+
+from SegExplainLib import composite_names
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "SegExplain" / "SegExplain.py"
@@ -145,7 +146,7 @@ def test_parameter_node_storage_survives_scene_save_and_load(scene, tmp_path):
     restored with the scene, including the references to the input volumes."""
     import numpy as np
     import slicer
-    from conftest import addVolume
+    from mrml_scene import addVolume
 
     volumes = [addVolume(scene, np.full((4, 5, 6), float(c)), name=f"sequence {c}") for c in range(2)]
     parameter_node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegExplain")

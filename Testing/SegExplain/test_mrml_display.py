@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import slicer
-from conftest import addVolume
+from mrml_scene import addVolume
 from SegExplainMRML import display
 from vtk.util.numpy_support import vtk_to_numpy
 

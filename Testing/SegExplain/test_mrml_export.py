@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from conftest import addDemoCase, addVolume
 from matplotlib.image import imread
+from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import display, export, nodes, results
 
 from SegExplainLib.errors import SegExplainError

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import addDemoCase, addVolume
+from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import job, nodes
 
 from SegExplainLib.errors import SegExplainError

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import addVolume
+from mrml_scene import addVolume
 from SegExplainMRML import nodes
 
 from SegExplainLib.errors import SegExplainError

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 import vtk
-from conftest import addDemoCase, addVolume, wiredScene
+from mrml_scene import addDemoCase, addVolume, wiredScene
 from SegExplainMRML import display, job, nodes, results
 
 from SegExplainLib import metrics

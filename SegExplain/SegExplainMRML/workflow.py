@@ -1,0 +1,123 @@
+"""The explain workflow shared by the Slicer module and the browser review app: controls in, explanation out.
+
+Both front ends keep their controls in an object with the same attribute names: the module's parameter node
+(``SegExplainParameterNode``) and the review app's ``ReviewParameters``. The functions here read those attributes,
+so the region, the settings, the run, the loading and the display are the same code in both. An attribute a front
+end does not offer takes the logic's default (:class:`ExplainSettings`).
+
+The attributes read: ``regionKind``, ``radius``, ``regionSegmentId``; the :class:`ExplainSettings` fields
+(``method``, ``composite``, ``nSteps``, ...); ``layerwiseFilter`` with ``filterKind``, ``filterLow``, ``filterHigh``;
+``displayedSequence``, ``overlayOpacity``; ``montageOrientation``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from SegExplainLib.errors import SegExplainError
+
+from . import display, export, nodes, results
+from .job import ExplainJob, ExplainSettings, Region
+
+
+def region(parameters: Any, reference: Any, *, segmentation: Any = None, roi: Any = None,
+           clickedPoints: Any = None) -> Region:
+    """The region to explain: a segment, an ROI box, the last clicked point, the predicted region or the class.
+
+    Args:
+        parameters: The controls (``regionKind``, ``radius``, ``regionSegmentId``).
+        reference: The first input volume: regions are voxels of its grid.
+        segmentation: The segmentation holding the segment (``segment``).
+        roi: The markups ROI (``box``).
+        clickedPoints: The markups node whose last point is explained (``point``).
+    """
+    kind = parameters.regionKind
+    if kind == "segment":
+        if segmentation is None:
+            raise SegExplainError("choose a segmentation and a segment to explain, or pick another region")
+        segmentId = parameters.regionSegmentId
+        mask = nodes.segmentMask(segmentation, segmentId, reference)
+        name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+        return Region("segment", mask=mask, description=f"segment {name!r} of {segmentation.GetName()!r}")
+    if kind == "box":
+        if roi is None:
+            raise SegExplainError("draw a box (markups ROI) first, or pick another region")
+        box = nodes.roiIndexBox(roi, reference)
+        return Region("box", box=box, description=f"box {roi.GetName()!r}, voxels {box}")
+    if kind == "point":
+        last = clickedPoints.GetNumberOfControlPoints() - 1 if clickedPoints is not None else -1
+        point = nodes.clickedPoint(clickedPoints, last, reference)
+        return Region("point", pointRas=tuple(point), radius=float(parameters.radius),
+                      description=f"point {clickedPoints.GetNthControlPointLabel(last)!r}, "
+                                  f"radius {float(parameters.radius):g} mm")
+    return Region(kind, description="predicted region" if kind == "predicted" else "whole class channel")
+
+
+def settings(parameters: Any) -> ExplainSettings:
+    """The method and options; the layer-wise filter is the current filter when ``layerwiseFilter`` is on."""
+    values = {f.name: getattr(parameters, f.name) for f in fields(ExplainSettings)
+              if f.name not in ("layerFilter", "extraOptions") and hasattr(parameters, f.name)}
+    if getattr(parameters, "layerwiseFilter", False) and parameters.filterKind != "none":
+        values["layerFilter"] = f"{parameters.filterKind}:{float(parameters.filterLow):g},{float(parameters.filterHigh):g}"
+    return ExplainSettings(**values)
+
+
+def startExplanation(volumes: list[Any], names: list[str], region: Region, settings: ExplainSettings,
+                     card: str | None) -> ExplainJob:
+    """Stack the input volumes, write them and start the background job; returns the running job."""
+    if len(volumes) != len(names) or not all(volumes):
+        raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
+    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, card=card)
+    job.start()
+    return job
+
+
+def finishExplanation(job: ExplainJob, inputs: list[Any]) -> results.Explanation:
+    """Load a finished job into the scene as a new explanation folder, named after its method and region."""
+    method = job.settings.method
+    name = f"{method} {job.settings.composite}" if method == "lrp" else method
+    return results.loadExplanation(job.outputFolder, job.stack, inputs, name=f"{name}, {job.region.description}",
+                                   command=job.command())
+
+
+def displayedIndex(explanation: results.Explanation, parameters: Any) -> int:
+    return min(max(int(parameters.displayedSequence), 0), len(explanation.relevance) - 1)
+
+
+def showExplanation(explanation: results.Explanation, parameters: Any, compositeNodes: list[Any], *,
+                    overlay: Any = None) -> None:
+    """The chosen sequence's relevance, filtered by the sliders, over that sequence in the given slice views.
+
+    Args:
+        explanation: The explanation shown.
+        parameters: The controls (``displayedSequence``, ``filterKind``/``filterLow``/``filterHigh``,
+            ``overlayOpacity``).
+        compositeNodes: The slice composite nodes of the views.
+        overlay: The volume receiving the filtered map: the explanation's own overlay by default, or another one
+            (the review app's side-by-side comparison).
+    """
+    index = displayedIndex(explanation, parameters)
+    relevance = explanation.relevance[index]
+    overlay = overlay or explanation.overlay
+    overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, relevance.GetAttribute(results.SEQUENCE_ATTRIBUTE))
+    display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
+    amplitudeFilter = display.amplitudeFilter(parameters.filterKind, float(parameters.filterLow),
+                                              float(parameters.filterHigh))
+    display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
+    display.showOverlay(compositeNodes, explanation.inputVolume(index), overlay, float(parameters.overlayOpacity))
+
+
+def montage(explanation: results.Explanation, parameters: Any, applicationLogic: Any) -> Any:
+    """The slice montage of the displayed overlay over its sequence (orientation ``montageOrientation``)."""
+    scene = explanation.overlay.GetScene()
+    return export.sliceMontage(scene, applicationLogic, explanation.inputVolume(displayedIndex(explanation, parameters)),
+                               explanation.overlay, orientation=getattr(parameters, "montageOrientation", "Axial"),
+                               opacity=float(parameters.overlayOpacity))
+
+
+def writeReport(explanation: results.Explanation, parameters: Any, applicationLogic: Any, path: str | Path) -> Path:
+    """The one-page report of an explanation, titled with its folder name."""
+    name = results.subjectHierarchy(explanation.overlay.GetScene()).GetItemName(explanation.folderItem)
+    return export.writeReport(explanation, montage(explanation, parameters, applicationLogic), path, title=name)

@@ -1,0 +1,443 @@
+"""The trame page: Slicer slice and 3D views of the case, the module's controls, downloads and a comparison layout.
+
+The views are trame-slicer's remote views (Slicer's own slice logics and displayable managers, rendered offscreen
+and streamed as images). The controls are bound to trame state; every action goes through
+:class:`~SegExplainReview.session.ReviewSession`, which drives the module's MRML logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from SegExplainMRML import export, workflow
+from SegExplainMRML.job import METHODS, REGION_KINDS
+from slicer import vtkMRMLLayerDisplayableManager, vtkMRMLSliceNode
+from trame.app import TrameApp, get_server
+from trame.ui.vuetify3 import VAppLayout
+from trame.widgets import html
+from trame.widgets import vuetify3 as v
+from trame_server.utils.asynchronous import create_task
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, SliceView, ViewLayoutDefinition, ViewProps, ViewType
+from vtkmodules.util.numpy_support import vtk_to_numpy
+from vtkmodules.vtkCommonDataModel import vtkImageData
+
+from SegExplainLib import composite_names
+from SegExplainLib.errors import SegExplainError
+
+from .session import ReviewCase, ReviewParameters, ReviewSession
+
+logger = logging.getLogger(__name__)
+
+#: The second (comparison) set of slice views, in view group 1.
+COMPARE_VIEWS = [ViewLayoutDefinition(f"Compare{o}", ViewType.SLICE_VIEW,
+                                      ViewProps(orientation=o, label=f"{o[0]}2", color=c, group=1))
+                 for o, c in (("Axial", "#F34A33"), ("Coronal", "#6DAD4A"), ("Sagittal", "#EFD64D"))]
+MAIN_VIEWS = [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
+              ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.threed_view()]
+LAYOUTS = {
+    "review": Layout(LayoutDirection.Horizontal, [Layout(LayoutDirection.Vertical, MAIN_VIEWS[:2]),
+                                                  Layout(LayoutDirection.Vertical, MAIN_VIEWS[2:])]),
+    "compare": Layout(LayoutDirection.Horizontal, [Layout(LayoutDirection.Vertical, MAIN_VIEWS[:3]),
+                                                   Layout(LayoutDirection.Vertical, COMPARE_VIEWS)]),
+}
+FILTER_KINDS = ("none", "pass", "clamp")
+#: The engine's registered composites, epsilon_plus (each sequence gets its own share) first.
+COMPOSITES = ("epsilon_plus", *(name for name in composite_names() if name != "epsilon_plus"))
+ROUTE = "/segexplain"
+
+
+class ReviewApp(TrameApp):
+    """One case, its explanations and the page. ``server`` defaults to a new vue3 trame server."""
+
+    def __init__(self, case: ReviewCase, server: Any = None) -> None:
+        super().__init__(server or get_server(client_type="vue3"))
+        self.server.enable_module(trame_slicer_module)
+        self.slicerApp = SlicerApp()
+        register_rca_factories(self.slicerApp.view_manager, self.server)
+        self.session = ReviewSession(self.slicerApp, case)
+        self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
+        self.layoutManager.register_layout("review", LAYOUTS["review"])
+        self.layoutManager.register_layout("compare", LAYOUTS["compare"], lazy_initialization=True)
+        self.job: Any = None
+        self._initializeState()
+        self._buildUi()
+        self.layoutManager.set_layout("review")
+        self._setUpViews(MAIN_VIEWS)
+        self.server.controller.on_server_bind.add(self._addRoutes)
+        self.state.change("method", "composite", "class_index", "aggregation", "region_kind", "radius", "segment_id",
+                          "n_steps", "baseline", "samples", "seed", "layerwise", "device")(self._onParametersChanged)
+        self.state.change("current", "sequence", "opacity", "filter_kind", "alpha1", "alpha2")(self._onDisplayChanged)
+        self.state.change("compare_on", "compare_item", "compare_filter_kind", "compare_alpha1",
+                          "compare_alpha2")(self._onCompareChanged)
+        self.state.change("upload")(self._onUpload)
+
+    # state -------------------------------------------------------------------------------------------------------
+
+    def _initializeState(self) -> None:
+        defaults = ReviewParameters()
+        segments = self.session.segments()
+        self.state.update({
+            "trame__title": "SegExplain review", "trame__favicon": None,
+            "methods": list(METHODS), "composites": list(COMPOSITES), "region_kinds": list(REGION_KINDS),
+            "filter_kinds": list(FILTER_KINDS),
+            "method": defaults.method, "composite": defaults.composite, "class_index": defaults.classIndex,
+            "aggregation": defaults.aggregation, "n_steps": defaults.nSteps, "region_kind": defaults.regionKind,
+            "radius": defaults.radius, "explain_on_click": True, "baseline": defaults.baseline,
+            "samples": defaults.samples, "seed": defaults.seed, "layerwise": defaults.layerwiseFilter,
+            "device": defaults.device,
+            "segments": [{"value": i, "title": n} for i, n in segments],
+            "segment_id": segments[0][0] if segments else "",
+            "sequences": [{"value": i, "title": n} for i, n in enumerate(self.session.names)],
+            "sequence": 0, "opacity": defaults.overlayOpacity, "filter_kind": "none", "alpha1": 0.0, "alpha2": 1.0,
+            "running": False, "progress": 0, "step": "", "message": "Click a point on a slice view to explain it.",
+            "error": "", "explanations": [], "current": None, "overlay_version": 0, "clicks": 0, "shares": [],
+            "share_columns": [], "inclusivity": {},
+            "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
+            "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
+            "box_pending": False,
+        })
+
+    def parameters(self) -> ReviewParameters:
+        """The page's controls as the session's parameters."""
+        s = self.state
+        return ReviewParameters(method=s.method, composite=s.composite, classIndex=int(s.class_index),
+                                aggregation=s.aggregation, nSteps=int(s.n_steps), regionKind=s.region_kind,
+                                radius=float(s.radius), regionSegmentId=s.segment_id or "",
+                                displayedSequence=int(s.sequence), overlayOpacity=float(s.opacity),
+                                filterKind=s.filter_kind, filterLow=float(s.alpha1), filterHigh=float(s.alpha2),
+                                baseline=s.baseline, samples=int(s.samples), seed=int(s.seed),
+                                layerwiseFilter=bool(s.layerwise), device=s.device)
+
+    def _onParametersChanged(self, **_: Any) -> None:
+        self.state.error = ""
+
+    # views -------------------------------------------------------------------------------------------------------
+
+    def _views(self, definitions: list[ViewLayoutDefinition]) -> list[Any]:
+        return [self.slicerApp.view_manager.get_view(d.singleton_tag) for d in definitions]
+
+    def _compositeNodes(self, definitions: list[ViewLayoutDefinition]) -> list[Any]:
+        return [self.slicerApp.app_logic.GetSliceLogicByLayoutName(d.singleton_tag).GetSliceCompositeNode()
+                for d in definitions if d.view_type == ViewType.SLICE_VIEW]
+
+    def _setUpViews(self, definitions: list[ViewLayoutDefinition]) -> None:
+        """Click observers on the slice views, no depth peeling in 3D (llvmpipe bug), then the case."""
+        for view in self._views(definitions):
+            if isinstance(view, SliceView):
+                view.interactor().AddObserver("LeftButtonPressEvent", self._onSliceClick, 1.0)
+            else:
+                view.renderer().SetUseDepthPeeling(False)
+                view.renderer().SetUseDepthPeelingForVolumes(False)
+        self._showCase(definitions)
+
+    def _showCase(self, definitions: list[ViewLayoutDefinition]) -> None:
+        """The first sequence as background, views fitted to it and centred on the segmentation."""
+        for view in self._views(definitions):
+            if isinstance(view, SliceView):
+                view.set_background_volume_id(self.session.volumes[0].GetID())
+                view.fit_view_to_content()
+            else:
+                view.reset_camera()
+        centre = self.session.segmentationCentre()
+        if centre is not None:
+            vtkMRMLSliceNode.JumpAllSlices(self.slicerApp.scene, *centre, vtkMRMLSliceNode.CenteredJumpSlice)
+
+    def _onSliceClick(self, interactor: Any, _event: str) -> None:
+        """A left click on a slice view: a point (and with explain-on-click, a new explanation) or nothing."""
+        if self.state.region_kind != "point" or self.state.box_pending:
+            return
+        view = next((view for view in self.slicerApp.view_manager.get_slice_views()
+                     if view.interactor() is interactor), None)
+        if view is None:
+            return
+        x, y = interactor.GetEventPosition()
+        width, height = interactor.GetSize()
+        if not (0 <= x < width and 0 <= y < height):  # a press without a position yet (no pointer move before)
+            return
+        ras = np.array(view.get_view_node().GetXYToRAS().MultiplyPoint((x, y, 0.0, 1.0))[:3])
+        self.session.addClick(ras)
+        with self.state:
+            self.state.clicks += 1
+            self.state.message = f"Point at RAS ({', '.join(f'{c:.1f}' for c in ras)})"
+        if self.state.explain_on_click and not self.state.running:
+            self.explain()
+
+    # explain -----------------------------------------------------------------------------------------------------
+
+    def explain(self) -> None:
+        """Start an explanation of the chosen region in a background process, watched by an asyncio task."""
+        if self.job is not None and self.job.running:
+            return
+        try:
+            self.job = self.session.startExplanation(self.parameters())
+        except SegExplainError as error:
+            with self.state:
+                self.state.error = str(error)
+            return
+        with self.state:
+            self.state.update({"running": True, "progress": 0, "step": "starting", "error": ""})
+        create_task(self._watch(self.job))
+
+    async def _watch(self, job: Any) -> None:
+        while job.running:
+            await asyncio.sleep(0.25)
+            job.poll()
+            with self.state:
+                self.state.progress = round(100 * job.fraction)
+                self.state.step = job.step
+        with self.state:
+            self.state.running = False
+            if job.state == "done":
+                try:
+                    explanation = self.session.finishExplanation(job)
+                except SegExplainError as error:
+                    self.state.error = str(error)
+                    return
+                self._refreshExplanations()
+                self.state.current = explanation.folderItem
+                self.state.message = f"Explained in {explanation.record.get('seconds', 0):.1f} s"
+            elif job.state == "failed":
+                self.state.error = job.error
+                job.cleanup()
+            else:
+                self.state.message = "Cancelled"
+
+    def cancel(self) -> None:
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+
+    def drawBox(self) -> None:
+        """Place a markups ROI on a slice view (two clicks), the region of the 'box' kind."""
+        if self.session.roi is not None:
+            self.slicerApp.scene.RemoveNode(self.session.roi)
+        self.session.roi = self.slicerApp.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "SegExplain box")
+        self.slicerApp.markups_logic.place_node(self.session.roi)
+        self.state.region_kind = "box"
+
+    def _refreshExplanations(self) -> None:
+        self.state.explanations = [{"value": item, "title": name} for item, name in self.session.explanations()]
+
+    def _currentExplanation(self) -> Any:
+        return self.session.explanation(int(self.state.current)) if self.state.current is not None else None
+
+    def _onDisplayChanged(self, **_: Any) -> None:
+        explanation = self._currentExplanation()
+        if explanation is None:
+            return
+        try:
+            workflow.showExplanation(explanation, self.parameters(), self._compositeNodes(MAIN_VIEWS))
+        except SegExplainError as error:
+            self.state.error = str(error)
+            return
+        rows = self.session.sharesRows(explanation)
+        self.state.shares = rows
+        self.state.share_columns = [c for c in rows[0] if c != "sequence"] if rows else []
+        self.state.overlay_version += 1
+        if self.state.compare_on:
+            self._onCompareChanged()
+
+    def _onCompareChanged(self, **_: Any) -> None:
+        self.layoutManager.set_layout("compare" if self.state.compare_on else "review")
+        if not self.state.compare_on:
+            return
+        if not getattr(self, "_compareReady", False):
+            self._setUpViews(COMPARE_VIEWS)
+            self._compareReady = True
+        item = self.state.compare_item if self.state.compare_item is not None else self.state.current
+        if item is None:
+            return
+        parameters = self.parameters()
+        parameters.filterKind = self.state.compare_filter_kind
+        parameters.filterLow, parameters.filterHigh = float(self.state.compare_alpha1), float(self.state.compare_alpha2)
+        try:
+            workflow.showExplanation(self.session.explanation(int(item)), parameters,
+                                         self._compositeNodes(COMPARE_VIEWS), overlay=self.session.compareOverlay())
+        except SegExplainError as error:
+            self.state.error = str(error)
+
+    def inclusivity(self) -> None:
+        explanation = self._currentExplanation()
+        try:
+            if explanation is None:
+                raise SegExplainError("run or select an explanation first")
+            self.state.inclusivity = self.session.inclusivity(explanation, self.state.segment_id)
+        except SegExplainError as error:
+            self.state.error = str(error)
+            return
+        self._onDisplayChanged()
+
+    def _onUpload(self, upload: Any, **_: Any) -> None:
+        if not upload:
+            return
+        upload = upload[0] if isinstance(upload, list) else upload
+        try:
+            content = upload.get("content") or b""
+            if isinstance(content, list):  # large files arrive in chunks
+                content = b"".join(content)
+            message = self.session.addFile(str(upload.get("name", "")), content)
+        except SegExplainError as error:
+            self.state.update({"upload_error": f"{upload.get('name')}: {error}", "upload_message": "", "upload": None})
+            return
+        except Exception as error:  # noqa: BLE001 - a bad file must give a message, never stop the server
+            logger.exception("upload failed")
+            self.state.update({"upload_error": f"{upload.get('name')}: {type(error).__name__}: {error}",
+                               "upload_message": "", "upload": None})
+            return
+        segments = self.session.segments()
+        self.state.update({"upload_message": message, "upload_error": "", "upload": None,
+                           "segments": [{"value": i, "title": n} for i, n in segments],
+                           "segment_id": segments[0][0] if segments else ""})
+        self._showCase(MAIN_VIEWS)
+
+    # downloads ---------------------------------------------------------------------------------------------------
+
+    def screenshot(self) -> np.ndarray:
+        """The views of the current layout side by side, as they are shown (RGBA, rows top to bottom)."""
+        layout = LAYOUTS["compare" if self.state.compare_on else "review"]
+        images = []
+        for view in self._views(layout.get_views(is_recursive=True)):
+            view.render()
+            buffer = vtkImageData()
+            vtkMRMLLayerDisplayableManager.RenderWindowBufferToImage(view.render_window(), buffer)
+            width, height, _ = buffer.GetDimensions()
+            pixels = vtk_to_numpy(buffer.GetPointData().GetScalars()).reshape(height, width, -1)
+            images.append(pixels[::-1])
+        return self.session.viewsImage(images)
+
+    def _addRoutes(self, wslinkServer: Any) -> None:
+        wslinkServer.app.add_routes([web.get(f"{ROUTE}/screenshot.png", self._screenshotResponse),
+                                     web.get(f"{ROUTE}/report.pdf", self._reportResponse)])
+
+    async def _screenshotResponse(self, _request: web.Request) -> web.Response:
+        with tempfile.TemporaryDirectory() as folder:
+            path = export.writePng(self.screenshot(), Path(folder) / "screenshot.png")
+            return self._attachment(path.read_bytes(), "segexplain-views.png", "image/png")
+
+    async def _reportResponse(self, _request: web.Request) -> web.Response:
+        explanation = self._currentExplanation()
+        if explanation is None:
+            return web.Response(status=404, text="no explanation yet: run or select one first")
+        with tempfile.TemporaryDirectory() as folder:
+            path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
+            return self._attachment(path.read_bytes(), "segexplain-report.pdf", "application/pdf")
+
+    @staticmethod
+    def _attachment(body: bytes, name: str, mime: str) -> web.Response:
+        return web.Response(body=body, content_type=mime, headers={
+            "Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
+
+    # page --------------------------------------------------------------------------------------------------------
+
+    def _buildUi(self) -> None:
+        with VAppLayout(self.server, full_height=True) as layout:
+            layout.root.theme = "dark"
+            with v.VNavigationDrawer(permanent=True, width=340, classes="pa-2", style="font-size: 13px"):
+                self._explainControls()
+                v.VDivider(classes="my-2")
+                self._displayControls()
+                v.VDivider(classes="my-2")
+                self._resultControls()
+            with v.VMain(), html.Div(style="height: 100vh; display: flex;"):
+                self.layoutManager.initialize_layout_grid(layout)
+        self.ui = layout
+
+    def _explainControls(self) -> None:
+        compact = {"density": "compact", "hide_details": True, "classes": "mb-2"}
+        html.Div("SegExplain review", classes="text-h6 mb-2")
+        v.VSelect(label="Method", v_model=("method",), items=("methods",), **compact)
+        v.VSelect(label="LRP composite", v_model=("composite",), items=("composites",), v_if="method === 'lrp'",
+                  **compact)
+        v.VCheckbox(label="Layer-wise filter (reruns with the filter below)", v_model=("layerwise",),
+                    v_if="method === 'lrp'", **compact)
+        with html.Div(classes="d-flex ga-2", v_if="method === 'integrated_gradients'"):
+            v.VTextField(label="Integrated Gradients steps", v_model_number=("n_steps",), type="number", **compact)
+            v.VSelect(label="Baseline", v_model=("baseline",), items=("['zero', 'min', 'blur:2.0', 'constant:0.0']",),
+                      **compact)
+        with html.Div(classes="d-flex ga-2"):
+            v.VTextField(label="Class", v_model_number=("class_index",), type="number", **compact)
+            v.VSelect(label="Aggregation", v_model=("aggregation",), items=("['sum', 'normalized']",), **compact)
+        with html.Div(classes="d-flex ga-2"):
+            v.VTextField(label="Samples (0: exact)", v_model_number=("samples",), type="number",
+                         v_if="aggregation === 'normalized'", **compact)
+            v.VTextField(label="Seed", v_model_number=("seed",), type="number", **compact)
+            v.VSelect(label="Device", v_model=("device",), items=("['auto', 'cpu', 'cuda']",), **compact)
+        v.VSelect(label="Region", v_model=("region_kind",), items=("region_kinds",), id="region-kind", **compact)
+        v.VSelect(label="Segment", v_model=("segment_id",), items=("segments",),
+                  v_if="region_kind === 'segment'", **compact)
+        v.VSlider(label="Radius (mm)", v_model=("radius",), min=0, max=10, step=0.5, thumb_label=True,
+                  v_if="region_kind === 'point'", **compact)
+        v.VBtn("Draw box on a slice view", click=self.drawBox, v_if="region_kind === 'box'", size="small",
+               classes="mb-2")
+        v.VCheckbox(label="Explain on click", v_model=("explain_on_click",), **compact)
+        with html.Div(classes="d-flex ga-2 mb-1"):
+            v.VBtn("Explain", click=self.explain, disabled=("running",), color="primary", id="explain-button")
+            v.VBtn("Cancel", click=self.cancel, disabled=("!running",), id="cancel-button")
+        v.VProgressLinear(model_value=("progress",), active=("running",), height=6, color="primary", id="progress")
+        html.Div("{{ step }}", v_if="running", classes="text-caption")
+        html.Div("{{ message }}", classes="text-caption", id="message")
+        v.VAlert(text=("error",), v_if="error", type="error", density="compact", id="error")
+
+    def _displayControls(self) -> None:
+        compact = {"density": "compact", "hide_details": True, "classes": "mb-2"}
+        v.VSelect(label="Explanation", v_model=("current",), items=("explanations",), id="explanation", **compact)
+        v.VSelect(label="Sequence", v_model=("sequence",), items=("sequences",), id="sequence", **compact)
+        v.VSlider(label="Opacity", v_model=("opacity",), min=0, max=1, step=0.05, id="opacity", **compact)
+        v.VSelect(label="Filter", v_model=("filter_kind",), items=("filter_kinds",), id="filter-kind", **compact)
+        v.VSlider(label="alpha1", v_model=("alpha1",), min=0, max=1, step=0.05, thumb_label=True, id="alpha1",
+                  **compact)
+        v.VSlider(label="alpha2", v_model=("alpha2",), min=0, max=1, step=0.05, thumb_label=True, id="alpha2",
+                  **compact)
+        v.VCheckbox(label="Compare side by side", v_model=("compare_on",), id="compare", **compact)
+        with html.Div(v_if="compare_on"):
+            v.VSelect(label="Right: explanation", v_model=("compare_item",), items=("explanations",), **compact)
+            v.VSelect(label="Right: filter", v_model=("compare_filter_kind",), items=("filter_kinds",), **compact)
+            v.VSlider(label="alpha1", v_model=("compare_alpha1",), min=0, max=1, step=0.05, **compact)
+            v.VSlider(label="alpha2", v_model=("compare_alpha2",), min=0, max=1, step=0.05, **compact)
+
+    def _resultControls(self) -> None:
+        html.Div("Relevance share per sequence", classes="text-subtitle-2")
+        with html.Div(id="shares"):
+            with html.Div(v_for="row in shares", key="row.sequence", classes="d-flex align-center",
+                          style="height: 16px"):
+                html.Div("{{ row.sequence }}", style="width: 70px")
+                html.Div(style=("{width: (160 * row['Positive share']) + 'px', height: '10px', "
+                                "background: '#d6604d'}",))
+                html.Div("{{ row['Positive share'].toFixed(2) }}", classes="ml-1")
+        with html.Table(v_if="shares.length", classes="text-caption mt-1", id="share-table"):
+            with html.Tr():
+                html.Th("")
+                html.Th("{{ c.replace(' share', '') }}", v_for="c in share_columns", key="c")
+            with html.Tr(v_for="row in shares", key="row.sequence"):
+                html.Td("{{ row.sequence }}")
+                html.Td("{{ row[c].toFixed(3) }}", v_for="c in share_columns", key="c")
+        v.VBtn("Ground-truth inclusivity", click=self.inclusivity, size="small", classes="my-2",
+               disabled=("!segments.length || current === null",), id="inclusivity")
+        with html.Div(classes="d-flex ga-2 my-2"):
+            v.VBtn("Screenshot", href=f"{ROUTE}/screenshot.png", download="segexplain-views.png", size="small",
+                   id="screenshot")
+            v.VBtn("Report", href=f"{ROUTE}/report.pdf", download="segexplain-report.pdf", size="small",
+                   disabled=("current === null",), id="report")
+        v.VFileInput(label="Add a sequence (<name>.nii.gz) or label map", v_model=("upload",), density="compact",
+                     show_size=True, id="upload")
+        v.VAlert(text=("upload_error",), v_if="upload_error", type="error", density="compact", id="upload-error")
+        html.Div("{{ upload_message }}", v_if="upload_message", classes="text-caption", id="upload-message")
+
+
+def serve(case: ReviewCase, *, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Build the app and serve it until interrupted; never opens a browser."""
+    app = ReviewApp(case)
+
+    def announce(**_: Any) -> None:
+        print(f"SegExplain review: serving http://{host}:{app.server.port}/ (bound to {host})", flush=True)
+
+    app.server.controller.on_server_ready.add(announce)
+    app.server.start(host=host, port=port, open_browser=False, show_connection_info=False, disable_logging=True)

@@ -1,0 +1,267 @@
+"""The review app's scene: one case as volumes and a segmentation, explained through the Slicer module's MRML logic.
+
+:class:`ReviewSession` runs the same workflow as the desktop module's ``SegExplainLogic``
+(``SegExplainMRML.workflow``: region, settings, start, finish, show, report), with its choices in
+:class:`ReviewParameters` (the page's controls, named like the module's parameter node) instead of a parameter
+node. This file only wires that workflow to one scene and the page.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+from SegExplainMRML import export, nodes, results, workflow
+from SegExplainMRML.job import ExplainJob, Region
+
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.imaging import read_label, read_sequences
+from SegExplainLib.loading import ModelCard
+
+#: File name endings the app reads (the command line's).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: Segment colours, away from the overlay's red (relevance for) and blue (against).
+SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
+
+
+def imageStem(name: str) -> str | None:
+    """``T2`` for ``T2.nii.gz``; None for a name without an image ending."""
+    return next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+
+
+@dataclass(frozen=True)
+class ReviewCase:
+    """The files of one case: one per sequence of the model card, in its order, and an optional label map."""
+
+    card: str
+    sequences: tuple[Path, ...]
+    label: Path | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(ModelCard.read(self.card).sequences)
+
+    @classmethod
+    def fromFolder(cls, folder: str | Path, card: str) -> ReviewCase:
+        """A case folder as ``segexplain cohort`` reads them: ``<sequence>.nii.gz`` (or .nii/.nrrd/.mha), ``label.*``.
+
+        Raises:
+            SegExplainError: Not a folder, or a sequence of the card without its file.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SegExplainError(f"case folder {str(folder)!r} does not exist")
+        files = {imageStem(p.name): p for p in sorted(folder.iterdir()) if imageStem(p.name)}
+        names = list(ModelCard.read(card).sequences)
+        missing = [name for name in names if name not in files]
+        if missing:
+            raise SegExplainError(f"case folder {str(folder)!r} lacks {', '.join(n + '.nii.gz' for n in missing)} "
+                                  f"(the model card's sequences are {', '.join(names)})")
+        return cls(card, tuple(files[name] for name in names), files.get("label"))
+
+
+@dataclass
+class ReviewParameters:
+    """The page's controls, as the module's parameter node holds them."""
+
+    method: str = "lrp"
+    composite: str = "epsilon_plus"
+    classIndex: int = 1
+    aggregation: str = "sum"
+    nSteps: int = 16
+    regionKind: str = "point"
+    radius: float = 2.0
+    regionSegmentId: str = ""
+    baseline: str = "zero"
+    samples: int = 0
+    seed: int = 0
+    layerwiseFilter: bool = False
+    device: str = "auto"
+    displayedSequence: int = 0
+    overlayOpacity: float = 0.6
+    filterKind: str = "none"
+    filterLow: float = 0.0
+    filterHigh: float = 1.0
+
+
+class ReviewSession:
+    """The case in a trame-slicer scene, its explanations and what the page asks of them.
+
+    Args:
+        slicerApp: trame-slicer's ``SlicerApp`` (scene, application and module logics).
+        case: The files to load.
+    """
+
+    def __init__(self, slicerApp: Any, case: ReviewCase) -> None:
+        self.app, self.case, self.scene = slicerApp, case, slicerApp.scene
+        slicer.mrmlScene = self.scene  # slicer.util works on the current scene, as in the application
+        self.names = case.names
+        if len(case.sequences) != len(self.names):
+            raise SegExplainError(f"{len(case.sequences)} sequence files for the card's {len(self.names)} "
+                                  f"sequences ({', '.join(self.names)})")
+        read_sequences(case.sequences)  # one clear message when the files do not share a grid
+        self.volumes = [self._addVolume(path, name) for path, name in zip(case.sequences, self.names)]
+        self.segmentation = self._addSegmentation(case.label, "label") if case.label else None
+        self.clickedPoints = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SegExplain click")
+        self.clickedPoints.CreateDefaultDisplayNodes()
+        self.clickedPoints.GetDisplayNode().SetSelectedColor(1.0, 0.85, 0.1)
+        self.clickedPoints.GetDisplayNode().SetPointLabelsVisibility(False)
+        self.roi: Any = None
+        self._compareOverlay: Any = None
+
+    # case -----------------------------------------------------------------------------------------------------
+
+    def _addVolume(self, path: Path, name: str) -> Any:
+        node = self.app.volumes_logic.AddArchetypeVolume(str(path), name, 0)
+        if node is None:
+            raise SegExplainError(f"could not load {str(path)!r} as a volume")
+        return node
+
+    def _addSegmentation(self, path: Path, name: str) -> Any:
+        read_label(path, nodes.geometryOfVolume(self.volumes[0]))  # refuses a label map off the input grid
+        label = self.app.volumes_logic.AddArchetypeVolume(str(path), "label", 1)
+        segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(name))
+        segmentation.CreateDefaultDisplayNodes()
+        slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentation)
+        self.scene.RemoveNode(label)
+        segmentation.CreateClosedSurfaceRepresentation()
+        segmentation.GetDisplayNode().SetOpacity2DFill(0.0)  # outlines only: the overlay stays visible inside
+        segments = segmentation.GetSegmentation()
+        for index in range(segments.GetNumberOfSegments()):
+            segments.GetNthSegment(index).SetColor(*SEGMENT_COLORS[index % len(SEGMENT_COLORS)])
+        return segmentation
+
+    def segments(self) -> list[tuple[str, str]]:
+        """(segment ID, name) of the case's segmentation."""
+        if self.segmentation is None:
+            return []
+        seg = self.segmentation.GetSegmentation()
+        return [(seg.GetNthSegmentID(i), seg.GetNthSegment(i).GetName()) for i in range(seg.GetNumberOfSegments())]
+
+    def segmentationCentre(self) -> tuple[float, float, float] | None:
+        """World RAS centre of the segmentation's bounds (where the views open), None without one."""
+        if self.segmentation is None or not self.segments():
+            return None
+        bounds = np.zeros(6)
+        self.segmentation.GetRASBounds(bounds)
+        if bounds[0] > bounds[1]:
+            return None
+        return tuple(float(v) for v in (bounds[0::2] + bounds[1::2]) / 2)
+
+    def addFile(self, fileName: str, content: bytes) -> str:
+        """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
+
+        Returns:
+            What was done, for the page.
+
+        Raises:
+            SegExplainError: A name without an image ending, a file that is no image, or one off the input grid.
+        """
+        stem = imageStem(Path(fileName).name)
+        if not stem:
+            raise SegExplainError(f"{fileName!r} is not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+        with tempfile.TemporaryDirectory(prefix="segexplain-upload-") as folder:
+            path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
+            path.write_bytes(content)
+            try:
+                return self._addFile(path, stem, fileName)
+            except SegExplainError as error:  # name the user's file, not the temporary copy
+                raise SegExplainError(str(error).replace(repr(str(path)), repr(fileName))) from None
+
+    def _addFile(self, path: Path, stem: str, fileName: str) -> str:
+        if stem in self.names:
+            _, uploaded = read_sequences([path])
+            differences = nodes.geometryOfVolume(self.volumes[0]).differences(uploaded, tolerance=1e-4)
+            if differences:
+                raise SegExplainError(f"{fileName!r} is not on the grid of the case (differs in "
+                                      f"{', '.join(differences)})")
+            index = self.names.index(stem)
+            old, self.volumes[index] = self.volumes[index], self._addVolume(path, stem)
+            self.scene.RemoveNode(old)
+            return f"replaced sequence {stem} with {fileName}"
+        self.segmentation = self._addSegmentation(path, stem)
+        return f"added segmentation {self.segmentation.GetName()} with {len(self.segments())} segment(s)"
+
+    # explain ---------------------------------------------------------------------------------------------------
+
+    def addClick(self, ras: Any) -> int:
+        """A clicked point (world RAS) as a new control point of the click markups node; returns its index."""
+        return self.clickedPoints.AddControlPointWorld(vtk.vtkVector3d(*(float(v) for v in ras)))
+
+    def region(self, parameters: ReviewParameters) -> Region:
+        """The region to explain, through the workflow the Slicer module uses."""
+        if parameters.regionKind == "box" and self.roi is not None and not self.roi.GetControlPointPlacementComplete():
+            raise SegExplainError("finish drawing the box on a slice view first")
+        return workflow.region(parameters, self.volumes[0], segmentation=self.segmentation, roi=self.roi,
+                               clickedPoints=self.clickedPoints)
+
+    def startExplanation(self, parameters: ReviewParameters) -> ExplainJob:
+        """Write the inputs and start the background job; returns the running ``ExplainJob``."""
+        return workflow.startExplanation(self.volumes, self.names, self.region(parameters),
+                                         workflow.settings(parameters), self.case.card)
+
+    def finishExplanation(self, job: ExplainJob) -> results.Explanation:
+        """Load a finished job into the scene as a new explanation folder, and delete the job's files."""
+        try:
+            return workflow.finishExplanation(job, self.volumes)
+        finally:
+            job.cleanup()
+
+    def explanations(self) -> list[tuple[int, str]]:
+        """(folder item, name) of every explanation, oldest first."""
+        shNode = results.subjectHierarchy(self.scene)
+        return [(item, shNode.GetItemName(item)) for item in results.explanationFolders(self.scene)]
+
+    def explanation(self, folderItem: int) -> results.Explanation:
+        return results.explanationOf(self.scene, folderItem)
+
+    # display ---------------------------------------------------------------------------------------------------
+
+    def compareOverlay(self) -> Any:
+        """The second overlay volume, for a comparison that may show the same explanation with other filters."""
+        if self._compareOverlay is None:
+            self._compareOverlay = nodes.addVolumeLike(self.volumes[0], np.zeros_like(
+                slicer.util.arrayFromVolume(self.volumes[0]), dtype=np.float32), "SegExplain comparison overlay")
+        return self._compareOverlay
+
+    def inclusivity(self, explanation: results.Explanation, segmentId: str) -> dict[str, float]:
+        if self.segmentation is None:
+            raise SegExplainError("this case has no segmentation to measure inclusivity against")
+        return results.addGroundTruthInclusivity(explanation, self.segmentation, segmentId)
+
+    @staticmethod
+    def sharesRows(explanation: results.Explanation) -> list[dict[str, Any]]:
+        """The shares table as rows: sequence and every numeric column (shares, inclusivity)."""
+        table = explanation.table.GetTable()
+        columns = [table.GetColumnName(c) for c in range(1, table.GetNumberOfColumns())]
+        return [{"sequence": table.GetValue(row, 0).ToString(),
+                 **{c: round(table.GetValueByName(row, c).ToDouble(), 4) for c in columns}}
+                for row in range(table.GetNumberOfRows())]
+
+    # export ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def viewsImage(images: list[np.ndarray]) -> np.ndarray:
+        """Views side by side (RGB or RGBA, rows top to bottom), padded to the tallest, as one RGBA image."""
+        height = max(image.shape[0] for image in images)
+        tiles = []
+        for image in images:
+            rgba = np.full((height, image.shape[1], 4), 255, np.uint8)
+            rgba[:, :, :3] = 0
+            rgba[:image.shape[0], :, :image.shape[2]] = image
+            tiles.append(rgba)
+        return np.concatenate(tiles, axis=1)
+
+    @staticmethod
+    def sliceViewImages(sliceLogics: list[Any]) -> list[np.ndarray]:
+        """What each slice view shows, through Slicer's own slice pipeline."""
+        return [export.sliceImage(logic) for logic in sliceLogics]
+
+    def writeReport(self, explanation: results.Explanation, parameters: ReviewParameters, path: str | Path) -> Path:
+        """The module's one-page report (montage of the filtered overlay, shares, record)."""
+        return workflow.writeReport(explanation, parameters, self.app.app_logic, path)

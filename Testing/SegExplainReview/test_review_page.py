@@ -1,0 +1,53 @@
+"""End to end: the demo in Chromium, a click on a slice view, the overlay, a filter slider, the screenshot."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from review_page import reddish, setState
+
+
+def png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGBA"))
+
+
+def viewRect(page, index: int) -> dict:
+    return page.evaluate(f"(() => {{ const r = document.querySelectorAll('.layout-grid-item')[{index}]"
+                         ".getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; })()")
+
+
+def waitForVersion(page, version: int) -> None:
+    page.waitFor(f"window.trame.state.get('overlay_version') > {version} && !window.trame.state.get('running')",
+                 timeout=60)
+
+
+def test_click_explains_and_slider_filters_the_overlay(server, page):
+    screenshotUrl = page.evaluate("document.querySelector('#screenshot').getAttribute('href')")
+    before = png(server.get(screenshotUrl))
+    assert reddish(before).sum() == 0, "no overlay before any explanation"
+
+    axial = viewRect(page, 0)
+    page.click(axial["x"] + axial["width"] / 2, axial["y"] + axial["height"] / 2)
+    page.waitFor("window.trame.state.get('clicks') === 1", timeout=15)
+    page.waitFor("(window.trame.state.get('current') !== null && !window.trame.state.get('running')) || "
+                 "window.trame.state.get('error')", timeout=120)
+    assert page.evaluate("window.trame.state.get('error')") == ""
+    explained = png(server.get(screenshotUrl))
+    redBefore = int(reddish(explained).sum())
+    assert redBefore > 100, f"the overlay shows in the exported views ({redBefore} red pixels)"
+
+    page.waitFor("document.querySelectorAll('#shares div.d-flex').length === 6", timeout=15)
+    x, y, w, h = (int(axial[k]) for k in ("x", "y", "width", "height"))
+    page.waitFor("true", timeout=1)
+    streamed = png(page.screenshot())  # the page as the browser shows it: the streamed axial view has the overlay
+    assert reddish(streamed[y:y + h, x:x + w]).sum() > 50
+
+    version = page.evaluate("window.trame.state.get('overlay_version')")
+    setState(page, filter_kind="pass", alpha1=0.6)  # as dragging the alpha1 slider with the 'pass' filter
+    waitForVersion(page, version)
+    filtered = png(server.get(screenshotUrl))
+    redAfter = int(reddish(filtered).sum())
+    assert 0 < redAfter < 0.8 * redBefore, f"the pass filter blanks weak relevance ({redBefore} -> {redAfter})"
+    assert np.any(filtered != explained)

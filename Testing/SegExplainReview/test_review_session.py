@@ -1,0 +1,94 @@
+"""The review session without a browser: case folders, the scene, regions and uploaded files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegExplainLib.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.errors import SegExplainError
+
+
+@pytest.fixture(scope="module")
+def caseFolder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    sequences, label = write_demo_case(folder, 1000)
+    for path, name in zip(sequences, SEQUENCE_NAMES):
+        path.rename(folder / f"{name}.nii.gz")
+    label.rename(folder / "label.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def session(caseFolder):
+    from trame_slicer.core import SlicerApp
+
+    from SegExplainReview.session import ReviewCase, ReviewSession
+
+    return ReviewSession(SlicerApp(), ReviewCase.fromFolder(caseFolder, str(demo_card_path())))
+
+
+def test_case_folder_follows_the_card_order(caseFolder, tmp_path):
+    from SegExplainReview.session import ReviewCase
+
+    case = ReviewCase.fromFolder(caseFolder, str(demo_card_path()))
+    assert [p.name for p in case.sequences] == [f"{n}.nii.gz" for n in SEQUENCE_NAMES]
+    assert case.label.name == "label.nii.gz"
+    (tmp_path / "T2.nii.gz").write_bytes((caseFolder / "T2.nii.gz").read_bytes())
+    with pytest.raises(SegExplainError, match="lacks T1.nii.gz"):
+        ReviewCase.fromFolder(tmp_path, str(demo_card_path()))
+
+
+def test_scene_holds_the_case(session, caseFolder):
+    assert [v.GetName() for v in session.volumes] == SEQUENCE_NAMES
+    assert len(session.segments()) == 1
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(caseFolder / "label.nii.gz")))
+    centre = np.array(session.segmentationCentre())
+    k, j, i = np.argwhere(label > 0).T  # identity direction, origin 0, spacing (1, 1, 2): RAS = (-i, -j, 2k)
+    low, high = np.array([-i.max(), -j.max(), 2 * k.min()]), np.array([-i.min(), -j.min(), 2 * k.max()])
+    assert np.all(centre >= low - 1) and np.all(centre <= high + 1)
+
+
+def test_point_region_needs_a_click_inside_the_volume(session):
+    from SegExplainReview.session import ReviewParameters
+
+    with pytest.raises(SegExplainError, match="click a point"):
+        session.region(ReviewParameters(regionKind="point"))
+    session.addClick((500.0, 500.0, 500.0))
+    with pytest.raises(SegExplainError, match="lies outside"):
+        session.region(ReviewParameters(regionKind="point"))
+    centre = session.segmentationCentre()
+    session.addClick(centre)
+    region = session.region(ReviewParameters(regionKind="point", radius=3.0))
+    assert region.kind == "point" and region.radius == 3.0
+    with pytest.raises(SegExplainError, match="draw a box"):
+        session.region(ReviewParameters(regionKind="box"))
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("notes.txt", b"hello", "not an image file"),
+    ("T2.nii.gz", b"\x00" * 100, "could not read .*T2.nii.gz"),
+    ("label.nrrd", b"NRRD0004\ngarbage", "label.nrrd"),
+])
+def test_bad_uploads_are_refused(session, name, content, message):
+    before = [v.GetID() for v in session.volumes]
+    with pytest.raises(SegExplainError, match=message):
+        session.addFile(name, content)
+    assert [v.GetID() for v in session.volumes] == before
+
+
+def test_uploaded_sequence_replaces_its_input(session, caseFolder):
+    content = (caseFolder / "T1.nii.gz").read_bytes()
+    old = session.volumes[1]
+    assert "replaced sequence T1" in session.addFile("T1.nii.gz", content)
+    assert session.volumes[1] is not old and session.volumes[1].GetScene() is session.scene
+    assert old.GetScene() is None
+
+
+def test_views_image_pads_to_the_tallest():
+    from SegExplainReview.session import ReviewSession
+
+    image = ReviewSession.viewsImage([np.full((4, 3, 3), 200, np.uint8), np.full((2, 5, 4), 100, np.uint8)])
+    assert image.shape == (4, 8, 4)
+    assert np.all(image[:, :3, :3] == 200) and np.all(image[2:, 3:, :3] == 0) and np.all(image[..., 3] > 0)
