@@ -107,14 +107,23 @@ class ReviewApp(TrameApp):
         })
 
     def parameters(self) -> ReviewParameters:
-        """The page's controls as the session's parameters."""
+        """The page's controls as the session's parameters.
+
+        Raises:
+            SegExplainError: A control holds a bad value, e.g. an emptied number field; the message names it.
+        """
         s = self.state
-        return ReviewParameters(method=s.method, composite=s.composite, classIndex=int(s.class_index),
-                                aggregation=s.aggregation, nSteps=int(s.n_steps), regionKind=s.region_kind,
+        numbers = {"class": s.class_index, "steps": s.n_steps, "samples": s.samples, "seed": s.seed}
+        bad = [name for name, value in numbers.items() if isinstance(value, bool) or not isinstance(value, int)]
+        if bad:
+            raise SegExplainError(f"{', '.join(bad)} must be whole numbers, got "
+                                  f"{', '.join(repr(numbers[name]) for name in bad)}")
+        return ReviewParameters(method=s.method, composite=s.composite, classIndex=s.class_index,
+                                aggregation=s.aggregation, nSteps=s.n_steps, regionKind=s.region_kind,
                                 radius=float(s.radius), regionSegmentId=s.segment_id or "",
                                 displayedSequence=int(s.sequence), overlayOpacity=float(s.opacity),
                                 filterKind=s.filter_kind, filterLow=float(s.alpha1), filterHigh=float(s.alpha2),
-                                baseline=s.baseline, samples=int(s.samples), seed=int(s.seed),
+                                baseline=s.baseline, samples=s.samples, seed=s.seed,
                                 layerwiseFilter=bool(s.layerwise), device=s.device)
 
     def _onParametersChanged(self, **_: Any) -> None:
@@ -255,12 +264,13 @@ class ReviewApp(TrameApp):
         item = self.state.compare_item if self.state.compare_item is not None else self.state.current
         if item is None:
             return
-        parameters = self.parameters()
-        parameters.filterKind = self.state.compare_filter_kind
-        parameters.filterLow, parameters.filterHigh = float(self.state.compare_alpha1), float(self.state.compare_alpha2)
         try:
+            parameters = self.parameters()
+            parameters.filterKind = self.state.compare_filter_kind
+            parameters.filterLow = float(self.state.compare_alpha1)
+            parameters.filterHigh = float(self.state.compare_alpha2)
             workflow.showExplanation(self.session.explanation(int(item)), parameters,
-                                         self._compositeNodes(COMPARE_VIEWS), overlay=self.session.compareOverlay())
+                                     self._compositeNodes(COMPARE_VIEWS), overlay=self.session.compareOverlay())
         except SegExplainError as error:
             self.state.error = str(error)
 
@@ -327,7 +337,10 @@ class ReviewApp(TrameApp):
         if explanation is None:
             return web.Response(status=404, text="no explanation yet: run or select one first")
         with tempfile.TemporaryDirectory() as folder:
-            path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
+            try:
+                path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
+            except SegExplainError as error:
+                return web.Response(status=400, text=str(error))
             return self._attachment(path.read_bytes(), "segexplain-report.pdf", "application/pdf")
 
     @staticmethod

@@ -17,7 +17,7 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import export, nodes, results, workflow
-from SegExplainMRML.job import ExplainJob, Region
+from SegExplainMRML.job import ExplainJob, ExplainSettings, Region
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import read_label, read_sequences
@@ -66,22 +66,15 @@ class ReviewCase:
 
 
 @dataclass
-class ReviewParameters:
-    """The page's controls, as the module's parameter node holds them."""
+class ReviewParameters(ExplainSettings):
+    """The page's controls: the explanation settings (validated on creation) plus the region and the display, with
+    the names of the Slicer module's parameter node, so that ``SegExplainMRML.workflow`` reads both alike."""
 
-    method: str = "lrp"
-    composite: str = "epsilon_plus"
-    classIndex: int = 1
-    aggregation: str = "sum"
-    nSteps: int = 16
+    nSteps: int = 16  # a CPU server answers the page faster with fewer Integrated Gradients steps
     regionKind: str = "point"
     radius: float = 2.0
     regionSegmentId: str = ""
-    baseline: str = "zero"
-    samples: int = 0
-    seed: int = 0
     layerwiseFilter: bool = False
-    device: str = "auto"
     displayedSequence: int = 0
     overlayOpacity: float = 0.6
     filterKind: str = "none"

@@ -92,3 +92,18 @@ def test_views_image_pads_to_the_tallest():
     image = ReviewSession.viewsImage([np.full((4, 3, 3), 200, np.uint8), np.full((2, 5, 4), 100, np.uint8)])
     assert image.shape == (4, 8, 4)
     assert np.all(image[:, :3, :3] == 200) and np.all(image[2:, 3:, :3] == 0) and np.all(image[..., 3] > 0)
+
+
+def test_page_parameters_are_validated_settings_with_the_modules_names():
+    from SegExplainMRML import workflow
+    from SegExplainReview.session import ReviewParameters
+
+    with pytest.raises(SegExplainError, match="'lrpp'"):
+        ReviewParameters(method="lrpp")
+    with pytest.raises(SegExplainError, match="seed must be an integer"):
+        ReviewParameters(seed=-1)
+    chosen = ReviewParameters(method="integrated_gradients", baseline="min", layerwiseFilter=True, filterKind="pass",
+                              filterLow=0.2)
+    settings = workflow.settings(chosen)
+    assert (settings.method, settings.nSteps, settings.baseline, settings.layerFilter) == (
+        "integrated_gradients", 16, "min", "pass:0.2,1")
