@@ -194,9 +194,10 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.clickedPoints:
-            self._parameterNode.clickedPoints = self.logic.newClickedPointsNode()
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.clickedPoints:  # before setParameterNode, which observes it for click-to-explain
+            parameterNode.clickedPoints = self.logic.newClickedPointsNode()
+        self.setParameterNode(parameterNode)
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
