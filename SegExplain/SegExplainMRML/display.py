@@ -1,6 +1,6 @@
 """Relevance overlays on Slicer's slice views: a diverging colour table centred on zero, and live amplitude filters.
 
-A relevance map is signed: red is evidence for the explained class, blue against, and zero is transparent so that
+A relevance map is signed: red is evidence for the explained class, blue against, and near zero it is transparent so that
 the anatomy shows through. The window is symmetric (level 0, width 2 max|R|), so zero is always the centre colour.
 
 The filter sliders act post hoc on the finished map (Tjoa et al.'s alpha-pass and alpha-clamp, normalized per map by
@@ -24,26 +24,22 @@ from .nodes import nodeLabel
 
 #: Name (and singleton tag) of the colour table the module adds to the scene.
 DIVERGING_COLOR_NAME = "SegExplainDiverging"
-#: ColorBrewer RdBu, reversed: blue for negative relevance, near-white at zero, dark red for positive.
-_ANCHORS = np.array([(-1.0, 5, 48, 97), (-0.5, 67, 147, 195), (0.0, 247, 247, 247), (0.5, 214, 96, 77),
-                     (1.0, 103, 0, 31)])
+#: Relevance below this fraction of max|R| is transparent. Slicer's slice views draw every table entry whose alpha is
+#: not zero opaque (at the overlay opacity), so a gradual fade would show as a pale haze around every relevant spot.
+TRANSPARENT_BELOW = 0.04
+#: ColorBrewer RdBu, reversed: blue for negative relevance, red for positive, from light (just above the transparent
+#: band) to dark (at max|R|).
+_ANCHORS = np.array([(-1.0, 5, 48, 97), (-0.5, 67, 147, 195), (-TRANSPARENT_BELOW, 146, 197, 222),
+                     (TRANSPARENT_BELOW, 244, 165, 130), (0.5, 214, 96, 77), (1.0, 103, 0, 31)])
 #: An odd number of entries puts relevance 0 on the centre entry exactly.
 _ENTRIES = 257
-#: Amplitude (fraction of max|R|) from which a table entry's alpha is 1; below, it rises linearly from 0. Slicer's
-#: slice views draw any non-zero alpha opaque (at the overlay opacity), so there only the entries around zero are
-#: transparent; renderers that blend alpha (e.g. volume rendering of the table) use the ramp.
-_OPAQUE_FROM = 0.25
-#: Slicer's slice pipeline maps the window onto 256 grey levels before the table, so relevance 0 (grey level 127.5)
-#: lands on an entry next to the centre, and it draws every entry with a non-zero alpha fully opaque. The entries
-#: within one step of the centre are therefore transparent too.
-_TRANSPARENT_ENTRIES = slice(_ENTRIES // 2 - 1, _ENTRIES // 2 + 2)
 
 
 def divergingColors(values: np.ndarray) -> np.ndarray:
     """RGBA in [0, 1] of the diverging table at normalized relevance ``values`` in [-1, 1]."""
     values = np.clip(np.asarray(values, dtype=float), -1.0, 1.0)
     rgb = np.stack([np.interp(values, _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=-1) / 255.0
-    alpha = np.minimum(1.0, np.abs(values) / _OPAQUE_FROM)
+    alpha = (np.abs(values) >= TRANSPARENT_BELOW).astype(float)
     return np.concatenate([rgb, alpha[..., None]], axis=-1)
 
 
@@ -57,9 +53,8 @@ def divergingColorNode(scene: Any) -> Any:
     node.SetSingletonTag(DIVERGING_COLOR_NAME)
     node.SetTypeToUser()
     node.SetNumberOfColors(_ENTRIES)
-    node.SetDescription("SegExplain relevance: blue negative, transparent zero, red positive")
+    node.SetDescription("SegExplain relevance: blue negative, transparent near zero, red positive")
     colors = divergingColors(np.linspace(-1.0, 1.0, _ENTRIES))
-    colors[_TRANSPARENT_ENTRIES, 3] = 0.0
     for index, (red, green, blue, alpha) in enumerate(colors):
         node.SetColor(index, f"{np.linspace(-1, 1, _ENTRIES)[index]:+.3f}", red, green, blue, alpha)
     node.SetHideFromEditors(False)

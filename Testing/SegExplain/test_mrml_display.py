@@ -57,14 +57,14 @@ def test_diverging_color_node_entries(scene):
     np.testing.assert_allclose(tableColor(node, count - 1), [103 / 255, 0.0, 31 / 255, 1.0], atol=1e-6)
 
 
-def test_diverging_colors_ramp_opacity_and_symmetry():
-    """Opacity rises linearly with |value| up to 1 and the colours interpolate the ColorBrewer anchors."""
-    values = np.array([-1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0])
+def test_diverging_colors_band_and_anchors():
+    """Transparent below 4% of max|R|, opaque above; the colours interpolate the ColorBrewer anchors."""
+    values = np.array([-1.0, -0.5, -0.039, 0.0, 0.039, 0.04, 0.27, 0.5, 1.0])
     colors = display.divergingColors(values)
-    np.testing.assert_allclose(colors[:, 3], np.minimum(1.0, np.abs(values) / 0.25))
+    np.testing.assert_array_equal(colors[:, 3], [1, 1, 0, 0, 0, 1, 1, 1, 1])
     np.testing.assert_allclose(colors[1, :3], np.array([67, 147, 195]) / 255)
-    np.testing.assert_allclose(colors[5, :3], np.array([214, 96, 77]) / 255)
-    np.testing.assert_allclose(colors[4, :3], (np.array([247, 247, 247]) * 0.8 + np.array([214, 96, 77]) * 0.2) / 255)
+    np.testing.assert_allclose(colors[5, :3], np.array([244, 165, 130]) / 255)
+    np.testing.assert_allclose(colors[6, :3], (np.array([244, 165, 130]) + np.array([214, 96, 77])) / 2 / 255)
     np.testing.assert_array_equal(display.divergingColors(np.array([-3.0, 3.0])), colors[[0, -1]])
 
 
@@ -84,7 +84,7 @@ def test_set_diverging_display_window(scene, rng):
 def test_display_pipeline_maps_relevance_to_the_diverging_colours(scene):
     """Through Slicer's display pipeline +max is dark red, -max dark blue, max/2 the table's colour, 0 transparent.
 
-    Slicer makes every voxel whose table alpha is non-zero fully opaque, so only zero relevance is see-through.
+    Slicer makes every voxel whose table alpha is non-zero fully opaque, so only the band around zero is see-through.
     """
     values = np.array([2.0, -2.0, 1.0, 0.0, -1.0], np.float32)
     node = addVolume(scene, np.tile(values, (2, 3, 1)), name="R")
