@@ -388,7 +388,7 @@ class ReviewApp(TrameApp):
                   v_if="region_kind === 'segment'", **compact)
         v.VSlider(label="Radius (mm)", v_model=("radius",), min=0, max=10, step=0.5, thumb_label=True,
                   v_if="region_kind === 'point'", **compact)
-        v.VBtn("Draw box on a slice view", click=self.drawBox, v_if="region_kind === 'box'", size="small",
+        v.VBtn("Draw box on a slice view", click=self.drawBox, v_if="region_kind === 'box'", size="small", id="draw-box",
                classes="mb-2")
         v.VCheckbox(label="Explain on click", v_model=("explain_on_click",), **compact)
         with html.Div(classes="d-flex ga-2 mb-1"):

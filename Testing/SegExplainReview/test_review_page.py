@@ -51,3 +51,27 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
     redAfter = int(reddish(filtered).sum())
     assert 0 < redAfter < 0.8 * redBefore, f"the pass filter blanks weak relevance ({redBefore} -> {redAfter})"
     assert np.any(filtered != explained)
+
+
+def centre(page, selector: str) -> tuple[float, float]:
+    return tuple(page.evaluate(f"(() => {{ const r = document.querySelector('{selector}').getBoundingClientRect();"
+                               " return [r.x + r.width / 2, r.y + r.height / 2]; })()"))
+
+
+def test_a_box_drawn_on_a_slice_view_is_explained(server, page):
+    """Two clicks draw a markups ROI on the axial view; Explain explains the voxels inside it."""
+    setState(page, explain_on_click=False, region_kind="box")
+    before = len(page.evaluate("window.trame.state.get('explanations')"))
+    page.click(*centre(page, "#draw-box"))
+    axial = viewRect(page, 0)
+    page.click(axial["x"] + 0.45 * axial["width"], axial["y"] + 0.42 * axial["height"])
+    page.click(axial["x"] + 0.55 * axial["width"], axial["y"] + 0.55 * axial["height"])
+    page.click(*centre(page, "#explain-button"))
+    page.waitFor(f"window.trame.state.get('explanations').length > {before} && !window.trame.state.get('running') "
+                 "|| window.trame.state.get('error')", timeout=120)
+    assert page.evaluate("window.trame.state.get('error')") == ""
+    newest = page.evaluate("window.trame.state.get('explanations')")[-1]["title"]
+    box = tuple(int(v) for v in newest.split("voxels (")[1].rstrip(")").split(","))
+    assert "box 'SegExplain box'" in newest
+    low, high = np.array(box[:3]), np.array(box[3:])
+    assert np.all(high > low) and np.all(high - low < (24, 48, 48)), f"a box inside the volume, got {box}"
