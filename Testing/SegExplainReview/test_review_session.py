@@ -96,6 +96,7 @@ def test_views_image_pads_to_the_tallest():
 
 def test_page_parameters_are_validated_settings_with_the_modules_names():
     from SegExplainMRML import workflow
+
     from SegExplainReview.session import ReviewParameters
 
     with pytest.raises(SegExplainError, match="'lrpp'"):
