@@ -175,7 +175,8 @@ class ReviewSession:
                                       f"{', '.join(differences)})")
             index = self.names.index(stem)
             old, self.volumes[index] = self.volumes[index], self._addVolume(path, stem)
-            self.scene.RemoveNode(old)
+            # earlier explanations refer to the volume they explained: it stays, renamed
+            old.SetName(self.scene.GenerateUniqueName(f"{stem} (before {fileName})"))
             return f"replaced sequence {stem} with {fileName}"
         self.segmentation = self._addSegmentation(path, stem)
         return f"added segmentation {self.segmentation.GetName()} with {len(self.segments())} segment(s)"

@@ -83,7 +83,7 @@ def test_uploaded_sequence_replaces_its_input(session, caseFolder):
     old = session.volumes[1]
     assert "replaced sequence T1" in session.addFile("T1.nii.gz", content)
     assert session.volumes[1] is not old and session.volumes[1].GetScene() is session.scene
-    assert old.GetScene() is None
+    assert old.GetScene() is session.scene and old.GetName() == "T1 (before T1.nii.gz)"  # earlier results keep it
 
 
 def test_views_image_pads_to_the_tallest():
