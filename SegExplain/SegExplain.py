@@ -545,7 +545,9 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def sliceCompositeNodes() -> list:
-        return [slicer.app.layoutManager().sliceWidget(name).mrmlSliceCompositeNode() for name in SLICE_VIEWS]
+        """The composite nodes of the Red, Yellow and Green slice views (read from the scene: no widget needed)."""
+        return [node for node in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode")
+                if node.GetLayoutName() in SLICE_VIEWS]
 
     def showExplanation(self, explanation, parameters) -> None:
         """Show the chosen sequence's relevance, filtered by the sliders, over that sequence on the slice views."""
@@ -643,8 +645,11 @@ class SegExplainTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Overlay and live filter")
         logic.showExplanation(explanation, parameters)
-        composite = logic.sliceCompositeNodes()[0]
-        self.assertEqual(composite.GetForegroundVolumeID(), explanation.overlay.GetID())
+        composites = logic.sliceCompositeNodes()
+        self.assertEqual(len(composites), 3)
+        for composite in composites:
+            self.assertEqual(composite.GetForegroundVolumeID(), explanation.overlay.GetID())
+            self.assertEqual(composite.GetBackgroundVolumeID(), volumes[0].GetID())
         raw = slicer.util.arrayFromVolume(explanation.relevance[0]).copy()
         parameters.filterKind, parameters.filterLow, parameters.filterHigh = "pass", 0.5, 1.0
         logic.showExplanation(explanation, parameters)
