@@ -102,6 +102,19 @@ class Chromium:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1})
 
+    def drag(self, x0: float, y0: float, x1: float, y1: float, steps: int = 10) -> None:
+        """Press the left button at (x0, y0), move to (x1, y1) in steps, release: dragging a slider's thumb."""
+        self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x0, "y": y0})
+        self.send("Input.dispatchMouseEvent", {"type": "mousePressed", "x": x0, "y": y0, "button": "left",
+                                               "clickCount": 1})
+        for step in range(1, steps + 1):
+            x, y = x0 + (x1 - x0) * step / steps, y0 + (y1 - y0) * step / steps
+            self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y, "button": "left",
+                                                   "buttons": 1})
+            time.sleep(0.03)
+        self.send("Input.dispatchMouseEvent", {"type": "mouseReleased", "x": x1, "y": y1, "button": "left",
+                                               "clickCount": 1})
+
     def setFiles(self, selector: str, paths: list[str]) -> None:
         """Choose files in an ``<input type=file>``, as a user would in the file dialog."""
         document = self.send("DOM.getDocument")

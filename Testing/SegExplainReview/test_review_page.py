@@ -1,4 +1,4 @@
-"""End to end: the demo in Chromium, a click on a slice view, the overlay, a filter slider, the screenshot."""
+"""End to end: the demo in Chromium, a click on a slice view, the overlay, dragging a filter slider, the screenshot."""
 
 from __future__ import annotations
 
@@ -44,9 +44,15 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
     streamed = png(page.screenshot())  # the page as the browser shows it: the streamed axial view has the overlay
     assert reddish(streamed[y:y + h, x:x + w]).sum() > 50
 
+    setState(page, filter_kind="pass")  # the filter menu
     version = page.evaluate("window.trame.state.get('overlay_version')")
-    setState(page, filter_kind="pass", alpha1=0.6)  # as dragging the alpha1 slider with the 'pass' filter
+    track = page.evaluate("(() => { const r = document.querySelector('#alpha1').closest('.v-slider')"
+                          ".querySelector('.v-slider-track').getBoundingClientRect();"
+                          " return [r.x, r.y + r.height / 2, r.width]; })()")
+    page.drag(track[0] + 1, track[1], track[0] + 0.6 * track[2], track[1])  # drag alpha1 from 0 to 0.6
     waitForVersion(page, version)
+    page.waitFor("Math.abs(window.trame.state.get('alpha1') - 0.6) < 0.03 && window.trame.state.dirtyKeys.size === 0"
+                 " && !window.trame.state.get('trame__busy')", timeout=15)  # the server has the final value
     filtered = png(server.get(screenshotUrl))
     redAfter = int(reddish(filtered).sum())
     assert 0 < redAfter < 0.8 * redBefore, f"the pass filter blanks weak relevance ({redBefore} -> {redAfter})"
