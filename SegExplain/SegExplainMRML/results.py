@@ -120,6 +120,10 @@ def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[A
     record = json.loads(summaryPath.read_text())
     if command is not None:
         record["command"] = command
+    # the files (and so summary.json) name the sequences file-safely; the record keeps what the scene called them
+    record["scene_inputs"] = [{"sequence": name, "file_name": fileSafe(name), "volume": node.GetName()}
+                              for name, node in zip(stack.names, inputs if len(inputs) == len(stack.names)
+                                                    else inputs * len(stack.names))]
     maps = [_readMap(outputFolder / f"relevance_{fileSafe(n)}.nii.gz", stack.geometry) for n in stack.names]
     scene = stack.reference.GetScene()
     shNode = subjectHierarchy(scene)

@@ -93,7 +93,9 @@ def test_load_makes_one_folder_holding_the_record(case):
     shNode = results.subjectHierarchy(case.scene)
     assert shNode.GetItemName(explanation.folderItem) == "LRP lesion"
     record = json.loads(shNode.GetItemAttribute(explanation.folderItem, results.RECORD_ATTRIBUTE))
-    assert record == {**case.summary, "command": COMMAND} == explanation.record
+    sceneInputs = [{"sequence": v.GetName(), "file_name": job.fileSafe(v.GetName()), "volume": v.GetName()}
+                   for v in case.volumes]
+    assert record == {**case.summary, "command": COMMAND, "scene_inputs": sceneInputs} == explanation.record
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.method")) == "lrp"
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.target")) == case.summary["target"]
 
