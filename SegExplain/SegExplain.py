@@ -107,6 +107,7 @@ class SegExplainParameterNode:
     samples: Annotated[int, WithinRange(0, 100000)] = 0
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
     seed: int = 0
+    advancedOptions: str = ""
     layerwiseFilter: bool = False
     replacePrevious: bool = False
     filterKind: Annotated[str, Choice(["none", "pass", "clamp"])] = "none"

@@ -74,7 +74,8 @@ class ReviewApp(TrameApp):
         self._setUpViews(MAIN_VIEWS)
         self.server.controller.on_server_bind.add(self._addRoutes)
         self.state.change("method", "composite", "class_index", "aggregation", "region_kind", "radius", "segment_id",
-                          "n_steps", "baseline", "samples", "seed", "layerwise", "device")(self._onParametersChanged)
+                          "n_steps", "baseline", "samples", "seed", "layerwise", "device",
+                          "advanced_options")(self._onParametersChanged)
         self.state.change("current", "sequence", "opacity", "filter_kind", "alpha1", "alpha2")(self._onDisplayChanged)
         self.state.change("compare_on", "compare_item", "compare_filter_kind", "compare_alpha1",
                           "compare_alpha2")(self._onCompareChanged)
@@ -93,7 +94,7 @@ class ReviewApp(TrameApp):
             "aggregation": defaults.aggregation, "n_steps": defaults.nSteps, "region_kind": defaults.regionKind,
             "radius": defaults.radius, "explain_on_click": True, "baseline": defaults.baseline,
             "samples": defaults.samples, "seed": defaults.seed, "layerwise": defaults.layerwiseFilter,
-            "device": defaults.device,
+            "device": defaults.device, "advanced_options": defaults.advancedOptions,
             "segments": [{"value": i, "title": n} for i, n in segments],
             "segment_id": segments[0][0] if segments else "",
             "sequences": [{"value": i, "title": n} for i, n in enumerate(self.session.names)],
@@ -124,7 +125,8 @@ class ReviewApp(TrameApp):
                                 displayedSequence=int(s.sequence), overlayOpacity=float(s.opacity),
                                 filterKind=s.filter_kind, filterLow=float(s.alpha1), filterHigh=float(s.alpha2),
                                 baseline=s.baseline, samples=s.samples, seed=s.seed,
-                                layerwiseFilter=bool(s.layerwise), device=s.device)
+                                layerwiseFilter=bool(s.layerwise), device=s.device,
+                                advancedOptions=s.advanced_options or "")
 
     def _onParametersChanged(self, **_: Any) -> None:
         self.state.error = ""
@@ -383,6 +385,8 @@ class ReviewApp(TrameApp):
                          v_if="aggregation === 'normalized'", **compact)
             v.VTextField(label="Seed", v_model_number=("seed",), type="number", **compact)
             v.VSelect(label="Device", v_model=("device",), items=("['auto', 'cpu', 'cuda']",), **compact)
+        v.VTextField(label="Other options (JSON)", v_model=("advanced_options",), placeholder='{"noise_level": 0.2}',
+                     id="advanced-options", **compact)
         v.VSelect(label="Region", v_model=("region_kind",), items=("region_kinds",), id="region-kind", **compact)
         v.VSelect(label="Segment", v_model=("segment_id",), items=("segments",),
                   v_if="region_kind === 'segment'", **compact)

@@ -75,6 +75,7 @@ class ReviewParameters(ExplainSettings):
     radius: float = 2.0
     regionSegmentId: str = ""
     layerwiseFilter: bool = False
+    advancedOptions: str = ""
     displayedSequence: int = 0
     overlayOpacity: float = 0.6
     filterKind: str = "none"

@@ -84,6 +84,8 @@ class ExplainSettings:
         classIndex: Output class explained (1 = the first foreground class).
         device: ``auto``, ``cpu`` or ``cuda``.
         seed: Seed of every random draw (SmoothGrad noise, sampled aggregation).
+        extraOptions: Any other option of the engine's method, e.g. ``{"noise": 0.1}`` for SmoothGrad; passed as
+            ``--option key=json`` and validated by the engine, which names an unknown option.
     """
 
     method: str = "lrp"

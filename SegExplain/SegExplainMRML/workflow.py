@@ -6,12 +6,14 @@ so the region, the settings, the run, the loading and the display are the same c
 end does not offer takes the logic's default (:class:`ExplainSettings`).
 
 The attributes read: ``regionKind``, ``radius``, ``regionSegmentId``; the :class:`ExplainSettings` fields
-(``method``, ``composite``, ``nSteps``, ...); ``layerwiseFilter`` with ``filterKind``, ``filterLow``, ``filterHigh``;
+(``method``, ``composite``, ``nSteps``, ...); ``advancedOptions`` (any other engine option, a JSON object);
+``layerwiseFilter`` with ``filterKind``, ``filterLow``, ``filterHigh``;
 ``displayedSequence``, ``overlayOpacity``; ``montageOrientation``.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,15 @@ def settings(parameters: Any) -> ExplainSettings:
     """The method and options; the layer-wise filter is the current filter when ``layerwiseFilter`` is on."""
     values = {f.name: getattr(parameters, f.name) for f in fields(ExplainSettings)
               if f.name not in ("layerFilter", "extraOptions") and hasattr(parameters, f.name)}
+    text = getattr(parameters, "advancedOptions", "").strip()
+    if text:
+        try:
+            values["extraOptions"] = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SegExplainError(f"other options must be a JSON object such as {{\"noise_level\": 0.2}}, got {text!r} "
+                                  f"({error.msg})") from None
+        if not isinstance(values["extraOptions"], dict):
+            raise SegExplainError(f"other options must be a JSON object such as {{\"noise_level\": 0.2}}, got {text!r}")
     if getattr(parameters, "layerwiseFilter", False) and parameters.filterKind != "none":
         values["layerFilter"] = f"{parameters.filterKind}:{float(parameters.filterLow):g},{float(parameters.filterHigh):g}"
     return ExplainSettings(**values)

@@ -140,3 +140,15 @@ def test_show_filters_the_chosen_sequence_into_the_overlay(scene, finishedJob):
     assert composite.GetForegroundOpacity() == pytest.approx(0.4)
     montage = workflow.montage(explanation, shown, scene.applicationLogic)
     assert montage.ndim == 3 and montage.shape[2] == 4
+
+
+def test_other_options_are_a_json_object_passed_to_the_engine():
+    settings = workflow.settings(controls(method="smoothgrad", advancedOptions=' {"noise_level": 0.2, "n_samples": 4} '))
+    assert settings.extraOptions == {"noise_level": 0.2, "n_samples": 4}
+    arguments = settings.arguments()
+    assert arguments[arguments.index("--option") + 1] == "noise_level=0.2"
+    assert workflow.settings(controls(advancedOptions="")).extraOptions == {}
+    with pytest.raises(SegExplainError, match="JSON object .* got '\\{noise: 1\\}'"):
+        workflow.settings(controls(advancedOptions="{noise: 1}"))
+    with pytest.raises(SegExplainError, match="JSON object .* got '\\[1, 2\\]'"):
+        workflow.settings(controls(advancedOptions="[1, 2]"))
