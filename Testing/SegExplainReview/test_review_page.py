@@ -46,9 +46,10 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
 
     setState(page, filter_kind="pass")  # the filter menu
     version = page.evaluate("window.trame.state.get('overlay_version')")
-    track = page.evaluate("(() => { const r = document.querySelector('#alpha1').closest('.v-slider')"
-                          ".querySelector('.v-slider-track').getBoundingClientRect();"
-                          " return [r.x, r.y + r.height / 2, r.width]; })()")
+    track = page.evaluate("(() => { const t = document.querySelector('#alpha1').closest('.v-slider')"
+                          ".querySelector('.v-slider-track'); t.scrollIntoView({block: 'center'});"
+                          " const r = t.getBoundingClientRect(); return [r.x, r.y + r.height / 2, r.width]; })()")
+    assert 0 < track[1] < page.evaluate("window.innerHeight"), f"the alpha1 slider is on screen, got {track}"
     page.drag(track[0] + 1, track[1], track[0] + 0.6 * track[2], track[1])  # drag alpha1 from 0 to 0.6
     waitForVersion(page, version)
     page.waitFor("Math.abs(window.trame.state.get('alpha1') - 0.6) < 0.03 && window.trame.state.dirtyKeys.size === 0"
@@ -60,7 +61,8 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
 
 
 def centre(page, selector: str) -> tuple[float, float]:
-    return tuple(page.evaluate(f"(() => {{ const r = document.querySelector('{selector}').getBoundingClientRect();"
+    return tuple(page.evaluate(f"(() => {{ const e = document.querySelector('{selector}');"
+                               " e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect();"
                                " return [r.x + r.width / 2, r.y + r.height / 2]; })()"))
 
 
