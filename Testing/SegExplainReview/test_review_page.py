@@ -62,7 +62,7 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
 
 def centre(page, selector: str) -> tuple[float, float]:
     return tuple(page.evaluate(f"(() => {{ const e = document.querySelector('{selector}');"
-                               " e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect();"
+                               " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
                                " return [r.x + r.width / 2, r.y + r.height / 2]; })()"))
 
 
