@@ -1,0 +1,21 @@
+"""The engine stays a plain Python package: importing any of its modules pulls in no Slicer, VTK, Qt or trame."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+import SegExplainLib
+
+
+def test_no_module_of_the_engine_imports_slicer_vtk_qt_or_trame():
+    modules = sorted(f"SegExplainLib.{m.name}" for m in pkgutil.iter_modules(SegExplainLib.__path__)
+                     if m.name != "__main__")  # __main__ runs the command line
+    assert "SegExplainLib.cli" in modules and "SegExplainLib.api" in modules
+    code = (f"import importlib, json, sys\nfor name in {modules!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('slicer', 'vtk', 'vtkmodules', 'qt', 'ctk', 'PythonQt', 'trame', 'SegExplainMRML', 'SegExplainReview'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
