@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                     "CASE, the bundled demo case and model are used.")
     review.add_argument("case", nargs="?", metavar="CASE_OR_FOLDER",
                         help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
-                             ".nrrd or .mha) and optionally label.*")
+                             ".nrrd or .mha) and optionally label.*; or one 4D file with a channel per sequence")
     review.add_argument("--model", metavar="CARD", help="model card (default: the bundled demo model)")
     review.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
@@ -178,6 +178,8 @@ def run_review(args: argparse.Namespace) -> None:
         if args.case is None:
             sequences, label = write_demo_case(folder)
             case = ReviewCase(card, tuple(sequences), label)
+        elif Path(args.case).is_file():
+            case = ReviewCase.fromFile(args.case, card, folder)
         else:
             case = ReviewCase.fromFolder(args.case, card)
         try:

@@ -17,10 +17,10 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import export, nodes, results, workflow
-from SegExplainMRML.job import ExplainJob, ExplainSettings, Region
+from SegExplainMRML.job import ExplainJob, ExplainSettings, Region, fileSafe
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import read_label, read_sequences
+from SegExplainLib.imaging import read_label, read_sequences, write_volume
 from SegExplainLib.loading import ModelCard
 
 #: File name endings the app reads (the command line's).
@@ -45,6 +45,24 @@ class ReviewCase:
     @property
     def names(self) -> list[str]:
         return list(ModelCard.read(self.card).sequences)
+
+    @classmethod
+    def fromFile(cls, path: str | Path, card: str, folder: str | Path) -> ReviewCase:
+        """A case in one multi-channel file (4D, or vector pixels), one channel per sequence of the card in its order.
+
+        The channels are written to ``folder`` as one NRRD file per sequence, which the scene then loads.
+
+        Raises:
+            SegExplainError: Not readable as an image, or a channel count other than the card's sequence count.
+        """
+        image, geometry = read_sequences([path])
+        names = list(ModelCard.read(card).sequences)
+        if len(image) != len(names):
+            raise SegExplainError(f"{str(path)!r} has {len(image)} channels; the model card's sequences are "
+                                  f"{', '.join(names)} ({len(names)})")
+        paths = tuple(write_volume(channel, geometry, Path(folder) / f"{fileSafe(name)}.nrrd")
+                      for channel, name in zip(image, names))
+        return cls(card, paths)
 
     @classmethod
     def fromFolder(cls, folder: str | Path, card: str) -> ReviewCase:

@@ -108,3 +108,22 @@ def test_page_parameters_are_validated_settings_with_the_modules_names():
     settings = workflow.settings(chosen)
     assert (settings.method, settings.nSteps, settings.baseline, settings.layerFilter) == (
         "integrated_gradients", 16, "min", "pass:0.2,1")
+
+
+def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
+    from SegExplainLib.demo import make_case
+    from SegExplainLib.imaging import read_sequences
+    from SegExplainReview.session import ReviewCase
+
+    image, _ = make_case(1001)
+    stacked = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)
+    stacked.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(stacked, str(tmp_path / "case.nrrd"))
+    case = ReviewCase.fromFile(tmp_path / "case.nrrd", str(demo_card_path()), tmp_path)
+    assert [p.name for p in case.sequences] == [f"{n}.nrrd" for n in SEQUENCE_NAMES]
+    split, geometry = read_sequences(case.sequences)
+    np.testing.assert_array_equal(split, image)
+    assert geometry.spacing == (1.0, 1.0, 2.0)
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(image[:2], 0, -1), isVector=True), str(tmp_path / "two.nrrd"))
+    with pytest.raises(SegExplainError, match="has 2 channels; the model card's sequences are T2, T1"):
+        ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()), tmp_path)
