@@ -25,6 +25,7 @@ from slicer import (
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
+    vtkMRMLVectorVolumeNode,
 )
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -84,12 +85,14 @@ class SegExplainParameterNode:
 
     modelCard: model card file (YAML/JSON) naming the network, its weights and sequences; empty for the bundled demo.
     inputVolumes: one volume per MRI sequence of the card, in the card's order.
+    multiVolume: or one multi-component volume holding the sequences; it is split into ``inputVolumes`` on Explain.
     regionKind: what to explain: a segment, an ROI box, a clicked point, the predicted region or the whole class.
     The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
     """
 
     modelCard: str = ""
     inputVolumes: list[vtkMRMLScalarVolumeNode]
+    multiVolume: vtkMRMLVectorVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     regionKind: Annotated[str, Choice(["segment", "box", "point", "predicted", "class"])] = "point"
     regionSegmentation: vtkMRMLSegmentationNode
@@ -295,9 +298,11 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.setCurrentNode(node)
             if segmentId:
                 selector.setCurrentSegmentID(segmentId)
-        ready = self._job is not None or (parameters.inputVolumes and all(parameters.inputVolumes))
+        ready = self._job is not None or parameters.multiVolume is not None or (
+            parameters.inputVolumes and all(parameters.inputVolumes))
         self.ui.applyButton.enabled = bool(ready)
-        self.ui.applyButton.toolTip = "" if ready else _("Select a volume for every sequence of the model card")
+        self.ui.applyButton.toolTip = "" if ready else _(
+            "Select a volume for every sequence of the model card, or a multi-volume")
         self.ui.lrpFrame.visible = parameters.method == "lrp"
         self.ui.igFrame.visible = parameters.method == "integrated_gradients"
         if self._explanation is not None:
@@ -321,6 +326,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
             self.logic.ensureRequirements(askConfirmation=True)
             self._job = self.logic.startExplanation(self._parameterNode)
+            self._rebuildSequenceSelectors()  # a multi-volume was split into the per-sequence inputs
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene")
             self.ui.progressBar.value = 0
@@ -514,10 +520,14 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
     def startExplanation(self, parameters):
         """Write the inputs and start the background job; returns the running ``ExplainJob``."""
         from SegExplainMRML import workflow
+        from SegExplainMRML.nodes import splitVectorVolume
 
-        job = workflow.startExplanation(list(parameters.inputVolumes), self.sequenceNames(parameters.modelCard),
-                                        self.region(parameters), workflow.settings(parameters),
-                                        self.cardPath(parameters.modelCard))
+        names = self.sequenceNames(parameters.modelCard)
+        if parameters.multiVolume is not None:
+            parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
+            parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
+        job = workflow.startExplanation(list(parameters.inputVolumes), names, self.region(parameters),
+                                        workflow.settings(parameters), self.cardPath(parameters.modelCard))
         logging.info("SegExplain: %s", " ".join(job.command()))
         return job
 
@@ -603,6 +613,8 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SegExplainWorkflow()
         self.setUp()
+        self.test_SegExplainMultiVolume()
+        self.setUp()
         self.test_SegExplainParametersSavedWithScene()
 
     def _demoScene(self):
@@ -676,6 +688,29 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         job.cleanup()
         self.assertEqual(len(logic.explanationFolders()), 2)
         self.delayDisplay("Workflow passed")
+
+    def test_SegExplainMultiVolume(self):
+        import numpy as np
+
+        self.delayDisplay("A multi-volume is split into the sequences and explained")
+        logic, parameters, volumes, label, segmentation = self._demoScene()
+        stacked = np.stack([slicer.util.arrayFromVolume(v) for v in volumes], axis=-1)
+        ijkToRas = vtk.vtkMatrix4x4()
+        volumes[0].GetIJKToRASMatrix(ijkToRas)
+        vector = slicer.util.addVolumeFromArray(stacked, slicer.util.arrayFromVTKMatrix(ijkToRas), "mpMRI",
+                                                nodeClassName="vtkMRMLVectorVolumeNode")
+        parameters.inputVolumes = []
+        parameters.multiVolume = vector
+        parameters.regionKind = "predicted"
+        job = logic.startExplanation(parameters)
+        self.assertEqual(job.wait(timeout=300), "done", job.error)
+        explanation = logic.finishExplanation(job, parameters)
+        job.cleanup()
+        names = logic.sequenceNames("")
+        self.assertEqual([v.GetName() for v in parameters.inputVolumes], [f"mpMRI {n}" for n in names])
+        self.assertEqual(explanation.sequenceNames, names)
+        self.assertIsNone(parameters.multiVolume)
+        self.delayDisplay("Multi-volume passed")
 
     def test_SegExplainParametersSavedWithScene(self):
         self.delayDisplay("Parameters are saved with the scene")

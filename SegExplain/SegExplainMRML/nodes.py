@@ -19,6 +19,9 @@ from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry
 
 _LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
+#: Attributes of a scalar volume split from a multi-volume: the vector volume's ID and the component.
+_SPLIT_FROM = "SegExplain.splitFrom"
+_COMPONENT = "SegExplain.component"
 
 
 def nodeLabel(node: Any) -> str:
@@ -268,3 +271,37 @@ def addVolumeLike(referenceVolume: Any, array: np.ndarray, name: str) -> Any:
     if transform is not None:
         node.SetAndObserveTransformNodeID(transform.GetID())
     return node
+
+
+def splitVectorVolume(vectorNode: Any, names: list[str]) -> list[Any]:
+    """One scalar volume per component of a multi-component volume, named ``<volume> <sequence>``.
+
+    A multi-volume (e.g. a 4D NRRD loaded as a vector volume) becomes the per-sequence volumes the module explains and
+    shows as backgrounds. Volumes split from the same node earlier are reused rather than added again.
+
+    Raises:
+        SegExplainError: Not a vector volume, or a component count other than the number of sequences.
+    """
+    if vectorNode is None or not vectorNode.IsA("vtkMRMLVectorVolumeNode") or vectorNode.GetImageData() is None:
+        raise SegExplainError(f"the multi-volume must be a vector volume with voxels, got {nodeLabel(vectorNode)}")
+    components = vectorNode.GetImageData().GetNumberOfScalarComponents()
+    if components != len(names):
+        raise SegExplainError(f"multi-volume {nodeLabel(vectorNode)} has {components} components; the model card's "
+                              f"sequences are {', '.join(names)} ({len(names)})")
+    scene = vectorNode.GetScene()
+    earlier = {}
+    for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene):
+        if node.GetAttribute(_SPLIT_FROM) == vectorNode.GetID():
+            earlier[int(node.GetAttribute(_COMPONENT))] = node
+    voxels = slicer.util.arrayFromVolume(vectorNode)
+    split = []
+    for component, name in enumerate(names):
+        node = earlier.get(component)
+        if node is None:
+            node = addVolumeLike(vectorNode, voxels[..., component], f"{vectorNode.GetName()} {name}")
+            node.SetAttribute(_SPLIT_FROM, vectorNode.GetID())
+            node.SetAttribute(_COMPONENT, str(component))
+            node.CreateDefaultDisplayNodes()
+        split.append(node)
+    return split
+

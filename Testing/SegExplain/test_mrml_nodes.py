@@ -152,6 +152,35 @@ def test_stack_volumes_of_a_vector_volume(scene, rng):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(vector), voxels)
 
 
+def test_split_vector_volume_gives_one_scalar_volume_per_sequence_once(scene, rng):
+    """A multi-volume becomes per-sequence scalar volumes on its grid; splitting again reuses them."""
+    voxels = rng.normal(size=(3, 4, 5, 3)).astype(np.float32)
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "mpMRI")
+    vector.SetSpacing(0.5, 0.5, 2.0)
+    vector.SetOrigin(10.0, -3.0, 7.0)
+    slicer.util.updateVolumeFromArray(vector, voxels)
+    split = nodes.splitVectorVolume(vector, ["T2", "ADC", "DWI"])
+    assert [n.GetName() for n in split] == ["mpMRI T2", "mpMRI ADC", "mpMRI DWI"]
+    for component, node in enumerate(split):
+        assert not node.IsA("vtkMRMLVectorVolumeNode")
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), voxels[..., component])
+        np.testing.assert_array_equal(nodes.ijkToRasMatrix(node), nodes.ijkToRasMatrix(vector))
+    stack = nodes.stackVolumes(split, ["T2", "ADC", "DWI"])
+    np.testing.assert_array_equal(stack.image, np.moveaxis(voxels, -1, 0))
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    assert nodes.splitVectorVolume(vector, ["T2", "ADC", "DWI"]) == split
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes
+
+
+def test_split_vector_volume_needs_one_component_per_sequence(scene, rng):
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "mpMRI")
+    slicer.util.updateVolumeFromArray(vector, rng.normal(size=(3, 4, 5, 2)).astype(np.float32))
+    with pytest.raises(SegExplainError, match="has 2 components; the model card's sequences are T2, ADC, DWI"):
+        nodes.splitVectorVolume(vector, ["T2", "ADC", "DWI"])
+    with pytest.raises(SegExplainError, match="must be a vector volume"):
+        nodes.splitVectorVolume(addVolume(scene, np.zeros((2, 2, 2))), ["T2"])
+
+
 def test_stack_volumes_rejects_volumes_under_different_transforms(scene):
     """Sequences under different transforms do not overlay voxel for voxel."""
     first = addVolume(scene, np.zeros((2, 3, 4)), name="T2")
