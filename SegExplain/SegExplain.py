@@ -269,7 +269,9 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onSequenceVolumesChanged(self, *unused) -> None:
         if self._parameterNode:
-            self._parameterNode.inputVolumes = [selector.currentNode() for _label, selector in self._sequenceSelectors]
+            chosen = [selector.currentNode() for _label, selector in self._sequenceSelectors]
+            # a list parameter holds nodes, not gaps: the sequences are stored once every one has its volume
+            self._parameterNode.inputVolumes = chosen if all(chosen) else []
 
     def onRegionSegmentationChanged(self, node) -> None:
         if self._parameterNode:
