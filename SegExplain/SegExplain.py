@@ -252,11 +252,14 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cardStatusLabel.text = str(error)
             return
         self.ui.cardStatusLabel.text = _("{count} sequences: {names}").format(count=len(names), names=", ".join(names))
-        chosen = list(self._parameterNode.inputVolumes)
+        from SegExplainMRML.nodes import guessSequenceVolumes
+
+        chosen = list(self._parameterNode.inputVolumes) or guessSequenceVolumes(slicer.mrmlScene, names)
         for index, name in enumerate(names):
             selector = slicer.qMRMLNodeComboBox()
             selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
-            selector.addEnabled = selector.removeEnabled = selector.noneEnabled = False
+            selector.addEnabled = selector.removeEnabled = False
+            selector.noneEnabled = True  # an unmatched sequence stays empty rather than taking another's volume
             selector.setMRMLScene(slicer.mrmlScene)
             selector.toolTip = _("Volume of the {name} sequence, on the same grid as the others").format(name=name)
             if index < len(chosen) and chosen[index] is not None:

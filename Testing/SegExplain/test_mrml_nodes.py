@@ -352,3 +352,13 @@ def test_add_volume_like_copies_grid_and_transform(scene, rng):
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), array)
     with pytest.raises(SegExplainError, match=r"shape \(3, 4, 6\) does not fit the grid \(3, 4, 5\)"):
         nodes.addVolumeLike(reference, np.zeros((3, 4, 6)), "bad")
+
+
+def test_guess_sequence_volumes_matches_names_once_each(scene):
+    """Exact names first, then names ending in the sequence after a separator; each volume once; others stay None."""
+    for name in ("case7_T1-20s", "case7_T1", "4: T2", "T2 registered", "ADCmap"):
+        addVolume(scene, np.zeros((2, 2, 2)), name=name)
+    guessed = nodes.guessSequenceVolumes(scene, ["T2", "T1", "T1-20s", "ADC"])
+    assert [v.GetName() if v else None for v in guessed] == ["4: T2", "case7_T1", "case7_T1-20s", None]
+    exact = addVolume(scene, np.zeros((2, 2, 2)), name="t2")
+    assert nodes.guessSequenceVolumes(scene, ["T2"]) == [exact]
