@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import slicer
 import vtk
-from SegExplainMRML import export, nodes, results, workflow
+from SegExplainMRML import nodes, results, workflow
 from SegExplainMRML.job import ExplainJob, ExplainSettings, Region, fileSafe
 
 from SegExplainLib.errors import SegExplainError
@@ -269,11 +269,6 @@ class ReviewSession:
             rgba[:image.shape[0], :, :image.shape[2]] = image
             tiles.append(rgba)
         return np.concatenate(tiles, axis=1)
-
-    @staticmethod
-    def sliceViewImages(sliceLogics: list[Any]) -> list[np.ndarray]:
-        """What each slice view shows, through Slicer's own slice pipeline."""
-        return [export.sliceImage(logic) for logic in sliceLogics]
 
     def writeReport(self, explanation: results.Explanation, parameters: ReviewParameters, path: str | Path) -> Path:
         """The module's one-page report (montage of the filtered overlay, shares, record)."""
