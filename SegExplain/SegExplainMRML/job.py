@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,6 @@ class ExplainSettings:
             args += ["--option", f"{key}={json.dumps(value)}"]
         return args
 
-    def toDict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def fileSafe(name: str) -> str:
