@@ -616,3 +616,41 @@ def box_to_index(corner_a: Sequence[float], corner_b: Sequence[float], geometry:
     voxels = np.array([np.floor(_continuous_index(c, geometry, frame, "box corner") + 0.5) for c in corners])
     low, high = voxels.min(axis=0).astype(int), voxels.max(axis=0).astype(int) + 1
     return (int(low[2]), int(low[1]), int(low[0])), (int(high[2]), int(high[1]), int(high[0]))
+
+
+def _name_key(text: str) -> str:
+    return text.strip(" _-:.").lower()
+
+
+def match_names(candidates: Sequence[str], wanted: Sequence[str]) -> list[int | None]:
+    """Which candidate (a file stem, a volume name) holds each wanted sequence name; each candidate is used once.
+
+    A candidate equal to the name wins (case and surrounding ``" _-:."`` ignored); then one that ends with the name
+    after a separator, so ``case7_T2`` holds ``T2`` while ``case7_T1-20s`` does not hold ``T1``.
+
+    Args:
+        candidates: For example the stems of a case folder's files, ``["case7_T1", "case7_T2", "case7_label"]``.
+        wanted: The model card's sequence names in channel order, e.g. ``["T2", "T1"]``.
+
+    Returns:
+        For each wanted name, the index of its candidate, or None where none matches.
+
+    Example:
+        >>> match_names(["4: T2", "case7_T1-20s", "case7_T1"], ["T1", "T2", "ADC"])
+        [2, 0, None]
+    """
+    keys = [_name_key(c) for c in candidates]
+
+    def same(key: str, name: str) -> bool:
+        return key == name
+
+    def ends_with(key: str, name: str) -> bool:
+        return key.endswith(name) and not key[:-len(name)][-1:].isalnum()
+
+    chosen: list[int | None] = [None] * len(wanted)
+    for matches in (same, ends_with):
+        for index, name in enumerate(wanted):
+            if chosen[index] is None:
+                chosen[index] = next((i for i, key in enumerate(keys)
+                                      if i not in chosen and matches(key, _name_key(name))), None)
+    return chosen

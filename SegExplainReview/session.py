@@ -20,7 +20,7 @@ from SegExplainMRML import nodes, results, workflow
 from SegExplainMRML.job import ExplainJob, ExplainSettings, Region, fileSafe
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import read_label, read_sequences, write_volume
+from SegExplainLib.imaging import match_names, read_label, read_sequences, write_volume
 from SegExplainLib.loading import ModelCard
 
 #: File name endings the app reads (the command line's).
@@ -66,7 +66,11 @@ class ReviewCase:
 
     @classmethod
     def fromFolder(cls, folder: str | Path, card: str) -> ReviewCase:
-        """A case folder as ``segexplain cohort`` reads them: ``<sequence>.nii.gz`` (or .nii/.nrrd/.mha), ``label.*``.
+        """A case folder: one image file per sequence of the card and optionally a label map.
+
+        Files are matched to the card's sequences by name, exactly (``T2.nii.gz``, as ``segexplain cohort`` reads
+        them) or by ending (``case_1000_T2.nii.gz``, as ``python -m SegExplainLib.demo case`` writes them); the
+        label map is ``label.*`` or ``*_label.*``.
 
         Raises:
             SegExplainError: Not a folder, or a sequence of the card without its file.
@@ -74,13 +78,16 @@ class ReviewCase:
         folder = Path(folder)
         if not folder.is_dir():
             raise SegExplainError(f"case folder {str(folder)!r} does not exist")
-        files = {imageStem(p.name): p for p in sorted(folder.iterdir()) if imageStem(p.name)}
+        files = [p for p in sorted(folder.iterdir()) if imageStem(p.name)]
+        stems = [imageStem(p.name) for p in files]
         names = list(ModelCard.read(card).sequences)
-        missing = [name for name in names if name not in files]
+        label, *sequences = match_names(stems, ["label", *names])
+        missing = [name for name, index in zip(names, sequences) if index is None]
         if missing:
-            raise SegExplainError(f"case folder {str(folder)!r} lacks {', '.join(n + '.nii.gz' for n in missing)} "
-                                  f"(the model card's sequences are {', '.join(names)})")
-        return cls(card, tuple(files[name] for name in names), files.get("label"))
+            raise SegExplainError(f"case folder {str(folder)!r} has no file for {', '.join(missing)} (expected "
+                                  f"{', '.join(n + '.nii.gz' for n in missing)}; the model card's sequences are "
+                                  f"{', '.join(names)})")
+        return cls(card, tuple(files[i] for i in sequences), files[label] if label is not None else None)
 
 
 @dataclass

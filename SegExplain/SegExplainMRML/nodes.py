@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry
+from SegExplainLib.imaging import Geometry, match_names
 
 _LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
 #: Attributes of a scalar volume split from a multi-volume: the vector volume's ID and the component.
@@ -310,8 +310,8 @@ def splitVectorVolume(vectorNode: Any, names: list[str]) -> list[Any]:
 def guessSequenceVolumes(scene: Any, names: list[str]) -> list[Any]:
     """For each sequence name of a model card, the scene's scalar volume that seems to hold it, or None.
 
-    A volume named exactly like the sequence wins (case and surrounding punctuation ignored), then one whose name ends
-    with it (``"4: T2"``, ``"case_1000_T2"``); each volume is used once, so ``T1`` does not take ``T1-20s``.
+    Names are matched as :func:`SegExplainLib.imaging.match_names` does: exactly first, then by ending
+    (``"4: T2"``, ``"case_1000_T2"``); each volume is used once, so ``T1`` does not take ``T1-20s``.
 
     Example:
         >>> guessSequenceVolumes(slicer.mrmlScene, ["T2", "T1"])      # volumes "case7_T1", "case7_T2"
@@ -320,24 +320,4 @@ def guessSequenceVolumes(scene: Any, names: list[str]) -> list[Any]:
     volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene)
                if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.IsA("vtkMRMLVectorVolumeNode")
                and node.GetAttribute("SegExplain.role") is None]
-
-    def key(text: str) -> str:
-        return text.strip(" _-:.").lower()
-
-    def sameName(volume: Any, name: str) -> bool:
-        return key(volume.GetName()) == key(name)
-
-    def endsWithName(volume: Any, name: str) -> bool:
-        volumeKey, nameKey = key(volume.GetName()), key(name)
-        return volumeKey.endswith(nameKey) and not volumeKey[:-len(nameKey)][-1:].isalnum()
-
-    chosen: list[Any] = [None] * len(names)
-    taken: set[str] = set()
-    for matches in (sameName, endsWithName):
-        for index, name in enumerate(names):
-            if chosen[index] is None:
-                found = next((v for v in volumes if v.GetID() not in taken and matches(v, name)), None)
-                if found is not None:
-                    chosen[index] = found
-                    taken.add(found.GetID())
-    return chosen
+    return [volumes[i] if i is not None else None for i in match_names([v.GetName() for v in volumes], names)]

@@ -378,3 +378,13 @@ def test_half_way_points_round_up_like_itk():
     for point in [(1.25, 0.625, 5.0), (0.75, 0.125, 3.0), (-0.25, -0.125, -1.0)]:   # continuous index 2.5 / 1.5 / -0.5
         x, y, z = image.TransformPhysicalPointToIndex(point)
         assert physical_to_index(point, geometry, frame="lps") == (z, y, x)
+
+
+def test_match_names_prefers_exact_then_suffix_and_uses_each_candidate_once():
+    from SegExplainLib.imaging import match_names
+
+    candidates = ["case7_T1-20s", "case7_T1", "4: T2", "T2 registered", "ADCmap", "t1-20S"]
+    assert match_names(candidates, ["T2", "T1", "T1-20s", "ADC"]) == [2, 1, 5, None]
+    assert match_names(candidates[:2], ["T1-20s", "T1"]) == [0, 1]
+    assert match_names(["T1", "x_T1"], ["T1", "T1"]) == [0, 1]
+    assert match_names([], ["T2"]) == [None]

@@ -36,7 +36,7 @@ def test_case_folder_follows_the_card_order(caseFolder, tmp_path):
     assert [p.name for p in case.sequences] == [f"{n}.nii.gz" for n in SEQUENCE_NAMES]
     assert case.label.name == "label.nii.gz"
     (tmp_path / "T2.nii.gz").write_bytes((caseFolder / "T2.nii.gz").read_bytes())
-    with pytest.raises(SegExplainError, match="lacks T1.nii.gz"):
+    with pytest.raises(SegExplainError, match=r"has no file for T1, T1-20s.* \(expected T1.nii.gz"):
         ReviewCase.fromFolder(tmp_path, str(demo_card_path()))
 
 
@@ -127,3 +127,12 @@ def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(image[:2], 0, -1), isVector=True), str(tmp_path / "two.nrrd"))
     with pytest.raises(SegExplainError, match="has 2 channels; the model card's sequences are T2, T1"):
         ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()), tmp_path)
+
+
+def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
+    """``python -m SegExplainLib.demo case`` names files case_<seed>_<sequence>; the folder opens as it is."""
+    from SegExplainReview.session import ReviewCase
+
+    sequences, label = write_demo_case(tmp_path, 1001)
+    case = ReviewCase.fromFolder(tmp_path, str(demo_card_path()))
+    assert case.sequences == tuple(sequences) and case.label == label
