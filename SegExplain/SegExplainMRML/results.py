@@ -39,7 +39,7 @@ ROLE_ATTRIBUTE = "SegExplain.role"
 SEQUENCE_ATTRIBUTE = "SegExplain.sequence"
 INPUT_REFERENCE = "segexplainInput"
 #: Record fields also stored as attributes of their own, for the Data module's attribute view.
-_SHOWN_FIELDS = ("method", "target", "target_score", "delta")
+_SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta")
 SHARE_KINDS = ("positive", "negative", "absolute")
 
 

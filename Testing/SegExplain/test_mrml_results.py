@@ -98,6 +98,8 @@ def test_load_makes_one_folder_holding_the_record(case):
     assert record == {**case.summary, "command": COMMAND, "scene_inputs": sceneInputs} == explanation.record
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.method")) == "lrp"
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.target")) == case.summary["target"]
+    for field in ("options", "target_score", "delta"):
+        assert json.loads(shNode.GetItemAttribute(explanation.folderItem, f"SegExplain.{field}")) == case.summary[field]
 
 
 def test_relevance_volumes_are_the_files_on_the_input_grid(case):
