@@ -366,20 +366,17 @@ def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: 
     return made
 
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _SPECIAL_FILES = ("label", "ground_truth")
-
-
-def _image_stem(path: Path) -> str | None:
-    return next((path.name[:-len(s)] for s in _IMAGE_SUFFIXES if path.name.endswith(s)), None)
 
 
 def _read_case_folders(root: Path, sequence_names: Sequence[str] | None) -> list[dict[str, Any]]:
     """One case per subfolder: its image files (``<sequence name>.nii.gz`` in that order when names are given, else
     every image file sorted by name), with ``label.*`` and ``ground_truth.*`` set apart."""
+    from .imaging import image_stem
+
     cases = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = {_image_stem(p): p for p in sorted(folder.iterdir()) if _image_stem(p)}
+        images = {image_stem(p.name): p for p in sorted(folder.iterdir()) if image_stem(p.name)}
         special = {name: str(images.pop(name)) if name in images else None for name in _SPECIAL_FILES}
         if sequence_names:
             missing = [name for name in sequence_names if name not in images]

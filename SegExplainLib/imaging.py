@@ -137,6 +137,22 @@ class Geometry:
             raise SegExplainError(msg)
         return cls(image.GetSpacing(), image.GetOrigin(), image.GetDirection(), image.GetSize())
 
+    @classmethod
+    def from_ijk_to_ras(cls, ijk_to_ras: Any, size: Sequence[int]) -> Geometry:
+        """The grid of a 4x4 IJK-to-RAS matrix (Slicer's volume geometry) and a size (x, y, z), in ITK's LPS terms.
+
+        Example:
+            >>> Geometry.from_ijk_to_ras(np.diag([-0.8, -0.8, 3.0, 1.0]), (240, 240, 40)).direction[:2]
+            (1.0, 0.0)
+        """
+        matrix = np.asarray(ijk_to_ras, dtype=float)
+        if matrix.shape != (4, 4):
+            msg = f"ijk_to_ras must be a 4x4 matrix, got shape {matrix.shape}"
+            raise SegExplainError(msg)
+        spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+        direction = matrix[:3, :3] / spacing[None, :] * _LPS_FROM_RAS[:, None]
+        return cls(tuple(spacing), tuple(matrix[:3, 3] * _LPS_FROM_RAS), tuple(direction.ravel()), tuple(size))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """The (D, H, W) shape of arrays on this grid: ``size`` reversed."""
@@ -378,6 +394,18 @@ def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
                               sitk.sitkNearestNeighbor, 0, image.GetPixelID())
         array = sitk.GetArrayFromImage(image)
     return array.astype(np.int64)
+
+
+def image_stem(name: str) -> str | None:
+    """A file name without its image ending (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``), or None without one.
+
+    Case folders name their files after the sequences, so the stem is the sequence name.
+
+    Example:
+        >>> image_stem("T1-20s.nii.gz"), image_stem("notes.txt")
+        ('T1-20s', None)
+    """
+    return next((name[:-len(s)] for s in WRITE_SUFFIXES if name.endswith(s)), None)
 
 
 # ----------------------------------------------------------------------------------------------------------- writing

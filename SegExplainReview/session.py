@@ -20,18 +20,18 @@ from SegExplainMRML import nodes, results, workflow
 from SegExplainMRML.job import ExplainJob, ExplainSettings, Region, fileSafe
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import match_names, read_label, read_sequences, write_volume
+from SegExplainLib.imaging import (
+    WRITE_SUFFIXES,
+    image_stem,
+    match_names,
+    read_label,
+    read_sequences,
+    write_volume,
+)
 from SegExplainLib.loading import ModelCard
 
-#: File name endings the app reads (the command line's).
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
 SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
-
-
-def imageStem(name: str) -> str | None:
-    """``T2`` for ``T2.nii.gz``; None for a name without an image ending."""
-    return next((name[:-len(s)] for s in IMAGE_SUFFIXES if name.endswith(s)), None)
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ class ReviewCase:
         folder = Path(folder)
         if not folder.is_dir():
             raise SegExplainError(f"case folder {str(folder)!r} does not exist")
-        files = [p for p in sorted(folder.iterdir()) if imageStem(p.name)]
-        stems = [imageStem(p.name) for p in files]
+        files = [p for p in sorted(folder.iterdir()) if image_stem(p.name)]
+        stems = [image_stem(p.name) for p in files]
         names = list(ModelCard.read(card).sequences)
         label, *sequences = match_names(stems, ["label", *names])
         missing = [name for name, index in zip(names, sequences) if index is None]
@@ -181,9 +181,9 @@ class ReviewSession:
         Raises:
             SegExplainError: A name without an image ending, a file that is no image, or one off the input grid.
         """
-        stem = imageStem(Path(fileName).name)
+        stem = image_stem(Path(fileName).name)
         if not stem:
-            raise SegExplainError(f"{fileName!r} is not an image file (expected {', '.join(IMAGE_SUFFIXES)})")
+            raise SegExplainError(f"{fileName!r} is not an image file (expected {', '.join(WRITE_SUFFIXES)})")
         with tempfile.TemporaryDirectory(prefix="segexplain-upload-") as folder:
             path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
             path.write_bytes(content)

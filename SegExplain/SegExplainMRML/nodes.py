@@ -18,7 +18,6 @@ import vtk
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, match_names
 
-_LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
 #: Attributes of a scalar volume split from a multi-volume: the vector volume's ID and the component.
 _SPLIT_FROM = "SegExplain.splitFrom"
 _COMPONENT = "SegExplain.component"
@@ -72,12 +71,8 @@ def geometryOfVolume(volumeNode: Any) -> Geometry:
     """
     if not (volumeNode is not None and volumeNode.IsA("vtkMRMLVectorVolumeNode")):
         _checkVolume(volumeNode, "the volume")
-    ijkToRas = ijkToRasMatrix(volumeNode)
-    spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
-    direction = (ijkToRas[:3, :3] / spacing[None, :]) * _LPS_FROM_RAS[:, None]
-    origin = ijkToRas[:3, 3] * _LPS_FROM_RAS
     size = volumeNode.GetImageData().GetDimensions()
-    return Geometry(tuple(spacing), tuple(origin), tuple(direction.ravel()), tuple(int(n) for n in size))
+    return Geometry.from_ijk_to_ras(ijkToRasMatrix(volumeNode), tuple(int(n) for n in size))
 
 
 @dataclass(frozen=True)

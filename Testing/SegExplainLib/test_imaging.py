@@ -388,3 +388,25 @@ def test_match_names_prefers_exact_then_suffix_and_uses_each_candidate_once():
     assert match_names(candidates[:2], ["T1-20s", "T1"]) == [0, 1]
     assert match_names(["T1", "x_T1"], ["T1", "T1"]) == [0, 1]
     assert match_names([], ["T2"]) == [None]
+
+
+def test_image_stem_strips_an_image_ending_only():
+    from SegExplainLib.imaging import image_stem
+
+    assert [image_stem(n) for n in ("T1-20s.nii.gz", "flair.nii", "t2.nrrd", "adc.mha", "notes.txt", "T2.gz")] == [
+        "T1-20s", "flair", "t2", "adc", None, None]
+
+
+def test_geometry_from_ijk_to_ras_places_voxels_where_the_matrix_does():
+    angle = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rotation * np.array([0.8, 0.9, 3.0])[None, :]
+    ijk_to_ras[:3, 3] = (-12.0, 30.0, 5.0)
+    geometry = Geometry.from_ijk_to_ras(ijk_to_ras, (10, 11, 12))
+    assert geometry.size == (10, 11, 12) and geometry.spacing == pytest.approx((0.8, 0.9, 3.0))
+    for ijk in ((0, 0, 0), (3, 7, 2), (8.5, 0.0, 11.0)):
+        expected = (ijk_to_ras @ np.array([*ijk, 1.0]))[:3]
+        np.testing.assert_allclose(index_to_physical(ijk[::-1], geometry, frame="ras"), expected, atol=1e-9)
+    with pytest.raises(SegExplainError, match="4x4 matrix, got shape \\(3, 3\\)"):
+        Geometry.from_ijk_to_ras(np.eye(3), (1, 1, 1))
