@@ -120,10 +120,11 @@ def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[A
     record = json.loads(summaryPath.read_text())
     if command is not None:
         record["command"] = command
+    # the input volume of each sequence: its own, or the one vector volume holding them all
+    sources = list(inputs) if len(inputs) == len(stack.names) else [inputs[0]] * len(stack.names)
     # the files (and so summary.json) name the sequences file-safely; the record keeps what the scene called them
     record["scene_inputs"] = [{"sequence": name, "file_name": fileSafe(name), "volume": node.GetName()}
-                              for name, node in zip(stack.names, inputs if len(inputs) == len(stack.names)
-                                                    else inputs * len(stack.names))]
+                              for name, node in zip(stack.names, sources)]
     maps = [_readMap(outputFolder / f"relevance_{fileSafe(n)}.nii.gz", stack.geometry) for n in stack.names]
     scene = stack.reference.GetScene()
     shNode = subjectHierarchy(scene)
@@ -135,10 +136,9 @@ def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[A
     for field in _SHOWN_FIELDS:
         shNode.SetItemAttribute(folder, f"SegExplain.{field}", json.dumps(record.get(field), default=str))
     relevance = []
-    for index, (sequence, array) in enumerate(zip(stack.names, maps)):
+    for sequence, array, source in zip(stack.names, maps, sources):
         node = addVolumeLike(stack.reference, array, f"{folderName} {sequence}")
         node.SetAttribute(SEQUENCE_ATTRIBUTE, sequence)
-        source = inputs[index] if len(inputs) == len(stack.names) else inputs[0]
         node.SetNodeReferenceID(INPUT_REFERENCE, source.GetID())
         setDivergingDisplay(node)
         _placeInFolder(shNode, node, folder, "relevance")
