@@ -23,6 +23,9 @@ from SegExplainLib.errors import SegExplainError
 from . import display, export, nodes, results
 from .job import ExplainJob, ExplainSettings, Region
 
+#: Reference from an overlay volume to the relevance volume whose (filtered) map it shows.
+_SHOWN_RELEVANCE = "segexplainShownRelevance"
+
 
 def region(parameters: Any, reference: Any, *, segmentation: Any = None, roi: Any = None,
            clickedPoints: Any = None) -> Region:
@@ -112,8 +115,11 @@ def showExplanation(explanation: results.Explanation, parameters: Any, composite
     index = displayedIndex(explanation, parameters)
     relevance = explanation.relevance[index]
     overlay = overlay or explanation.overlay
-    overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, relevance.GetAttribute(results.SEQUENCE_ATTRIBUTE))
-    display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
+    if overlay.GetNodeReferenceID(_SHOWN_RELEVANCE) != relevance.GetID():
+        # a new map for this overlay: its window, from max|R| (a full pass over the volume), not at every slider step
+        overlay.SetNodeReferenceID(_SHOWN_RELEVANCE, relevance.GetID())
+        overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, relevance.GetAttribute(results.SEQUENCE_ATTRIBUTE))
+        display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
     amplitudeFilter = display.amplitudeFilter(parameters.filterKind, float(parameters.filterLow),
                                               float(parameters.filterHigh))
     display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
