@@ -95,14 +95,15 @@ def showOverlay(compositeNodes: list[Any], background: Any, overlay: Any, opacit
         overlay: The relevance (or filtered overlay) volume, displayed with :func:`setDivergingDisplay`.
         opacity: Foreground opacity in [0, 1].
     """
-    opacity = checkedOpacity(opacity)
+    opacity = checkedOpacity(opacity)  # before any view changes
     for composite in compositeNodes:
         composite.SetBackgroundVolumeID(background.GetID() if background is not None else None)
         composite.SetForegroundVolumeID(overlay.GetID() if overlay is not None else None)
-        composite.SetForegroundOpacity(opacity)
+    setOverlayOpacity(compositeNodes, opacity)
 
 
 def setOverlayOpacity(compositeNodes: list[Any], opacity: float) -> None:
+    """Set the foreground (relevance overlay) opacity of slice views, in [0, 1]."""
     opacity = checkedOpacity(opacity)
     for composite in compositeNodes:
         composite.SetForegroundOpacity(opacity)
