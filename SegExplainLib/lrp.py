@@ -11,7 +11,10 @@ from torch import nn
 from ._method import AttributionMethod, AttributionOutput
 from .composites import DECONVOLUTION, GUIDED_BACKPROP, Composite, get_composite
 from .errors import SegExplainError
-from .rules import PropagationContext
+from .rules import PropagationContext, box_share
+
+# explained outputs within a box of at most this share of the output grid count as a small target
+SPARSE_SEED_SHARE = 0.25
 
 
 def check_logits(logits: Any, seed: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,10 @@ class _RuleMethod(AttributionMethod):
             raise SegExplainError(msg)
         x = inputs.detach().requires_grad_(True)
         sink = torch.zeros_like(x, requires_grad=True)
-        ctx = PropagationContext(network_input=x, input_sink=sink, layer_filter=self._layer_filter())
+        # a seed that is differentiated (the normalized aggregation) needs the whole backward pass anyway
+        sparse = not seed.requires_grad and seed.dim() > 2 and box_share(seed) <= SPARSE_SEED_SHARE
+        ctx = PropagationContext(network_input=x, input_sink=sink, layer_filter=self._layer_filter(),
+                                 sparse_relevance=sparse)
         captured: dict[str, torch.Tensor] = {}
         handles = [modules[name].register_forward_hook(_capture(captured, name)) for name in layers]
         try:

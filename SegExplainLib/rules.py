@@ -18,6 +18,7 @@ in the backward pass and return ``g`` (or, for rules of the first layer, the inp
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,8 +45,9 @@ def epsilon_factor(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``z / (z + epsilon * sign(z))``, which is ``|z| / (|z| + epsilon)``: the epsilon rule as a gradient factor."""
     if epsilon == 0.0:
         return (z != 0).to(z.dtype)
-    magnitude = z.abs()
-    return magnitude.div_(magnitude + epsilon)
+    # as 1 - eps / (|z| + eps): one new tensor and four in-place passes, a third faster than |z| / (|z| + eps);
+    # the two forms differ by one rounding of a number below 1
+    return z.abs().add_(epsilon).reciprocal_().mul_(-epsilon).add_(1.0)
 
 
 @dataclass
@@ -58,11 +60,15 @@ class PropagationContext:
             its gradient, because relevance such as the flat rule's cannot be written as ``input * g``.
         layer_filter: An amplitude filter applied to the relevance entering every linear layer and norm layer
             (Tjoa et al.'s layer-wise mode), or ``None``.
+        sparse_relevance: Whether the explained outputs are a small box of the output grid (a click, a box, a
+            small segment): rules then compute what they need in the backward pass, and only over the part of each
+            layer that receives relevance.
     """
 
     network_input: torch.Tensor
     input_sink: torch.Tensor
     layer_filter: Any = None
+    sparse_relevance: bool = False
 
     def filtered(self, relevance: torch.Tensor) -> torch.Tensor:
         if self.layer_filter is None:
@@ -228,6 +234,16 @@ class Epsilon(Rule):
                     factor = factor * scale
             if norm:
                 return replace_backward(x, y, lambda x_in, saved, grad: grad * saved, saved=factor)
+            if ctx.sparse_relevance and isinstance(module, CONVOLUTIONS):
+                # a small target: the layer's transpose runs on the part of its output that receives relevance
+                weight = module.weight.detach()
+
+                def transpose_part(window, x_part, grad, saved):
+                    return affine_vjp(module, x_part, weight, window.output(grad) * window.output(saved),
+                                      window.padding)
+
+                return replace_backward(x, y, lambda x_in, saved, grad: RelevanceWindow.propagate(
+                    module, x_in, grad, saved, transpose_part), saved=factor)
             return transform_grad(y, lambda saved, grad: grad * saved, saved=factor)
         if norm:
             return replace_backward(x, y, lambda x_in, y_out, grad: self._ratio(y_out, grad, ctx) * scale)
@@ -298,15 +314,20 @@ def unwired(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: type(module).forward(module, x)
 
 
-def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """Run a weighted linear layer with replaced parameters (same stride, padding, groups, ...)."""
+def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   padding: Any = None):
+    """Run a weighted linear layer with replaced parameters (same stride, groups, ...; its padding by default)."""
     if isinstance(module, CONVOLUTIONS):
-        return module._conv_forward(x, weight, bias)
+        if padding is None:
+            return module._conv_forward(x, weight, bias)
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
+        return conv(x, weight, bias, module.stride, padding, module.dilation, module.groups)
     if isinstance(module, TRANSPOSED_CONVOLUTIONS):
         conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[x.dim() - 2]
         if x.dim() == 5 and x.device.type == "cpu":
             # oneDNN's 3D transposed convolution is several times faster on a channels-last input; on a contiguous
-            # one it also copies its whole output once more
+            # one it also copies its whole output once more. Its output stays channels-last: the decoder's
+            # concatenation reads either layout, and a copy back would cost more than that (75 ms at size L).
             x = x.contiguous(memory_format=torch.channels_last_3d)
         return conv(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
                     module.dilation)
@@ -326,15 +347,16 @@ def weight_dims(module: nn.Module) -> tuple[int, int]:
     return (0, 1) if isinstance(module, TRANSPOSED_CONVOLUTIONS) else (1, 0)
 
 
-def affine_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def affine_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+               padding: Any = None) -> torch.Tensor:
     """``W^T grad`` of a weighted layer (the input gradient of ``layer(x; weight)``) without a forward pass."""
     if isinstance(module, nn.Linear):
         return grad @ weight
     transposed = isinstance(module, TRANSPOSED_CONVOLUTIONS)
     output_padding = module.output_padding if transposed else (0,) * (x.dim() - 2)
     grad_x, _, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, module.stride, module.padding, module.dilation, transposed, output_padding,
-        module.groups, [True, False, False])
+        grad, x, weight, None, module.stride, module.padding if padding is None else padding, module.dilation,
+        transposed, output_padding, module.groups, [True, False, False])
     return grad_x
 
 
@@ -421,30 +443,38 @@ class ZPlus(WeightRule):
     name = "z_plus"
 
     def forward(self, module, x, original, ctx):
-        # The denominators z+ = x W+ come from the same call as the output (weights [W; W+]): on CPU a small layer's
-        # cost is dominated by unfolding its input, so a second weight set costs little. Signed inputs (after
-        # LeakyReLU, or an up-convolution) add x- (W- - W+) to z+, and gate W-^T on the negative inputs.
         if not fusable(module):
             return super().forward(module, x, original, ctx)
         weight = module.weight.detach()
-        in_dim, out_dim = weight_dims(module)
-        positive, negative = weight.clamp(min=0), weight.clamp(max=0)
-        # only channels that hold negative values (the up-convolution half of a decoder's concatenation) need the
-        # extra terms of signed inputs
-        signed = _negative_channels(x)
-        if len(signed):
-            shift = (negative - positive).index_select(in_dim, signed)
-            negative = negative.index_select(in_dim, signed)
-        channels = weight.shape[out_dim]
+        bias = None if module.bias is None else module.bias.detach()
+        rectified = known_non_negative(x)
+        if ctx.sparse_relevance:
+            # A small target (a click, a box) leaves most of the decoder's output voxels without relevance: the
+            # denominators z+ are computed in the backward pass, over the box of voxels that receive some.
+            with torch.no_grad():
+                y = affine_forward(module, x, weight, bias)
+
+            def propagate_part(window, x_part, grad, y_out):
+                signed = None if rectified else _signed_channels(x_part)
+                with torch.no_grad():
+                    z_plus = self._denominators(module, x_part, signed, window.padding)
+                ratio = ctx.filtered(window.output(y_out) * window.output(grad)) / z_plus
+                return self._transposed(module, x_part, ratio, signed, window.padding)
+
+            return replace_backward(x, y, lambda x_in, y_out, grad: RelevanceWindow.propagate(
+                module, x_in, grad, y_out, propagate_part))
+        # Otherwise z+ comes from the same call as the output (weights [W; W+]): on CPU a small layer's cost is
+        # dominated by unfolding its input, so a second weight set costs little.
+        signed = None if rectified else _signed_channels(x)
+        channels = weight.shape[weight_dims(module)[1]]
         # the z+ half gets the stabilizer as its bias: z+ + eps comes out of the same call
-        bias = torch.full((2 * channels,), self.epsilon, dtype=weight.dtype, device=weight.device)
-        bias[:channels] = 0.0 if module.bias is None else module.bias.detach()
+        fused_bias = torch.full((2 * channels,), self.epsilon, dtype=weight.dtype, device=weight.device)
+        fused_bias[:channels] = 0.0 if bias is None else bias
         with torch.no_grad():  # the backward pass is this rule's own: no graph needed
-            fused = affine_forward(module, x, torch.cat([weight, positive], dim=out_dim), bias)
+            fused = affine_forward(module, x, torch.cat([weight, weight.clamp(min=0)], dim=weight_dims(module)[1]),
+                                   fused_bias)
             y, z_plus = fused.chunk(2, dim=1)
-            y = y.contiguous()  # a channels-last output (transposed convolutions) would slow the layers after it
-            if len(signed):
-                z_plus.add_(affine_forward(module, x.index_select(1, signed).clamp(max=0), shift, None))
+            self._add_negative_inputs(z_plus, module, x, signed, None)
             # without a layer-wise filter only y / (z+ + eps) is needed later: one tensor, as the gradient keeps
             saved = y / z_plus if ctx.layer_filter is None else fused
 
@@ -454,26 +484,144 @@ class ZPlus(WeightRule):
             else:
                 y_out, stabilized = saved.chunk(2, dim=1)
                 ratio = ctx.filtered(y_out * grad) / stabilized
-            on_positive = affine_vjp(module, x_in, positive, ratio)
-            if not len(signed):
-                # zero inputs get no relevance (R = x g = 0); their g dies in the ReLU (or padding) that made them
-                return on_positive
-            # only the signed channels mix the two paths: their positive inputs take W+^T, their negative ones W-^T
-            # (a zero input carries no relevance, R = x g = 0, either way; nor does a non-signed channel's zero)
-            x_signed = x_in.index_select(1, signed)
-            on_negative = affine_vjp(module, x_signed, negative, ratio)
-            mixed = torch.where(x_signed > 0, on_positive.index_select(1, signed), _gate(on_negative, x_signed >= 0))
-            if torch.is_grad_enabled():
-                return on_positive.index_copy(1, signed, mixed)
-            return on_positive.index_copy_(1, signed, mixed)
+            return self._transposed(module, x_in, ratio, signed, None)
 
         return replace_backward(x, y, propagate, saved=saved)
+
+    def _denominators(self, module, x, signed, padding):
+        """``z+ + eps`` for input ``x``: ``x W+``, plus ``x- W-`` on the channels that hold negative values."""
+        z_plus = affine_forward(module, x, module.weight.detach().clamp(min=0), None, padding)
+        self._add_negative_inputs(z_plus, module, x, signed, padding)
+        return z_plus.add_(self.epsilon)
+
+    @staticmethod
+    def _add_negative_inputs(z_plus, module, x, signed, padding):
+        """Turn ``x W+`` into the z+ of signed inputs (after LeakyReLU, or an up-convolution): add ``x- (W- - W+)``."""
+        if signed is not None:
+            weight = _channels(module.weight.detach(), weight_dims(module)[0], signed)
+            shift = weight.clamp(max=0) - weight.clamp(min=0)
+            z_plus.add_(affine_forward(module, _channels(x, 1, signed).clamp(max=0), shift, None, padding))
+
+    @staticmethod
+    def _transposed(module, x, ratio, signed, padding):
+        """``g_x``: ``W+^T ratio``, and ``W-^T ratio`` at the negative inputs of the signed channels."""
+        weight = module.weight.detach()
+        on_positive = affine_vjp(module, x, weight.clamp(min=0), ratio, padding)
+        if signed is None:
+            # zero inputs get no relevance (R = x g = 0); their g dies in the ReLU (or padding) that made them
+            return on_positive
+        # only the signed channels mix the two paths: their negative inputs take W-^T (a zero input carries no
+        # relevance, R = x g = 0, whichever it takes)
+        x_signed = _channels(x, 1, signed)
+        on_negative = affine_vjp(module, x_signed, _channels(weight, weight_dims(module)[0], signed).clamp(max=0),
+                                 ratio, padding)
+        if torch.is_grad_enabled():
+            mixed = torch.where(x_signed < 0, on_negative, _channels(on_positive, 1, signed))
+            return torch.cat([on_positive[:, :signed.start], mixed, on_positive[:, signed.stop:]], dim=1)
+        on_signed = _channels(on_positive, 1, signed)
+        torch.where(x_signed < 0, on_negative, on_signed, out=on_signed)
+        return on_positive
 
     def groups(self, module, x):
         weight = module.weight.detach()
         terms = [Term(part, weight.clamp(min=0) if positive else weight.clamp(max=0), None, gate)
                  for part, gate, positive in _signed_parts(x)]
         return [(1.0, terms)]
+
+
+def occupied_box(t: torch.Tensor) -> list[tuple[int, int]] | None:
+    """``(start, stop)`` per spatial dim of the box around the voxels of ``t`` (B, C, *spatial) that are not zero.
+
+    ``None`` when ``t`` is zero everywhere. A voxel counts when any batch element or channel is non-zero there.
+    """
+    values = t.detach().flatten(0, 1)
+    occupied = (values.amax(0) != 0) | (values.amin(0) != 0)  # far cheaper than ne() and any() over all channels
+    axes = range(occupied.dim())
+    box = []
+    for axis in axes:
+        profile = occupied.any(dim=[d for d in axes if d != axis]) if occupied.dim() > 1 else occupied
+        hits = torch.nonzero(profile).flatten()
+        if not len(hits):
+            return None
+        box.append((int(hits[0]), int(hits[-1]) + 1))
+    return box
+
+
+def box_share(t: torch.Tensor) -> float:
+    """Share of the spatial voxels of ``t`` inside :func:`occupied_box` (0 for an all-zero tensor)."""
+    box = occupied_box(t)
+    return 0.0 if box is None else math.prod(stop - start for start, stop in box) / math.prod(t.shape[2:])
+
+
+@dataclass
+class RelevanceWindow:
+    """The box of a layer's output voxels that receive relevance, and the part of its input that box reads.
+
+    Outside the box the incoming relevance is exactly zero, so a rule's modified forward and its transposed pass
+    need only be computed inside it. The input part carries explicit zero padding where the box reaches the image
+    border, so the layer runs on it without padding of its own.
+
+    Attributes:
+        outputs: Index of the output box (all batch elements and channels), or ``None`` for the whole output.
+        pads: ``F.pad`` widths that take the input to the part the box reads (negative widths crop), or ``None``.
+        padding: The padding to run the layer with: its own for the whole output, zero for a box.
+    """
+
+    outputs: tuple[slice, ...] | None
+    pads: list[int] | None
+    padding: Any
+
+    # above this share of the output voxels a box is not worth its copies
+    MAX_SHARE: ClassVar[float] = 0.5
+
+    @classmethod
+    def whole(cls) -> RelevanceWindow:
+        return cls(None, None, None)
+
+    @classmethod
+    def propagate(cls, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor,
+                  on_part: Callable) -> torch.Tensor:
+        """A rule's backward pass on the window of ``grad``: ``on_part(window, x_part, grad, saved)`` returns the
+        input gradient of the part, which goes back into a zero tensor shaped like ``x``.
+        """
+        # a graph of this backward pass (the normalized aggregation differentiates it w.r.t. the seed) needs every
+        # output voxel, also those whose relevance happens to be zero
+        window = cls.whole() if torch.is_grad_enabled() else cls.of(module, x, grad)
+        if window is None:
+            return torch.zeros_like(x)
+        return window.scatter(on_part(window, window.input(x), grad, saved))
+
+    @classmethod
+    def of(cls, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> RelevanceWindow | None:
+        """The window of the non-zero voxels of ``grad``, the output gradient of ``module`` on input ``x``.
+
+        ``None`` when ``grad`` is zero everywhere; the whole output for layers other than convolutions, and when the
+        box holds more than half of the output voxels.
+        """
+        if not isinstance(module, CONVOLUTIONS) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return cls.whole() if bool(grad.any()) else None
+        box = occupied_box(grad)
+        if box is None:
+            return None
+        if math.prod(stop - start for start, stop in box) > cls.MAX_SHARE * math.prod(grad.shape[2:]):
+            return cls.whole()
+        pads = []  # F.pad lists the last dim first
+        for (start, stop), size, kernel, stride, padding, dilation in reversed(list(zip(
+                box, x.shape[2:], module.kernel_size, module.stride, module.padding, module.dilation))):
+            first = start * stride - padding  # the input voxels the box reads, in unpadded coordinates
+            last = (stop - 1) * stride - padding + dilation * (kernel - 1)
+            pads += [-first, last + 1 - size]
+        return cls((slice(None), slice(None), *(slice(start, stop) for start, stop in box)), pads, (0,) * len(box))
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.pads is None else F.pad(x, self.pads)
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.outputs is None else y[self.outputs]
+
+    def scatter(self, grad_part: torch.Tensor) -> torch.Tensor:
+        """The input gradient of the part, placed back into a zero tensor shaped like the layer input."""
+        return grad_part if self.pads is None else F.pad(grad_part, [-width for width in self.pads])
 
 
 # Autograd nodes whose output is non-negative when all their inputs are (a ReLU's is in any case): an input made by
@@ -485,28 +633,33 @@ _SIGN_KEEPING_NODES = frozenset({"MaxPool1DWithIndicesBackward0", "MaxPool2DWith
                                  "UpsampleNearest3DBackward0"})
 
 
-def _known_non_negative(node: Any, depth: int = 0) -> bool:
+def known_non_negative(x: torch.Tensor) -> bool:
+    """Whether the operations that made ``x`` guarantee it is non-negative (a ReLU, then pooling or concatenation)."""
+    return x.grad_fn is not None and _made_non_negative(x.grad_fn)
+
+
+def _made_non_negative(node: Any, depth: int = 0) -> bool:
     name = type(node).__name__
     if name in _RECTIFYING_NODES:
         return True
     if name not in _SIGN_KEEPING_NODES or depth > 8:
         return False
     parents = [parent for parent, _ in node.next_functions if parent is not None]
-    return bool(parents) and all(_known_non_negative(parent, depth + 1) for parent in parents)
+    return bool(parents) and all(_made_non_negative(parent, depth + 1) for parent in parents)
 
 
-def _negative_channels(x: torch.Tensor) -> torch.Tensor:
-    """Indices of the channels of ``x`` that hold negative values (none after a ReLU, without looking)."""
-    if x.grad_fn is not None and _known_non_negative(x.grad_fn):
-        return torch.zeros(0, dtype=torch.long, device=x.device)
-    return torch.nonzero(x.detach().amin(dim=[d for d in range(x.dim()) if d != 1]) < 0).flatten()
+def _signed_channels(x: torch.Tensor) -> slice | None:
+    """The range of channels of ``x`` from the first to the last that holds negative values; ``None`` if none does.
+
+    A range, not a list: in a decoder's concatenation the signed channels are the up-convolution's block, and a
+    range of channels is a view rather than a copy.
+    """
+    negative = torch.nonzero(x.detach().amin(dim=[d for d in range(x.dim()) if d != 1]) < 0).flatten()
+    return slice(int(negative[0]), int(negative[-1]) + 1) if len(negative) else None
 
 
-def _gate(values: torch.Tensor, closed: torch.Tensor) -> torch.Tensor:
-    """``values`` with zeros where ``closed``; in place unless a graph of the backward pass is being built."""
-    if torch.is_grad_enabled():
-        return values.masked_fill(closed, 0.0)
-    return values.masked_fill_(closed, 0.0)
+def _channels(t: torch.Tensor, dim: int, channels: slice) -> torch.Tensor:
+    return t.narrow(dim, channels.start, channels.stop - channels.start)
 
 
 class AlphaBeta(WeightRule):

@@ -128,6 +128,18 @@ def box_seed(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return seed.to(device)
 
 
+def class_seed(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One on every voxel of class channel 1: the whole class channel, relevance everywhere in every layer."""
+    seed = torch.zeros((shape[0], 2, *shape[2:]))
+    seed[:, 1] = 1.0
+    return seed.to(device)
+
+
+# The targets of sections 1-3: a central box is what a click or a box explains (SegExplain then works on the part
+# of each layer that receives relevance); the whole class channel is the dense worst case.
+SEEDS: dict[str, Callable[[tuple[int, ...], torch.device], torch.Tensor]] = {"box": box_seed, "class": class_seed}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The methods compared against the baseline gradient
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,12 +268,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def child_memory(method: str, size: str, device: torch.device) -> dict[str, Any]:
+def child_memory(method: str, size: str, target: str, device: torch.device) -> dict[str, Any]:
     """In a fresh process: build model and input, reset the peak counter, run the method once, return the peak."""
     shape = SIZES[size]
     model = build_model(device)
     x = build_input(shape, device)
-    seed = box_seed(shape, device)
+    seed = SEEDS[target](shape, device)
     runner = make_runners(method.startswith("zennit"))[method]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -293,8 +305,8 @@ def child_memory(method: str, size: str, device: torch.device) -> dict[str, Any]
     return {"peak_bytes": int(peak), "mode": mode, "before_bytes": int(before)}
 
 
-def measure_memory(method: str, size: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", f"{method}:{size}",
+def measure_memory(method: str, size: str, target: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-memory", f"{method}:{size}:{target}",
            "--threads", str(args.threads), "--device", args.device]
     env = dict(os.environ)
     if not args.malloc_default and sys.platform.startswith("linux"):
@@ -369,21 +381,21 @@ def _judge(ratio: float | None, limit: float | None) -> bool | None:
     return ratio <= limit
 
 
-def bench_engine(size: str, args: argparse.Namespace, device: torch.device, with_zennit: bool,
+def bench_engine(size: str, target: str, args: argparse.Namespace, device: torch.device, with_zennit: bool,
                  repeats: int) -> list[dict[str, Any]]:
     shape = SIZES[size]
     model = build_model(device)
     x = build_input(shape, device)
-    seed = box_seed(shape, device)
+    seed = SEEDS[target](shape, device)
     runners = make_runners(with_zennit)
     fns = {name: (lambda r=runner: r(model, x, seed)) for name, runner in runners.items()}
-    print(f"  [{size} {shape}] timing {', '.join(fns)} ({repeats} repeat(s) after a warm-up)", flush=True)
+    print(f"  [{size} {shape}, {target} target] timing {', '.join(fns)} ({repeats} repeat(s) after a warm-up)", flush=True)
     times, results, foreign = interleaved(fns, repeats, device, log=_log(args))
     del fns
     memory = {}
     if not args.no_memory:
         for name in runners:
-            memory[name] = measure_memory(name, size, args)
+            memory[name] = measure_memory(name, size, target, args)
             peak = memory[name]["peak_bytes"]
             shown = "failed: " + memory[name].get("error", "") if peak is None else f"{peak / MIB:.0f} MiB"
             print(f"    peak memory {name}: {shown}", flush=True)
@@ -416,7 +428,7 @@ def bench_engine(size: str, args: argparse.Namespace, device: torch.device, with
             check["expected"] = expected
             check["relative_delta"] = abs(check["delta"]) / abs(expected) if expected else None
         rows.append({
-            "size": size, "shape": list(shape), "method": name, "label": LABELS[name], "seconds": t,
+            "size": size, "target": target, "shape": list(shape), "method": name, "label": LABELS[name], "seconds": t,
             "all_seconds": times[name], "time_ratio": t_ratio, "peak_bytes": peak, "memory_ratio": m_ratio,
             "memory_mode": memory.get(name, {}).get("mode"), "time_target": t_limit, "memory_target": m_limit,
             "time_pass": t_ok, "memory_pass": m_ok, "verdict": verdict, "check": check,
@@ -607,7 +619,8 @@ def format_report(report: dict[str, Any]) -> str:
              f"device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""),
              f"load average at start: {m['load_average_start']}, at end: {report.get('load_average_end')}",
              "model: reference_unet() (6 in, 2 classes, base 16, depth 4, BatchNorm randomized), float32, eval; "
-             "target: sum of class-1 logits over a central box (a quarter of each axis)",
+             "seeds (sections 1-3): box = sum of class-1 logits over a central box (a quarter of each axis), "
+             "class = sum over the whole class-1 channel",
              f"timing: warm-up once, best of {report['config']['repeats']} interleaved runs "
              f"(size L: {report['config']['repeats_l']}; IG: {report['config']['ig_repeats']}); "
              f"peak memory: fresh subprocess per (method, size), {report.get('memory_mode') or 'not measured'}",
@@ -626,12 +639,13 @@ def format_report(report: dict[str, Any]) -> str:
                 note = f"max diff {check['max_rel_diff_to_baseline']:.1e}"
             else:
                 note = ""
-            rows.append([r["size"], r["label"], _fmt(r["seconds"], ".3f"), _fmt(r["time_ratio"], ".2f", "x"),
+            rows.append([r["size"], r["target"], r["label"], _fmt(r["seconds"], ".3f"),
+                         _fmt(r["time_ratio"], ".2f", "x"),
                          _fmt(None if r["peak_bytes"] is None else r["peak_bytes"] / MIB, ".0f"),
                          _fmt(r["memory_ratio"], ".2f", "x"), target, r["verdict"], note, _busy(r["foreign_cpu"])])
-        lines.append("1-3. One explanation vs one input gradient (ratios to the baseline of the same size)")
-        lines.append(table(["size", "method", "seconds", "t ratio", "peak MiB", "mem ratio", "target", "result",
-                            "check", "other CPU"], rows, right={2, 3, 4, 5, 9}))
+        lines.append("1-3. One explanation vs one input gradient (ratios to the baseline of the same size and target)")
+        lines.append(table(["size", "seed", "method", "seconds", "t ratio", "peak MiB", "mem ratio", "target",
+                            "result", "check", "other CPU"], rows, right={3, 4, 5, 6, 10}))
         lines.append("")
     if report["ig"]:
         rows = []
@@ -685,6 +699,14 @@ def _sizes(value: str) -> list[str]:
     return sizes
 
 
+def _targets(value: str) -> list[str]:
+    targets = [t.strip().lower() for t in value.split(",") if t.strip()]
+    if not targets or any(t not in SEEDS for t in targets):
+        raise argparse.ArgumentTypeError(f"targets must be a comma-separated subset of {','.join(SEEDS)}, "
+                                         f"got {value!r}")
+    return targets
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -698,6 +720,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "passes)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--targets", type=_targets, default=_targets("box,class"),
+                        help="seeds of sections 1-3: box (a central box, a quarter of each axis) and/or class (the "
+                             "whole class channel)")
     parser.add_argument("--ig-sizes", type=_sizes, default=_sizes("A"), help="sizes of the IG comparison (A,M)")
     parser.add_argument("--quick", action="store_true", help="smoke test: size A only, one repeat")
     parser.add_argument("--no-ig", action="store_true", help="skip the Integrated Gradients comparison")
@@ -731,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda was requested but CUDA is not available here", file=sys.stderr)
         return 2
     if args.child_memory:
-        method, size = args.child_memory.split(":")
-        print(json.dumps(child_memory(method, size, device)))
+        method, size, target = args.child_memory.split(":")
+        print(json.dumps(child_memory(method, size, target, device)))
         return 0
 
     started = time.perf_counter()
@@ -743,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     report: dict[str, Any] = {
         "machine": info,
-        "config": {"sizes": args.sizes, "ig_sizes": [] if args.no_ig else args.ig_sizes, "repeats": args.repeats,
+        "config": {"sizes": args.sizes, "targets": args.targets, "ig_sizes": [] if args.no_ig else args.ig_sizes, "repeats": args.repeats,
                    "repeats_l": args.repeats_l, "ig_repeats": args.ig_repeats, "threads": args.threads,
                    "device": args.device, "ig_steps": IG_STEPS, "ig_method": IG_METHOD,
                    "captum_batches": list(CAPTUM_BATCHES), "normalized_region": list(NORMALIZED_REGION),
@@ -753,7 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for size in args.sizes:
         repeats = args.repeats_l if size == "L" else args.repeats
-        report["engine"] += bench_engine(size, args, device, with_zennit, repeats)
+        for target in args.targets:
+            report["engine"] += bench_engine(size, target, args, device, with_zennit, repeats)
     if not args.no_ig:
         for size in args.ig_sizes:
             report["ig"] += bench_ig(size, args, device, args.ig_repeats)
@@ -770,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     report["zennit"] = {"importable": with_zennit, "detail": zennit_detail, "note": note}
     modes = {r["memory_mode"] for r in report["engine"] if r.get("memory_mode")}
     report["memory_mode"] = ", ".join(sorted(modes)) if modes else None
-    failed = [f"{r['size']} {r['label']} ({r['verdict']})" for r in report["engine"] if r["verdict"].startswith("FAIL")]
+    failed = [f"{r['size']} {r['target']} {r['label']} ({r['verdict']})" for r in report["engine"]
+              if r["verdict"].startswith("FAIL")]
     failed += [f"{r['size']} {r['label']}" for r in report["ig"] if r["verdict"] == "FAIL"]
     failed += [f"{r['size']} {r['label']}" for r in report["normalized"] if r["verdict"] == "FAIL"]
     report["failed"] = failed

@@ -66,6 +66,20 @@ def test_composite_matches_matrix_reference(composite, activation):
     np.testing.assert_allclose(maps, expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU, lambda: nn.LeakyReLU(0.1)], ids=["relu", "leaky_relu"])
+@pytest.mark.parametrize("composite", ["z_plus", "epsilon_plus_flat", "epsilon_plus_w_square", "epsilon"])
+def test_small_target_matches_matrix_reference(composite, activation):
+    """A few output voxels: z+ and epsilon run on the box of each layer's output that receives relevance."""
+    torch.manual_seed(5)
+    model = chain_net(activation)
+    x = torch.randn(1, 2, 8, 10, 10, dtype=torch.float64)
+    seed = torch.zeros(1, 2, 4, 5, 5, dtype=torch.float64)
+    seed[0, 1, 0, 1:3, 4] = 1.0  # 2 of 100 output voxels, at the border
+    expected = reference_chain(model, x, seed, COMPOSITES[composite])
+    maps = LRP(composite=composite).attribute(model, x, seed).maps[0].numpy()
+    np.testing.assert_allclose(maps, expected, rtol=1e-7, atol=1e-9 * np.abs(expected).max())
+
+
 class SkipNet(nn.Module):
     """A residual addition and a concatenation skip, the two merges of U-Nets."""
 
@@ -157,13 +171,16 @@ def test_layer_wise_filter_matches_reference(composite, spec):
 
 
 def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
-    from SegExplainLib.rules import _negative_channels
+    from SegExplainLib.rules import _signed_channels, known_non_negative
 
     x = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     rectified = torch.relu(x)
     pooled = nn.functional.max_pool3d(rectified, 2)
-    assert len(_negative_channels(rectified)) == len(_negative_channels(pooled)) == 0
+    assert known_non_negative(rectified) and known_non_negative(pooled)
     mixed = torch.cat([rectified, x * 1.0], dim=1)  # the second half is signed: found by the scan
-    assert _negative_channels(mixed).tolist() == [3, 4, 5]
+    assert not known_non_negative(mixed)
+    assert _signed_channels(mixed) == slice(3, 6)
     shifted = rectified - 1.0  # not a rectifier: scanned
-    assert _negative_channels(shifted).tolist() == [0, 1, 2]
+    assert not known_non_negative(shifted)
+    assert _signed_channels(shifted) == slice(0, 3)
+    assert _signed_channels(rectified) is None
