@@ -223,6 +223,22 @@ class Epsilon(Rule):
             return torch.where(y == 0, torch.zeros_like(y), relevance / torch.where(y == 0, 1.0, y))
         return relevance / stabilize(y, self.epsilon)
 
+    def forward(self, module, x, original, ctx):
+        if not isinstance(module, CONVOLUTIONS) or not zero_padded(module) or ctx.layer_filter is not None:
+            return super().forward(module, x, original, ctx)
+        # A convolution and its transpose run through affine_forward / affine_vjp (oneDNN on CPU), the transpose
+        # on the part of the output that receives relevance; the rule is one factor on the gradient.
+        weight = module.weight.detach()
+        with torch.no_grad():
+            y = affine_forward(module, x, weight, None if module.bias is None else module.bias.detach())
+            factor = epsilon_factor(y, self.epsilon)
+
+        def transpose_part(window, x_part, grad, saved):
+            return affine_vjp(module, x_part, weight, window.output(grad) * window.output(saved), window.padding)
+
+        return replace_backward(x, y, lambda x_in, saved, grad: RelevanceWindow.propagate(
+            module, x_in, grad, saved, transpose_part, ctx), saved=factor)
+
     def wrap(self, module, x, y, ctx):
         norm = isinstance(module, NORMS)
         scale = frozen_norm_scale(module, x) if norm else None
@@ -234,16 +250,6 @@ class Epsilon(Rule):
                     factor = factor * scale
             if norm:
                 return replace_backward(x, y, lambda x_in, saved, grad: grad * saved, saved=factor)
-            if ctx.sparse_relevance and isinstance(module, CONVOLUTIONS):
-                # a small target: the layer's transpose runs on the part of its output that receives relevance
-                weight = module.weight.detach()
-
-                def transpose_part(window, x_part, grad, saved):
-                    return affine_vjp(module, x_part, weight, window.output(grad) * window.output(saved),
-                                      window.padding)
-
-                return replace_backward(x, y, lambda x_in, saved, grad: RelevanceWindow.propagate(
-                    module, x_in, grad, saved, transpose_part), saved=factor)
             return transform_grad(y, lambda saved, grad: grad * saved, saved=factor)
         if norm:
             return replace_backward(x, y, lambda x_in, y_out, grad: self._ratio(y_out, grad, ctx) * scale)
@@ -318,8 +324,11 @@ def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
                    padding: Any = None):
     """Run a weighted linear layer with replaced parameters (same stride, groups, ...; its padding by default)."""
     if isinstance(module, CONVOLUTIONS):
-        if padding is None:
+        if not zero_padded(module):
             return module._conv_forward(x, weight, bias)
+        padding = module.padding if padding is None else padding
+        if _onednn(x, weight):
+            return torch.mkldnn_convolution(x, weight, bias, padding, module.stride, module.dilation, module.groups)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
         return conv(x, weight, bias, module.stride, padding, module.dilation, module.groups)
     if isinstance(module, TRANSPOSED_CONVOLUTIONS):
@@ -334,12 +343,26 @@ def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
     return F.linear(x, weight, bias)
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a convolution can go to oneDNN directly.
+
+    PyTorch sends float32 batch-1 convolutions with few channels times slices (N*C*D*H <= 20480: every layer at
+    size A, the deepest ones at L) to a reference kernel that was 16x slower than oneDNN here.
+    """
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and
+            torch.backends.mkldnn.is_available() and x.dim() in (4, 5))
+
+
+def zero_padded(module: nn.Module) -> bool:
+    """Whether a convolution pads with zeros by a given number of voxels (not ``"same"``, reflect or circular)."""
+    return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
 def fusable(module: nn.Module) -> bool:
     """Whether extra output channels can be computed in the same call as the layer's output (zero padding, groups 1)."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS)) and module.groups == 1 and (
-        module.padding_mode == "zeros") and not isinstance(module.padding, str)
+    return isinstance(module, (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS)) and module.groups == 1 and zero_padded(module)
 
 
 def weight_dims(module: nn.Module) -> tuple[int, int]:
@@ -353,10 +376,22 @@ def affine_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: t
     if isinstance(module, nn.Linear):
         return grad @ weight
     transposed = isinstance(module, TRANSPOSED_CONVOLUTIONS)
-    output_padding = module.output_padding if transposed else (0,) * (x.dim() - 2)
+    padding = module.padding if padding is None else padding
+    spatial = tuple(range(2, weight.dim()))
+    if _onednn(grad, weight) and zero_padded(module):
+        # the transpose of a convolution is a convolution too, which oneDNN runs directly (see _onednn)
+        if transposed:  # a transposed convolution's transpose is the strided convolution with its weights
+            return torch.mkldnn_convolution(grad, weight, None, padding, module.stride, module.dilation,
+                                            module.groups)
+        border = [d * (k - 1) - p for k, p, d in zip(weight.shape[2:], padding, module.dilation)]
+        if module.groups == 1 and all(s == 1 for s in module.stride) and min(border) >= 0:
+            # stride 1: the convolution of grad with the flipped, transposed kernel
+            return torch.mkldnn_convolution(grad, weight.flip(spatial).transpose(0, 1).contiguous(), None, border,
+                                            (1,) * len(spatial), module.dilation, 1)
+    output_padding = module.output_padding if transposed else (0,) * len(spatial)
     grad_x, _, _ = torch.ops.aten.convolution_backward(
-        grad, x, weight, None, module.stride, module.padding if padding is None else padding, module.dilation,
-        transposed, output_padding, module.groups, [True, False, False])
+        grad, x, weight, None, module.stride, padding, module.dilation, transposed, output_padding, module.groups,
+        [True, False, False])
     return grad_x
 
 
@@ -462,7 +497,7 @@ class ZPlus(WeightRule):
                 return self._transposed(module, x_part, ratio, signed, window.padding)
 
             return replace_backward(x, y, lambda x_in, y_out, grad: RelevanceWindow.propagate(
-                module, x_in, grad, y_out, propagate_part))
+                module, x_in, grad, y_out, propagate_part, ctx))
         # Otherwise z+ comes from the same call as the output (weights [W; W+]): on CPU a small layer's cost is
         # dominated by unfolding its input, so a second weight set costs little.
         signed = None if rectified else _signed_channels(x)
@@ -580,13 +615,16 @@ class RelevanceWindow:
 
     @classmethod
     def propagate(cls, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, saved: torch.Tensor,
-                  on_part: Callable) -> torch.Tensor:
+                  on_part: Callable, ctx: PropagationContext) -> torch.Tensor:
         """A rule's backward pass on the window of ``grad``: ``on_part(window, x_part, grad, saved)`` returns the
         input gradient of the part, which goes back into a zero tensor shaped like ``x``.
+
+        Without ``ctx.sparse_relevance`` the window is the whole output, unlooked-for. So it is when a graph of this
+        backward pass is built (the normalized aggregation differentiates it w.r.t. the seed): the graph needs
+        every output voxel, also those whose relevance happens to be zero.
         """
-        # a graph of this backward pass (the normalized aggregation differentiates it w.r.t. the seed) needs every
-        # output voxel, also those whose relevance happens to be zero
-        window = cls.whole() if torch.is_grad_enabled() else cls.of(module, x, grad)
+        sparse = ctx.sparse_relevance and not torch.is_grad_enabled()
+        window = cls.of(module, x, grad) if sparse else cls.whole()
         if window is None:
             return torch.zeros_like(x)
         return window.scatter(on_part(window, window.input(x), grad, saved))
@@ -598,7 +636,7 @@ class RelevanceWindow:
         ``None`` when ``grad`` is zero everywhere; the whole output for layers other than convolutions, and when the
         box holds more than half of the output voxels.
         """
-        if not isinstance(module, CONVOLUTIONS) or module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if not isinstance(module, CONVOLUTIONS) or not zero_padded(module):
             return cls.whole() if bool(grad.any()) else None
         box = occupied_box(grad)
         if box is None:

@@ -127,14 +127,24 @@ def test_skips_split_relevance_and_conserve_it():
     assert abs(float(out.delta[0])) < 1e-8 * abs(float(out.expected[0]))
 
 
-def test_epsilon_without_biases_equals_gradient_times_input():
-    model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.LeakyReLU(0.1), nn.MaxPool3d(2),
-                          nn.Conv3d(4, 2, 1, bias=False)).double()
-    x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-    seed = torch.randn(1, 2, 2, 2, 2, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_epsilon_without_biases_equals_gradient_times_input(dtype):
+    # float32 runs the convolutions and their transposes on oneDNN directly, float64 through torch
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1, bias=False), nn.LeakyReLU(0.1),
+        nn.Conv3d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding="same", bias=False), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding=1, padding_mode="reflect", bias=False), nn.ReLU(),
+        nn.Conv3d(4, 6, 3, stride=2, padding=1, bias=False), nn.MaxPool3d(2),
+        nn.ConvTranspose3d(6, 4, 2, stride=2, bias=False), nn.ReLU(),
+        nn.Conv3d(4, 2, 1, bias=False)).to(dtype)
+    x = torch.randn(1, 2, 8, 8, 8, dtype=dtype, requires_grad=True)
+    seed = torch.randn(1, 2, 4, 4, 4, dtype=dtype)
     (grad,) = torch.autograd.grad((model(x) * seed).sum(), x)
     maps = LRP(composite="zero").attribute(model, x, seed).maps
-    torch.testing.assert_close(maps, grad * x.detach())
+    tolerance = {"rtol": 1e-4, "atol": 1e-5 * float(grad.abs().max())} if dtype == torch.float32 else {}
+    torch.testing.assert_close(maps, grad * x.detach(), **tolerance)
 
 
 @pytest.mark.parametrize("spec", ["pass:0.4", "clamp:0.2", "pass:0.05,0.6"])
