@@ -8,6 +8,7 @@ import torch
 from lrp_reference import as_matrix, reference_layer
 from torch import nn
 
+from SegExplainLib.composites import composite_names
 from SegExplainLib.filters import AmplitudeFilter
 from SegExplainLib.lrp import LRP
 
@@ -194,3 +195,19 @@ def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
     assert not known_non_negative(shifted)
     assert _signed_channels(shifted) == slice(0, 3)
     assert _signed_channels(rectified) is None
+
+
+@pytest.mark.parametrize("composite", composite_names())
+def test_float32_on_onednn_agrees_with_float64(composite):
+    """float32 runs the rules' convolutions on oneDNN directly; float64 runs them through torch."""
+    from SegExplainLib.models import tiny_unet
+
+    torch.manual_seed(0)
+    model = tiny_unet(activation="leaky_relu").eval().requires_grad_(False)
+    x = torch.randn(1, 2, 8, 16, 16)
+    seed = torch.zeros(1, 2, 8, 16, 16)
+    seed[0, 1, 2:4, 3:6, 4:8] = 1.0
+    single = LRP(composite=composite).attribute(model, x, seed).maps
+    double = LRP(composite=composite).attribute(model.double(), x.double(), seed.double()).maps
+    assert float(double.abs().max()) > 0
+    torch.testing.assert_close(single.double(), double, rtol=0, atol=1e-4 * float(double.abs().max()))
