@@ -104,8 +104,8 @@ class SegExplainParameterNode:
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
                                    "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
     composite: str = "epsilon_plus"
-    nSteps: Annotated[int, WithinRange(1, 1024)] = 32
-    baseline: str = "zero"
+    nSteps: Annotated[int, WithinRange(1, 1024)] = 64
+    baseline: str = "blur:5"
     aggregation: Annotated[str, Choice(["sum", "normalized"])] = "sum"
     samples: Annotated[int, WithinRange(0, 100000)] = 0
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
@@ -363,6 +363,9 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             record = self._explanation.record
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s; score {score:.4g}, delta {delta}").format(
                 seconds=record["seconds"], score=record["target_score"], delta=record.get("delta"))
+            if self._explanation.warnings:  # e.g. Integrated Gradients missing completeness: never silent
+                slicer.util.warningDisplay("\n\n".join(self._explanation.warnings),
+                                           windowTitle=_("SegExplain: check this explanation"))
 
     def _finishJobUi(self) -> None:
         self._jobTimer.stop()

@@ -9,7 +9,7 @@ seeds in one batch.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -25,24 +25,28 @@ class AttributionOutput:
             ``sum(maps) - expected``. ``None`` for methods without such a rule.
         expected: Per batch element, the value ``sum(maps)`` should reach (score, or score difference to the
             baseline). ``None`` where ``delta`` is ``None``.
+        extras: What the call chose or spent, for the record (e.g. IG's internal batch size and gradient passes).
     """
 
     maps: torch.Tensor
     delta: torch.Tensor | None = None
     expected: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class AttributionMethod(abc.ABC):
     """Base of all methods: options go to the constructor, data to :meth:`attribute`.
 
-    Subclasses set ``name`` (the registry key used by :func:`SegExplainLib.explain`) and ``linear_in_seed``: true when
+    Subclasses set ``name`` (the registry key used by :func:`SegExplainLib.explain`), ``linear_in_seed``: true when
     the map is a linear function of the seed for a fixed input, which allows the exact normalized aggregation in a
-    constant number of passes (gradient, LRP without layer-wise filters, IG, ...). Guided Backprop and Deconvolution
-    rectify the backward signal and are not linear.
+    constant number of passes (gradient, LRP without layer-wise filters, IG, ...; Guided Backprop and Deconvolution
+    rectify the backward signal and are not linear), and ``walks_modules``: true when the method hooks the network's
+    modules (LRP, Guided Backprop, Deconvolution, Grad-CAM), which a TorchScript model does not have.
     """
 
     name: ClassVar[str]
     linear_in_seed: ClassVar[bool] = True
+    walks_modules: ClassVar[bool] = False
 
     @abc.abstractmethod
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
@@ -58,6 +62,24 @@ class AttributionMethod(abc.ABC):
             The maps (same shape as ``inputs``) and, where the method has a sum rule, its delta.
         """
 
+    def sum_rule_warnings(self, delta: float | None, expected: float | None) -> list[str]:
+        """Warnings about a finished map's sum rule (``sum(maps) - expected = delta``); none by default."""
+        return []
+
+    def for_target(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionMethod:
+        """This method with every choice that depends on the data made for explaining ``seed`` at ``inputs``.
+
+        Several passes for one target (those of the normalized aggregation) then share one linear map. Only
+        Integrated Gradients' adaptive quadrature makes such a choice (its nodes); other methods return themselves.
+        """
+        return self
+
+    def details(self) -> dict[str, Any]:
+        """What the options resolve to, for the record's ``extras`` (e.g. LRP's rule per layer kind); none by
+        default. Unlike :meth:`options`, these are not constructor arguments."""
+        return {}
+
     @abc.abstractmethod
     def options(self) -> dict[str, Any]:
-        """Every option of this method as JSON-friendly values, enough to rebuild it for the record."""
+        """Every option of this method as JSON-friendly values, enough to rebuild it for the record:
+        ``explain(model, image, target, record["method"], **record["options"])`` rebuilds the method."""

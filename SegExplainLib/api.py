@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ._method import AttributionMethod
-from .composites import frozen_eval
+from .deployment import check_walkable, deployed, statistics_record
 from .errors import SegExplainError
 from .explanation import Explanation
 from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
+from .kernels import onednn_convolutions
 from .lrp import LRP, Deconvolution, GuidedBackprop
 from .targets import Target
 
@@ -103,11 +104,12 @@ def placed(model: nn.Module, device: torch.device, dtype: torch.dtype | None) ->
     if devices in (set(), {device}) and target_dtype == current_dtype:
         return model, target_dtype
     try:
-        copy = deepcopy(model)
+        with torch.no_grad():  # a TorchScript copy made with grad enabled has parameters with a grad history
+            copy = deepcopy(model)
+            return copy.to(device=device, dtype=target_dtype), target_dtype
     except Exception as error:  # noqa: BLE001 - any failure to copy means the same thing to the user
         msg = f"could not copy the model to move it to {device}/{target_dtype}: {error}; place it there first"
         raise SegExplainError(msg) from None
-    return copy.to(device=device, dtype=target_dtype), target_dtype
 
 
 def explain(model: nn.Module, image: Any, target: Target, method: str | AttributionMethod = "lrp", *,
@@ -142,12 +144,15 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
     """
     started = time.perf_counter()
     attribution = make_method(method, **options)
+    if attribution.walks_modules:
+        check_walkable(model, attribution.name)
     if samples is not None and (target.aggregation != "normalized" or isinstance(samples, bool) or samples < 1):
         msg = f"samples={samples!r} needs a positive integer and aggregation='normalized'"
         raise SegExplainError(msg)
     if voxel_batch_size < 1:
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
+    norm_statistics = statistics_record(model)
     with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
         score = float(logits[0, target.class_index][region].sum())
         aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
@@ -159,6 +164,10 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
             maps, expected, delta, extras, warns, error = aggregate.exact_normalized()
         else:
             maps, expected, delta, extras, warns, error = aggregate.voxelwise_normalized()
+    if "region_delta" in extras:  # the normalized form's own sum rule counts voxels; the method's is the region's
+        warns = [*warns, *attribution.sum_rule_warnings(extras["region_delta"], extras["region_expected"])]
+    elif target.aggregation == "sum":
+        warns = [*warns, *attribution.sum_rule_warnings(delta, expected)]
     first_layer = getattr(getattr(attribution, "composite", None), "first_layer", None)
     if first_layer is not None and first_layer.name in ("flat", "w_square") and int(image.shape[0]) > 1:
         # these rules ignore the image in the first layer, so they cannot tell the sequences apart
@@ -171,7 +180,8 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         maps=maps[0].detach().cpu().numpy(), method=attribution.name, options=attribution.options(),
         target=target.describe(), target_score=score, region_voxels=int(region.sum()), expected_sum=expected,
         delta=delta, seconds=time.perf_counter() - started, device=str(x.device),
-        dtype=str(x.dtype).replace("torch.", ""), warnings=warns, extras=extras,
+        dtype=str(x.dtype).replace("torch.", ""), norm_statistics=norm_statistics, warnings=warns,
+        extras={**attribution.details(), **extras},
         standard_error=None if error is None else error[0].cpu().numpy())
 
 
@@ -195,6 +205,7 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
     if not hasattr(attribution, "attribute_layers"):
         msg = f"layer-wise attribution needs 'lrp', 'guided_backprop' or 'deconvolution', got {attribution.name!r}"
         raise SegExplainError(msg)
+    check_walkable(model, attribution.name)
     with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
         seed = torch.zeros_like(logits)
         seed[0, target.class_index] = region.to(x.dtype)
@@ -224,9 +235,9 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
         raise SegExplainError(msg)
     run_device = resolve_device(device)
     model, run_dtype = placed(model, run_device, dtype)
-    with frozen_eval(model):
+    with deployed(model):
         x = image_tensor.to(device=run_device, dtype=run_dtype)[None]
-        with torch.no_grad():
+        with torch.no_grad(), onednn_convolutions():
             try:
                 logits = model(x)
             except RuntimeError as error:
@@ -260,19 +271,24 @@ class _Aggregator:
 
     def summed(self):
         out = self.method.attribute(self.model, self.x, self._seed(self.region.to(self.x.dtype)))
-        return out.maps, _as_float(out.expected), _as_float(out.delta), {}, [], None
+        return out.maps, _as_float(out.expected), _as_float(out.delta), out.extras, [], None
+
+    def _for_region(self) -> AttributionMethod:
+        """The method with its data-dependent choices made once for the whole region (shared by every pass)."""
+        return self.method.for_target(self.model, self.x, self._seed(self.region.to(self.x.dtype)))
 
     def exact_normalized(self):
         """M_A = L(mask / s) with s = L^T 1 read off one differentiable pass: a constant number of passes."""
+        method = self._for_region()
         seed = self._seed(self.region.to(self.x.dtype)).requires_grad_(True)
-        summed = self.method.attribute(self.model, self.x, seed)
+        summed = method.attribute(self.model, self.x, seed)
         (sums,) = torch.autograd.grad(summed.maps.sum(), seed)
         sums = sums[0, self.target.class_index].detach()
         weights, warns, excluded = self._inverse_sums(sums)
-        out = self.method.attribute(self.model, self.x, self._seed(weights))
+        out = method.attribute(self.model, self.x, self._seed(weights))
         valid = int(self.region.sum()) - excluded
         # the sum-form pass carries the method's own sum rule (conservation/completeness) for the whole region
-        extras = {"excluded_voxels": excluded, "region_delta": _as_float(summed.delta),
+        extras = {**summed.extras, "excluded_voxels": excluded, "region_delta": _as_float(summed.delta),
                   "region_expected": _as_float(summed.expected), "passes": 2}
         return out.maps, float(valid), float(out.maps.sum()) - valid, extras, warns, None
 
@@ -290,19 +306,20 @@ class _Aggregator:
         weights = torch.where(valid, 1.0 / torch.where(valid, sums, torch.ones_like(sums)), torch.zeros_like(sums))
         return weights, warns, excluded
 
-    def _voxel_maps(self, voxels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _voxel_maps(self, method: AttributionMethod,
+                    voxels: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Maps and their sums for region voxels (flat indices), ``batch`` voxels per forward/backward pass."""
         for start in range(0, len(voxels), self.batch):
             chunk = voxels[start:start + self.batch]
             seed = torch.zeros((len(chunk), *self.logits.shape[1:]), dtype=self.x.dtype, device=self.x.device)
             seed[:, self.target.class_index].view(len(chunk), -1)[torch.arange(len(chunk)), chunk] = 1.0
-            maps = self.method.attribute(self.model, self.x.expand(len(chunk), *self.x.shape[1:]), seed).maps
+            maps = method.attribute(self.model, self.x.expand(len(chunk), *self.x.shape[1:]), seed).maps
             yield maps, maps.flatten(1).sum(1)
 
     def voxelwise_normalized(self):
         """Exact for any method: every region voxel explained separately, batched along the batch axis."""
         voxels = torch.nonzero(self.region.flatten()).flatten()
-        chunks = list(self._voxel_maps(voxels))
+        chunks = list(self._voxel_maps(self.method, voxels))
         sums = torch.cat([chunk_sums for _, chunk_sums in chunks])
         tolerance = NEAR_ZERO_SUM * float(sums.abs().max())
         total, excluded = torch.zeros_like(self.x), 0
@@ -327,7 +344,7 @@ class _Aggregator:
         mean = torch.zeros_like(self.x[0])
         square = torch.zeros_like(self.x[0])
         excluded = 0
-        for maps, sums in self._voxel_maps(chosen):
+        for maps, sums in self._voxel_maps(self._for_region(), chosen):
             valid = sums.abs() > NEAR_ZERO_SUM * float(sums.abs().max())
             excluded += int((~valid).sum())
             normalized = maps[valid] / sums[valid].reshape(-1, *[1] * (maps.dim() - 1))

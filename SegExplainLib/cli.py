@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,14 @@ class Progress:
         elif self.mode == "bar":
             filled = int(30 * fraction)
             self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {name:<28}")
+        self.stream.flush()
+
+    def warn(self, message: str) -> None:
+        """Show something the user should know about the result (it is also in summary.json)."""
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "warning", "message": message}) + "\n")
+        else:  # also without a progress display: a warning is never silent
+            sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}warning: {message}\n")
         self.stream.flush()
 
     def finish(self, output: Path) -> None:
@@ -107,8 +116,12 @@ def _parser() -> argparse.ArgumentParser:
                                                         "smoothgrad, guided_backprop, deconvolution, occlusion, gradcam")
     method.add_argument("--composite", help="LRP composite (default epsilon_plus_flat)")
     method.add_argument("--layer-filter", metavar="SPEC", help="Tjoa filter inside the propagation, e.g. pass:0.4")
-    method.add_argument("--n-steps", type=int, help="IG steps")
-    method.add_argument("--ig-method", help="IG quadrature, e.g. gausslegendre, riemann_trapezoid")
+    method.add_argument("--n-steps", type=int, help="IG: most gradient passes (adaptive) or nodes "
+                                                    "(fixed rules)")
+    method.add_argument("--quadrature", help="IG quadrature: adaptive (default), gausslegendre, riemann_trapezoid, "
+                                             "riemann_left, riemann_right, riemann_middle")
+    method.add_argument("--tolerance", type=float, help="IG adaptive: relative completeness aimed for "
+                                                        "(default 0.01)")
     method.add_argument("--baseline", help="IG baseline: zero, constant:V, min, blur:SIGMA")
     method.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                         help="any other option of the method, e.g. --option window=4")
@@ -206,8 +219,10 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         options["layer_filter"] = AmplitudeFilter.parse(args.layer_filter)
     if args.n_steps is not None:
         options["n_steps"] = args.n_steps
-    if args.ig_method:
-        options["method"] = args.ig_method
+    if args.quadrature:
+        options["quadrature"] = args.quadrature
+    if args.tolerance is not None:
+        options["tolerance"] = args.tolerance
     if args.baseline:
         options["baseline"] = args.baseline
     for item in args.option:
@@ -309,8 +324,15 @@ def run_explain(args: argparse.Namespace) -> Path:
         target = _target(args, geometry, args.label)
         torch.manual_seed(args.seed)
         progress.step("explaining")
-        result = explain(model, model_input, target, args.method, device=args.device, samples=args.samples,
-                         sampling_seed=args.seed, **options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = explain(model, model_input, target, args.method, device=args.device, samples=args.samples,
+                             sampling_seed=args.seed, **options)
+        for warning in caught:  # the explanation's own warnings are shown once, by the progress display
+            if str(warning.message) not in result.warnings:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        for warning in result.warnings:
+            progress.warn(warning)
         progress.step("writing maps")
         maps = result.maps.astype(np.float32)
         written = imaging.write_maps(maps, geometry, staging, names)

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .canonizers import Canonizer, MergeBatchNorm
+from .deployment import deployed
 from .errors import SegExplainError, UnsupportedLayerError
+from .functional import LRP_FUNCTIONS, MODIFIED_GRADIENT_FUNCTIONS, carries_relevance, function_name, passes
 from .rules import (
     CONVOLUTIONS,
     NORMS,
@@ -60,38 +61,21 @@ CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
                     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d),
 }
 
-# Functional operations that bypass module hooks, grouped by why a method cannot pass them.
-_WEIGHTED = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
-_NORM_FUNCTIONS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm}
-_RECTIFIER_FUNCTIONS = {F.relu, torch.relu, torch.Tensor.relu, F.leaky_relu, F.prelu, F.relu_, torch.relu_,
-                        torch.Tensor.relu_, F.threshold, torch.clamp, torch.Tensor.clamp, torch.clamp_min,
-                        torch.Tensor.clamp_min, torch.maximum, torch.Tensor.maximum}
-_NONLINEAR = {torch.sigmoid, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid, torch.tanh, torch.Tensor.tanh,
-              torch.Tensor.tanh_, F.tanh, F.gelu, F.silu, F.elu, F.selu, F.celu, F.softplus, F.mish, F.relu6,
-              F.hardtanh, F.hardswish, torch.exp, torch.Tensor.exp, torch.Tensor.exp_, torch.log, torch.Tensor.log,
-              F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
-              torch.Tensor.log_softmax, torch.pow, torch.Tensor.pow, torch.Tensor.__pow__, torch.Tensor.__rpow__,
-              torch.sqrt, torch.Tensor.sqrt, torch.abs, torch.Tensor.abs, torch.Tensor.__abs__}
-_PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.mul_, torch.Tensor.__mul__, torch.Tensor.__rmul__,
-             torch.Tensor.__imul__, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm,
-             torch.einsum, torch.div, torch.Tensor.div, torch.Tensor.div_, torch.Tensor.__truediv__,
-             torch.Tensor.__itruediv__}
-
-
 def category_of(module: nn.Module) -> str | None:
-    """The category of a leaf module, or ``None`` if SegExplain does not know it."""
+    """The category of a leaf module, or ``None`` if SegExplain does not know it.
+
+    A subclass of a known layer counts as that layer only while it keeps the layer's own ``forward``: a convolution
+    with weight standardization in its ``forward`` is another function than the convolution the rule would compute,
+    so it is walked like any unknown module.
+    """
     for category, types in CATEGORIES.items():
         if type(module) in types:
             return category
     for category, types in CATEGORIES.items():
-        if isinstance(module, types):
-            return category
+        for base in types:
+            if isinstance(module, base) and type(module).forward is base.forward:
+                return category
     return None
-
-
-def _function_name(func: Callable) -> str:
-    module = getattr(func, "__module__", None) or "torch.Tensor"
-    return f"{module.replace('torch.nn.functional', 'F')}.{getattr(func, '__name__', repr(func))}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +89,9 @@ class Composite:
         canonizers: Factories of canonizers applied while the composite is attached.
         required: Categories that must have a rule; a module of such a category without one is an error
             (an LRP composite cannot leave an ELU or an InstanceNorm to the plain gradient).
-        denied_functions: Functional operations that, called outside a leaf module, would bypass the rules.
+        passed_functions: Functional operations that the modified gradient passes exactly without a rule (see
+            :mod:`SegExplainLib.functional`); any other operation through which relevance flows outside a
+            rule's module raises :class:`UnsupportedLayerError`.
         name: Registry name, for the record.
     """
 
@@ -114,7 +100,7 @@ class Composite:
     layer_rules: Mapping[str, Rule] = field(default_factory=dict)
     canonizers: tuple[Callable[[], Canonizer], ...] = (MergeBatchNorm,)
     required: frozenset[str] = frozenset({"convolution", "dense", "parameter_free", "norm", "activation"})
-    denied_functions: frozenset = frozenset(_WEIGHTED | _NORM_FUNCTIONS | _NONLINEAR | _PRODUCTS)
+    passed_functions: frozenset = LRP_FUNCTIONS
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -154,11 +140,12 @@ class Composite:
     def attached(self, model: nn.Module, ctx: PropagationContext) -> Iterator[Callable[[torch.Tensor], Any]]:
         """Wire the rules into ``model`` and yield its guarded forward function.
 
-        The model is put in eval mode with frozen parameters and in-place activations switched off; all of this,
-        the canonizers and every hook are undone on exit, also after an exception.
+        The model runs as deployed (:func:`SegExplainLib.deployment.deployed`: norm statistics as the user runs
+        them, dropout off, frozen parameters, in-place activations off); all of this, the canonizers and every hook
+        are undone on exit, also after an exception.
         """
         with contextlib.ExitStack() as stack:
-            stack.enter_context(frozen_eval(model))
+            stack.enter_context(deployed(model))
             for factory in self.canonizers:
                 stack.enter_context(factory().applied(model))
             wiring = _Wiring(self, model, ctx)
@@ -175,16 +162,20 @@ class _Wiring:
         self.stack: list[tuple[str, nn.Module]] = []
         self.head_outputs: list[tuple[str, torch.Tensor]] = []
         self.patched: list[tuple[nn.Module, Callable | None]] = []
+        # leaves of a known category: their forward is the layer's own, and their rule (if any) handles it
+        self.ruled: set[int] = set()
         try:
             for name, module in model.named_modules():
                 self.handles.append(module.register_forward_pre_hook(self._enter(name)))
                 self.handles.append(module.register_forward_hook(self._leave))
-                if not next(module.children(), None):
-                    self._check_leaf(name, module)
-                    if category_of(module) == "head":
-                        self.handles.append(module.register_forward_hook(self._strip_head(name)))
-                    else:
-                        self._patch_forward(name, module)
+                if next(module.children(), None) or category_of(module) is None:
+                    continue  # containers and unknown leaves are walked: their functional operations are checked
+                self._check_leaf(name, module)
+                self.ruled.add(id(module))
+                if category_of(module) == "head":
+                    self.handles.append(module.register_forward_hook(self._strip_head(name)))
+                else:
+                    self._patch_forward(name, module)
         except BaseException:
             self.remove()
             raise
@@ -202,10 +193,6 @@ class _Wiring:
 
     def _check_leaf(self, name: str, module: nn.Module) -> None:
         category = category_of(module)
-        if category is None:
-            msg = (f"unsupported layer {type(module).__name__} at '{name}': no rule propagates through it; "
-                   "use occlusion, or replace the layer")
-            raise UnsupportedLayerError(msg)
         if category in self.composite.required and category not in self.composite.rules and (
                 name not in self.composite.layer_rules):
             msg = (f"composite {self.composite.name!r} has no rule for {category} layer {type(module).__name__} "
@@ -249,11 +236,18 @@ class _Wiring:
                 msg = f"{name!r} is a softmax/sigmoid inside the network, not its output head; it is not supported"
                 raise UnsupportedLayerError(msg)
         self.head_outputs.clear()
+        if isinstance(output, torch.Tensor):
+            _check_custom_functions(output, self.composite.name)
         return output
 
 
 class _FunctionalGuard(TorchFunctionMode):
-    """Refuses denied functional operations called outside leaf modules during the forward pass."""
+    """Checks the functional operations called outside rule-handled leaves during the forward pass.
+
+    Operations through which relevance flows must be ones the modified gradient passes exactly
+    (:func:`SegExplainLib.functional.passes`); operations on constants (weights of a blend, masks, shapes) do not
+    touch the relevance and always run.
+    """
 
     def __init__(self, wiring: _Wiring) -> None:
         super().__init__()
@@ -262,18 +256,39 @@ class _FunctionalGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         stack = self.wiring.stack
-        inside_leaf = bool(stack) and next(stack[-1][1].children(), None) is None
-        if inside_leaf:
+        if stack and id(stack[-1][1]) in self.wiring.ruled:
             return func(*args, **kwargs)
-        if func in self.wiring.composite.denied_functions:
-            grad_tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
-            # operations on constants (weights of a blend, masks) do not touch the relevance
-            if len(grad_tensors) >= (2 if func in _PRODUCTS else 1):
-                where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
-                msg = (f"functional {_function_name(func)} in the forward of {where} bypasses the "
-                       f"{self.wiring.composite.name!r} rules; use a module for it (e.g. nn.Conv3d, nn.ELU)")
+        result = _out_of_place(func, args, kwargs)(*args, **kwargs)
+        composite = self.wiring.composite
+        if carries_relevance(result) and not passes(func, args, kwargs, composite.passed_functions):
+            where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
+            name = function_name(func)
+            advice = ("attention has no rule here" if "attention" in name or "softmax" in name else
+                      "use a module for it (e.g. nn.Conv3d, nn.ELU, nn.Upsample)")
+            msg = (f"functional {name} in the forward of {where} bypasses the {composite.name!r} rules; {advice}, "
+                   "or explain with gradient, integrated_gradients or occlusion, which need no rules")
+            raise UnsupportedLayerError(msg)
+        return result
+
+
+_OWN_FUNCTIONS = ("_ReplaceBackward", "_TransformGrad")
+
+
+def _check_custom_functions(output: torch.Tensor, composite: str) -> None:
+    """Refuse custom autograd Functions in the explained graph: no hook sees them, and they bypass every rule."""
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            function = node._forward_cls.__name__  # type: ignore[attr-defined]
+            if function not in _OWN_FUNCTIONS:
+                msg = (f"the custom autograd Function {function} in the network bypasses the {composite!r} rules; "
+                       "explain with gradient, integrated_gradients or occlusion, which need no rules")
                 raise UnsupportedLayerError(msg)
-        return _out_of_place(func, args, kwargs)(*args, **kwargs)
+        todo.extend(parent for parent, _ in node.next_functions)
 
 
 # Outputs of the rules keep their forward value for the backward pass, so in-place updates of them (``out += res``
@@ -294,28 +309,6 @@ def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> Callable:
     if name.endswith("_") and not name.startswith("_"):
         return getattr(torch.Tensor, name[:-1], func)
     return func
-
-
-@contextlib.contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[None]:
-    """Eval mode, parameters without grad, in-place activations off; restored exactly on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
-    try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
-        for m in inplace:
-            m.inplace = False
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in grads:
-            p.requires_grad_(requires_grad)
-        for m in inplace:
-            m.inplace = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -393,7 +386,7 @@ register_composite("epsilon_gamma_z_box", _conv_preset(Gamma, ZBox))
 
 _MODIFIED_BACKWARD = frozenset({"rectifier", "activation"})
 GUIDED_BACKPROP = Composite(rules={"rectifier": GuidedBackprop(), "activation": GuidedBackprop()}, canonizers=(),
-                            required=_MODIFIED_BACKWARD, denied_functions=frozenset(_RECTIFIER_FUNCTIONS | _NONLINEAR),
+                            required=_MODIFIED_BACKWARD, passed_functions=MODIFIED_GRADIENT_FUNCTIONS,
                             name="guided_backprop")
 DECONVOLUTION = Composite(rules={"rectifier": Deconvolution()}, canonizers=(), required=_MODIFIED_BACKWARD,
-                          denied_functions=frozenset(_RECTIFIER_FUNCTIONS | _NONLINEAR), name="deconvolution")
+                          passed_functions=MODIFIED_GRADIENT_FUNCTIONS, name="deconvolution")

@@ -40,6 +40,8 @@ class Explanation:
         seconds: Wall-clock time of the computation.
         device: Device the model ran on, e.g. ``"cpu"`` or ``"cuda:0"``.
         dtype: Floating type of the computation.
+        norm_statistics: Per kind of norm layer, the statistics it normalized with (``"running"``, ``"instance"``
+            for input statistics, ``"group"``, ``"layer"``): the model runs as the user deployed it.
         warnings: Anything the user should know about this result (e.g. voxels left out of the normalization).
         standard_error: For a sampled normalized aggregation, the standard error of each map value.
         extras: Method- or aggregation-specific facts (e.g. samples drawn, voxels excluded).
@@ -57,6 +59,7 @@ class Explanation:
     seconds: float
     device: str
     dtype: str
+    norm_statistics: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     standard_error: np.ndarray | None = None
     extras: dict[str, Any] = field(default_factory=dict)

@@ -15,6 +15,7 @@ supported at no extra cost.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ._batching import check_batch_option, choose_internal_batch_size, max_batch_for
-from ._checks import is_int
+from ._checks import check_choice, is_int
 from ._method import AttributionMethod, AttributionOutput
-from .baselines import Baseline, ZeroBaseline, make_baseline
+from .baselines import Baseline, BlurredBaseline, make_baseline
+from .deployment import check_walkable
 from .errors import SegExplainError
+from .kernels import onednn_convolutions
+from .quadrature import MAX_NODES, QUADRATURES, AdaptiveResult, adaptive, fixed_rule
 
 __all__ = [
     "Gradient",
@@ -36,10 +40,8 @@ __all__ = [
     "SmoothGrad",
     "Occlusion",
     "GradCAM",
-    "IG_METHODS",
 ]
 
-IG_METHODS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def _chunks(total: int, size: int) -> Iterator[range]:
 
 
 def _forward_no_grad(model: torch.nn.Module, batch: torch.Tensor, size: int) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), onednn_convolutions():
         outs = [model(batch[r.start : r.stop]) for r in _chunks(batch.shape[0], size)]
     if not all(isinstance(o, torch.Tensor) for o in outs):
         bad = next(o for o in outs if not isinstance(o, torch.Tensor))
@@ -121,7 +123,7 @@ def _input_gradient(
     """d/dx of sum(seed[b_idx] * model(x)) for a batch of rows ``x`` (``b_idx``: the batch element of each row,
     ``None`` when ``x`` is the whole input batch); checks the full ``seed`` against the output shape."""
     x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    with torch.enable_grad(), onednn_convolutions():
         out = _check_output(model(x), seed, batch)
         rows = seed if b_idx is None else seed[b_idx]
         score = (rows * out).sum()
@@ -211,121 +213,170 @@ class GradientXInput(Gradient):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def quadrature(method: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes ``alpha`` in [0, 1] and weights (summing to one) of the path integral, in float64.
-
-    ``gausslegendre`` maps ``numpy.polynomial.legendre.leggauss`` from [-1, 1] to [0, 1]. The Riemann rules use
-    ``n_steps`` equal intervals of [0, 1] (left/right end points or mid points); ``riemann_trapezoid`` evaluates
-    ``linspace(0, 1, n_steps)`` with weights ``1/(n_steps-1)``, halved at both ends (the proper trapezoid rule;
-    captum 0.9 uses ``1/n_steps`` there, so its weights sum to ``(n_steps-1)/n_steps``).
-    """
-    n = n_steps
-    if method == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        return 0.5 * (nodes + 1.0), 0.5 * weights
-    if method == "riemann_trapezoid":
-        alphas = np.linspace(0.0, 1.0, n)
-        weights = np.full(n, 1.0 / (n - 1))
-        weights[0] /= 2
-        weights[-1] /= 2
-        return alphas, weights
-    weights = np.full(n, 1.0 / n)
-    if method == "riemann_left":
-        return np.arange(n) / n, weights
-    if method == "riemann_right":
-        return np.arange(1, n + 1) / n, weights
-    if method == "riemann_middle":
-        return (np.arange(n) + 0.5) / n, weights
-    raise SegExplainError(f"method {method!r} is not valid; expected one of {', '.join(IG_METHODS)}")
-
-
 class IntegratedGradients(AttributionMethod):
     """Integrated Gradients (Sundararajan et al. 2017) along the straight path from a baseline to the input.
 
-    ``maps = (x - x0) * sum_i w_i * grad(x0 + alpha_i (x - x0))`` with the quadrature of :func:`quadrature`.
-    ``delta = sum(maps) - (score(x) - score(x0))`` measures the quadrature error (completeness); ``expected`` is
-    ``score(x) - score(x0)``. Gauss-Legendre (the default) converges much faster than the Riemann rules on smooth
-    paths; on ReLU networks the integrand is piecewise smooth and both converge at low order, so check ``delta``.
+    ``maps = (x - x0) * sum_i w_i * grad(x0 + alpha_i (x - x0))``. ``delta = sum(maps) - (score(x) - score(x0))``
+    measures the quadrature error (completeness); ``expected`` is ``score(x) - score(x0)``.
+
+    The default quadrature, ``"adaptive"``, puts its nodes where the score changes along the path and stops once
+    completeness is within ``tolerance`` (:mod:`SegExplainLib.quadrature`). That matters on networks with instance
+    norm after the first convolution, where from a constant baseline the whole change happens in a sliver near
+    ``alpha = 0`` that fixed rules miss. The default baseline is the input blurred by a Gaussian of 5 voxels: a
+    constant baseline (zeros, the minimum) looks to such a network like an image without any contrast, so the
+    path from it first passes through inputs the network never saw; see the README.
 
     Args:
-        n_steps: Number of gradient evaluations per input (>= 1; >= 2 for ``riemann_trapezoid``).
-        method: ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``, ``"riemann_right"`` or
-            ``"riemann_middle"``.
+        n_steps: Fixed rules: the number of nodes (>= 1; >= 2 for ``riemann_trapezoid``). ``"adaptive"``: the most
+            gradient passes per input it may spend.
+        quadrature: ``"adaptive"``, ``"gausslegendre"``, ``"riemann_trapezoid"``, ``"riemann_left"``,
+            ``"riemann_right"`` or ``"riemann_middle"``.
+        tolerance: ``"adaptive"`` only: the relative completeness it aims for.
         baseline: A :class:`~SegExplainLib.baselines.Baseline` or a spec for
-            :func:`~SegExplainLib.baselines.make_baseline` (default: zeros).
+            :func:`~SegExplainLib.baselines.make_baseline` (default ``"blur:5"``).
         internal_batch_size: Interpolated inputs per forward/backward pass; ``None`` chooses from the memory budget.
         memory_budget_bytes: Budget for that choice; ``None`` uses the device default (see ``_batching``).
+
+    Example:
+        >>> ig = IntegratedGradients(baseline="blur:5")               # adaptive, at most 64 gradient passes
+        >>> ig = IntegratedGradients(quadrature="gausslegendre", n_steps=32, baseline="zero")  # captum's default
     """
 
     name = "integrated_gradients"
     linear_in_seed = True
+    #: Above this relative completeness delta the explanation carries a warning.
+    WARN_DELTA = 0.05
 
     def __init__(
         self,
         *,
-        n_steps: int = 32,
-        method: str = "gausslegendre",
+        n_steps: int = 64,
+        quadrature: str = "adaptive",
+        tolerance: float = 0.01,
         baseline: Baseline | str | float | None = None,
         internal_batch_size: int | None = None,
         memory_budget_bytes: int | None = None,
     ) -> None:
-        if method not in IG_METHODS:
-            raise SegExplainError(f"method {method!r} is not valid; expected one of {', '.join(IG_METHODS)}")
-        minimum = 2 if method == "riemann_trapezoid" else 1
-        if not is_int(n_steps) or n_steps < minimum:
-            raise SegExplainError(f"n_steps must be an integer >= {minimum} for method {method!r}, got {n_steps!r}")
+        check_choice(quadrature, "quadrature", QUADRATURES)
+        minimum = 2 if quadrature == "riemann_trapezoid" else 1
+        if not is_int(n_steps) or not minimum <= n_steps <= MAX_NODES:
+            raise SegExplainError(f"n_steps must be an integer from {minimum} to {MAX_NODES} for quadrature "
+                                  f"{quadrature!r}, got {n_steps!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+            raise SegExplainError(f"tolerance must be a number between 0 and 1 (a share of the score change), "
+                                  f"got {tolerance!r}")
         _set_batching(self, internal_batch_size, memory_budget_bytes)
         self.n_steps = int(n_steps)
-        self.method = method
-        self.baseline = ZeroBaseline() if baseline is None else _coerce_baseline(baseline)
-
-    def _quadrature(self) -> tuple[np.ndarray, np.ndarray]:
-        return quadrature(self.method, self.n_steps)
+        self.quadrature = quadrature
+        self.tolerance = float(tolerance)
+        self.baseline = BlurredBaseline(5.0) if baseline is None else _coerce_baseline(baseline)
+        self._nodes: tuple[np.ndarray, np.ndarray] | None = None  # fixed by for_target
 
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
-        x = _check_inputs(inputs)
-        seed = _check_seed(seed, x)
-        create_graph = seed.requires_grad
-        batch = x.shape[0]
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
-        diff = x - x0
-        alphas_np, weights_np = self._quadrature()
-        n = len(alphas_np)
-        total = batch * n
-        k = _resolve_batch(self, model, x, total)
+        path = _Path(self, model, inputs, seed)
+        if self.quadrature == "adaptive" and self._nodes is None:
+            if path.create_graph:  # the graph is built over nodes chosen without it
+                return self.for_target(model, inputs, seed.detach()).attribute(model, inputs, seed)
+            plan = path.adaptive()
+            return path.output(plan.contribution, {**path.extras, **_plan_extras(plan)})
+        nodes, weights = self._nodes or fixed_rule(self.quadrature, self.n_steps)
+        acc, _ = path.integrate(nodes, weights)
+        return path.output(acc, {**path.extras, "gradient_passes": len(nodes)})
 
-        # Scores at both ends of the path (forward only); checks the seed against the output shape first.
-        ends = _forward_no_grad(model, torch.cat([x, x0], dim=0), max(k, 2))
-        _check_output(ends, seed, batch)
-        expected = _scores(seed, ends[:batch]) - _scores(seed, ends[batch:])
-        del ends
+    def for_target(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> IntegratedGradients:
+        """For ``"adaptive"``: this method with the nodes the adaptive scheme chooses for ``seed`` at ``inputs``."""
+        if self.quadrature != "adaptive" or self._nodes is not None:
+            return self
+        plan = _Path(self, model, inputs, seed.detach()).adaptive()
+        fixed = copy.copy(self)
+        fixed._nodes = (plan.nodes, plan.weights)
+        return fixed
 
-        alphas = torch.as_tensor(alphas_np, dtype=x.dtype, device=x.device)
-        weights = torch.as_tensor(weights_np, dtype=x.dtype, device=x.device)
-        acc = torch.zeros_like(x)
-        for rows in _chunks(total, k):
-            idx = torch.arange(rows.start, rows.stop, device=x.device)
-            b_idx, s_idx = idx // n, idx % n
-            shape = (-1, 1, 1, 1, 1)
-            xi = x0[b_idx] + alphas[s_idx].view(shape) * diff[b_idx]
-            grad = _input_gradient(model, xi, seed, b_idx, batch, create_graph)
-            acc = _accumulate(acc, b_idx, grad * weights[s_idx].view(shape), create_graph)
-        maps = diff * acc
-        if not create_graph:
-            expected = expected.detach()
-        delta = maps.flatten(1).sum(1) - expected
-        return AttributionOutput(maps=maps, delta=delta, expected=expected)
+    def sum_rule_warnings(self, delta: float | None, expected: float | None) -> list[str]:
+        if delta is None or not expected or abs(delta) <= self.WARN_DELTA * abs(expected):
+            return []
+        return [f"Integrated Gradients misses completeness by {100 * abs(delta) / abs(expected):.0f} % (maps sum to "
+                f"{expected + delta:.4g}, the score changes by {expected:.4g} from the baseline): the quadrature "
+                "missed where the score changes; use quadrature='adaptive' with more n_steps, or a baseline that is "
+                "not constant, such as 'blur:5' (see the README on baselines for instance-normalized networks)"]
 
     def options(self) -> dict[str, Any]:
         return {
             "n_steps": self.n_steps,
-            "method": self.method,
+            "quadrature": self.quadrature,
+            "tolerance": self.tolerance,
             "baseline": self.baseline.to_dict(),
             "internal_batch_size": self.internal_batch_size,
             "memory_budget_bytes": self.memory_budget_bytes,
         }
+
+
+def _plan_extras(plan: AdaptiveResult) -> dict[str, Any]:
+    return {"gradient_passes": plan.gradient_passes, "forward_passes": plan.forward_passes,
+            "panels": plan.panels, "error_bound": plan.error_bound}
+
+
+class _Path:
+    """The straight path from the baseline to the inputs of one IG call, and the passes along it."""
+
+    def __init__(self, method: IntegratedGradients, model: torch.nn.Module, inputs: torch.Tensor,
+                 seed: torch.Tensor) -> None:
+        self.method, self.model = method, model
+        self.x = _check_inputs(inputs)
+        self.seed = _check_seed(seed, self.x)
+        self.create_graph = self.seed.requires_grad
+        self.x0 = method.baseline(self.x).to(dtype=self.x.dtype, device=self.x.device)
+        if self.x0.shape != self.x.shape:
+            raise SegExplainError(f"baseline shape {tuple(self.x0.shape)} does not match the inputs shape "
+                                  f"{tuple(self.x.shape)}")
+        self.diff = self.x - self.x0
+        self.batch = self.x.shape[0]
+        self.k = _resolve_batch(method, model, self.x, self.batch * method.n_steps)
+        self.extras = {"internal_batch_size": self.k}
+
+    def scores(self, alphas: np.ndarray) -> np.ndarray:
+        """``F(alpha)`` per node and batch element, ``(nodes, batch)``, from forward passes."""
+        a = torch.as_tensor(alphas, dtype=self.x.dtype, device=self.x.device)
+        scores = []
+        for rows in _chunks(len(alphas) * self.batch, max(self.k, 2)):
+            idx = torch.arange(rows.start, rows.stop, device=self.x.device)
+            a_idx, b_idx = idx // self.batch, idx % self.batch
+            with torch.no_grad(), onednn_convolutions():
+                out = self.model(self.x0[b_idx] + a[a_idx].view(-1, 1, 1, 1, 1) * self.diff[b_idx])
+            _check_output(out, self.seed, self.batch)
+            scores.append(_scores(self.seed[b_idx].detach(), out))
+        return torch.cat(scores).view(len(alphas), self.batch).double().cpu().numpy()
+
+    def integrate(self, nodes: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """``sum_i w_i grad(x0 + alpha_i diff)`` per batch element, and its estimate of the change of ``F``."""
+        n = len(nodes)
+        alphas = torch.as_tensor(nodes, dtype=self.x.dtype, device=self.x.device)
+        w = torch.as_tensor(weights, dtype=self.x.dtype, device=self.x.device)
+        acc = torch.zeros_like(self.x)
+        shape = (-1, 1, 1, 1, 1)
+        for rows in _chunks(self.batch * n, self.k):
+            idx = torch.arange(rows.start, rows.stop, device=self.x.device)
+            b_idx, s_idx = idx // n, idx % n
+            xi = self.x0[b_idx] + alphas[s_idx].view(shape) * self.diff[b_idx]
+            grad = _input_gradient(self.model, xi, self.seed, b_idx, self.batch, self.create_graph)
+            acc = _accumulate(acc, b_idx, grad * w[s_idx].view(shape), self.create_graph)
+        estimate = (self.diff * acc).detach().flatten(1).sum(1).double().cpu().numpy()
+        return acc, estimate
+
+    def adaptive(self) -> AdaptiveResult:
+        return adaptive(self.scores, self.integrate, max_passes=self.method.n_steps,
+                        tolerance=self.method.tolerance)
+
+    def output(self, acc: torch.Tensor, extras: dict[str, Any]) -> AttributionOutput:
+        # scores at both ends of the path (forward only), which also checks the seed against the output shape
+        ends = _forward_no_grad(self.model, torch.cat([self.x, self.x0], dim=0), max(self.k, 2))
+        _check_output(ends, self.seed, self.batch)
+        expected = _scores(self.seed, ends[:self.batch]) - _scores(self.seed, ends[self.batch:])
+        if not self.create_graph:
+            expected = expected.detach()
+        maps = self.diff * acc
+        delta = maps.flatten(1).sum(1) - expected
+        return AttributionOutput(maps=maps, delta=delta, expected=expected, extras=extras)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,7 +586,7 @@ class Occlusion(AttributionMethod):
                 xs[r][region] = x0[b][region]
                 b_list.append(b)
             b_idx = torch.tensor(b_list, device=x.device)
-            with torch.no_grad():
+            with torch.no_grad(), onednn_convolutions():
                 out = model(xs)
             diffs.append(ref_scores[b_idx] - _scores(seed[b_idx], out))
         grid = torch.cat(diffs).reshape(batch, groups, len(pd), len(ph), len(pw))
@@ -589,6 +640,7 @@ class GradCAM(AttributionMethod):
 
     name = "gradcam"
     linear_in_seed = False
+    walks_modules = True
 
     def __init__(self, *, layer: str, relu: bool = True, upsample: str = "trilinear") -> None:
         if not isinstance(layer, str) or not layer:
@@ -616,6 +668,7 @@ class GradCAM(AttributionMethod):
         x = _check_inputs(inputs)
         seed = _check_seed(seed, x)
         create_graph = seed.requires_grad
+        check_walkable(model, self.name)
         module = self._module(model)
         captured: list[torch.Tensor] = []
         layer = self.layer
@@ -632,7 +685,7 @@ class GradCAM(AttributionMethod):
 
         handle = module.register_forward_hook(hook)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), onednn_convolutions():
                 out = model(x)
         finally:
             handle.remove()

@@ -10,7 +10,10 @@ from torch import nn
 
 from ._method import AttributionMethod, AttributionOutput
 from .composites import DECONVOLUTION, GUIDED_BACKPROP, Composite, get_composite
+from .deployment import check_walkable
 from .errors import SegExplainError
+from .filters import AmplitudeFilter
+from .kernels import onednn_convolutions
 from .rules import PropagationContext, box_share
 
 # explained outputs within a box of at most this share of the output grid count as a small target
@@ -34,6 +37,7 @@ class _RuleMethod(AttributionMethod):
 
     composite: Composite
     relevance_times_input: bool
+    walks_modules = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         output, _ = self._propagate(model, inputs, seed, ())
@@ -53,6 +57,7 @@ class _RuleMethod(AttributionMethod):
         return signals
 
     def _propagate(self, model, inputs, seed, layers):
+        check_walkable(model, self.name)
         modules = dict(model.named_modules())
         unknown = [name for name in layers if name not in modules or name == ""]
         if unknown:
@@ -68,7 +73,7 @@ class _RuleMethod(AttributionMethod):
         captured: dict[str, torch.Tensor] = {}
         handles = [modules[name].register_forward_hook(_capture(captured, name)) for name in layers]
         try:
-            with self.composite.attached(model, ctx) as forward:
+            with onednn_convolutions(), self.composite.attached(model, ctx) as forward:
                 logits = check_logits(forward(x), seed, inputs)
                 grads = torch.autograd.grad(logits, (x, sink, *captured.values()), grad_outputs=seed,
                                             allow_unused=True, create_graph=seed.requires_grad)
@@ -118,7 +123,7 @@ class LRP(_RuleMethod):
     Args:
         composite: A registered name (``"epsilon_plus_flat"``, ``"z_plus"``, ``"epsilon"``, ...; see
             :func:`SegExplainLib.composites.composite_names`) or a :class:`Composite`.
-        layer_filter: An :class:`~SegExplainLib.filters.AmplitudeFilter` applied to the relevance entering every
+        layer_filter: An :class:`~SegExplainLib.filters.AmplitudeFilter` (or its spec, e.g. ``"pass:0.4"``) applied to the relevance entering every
             linear and norm layer during the propagation (Tjoa et al.'s layer-wise mode). The map is then no longer
             linear in the seed.
         **composite_options: Passed to the composite's factory, e.g. ``epsilon=1e-3``.
@@ -132,7 +137,8 @@ class LRP(_RuleMethod):
     def __init__(self, *, composite: str | Composite = "epsilon_plus_flat", layer_filter: Any = None,
                  **composite_options: Any) -> None:
         self.composite = get_composite(composite, **composite_options)
-        self.layer_filter = layer_filter
+        self.composite_options = dict(composite_options)
+        self.layer_filter = AmplitudeFilter.parse(layer_filter) if isinstance(layer_filter, str) else layer_filter
         self.relevance_times_input = True
 
     @property
@@ -143,8 +149,11 @@ class LRP(_RuleMethod):
         return self.layer_filter
 
     def options(self) -> dict[str, Any]:
-        return {**self.composite.options(),
+        return {"composite": self.composite.name, **self.composite_options,
                 "layer_filter": None if self.layer_filter is None else str(self.layer_filter)}
+
+    def details(self) -> dict[str, Any]:
+        return {"rules": {key: value for key, value in self.composite.options().items() if key != "composite"}}
 
 
 class GuidedBackprop(_RuleMethod):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SegExplainError
+from .kernels import onednn_eligible
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -309,9 +310,8 @@ def frozen_norm_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             grouped = x.reshape(batch, module.num_groups, -1).var(dim=2, unbiased=False)
             var = grouped.repeat_interleave(channels // module.num_groups, dim=1)
             var = var.reshape((batch, channels) + (1,) * len(spatial))
-        else:  # InstanceNorm statistics per sample, BatchNorm's over the batch
-            dims = spatial if isinstance(module, nn.modules.instancenorm._InstanceNorm) else (0, *spatial)
-            var = x.var(dim=dims, unbiased=False, keepdim=True)
+        else:  # input statistics are per sample, for BatchNorm too (see SegExplainLib.deployment)
+            var = x.var(dim=spatial, unbiased=False, keepdim=True)
         scale = torch.rsqrt(var + module.eps)
         if getattr(module, "weight", None) is not None:
             scale = scale * module.weight.reshape((1, channels) + (1,) * len(spatial))
@@ -330,7 +330,7 @@ def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
         if not zero_padded(module):
             return module._conv_forward(x, weight, bias)
         padding = module.padding if padding is None else padding
-        if _onednn(x, weight):
+        if onednn_eligible(x, weight):
             return torch.mkldnn_convolution(x, weight, bias, padding, module.stride, module.dilation, module.groups)
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2]
         return conv(x, weight, bias, module.stride, padding, module.dilation, module.groups)
@@ -344,16 +344,6 @@ def affine_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bia
         return conv(x, weight, bias, module.stride, module.padding, module.output_padding, module.groups,
                     module.dilation)
     return F.linear(x, weight, bias)
-
-
-def _onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a convolution can go to oneDNN directly.
-
-    PyTorch sends float32 batch-1 convolutions with few channels times slices (N*C*D*H <= 20480: every layer at
-    size A, the deepest ones at L) to a reference kernel that was 16x slower than oneDNN here.
-    """
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and
-            torch.backends.mkldnn.is_available() and x.dim() in (4, 5))
 
 
 def zero_padded(module: nn.Module) -> bool:
@@ -381,8 +371,8 @@ def affine_vjp(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, grad: t
     transposed = isinstance(module, TRANSPOSED_CONVOLUTIONS)
     padding = module.padding if padding is None else padding
     spatial = tuple(range(2, weight.dim()))
-    if _onednn(grad, weight) and zero_padded(module):
-        # the transpose of a convolution is a convolution too, which oneDNN runs directly (see _onednn)
+    if onednn_eligible(grad, weight) and zero_padded(module):
+        # the transpose of a convolution is a convolution too, which oneDNN runs directly (see kernels.py)
         if transposed:  # a transposed convolution's transpose is the strided convolution with its weights
             return torch.mkldnn_convolution(grad, weight, None, padding, module.stride, module.dilation,
                                             module.groups)

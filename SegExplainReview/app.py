@@ -100,7 +100,7 @@ class ReviewApp(TrameApp):
             "sequences": [{"value": i, "title": n} for i, n in enumerate(self.session.names)],
             "sequence": 0, "opacity": defaults.overlayOpacity, "filter_kind": "none", "alpha1": 0.0, "alpha2": 1.0,
             "running": False, "progress": 0, "step": "", "message": "Click a point on a slice view to explain it.",
-            "error": "", "explanations": [], "current": None, "overlay_version": 0, "clicks": 0, "shares": [],
+            "error": "", "warning": "", "explanations": [], "current": None, "overlay_version": 0, "clicks": 0, "shares": [],
             "share_columns": [], "inclusivity": {},
             "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
             "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
@@ -195,7 +195,7 @@ class ReviewApp(TrameApp):
                 self.state.error = str(error)
             return
         with self.state:
-            self.state.update({"running": True, "progress": 0, "step": "starting", "error": ""})
+            self.state.update({"running": True, "progress": 0, "step": "starting", "error": "", "warning": ""})
         create_task(self._watch(self.job))
 
     async def _watch(self, job: Any) -> None:
@@ -216,6 +216,7 @@ class ReviewApp(TrameApp):
                 self._refreshExplanations()
                 self.state.current = explanation.folderItem
                 self.state.message = f"Explained in {explanation.record.get('seconds', 0):.1f} s"
+                self.state.warning = " ".join(explanation.warnings)
             elif job.state == "failed":
                 self.state.error = job.error
                 job.cleanup()
@@ -375,7 +376,7 @@ class ReviewApp(TrameApp):
                     v_if="method === 'lrp'", **compact)
         with html.Div(classes="d-flex ga-2", v_if="method === 'integrated_gradients'"):
             v.VTextField(label="Integrated Gradients steps", v_model_number=("n_steps",), type="number", **compact)
-            v.VSelect(label="Baseline", v_model=("baseline",), items=("['zero', 'min', 'blur:2.0', 'constant:0.0']",),
+            v.VSelect(label="Baseline", v_model=("baseline",), items=("['blur:5', 'blur:2', 'zero', 'min', 'constant:0.0']",),
                       **compact)
         with html.Div(classes="d-flex ga-2"):
             v.VTextField(label="Class", v_model_number=("class_index",), type="number", **compact)
@@ -402,6 +403,7 @@ class ReviewApp(TrameApp):
         html.Div("{{ step }}", v_if="running", classes="text-caption")
         html.Div("{{ message }}", classes="text-caption", id="message")
         v.VAlert(text=("error",), v_if="error", type="error", density="compact", id="error")
+        v.VAlert(text=("warning",), v_if="warning", type="warning", density="compact", id="warning")
 
     def _displayControls(self) -> None:
         compact = {"density": "compact", "hide_details": True, "classes": "mb-2"}

@@ -95,7 +95,6 @@ class ReviewParameters(ExplainSettings):
     """The page's controls: the explanation settings (validated on creation) plus the region and the display, with
     the names of the Slicer module's parameter node, so that ``SegExplainMRML.workflow`` reads both alike."""
 
-    nSteps: int = 16  # a CPU server answers the page faster with fewer Integrated Gradients steps
     regionKind: str = "point"
     radius: float = 2.0
     regionSegmentId: str = ""

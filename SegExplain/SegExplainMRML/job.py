@@ -77,8 +77,9 @@ class ExplainSettings:
         method: Engine method, one of :data:`METHODS`.
         composite: LRP composite (``epsilon_plus`` gives each sequence its own share; ``epsilon_plus_flat`` does not).
         layerFilter: Tjoa's layer-wise filter inside the LRP propagation, e.g. ``"pass:0.4"``; empty for none.
-        nSteps: Integrated Gradients steps.
-        baseline: Integrated Gradients baseline: ``zero``, ``min``, ``constant:V`` or ``blur:SIGMA``.
+        nSteps: Integrated Gradients: the most gradient passes of its adaptive quadrature.
+        baseline: Integrated Gradients baseline: ``blur:SIGMA`` (the input blurred, the default), ``zero``, ``min``
+            or ``constant:V`` (constant baselines are degenerate for instance-normalized networks; see the README).
         aggregation: ``sum`` of the region's logits or ``normalized`` (every voxel weighted equally).
         samples: Voxels drawn for a sampled normalized estimate; 0 computes it exactly.
         classIndex: Output class explained (1 = the first foreground class).
@@ -91,8 +92,8 @@ class ExplainSettings:
     method: str = "lrp"
     composite: str = "epsilon_plus"
     layerFilter: str = ""
-    nSteps: int = 32
-    baseline: str = "zero"
+    nSteps: int = 64
+    baseline: str = "blur:5"
     aggregation: str = "sum"
     samples: int = 0
     classIndex: int = 1
@@ -173,6 +174,7 @@ class ExplainJob:
         self.python = python or pythonExecutable()
         self.state = "new"
         self.fraction, self.step, self.error = 0.0, "", ""
+        self.warnings: list[str] = []
         self.folder: Path | None = None
         self._process: subprocess.Popen | None = None
         self._events: queue.Queue = queue.Queue()
@@ -244,6 +246,8 @@ class ExplainJob:
         while not self._events.empty():
             events.append(self._events.get_nowait())
         for event in events:
+            if event.get("event") == "warning":
+                self.warnings.append(event["message"])
             self.fraction, self.step = float(event.get("fraction", self.fraction)), event.get("step", self.step)
         if finished and self._process.returncode == 0:
             self.state, self.fraction = "done", 1.0

@@ -39,7 +39,7 @@ ROLE_ATTRIBUTE = "SegExplain.role"
 SEQUENCE_ATTRIBUTE = "SegExplain.sequence"
 INPUT_REFERENCE = "segexplainInput"
 #: Record fields also stored as attributes of their own, for the Data module's attribute view.
-_SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta")
+_SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta", "warnings")
 SHARE_KINDS = ("positive", "negative", "absolute")
 
 
@@ -57,6 +57,11 @@ class Explanation:
     @property
     def sequenceNames(self) -> list[str]:
         return [node.GetAttribute(SEQUENCE_ATTRIBUTE) for node in self.relevance]
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the engine said the user should know about this result (e.g. IG missing completeness)."""
+        return list(self.record.get("warnings", []))
 
     def inputVolume(self, index: int) -> Any:
         """The input volume explained by relevance volume ``index`` (None if it was deleted)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from mrml_scene import addDemoCase, addVolume
-from SegExplainMRML import job, nodes
+from SegExplainMRML import job, nodes, workflow
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry
@@ -140,6 +140,23 @@ def test_a_failing_job_reports_one_line(scene):
     assert "lies outside the volume" in failing.error
     assert "\n" not in failing.error and "Traceback" not in failing.error
     assert failing.fraction < 1.0
+
+
+def test_a_warning_of_the_engine_reaches_the_job_and_the_scene(scene):
+    """IG with two fixed nodes from a zero baseline misses completeness: the job collects the engine's warning
+    event, and the loaded explanation carries it for the module to show."""
+    volumes, _ = addDemoCase(scene)
+    settings = job.ExplainSettings(method="integrated_gradients", nSteps=2, baseline="zero",
+                                   extraOptions={"quadrature": "gausslegendre"})
+    run = job.ExplainJob(nodes.stackVolumes(volumes), job.Region("predicted"), settings)
+    run.start()
+    try:
+        assert run.wait(120) == "done", run.error
+        assert len(run.warnings) == 1 and "misses completeness" in run.warnings[0]
+        explanation = workflow.finishExplanation(run, volumes)
+    finally:
+        run.cleanup()
+    assert explanation.warnings == run.warnings
 
 
 def test_cancel_right_after_start(scene):

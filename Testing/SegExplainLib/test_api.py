@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -39,19 +40,46 @@ def test_explanation_record_is_complete_and_json(model, image):
     assert record["region_voxels"] == 18
     assert record["device"] == "cpu" and record["dtype"] == "float32"
     assert record["software"]["torch"] == torch.__version__
-    with torch.no_grad():
-        logits = model.eval()(torch.as_tensor(image)[None])  # explanations are of the model in eval mode
+    assert model.training and record["norm_statistics"] == {"BatchNorm3d": "instance"}
+    with torch.no_grad():  # explanations are of the model as the user runs it: a fresh model is in train mode
+        logits = copy.deepcopy(model)(torch.as_tensor(image)[None])
     assert record["target_score"] == pytest.approx(float(logits[0, 1, 1:3, 2:5, 2:5].sum()), rel=1e-5)
     assert record["expected_sum"] == pytest.approx(record["target_score"], rel=1e-5)
     assert record["delta"] == pytest.approx(float(result.maps.sum()) - record["expected_sum"], abs=1e-3)
     assert record["seconds"] > 0
 
 
-def test_the_record_rebuilds_the_same_explanation(model, image):
-    first = sx.explain(model, image, TARGET, "lrp", composite="epsilon_plus_flat")
-    composite = first.options["composite"]
-    again = sx.explain(model, image, TARGET, first.method, composite=composite)
+ROUND_TRIPS = {  # every registered method, with options other than its defaults
+    "lrp": {"composite": "epsilon", "epsilon": 1e-3, "layer_filter": "pass:0.1"},
+    "integrated_gradients": {"n_steps": 12, "quadrature": "riemann_left", "baseline": "blur:2"},
+    "gradient": {},
+    "gradient_x_input": {},
+    "smoothgrad": {"n_samples": 3, "noise_level": 0.2, "seed": 7},
+    "guided_backprop": {},
+    "deconvolution": {},
+    "occlusion": {"window": 2, "baseline": "min"},
+    "gradcam": {"layer": "decoder.0", "relu": False},
+}
+
+
+def test_every_method_has_a_round_trip_case():
+    assert set(ROUND_TRIPS) == set(sx.api.METHODS)
+
+
+@pytest.mark.parametrize("method", sorted(ROUND_TRIPS))
+def test_the_record_rebuilds_the_same_explanation(model, image, method):
+    model.eval()
+    first = sx.explain(model, image, TARGET, method, **ROUND_TRIPS[method])
+    record = json.loads(first.to_json())  # as summary.json stores it
+    again = sx.explain(model, image, TARGET, record["method"], **record["options"])
     np.testing.assert_array_equal(first.maps, again.maps)
+    assert json.loads(again.to_json())["options"] == record["options"]
+
+
+def test_lrp_records_its_rules_apart_from_its_options(model, image):
+    record = sx.explain(model.eval(), image, TARGET, "lrp", composite="epsilon_plus").record()
+    assert record["options"] == {"composite": "epsilon_plus", "layer_filter": None}
+    assert record["extras"]["rules"]["rules"]["convolution"]["rule"] == "z_plus"
 
 
 def test_model_is_left_exactly_as_it_was(model, image):

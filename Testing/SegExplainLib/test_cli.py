@@ -35,7 +35,7 @@ def write_image(path, array):
 def case(tmp_path):
     rng = np.random.default_rng(0)
     images = [write_image(tmp_path / f"seq{i}.nii.gz", rng.normal(size=SHAPE).astype(np.float32)) for i in range(2)]
-    model = tiny_unet()
+    model = tiny_unet().eval()  # as the command line loads it
     weights = tmp_path / "weights.pt"
     torch.save(model.state_dict(), weights)
     return {"images": [str(p) for p in images], "weights": str(weights), "model": model, "dir": tmp_path}
@@ -93,6 +93,29 @@ def test_json_progress_lines(case, capsys):
     fractions = [line["fraction"] for line in lines]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert lines[-1]["output"] == str(output)
+
+
+def test_ig_quadrature_options_and_warnings(case, capsys):
+    """--quadrature and --tolerance reach IG; a completeness warning is printed (and is a JSON event for GUIs)."""
+    output = case["dir"] / "ig"
+    ig = ["--method", "integrated_gradients", "--baseline", "zero", "--whole-class"]
+    assert cli.main([*base_args(case, output), *ig, "--quadrature", "gausslegendre", "--n-steps", "2"]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["options"]["quadrature"] == "gausslegendre" and summary["options"]["n_steps"] == 2
+    assert summary["relative_delta"] > 0.05 and "misses completeness" in summary["warnings"][0]
+    assert f"warning: {summary['warnings'][0]}" in capsys.readouterr().err.splitlines()
+
+    args = base_args(case, case["dir"] / "ig-json")
+    args[args.index("none")] = "json"
+    assert cli.main([*args, *ig, "--quadrature", "gausslegendre", "--n-steps", "2"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["message"] for e in events if e["event"] == "warning"] == summary["warnings"]
+
+    assert cli.main([*base_args(case, case["dir"] / "adaptive"), *ig, "--tolerance", "0.002"]) == 0
+    adaptive = json.loads((case["dir"] / "adaptive" / "summary.json").read_text())
+    assert adaptive["options"]["quadrature"] == "adaptive" and adaptive["options"]["tolerance"] == 0.002
+    assert adaptive["relative_delta"] < 0.05 and not adaptive["warnings"]
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

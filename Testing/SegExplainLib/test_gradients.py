@@ -189,7 +189,7 @@ def _linear_methods() -> list[AttributionMethod]:
         Gradient(),
         GradientXInput(),
         IntegratedGradients(n_steps=3, internal_batch_size=2),
-        IntegratedGradients(n_steps=3, method="riemann_trapezoid", baseline="blur:1"),
+        IntegratedGradients(n_steps=3, quadrature="riemann_trapezoid", baseline="blur:1"),
         SmoothGrad(n_samples=3, internal_batch_size=2),
         SmoothGrad(n_samples=2, multiply_by_inputs=True),
         Occlusion(window=2, internal_batch_size=5),

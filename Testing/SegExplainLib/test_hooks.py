@@ -46,14 +46,8 @@ class Bomb(nn.Module):
         return self.conv(x)
 
 
-class _RaiseInBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # noqa: D102
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: D102
-        raise RuntimeError("bomb went off in the backward pass")
+def _raise_in_backward(grad):
+    raise RuntimeError("bomb went off in the backward pass")
 
 
 class BackwardBomb(nn.Module):
@@ -66,14 +60,17 @@ class BackwardBomb(nn.Module):
 
     def forward(self, x):
         h = self.conv(x)
-        return _RaiseInBackward.apply(h) if self.armed else h
+        if self.armed and h.requires_grad:  # not in the user's own forward pass under no_grad
+            h = h.clone()
+            h.register_hook(_raise_in_backward)
+        return h
 
 
 class Unknown(nn.Module):
-    """A leaf module no method knows: wiring fails after the modules before it were already patched."""
+    """A leaf module no method knows, walked: its sigmoid gate fails after the modules before it have run."""
 
     def forward(self, x):
-        return 2.0 * x
+        return x * torch.sigmoid(x)
 
 
 def _user_hook(module, args, output):
@@ -172,7 +169,7 @@ SCENARIOS = {
     "forward_raises": (RuntimeError, "forward pass"),
     "backward_raises": (RuntimeError, "backward pass"),
     "wrong_seed_shape": (SegExplainError, "model output has shape"),
-    "unsupported_leaf": (UnsupportedLayerError, "Unknown at 'tail'"),
+    "unsupported_leaf": (UnsupportedLayerError, r"torch\.sigmoid in the forward of 'tail' \(Unknown\)"),
 }
 
 

@@ -11,6 +11,7 @@ from testnets import frozen
 from torch import nn
 
 import SegExplainLib._batching as batching
+import SegExplainLib.gradients as gradients
 from SegExplainLib._batching import (
     BUDGETED_MAX_BATCH,
     DEFAULT_MAX_BATCH,
@@ -21,7 +22,8 @@ from SegExplainLib._batching import (
 )
 from SegExplainLib.baselines import BlurredBaseline, ConstantBaseline, ZeroBaseline
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.gradients import IG_METHODS, IntegratedGradients, quadrature
+from SegExplainLib.gradients import IntegratedGradients
+from SegExplainLib.quadrature import FIXED_RULES, fixed_rule
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -56,28 +58,28 @@ def _score(model, x, seed):
 
 
 def test_quadrature_nodes_and_weights():
-    for method in IG_METHODS:
-        alphas, weights = quadrature(method, 7)
+    for rule in FIXED_RULES:
+        alphas, weights = fixed_rule(rule, 7)
         assert len(alphas) == len(weights) == 7
         assert abs(weights.sum() - 1.0) < 1e-14
         assert alphas.min() >= 0 and alphas.max() <= 1
     nodes, w = np.polynomial.legendre.leggauss(5)
-    alphas, weights = quadrature("gausslegendre", 5)
+    alphas, weights = fixed_rule("gausslegendre", 5)
     np.testing.assert_allclose(alphas, (nodes + 1) / 2, rtol=0, atol=1e-15)
     np.testing.assert_allclose(weights, w / 2, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(quadrature("riemann_trapezoid", 5)[0], [0, 0.25, 0.5, 0.75, 1])
-    np.testing.assert_allclose(quadrature("riemann_trapezoid", 5)[1], [0.125, 0.25, 0.25, 0.25, 0.125])
-    np.testing.assert_allclose(quadrature("riemann_middle", 4)[0], [0.125, 0.375, 0.625, 0.875])
+    np.testing.assert_allclose(fixed_rule("riemann_trapezoid", 5)[0], [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(fixed_rule("riemann_trapezoid", 5)[1], [0.125, 0.25, 0.25, 0.25, 0.125])
+    np.testing.assert_allclose(fixed_rule("riemann_middle", 4)[0], [0.125, 0.375, 0.625, 0.875])
 
 
-@pytest.mark.parametrize("method", IG_METHODS)
+@pytest.mark.parametrize("method", FIXED_RULES)
 def test_linear_model_is_exact_for_every_method(method):
     spatial = (3, 4, 5)
     model = frozen(VoxelLinear(3, 2, spatial))
     x = torch.randn((2, 3) + spatial, dtype=torch.float64)
     seed = torch.randn((2, 2) + spatial, dtype=torch.float64)
     baseline = ConstantBaseline(0.3)
-    out = IntegratedGradients(n_steps=3, method=method, baseline=baseline, internal_batch_size=2).attribute(
+    out = IntegratedGradients(n_steps=3, quadrature=method, baseline=baseline, internal_batch_size=2).attribute(
         model, x, seed
     )
     grad = torch.einsum("kcdhw,bkdhw->bcdhw", model.w, seed)
@@ -98,7 +100,7 @@ def test_completeness_on_relu_net():
     model = relu_net()
     x = torch.randn(1, 2, 6, 6, 6, dtype=torch.float64)
     seed = _segment_seed((1, 2, 6, 6, 6))
-    out = IntegratedGradients(n_steps=64).attribute(model, x, seed)
+    out = IntegratedGradients(n_steps=64, baseline="zero").attribute(model, x, seed)
     expected = _score(model, x, seed) - _score(model, torch.zeros_like(x), seed)
     assert torch.allclose(out.expected, expected, rtol=1e-12)
     assert torch.allclose(out.delta, out.maps.flatten(1).sum(1) - expected, rtol=1e-12)
@@ -115,7 +117,7 @@ def test_gauss_legendre_beats_trapezoid_on_relu_nets():
         x = torch.randn(1, 2, 6, 6, 6, dtype=torch.float64)
         seed = _segment_seed((1, 2, 6, 6, 6))
         for method, errs in errors.items():
-            out = IntegratedGradients(n_steps=16, method=method).attribute(model, x, seed)
+            out = IntegratedGradients(n_steps=16, quadrature=method, baseline="zero").attribute(model, x, seed)
             errs.append((out.delta.abs() / out.expected.abs()).item())
     assert np.mean(errors["gausslegendre"]) < np.mean(errors["riemann_trapezoid"])
 
@@ -124,8 +126,8 @@ def test_gauss_legendre_converges_fast_on_smooth_net():
     model = frozen(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv3d(4, 2, 3, padding=1)).double())
     x = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
     seed = torch.randn(1, 2, 5, 5, 5, dtype=torch.float64)
-    gl = IntegratedGradients(n_steps=8).attribute(model, x, seed)
-    trap = IntegratedGradients(n_steps=8, method="riemann_trapezoid").attribute(model, x, seed)
+    gl = IntegratedGradients(n_steps=8, quadrature="gausslegendre").attribute(model, x, seed)
+    trap = IntegratedGradients(n_steps=8, quadrature="riemann_trapezoid").attribute(model, x, seed)
     assert gl.delta.abs().item() < 1e-6 * gl.expected.abs().item()
     assert gl.delta.abs().item() < 1e-3 * trap.delta.abs().item()
 
@@ -139,7 +141,7 @@ def _captum_forward(model, seed):
     return forward
 
 
-@pytest.mark.parametrize("method", IG_METHODS)
+@pytest.mark.parametrize("method", FIXED_RULES)
 def test_matches_captum(method, monkeypatch):
     model = relu_net()
     x = torch.randn(2, 2, 4, 5, 6, dtype=torch.float64)
@@ -164,11 +166,10 @@ def test_matches_captum(method, monkeypatch):
     finally:
         torch.set_default_dtype(old)
     if method == "riemann_trapezoid":
-        assert abs(cap_weights.sum() - (n - 1) / n) < 1e-6  # the captum difference documented in quadrature()
-    ig = IntegratedGradients(n_steps=n, method=method, baseline=BlurredBaseline(1.0), internal_batch_size=5)
-    ours_alphas, _ = ig._quadrature()
-    assert np.allclose(ours_alphas, cap_alphas, rtol=0, atol=1e-15)
-    monkeypatch.setattr(ig, "_quadrature", lambda: (cap_alphas, cap_weights))
+        assert abs(cap_weights.sum() - (n - 1) / n) < 1e-6  # the captum difference documented in fixed_rule()
+    ig = IntegratedGradients(n_steps=n, quadrature=method, baseline=BlurredBaseline(1.0), internal_batch_size=5)
+    assert np.allclose(fixed_rule(method, n)[0], cap_alphas, rtol=0, atol=1e-15)
+    monkeypatch.setattr(gradients, "fixed_rule", lambda rule, steps: (cap_alphas, cap_weights))
     out = ig.attribute(model, x, seed)
     assert torch.allclose(out.maps, ref, rtol=1e-8, atol=1e-12 * ref.abs().max().item())
 
@@ -177,12 +178,13 @@ def test_batch_elements_and_internal_batch_size_do_not_change_the_result():
     model = relu_net()
     x = torch.randn(3, 2, 4, 4, 4, dtype=torch.float64)
     seed = torch.randn(3, 2, 4, 4, 4, dtype=torch.float64)
-    full = IntegratedGradients(n_steps=5, internal_batch_size=4).attribute(model, x, seed)
+    full = IntegratedGradients(n_steps=5, quadrature="gausslegendre", internal_batch_size=4).attribute(model, x, seed)
     for k in (1, 2, 7, 100):
-        other = IntegratedGradients(n_steps=5, internal_batch_size=k).attribute(model, x, seed)
+        other = IntegratedGradients(n_steps=5, quadrature="gausslegendre", internal_batch_size=k).attribute(
+            model, x, seed)
         assert torch.allclose(other.maps, full.maps, rtol=1e-12, atol=1e-14)
     for b in range(3):
-        single = IntegratedGradients(n_steps=5).attribute(model, x[b : b + 1], seed[b : b + 1])
+        single = IntegratedGradients(n_steps=5, quadrature="gausslegendre").attribute(model, x[b : b + 1], seed[b : b + 1])
         assert torch.allclose(single.maps, full.maps[b : b + 1], rtol=1e-12, atol=1e-14)
         assert torch.allclose(single.delta, full.delta[b : b + 1], rtol=1e-10, atol=1e-12)
 
@@ -196,26 +198,30 @@ def test_float32_inputs_and_no_graph_without_seed_grad():
 
 
 def test_options_are_json():
-    ig = IntegratedGradients(n_steps=8, method="riemann_left", baseline="blur:2", memory_budget_bytes=10**9)
+    ig = IntegratedGradients(n_steps=8, quadrature="riemann_left", baseline="blur:2", memory_budget_bytes=10**9)
     opts = ig.options()
     assert json.loads(json.dumps(opts)) == {
         "n_steps": 8,
-        "method": "riemann_left",
+        "quadrature": "riemann_left",
+        "tolerance": 0.01,
         "baseline": {"type": "blur", "sigma_voxels": 2.0},
         "internal_batch_size": None,
         "memory_budget_bytes": 10**9,
     }
-    assert IntegratedGradients().options()["baseline"] == {"type": "zero"}
+    assert IntegratedGradients().options()["baseline"] == {"type": "blur", "sigma_voxels": 5.0}
     assert IntegratedGradients.name == "integrated_gradients" and IntegratedGradients.linear_in_seed
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "simpson"}, r"method 'simpson' is not valid; expected one of gausslegendre"),
-        ({"n_steps": 0}, r"n_steps must be an integer >= 1 for method 'gausslegendre', got 0"),
-        ({"n_steps": 2.0}, r"n_steps must be an integer >= 1 for method 'gausslegendre', got 2.0"),
-        ({"n_steps": 1, "method": "riemann_trapezoid"}, r"n_steps must be an integer >= 2 for method"),
+        ({"quadrature": "simpson"}, r"quadrature must be one of .*adaptive.*gausslegendre.*, got 'simpson'"),
+        ({"n_steps": 0}, r"n_steps must be an integer from 1 to 4096 for quadrature 'adaptive', got 0"),
+        ({"n_steps": 2.0}, r"n_steps must be an integer from 1 to 4096 for quadrature 'adaptive', got 2.0"),
+        ({"n_steps": 10**9}, r"n_steps must be an integer from 1 to 4096 .*got 1000000000"),
+        ({"n_steps": 1, "quadrature": "riemann_trapezoid"}, r"n_steps must be an integer from 2 to 4096 for"),
+        ({"tolerance": 0}, r"tolerance must be a number between 0 and 1 .*got 0"),
+        ({"tolerance": "1%"}, r"tolerance must be a number between 0 and 1 .*got '1%'"),
         ({"internal_batch_size": 0}, r"internal_batch_size must be None or an integer >= 1, got 0"),
         ({"memory_budget_bytes": -5}, r"memory_budget_bytes must be None or an integer >= 1, got -5"),
         ({"baseline": "gray"}, r"baseline: baseline spec 'gray' is not valid"),
@@ -291,18 +297,18 @@ def test_default_cap_and_method_choice(monkeypatch):
     x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
     seed = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
     monkeypatch.setattr(batching, "_mem_available_bytes", lambda: 10**15)
-    ig = IntegratedGradients(n_steps=32)
+    ig = IntegratedGradients(n_steps=32, quadrature="gausslegendre")
     auto = ig.attribute(model, x, seed)
     assert ig.last_internal_batch_size == DEFAULT_MAX_BATCH  # capped without a stated budget
-    ig = IntegratedGradients(n_steps=32, memory_budget_bytes=10**15)
+    ig = IntegratedGradients(n_steps=32, quadrature="gausslegendre", memory_budget_bytes=10**15)
     ig.attribute(model, x, seed)
     assert ig.last_internal_batch_size == 16
     per = estimate_sample_bytes(model, x)
-    ig = IntegratedGradients(n_steps=32, memory_budget_bytes=3 * per)
+    ig = IntegratedGradients(n_steps=32, quadrature="gausslegendre", memory_budget_bytes=3 * per)
     tight = ig.attribute(model, x, seed)
     assert ig.last_internal_batch_size == 3
     assert torch.allclose(auto.maps, tight.maps, rtol=1e-12, atol=1e-14)
-    ig = IntegratedGradients(n_steps=3, memory_budget_bytes=10**15)
+    ig = IntegratedGradients(n_steps=3, quadrature="gausslegendre", memory_budget_bytes=10**15)
     ig.attribute(model, x, seed)
     assert ig.last_internal_batch_size == 3  # never more than the number of passes
 
@@ -324,5 +330,6 @@ def test_estimate_error():
         estimate_sample_bytes(relu_net(), torch.zeros(0, 2))
 
 
-def test_zero_baseline_default():
-    assert IntegratedGradients().baseline == ZeroBaseline()
+def test_blurred_baseline_default():
+    assert IntegratedGradients().baseline == BlurredBaseline(5.0)
+    assert IntegratedGradients(baseline="zero").baseline == ZeroBaseline()

@@ -62,7 +62,7 @@ def test_explain_layers_returns_maps_on_the_image_grid():
 
 
 def test_layer_attribution_errors():
-    model = sx.tiny_unet()
+    model = sx.tiny_unet().eval()  # eval: its BatchNorm layers are merged into the convolutions
     image = np.zeros((2, 6, 8, 8), np.float32)
     target = sx.ClassChannel(class_index=1)
     with pytest.raises(SegExplainError, match=r"unknown layer name\(s\) \['nope'\]"):

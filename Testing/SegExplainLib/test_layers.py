@@ -465,26 +465,6 @@ def test_softmax_inside_network_raises_naming_its_path():
         LRP(composite="epsilon").attribute(model, x, torch.ones(1, 2, 4, 4, 4, dtype=torch.float64))
 
 
-class Scale(nn.Module):
-    """A custom leaf module with a parameter: SegExplain has no rule for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(1.5))
-
-    def forward(self, x):
-        return x * self.scale ** 2
-
-
-@pytest.mark.parametrize("method", [LRP, GuidedBackprop])
-def test_unknown_leaf_module_raises_naming_class_and_path(method):
-    model = nn.Sequential(OrderedDict(
-        body=nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU(), Scale()), head=nn.Conv3d(3, 2, 1))).double()
-    x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
-    with pytest.raises(UnsupportedLayerError, match=r"Scale at 'body\.2'"):
-        method().attribute(model, x, torch.ones(1, 2, 4, 4, 4, dtype=torch.float64))
-
-
 class Functional(nn.Module):
     """A container whose forward applies ``fn`` to the activations functionally, outside any leaf module."""
 

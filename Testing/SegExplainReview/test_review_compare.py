@@ -49,3 +49,20 @@ def test_report_download(server, page):
     href = page.evaluate("document.querySelector('#report').getAttribute('href')")
     report = server.get(href)
     assert report[:5] == b"%PDF-" and len(report) > 10000
+
+
+def test_a_warning_of_the_engine_is_shown_on_the_page(page):
+    """IG with two fixed nodes from a zero baseline misses completeness: the page shows the engine's warning."""
+    setState(page, method="integrated_gradients", n_steps=2, baseline="zero", region_kind="predicted",
+             advanced_options='{"quadrature": "gausslegendre"}')
+    count = page.evaluate("window.trame.state.get('explanations').length")
+    try:
+        page.evaluate("document.querySelector('#explain-button').click()")
+        page.waitFor(f"(window.trame.state.get('explanations').length > {count} && "
+                     "!window.trame.state.get('running')) || window.trame.state.get('error')", timeout=120)
+        assert page.evaluate("window.trame.state.get('error')") == ""
+        text = page.waitFor("document.querySelector('#warning') && document.querySelector('#warning').innerText",
+                            timeout=15)
+        assert "misses completeness" in text
+    finally:
+        setState(page, method="lrp", n_steps=64, baseline="blur:5", region_kind="point", advanced_options="")

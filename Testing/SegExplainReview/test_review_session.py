@@ -107,7 +107,7 @@ def test_page_parameters_are_validated_settings_with_the_modules_names():
                               filterLow=0.2)
     settings = workflow.settings(chosen)
     assert (settings.method, settings.nSteps, settings.baseline, settings.layerFilter) == (
-        "integrated_gradients", 16, "min", "pass:0.2,1")
+        "integrated_gradients", 64, "min", "pass:0.2,1")
 
 
 def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):

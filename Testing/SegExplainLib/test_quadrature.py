@@ -1,0 +1,88 @@
+"""The adaptive quadrature on scalar paths whose integral is known in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from SegExplainLib.quadrature import MAX_NODES, SCAN, adaptive, fixed_rule
+
+
+class Path:
+    """``F`` and ``F'`` of a scalar path; ``integrate`` returns the rule's estimate of the change of ``F`` twice (the
+    "gradient tensor" and the completeness estimate are the same number for a scalar path)."""
+
+    def __init__(self, f, df) -> None:
+        self.f, self.df = f, df
+        self.gradient_calls = 0
+
+    def score_at(self, alphas: np.ndarray) -> np.ndarray:
+        return self.f(np.asarray(alphas, dtype=np.float64))[:, None]
+
+    def integrate(self, nodes: np.ndarray, weights: np.ndarray):
+        self.gradient_calls += len(nodes)
+        value = float(np.sum(weights * self.df(nodes)))
+        return value, np.array([value])
+
+
+def sliver(width: float) -> Path:
+    """``F = tanh(alpha / width)``: the whole change in ``[0, ~3 width]``, as from a constant baseline into an
+    instance-normalized network."""
+    return Path(lambda a: np.tanh(a / width), lambda a: (1 - np.tanh(a / width) ** 2) / width)
+
+
+@pytest.mark.parametrize("width", [1e-7, 1e-5, 1e-3, 0.3])
+def test_a_sliver_anywhere_converges_within_64_passes(width):
+    path = sliver(width)
+    exact = np.tanh(1 / width)
+    result = adaptive(path.score_at, path.integrate, max_passes=64, tolerance=0.01)
+    error = abs(result.contribution - exact) / exact
+    assert error < 0.01, (width, error)
+    assert result.gradient_passes == path.gradient_calls <= 64
+    assert result.error_bound >= error - 1e-12  # the panels' errors bound the completeness error
+    assert result.forward_passes >= len(SCAN)
+
+
+def test_fixed_gauss_legendre_misses_the_same_sliver():
+    # the failure the adaptive rule exists for: 64 Gauss-Legendre nodes put none inside [0, 3e-5]
+    nodes, weights = fixed_rule("gausslegendre", 64)
+    path = sliver(1e-5)
+    assert abs(np.sum(weights * path.df(nodes)) - 1) > 0.5
+
+
+def test_a_smooth_path_meets_a_tight_tolerance():
+    path = Path(lambda a: a**3 - 2 * a, lambda a: 3 * a**2 - 2)
+    result = adaptive(path.score_at, path.integrate, max_passes=64, tolerance=1e-6)
+    assert abs(result.contribution + 1.0) <= result.error_bound <= 1e-6
+    # the nodes and weights it reports are the rule it used: reapplied, they give the same number
+    assert np.sum(result.weights * path.df(result.nodes)) == pytest.approx(result.contribution, abs=1e-12)
+    assert np.all(np.diff(result.nodes) > 0) and 0 <= result.nodes.min() and result.nodes.max() <= 1
+
+
+def test_a_flat_path_stops_at_once():
+    path = Path(lambda a: np.full_like(a, 2.0), lambda a: np.zeros_like(a))
+    result = adaptive(path.score_at, path.integrate, max_passes=64, tolerance=0.01)
+    assert result.panels == 1 and result.gradient_passes <= 4
+
+
+def test_a_small_budget_is_respected():
+    path = sliver(1e-6)
+    for budget in (1, 3, 8):
+        result = adaptive(path.score_at, path.integrate, max_passes=budget, tolerance=1e-9)
+        assert path.gradient_calls == result.gradient_passes <= budget
+        path.gradient_calls = 0
+
+
+def test_splitting_reduces_the_error_bound():
+    path = Path(lambda a: np.sqrt(a), lambda a: 0.5 / np.sqrt(a))  # an integrable singularity at 0
+    bounds = [adaptive(path.score_at, path.integrate, max_passes=n, tolerance=1e-9).error_bound for n in (8, 32, 128)]
+    assert bounds[0] > bounds[1] > bounds[2]
+    assert bounds[2] < 1e-3
+
+
+def test_fixed_rules_sum_to_one_and_stay_in_the_interval():
+    for rule in ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"):
+        nodes, weights = fixed_rule(rule, 9)
+        assert weights.sum() == pytest.approx(1.0, abs=1e-14)
+        assert nodes.min() >= 0 and nodes.max() <= 1
+    assert MAX_NODES == 4096
