@@ -16,6 +16,7 @@ failing case (exit status 1 when any failed) and does not recompute finished cas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -83,7 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", metavar="FILE", help="state dict (.pt with weights_only, or .safetensors)")
     model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
                                                       "normalization; overrides --model/--weights")
-    model.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs code)")
+    model.add_argument("--trust-model-code", action="store_true",
+                       help="allow a model (of --model or the card) that imports or runs code of someone else: a "
+                            "model file, a module outside the built-in networks, MONAI and torch.nn, or a pickle")
     model.add_argument("--patch-size", nargs=3, type=int, metavar="N",
                        help="run the network by overlapping windows of this size (default: the card's patch_size)")
     model.add_argument("--overlap", type=float, default=0.5, help="overlap of the windows (default 0.5)")
@@ -151,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
                              ".nrrd or .mha) and optionally label.*; or one 4D file with a channel per sequence")
     review.add_argument("--model", metavar="CARD", help="model card (default: the bundled demo model)")
+    review.add_argument("--trust-model-code", action="store_true",
+                        help="allow the card's model to import or run code of someone else (see explain --help)")
     review.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     review.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -159,18 +164,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_review(args: argparse.Namespace) -> None:
     """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
-    try:
-        from SegExplainReview.app import serve
-        from SegExplainReview.session import ReviewCase
-    except ImportError as error:
-        raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
     from .demo import demo_card_path, write_demo_case
+    from .loading import ModelCard
 
     if args.case is None and args.model is not None:
         raise SegExplainError("--model needs a CASE_OR_FOLDER whose sequences the model takes")
     card = args.model or str(demo_card_path())
     if not Path(card).is_file():
         raise SegExplainError(f"model card {card!r} is not a file")
+    _refuse_untrusted_code(ModelCard.read(card).model, f"model card {card!r}", trusted=args.trust_model_code)
+    try:
+        from SegExplainReview.app import serve
+        from SegExplainReview.session import ReviewCase
+    except ImportError as error:
+        raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
@@ -183,7 +190,7 @@ def run_review(args: argparse.Namespace) -> None:
         else:
             case = ReviewCase.fromFolder(args.case, card)
         try:
-            serve(case, host=args.host, port=args.port)
+            serve(dataclasses.replace(case, trustModelCode=args.trust_model_code), host=args.host, port=args.port)
         except KeyboardInterrupt:
             print("review app stopped", file=sys.stderr)
 
@@ -253,17 +260,31 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
     return PredictedRegion(**common)
 
 
+def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
+    """Refuse a model that would import or run code of someone else, unless the user passed --trust-model-code."""
+    from .loading import untrusted_code
+
+    code = untrusted_code(spec)
+    if code is not None and not trusted:
+        msg = (f"{source} would run {code}; pass --trust-model-code only if you trust it (a model card cannot allow "
+               f"this itself)")
+        raise SegExplainError(msg)
+
+
 def _load(args: argparse.Namespace):
     """The model and, if a card was given, the card (its normalization and sequence names)."""
     from .loading import ModelCard, load_model
     from .sliding import SlidingWindow
 
     card = ModelCard.read(args.card) if args.card else None
+    _refuse_untrusted_code(card.model if card else args.model,
+                           f"model card {args.card!r}" if card else f"--model {args.model!r}",
+                           trusted=args.trust_model_code)
     if card:
-        model = card.load_model()
+        model = card.load_model(trust_code=args.trust_model_code)
     else:
         model = load_model(args.model, kwargs=_json_option(args.model_kwargs, "--model-kwargs"),
-                           weights=args.weights, trust_pickle=args.trust_pickle)
+                           weights=args.weights, trust_code=args.trust_model_code)
     patch_size = args.patch_size or (card.patch_size if card else None)
     if patch_size:  # a network trained on patches runs (and is explained) by overlapping windows
         model = SlidingWindow(model, patch_size, overlap=args.overlap)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -162,6 +163,67 @@ def test_existing_results_are_not_overwritten_unless_asked(case, capsys):
     assert (output / "mine.txt").read_text() == "precious"
     assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == 0
     assert (output / "summary.json").exists() and not (output / "mine.txt").exists()
+
+
+MODEL_FILE = """
+from pathlib import Path
+
+Path(__file__).with_name("ran.txt").write_text("the model file ran")
+
+from SegExplainLib.models import tiny_unet as Net
+"""
+
+
+def _card(case, model, **fields):
+    (case["dir"] / "evil.py").write_text(MODEL_FILE)
+    path = case["dir"] / "card.json"
+    path.write_text(json.dumps({"model": model, "weights": case["weights"], "sequences": ["T2", "FLAIR"],
+                                "classes": ["background", "lesion"], **fields}))
+    return str(path)
+
+
+def _without_model(args):
+    index = args.index("--model")
+    return args[:index] + args[index + 4:]  # --model SPEC --weights FILE
+
+
+@pytest.mark.parametrize(("model", "fields"), [
+    ("evil.py:Net", {}),
+    ("evil.py:Net", {"trust_pickle": True}),  # a card cannot allow its own code
+    ("os:system", {"kwargs": {"command": "touch touched"}}),
+])
+def test_a_model_card_alone_never_runs_code(case, capsys, monkeypatch, model, fields):
+    monkeypatch.chdir(case["dir"])
+    card = _card(case, model, **fields)
+    output = case["dir"] / "card_out"
+    assert cli.main([*_without_model(base_args(case, output)), "--card", card]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: model card '{re.escape(card)}' would run .*; pass --trust-model-code only if you "
+                        rf"trust it \(a model card cannot allow this itself\)", err), err
+    assert not (case["dir"] / "ran.txt").exists() and not (case["dir"] / "touched").exists()
+    assert not output.exists()
+
+
+def test_trust_model_code_runs_the_cards_model_file(case):
+    card = _card(case, "evil.py:Net")
+    output = case["dir"] / "trusted"
+    args = [*_without_model(base_args(case, output)), "--card", card, "--method", "gradient"]
+    assert cli.main([*args, "--trust-model-code"]) == 0
+    assert (case["dir"] / "ran.txt").is_file() and (output / "summary.json").is_file()
+
+
+def test_a_model_file_on_the_command_line_needs_the_flag_too(case, capsys):
+    (case["dir"] / "evil.py").write_text(MODEL_FILE)
+    args = base_args(case, case["dir"] / "direct")
+    args[args.index("--model") + 1] = f"{case['dir'] / 'evil.py'}:Net"
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
+
+
+def test_review_refuses_a_card_that_runs_code_unless_trusted(case, capsys):
+    card = _card(case, "evil.py:Net")
+    assert cli.main(["review", str(case["dir"]), "--model", card]) == cli.EXIT_ERROR
+    assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
 
 
 def test_interrupt_leaves_nothing_behind(case, capsys, monkeypatch):
