@@ -7,8 +7,10 @@ Example::
 
 Every failure prints one line ``error: ...`` on stderr and exits with status 2; an interrupted run (Ctrl-C) exits
 with 130 and leaves no output folder behind, because results are written to a temporary folder that is renamed into
-place at the very end. ``segexplain cohort`` runs the same explanation over the cases of a CSV, goes on after a
-failing case (exit status 1 when any failed) and does not recompute finished cases when run again.
+place at the very end. Output folders carry a marker file (:data:`OUTPUT_MARKER`): ``--overwrite`` replaces only a
+folder that has it, and only once the new results are complete. ``segexplain cohort`` runs the same explanation over
+the cases of a CSV, goes on after a failing case (exit status 1 when any failed) and does not recompute finished
+cases when run again.
 ``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
 127.0.0.1.
 """
@@ -35,6 +37,9 @@ from .errors import SegExplainError
 EXIT_ERROR = 2
 EXIT_CASES_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: The file that marks a folder as written by SegExplain; no other folder is ever written into or replaced.
+OUTPUT_MARKER = ".segexplain-output"
+_MARKER_TEXT = "Written by SegExplain: 'segexplain ... --overwrite' may replace this whole folder.\n"
 
 
 class Progress:
@@ -123,14 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     run.add_argument("--output", required=True, metavar="DIR", help="output folder (must not exist unless "
                                                                      "--overwrite)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an output folder that SegExplain wrote earlier (never any other folder)")
     run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                      help="progress display (default: bar on a terminal, none otherwise)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     demo = commands.add_parser("demo", help="explain the bundled demo network on a generated 6-sequence case")
     demo.add_argument("--output", default="segexplain-demo", metavar="DIR", help="output folder "
                                                                                  "(default: segexplain-demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an output folder that SegExplain wrote earlier (never any other folder)")
     demo.add_argument("--seed", type=int, default=1000, help="which generated case (held out from training)")
     cohort = commands.add_parser(
         "cohort", help="explain every case of a CSV with one configuration; per-case table and cohort figures",
@@ -140,8 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--cases", required=True, metavar="CSV_OR_FOLDER",
                         help="a CSV, or a folder with one subfolder per case holding its sequence files (named "
                              "<sequence>.nii.gz when --sequence-names is given), label.* and ground_truth.*")
-    cohort.add_argument("--output", required=True, metavar="DIR", help="cohort folder; finished cases are kept "
-                                                                        "and not recomputed")
+    cohort.add_argument("--output", required=True, metavar="DIR",
+                        help="cohort folder (new, empty, or an earlier cohort's: its finished cases are kept and not "
+                             "recomputed)")
     cohort.add_argument("--parquet", action="store_true", help="also write the table as cohort.parquet (pyarrow)")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
@@ -291,14 +299,55 @@ def _load(args: argparse.Namespace):
     return model, card
 
 
-def _prepare_output(path: Path, overwrite: bool) -> Path:
-    """A fresh staging folder beside ``path``; refuses to replace earlier results unless asked to."""
-    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
-    if occupied and not overwrite:
-        msg = f"output {str(path)!r} already exists; choose another folder or pass --overwrite"
+def _holds_results(path: Path) -> bool:
+    """Whether ``path`` holds earlier SegExplain results; refuses a file and a folder SegExplain did not write.
+
+    A missing path and an empty folder hold none.
+    """
+    if path.exists() and not path.is_dir():
+        msg = f"output {str(path)!r} is a file, not a folder; choose a folder path that does not exist yet"
         raise SegExplainError(msg)
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    if not (path / OUTPUT_MARKER).is_file():
+        msg = (f"output folder {str(path)!r} is not a SegExplain output folder (it has no {OUTPUT_MARKER} file), so "
+               f"SegExplain never writes into it or replaces it, even with --overwrite; choose a new folder")
+        raise SegExplainError(msg)
+    return True
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    if _holds_results(path) and not overwrite:
+        msg = (f"output folder {str(path)!r} already holds SegExplain results; choose another folder or pass "
+               f"--overwrite to replace them")
+        raise SegExplainError(msg)
+
+
+def _prepare_output(path: Path, overwrite: bool) -> Path:
+    """A fresh staging folder beside ``path``, marked as SegExplain's; refuses what may not be replaced."""
+    _check_replaceable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    (staging / OUTPUT_MARKER).write_text(_MARKER_TEXT)
+    return staging
+
+
+def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
+    """Put the finished ``staging`` folder at ``path``. An existing folder is moved aside first and deleted only once
+    the new one is in place; if the new one cannot be moved in, the old one is moved back."""
+    _check_replaceable(path, overwrite)  # again: the folder may have changed during the run
+    if not path.exists():
+        staging.rename(path)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old = path.rename(aside / path.name)
+    try:
+        staging.rename(path)
+    except BaseException:
+        old.rename(path)  # should this fail too, the old results stay in the aside folder
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def run_explain(args: argparse.Namespace) -> Path:
@@ -311,11 +360,12 @@ def run_explain(args: argparse.Namespace) -> Path:
     from .filters import AmplitudeFilter
 
     output = Path(args.output)
+    destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
     filters = [AmplitudeFilter.parse(spec) for spec in args.filter]
     options = _method_options(args)
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
     progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
-    staging = _prepare_output(output, args.overwrite)
+    staging = _prepare_output(destination, args.overwrite)
     try:
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
@@ -363,12 +413,9 @@ def run_explain(args: argparse.Namespace) -> Path:
             summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _move_into_place(staging, destination, args.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
     progress.finish(output)
     return output
 
@@ -427,8 +474,9 @@ def _read_cases(path: Path, sequence_names: Sequence[str] | None = None) -> list
         raise SegExplainError(msg)
     names = [row["case"] for row in rows]
     duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates or any(not name or "/" in name for name in names):
-        msg = f"case names in {str(path)!r} must be unique, non-empty and without '/': {duplicates or names}"
+    if duplicates or any(not name or name in (".", "..") or "/" in name or "\\" in name for name in names):
+        msg = (f"case names in {str(path)!r} must be unique, non-empty, not '.' or '..' and without '/' or '\\': "
+               f"{duplicates or names}")
         raise SegExplainError(msg)
 
     def resolve(text: str) -> str:
@@ -464,7 +512,9 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
     cases = _read_cases(Path(args.cases), names_given)
     filters = [AmplitudeFilter.parse(spec) for spec in args.inclusivity_filters]
     output = Path(args.output)
+    _holds_results(output)  # an earlier cohort's folder is resumed; another folder is never written into
     (output / "cases").mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text(_MARKER_TEXT)
     rows, failures, shares, inclusivity = [], {}, [], {"none": [], **{str(f): [] for f in filters}}
     names: list[str] | None = None
     for number, case in enumerate(cases, 1):

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import job, nodes
 
+from SegExplainLib.cli import OUTPUT_MARKER
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry
 
@@ -155,7 +156,7 @@ def test_a_job_runs_to_its_end_with_progress(demoRun):
     assert "explaining" in [event.get("step") for event in demoRun.events]
     names = [job.fileSafe(n) for n in run.stack.names]
     assert sorted(p.name for p in demoRun.output.iterdir()) == sorted(
-        ["summary.json"] + [f"relevance_{n}.nii.gz" for n in names])
+        [OUTPUT_MARKER, "summary.json"] + [f"relevance_{n}.nii.gz" for n in names])
     summary = json.loads((demoRun.output / "summary.json").read_text())
     assert summary["target"]["index"] == list(demoRun.voxel)
     assert summary["sequence_names"] == names and summary["method"] == "lrp"

@@ -156,13 +156,77 @@ def test_label_segment_and_empty_label(case, capsys):
 
 def test_existing_results_are_not_overwritten_unless_asked(case, capsys):
     output = case["dir"] / "keep"
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    assert (output / cli.OUTPUT_MARKER).is_file()
+    first = (output / "summary.json").read_text()
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input"]) == cli.EXIT_ERROR
+    assert "already holds SegExplain results" in capsys.readouterr().err
+    assert (output / "summary.json").read_text() == first
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input", "--overwrite"]) == 0
+    assert json.loads((output / "summary.json").read_text())["method"] == "gradient_x_input"
+    assert (output / cli.OUTPUT_MARKER).is_file()
+    assert sorted(p.name for p in case["dir"].iterdir() if p.name.startswith(".keep")) == []
+
+
+def test_an_empty_folder_is_used_as_it_is(case):
+    output = case["dir"] / "empty"
+    output.mkdir()
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    assert (output / "summary.json").is_file()
+
+
+def test_overwrite_replaces_only_what_segexplain_wrote(case, capsys, monkeypatch):
+    """A folder without SegExplain's marker is never replaced, not even with --overwrite: its files stay."""
+    output = case["dir"] / "theirs"
     output.mkdir()
     (output / "mine.txt").write_text("precious")
-    assert cli.main([*base_args(case, output), "--method", "gradient"]) == cli.EXIT_ERROR
-    assert "already exists" in capsys.readouterr().err
-    assert (output / "mine.txt").read_text() == "precious"
-    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == 0
-    assert (output / "summary.json").exists() and not (output / "mine.txt").exists()
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: output folder '{re.escape(str(output))}' is not a SegExplain output folder "
+                        rf"\(it has no {re.escape(cli.OUTPUT_MARKER)} file\).*even with --overwrite.*", err), err
+    assert (output / "mine.txt").read_text() == "precious" and sorted(p.name for p in output.iterdir()) == ["mine.txt"]
+
+    monkeypatch.chdir(output)  # --output . once emptied the working directory
+    assert cli.main([*base_args(case, "."), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    assert "is not a SegExplain output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == ["mine.txt"]
+
+
+def test_overwrite_never_replaces_a_file(case, capsys):
+    output = case["dir"] / "notes.txt"
+    output.write_text("precious")
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    assert f"output {str(output)!r} is a file, not a folder" in capsys.readouterr().err
+    assert output.read_text() == "precious"
+
+
+def test_a_failed_overwrite_leaves_the_old_results(case, capsys, monkeypatch):
+    """The new results are written beside the old ones and swapped in at the end: a failure changes nothing."""
+    output = case["dir"] / "swap"
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("SegExplainLib.api.explain", broken)
+    assert cli.main([*base_args(case, output), "--overwrite"]) == cli.EXIT_ERROR
+    assert "out of memory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+    monkeypatch.undo()
+    real_rename = type(output).rename
+
+    def failing_move_in(self, target):  # the new folder cannot be moved in, after the old one was moved away
+        if self.name.startswith(".swap.partial-"):
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(output), "rename", failing_move_in)
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input", "--overwrite"]) == cli.EXIT_ERROR
+    assert "disk went away" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    assert [p.name for p in case["dir"].iterdir() if p.name.startswith(".swap")] == []
 
 
 MODEL_FILE = """
@@ -276,6 +340,31 @@ def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
     assert json.loads((output / "failures.json").read_text()) == {}
 
 
+def test_cohort_output_is_marked_and_never_mixes_into_another_folder(case, capsys):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\na,{';'.join(case['images'])}\n")
+    options = ["--", "--model", "SegExplainLib.models:tiny_unet", "--weights", case["weights"], "--whole-class",
+               "--method", "gradient", "--no-figures"]
+    theirs = case["dir"] / "theirs"
+    theirs.mkdir()
+    (theirs / "cohort.csv").write_text("precious")
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(theirs), *options]) == cli.EXIT_ERROR
+    assert "is not a SegExplain output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["cohort.csv"]
+    output = case["dir"] / "cohort"
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(output), *options]) == 0
+    assert (output / cli.OUTPUT_MARKER).is_file() and (output / "cases" / "a" / cli.OUTPUT_MARKER).is_file()
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(output), *options]) == 0  # resumes
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_cohort_case_names_stay_inside_the_cohort(case, capsys, name):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\n{name},{';'.join(case['images'])}\n")
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(case["dir"] / "c")]) == cli.EXIT_ERROR
+    assert "case names" in capsys.readouterr().err
+
+
 def test_cohort_rejects_a_bad_cases_file(case, capsys):
     bad = case["dir"] / "bad.csv"
     bad.write_text("name,files\nx,y\n")
@@ -293,6 +382,7 @@ def test_demo_command_runs_on_the_bundled_model(tmp_path, monkeypatch):
     assert len(shares) == 6 and max(shares.values()) > 2 * min(shares.values())
     assert set(summary["ground_truth_inclusivity"]) == set(shares)
     assert len(list(output.glob("relevance_*.nii.gz"))) == 6 and (output / "montage.png").exists()
+    assert (output / cli.OUTPUT_MARKER).is_file()
     assert cli.main(["demo"]) == cli.EXIT_ERROR  # never overwrites the earlier results unasked
 
 
