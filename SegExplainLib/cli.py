@@ -82,9 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("--resample", action="store_true",
                         help="resample sequences onto the first one's grid instead of refusing different grids")
     model = explain.add_argument_group("model")
-    model.add_argument("--model", default="reference",
-                       help="'reference', 'unet3d', 'file.py:Class', 'package.module:factory', 'monai:UNet', "
-                            "'pickle:FILE' (default: reference)")
+    model.add_argument("--model", metavar="SPEC",
+                       help="'reference', 'unet3d', 'monai:UNet', 'torch.nn:Conv3d', 'file.py:Class', "
+                            "'package.module:factory' or 'pickle:FILE' (the last three run code: --trust-model-code)")
     model.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the model")
     model.add_argument("--weights", metavar="FILE", help="state dict (.pt with weights_only, or .safetensors)")
     model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
@@ -279,6 +279,15 @@ def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
         raise SegExplainError(msg)
 
 
+def _check_model_given(args: argparse.Namespace) -> None:
+    if args.card is None and args.model is None:
+        from .demo import demo_card_path
+
+        msg = (f"no model given: pass --card FILE (a model card: network, weights, sequences, normalization) or "
+               f"--model SPEC with --weights FILE; to try the bundled demo network, pass --card {demo_card_path()}")
+        raise SegExplainError(msg)
+
+
 def _load(args: argparse.Namespace):
     """The model and, if a card was given, the card (its normalization and sequence names)."""
     from .loading import ModelCard, load_model
@@ -361,6 +370,7 @@ def run_explain(args: argparse.Namespace) -> Path:
 
     output = Path(args.output)
     destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
+    _check_model_given(args)
     filters = [AmplitudeFilter.parse(spec) for spec in args.filter]
     options = _method_options(args)
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]

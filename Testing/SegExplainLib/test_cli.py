@@ -13,6 +13,7 @@ import torch
 
 from SegExplainLib import cli
 from SegExplainLib.api import explain
+from SegExplainLib.demo import demo_card_path
 from SegExplainLib.models import tiny_unet
 from SegExplainLib.targets import BoxTarget
 
@@ -282,6 +283,17 @@ def test_a_model_file_on_the_command_line_needs_the_flag_too(case, capsys):
     args[args.index("--model") + 1] = f"{case['dir'] / 'evil.py'}:Net"
     assert cli.main(args) == cli.EXIT_ERROR
     assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
+
+
+def test_no_model_is_an_error_naming_the_card_and_the_demo(case, capsys):
+    """Six sequences once made a random reference U-Net 'explain' them, with exit status 0."""
+    output = case["dir"] / "random"
+    args = _without_model(base_args(case, output))
+    args[args.index("--input") + 1:args.index("--input") + 3] = case["images"] * 3
+    assert cli.main([*args, "--whole-class", "--method", "gradient"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no model given: pass --card FILE") and f"--card {demo_card_path()}" in err, err
+    assert not output.exists()
 
 
 def test_review_refuses_a_card_that_runs_code_unless_trusted(case, capsys):
