@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SegExplainError
+from .errors import GridMismatchError, SegExplainError
 
 EXIT_ERROR = 2
 EXIT_CASES_FAILED = 1
@@ -424,6 +424,8 @@ def run_explain(args: argparse.Namespace) -> Path:
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _move_into_place(staging, destination, args.overwrite)
+    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
     progress.finish(output)

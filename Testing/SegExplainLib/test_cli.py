@@ -126,7 +126,11 @@ def test_mismatched_grids_nan_voxels_and_wrong_channel_count(case, capsys):
     args = base_args(case, case["dir"] / "o1")
     args[args.index("--input") + 2] = str(other)
     assert cli.main(args) == cli.EXIT_ERROR
-    assert "spacing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "spacing" in err and "pass --resample to resample it" in err and "resample=True" not in err
+    assert cli.main([*base_args(case, case["dir"] / "o4"), "--label", str(other)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "not on the image grid" in err and "pass --resample" in err and "resample=True" not in err
 
     nan = np.zeros(SHAPE, np.float32)
     nan[1, 1, 1] = np.nan
