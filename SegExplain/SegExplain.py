@@ -236,6 +236,8 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rebuildSequenceSelectors()
 
     def onModelCardChanged(self, path) -> None:
+        # Trust is given to one card: another card (or a loaded scene naming one) starts untrusted.
+        self.ui.trustModelCodeCheckBox.checked = False
         self._rebuildSequenceSelectors()
 
     def _rebuildSequenceSelectors(self) -> None:
@@ -330,7 +332,9 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
             self.logic.ensureRequirements(askConfirmation=True)
-            self._job = self.logic.startExplanation(self._parameterNode)
+            # Not a parameter: a scene, like a card, may come from someone else, so it cannot tick this box.
+            self._job = self.logic.startExplanation(self._parameterNode,
+                                                    trustModelCode=self.ui.trustModelCodeCheckBox.checked)
             self._rebuildSequenceSelectors()  # a multi-volume was split into the per-sequence inputs
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene")
@@ -525,8 +529,12 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         return workflow.region(parameters, parameters.inputVolumes[0], segmentation=parameters.regionSegmentation,
                                roi=parameters.regionRoi, clickedPoints=parameters.clickedPoints)
 
-    def startExplanation(self, parameters):
-        """Write the inputs and start the background job; returns the running ``ExplainJob``."""
+    def startExplanation(self, parameters, trustModelCode: bool = False):
+        """Write the inputs and start the background job; returns the running ``ExplainJob``.
+
+        ``trustModelCode`` is the user's word that the card's model may run code of someone else (a model file, a
+        module outside the built-in networks, MONAI and torch.nn, a pickle); see ``SegExplainMRML.job.ExplainJob``.
+        """
         from SegExplainMRML import workflow
         from SegExplainMRML.nodes import splitVectorVolume
 
@@ -535,7 +543,8 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
             parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
             parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
         job = workflow.startExplanation(list(parameters.inputVolumes), names, self.region(parameters),
-                                        workflow.settings(parameters), self.cardPath(parameters.modelCard))
+                                        workflow.settings(parameters), self.cardPath(parameters.modelCard),
+                                        trustModelCode=trustModelCode)
         logging.info("SegExplain: %s", " ".join(job.command()))
         return job
 

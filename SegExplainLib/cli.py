@@ -7,8 +7,10 @@ Example::
 
 Every failure prints one line ``error: ...`` on stderr and exits with status 2; an interrupted run (Ctrl-C) exits
 with 130 and leaves no output folder behind, because results are written to a temporary folder that is renamed into
-place at the very end. ``segexplain cohort`` runs the same explanation over the cases of a CSV, goes on after a
-failing case (exit status 1 when any failed) and does not recompute finished cases when run again.
+place at the very end. Output folders carry a marker file (:data:`OUTPUT_MARKER`): ``--overwrite`` replaces only a
+folder that has it, and only once the new results are complete. ``segexplain cohort`` runs the same explanation over
+the cases of a CSV, goes on after a failing case (exit status 1 when any failed) and does not recompute finished
+cases when run again.
 ``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
 127.0.0.1.
 """
@@ -16,6 +18,7 @@ failing case (exit status 1 when any failed) and does not recompute finished cas
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -30,11 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SegExplainError
+from .errors import GridMismatchError, SegExplainError
 
 EXIT_ERROR = 2
 EXIT_CASES_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: The file that marks a folder as written by SegExplain; no other folder is ever written into or replaced.
+OUTPUT_MARKER = ".segexplain-output"
+_MARKER_TEXT = "Written by SegExplain: 'segexplain ... --overwrite' may replace this whole folder.\n"
 
 
 class Progress:
@@ -85,14 +91,16 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("--resample", action="store_true",
                         help="resample sequences onto the first one's grid instead of refusing different grids")
     model = explain.add_argument_group("model")
-    model.add_argument("--model", default="reference",
-                       help="'reference', 'unet3d', 'file.py:Class', 'package.module:factory', 'monai:UNet', "
-                            "'pickle:FILE' (default: reference)")
+    model.add_argument("--model", metavar="SPEC",
+                       help="'reference', 'unet3d', 'monai:UNet', 'torch.nn:Conv3d', 'file.py:Class', "
+                            "'package.module:factory' or 'pickle:FILE' (the last three run code: --trust-model-code)")
     model.add_argument("--model-kwargs", default="{}", metavar="JSON", help="keyword arguments of the model")
     model.add_argument("--weights", metavar="FILE", help="state dict (.pt with weights_only, or .safetensors)")
     model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
                                                       "normalization; overrides --model/--weights")
-    model.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole model (runs code)")
+    model.add_argument("--trust-model-code", action="store_true",
+                       help="allow a model (of --model or the card) that imports or runs code of someone else: a "
+                            "model file, a module outside the built-in networks, MONAI and torch.nn, or a pickle")
     model.add_argument("--patch-size", nargs=3, type=int, metavar="N",
                        help="run the network by overlapping windows of this size (default: the card's patch_size)")
     model.add_argument("--overlap", type=float, default=0.5, help="overlap of the windows (default 0.5)")
@@ -133,14 +141,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     run.add_argument("--output", required=True, metavar="DIR", help="output folder (must not exist unless "
                                                                      "--overwrite)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an output folder that SegExplain wrote earlier (never any other folder)")
     run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                      help="progress display (default: bar on a terminal, none otherwise)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     demo = commands.add_parser("demo", help="explain the bundled demo network on a generated 6-sequence case")
     demo.add_argument("--output", default="segexplain-demo", metavar="DIR", help="output folder "
                                                                                  "(default: segexplain-demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace an output folder that SegExplain wrote earlier (never any other folder)")
     demo.add_argument("--seed", type=int, default=1000, help="which generated case (held out from training)")
     cohort = commands.add_parser(
         "cohort", help="explain every case of a CSV with one configuration; per-case table and cohort figures",
@@ -150,8 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--cases", required=True, metavar="CSV_OR_FOLDER",
                         help="a CSV, or a folder with one subfolder per case holding its sequence files (named "
                              "<sequence>.nii.gz when --sequence-names is given), label.* and ground_truth.*")
-    cohort.add_argument("--output", required=True, metavar="DIR", help="cohort folder; finished cases are kept "
-                                                                        "and not recomputed")
+    cohort.add_argument("--output", required=True, metavar="DIR",
+                        help="cohort folder (new, empty, or an earlier cohort's: its finished cases are kept and not "
+                             "recomputed)")
     cohort.add_argument("--parquet", action="store_true", help="also write the table as cohort.parquet (pyarrow)")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
@@ -164,6 +175,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
                              ".nrrd or .mha) and optionally label.*; or one 4D file with a channel per sequence")
     review.add_argument("--model", metavar="CARD", help="model card (default: the bundled demo model)")
+    review.add_argument("--trust-model-code", action="store_true",
+                        help="allow the card's model to import or run code of someone else (see explain --help)")
     review.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     review.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -172,18 +185,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_review(args: argparse.Namespace) -> None:
     """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
-    try:
-        from SegExplainReview.app import serve
-        from SegExplainReview.session import ReviewCase
-    except ImportError as error:
-        raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
     from .demo import demo_card_path, write_demo_case
+    from .loading import ModelCard
 
     if args.case is None and args.model is not None:
         raise SegExplainError("--model needs a CASE_OR_FOLDER whose sequences the model takes")
     card = args.model or str(demo_card_path())
     if not Path(card).is_file():
         raise SegExplainError(f"model card {card!r} is not a file")
+    _refuse_untrusted_code(ModelCard.read(card).model, f"model card {card!r}", trusted=args.trust_model_code)
+    try:
+        from SegExplainReview.app import serve
+        from SegExplainReview.session import ReviewCase
+    except ImportError as error:
+        raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
@@ -196,7 +211,7 @@ def run_review(args: argparse.Namespace) -> None:
         else:
             case = ReviewCase.fromFolder(args.case, card)
         try:
-            serve(case, host=args.host, port=args.port)
+            serve(dataclasses.replace(case, trustModelCode=args.trust_model_code), host=args.host, port=args.port)
         except KeyboardInterrupt:
             print("review app stopped", file=sys.stderr)
 
@@ -268,31 +283,95 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
     return PredictedRegion(**common)
 
 
+def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
+    """Refuse a model that would import or run code of someone else, unless the user passed --trust-model-code."""
+    from .loading import untrusted_code
+
+    code = untrusted_code(spec)
+    if code is not None and not trusted:
+        msg = (f"{source} would run {code}; pass --trust-model-code only if you trust it (a model card cannot allow "
+               f"this itself)")
+        raise SegExplainError(msg)
+
+
+def _check_model_given(args: argparse.Namespace) -> None:
+    if args.card is None and args.model is None:
+        from .demo import demo_card_path
+
+        msg = (f"no model given: pass --card FILE (a model card: network, weights, sequences, normalization) or "
+               f"--model SPEC with --weights FILE; to try the bundled demo network, pass --card {demo_card_path()}")
+        raise SegExplainError(msg)
+
+
 def _load(args: argparse.Namespace):
     """The model and, if a card was given, the card (its normalization and sequence names)."""
     from .loading import ModelCard, load_model
     from .sliding import SlidingWindow
 
     card = ModelCard.read(args.card) if args.card else None
+    _refuse_untrusted_code(card.model if card else args.model,
+                           f"model card {args.card!r}" if card else f"--model {args.model!r}",
+                           trusted=args.trust_model_code)
     if card:
-        model = card.load_model()
+        model = card.load_model(trust_code=args.trust_model_code)
     else:
         model = load_model(args.model, kwargs=_json_option(args.model_kwargs, "--model-kwargs"),
-                           weights=args.weights, trust_pickle=args.trust_pickle)
+                           weights=args.weights, trust_code=args.trust_model_code)
     patch_size = args.patch_size or (card.patch_size if card else None)
     if patch_size:  # a network trained on patches runs (and is explained) by overlapping windows
         model = SlidingWindow(model, patch_size, overlap=args.overlap)
     return model, card
 
 
-def _prepare_output(path: Path, overwrite: bool) -> Path:
-    """A fresh staging folder beside ``path``; refuses to replace earlier results unless asked to."""
-    occupied = path.is_file() or (path.is_dir() and any(path.iterdir()))
-    if occupied and not overwrite:
-        msg = f"output {str(path)!r} already exists; choose another folder or pass --overwrite"
+def _holds_results(path: Path) -> bool:
+    """Whether ``path`` holds earlier SegExplain results; refuses a file and a folder SegExplain did not write.
+
+    A missing path and an empty folder hold none.
+    """
+    if path.exists() and not path.is_dir():
+        msg = f"output {str(path)!r} is a file, not a folder; choose a folder path that does not exist yet"
         raise SegExplainError(msg)
+    if not path.exists() or not any(path.iterdir()):
+        return False
+    if not (path / OUTPUT_MARKER).is_file():
+        msg = (f"output folder {str(path)!r} is not a SegExplain output folder (it has no {OUTPUT_MARKER} file), so "
+               f"SegExplain never writes into it or replaces it, even with --overwrite; choose a new folder")
+        raise SegExplainError(msg)
+    return True
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    if _holds_results(path) and not overwrite:
+        msg = (f"output folder {str(path)!r} already holds SegExplain results; choose another folder or pass "
+               f"--overwrite to replace them")
+        raise SegExplainError(msg)
+
+
+def _prepare_output(path: Path, overwrite: bool) -> Path:
+    """A fresh staging folder beside ``path``, marked as SegExplain's; refuses what may not be replaced."""
+    _check_replaceable(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    (staging / OUTPUT_MARKER).write_text(_MARKER_TEXT)
+    return staging
+
+
+def _move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
+    """Put the finished ``staging`` folder at ``path``. An existing folder is moved aside first and deleted only once
+    the new one is in place; if the new one cannot be moved in, the old one is moved back."""
+    _check_replaceable(path, overwrite)  # again: the folder may have changed during the run
+    if not path.exists():
+        staging.rename(path)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old = path.rename(aside / path.name)
+    try:
+        staging.rename(path)
+    except BaseException:
+        old.rename(path)  # should this fail too, the old results stay in the aside folder
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def run_explain(args: argparse.Namespace) -> Path:
@@ -305,11 +384,13 @@ def run_explain(args: argparse.Namespace) -> Path:
     from .filters import AmplitudeFilter
 
     output = Path(args.output)
+    destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
+    _check_model_given(args)
     filters = [AmplitudeFilter.parse(spec) for spec in args.filter]
     options = _method_options(args)
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
     progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
-    staging = _prepare_output(output, args.overwrite)
+    staging = _prepare_output(destination, args.overwrite)
     try:
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
@@ -364,12 +445,11 @@ def run_explain(args: argparse.Namespace) -> Path:
             summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _move_into_place(staging, destination, args.overwrite)
+    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
     progress.finish(output)
     return output
 
@@ -428,8 +508,9 @@ def _read_cases(path: Path, sequence_names: Sequence[str] | None = None) -> list
         raise SegExplainError(msg)
     names = [row["case"] for row in rows]
     duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates or any(not name or "/" in name for name in names):
-        msg = f"case names in {str(path)!r} must be unique, non-empty and without '/': {duplicates or names}"
+    if duplicates or any(not name or name in (".", "..") or "/" in name or "\\" in name for name in names):
+        msg = (f"case names in {str(path)!r} must be unique, non-empty, not '.' or '..' and without '/' or '\\': "
+               f"{duplicates or names}")
         raise SegExplainError(msg)
 
     def resolve(text: str) -> str:
@@ -465,7 +546,9 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
     cases = _read_cases(Path(args.cases), names_given)
     filters = [AmplitudeFilter.parse(spec) for spec in args.inclusivity_filters]
     output = Path(args.output)
+    _holds_results(output)  # an earlier cohort's folder is resumed; another folder is never written into
     (output / "cases").mkdir(parents=True, exist_ok=True)
+    (output / OUTPUT_MARKER).write_text(_MARKER_TEXT)
     rows, failures, shares, inclusivity = [], {}, [], {"none": [], **{str(f): [] for f in filters}}
     names: list[str] | None = None
     for number, case in enumerate(cases, 1):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import SegExplainError
+from .errors import GridMismatchError, SegExplainError
 
 Frame = Literal["ras", "lps"]
 FRAMES = ("ras", "lps")
@@ -305,8 +305,8 @@ def read_sequences(paths: Sequence[str | Path], *, resample: bool = False,
         The image (C, D, H, W) as float32 and the geometry of the first sequence.
 
     Raises:
-        SegExplainError: A file is missing or unreadable, is not 3D/4D, or lies on another grid without
-            ``resample=True``.
+        SegExplainError: A file is missing or unreadable, or is not 3D/4D.
+        GridMismatchError: A file lies on another grid, without ``resample=True``.
 
     Example:
         >>> image, geometry = read_sequences(["t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz"])
@@ -331,9 +331,7 @@ def read_sequences(paths: Sequence[str | Path], *, resample: bool = False,
             if fields and not resample:
                 detail = ", ".join(f"{f} {geometry._field_text(f)} instead of {reference._field_text(f)}"
                                    for f in fields)
-                msg = (f"sequence file '{path}' is not on the grid of '{files[0]}': {detail}; "
-                       f"pass resample=True to resample it")
-                raise SegExplainError(msg)
+                raise GridMismatchError(f"sequence file '{path}' is not on the grid of '{files[0]}': {detail}")
             if fields:
                 warnings.warn(f"resampled '{path}' onto the grid of '{files[0]}' (linear; {', '.join(fields)} "
                               f"differed)", stacklevel=2)
@@ -354,7 +352,7 @@ def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
             1 necrosis, 2 oedema, ...). Float files are accepted when every value is an integer.
         geometry: The grid of the images, from :func:`read_sequences`.
         resample: Resample a label map on another grid onto ``geometry`` with nearest-neighbour interpolation
-            (0 outside its extent) instead of raising; a ``UserWarning`` says so.
+            (0 outside its extent) instead of raising a ``GridMismatchError``; a ``UserWarning`` says so.
         tolerance: Grid comparison tolerance, as in :func:`read_sequences`.
 
     Returns:
@@ -379,8 +377,7 @@ def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
     if fields and not resample:
         detail = ", ".join(f"{f} {Geometry.of(image)._field_text(f)} instead of {geometry._field_text(f)}"
                            for f in fields)
-        msg = f"label file '{path}' is not on the image grid: {detail}; pass resample=True to resample it"
-        raise SegExplainError(msg)
+        raise GridMismatchError(f"label file '{path}' is not on the image grid: {detail}")
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):

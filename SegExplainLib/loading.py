@@ -4,12 +4,19 @@ A model spec is one string:
 
 * ``"reference"`` / ``"reference_unet"``: :func:`SegExplainLib.models.reference_unet` called with ``kwargs``;
 * ``"unet3d"``: :class:`SegExplainLib.models.UNet3D` called with ``kwargs``;
+* ``"monai:Name"``: any network in ``monai.networks.nets`` (needs MONAI), called with ``kwargs``;
+* ``"torch.nn:Name"`` and ``"SegExplainLib.models:Name"``: a layer of PyTorch or a network of this project;
 * ``"path/to/file.py:Name"``: a class or factory defined in a Python file, called with ``kwargs``;
 * ``"package.module:Name"``: a class or factory in an importable module (``Name`` may be dotted), called with
   ``kwargs``;
-* ``"monai:Name"``: any network in ``monai.networks.nets`` (needs MONAI), called with ``kwargs``;
-* ``"pickle:path/to/model.pt"``: a whole pickled ``nn.Module``. Unpickling runs code from the file, so this form
-  needs ``trust_pickle=True`` (``--trust-pickle`` on the command line).
+* ``"pickle:path/to/model.pt"``: a whole pickled ``nn.Module``.
+
+The first four forms run only the code of SegExplain, PyTorch and MONAI (a ``Name`` without dots that is a
+network class or factory function of that package). The last three import or run code of someone else: a model
+file runs when it is imported, a module runs when it is imported, and unpickling runs code stored in the file.
+:func:`load_model` refuses them, before importing anything, unless the caller passes ``trust_code=True``
+(``--trust-model-code`` on the command line). A model card cannot allow this itself, because cards come from other
+people; :func:`untrusted_code` says what a spec would run.
 
 Weights are a state dict in ``.pt``/``.pth`` (read with ``torch.load(weights_only=True)``, so no code runs) or
 ``.safetensors``. A :class:`ModelCard` (YAML or JSON) bundles the spec, its options, the weights, the MRI sequences
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -49,6 +57,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "normalize",
+    "untrusted_code",
 ]
 
 #: Weight file extensions that :func:`load_weights` reads.
@@ -62,6 +71,10 @@ _BUILTIN_SPECS = ("reference", "reference_unet", "unet3d")
 _SPEC_FORMS = (
     "reference, reference_unet, unet3d, path/to/file.py:Name, package.module:Name, monai:Name or pickle:PATH"
 )
+#: Spec prefixes whose networks build without trust_code: the prefix and the module that ``Name`` is looked up in.
+_LIBRARY_MODULES = {
+    "monai": "monai.networks.nets", "torch.nn": "torch.nn", "SegExplainLib.models": "SegExplainLib.models",
+}
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _MODULE_COUNTER = itertools.count()
 _MAX_KEYS_SHOWN = 3
@@ -162,12 +175,7 @@ def _call_factory(factory: Any, kwargs: dict[str, Any], spec: str) -> nn.Module:
     return model
 
 
-def _load_pickle(path: Path, spec: str, *, trust_pickle: bool) -> nn.Module:
-    if not trust_pickle:
-        raise SegExplainError(
-            f"model spec {spec!r} unpickles a whole model, which runs code from the file; pass trust_pickle=True "
-            f"(--trust-pickle on the command line) only if you trust {str(path)!r}"
-        )
+def _load_pickle(path: Path, spec: str) -> nn.Module:
     if not path.is_file():
         raise SegExplainError(f"pickled model file {str(path)!r} of spec {spec!r} does not exist")
     try:
@@ -182,9 +190,64 @@ def _load_pickle(path: Path, spec: str, *, trust_pickle: bool) -> nn.Module:
     return model
 
 
-def _build_model(spec: str, kwargs: dict[str, Any], *, trust_pickle: bool) -> nn.Module:
+def untrusted_code(spec: str) -> str | None:
+    """What code of someone else building the model of ``spec`` would import or run, or None when it runs none.
+
+    The built-in names, and ``monai:Name``, ``torch.nn:Name`` and ``SegExplainLib.models:Name`` with a ``Name``
+    without dots, run only the code of SegExplain, PyTorch and MONAI (:func:`load_model` checks that ``Name`` is a
+    network class or factory function of that package). Every other form runs code that :func:`load_model` builds
+    only with ``trust_code=True``. Nothing is imported here.
+
+    Args:
+        spec: A model spec, e.g. ``"nets/unet.py:UNet"`` or a model card's ``model``.
+
+    Returns:
+        What would run, e.g. ``"the Python file 'nets/unet.py'"``, or None.
+
+    Raises:
+        SegExplainError: ``spec`` is no model spec.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise SegExplainError(f"model spec must be a non-empty string, got {spec!r}; expected one of {_SPEC_FORMS}")
+    if spec.strip().lower() in _BUILTIN_SPECS:
+        return None
+    if spec.startswith("pickle:"):
+        return f"code stored in the pickle {spec[len('pickle:'):]!r}"
+    left, name = _split_spec(spec)
+    if left.lower().endswith(".py"):
+        return f"the Python file {left!r}"
+    if not _DOTTED.fullmatch(left):
+        raise SegExplainError(f"model spec {spec!r} matches none of the forms {_SPEC_FORMS}")
+    if left not in _LIBRARY_MODULES:
+        return f"code from the module {left!r}"
+    if "." in name or name.startswith("_"):
+        return f"code reached through {name!r} of {_LIBRARY_MODULES[left]}"
+    return None
+
+
+def _check_library_network(factory: Any, spec: str, module_name: str) -> None:
+    """Refuse anything but a network class or a factory function defined in ``module_name`` (or below it)."""
+    if isinstance(factory, type) and issubclass(factory, nn.Module):
+        return
+    owner = getattr(factory, "__module__", None) or getattr(factory, "__name__", "?")
+    if inspect.isfunction(factory) and (owner == module_name or owner.startswith(f"{module_name}.")):
+        return
+    kind = "function" if inspect.isfunction(factory) else type(factory).__name__
+    raise SegExplainError(
+        f"model spec {spec!r} names a {kind} of {owner}, expected a network class (torch.nn.Module) or a factory "
+        f"function of {module_name}"
+    )
+
+
+def _build_model(spec: str, kwargs: dict[str, Any], *, trust_code: bool) -> nn.Module:
     from . import models  # late: keeps import of this module cheap and avoids cycles
 
+    code = untrusted_code(spec)
+    if code is not None and not trust_code:
+        raise SegExplainError(
+            f"model spec {spec!r} would run {code}; pass trust_code=True only if you trust it (a model card "
+            f"cannot allow this itself)"
+        )
     key = spec.strip().lower()
     if key in ("reference", "reference_unet"):
         return _call_factory(models.reference_unet, kwargs, spec)
@@ -196,18 +259,18 @@ def _build_model(spec: str, kwargs: dict[str, Any], *, trust_pickle: bool) -> nn
         path_text = spec[len("pickle:"):]
         if not path_text:
             raise SegExplainError(f"model spec {spec!r} names no file; expected pickle:PATH")
-        return _load_pickle(Path(path_text).expanduser(), spec, trust_pickle=trust_pickle)
+        return _load_pickle(Path(path_text).expanduser(), spec)
     left, name = _split_spec(spec)
-    if left == "monai":
-        nets = _import_module("monai.networks.nets", spec, package_hint="monai")
-        factory = _resolve_attribute(nets, name, "monai.networks.nets")
-    elif left.lower().endswith(".py"):
+    if left.lower().endswith(".py"):
         path = Path(left).expanduser()
         factory = _resolve_attribute(_import_file(path, spec), name, f"model file {str(path)!r}")
-    elif _DOTTED.fullmatch(left):
-        factory = _resolve_attribute(_import_module(left, spec), name, f"module {left!r}")
     else:
-        raise SegExplainError(f"model spec {spec!r} matches none of the forms {_SPEC_FORMS}")
+        module_name = _LIBRARY_MODULES.get(left, left)
+        module = _import_module(module_name, spec, package_hint="monai" if left == "monai" else None)
+        what = module_name if left == "monai" else f"module {left!r}"
+        factory = _resolve_attribute(module, name, what)
+        if code is None:
+            _check_library_network(factory, spec, module_name)
     return _call_factory(factory, kwargs, spec)
 
 
@@ -242,7 +305,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as error:
         raise SegExplainError(
             f"weights file {str(path)!r} is not a plain state dict (torch.load weights_only=True refused it: "
-            f"{_one_line(error)}); if it holds a whole pickled model, use --model pickle:{path} with --trust-pickle"
+            f"{_one_line(error)}); if it holds a whole pickled model, use --model pickle:{path} with --trust-model-code"
         ) from error
     # Training checkpoints often wrap the state dict: {"state_dict": {...}, "epoch": ...}.
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
@@ -310,32 +373,36 @@ def load_model(
     *,
     kwargs: Mapping[str, Any] | None = None,
     weights: str | Path | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Build the network that ``spec`` names, load ``weights`` into it and return it in eval mode.
 
     Args:
-        spec: ``"reference"``, ``"reference_unet"``, ``"unet3d"``, ``"path/to/file.py:Name"``,
-            ``"package.module:Name"``, ``"monai:Name"`` or ``"pickle:PATH"`` (see the module docstring).
+        spec: ``"reference"``, ``"reference_unet"``, ``"unet3d"``, ``"monai:Name"``, ``"torch.nn:Name"``,
+            ``"SegExplainLib.models:Name"``, ``"path/to/file.py:Name"``, ``"package.module:Name"`` or
+            ``"pickle:PATH"`` (see the module docstring).
         kwargs: Options passed to the class or factory; not allowed with ``"pickle:"``.
-        weights: Optional state dict file (``.pt``, ``.pth`` or ``.safetensors``), loaded strictly.
-        trust_pickle: Allow ``"pickle:PATH"``, which runs code from the file while unpickling.
+        weights: Optional state dict file (``.pt``, ``.pth`` or ``.safetensors``), loaded strictly; no code runs.
+        trust_code: Allow the specs that import or run code of someone else (a model file, another module, a
+            pickle; see :func:`untrusted_code`). Set it only on the word of the person running the program, never
+            from a model card.
 
     Returns:
         The model, on the CPU, in eval mode.
 
     Raises:
-        SegExplainError: The spec matches no form, a file, module or attribute is missing, the factory fails or
-            returns no ``nn.Module``, MONAI is missing, a pickle is not trusted, or the weights do not fit.
+        SegExplainError: The spec matches no form or would run code without ``trust_code``, a file, module or
+            attribute is missing, the factory fails or returns no ``nn.Module``, MONAI is missing, or the weights
+            do not fit.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise SegExplainError(f"model spec must be a non-empty string, got {spec!r}; expected one of {_SPEC_FORMS}")
     options = _check_kwargs(kwargs, "kwargs")
-    if not isinstance(trust_pickle, bool):
-        raise SegExplainError(f"trust_pickle must be True or False, got {trust_pickle!r}")
+    if not isinstance(trust_code, bool):
+        raise SegExplainError(f"trust_code must be True or False, got {trust_code!r}")
     if weights is not None and not isinstance(weights, (str, Path)):
         raise SegExplainError(f"weights must be a path to a {', '.join(WEIGHT_SUFFIXES)} file, got {weights!r}")
-    model = _build_model(spec, options, trust_pickle=trust_pickle)
+    model = _build_model(spec, options, trust_code=trust_code)
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
@@ -451,9 +518,10 @@ def normalize(image: np.ndarray, specs: Mapping[str, Any] | list[Mapping[str, An
 
 _CARD_REQUIRED = ("model", "sequences", "classes")
 _CARD_FIELDS = (
-    "model", "kwargs", "weights", "sequences", "classes", "normalization", "patch_size", "trust_pickle", "name",
-    "description",
+    "model", "kwargs", "weights", "sequences", "classes", "normalization", "patch_size", "name", "description",
 )
+#: Read from older cards and ignored: a card cannot allow code to run (only :meth:`ModelCard.load_model`'s caller can).
+_IGNORED_CARD_FIELDS = ("trust_pickle",)
 
 
 def _check_names(value: Any, where: str) -> list[str]:
@@ -511,7 +579,6 @@ class ModelCard:
         normalization: One normalization spec for all channels, or a list of one per sequence (see
             :func:`normalize`), with defaults filled in.
         patch_size: Spatial patch size ``(D, H, W)`` the network was trained on, or None.
-        trust_pickle: Allow a ``pickle:`` model spec.
         name: Short name of the model.
         description: Free text.
     """
@@ -523,7 +590,6 @@ class ModelCard:
     weights: Path | None = None
     normalization: dict[str, Any] | list[dict[str, Any]] = field(default_factory=lambda: {"kind": "none"})
     patch_size: tuple[int, int, int] | None = None
-    trust_pickle: bool = False
     name: str = ""
     description: str = ""
 
@@ -552,9 +618,6 @@ class ModelCard:
                 f"{where('normalization')} lists {len(normalization)} specs for {len(sequences)} sequences; "
                 f"expected one spec, or one per sequence"
             )
-        trust_pickle = data.get("trust_pickle", False)
-        if not isinstance(trust_pickle, bool):
-            raise SegExplainError(f"{where('trust_pickle')} must be true or false, got {trust_pickle!r}")
         for text in ("name", "description"):
             if not isinstance(data.get(text, ""), str):
                 raise SegExplainError(f"{where(text)} must be a string, got {data[text]!r}")
@@ -566,7 +629,6 @@ class ModelCard:
             "classes": _check_names(data["classes"], where("classes")),
             "normalization": normalization,
             "patch_size": _check_patch_size(data.get("patch_size"), where("patch_size")),
-            "trust_pickle": trust_pickle,
             "name": data.get("name", ""),
             "description": data.get("description", ""),
         }
@@ -575,6 +637,9 @@ class ModelCard:
     def from_dict(cls, data: Mapping[str, Any], *, base_dir: str | Path | None = None, source: str = "model card"
                   ) -> ModelCard:
         """Build a card from parsed YAML/JSON.
+
+        A ``trust_pickle`` field (older cards have it) is ignored: whoever loads the card decides whether its code
+        may run (:meth:`load_model`).
 
         Args:
             data: The card's fields; ``model``, ``sequences`` and ``classes`` are required.
@@ -586,6 +651,7 @@ class ModelCard:
         """
         if not isinstance(data, Mapping):
             raise SegExplainError(f"{source} must hold a mapping of fields, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k not in _IGNORED_CARD_FIELDS}
         unknown = sorted(str(k) for k in data if k not in _CARD_FIELDS)
         if unknown:
             raise SegExplainError(
@@ -638,9 +704,14 @@ class ModelCard:
             data = {**data, "name": card_path.name[: -len(card_path.suffix)]}
         return cls.from_dict(data, base_dir=card_path.parent, source=source)
 
-    def load_model(self) -> nn.Module:
-        """The card's network with its weights, in eval mode (see :func:`load_model`)."""
-        return load_model(self.model, kwargs=self.kwargs, weights=self.weights, trust_pickle=self.trust_pickle)
+    def load_model(self, *, trust_code: bool = False) -> nn.Module:
+        """The card's network with its weights, in eval mode (see :func:`load_model`).
+
+        Args:
+            trust_code: Allow a model that imports or runs code of someone else (a model file, another module, a
+                pickle): the word of the person running the program, such as ``--trust-model-code``.
+        """
+        return load_model(self.model, kwargs=self.kwargs, weights=self.weights, trust_code=trust_code)
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """Normalize ``image`` ``(C, D, H, W)``, one channel per sequence of the card, by the card's normalization.
@@ -669,7 +740,6 @@ class ModelCard:
                 else dict(self.normalization)
             ),
             "patch_size": None if self.patch_size is None else list(self.patch_size),
-            "trust_pickle": self.trust_pickle,
             "name": self.name,
             "description": self.description,
         }

@@ -36,11 +36,16 @@ SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.
 
 @dataclass(frozen=True)
 class ReviewCase:
-    """The files of one case: one per sequence of the model card, in its order, and an optional label map."""
+    """The files of one case: one per sequence of the model card, in its order, and an optional label map.
+
+    ``trustModelCode`` is the word of whoever started the app (``segexplain review --trust-model-code``) that the
+    card's model may import or run code of someone else; the card itself cannot allow that.
+    """
 
     card: str
     sequences: tuple[Path, ...]
     label: Path | None = None
+    trustModelCode: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -222,7 +227,8 @@ class ReviewSession:
     def startExplanation(self, parameters: ReviewParameters) -> ExplainJob:
         """Write the inputs and start the background job; returns the running ``ExplainJob``."""
         return workflow.startExplanation(self.volumes, self.names, self.region(parameters),
-                                         workflow.settings(parameters), self.case.card)
+                                         workflow.settings(parameters), self.case.card,
+                                         trustModelCode=self.case.trustModelCode)
 
     def finishExplanation(self, job: ExplainJob) -> results.Explanation:
         """Load a finished job into the scene as a new explanation folder, and delete the job's files."""

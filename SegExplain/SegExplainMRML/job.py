@@ -29,6 +29,7 @@ import SegExplainLib
 from SegExplainLib.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, write_volume
+from SegExplainLib.loading import ModelCard, untrusted_code
 
 from .nodes import VolumeStack
 
@@ -167,10 +168,34 @@ class ExplainJob:
     """
 
     def __init__(self, stack: VolumeStack, region: Region, settings: ExplainSettings, *, card: str | None = None,
-                 python: str | None = None) -> None:
+                 trustModelCode: bool = False, python: str | None = None) -> None:
+        """Check the model card; nothing runs before :meth:`start`.
+
+        Args:
+            stack: The input sequences.
+            region: What to explain.
+            settings: The method and its options.
+            card: The model card; None for the bundled demo network.
+            trustModelCode: The user's word that the card's model may import or run code of someone else (a model
+                file, a module outside the built-in networks, MONAI and torch.nn, a pickle): the module's
+                'Allow code from this model card' box or ``segexplain review --trust-model-code``, never the card.
+            python: The interpreter of the child process (default :func:`pythonExecutable`).
+
+        Raises:
+            SegExplainError: The card is missing or invalid, or would run code without ``trustModelCode``.
+        """
         if card is not None and not Path(card).is_file():
             raise SegExplainError(f"model card {card!r} is not a file")
+        if not isinstance(trustModelCode, bool):
+            raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
+        code = untrusted_code(ModelCard.read(card).model) if card is not None else None
+        if code is not None and not trustModelCode:
+            raise SegExplainError(
+                f"model card {card!r} would run {code}, which a model card cannot allow itself; allow it only if you "
+                f"trust the card: tick 'Allow code from this model card' in the Slicer module, or start segexplain "
+                f"review with --trust-model-code")
         self.stack, self.region, self.settings, self.card = stack, region, settings, card
+        self.trustModelCode = trustModelCode
         self.python = python or pythonExecutable()
         self.state = "new"
         self.fraction, self.step, self.error = 0.0, "", ""
@@ -195,7 +220,7 @@ class ExplainJob:
         """The full command line; valid once :meth:`start` wrote the inputs."""
         names = [fileSafe(n) for n in self.stack.names]
         inputs = [str(self.folder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
-        model = ["--card", self.card or demoCardPath()]
+        model = ["--card", self.card or demoCardPath(), *(["--trust-model-code"] if self.trustModelCode else [])]
         return [self.python, "-m", "SegExplainLib", "explain", "--input", *inputs, "--sequence-names", *names, *model,
                 *regionArguments(self.region, self.stack.geometry, self.folder), *self.settings.arguments(),
                 "--output", str(self.outputFolder), "--progress", "json", "--no-figures"]

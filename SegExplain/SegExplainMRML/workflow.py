@@ -79,11 +79,15 @@ def settings(parameters: Any) -> ExplainSettings:
 
 
 def startExplanation(volumes: list[Any], names: list[str], region: Region, settings: ExplainSettings,
-                     card: str | None) -> ExplainJob:
-    """Stack the input volumes, write them and start the background job; returns the running job."""
+                     card: str | None, *, trustModelCode: bool = False) -> ExplainJob:
+    """Stack the input volumes, write them and start the background job; returns the running job.
+
+    ``trustModelCode`` is the user's word that the card's model may run code of someone else (see
+    :class:`ExplainJob`); it never comes from the card or a saved scene.
+    """
     if len(volumes) != len(names) or not all(volumes):
         raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
-    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, card=card)
+    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, card=card, trustModelCode=trustModelCode)
     job.start()
     return job
 

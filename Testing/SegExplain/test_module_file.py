@@ -129,6 +129,25 @@ def test_widgets_used_by_the_module_exist_in_the_ui(ui):
     assert used - names == set(), f"SegExplain.py uses widgets the .ui lacks: {sorted(used - names)}"
 
 
+def _method(tree: ast.Module, className: str, name: str) -> str:
+    return ast.unparse(next(node for node in _class(tree, className).body
+                            if isinstance(node, ast.FunctionDef) and node.name == name))
+
+
+def test_trusting_model_code_is_the_users_choice_and_never_saved_with_the_scene(tree, parameters, ui):
+    """A scene, like a model card, may come from someone else: the box that lets a card's code run is no parameter
+    (a scene cannot tick it), starts unticked, is cleared whenever the card changes and is passed to the job."""
+    box = next(widget for widget in ui.iter("widget") if widget.get("name") == "trustModelCodeCheckBox")
+    properties = {prop.get("name"): prop for prop in box.findall("property")}
+    assert box.get("class") == "QCheckBox" and "SlicerParameterName" not in properties
+    assert "checked" not in properties or properties["checked"].find("bool").text == "false"
+    assert not [name for name in parameters if "trust" in name.lower()]
+    assert "self.ui.trustModelCodeCheckBox.checked = False" in _method(tree, "SegExplainWidget", "onModelCardChanged")
+    assert "trustModelCode=self.ui.trustModelCodeCheckBox.checked" in _method(tree, "SegExplainWidget",
+                                                                              "onApplyButton")
+    assert "trustModelCode=trustModelCode" in _method(tree, "SegExplainLogic", "startExplanation")
+
+
 def test_cmake_ships_the_module_and_the_engine():
     root = (ROOT / "CMakeLists.txt").read_text()
     module = (ROOT / "SegExplain" / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SegExplain")

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import job, nodes, workflow
 
+from SegExplainLib.cli import OUTPUT_MARKER
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry
 
@@ -111,6 +112,41 @@ def test_missing_card_is_refused(scene, tmp_path):
         job.ExplainJob(stack, job.Region("class"), job.ExplainSettings(), card=str(tmp_path / "missing.yaml"))
 
 
+CODE_MODEL_FILE = """
+from pathlib import Path
+
+Path(__file__).with_name("ran.txt").write_text("the model file ran")
+
+from torch import nn
+
+
+def Net():
+    return nn.Conv3d(1, 2, kernel_size=1)
+"""
+
+
+def test_a_card_that_runs_code_needs_the_users_word(scene, tmp_path, rng):
+    """A card naming a model file is refused before anything runs; the user's trustModelCode reaches the process."""
+    (tmp_path / "net.py").write_text(CODE_MODEL_FILE)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"model": "net.py:Net", "sequences": ["T2"], "classes": ["background", "lesion"]}))
+    stack = nodes.stackVolumes([addVolume(scene, rng.normal(size=(3, 4, 5)), name="T2")])
+    settings = job.ExplainSettings(method="gradient")
+    with pytest.raises(SegExplainError, match=r"model card '.*card\.json' would run the Python file '.*net\.py'.*"
+                                              r"'Allow code from this model card'.*--trust-model-code"):
+        job.ExplainJob(stack, job.Region("class"), settings, card=str(card))
+    with pytest.raises(SegExplainError, match="trustModelCode must be True or False, got 1"):
+        job.ExplainJob(stack, job.Region("class"), settings, card=str(card), trustModelCode=1)
+    assert not (tmp_path / "ran.txt").exists()
+    trusted = job.ExplainJob(stack, job.Region("class"), settings, card=str(card), trustModelCode=True)
+    trusted.start()
+    try:
+        assert trusted.wait(120) == "done", trusted.error
+    finally:
+        trusted.cleanup()
+    assert (tmp_path / "ran.txt").is_file()  # the child process ran the card's model file
+
+
 def test_a_job_runs_to_its_end_with_progress(demoRun):
     """The demo job ends 'done' with rising progress, the maps of every sequence and the clicked voxel as target."""
     run = demoRun.job
@@ -120,7 +156,7 @@ def test_a_job_runs_to_its_end_with_progress(demoRun):
     assert "explaining" in [event.get("step") for event in demoRun.events]
     names = [job.fileSafe(n) for n in run.stack.names]
     assert sorted(p.name for p in demoRun.output.iterdir()) == sorted(
-        ["summary.json"] + [f"relevance_{n}.nii.gz" for n in names])
+        [OUTPUT_MARKER, "summary.json"] + [f"relevance_{n}.nii.gz" for n in names])
     summary = json.loads((demoRun.output / "summary.json").read_text())
     assert summary["target"]["index"] == list(demoRun.voxel)
     assert summary["sequence_names"] == names and summary["method"] == "lrp"

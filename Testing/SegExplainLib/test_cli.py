@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from SegExplainLib import cli
 from SegExplainLib.api import explain
+from SegExplainLib.demo import demo_card_path
 from SegExplainLib.models import tiny_unet
 from SegExplainLib.targets import BoxTarget
 
@@ -147,7 +149,11 @@ def test_mismatched_grids_nan_voxels_and_wrong_channel_count(case, capsys):
     args = base_args(case, case["dir"] / "o1")
     args[args.index("--input") + 2] = str(other)
     assert cli.main(args) == cli.EXIT_ERROR
-    assert "spacing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "spacing" in err and "pass --resample to resample it" in err and "resample=True" not in err
+    assert cli.main([*base_args(case, case["dir"] / "o4"), "--label", str(other)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "not on the image grid" in err and "pass --resample" in err and "resample=True" not in err
 
     nan = np.zeros(SHAPE, np.float32)
     nan[1, 1, 1] = np.nan
@@ -178,13 +184,149 @@ def test_label_segment_and_empty_label(case, capsys):
 
 def test_existing_results_are_not_overwritten_unless_asked(case, capsys):
     output = case["dir"] / "keep"
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    assert (output / cli.OUTPUT_MARKER).is_file()
+    first = (output / "summary.json").read_text()
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input"]) == cli.EXIT_ERROR
+    assert "already holds SegExplain results" in capsys.readouterr().err
+    assert (output / "summary.json").read_text() == first
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input", "--overwrite"]) == 0
+    assert json.loads((output / "summary.json").read_text())["method"] == "gradient_x_input"
+    assert (output / cli.OUTPUT_MARKER).is_file()
+    assert sorted(p.name for p in case["dir"].iterdir() if p.name.startswith(".keep")) == []
+
+
+def test_an_empty_folder_is_used_as_it_is(case):
+    output = case["dir"] / "empty"
+    output.mkdir()
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    assert (output / "summary.json").is_file()
+
+
+def test_overwrite_replaces_only_what_segexplain_wrote(case, capsys, monkeypatch):
+    """A folder without SegExplain's marker is never replaced, not even with --overwrite: its files stay."""
+    output = case["dir"] / "theirs"
     output.mkdir()
     (output / "mine.txt").write_text("precious")
-    assert cli.main([*base_args(case, output), "--method", "gradient"]) == cli.EXIT_ERROR
-    assert "already exists" in capsys.readouterr().err
-    assert (output / "mine.txt").read_text() == "precious"
-    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == 0
-    assert (output / "summary.json").exists() and not (output / "mine.txt").exists()
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: output folder '{re.escape(str(output))}' is not a SegExplain output folder "
+                        rf"\(it has no {re.escape(cli.OUTPUT_MARKER)} file\).*even with --overwrite.*", err), err
+    assert (output / "mine.txt").read_text() == "precious" and sorted(p.name for p in output.iterdir()) == ["mine.txt"]
+
+    monkeypatch.chdir(output)  # --output . once emptied the working directory
+    assert cli.main([*base_args(case, "."), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    assert "is not a SegExplain output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in output.iterdir()) == ["mine.txt"]
+
+
+def test_overwrite_never_replaces_a_file(case, capsys):
+    output = case["dir"] / "notes.txt"
+    output.write_text("precious")
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--overwrite"]) == cli.EXIT_ERROR
+    assert f"output {str(output)!r} is a file, not a folder" in capsys.readouterr().err
+    assert output.read_text() == "precious"
+
+
+def test_a_failed_overwrite_leaves_the_old_results(case, capsys, monkeypatch):
+    """The new results are written beside the old ones and swapped in at the end: a failure changes nothing."""
+    output = case["dir"] / "swap"
+    assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("SegExplainLib.api.explain", broken)
+    assert cli.main([*base_args(case, output), "--overwrite"]) == cli.EXIT_ERROR
+    assert "out of memory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+    monkeypatch.undo()
+    real_rename = type(output).rename
+
+    def failing_move_in(self, target):  # the new folder cannot be moved in, after the old one was moved away
+        if self.name.startswith(".swap.partial-"):
+            raise OSError("disk went away")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(output), "rename", failing_move_in)
+    assert cli.main([*base_args(case, output), "--method", "gradient_x_input", "--overwrite"]) == cli.EXIT_ERROR
+    assert "disk went away" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+    assert [p.name for p in case["dir"].iterdir() if p.name.startswith(".swap")] == []
+
+
+MODEL_FILE = """
+from pathlib import Path
+
+Path(__file__).with_name("ran.txt").write_text("the model file ran")
+
+from SegExplainLib.models import tiny_unet as Net
+"""
+
+
+def _card(case, model, **fields):
+    (case["dir"] / "evil.py").write_text(MODEL_FILE)
+    path = case["dir"] / "card.json"
+    path.write_text(json.dumps({"model": model, "weights": case["weights"], "sequences": ["T2", "FLAIR"],
+                                "classes": ["background", "lesion"], **fields}))
+    return str(path)
+
+
+def _without_model(args):
+    index = args.index("--model")
+    return args[:index] + args[index + 4:]  # --model SPEC --weights FILE
+
+
+@pytest.mark.parametrize(("model", "fields"), [
+    ("evil.py:Net", {}),
+    ("evil.py:Net", {"trust_pickle": True}),  # a card cannot allow its own code
+    ("os:system", {"kwargs": {"command": "touch touched"}}),
+])
+def test_a_model_card_alone_never_runs_code(case, capsys, monkeypatch, model, fields):
+    monkeypatch.chdir(case["dir"])
+    card = _card(case, model, **fields)
+    output = case["dir"] / "card_out"
+    assert cli.main([*_without_model(base_args(case, output)), "--card", card]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: model card '{re.escape(card)}' would run .*; pass --trust-model-code only if you "
+                        rf"trust it \(a model card cannot allow this itself\)", err), err
+    assert not (case["dir"] / "ran.txt").exists() and not (case["dir"] / "touched").exists()
+    assert not output.exists()
+
+
+def test_trust_model_code_runs_the_cards_model_file(case):
+    card = _card(case, "evil.py:Net")
+    output = case["dir"] / "trusted"
+    args = [*_without_model(base_args(case, output)), "--card", card, "--method", "gradient"]
+    assert cli.main([*args, "--trust-model-code"]) == 0
+    assert (case["dir"] / "ran.txt").is_file() and (output / "summary.json").is_file()
+
+
+def test_a_model_file_on_the_command_line_needs_the_flag_too(case, capsys):
+    (case["dir"] / "evil.py").write_text(MODEL_FILE)
+    args = base_args(case, case["dir"] / "direct")
+    args[args.index("--model") + 1] = f"{case['dir'] / 'evil.py'}:Net"
+    assert cli.main(args) == cli.EXIT_ERROR
+    assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
+
+
+def test_no_model_is_an_error_naming_the_card_and_the_demo(case, capsys):
+    """Six sequences once made a random reference U-Net 'explain' them, with exit status 0."""
+    output = case["dir"] / "random"
+    args = _without_model(base_args(case, output))
+    args[args.index("--input") + 1:args.index("--input") + 3] = case["images"] * 3
+    assert cli.main([*args, "--whole-class", "--method", "gradient"]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no model given: pass --card FILE") and f"--card {demo_card_path()}" in err, err
+    assert not output.exists()
+
+
+def test_review_refuses_a_card_that_runs_code_unless_trusted(case, capsys):
+    card = _card(case, "evil.py:Net")
+    assert cli.main(["review", str(case["dir"]), "--model", card]) == cli.EXIT_ERROR
+    assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
 
 
 def test_interrupt_leaves_nothing_behind(case, capsys, monkeypatch):
@@ -237,6 +379,31 @@ def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
     assert json.loads((output / "failures.json").read_text()) == {}
 
 
+def test_cohort_output_is_marked_and_never_mixes_into_another_folder(case, capsys):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\na,{';'.join(case['images'])}\n")
+    options = ["--", "--model", "SegExplainLib.models:tiny_unet", "--weights", case["weights"], "--whole-class",
+               "--method", "gradient", "--no-figures"]
+    theirs = case["dir"] / "theirs"
+    theirs.mkdir()
+    (theirs / "cohort.csv").write_text("precious")
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(theirs), *options]) == cli.EXIT_ERROR
+    assert "is not a SegExplain output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["cohort.csv"]
+    output = case["dir"] / "cohort"
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(output), *options]) == 0
+    assert (output / cli.OUTPUT_MARKER).is_file() and (output / "cases" / "a" / cli.OUTPUT_MARKER).is_file()
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(output), *options]) == 0  # resumes
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_cohort_case_names_stay_inside_the_cohort(case, capsys, name):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\n{name},{';'.join(case['images'])}\n")
+    assert cli.main(["cohort", "--cases", str(cases), "--output", str(case["dir"] / "c")]) == cli.EXIT_ERROR
+    assert "case names" in capsys.readouterr().err
+
+
 def test_cohort_rejects_a_bad_cases_file(case, capsys):
     bad = case["dir"] / "bad.csv"
     bad.write_text("name,files\nx,y\n")
@@ -254,6 +421,7 @@ def test_demo_command_runs_on_the_bundled_model(tmp_path, monkeypatch):
     assert len(shares) == 6 and max(shares.values()) > 2 * min(shares.values())
     assert set(summary["ground_truth_inclusivity"]) == set(shares)
     assert len(list(output.glob("relevance_*.nii.gz"))) == 6 and (output / "montage.png").exists()
+    assert (output / cli.OUTPUT_MARKER).is_file()
     assert cli.main(["demo"]) == cli.EXIT_ERROR  # never overwrites the earlier results unasked
 
 

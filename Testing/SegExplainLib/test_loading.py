@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.loading import ModelCard, load_model, load_weights, normalize
+from SegExplainLib.loading import ModelCard, load_model, load_weights, normalize, untrusted_code
 from SegExplainLib.models import UNet3D, tiny_unet
 
 MODEL_FILE = """
@@ -84,12 +85,12 @@ def test_reference_defaults_are_the_papers_network():
 
 
 def test_file_spec_class_and_factory(model_file):
-    model = load_model(f"{model_file}:TwoConv", kwargs={"out_channels": 5})
+    model = load_model(f"{model_file}:TwoConv", kwargs={"out_channels": 5}, trust_code=True)
     assert type(model).__name__ == "TwoConv" and not model.training
     assert model(_x()).shape == (1, 5, 4, 4, 4)
-    assert load_model(f"{model_file}:make", kwargs={"width": 2})(_x()).shape == (1, 2, 4, 4, 4)
+    assert load_model(f"{model_file}:make", kwargs={"width": 2}, trust_code=True)(_x()).shape == (1, 2, 4, 4, 4)
     # Each import gets its own unique module, registered in sys.modules.
-    first, second = load_model(f"{model_file}:TwoConv"), load_model(f"{model_file}:TwoConv")
+    first, second = (load_model(f"{model_file}:TwoConv", trust_code=True) for _ in range(2))
     assert type(first).__module__ != type(second).__module__
     assert type(first).__module__ in sys.modules
 
@@ -107,6 +108,11 @@ def test_monai_spec_with_kwargs():
     )
     assert type(model).__name__ == "UNet" and not model.training
     assert model(torch.randn(1, 2, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
+
+
+def test_torch_nn_spec():
+    model = load_model("torch.nn:Conv3d", kwargs={"in_channels": 2, "out_channels": 3, "kernel_size": 1})
+    assert isinstance(model, nn.Conv3d) and model(_x()).shape == (1, 3, 4, 4, 4)
 
 
 def test_monai_missing_names_the_package(monkeypatch):
@@ -201,7 +207,8 @@ def test_weights_errors(tmp_path):
 def test_whole_model_as_weights_points_to_pickle(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(tiny_unet(), path)
-    with pytest.raises(SegExplainError, match=r"not a plain state dict .*use --model pickle:.*whole\.pt with --trust-pickle"):
+    with pytest.raises(SegExplainError, match=r"not a plain state dict .*use --model pickle:.*whole\.pt with "
+                                              r"--trust-model-code"):
         load_model("SegExplainLib.models:tiny_unet", weights=path)
 
 
@@ -212,9 +219,9 @@ def test_pickle_needs_trust(tmp_path):
     original = _trained_tiny()
     path = tmp_path / "whole.pt"
     torch.save(original, path)
-    with pytest.raises(SegExplainError, match=r"runs code from the file; pass trust_pickle=True \(--trust-pickle"):
+    with pytest.raises(SegExplainError, match=r"would run code stored in the pickle .*whole\.pt'.*trust_code=True"):
         load_model(f"pickle:{path}")
-    loaded = load_model(f"pickle:{path}", trust_pickle=True)
+    loaded = load_model(f"pickle:{path}", trust_code=True)
     assert isinstance(loaded, UNet3D) and not loaded.training
     x = _x()
     with torch.no_grad():
@@ -223,22 +230,91 @@ def test_pickle_needs_trust(tmp_path):
 
 def test_pickle_errors(tmp_path):
     with pytest.raises(SegExplainError, match=r"pickled model file .*gone\.pt' of spec .* does not exist"):
-        load_model(f"pickle:{tmp_path / 'gone.pt'}", trust_pickle=True)
+        load_model(f"pickle:{tmp_path / 'gone.pt'}", trust_code=True)
     state = tmp_path / "state.pt"
     torch.save(tiny_unet().state_dict(), state)
     with pytest.raises(SegExplainError, match=r"state\.pt' holds a OrderedDict, expected a whole torch\.nn\.Module"):
-        load_model(f"pickle:{state}", trust_pickle=True)
+        load_model(f"pickle:{state}", trust_code=True)
     with pytest.raises(SegExplainError, match=r"loads a whole model and takes no kwargs, got \{'depth': 2\}"):
-        load_model(f"pickle:{state}", kwargs={"depth": 2}, trust_pickle=True)
+        load_model(f"pickle:{state}", kwargs={"depth": 2}, trust_code=True)
     with pytest.raises(SegExplainError, match=r"model spec 'pickle:' names no file; expected pickle:PATH"):
-        load_model("pickle:", trust_pickle=True)
+        load_model("pickle:", trust_code=True)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"garbage")
     with pytest.raises(SegExplainError, match=r"unpickling model file .*garbage\.pt' failed"):
-        load_model(f"pickle:{garbage}", trust_pickle=True)
+        load_model(f"pickle:{garbage}", trust_code=True)
 
 
-# ------------------------------------------------------------------------------------------------------ spec errors
+# ------------------------------------------------------------------------------------------------------ trust
+
+
+SENTINEL_FILE = """
+from pathlib import Path
+
+Path(__file__).with_name("ran.txt").write_text("the model file ran")
+
+from torch import nn
+
+
+class Net(nn.Conv3d):
+    def __init__(self):
+        super().__init__(2, 2, kernel_size=1)
+"""
+
+
+@pytest.mark.parametrize("spec", [
+    "{folder}/evil.py:Net",
+    "os:system",
+    "pickle:{folder}/whole.pt",
+    "SegExplainLib.models:torch.hub.load",  # a dotted name reaches beyond the allow-listed module
+    "monai:torch.load",
+])
+def test_specs_that_run_code_are_refused_before_importing_anything(tmp_path, spec):
+    (tmp_path / "evil.py").write_text(SENTINEL_FILE)
+    torch.save(tiny_unet(), tmp_path / "whole.pt")
+    spec = spec.format(folder=tmp_path)
+    touched = tmp_path / "touched"
+    kwargs = {"command": f"touch {touched}"} if spec == "os:system" else None
+    with pytest.raises(SegExplainError, match=r"would run .*; pass trust_code=True only if you trust it"):
+        load_model(spec, kwargs=kwargs)
+    assert not (tmp_path / "ran.txt").exists() and not touched.exists()
+    assert untrusted_code(spec) is not None
+
+
+def test_trusted_file_spec_runs_the_file(tmp_path):
+    (tmp_path / "evil.py").write_text(SENTINEL_FILE)
+    model = load_model(f"{tmp_path / 'evil.py'}:Net", trust_code=True)
+    assert isinstance(model, nn.Conv3d) and (tmp_path / "ran.txt").read_text() == "the model file ran"
+
+
+@pytest.mark.parametrize("spec", ["reference", "reference_unet", "unet3d", "UNet3D", "SegExplainLib.models:tiny_unet",
+                                  "SegExplainLib.models:UNet3D", "monai:UNet", "torch.nn:Conv3d"])
+def test_built_in_and_library_networks_need_no_trust(spec):
+    assert untrusted_code(spec) is None
+
+
+@pytest.mark.parametrize(("spec", "code"), [
+    ("nets/unet.py:Net", r"the Python file 'nets/unet\.py'"),
+    ("os:system", r"code from the module 'os'"),
+    ("monai:networks.nets.UNet", r"code reached through 'networks\.nets\.UNet' of monai\.networks\.nets"),
+    ("pickle:whole.pt", r"code stored in the pickle 'whole\.pt'"),
+])
+def test_untrusted_code_says_what_would_run(spec, code):
+    assert re.fullmatch(code, untrusted_code(spec))
+
+
+def test_untrusted_code_checks_the_spec():
+    with pytest.raises(SegExplainError, match=r"model spec 'resnet' matches none of the forms"):
+        untrusted_code("resnet")
+
+
+def test_allow_listed_module_builds_only_networks():
+    """Without trust, an allow-listed module gives its network classes and factories, nothing else it imported."""
+    with pytest.raises(SegExplainError, match=r"'SegExplainLib\.models:check_choice' names a function of "
+                                              r"SegExplainLib\._checks, expected a network"):
+        load_model("SegExplainLib.models:check_choice", kwargs={"value": "a", "name": "b", "choices": ["a"]})
+
+
 
 
 @pytest.mark.parametrize("spec", ["resnet", "model.pt", "a b:c", "x.py:", "mod:1name", ":Name"])
@@ -253,13 +329,13 @@ def test_spec_errors(tmp_path, model_file):
     with pytest.raises(SegExplainError, match=r"model spec must be a non-empty string, got None"):
         load_model(None)
     with pytest.raises(SegExplainError, match=r"model file .*absent\.py' of spec .* does not exist"):
-        load_model(f"{tmp_path / 'absent.py'}:Net")
+        load_model(f"{tmp_path / 'absent.py'}:Net", trust_code=True)
     with pytest.raises(SegExplainError, match=r"my net\.py' has no attribute 'Missing'; expected a class or factory"):
-        load_model(f"{model_file}:Missing")
+        load_model(f"{model_file}:Missing", trust_code=True)
     with pytest.raises(SegExplainError, match=r"module 'SegExplainLib\.models' has no attribute 'nope'"):
         load_model("SegExplainLib.models:nope")
     with pytest.raises(SegExplainError, match=r"module 'no_such_package_xyz' not found"):
-        load_model("no_such_package_xyz.models:Net")
+        load_model("no_such_package_xyz.models:Net", trust_code=True)
     pytest.importorskip("monai")
     with pytest.raises(SegExplainError, match=r"monai\.networks\.nets has no attribute 'NoSuchNet'"):
         load_model("monai:NoSuchNet")
@@ -267,11 +343,11 @@ def test_spec_errors(tmp_path, model_file):
 
 def test_factory_errors(model_file):
     with pytest.raises(SegExplainError, match=r":not_a_model' returned a int, expected a torch\.nn\.Module"):
-        load_model(f"{model_file}:not_a_model")
+        load_model(f"{model_file}:not_a_model", trust_code=True)
     with pytest.raises(SegExplainError, match=r":CONSTANT' names a int, expected a class or factory"):
-        load_model(f"{model_file}:CONSTANT")
+        load_model(f"{model_file}:CONSTANT", trust_code=True)
     with pytest.raises(SegExplainError, match=r"building model .*:broken' with kwargs \{\} failed: RuntimeError: factory exploded$"):
-        load_model(f"{model_file}:broken")
+        load_model(f"{model_file}:broken", trust_code=True)
     with pytest.raises(SegExplainError, match=r"building model 'unet3d' with kwargs \{'width': 3\} failed: TypeError"):
         load_model("unet3d", kwargs={"width": 3})
     with pytest.raises(SegExplainError, match=r"unknown UNet3D option\(s\) width"):
@@ -282,20 +358,20 @@ def test_broken_model_file(tmp_path):
     path = tmp_path / "broken.py"
     path.write_text("import no_such_module_abc\n")
     with pytest.raises(SegExplainError, match=r"importing model file .*broken\.py' failed: ModuleNotFoundError"):
-        load_model(f"{path}:Net")
+        load_model(f"{path}:Net", trust_code=True)
     assert not any(name.endswith("_broken") for name in sys.modules if name.startswith("_segexplain_model_"))
 
 
 def test_option_errors():
     with pytest.raises(SegExplainError, match=r"kwargs must be a mapping of option names to values, got \[1\]"):
         load_model("unet3d", kwargs=[1])
-    with pytest.raises(SegExplainError, match=r"trust_pickle must be True or False, got 'yes'"):
-        load_model("unet3d", trust_pickle="yes")
+    with pytest.raises(SegExplainError, match=r"trust_code must be True or False, got 'yes'"):
+        load_model("unet3d", trust_code="yes")
 
 
 def test_every_message_is_one_line(tmp_path, model_file):
     with pytest.raises(SegExplainError) as info:
-        load_model(f"{model_file}:broken")
+        load_model(f"{model_file}:broken", trust_code=True)
     assert "\n" not in str(info.value)
     path = tmp_path / "whole.pt"
     torch.save(tiny_unet(), path)
@@ -406,7 +482,7 @@ def test_card_read_and_load(tmp_path, suffix, rng):
     card = ModelCard.read(card_path)
     assert card.weights == (tmp_path / "weights" / "net.safetensors").resolve()
     assert card.name == "prostate" and card.sequences == ["T2", "T1-20s"] and card.patch_size == (16, 32, 32)
-    assert card.normalization[1] == {"kind": "window", "low": 0.0, "high": 100.0} and not card.trust_pickle
+    assert card.normalization[1] == {"kind": "window", "low": 0.0, "high": 100.0}
     model = card.load_model()
     assert not model.training
     x = _x()
@@ -430,18 +506,26 @@ def test_card_model_file_relative_to_card(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path.parent)
     card = ModelCard.read(card_path)
     assert card.model == f"{tmp_path / 'nets' / 'net.py'}:make" and card.weights is None
-    assert card.load_model()(_x()).shape == (1, 2, 4, 4, 4)
+    assert card.load_model(trust_code=True)(_x()).shape == (1, 2, 4, 4, 4)
     assert card.normalization == {"kind": "zscore"}
 
 
-def test_card_pickle(tmp_path):
+@pytest.mark.parametrize("model", ["pickle:whole.pt", "evil.py:Net", "os:system"])
+def test_a_card_cannot_allow_its_own_code(tmp_path, model):
+    """A card's trust_pickle (older cards have it) is ignored: only the caller's trust_code allows code to run."""
     torch.save(tiny_unet(), tmp_path / "whole.pt")
-    data = {"model": "pickle:whole.pt", "sequences": ["T2", "T1"], "classes": ["bg", "fg"]}
-    (tmp_path / "untrusted.yaml").write_text(yaml.safe_dump(data))
-    (tmp_path / "trusted.yaml").write_text(yaml.safe_dump({**data, "trust_pickle": True}))
-    with pytest.raises(SegExplainError, match=r"--trust-pickle"):
-        ModelCard.read(tmp_path / "untrusted.yaml").load_model()
-    assert isinstance(ModelCard.read(tmp_path / "trusted.yaml").load_model(), UNet3D)
+    (tmp_path / "evil.py").write_text(SENTINEL_FILE)
+    touched = tmp_path / "touched"
+    data = {"model": model, "sequences": ["T2", "T1"], "classes": ["bg", "fg"], "trust_pickle": True,
+            **({"kwargs": {"command": f"touch {touched}"}} if model == "os:system" else {})}
+    (tmp_path / "card.yaml").write_text(yaml.safe_dump(data))
+    card = ModelCard.read(tmp_path / "card.yaml")
+    with pytest.raises(SegExplainError, match=r"would run .*; pass trust_code=True only if you trust it"):
+        card.load_model()
+    assert not (tmp_path / "ran.txt").exists() and not touched.exists()
+    assert "trust_pickle" not in card.to_dict()
+    if model != "os:system":
+        assert isinstance(card.load_model(trust_code=True), nn.Module)
 
 
 def test_card_defaults_and_direct_construction():
@@ -471,7 +555,6 @@ def test_card_channel_count_mismatch():
         ({"normalization": [{"kind": "none"}] * 3}, r"field 'normalization' lists 3 specs for 2 sequences"),
         ({"patch_size": [16, 32]}, r"field 'patch_size' must be 3 ints >= 1 \(D, H, W\) or null, got \[16, 32\]"),
         ({"patch_size": [16, 0, 3]}, r"field 'patch_size' must be 3 ints >= 1"),
-        ({"trust_pickle": "yes"}, r"field 'trust_pickle' must be true or false, got 'yes'"),
         ({"name": 1}, r"field 'name' must be a string, got 1"),
         ({"colour": "red"}, r"has unknown field\(s\) colour; expected any of model, kwargs"),
     ],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -84,6 +87,26 @@ def test_uploaded_sequence_replaces_its_input(session, caseFolder):
     assert "replaced sequence T1" in session.addFile("T1.nii.gz", content)
     assert session.volumes[1] is not old and session.volumes[1].GetScene() is session.scene
     assert old.GetScene() is session.scene and old.GetName() == "T1 (before T1.nii.gz)"  # earlier results keep it
+
+
+def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, monkeypatch):
+    """``segexplain review --trust-model-code`` sets the case's trustModelCode; nothing else lets a card run code."""
+    from SegExplainReview.session import ReviewParameters
+
+    (tmp_path / "net.py").write_text("from SegExplainLib.models import UNet3D as Net\n")
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"model": "net.py:Net", "kwargs": {"in_channels": 6, "base_channels": 2, "depth": 2},
+                                "sequences": SEQUENCE_NAMES, "classes": ["background", "lesion"]}))
+    parameters = ReviewParameters(regionKind="class", method="gradient")
+    monkeypatch.setattr(session, "case", replace(session.case, card=str(card)))
+    with pytest.raises(SegExplainError, match=r"would run the Python file .*--trust-model-code"):
+        session.startExplanation(parameters)
+    monkeypatch.setattr(session, "case", replace(session.case, card=str(card), trustModelCode=True))
+    started = session.startExplanation(parameters)
+    try:
+        assert started.trustModelCode and "--trust-model-code" in started.command()
+    finally:
+        started.cancel()
 
 
 def test_views_image_pads_to_the_tallest():
