@@ -7,16 +7,20 @@ back to a slow non-oneDNN kernel while batch >= 2 uses oneDNN), but memory grows
 :func:`choose_internal_batch_size` measures what one sample costs and picks the largest ``k`` that fits a memory
 budget:
 
-* **Per-sample cost.** One forward pass with grad enabled is run under
-  :func:`torch.autograd.graph.saved_tensors_hooks`, summing the bytes of the distinct storages autograd saves for the
-  backward pass (parameters and buffers excluded: they do not grow with the batch). The output, the input and the
-  input gradient are added, and the sum is multiplied by :data:`SAFETY_FACTOR` for the transient gradient buffers
-  of the backward pass. The probe runs on a batch of 2 copies of the sample and halves the result, so that on CPU it
-  uses the same fast kernels as the real passes.
+* **Per-sample cost.** One forward and backward pass of one sample is run. Its cost is the larger of two figures:
+  the bytes autograd saves for the backward pass (distinct storages, parameters and buffers excluded since they do
+  not grow with the batch, plus the output, the input and its gradient) times :data:`SAFETY_FACTOR`, and, where it
+  can be read, the memory the pass really added at its peak (CUDA's allocator peak; on Linux the resident-set
+  high-water mark, reset through ``/proc/self/clear_refs``) plus :data:`MEASURED_MARGIN` for the method's own
+  copies of the input. The measurement counts what the saved-tensor figure misses (transient buffers of the
+  backward pass, kernel workspaces); it is taken when the saved-tensor figure reaches :data:`MEASURED_FROM_BYTES`,
+  below which page-size noise would dominate it.
 * **Budget.** ``memory_budget_bytes`` when given; otherwise on CUDA 50 % of the free device memory
   (``torch.cuda.mem_get_info``), on CPU 25 % of ``MemAvailable`` from ``/proc/meminfo`` (or
   :data:`FALLBACK_CPU_BUDGET_BYTES` when that file cannot be read, e.g. on macOS or Windows).
-* **Choice.** ``k = clamp(budget // per_sample, 1, max_batch)``; any integer, not only powers of two.
+* **Choice.** ``k = min(budget // per_sample, max_batch)``; any integer, not only powers of two. When one sample
+  alone does not fit the budget, :class:`~SegExplainLib.errors.SegExplainError` says how much it needs and what to
+  do, instead of running out of memory later.
 
 Speed note (measured on a 2-core CPU with ``bench/bench_engine.py``): IG on a ``(1, 6, 19, 48, 48)`` input was
 fastest with an internal batch of 2 (batch 2 already takes PyTorch's fast oneDNN convolutions) and 15-20 % slower at
@@ -26,6 +30,8 @@ budget is given; on CUDA, and whenever the caller states a budget, up to :data:`
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +49,8 @@ __all__ = [
 ]
 
 SAFETY_FACTOR = 1.5
+MEASURED_MARGIN = 1.1
+MEASURED_FROM_BYTES = 16 * 1024**2
 DEFAULT_MAX_BATCH = 2
 BUDGETED_MAX_BATCH = 16
 FALLBACK_CPU_BUDGET_BYTES = 2 * 1024**3
@@ -87,15 +95,53 @@ def default_memory_budget(device: torch.device) -> int:
     return max(1, int(CPU_BUDGET_FRACTION * available))
 
 
+def readable_bytes(count: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``: a size in the largest binary unit that keeps it at 1 or more."""
+    for unit in ("B", "KiB", "MiB"):
+        if abs(count) < 1024:
+            return f"{count:.3g} {unit}"
+        count /= 1024
+    return f"{count:.3g} GiB"
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"{field} is not in /proc/self/status")
+
+
+def _added_peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
+    """Peak memory that ``run()`` adds on ``device``, or ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")  # resets the resident-set high-water mark (VmHWM) to the current size
+        before = _status_bytes("VmRSS")
+    except OSError:
+        run()
+        return None
+    run()
+    return max(0, _status_bytes("VmHWM") - before)
+
+
 def estimate_sample_bytes(model: torch.nn.Module, sample: torch.Tensor) -> int:
     """Estimated peak bytes of one forward+backward pass per batch element of ``sample`` (first element used)."""
     if not isinstance(sample, torch.Tensor) or sample.dim() < 2 or sample.shape[0] < 1:
         shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
         raise SegExplainError(f"sample must be a tensor (B, C, ...) with B >= 1, got {shape}")
-    probe = sample[:1].detach().expand((2,) + tuple(sample.shape[1:])).contiguous().requires_grad_(True)
+    probe = sample[:1].detach().clone().requires_grad_(True)
     constant = {p.untyped_storage().data_ptr() for p in model.parameters()}
     constant |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     seen: dict[int, int] = {}
+    out_bytes = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
@@ -107,13 +153,21 @@ def estimate_sample_bytes(model: torch.nn.Module, sample: torch.Tensor) -> int:
             seen[id(t)] = t.numel() * t.element_size()
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(probe)
-    out_bytes = sum(o.numel() * o.element_size() for o in (out if isinstance(out, (tuple, list)) else [out]))
-    del out
-    in_bytes = probe.numel() * probe.element_size()
-    total = sum(seen.values()) + out_bytes + 2 * in_bytes
-    return max(1, int(SAFETY_FACTOR * total / 2))
+    def forward_and_backward() -> None:
+        nonlocal out_bytes
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(probe)
+        outputs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        out_bytes = sum(o.numel() * o.element_size() for o in outputs)
+        scalar = sum(o.float().sum() for o in outputs if o.requires_grad)
+        if isinstance(scalar, torch.Tensor):
+            torch.autograd.grad(scalar, probe, allow_unused=True)
+
+    measured = _added_peak_bytes(forward_and_backward, probe.device)
+    saved = SAFETY_FACTOR * (sum(seen.values()) + out_bytes + 2 * probe.numel() * probe.element_size())
+    if measured is not None and saved >= MEASURED_FROM_BYTES:
+        return max(1, int(max(saved, MEASURED_MARGIN * measured)))
+    return max(1, int(saved))
 
 
 def choose_internal_batch_size(
@@ -136,4 +190,13 @@ def choose_internal_batch_size(
         raise SegExplainError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     per_sample = estimate_sample_bytes(model, sample)
     budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(sample.device)
-    return int(max(1, min(max_batch, budget // per_sample)))
+    if per_sample > budget:
+        stated = "the memory_budget_bytes given" if memory_budget_bytes is not None else (
+            "the default budget (half the free GPU memory)" if sample.device.type == "cuda" else
+            "the default budget (a quarter of the available memory)")
+        raise SegExplainError(
+            f"one input of shape {tuple(sample.shape[1:])} needs about {readable_bytes(per_sample)} for a forward "
+            f"and backward pass of the model, more than {stated}, {readable_bytes(budget)}: give a larger "
+            "memory_budget_bytes if the machine has it, explain a smaller crop, run the network by patches "
+            "(patch_size in the model card), or use a GPU")
+    return int(min(max_batch, budget // per_sample))

@@ -458,7 +458,7 @@ class SmoothGrad(AttributionMethod):
         maps = acc / n
         if self.multiply_by_inputs:
             maps = x * maps
-        return AttributionOutput(maps=maps)
+        return AttributionOutput(maps=maps, extras={"internal_batch_size": k})
 
     def options(self) -> dict[str, Any]:
         return {
@@ -602,7 +602,7 @@ class Occlusion(AttributionMethod):
         maps = maps.contiguous()
         if not seed.requires_grad:
             maps = maps.detach()
-        return AttributionOutput(maps=maps)
+        return AttributionOutput(maps=maps, extras={"internal_batch_size": k})
 
     def options(self) -> dict[str, Any]:
         return {

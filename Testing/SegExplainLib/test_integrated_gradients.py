@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -257,7 +260,11 @@ def test_choice_follows_the_budget():
     assert per > sample.numel() * 8  # at least the input and some activations
     assert choose_internal_batch_size(model, sample, memory_budget_bytes=3 * per + 1) == 3
     assert choose_internal_batch_size(model, sample, memory_budget_bytes=5 * per) == 5
-    assert choose_internal_batch_size(model, sample, memory_budget_bytes=per // 2) == 1
+    assert choose_internal_batch_size(model, sample, memory_budget_bytes=per) == 1
+    with pytest.raises(SegExplainError, match=r"one input of shape \(2, 6, 6, 6\) needs about .* KiB for a forward "
+                       r"and backward pass of the model, more than the memory_budget_bytes given, .* KiB: give a "
+                       r"larger memory_budget_bytes"):
+        choose_internal_batch_size(model, sample, memory_budget_bytes=per // 2)
     assert choose_internal_batch_size(model, sample, memory_budget_bytes=10**15) == 16
     assert choose_internal_batch_size(model, sample, memory_budget_bytes=10**15, max_batch=5) == 5
 
@@ -333,3 +340,58 @@ def test_estimate_error():
 def test_blurred_baseline_default():
     assert IntegratedGradients().baseline == BlurredBaseline(5.0)
     assert IntegratedGradients(baseline="zero").baseline == ZeroBaseline()
+
+
+PEAK_SCRIPT = """
+import sys, torch
+from SegExplainLib.gradients import IntegratedGradients
+from SegExplainLib.models import reference_unet
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+torch.manual_seed(0)
+model = reference_unet().eval()
+x = torch.randn(1, 6, 16, 64, 64)
+seed = torch.zeros(1, 2, 16, 64, 64)
+seed[:, 1] = 1.0
+budget = int(sys.argv[1])
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS")
+ig = IntegratedGradients(n_steps=4, quadrature="gausslegendre", baseline="zero", memory_budget_bytes=budget)
+out = ig.attribute(model, x, seed)
+print(status("VmHWM") - before, out.extras["internal_batch_size"])
+"""
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_ig_keeps_to_its_memory_budget():
+    # In a fresh process: the peak resident memory IG adds, probe included, stays within the budget + 10 %.
+    # (Before the probe measured a real forward and backward pass, this reference U-Net took 1.19x the budget.)
+    budget = 400 * 2**20
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(budget)], capture_output=True, text=True,
+                         timeout=300, check=True)
+    peak, batch = map(int, run.stdout.split())
+    assert peak <= 1.1 * budget, (peak / 2**20, batch)
+    assert batch >= 1
+
+
+def test_one_sample_over_the_budget_is_a_clear_error():
+    model = relu_net()
+    x = torch.randn(1, 2, 6, 6, 6, dtype=torch.float64)
+    seed = torch.randn(1, 2, 6, 6, 6, dtype=torch.float64)
+    with pytest.raises(SegExplainError, match=r"one input of shape \(2, 6, 6, 6\) needs about .* more than the "
+                       r"memory_budget_bytes given, 1 KiB: give a larger memory_budget_bytes"):
+        IntegratedGradients(n_steps=4, memory_budget_bytes=1024).attribute(model, x, seed)
+
+
+def test_the_batch_used_is_recorded():
+    model = relu_net()
+    x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
+    seed = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
+    per = estimate_sample_bytes(model, x)
+    out = IntegratedGradients(n_steps=8, quadrature="gausslegendre", memory_budget_bytes=3 * per).attribute(
+        model, x, seed)
+    assert out.extras["internal_batch_size"] == 3
