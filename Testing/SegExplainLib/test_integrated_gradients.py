@@ -395,3 +395,23 @@ def test_the_batch_used_is_recorded():
     out = IntegratedGradients(n_steps=8, quadrature="gausslegendre", memory_budget_bytes=3 * per).attribute(
         model, x, seed)
     assert out.extras["internal_batch_size"] == 3
+
+
+def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_normalized_network():
+    # nnU-Net's layout from a zero baseline: the score changes only near alpha = 0 (see quadrature.py)
+    from SegExplainLib.deployment import deployed
+    from SegExplainLib.realnets import nnunet_like
+
+    model = nnunet_like(in_channels=2, out_channels=2, seed=1)
+    torch.manual_seed(1)
+    x = torch.randn(1, 2, 16, 16, 16) * 3 + 1
+    seed = torch.zeros(1, 2, 16, 16, 16)
+    seed[:, 1, 4:12, 4:12, 4:12] = 1.0
+    with deployed(model):
+        adaptive = IntegratedGradients(n_steps=64, baseline="zero").attribute(model, x, seed)
+        fixed = IntegratedGradients(n_steps=64, quadrature="gausslegendre", baseline="zero").attribute(model, x, seed)
+    relative = {name: float(out.delta.abs() / out.expected.abs()) for name, out in
+                (("adaptive", adaptive), ("fixed", fixed))}
+    assert relative["adaptive"] < 0.02 < 0.5 < relative["fixed"], relative
+    assert adaptive.extras["gradient_passes"] <= 64
+    assert relative["adaptive"] <= adaptive.extras["error_bound"] + 1e-6
