@@ -104,6 +104,7 @@ class ReviewApp(TrameApp):
         self.state.change("compare_on", "compare_item", "compare_filter_kind", "compare_alpha1",
                           "compare_alpha2")(self._onCompareChanged)
         self.state.change("upload")(self._onUpload)
+        self.state.change("region_kind")(self._onRegionKindChanged)
 
     # state -------------------------------------------------------------------------------------------------------
 
@@ -251,12 +252,30 @@ class ReviewApp(TrameApp):
             self.job.cancel()
 
     def drawBox(self) -> None:
-        """Place a markups ROI on a slice view (two clicks), the region of the 'box' kind."""
+        """Place a markups ROI on a slice view (two clicks), the region of the 'box' kind.
+
+        ``box_pending`` (which disables Explain) holds until both corners are placed: they arrive through the view's
+        event queue, which a click on Explain would otherwise overtake.
+        """
         if self.session.roi is not None:
             self.slicerApp.scene.RemoveNode(self.session.roi)
-        self.session.roi = self.slicerApp.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "SegExplain box")
-        self.slicerApp.markups_logic.place_node(self.session.roi)
-        self.state.region_kind = "box"
+        roi = self.slicerApp.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "SegExplain box")
+        roi.AddObserver(roi.PointPositionDefinedEvent, self._onBoxCorner)
+        self.session.roi = roi
+        self.slicerApp.markups_logic.place_node(roi)
+        self.state.update({"region_kind": "box", "box_pending": True,
+                           "message": "Click two opposite corners of the box on a slice view."})
+
+    def _onBoxCorner(self, roi: Any, _event: str) -> None:
+        if roi is self.session.roi and roi.GetControlPointPlacementComplete():
+            with self.state:
+                self.state.update({"box_pending": False, "message": "Box drawn: Explain explains the voxels in it."})
+
+    def _onRegionKindChanged(self, region_kind: str, **_: Any) -> None:
+        """Another region kind while a box is being drawn: stop placing it."""
+        if region_kind != "box" and self.state.box_pending:
+            self.slicerApp.markups_logic.disable_place_mode()
+            self.state.box_pending = False
 
     def _refreshExplanations(self) -> None:
         self.state.explanations = [{"value": item, "title": name} for item, name in self.session.explanations()]
@@ -477,7 +496,8 @@ class ReviewApp(TrameApp):
                classes="mb-2")
         v.VCheckbox(label="Explain on click", v_model=("explain_on_click",), **compact)
         with html.Div(classes="d-flex ga-2 mb-1"):
-            v.VBtn("Explain", click=self.explain, disabled=("running",), color="primary", id="explain-button")
+            v.VBtn("Explain", click=self.explain, disabled=("running || box_pending",), color="primary",
+                   id="explain-button")
             v.VBtn("Cancel", click=self.cancel, disabled=("!running",), id="cancel-button")
         v.VProgressLinear(model_value=("progress",), active=("running",), height=6, color="primary", id="progress")
         html.Div("{{ step }}", v_if="running", classes="text-caption")
