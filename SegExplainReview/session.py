@@ -188,8 +188,8 @@ class ReviewSession:
     def addFile(self, fileName: str, content: bytes) -> str:
         """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
 
-        The file is checked from its header (the case's grid, a single volume, at most
-        :data:`~SegExplainLib.imaging.MAX_VOXELS` voxels) before any voxel is decoded.
+        The file is checked from its header (the case's grid, at most :data:`~SegExplainLib.imaging.MAX_VOXELS`
+        voxels) before any voxel is decoded.
 
         Returns:
             What was done, for the page.
@@ -225,9 +225,7 @@ class ReviewSession:
             if differences:
                 raise SegExplainError(f"{fileName!r} is not on the grid of the case (differs in "
                                       f"{', '.join(differences)})")
-            image, _ = read_sequences([path])
-            if len(image) != 1:
-                raise SegExplainError(f"{fileName!r} holds {len(image)} volumes; a sequence upload is one volume")
+            read_sequences([path])  # on the grid: decoding it is bounded, and says clearly when the voxels are broken
             index = self.names.index(stem)
             old, self.volumes[index] = self.volumes[index], self._addVolume(path, stem)
             # earlier explanations refer to the volume they explained: it stays, renamed

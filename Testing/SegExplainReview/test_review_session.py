@@ -128,6 +128,11 @@ def test_an_upload_off_the_grid_is_refused_before_decoding(session, name):
 
 
 def test_uploads_are_capped_in_size(session, caseFolder, monkeypatch):
+    from SegExplainReview.session import ReviewSession
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SegExplainError, match=rf"maxUploadBytes must be a positive number of bytes, got {bad!r}"):
+            ReviewSession(None, None, maxUploadBytes=bad)
     content = (caseFolder / "T1.nii.gz").read_bytes()
     monkeypatch.setattr(session, "maxUploadBytes", len(content) - 1)
     with pytest.raises(SegExplainError, match=rf"'T1.nii.gz' is {len(content)} bytes; uploads are limited to "
