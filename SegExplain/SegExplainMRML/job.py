@@ -9,7 +9,7 @@ researcher runs by hand, so a result from Slicer can be reproduced outside it fr
 The job folder holds the patient's images, so no path leaves it behind. The inputs are deleted as soon as the
 process has ended (done, failed or cancelled), and the rest by :meth:`ExplainJob.cleanup` once the results are
 loaded. The child ends with its host: when Slicer or the review server ends, even killed with SIGKILL, the child
-deletes the folder and exits within a second (``SegExplainLib._parent_watch``).
+deletes the folder and exits (``SegExplainLib._parent_watch``).
 """
 
 from __future__ import annotations
