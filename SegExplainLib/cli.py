@@ -169,8 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
     review = commands.add_parser(
         "review", help="explain a case in a local web app with Slicer's slice and 3D views (needs the review extra)",
-        description="Serves the review app on http://HOST:PORT/ until interrupted; it never opens a browser. With no "
-                    "CASE, the bundled demo case and model are used.")
+        description="Serves the review app until interrupted and prints its address, http://HOST:PORT/?secret=TOKEN: "
+                    "the token is drawn anew for each run and the app answers no one without it. It never opens a "
+                    "browser. With no CASE, the bundled demo case and model are used.")
     review.add_argument("case", nargs="?", metavar="CASE_OR_FOLDER",
                         help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
                              ".nrrd or .mha) and optionally label.*; or one 4D file with a channel per sequence")

@@ -6,7 +6,9 @@ z, y, x), together with the :class:`Geometry` of the grid (spacing, origin, dire
 Relevance maps are written back with exactly that geometry, so that they overlay the images in Slicer or ITK-SNAP.
 
 Nothing is resampled unless ``resample=True`` is passed; a sequence on another grid is an error that names the file
-and the field that differs. Physical points can be given in LPS (ITK, DICOM) or RAS (Slicer, NIfTI viewers); RAS is
+and the field that differs. Every file's header is read and checked first: its size against :data:`MAX_VOXELS` and
+its grid against the others', before any voxel is decoded (a gzip-compressed file of 1 MB can hold 1000^3 voxels,
+gigabytes once decoded). Physical points can be given in LPS (ITK, DICOM) or RAS (Slicer, NIfTI viewers); RAS is
 LPS with the first two coordinates negated.
 
 Example:
@@ -38,6 +40,9 @@ Frame = Literal["ras", "lps"]
 FRAMES = ("ras", "lps")
 #: Extensions that ``write_volume`` accepts: single-file formats, so that the file can be replaced atomically.
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+#: The most voxels an image file may hold (counting every channel or pixel component), checked from its header
+#: before decoding: 2**28, e.g. a 512 x 512 x 1024 CT, 1 GiB as float32. Pass ``max_voxels`` to read larger files.
+MAX_VOXELS = 2**28
 _LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])
 
 
@@ -241,35 +246,84 @@ def _existing_file(path: Any, what: str) -> Path:
     return path
 
 
-def _read(path: Path, what: str) -> sitk.Image:
+def _check_max_voxels(max_voxels: Any) -> None:
+    if isinstance(max_voxels, bool) or not isinstance(max_voxels, int) or max_voxels < 1:
+        msg = f"max_voxels must be a positive integer, got {max_voxels!r}"
+        raise SegExplainError(msg)
+
+
+def _header(path: Path, what: str, max_voxels: int) -> sitk.ImageFileReader:
+    """A reader of ``path`` that has read the header only, refusing a file of more than ``max_voxels`` voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        msg = f"could not read {what} '{path}' as an image: {_one_line(error)}"
+        raise SegExplainError(msg) from None
+    extent = [*reader.GetSize(), *([reader.GetNumberOfComponents()] if reader.GetNumberOfComponents() > 1 else [])]
+    if math.prod(extent) > max_voxels:
+        msg = (f"{what} '{path}' holds {math.prod(extent)} voxels ({' x '.join(str(n) for n in extent)}); the limit "
+               f"is max_voxels={max_voxels}")
+        raise SegExplainError(msg)
+    return reader
+
+
+def _decode(reader: sitk.ImageFileReader, path: Path, what: str) -> sitk.Image:
+    try:
+        return reader.Execute()
     except RuntimeError as error:
         msg = f"could not read {what} '{path}' as an image: {_one_line(error)}"
         raise SegExplainError(msg) from None
 
 
-def _channels(image: sitk.Image, path: Path) -> tuple[list[np.ndarray], Geometry]:
-    """Split a 3D scalar, 3D vector or 4D (x, y, z, channel) image into float32 (D, H, W) arrays and its geometry."""
-    dimension, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
-    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
-        msg = f"sequence file '{path}' has complex pixels; expected real intensities"
+def _sequence_geometry(reader: sitk.ImageFileReader, path: Path, what: str) -> Geometry:
+    """The grid of a 3D scalar, 3D vector or 4D (x, y, z, channel) image file, from its header."""
+    dimension, components = reader.GetDimension(), reader.GetNumberOfComponents()
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        msg = f"{what} '{path}' has complex pixels; expected real intensities"
         raise SegExplainError(msg)
     if dimension == 3:
-        array = sitk.GetArrayViewFromImage(image)
-        channels = [array] if components == 1 else [array[..., c] for c in range(components)]
-        geometry = Geometry.of(image)
-    elif dimension == 4 and components == 1:
-        array = sitk.GetArrayViewFromImage(image)          # (c, z, y, x)
+        return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), reader.GetSize())
+    if dimension == 4 and components == 1:
+        direction = np.reshape(reader.GetDirection(), (4, 4))[:3, :3]
+        return Geometry(reader.GetSpacing()[:3], reader.GetOrigin()[:3], direction, reader.GetSize()[:3])
+    kind = f"{dimension}D image with {components}-component pixels" if components > 1 else f"{dimension}D image"
+    msg = (f"{what} '{path}' is a {kind} of size {reader.GetSize()}; expected a 3D volume, a 3D vector "
+           f"image or a 4D (x, y, z, channel) stack")
+    raise SegExplainError(msg)
+
+
+def _channels(image: sitk.Image) -> list[np.ndarray]:
+    """Split a 3D scalar, 3D vector or 4D (x, y, z, channel) image into float32 (D, H, W) arrays."""
+    array = sitk.GetArrayViewFromImage(image)              # (z, y, x[, c]) or (c, z, y, x)
+    if image.GetDimension() == 4:
         channels = list(array)
-        direction = np.reshape(image.GetDirection(), (4, 4))[:3, :3]
-        geometry = Geometry(image.GetSpacing()[:3], image.GetOrigin()[:3], direction, image.GetSize()[:3])
     else:
-        kind = f"{dimension}D image with {components}-component pixels" if components > 1 else f"{dimension}D image"
-        msg = (f"sequence file '{path}' is a {kind} of size {image.GetSize()}; expected a 3D volume, a 3D vector "
-               f"image or a 4D (x, y, z, channel) stack")
-        raise SegExplainError(msg)
-    return [np.array(c, dtype=np.float32) for c in channels], geometry
+        components = image.GetNumberOfComponentsPerPixel()
+        channels = [array] if components == 1 else [array[..., c] for c in range(components)]
+    return [np.array(c, dtype=np.float32) for c in channels]
+
+
+def read_geometry(path: str | Path, *, max_voxels: int = MAX_VOXELS) -> Geometry:
+    """The grid of an image file, from its header only: nothing is decoded.
+
+    A 4D (x, y, z, channel) file gives the grid of its first three axes.
+
+    Args:
+        path: An image file, e.g. an upload to check against the case's grid before reading it.
+        max_voxels: Refuse a file that holds more voxels (see :data:`MAX_VOXELS`).
+
+    Raises:
+        SegExplainError: A missing or unreadable file, one that is not a 3D or 4D image, or one over the limit.
+
+    Example:
+        >>> read_geometry("t2.nii.gz").differences(Geometry.of(sitk.ReadImage("t1.nii.gz")))
+        []
+    """
+    _check_max_voxels(max_voxels)
+    path = _existing_file(path, "image file")
+    return _sequence_geometry(_header(path, "image file", max_voxels), path, "image file")
 
 
 def _image(array: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -286,26 +340,28 @@ def _check_bool(name: str, value: Any) -> None:
         raise SegExplainError(msg)
 
 
-def read_sequences(paths: Sequence[str | Path], *, resample: bool = False,
-                   tolerance: float = 1e-5) -> tuple[np.ndarray, Geometry]:
+def read_sequences(paths: Sequence[str | Path], *, resample: bool = False, tolerance: float = 1e-5,
+                   max_voxels: int = MAX_VOXELS) -> tuple[np.ndarray, Geometry]:
     """Read MRI sequences into one float32 array (C, D, H, W) on the grid of the first sequence.
 
     Each file gives one channel (a 3D volume) or several: a 4D (x, y, z, c) file is split along its 4th axis and a
     vector-pixel image along its components, in order. Every channel must lie on the first file's grid (size,
     spacing, origin and direction within ``tolerance``, see :meth:`Geometry.differences`). With ``resample=True``
     the other files are instead resampled onto that grid with linear interpolation (0 outside their extent), and
-    a ``UserWarning`` names each resampled file.
+    a ``UserWarning`` names each resampled file. Each file's size and grid are checked from its header, before its
+    voxels are decoded.
 
     Args:
         paths: One file per sequence, e.g. ``["t1.nii.gz", "t2.nrrd"]``, or a single 4D file.
         resample: Resample sequences on another grid onto the first one's grid instead of raising.
         tolerance: Grid comparison tolerance (relative for spacing and origin, absolute for direction cosines).
+        max_voxels: Refuse a file that holds more voxels, channels included (see :data:`MAX_VOXELS`).
 
     Returns:
         The image (C, D, H, W) as float32 and the geometry of the first sequence.
 
     Raises:
-        SegExplainError: A file is missing or unreadable, or is not 3D/4D.
+        SegExplainError: A file is missing or unreadable, is not 3D/4D, or holds more than ``max_voxels`` voxels.
         GridMismatchError: A file lies on another grid, without ``resample=True``.
 
     Example:
@@ -319,32 +375,32 @@ def read_sequences(paths: Sequence[str | Path], *, resample: bool = False,
         raise SegExplainError(msg)
     _check_bool("resample", resample)
     _check_tolerance(tolerance)
+    _check_max_voxels(max_voxels)
     files = [_existing_file(p, "sequence file") for p in paths]
     channels: list[np.ndarray] = []
     reference: Geometry | None = None
     for path in files:
-        arrays, geometry = _channels(_read(path, "sequence file"), path)
-        if reference is None:
-            reference = geometry
-        else:
-            fields = reference.differences(geometry, tolerance=tolerance)
-            if fields and not resample:
-                detail = ", ".join(f"{f} {geometry._field_text(f)} instead of {reference._field_text(f)}"
-                                   for f in fields)
-                raise GridMismatchError(f"sequence file '{path}' is not on the grid of '{files[0]}': {detail}")
-            if fields:
-                warnings.warn(f"resampled '{path}' onto the grid of '{files[0]}' (linear; {', '.join(fields)} "
-                              f"differed)", stacklevel=2)
-                target = _reference(reference, sitk.sitkFloat32)
-                arrays = [sitk.GetArrayFromImage(sitk.Resample(_image(a, geometry), target, sitk.Transform(),
-                                                               sitk.sitkLinear, 0.0, sitk.sitkFloat32))
-                          for a in arrays]
+        reader = _header(path, "sequence file", max_voxels)
+        geometry = _sequence_geometry(reader, path, "sequence file")
+        reference = reference or geometry
+        fields = reference.differences(geometry, tolerance=tolerance)
+        if fields and not resample:
+            detail = ", ".join(f"{f} {geometry._field_text(f)} instead of {reference._field_text(f)}" for f in fields)
+            raise GridMismatchError(f"sequence file '{path}' is not on the grid of '{files[0]}': {detail}")
+        arrays = _channels(_decode(reader, path, "sequence file"))
+        if fields:
+            warnings.warn(f"resampled '{path}' onto the grid of '{files[0]}' (linear; {', '.join(fields)} differed)",
+                          stacklevel=2)
+            target = _reference(reference, sitk.sitkFloat32)
+            arrays = [sitk.GetArrayFromImage(sitk.Resample(_image(a, geometry), target, sitk.Transform(),
+                                                           sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+                      for a in arrays]
         channels.extend(arrays)
     return np.stack(channels).astype(np.float32, copy=False), reference
 
 
-def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
-               tolerance: float = 1e-5) -> np.ndarray:
+def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False, tolerance: float = 1e-5,
+               max_voxels: int = MAX_VOXELS) -> np.ndarray:
     """Read a label map (D, H, W) of integer labels on the grid ``geometry``.
 
     Args:
@@ -354,9 +410,15 @@ def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
         resample: Resample a label map on another grid onto ``geometry`` with nearest-neighbour interpolation
             (0 outside its extent) instead of raising a ``GridMismatchError``; a ``UserWarning`` says so.
         tolerance: Grid comparison tolerance, as in :func:`read_sequences`.
+        max_voxels: Refuse a file that holds more voxels (see :data:`MAX_VOXELS`).
 
     Returns:
         The labels as an int64 array (D, H, W).
+
+    Raises:
+        SegExplainError: The file is missing or unreadable, is not a 3D scalar image, holds more than
+            ``max_voxels`` voxels, lies on another grid without ``resample=True`` (all checked from its header,
+            before its voxels are decoded) or holds non-integer values.
 
     Example:
         >>> image, geometry = read_sequences(["t1.nii.gz", "flair.nii.gz"])
@@ -368,16 +430,18 @@ def read_label(path: str | Path, geometry: Geometry, *, resample: bool = False,
         raise SegExplainError(msg)
     _check_bool("resample", resample)
     _check_tolerance(tolerance)
-    image = _read(path, "label file")
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        msg = (f"label file '{path}' is a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()}"
+    _check_max_voxels(max_voxels)
+    reader = _header(path, "label file", max_voxels)
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        msg = (f"label file '{path}' is a {reader.GetDimension()}D image with {reader.GetNumberOfComponents()}"
                f" component(s) per pixel; expected a 3D scalar label map")
         raise SegExplainError(msg)
-    fields = geometry.differences(Geometry.of(image), tolerance=tolerance)
+    labels = Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), reader.GetSize())
+    fields = geometry.differences(labels, tolerance=tolerance)
     if fields and not resample:
-        detail = ", ".join(f"{f} {Geometry.of(image)._field_text(f)} instead of {geometry._field_text(f)}"
-                           for f in fields)
+        detail = ", ".join(f"{f} {labels._field_text(f)} instead of {geometry._field_text(f)}" for f in fields)
         raise GridMismatchError(f"label file '{path}' is not on the image grid: {detail}")
+    image = _decode(reader, path, "label file")
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):

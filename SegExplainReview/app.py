@@ -3,15 +3,25 @@
 The views are trame-slicer's remote views (Slicer's own slice logics and displayable managers, rendered offscreen
 and streamed as images). The controls are bound to trame state; every action goes through
 :class:`~SegExplainReview.session.ReviewSession`, which drives the module's MRML logic.
+
+The page shows a patient's images, so the server lets in only the user who started it. Each run draws a random
+token (``secrets.token_urlsafe``) and prints the address with it, ``http://127.0.0.1:8080/?secret=<token>``. The
+page sends the token to open the websocket (wslink's ``secret``, replacing its public default), and it is set as an
+HttpOnly, SameSite=Strict cookie, so that the downloads and a reload work. A request without the token gets 403:
+the page, the downloads, and any websocket call (state, uploads). A websocket whose ``Origin`` is not the app's own
+address, and a request whose ``Host`` is not an address the app is bound to (DNS rebinding), are refused as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from aiohttp import web
@@ -53,13 +63,27 @@ FILTER_KINDS = ("none", "pass", "clamp")
 #: The engine's registered composites, epsilon_plus (each sequence gets its own share) first.
 COMPOSITES = ("epsilon_plus", *(name for name in composite_names() if name != "epsilon_plus"))
 ROUTE = "/segexplain"
+#: The query parameter of the address that carries the run's token (the name trame's page reads it from).
+TOKEN_PARAMETER = "secret"
+#: Names of this machine in a ``Host`` header, accepted when the app is bound to a loopback address.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
 class ReviewApp(TrameApp):
-    """One case, its explanations and the page. ``server`` defaults to a new vue3 trame server."""
+    """One case, its explanations and the page.
 
-    def __init__(self, case: ReviewCase, server: Any = None) -> None:
+    Args:
+        case: The files of the case.
+        server: A trame server; by default a new vue3 one.
+        host: The address the server will be bound to: with a loopback address, only requests to a loopback name
+            (``127.0.0.1``, ``localhost``, ``[::1]``) are served.
+        token: The secret a client needs; by default a new random one. It stays the same for the app's lifetime.
+    """
+
+    def __init__(self, case: ReviewCase, server: Any = None, *, host: str = "127.0.0.1",
+                 token: str | None = None) -> None:
         super().__init__(server or get_server(client_type="vue3"))
+        self.host, self.token = host, token or secrets.token_urlsafe(32)
         self.server.enable_module(trame_slicer_module)
         self.slicerApp = SlicerApp()
         register_rca_factories(self.slicerApp.view_manager, self.server)
@@ -80,6 +104,7 @@ class ReviewApp(TrameApp):
         self.state.change("compare_on", "compare_item", "compare_filter_kind", "compare_alpha1",
                           "compare_alpha2")(self._onCompareChanged)
         self.state.change("upload")(self._onUpload)
+        self.state.change("region_kind")(self._onRegionKindChanged)
 
     # state -------------------------------------------------------------------------------------------------------
 
@@ -228,12 +253,30 @@ class ReviewApp(TrameApp):
             self.job.cancel()
 
     def drawBox(self) -> None:
-        """Place a markups ROI on a slice view (two clicks), the region of the 'box' kind."""
+        """Place a markups ROI on a slice view (two clicks), the region of the 'box' kind.
+
+        ``box_pending`` (which disables Explain) holds until both corners are placed: they arrive through the view's
+        event queue, which a click on Explain would otherwise overtake.
+        """
         if self.session.roi is not None:
             self.slicerApp.scene.RemoveNode(self.session.roi)
-        self.session.roi = self.slicerApp.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "SegExplain box")
-        self.slicerApp.markups_logic.place_node(self.session.roi)
-        self.state.region_kind = "box"
+        roi = self.slicerApp.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "SegExplain box")
+        roi.AddObserver(roi.PointPositionDefinedEvent, self._onBoxCorner)
+        self.session.roi = roi
+        self.slicerApp.markups_logic.place_node(roi)
+        self.state.update({"region_kind": "box", "box_pending": True,
+                           "message": "Click two opposite corners of the box on a slice view."})
+
+    def _onBoxCorner(self, roi: Any, _event: str) -> None:
+        if roi is self.session.roi and roi.GetControlPointPlacementComplete():
+            with self.state:
+                self.state.update({"box_pending": False, "message": "Box drawn: Explain explains the voxels in it."})
+
+    def _onRegionKindChanged(self, region_kind: str, **_: Any) -> None:
+        """Another region kind while a box is being drawn: stop placing it."""
+        if region_kind != "box" and self.state.box_pending:
+            self.slicerApp.markups_logic.disable_place_mode()
+            self.state.box_pending = False
 
     def _refreshExplanations(self) -> None:
         self.state.explanations = [{"value": item, "title": name} for item, name in self.session.explanations()]
@@ -327,8 +370,65 @@ class ReviewApp(TrameApp):
         return self.session.viewsImage(images)
 
     def _addRoutes(self, wslinkServer: Any) -> None:
+        """The download routes and the guard, and the run's token as wslink's secret (before the server listens)."""
+        wslinkServer.app.middlewares.append(self._guard)
         wslinkServer.app.add_routes([web.get(f"{ROUTE}/screenshot.png", self._screenshotResponse),
                                      web.get(f"{ROUTE}/report.pdf", self._reportResponse)])
+        self.server.protocol.updateSecret(self.token)
+
+    # access ------------------------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The address to open, with the token; valid once the server listens (its port is known)."""
+        return f"http://{self._hostName(self.host)}:{self.server.port}/?{urlencode({TOKEN_PARAMETER: self.token})}"
+
+    @staticmethod
+    def _hostName(host: str) -> str:
+        return f"[{host}]" if ":" in host else host
+
+    def _trustedHosts(self) -> set[str] | None:
+        """The ``Host`` headers served: the bound address and, on loopback, its other names; None: any (0.0.0.0)."""
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:  # a name such as localhost
+            address = None
+        if address is not None and address.is_unspecified:
+            return None
+        names = {self._hostName(self.host)}
+        if self.host == "localhost" or (address is not None and address.is_loopback):
+            names.update(LOOPBACK_NAMES)
+        return {f"{name}:{self.server.port}" for name in names}
+
+    def _cookieName(self) -> str:
+        return f"segexplain-token-{self.server.port}"  # cookies are per host, not per port
+
+    def _hasToken(self, request: web.Request) -> bool:
+        return any(secrets.compare_digest(value.encode(), self.token.encode()) for value in (
+            request.query.get(TOKEN_PARAMETER, ""), request.cookies.get(self._cookieName(), "")))
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every request: the app's own host; a websocket: the app's own origin; the page and downloads: the token.
+
+        The page's static files (scripts, styles) are served to anyone: they hold nothing of the case.
+        """
+        hosts = self._trustedHosts()
+        if hosts is not None and request.host not in hosts:
+            return web.Response(status=403, text=f"this app answers on {', '.join(sorted(hosts))} only")
+        if request.headers.get("Upgrade", "").lower() == "websocket" and (
+                request.headers.get("Origin") not in (f"http://{request.host}", f"https://{request.host}")):
+            return web.Response(status=403, text="websocket from another origin refused")
+        page = request.path in ("/", "/index.html")
+        if page and TOKEN_PARAMETER not in request.query and self._hasToken(request):  # a reload: the cookie
+            raise web.HTTPFound(f"/index.html?{urlencode({**request.query, TOKEN_PARAMETER: self.token})}")
+        if (page or request.path.startswith(f"{ROUTE}/")) and not self._hasToken(request):
+            return web.Response(status=403, text="open the address that 'segexplain review' printed: it carries "
+                                                 f"the access token (?{TOKEN_PARAMETER}=...)")
+        response = await handler(request)
+        if page:
+            response.set_cookie(self._cookieName(), self.token, httponly=True, samesite="Strict", path="/")
+        return response
 
     async def _screenshotResponse(self, _request: web.Request) -> web.Response:
         with tempfile.TemporaryDirectory() as folder:
@@ -397,7 +497,8 @@ class ReviewApp(TrameApp):
                classes="mb-2")
         v.VCheckbox(label="Explain on click", v_model=("explain_on_click",), **compact)
         with html.Div(classes="d-flex ga-2 mb-1"):
-            v.VBtn("Explain", click=self.explain, disabled=("running",), color="primary", id="explain-button")
+            v.VBtn("Explain", click=self.explain, disabled=("running || box_pending",), color="primary",
+                   id="explain-button")
             v.VBtn("Cancel", click=self.cancel, disabled=("!running",), id="cancel-button")
         v.VProgressLinear(model_value=("progress",), active=("running",), height=6, color="primary", id="progress")
         html.Div("{{ step }}", v_if="running", classes="text-caption")
@@ -452,11 +553,15 @@ class ReviewApp(TrameApp):
 
 
 def serve(case: ReviewCase, *, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Build the app and serve it until interrupted; never opens a browser."""
-    app = ReviewApp(case)
+    """Build the app and serve it until interrupted; never opens a browser.
+
+    It prints the address to open, which carries this run's token: ``http://127.0.0.1:8080/?secret=<token>``.
+    """
+    app = ReviewApp(case, host=host)
 
     def announce(**_: Any) -> None:
-        print(f"SegExplain review: serving http://{host}:{app.server.port}/ (bound to {host})", flush=True)
+        print(f"SegExplain review: serving {app.url} (bound to {host}; the address carries this run's access token)",
+              flush=True)
 
     app.server.controller.on_server_ready.add(announce)
     app.server.start(host=host, port=port, open_browser=False, show_connection_info=False, disable_logging=True)

@@ -8,6 +8,8 @@ node. This file only wires that workflow to one scene and the page.
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from SegExplainLib.imaging import (
     WRITE_SUFFIXES,
     image_stem,
     match_names,
+    read_geometry,
     read_label,
     read_sequences,
     write_volume,
@@ -32,6 +35,12 @@ from SegExplainLib.loading import ModelCard
 
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
 SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
+#: The largest file the page may upload (bytes): a compressed sequence of the case is far smaller. It is checked once
+#: the file has arrived (wslink receives up to 4 GB from a client with the token), before it is written or decoded;
+#: what it holds is checked from its header (grid, voxel count) before anything is decoded.
+MAX_UPLOAD_BYTES = 512 * 2**20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,10 +127,14 @@ class ReviewSession:
     Args:
         slicerApp: trame-slicer's ``SlicerApp`` (scene, application and module logics).
         case: The files to load.
+        maxUploadBytes: The largest file :meth:`addFile` accepts.
     """
 
-    def __init__(self, slicerApp: Any, case: ReviewCase) -> None:
+    def __init__(self, slicerApp: Any, case: ReviewCase, *, maxUploadBytes: int = MAX_UPLOAD_BYTES) -> None:
+        if isinstance(maxUploadBytes, bool) or not isinstance(maxUploadBytes, int) or maxUploadBytes < 1:
+            raise SegExplainError(f"maxUploadBytes must be a positive number of bytes, got {maxUploadBytes!r}")
         self.app, self.case, self.scene = slicerApp, case, slicerApp.scene
+        self.maxUploadBytes = maxUploadBytes
         slicer.mrmlScene = self.scene  # slicer.util works on the current scene, as in the application
         self.names = case.names
         if len(case.sequences) != len(self.names):
@@ -179,30 +192,44 @@ class ReviewSession:
     def addFile(self, fileName: str, content: bytes) -> str:
         """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
 
+        The file is checked from its header (the case's grid, at most :data:`~SegExplainLib.imaging.MAX_VOXELS`
+        voxels) before any voxel is decoded.
+
         Returns:
             What was done, for the page.
 
         Raises:
-            SegExplainError: A name without an image ending, a file that is no image, or one off the input grid.
+            SegExplainError: A name without an image ending, a file over ``maxUploadBytes``, a file that is no image,
+                or one off the input grid. The message names ``fileName``, never the server's temporary copy.
         """
         stem = image_stem(Path(fileName).name)
         if not stem:
             raise SegExplainError(f"{fileName!r} is not an image file (expected {', '.join(WRITE_SUFFIXES)})")
+        if len(content) > self.maxUploadBytes:
+            raise SegExplainError(f"{fileName!r} is {len(content)} bytes; uploads are limited to "
+                                  f"{self.maxUploadBytes} bytes")
         with tempfile.TemporaryDirectory(prefix="segexplain-upload-") as folder:
             path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
-            path.write_bytes(content)
             try:
+                path.write_bytes(content)
                 return self._addFile(path, stem, fileName)
-            except SegExplainError as error:  # name the user's file, not the temporary copy
-                raise SegExplainError(str(error).replace(repr(str(path)), repr(fileName))) from None
+            except Exception as error:  # noqa: BLE001 - any failure reaches the page, without the server's paths
+                if not isinstance(error, SegExplainError):
+                    logger.exception("upload of %r failed", fileName)
+                message = str(error) if isinstance(error, SegExplainError) else f"{type(error).__name__}: {error}"
+                for shown, replacement in ((str(path), fileName), (os.path.realpath(path), fileName),
+                                           (folder, "<upload folder>"), (os.path.realpath(folder), "<upload folder>")):
+                    message = message.replace(shown, replacement)
+                raise SegExplainError(message) from None
 
     def _addFile(self, path: Path, stem: str, fileName: str) -> str:
         if stem in self.names:
-            _, uploaded = read_sequences([path])
+            uploaded = read_geometry(path)
             differences = nodes.geometryOfVolume(self.volumes[0]).differences(uploaded, tolerance=1e-4)
             if differences:
                 raise SegExplainError(f"{fileName!r} is not on the grid of the case (differs in "
                                       f"{', '.join(differences)})")
+            read_sequences([path])  # on the grid: decoding it is bounded, and says clearly when the voxels are broken
             index = self.names.index(stem)
             old, self.volumes[index] = self.volumes[index], self._addVolume(path, stem)
             # earlier explanations refer to the volume they explained: it stays, renamed

@@ -5,6 +5,11 @@ a user must be able to cancel it. So the job writes the input sequences and the 
 folder, starts ``python -m SegExplainLib explain ... --progress json`` as a child process, and reports its JSON
 progress lines through :meth:`ExplainJob.poll`, which a GUI timer calls. The child process is the same command line a
 researcher runs by hand, so a result from Slicer can be reproduced outside it from the recorded arguments.
+
+The job folder holds the patient's images, so no path leaves it behind. The inputs are deleted as soon as the
+process has ended (done, failed or cancelled), and the rest by :meth:`ExplainJob.cleanup` once the results are
+loaded. The child ends with its host: when Slicer or the review server ends, even killed with SIGKILL, the child
+deletes the folder and exits (``SegExplainLib._parent_watch``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import numpy as np
 
 import SegExplainLib
+from SegExplainLib import _parent_watch
 from SegExplainLib.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, write_volume
@@ -35,6 +41,8 @@ from .nodes import VolumeStack
 
 #: The regions a user can pick, and what each needs.
 REGION_KINDS = ("segment", "box", "point", "predicted", "class")
+#: The job folder's subfolder of inputs.
+INPUTS = "inputs"
 #: Methods offered in the module, in menu order (the engine's names).
 METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
            "deconvolution", "occlusion")
@@ -213,31 +221,45 @@ class ExplainJob:
         return self.folder / "result"
 
     @property
+    def inputFolder(self) -> Path:
+        """Where the inputs are written: the sequences and a segment's mask, deleted when the process ends."""
+        if self.folder is None:
+            raise SegExplainError("the job has not been started")
+        return self.folder / INPUTS
+
+    @property
     def running(self) -> bool:
         return self.state == "running"
 
     def command(self) -> list[str]:
         """The full command line; valid once :meth:`start` wrote the inputs."""
         names = [fileSafe(n) for n in self.stack.names]
-        inputs = [str(self.folder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
+        inputs = [str(self.inputFolder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
         model = ["--card", self.card or demoCardPath(), *(["--trust-model-code"] if self.trustModelCode else [])]
         return [self.python, "-m", "SegExplainLib", "explain", "--input", *inputs, "--sequence-names", *names, *model,
-                *regionArguments(self.region, self.stack.geometry, self.folder), *self.settings.arguments(),
+                *regionArguments(self.region, self.stack.geometry, self.inputFolder), *self.settings.arguments(),
                 "--output", str(self.outputFolder), "--progress", "json", "--no-figures"]
 
     def start(self) -> None:
-        """Write the inputs and start the child process; returns at once."""
+        """Write the inputs and start the child process; returns at once.
+
+        Call it from a thread that outlives the job (a GUI's main thread, the server's event loop): on Linux the
+        child ends when the thread that started it ends.
+        """
         if self.state != "new":
             raise SegExplainError(f"a job runs once; this one is {self.state}")
         self.folder = Path(tempfile.mkdtemp(prefix="segexplain-job-"))
         try:
+            self.inputFolder.mkdir()
             for index, (channel, name) in enumerate(zip(self.stack.image, self.stack.names)):
-                write_volume(channel, self.stack.geometry, self.folder / f"input_{index}_{fileSafe(name)}.nrrd")
+                write_volume(channel, self.stack.geometry, self.inputFolder / f"input_{index}_{fileSafe(name)}.nrrd")
             command = self.command()
             (self.folder / "command.json").write_text(json.dumps(command))
             environment = dict(os.environ)
             libraryRoot = str(Path(SegExplainLib.__file__).resolve().parent.parent)
             environment["PYTHONPATH"] = os.pathsep.join(filter(None, [libraryRoot, environment.get("PYTHONPATH")]))
+            environment[_parent_watch.PARENT_PID] = str(os.getpid())
+            environment[_parent_watch.JOB_FOLDER] = str(self.folder)
             self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                              env=environment, start_new_session=os.name == "posix")
         except BaseException:
@@ -274,6 +296,8 @@ class ExplainJob:
             if event.get("event") == "warning":
                 self.warnings.append(event["message"])
             self.fraction, self.step = float(event.get("fraction", self.fraction)), event.get("step", self.step)
+        if finished:
+            shutil.rmtree(self.inputFolder, ignore_errors=True)
         if finished and self._process.returncode == 0:
             self.state, self.fraction = "done", 1.0
         elif finished:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,13 +170,15 @@ def test_a_job_runs_to_its_end_with_progress(demoRun):
 
 
 def test_a_failing_job_reports_one_line(scene):
-    """A point outside the grid makes the process fail; the error is its one-line message, no traceback."""
+    """A point outside the grid makes the process fail; the error is its one-line message, no traceback, and the
+    patient's images written as its inputs are gone before the host even cleans up."""
     volumes, _ = addDemoCase(scene)
     failing = job.ExplainJob(nodes.stackVolumes(volumes), job.Region("point", pointRas=(1000.0, 1000.0, 1000.0)),
                              job.ExplainSettings())
     failing.start()
     try:
         assert failing.wait(120) == "failed"
+        assert not list(failing.folder.rglob("input_*")), "the inputs are deleted as soon as the process ended"
     finally:
         failing.cleanup()
     assert "lies outside the volume" in failing.error
@@ -211,3 +219,56 @@ def test_cancel_right_after_start(scene):
     assert cancelled._process.poll() is not None
     with pytest.raises(SegExplainError, match="runs once; this one is cancelled"):
         cancelled.start()
+
+
+#: A throwaway host: starts a long job (occlusion of the whole class) on the demo case, prints the child's pid and the
+#: job folder once the child reports progress (or at once with "now"), then idles until it is killed.
+HOST_SCRIPT = """
+import json, sys, time
+from SegExplainMRML.job import ExplainJob, ExplainSettings, Region
+from SegExplainMRML.nodes import VolumeStack
+from SegExplainLib.demo import SEQUENCE_NAMES, make_case
+from SegExplainLib.imaging import Geometry
+
+image, _ = make_case(1000)
+geometry = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), image.shape[:0:-1])
+job = ExplainJob(VolumeStack(image, geometry, tuple(SEQUENCE_NAMES), None), Region("class"),
+                 ExplainSettings(method="occlusion"))
+job.start()
+while sys.argv[1] == "busy" and not job.poll():
+    time.sleep(0.05)
+print(json.dumps({"pid": job._process.pid, "folder": str(job.folder)}), flush=True)
+time.sleep(600)
+"""
+
+
+def processRuns(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an orphan's zombie lasts until init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and kills with SIGKILL")
+@pytest.mark.parametrize("when", ["now", "busy"])
+def test_a_job_ends_with_the_process_that_started_it(when):
+    """A host killed with SIGKILL (as a crash would) takes its job along: the child ends and the patient's images in
+    the job folder are deleted, whether the child was still starting or already explaining."""
+    host = subprocess.Popen([sys.executable, "-c", HOST_SCRIPT, when], stdout=subprocess.PIPE, text=True)
+    try:
+        started = json.loads(host.stdout.readline() or "{}")
+        assert started, "the host did not start its job"
+        child, folder = started["pid"], Path(started["folder"])
+        assert processRuns(child)
+    finally:
+        host.kill()
+        host.wait()
+    deadline = time.monotonic() + 15
+    while (processRuns(child) or folder.exists()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if processRuns(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the job process {child} outlived its host by 15 s")
+    assert not folder.exists(), f"the job folder {folder} outlived its host"

@@ -18,10 +18,12 @@ import torch
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
+    MAX_VOXELS,
     Geometry,
     box_to_index,
     index_to_physical,
     physical_to_index,
+    read_geometry,
     read_label,
     read_sequences,
     write_maps,
@@ -245,6 +247,60 @@ def test_read_sequences_rejects_bad_arguments(tmp_path, volume):
         read_sequences([tmp_path / "t1.nrrd"], resample="yes")
     with pytest.raises(SegExplainError, match=r"tolerance must be a non-negative number, got -1"):
         read_sequences([tmp_path / "t1.nrrd"], tolerance=-1)
+
+
+# ------------------------------------------------------------------------------------- header first, voxel limit
+
+def _header_only(path, size, *, origin=ORIGIN, encoding="gzip", kind="uint8") -> None:
+    """A NRRD header declaring a volume of ``size`` (x, y, z) voxels on the test grid, with no voxels after it.
+
+    Only a reader that checks the header before decoding can refuse such a file for its size or grid; one that
+    decodes first says it could not read it.
+    """
+    rows = np.reshape(DIRECTION, (3, 3)) * np.asarray(SPACING)[None, :]  # column j: the LPS step of axis j
+    steps = " ".join(f"({','.join(f'{v:.17g}' for v in rows[:, j])})" for j in range(3))
+    path.write_text(f"NRRD0004\ntype: {kind}\ndimension: 3\nspace: left-posterior-superior\n"
+                    f"sizes: {' '.join(str(n) for n in size)}\nspace directions: {steps}\n"
+                    f"space origin: ({','.join(str(v) for v in origin)})\nencoding: {encoding}\n\n")
+
+
+def test_a_file_over_the_voxel_limit_is_refused_from_its_header(tmp_path, geometry):
+    """1000^3 voxels (a gzip of a few MB) are refused before a byte of them is decoded, as a sequence and a label."""
+    _header_only(tmp_path / "huge.nrrd", (1000, 1000, 1000))
+    limit = rf"holds 1000000000 voxels \(1000 x 1000 x 1000\); the limit is max_voxels={MAX_VOXELS}"
+    with pytest.raises(SegExplainError, match=rf"sequence file '.*huge\.nrrd' {limit}"):
+        read_sequences([tmp_path / "huge.nrrd"])
+    with pytest.raises(SegExplainError, match=rf"label file '.*huge\.nrrd' {limit}"):
+        read_label(tmp_path / "huge.nrrd", geometry, resample=True)
+    with pytest.raises(SegExplainError, match=limit):
+        read_geometry(tmp_path / "huge.nrrd")
+
+
+def test_the_voxel_limit_is_an_option_and_counts_channels(tmp_path, volume, rng):
+    sitk.WriteImage(_image(volume), str(tmp_path / "t1.nrrd"))
+    assert read_sequences([tmp_path / "t1.nrrd"], max_voxels=volume.size)[0].shape == (1, *volume.shape)
+    with pytest.raises(SegExplainError, match=rf"holds {volume.size} voxels .*; the limit is max_voxels=100"):
+        read_sequences([tmp_path / "t1.nrrd"], max_voxels=100)
+    stack = rng.normal(size=(3, *volume.shape)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(stack, isVector=False), str(tmp_path / "stack.nrrd"))
+    with pytest.raises(SegExplainError, match=rf"holds {stack.size} voxels \(7 x 6 x 5 x 3\)"):
+        read_sequences([tmp_path / "stack.nrrd"], max_voxels=stack.size - 1)
+    for bad in (0, -5, 2.5, True, "10"):
+        with pytest.raises(SegExplainError, match=rf"max_voxels must be a positive integer, got {re.escape(repr(bad))}"):
+            read_sequences([tmp_path / "t1.nrrd"], max_voxels=bad)
+
+
+def test_a_file_off_the_grid_is_refused_from_its_header(tmp_path, geometry, volume):
+    """The grid is compared before the voxels are decoded: a header alone is enough to refuse another grid."""
+    sitk.WriteImage(_image(volume), str(tmp_path / "t1.nrrd"))
+    _header_only(tmp_path / "moved.nrrd", SIZE, origin=(0.0, 0.0, 0.0))
+    _header_only(tmp_path / "larger.nrrd", (700, 600, 500))
+    with pytest.raises(SegExplainError, match=r"'.*moved\.nrrd' is not on the grid of '.*t1\.nrrd': origin"):
+        read_sequences([tmp_path / "t1.nrrd", tmp_path / "moved.nrrd"])
+    with pytest.raises(SegExplainError, match=r"label file '.*larger\.nrrd' is not on the image grid: size"):
+        read_label(tmp_path / "larger.nrrd", geometry)
+    assert read_geometry(tmp_path / "larger.nrrd").size == (700, 600, 500)
+    assert read_geometry(tmp_path / "t1.nrrd").matches(geometry)
 
 
 # ----------------------------------------------------------------------------------------------------------- writing

@@ -2,7 +2,8 @@
 file starts from the demo as loaded) and one headless Chromium.
 
 The server runs as ``segexplain review --port 0`` with offscreen EGL rendering; the tests talk to it over HTTP and
-through Chromium's DevTools protocol (``cdp.py``), as a user's browser would.
+through Chromium's DevTools protocol (``cdp.py``), as a user's browser would, at the address it prints (with the
+run's access token).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cdp import CHROMIUM, Chromium  # noqa: E402
 
-SERVING = re.compile(r"SegExplain review: serving (http://\S+/) \(bound to (\S+)\)")
+SERVING = re.compile(r"SegExplain review: serving (http://\S+) \(bound to ([^;)]+)")
 
 
 class Server:
-    """``segexplain review`` in a subprocess; ``url`` once it serves, ``output`` what it printed so far."""
+    """``segexplain review`` in a subprocess; ``url`` (with the token) once it serves, ``output`` what it printed."""
 
     def __init__(self, *arguments: str) -> None:
         environment = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow")
@@ -49,7 +51,10 @@ class Server:
             self.output += line
 
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url.rstrip("/") + path, timeout=60) as response:
+        """GET a path of the app, e.g. ``/segexplain/screenshot.png``, with the token."""
+        address = urlsplit(self.url)
+        url = f"{address.scheme}://{address.netloc}{path}{'&' if '?' in path else '?'}{address.query}"
+        with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
 
     def stop(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,3 +32,17 @@ def explained(page) -> None:
     page.waitFor("(window.trame.state.get('current') !== null && !window.trame.state.get('running')) || "
                  "window.trame.state.get('error')", timeout=120)
     assert page.evaluate("window.trame.state.get('error')") == ""
+
+
+def until(produce: Callable[[], Any], accept: Callable[[Any], bool], timeout: float = 30.0,
+          interval: float = 0.25) -> Any:
+    """Call ``produce`` until ``accept`` takes its value or ``timeout`` s pass; returns the last value.
+
+    For what arrives on its own time, e.g. a view image streamed to the browser after the server rendered it.
+    """
+    deadline = time.monotonic() + timeout
+    value = produce()
+    while not accept(value) and time.monotonic() < deadline:
+        time.sleep(interval)
+        value = produce()
+    return value

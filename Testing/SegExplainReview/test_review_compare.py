@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 from PIL import Image
-from review_page import explained, reddish, setState
+from review_page import explained, reddish, setState, until
 
 
 def test_compare_shows_the_same_explanation_with_another_filter(server, page):
@@ -16,12 +15,9 @@ def test_compare_shows_the_same_explanation_with_another_filter(server, page):
     page.waitFor("document.querySelectorAll('.layout-grid-item img.image-display-area').length === 6", timeout=30)
     widths = page.evaluate("[...document.querySelectorAll('.layout-grid-item')].map(e => "
                            "Math.floor(e.getBoundingClientRect().width))")
-    deadline = time.monotonic() + 30
-    while True:  # the new views render at their default size until the browser reports theirs
-        shot = np.asarray(Image.open(io.BytesIO(server.get("/segexplain/screenshot.png"))).convert("RGBA"))
-        if abs(shot.shape[1] - sum(widths)) <= 4 * len(widths) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    # the new views render at their default size until the browser reports theirs
+    shot = until(lambda: np.asarray(Image.open(io.BytesIO(server.get("/segexplain/screenshot.png"))).convert("RGBA")),
+                 lambda image: abs(image.shape[1] - sum(widths)) <= 4 * len(widths), interval=0.5)
     assert abs(shot.shape[1] - sum(widths)) <= 4 * len(widths), (shot.shape, widths)
     half = shot.shape[1] // 2  # three left views (main group) then three right views (comparison group)
     left, right = int(reddish(shot[:, :half]).sum()), int(reddish(shot[:, half:]).sum())

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 from PIL import Image
-from review_page import reddish, setState
+from review_page import reddish, setState, until
 
 
 def png(data: bytes) -> np.ndarray:
@@ -40,9 +40,9 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
 
     page.waitFor("document.querySelectorAll('#shares div.d-flex').length === 6", timeout=15)
     x, y, w, h = (int(axial[k]) for k in ("x", "y", "width", "height"))
-    page.waitFor("true", timeout=1)
-    streamed = png(page.screenshot())  # the page as the browser shows it: the streamed axial view has the overlay
-    assert reddish(streamed[y:y + h, x:x + w]).sum() > 50
+    # the page as the browser shows it: the axial view's image, streamed after the server rendered it, has the overlay
+    streamedRed = until(lambda: int(reddish(png(page.screenshot())[y:y + h, x:x + w]).sum()), lambda red: red > 50)
+    assert streamedRed > 50, f"the streamed axial view shows the overlay ({streamedRed} red pixels)"
 
     setState(page, filter_kind="pass")  # the filter menu
     version = page.evaluate("window.trame.state.get('overlay_version')")
@@ -67,13 +67,22 @@ def centre(page, selector: str) -> tuple[float, float]:
 
 
 def test_a_box_drawn_on_a_slice_view_is_explained(server, page):
-    """Two clicks draw a markups ROI on the axial view; Explain explains the voxels inside it."""
+    """Two clicks draw a markups ROI on the axial view; Explain explains the voxels inside it.
+
+    The corners reach the server through the view's event queue, one event after the other, while a click on
+    Explain is a call of its own that can overtake them. So Explain is disabled from "Draw box" until the server has
+    placed both corners, and the test waits for each step to be confirmed (it failed by chance when it did not).
+    """
     setState(page, explain_on_click=False, region_kind="box")
     before = len(page.evaluate("window.trame.state.get('explanations')"))
     page.click(*centre(page, "#draw-box"))
+    page.waitFor("window.trame.state.get('box_pending') && document.querySelector('#explain-button').disabled",
+                 timeout=15)
     axial = viewRect(page, 0)
     page.click(axial["x"] + 0.45 * axial["width"], axial["y"] + 0.42 * axial["height"])
     page.click(axial["x"] + 0.55 * axial["width"], axial["y"] + 0.55 * axial["height"])
+    page.waitFor("!window.trame.state.get('box_pending') && !document.querySelector('#explain-button').disabled",
+                 timeout=30)
     page.click(*centre(page, "#explain-button"))
     page.waitFor(f"window.trame.state.get('explanations').length > {before} && !window.trame.state.get('running') "
                  "|| window.trame.state.get('error')", timeout=120)

@@ -1,11 +1,19 @@
-"""The app listens on 127.0.0.1 only unless --host says otherwise, and then warns."""
+"""The app listens on 127.0.0.1 only unless --host says otherwise, and then warns; a web page of another origin cannot
+connect, and nothing is served without the run's token (printed in the address)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import socket
-from urllib.parse import urlparse
+import urllib.error
+import urllib.request
+from urllib.parse import parse_qs, urlparse
 
+import aiohttp
+import msgpack
 import pytest
+from wslink.chunking import UnChunker, generate_chunks
 
 from SegExplainLib import cli
 
@@ -50,3 +58,109 @@ def test_other_host_is_explicit_and_warned(monkeypatch, capsys):
 def test_missing_case_folder_is_an_error_line(tmp_path, capsys):
     assert cli.main(["review", str(tmp_path / "nowhere")]) == cli.EXIT_ERROR
     assert capsys.readouterr().err.startswith("error: case folder")
+
+
+class Wslink:
+    """A bare wslink client on a raw websocket: what a script, or a page of another site, could send."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self.socket, self.unchunker, self.ids = socket, UnChunker(), itertools.count(1)
+        self.unchunker.set_max_message_size(2**30)
+
+    async def call(self, method: str, *args) -> dict:
+        """The server's answer (``result`` or ``error``) to one call; ``wslink.hello`` is a system call."""
+        ident = f"{'system' if method == 'wslink.hello' else 'rpc'}:c0:{next(self.ids)}"
+        message = msgpack.packb({"wslink": "1.0", "id": ident, "method": method, "args": list(args), "kwargs": {}})
+        for chunk in generate_chunks(message, 2**20):
+            await self.socket.send_bytes(chunk)
+        while True:
+            frame = await self.socket.receive(timeout=30)
+            assert frame.type == aiohttp.WSMsgType.BINARY, f"the server closed or sent {frame.type}"
+            answer = self.unchunker.process_chunk(frame.data)
+            if answer and answer.get("id") == ident:
+                return answer
+
+
+def token(server) -> str:
+    return parse_qs(urlparse(server.url).query)["secret"][0]
+
+
+def status(url: str, headers: dict | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_address_carries_a_random_per_run_token(server):
+    assert len(token(server)) >= 40 and token(server) != "wslink-secret"
+    assert urlparse(server.url).path == "/"
+
+
+def test_a_websocket_from_another_origin_is_refused(server):
+    """A page on http://evil.example open in the user's browser cannot even open the app's websocket."""
+    port = urlparse(server.url).port
+
+    async def handshake(origin: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(f"ws://127.0.0.1:{port}/ws", headers={"Origin": origin}):
+                    return 101
+            except aiohttp.WSServerHandshakeError as error:
+                return error.status
+
+    assert asyncio.run(handshake("http://evil.example")) == 403
+    assert asyncio.run(handshake(f"http://localhost:{port + 1}")) == 403
+    assert asyncio.run(handshake(f"http://127.0.0.1:{port}")) == 101
+
+
+def test_without_the_token_the_state_cannot_be_read_nor_a_file_uploaded(server):
+    """The library's public default secret, or none, gets nothing; the run's token gets the state."""
+    port = urlparse(server.url).port
+    upload = {"upload": {"name": "label.nii.gz", "content": b"\x00" * 64}}
+
+    async def session(secret: str | None) -> tuple[dict, dict, dict]:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            client = Wslink(ws)
+            hello = await client.call("wslink.hello", {"secret": secret} if secret is not None else {})
+            return hello, await client.call("trame.state.get"), await client.call("trame.state.update", [upload])
+
+    for secret in (None, "wslink-secret", token(server)[:-1]):
+        hello, state, update = asyncio.run(session(secret))
+        assert "Authentication failed" in str(hello["error"])
+        assert "Unauthorized" in str(state["error"]) and "result" not in state
+        assert "Unauthorized" in str(update["error"])
+    hello, state, _ = asyncio.run(session(token(server)))
+    assert "clientID" in hello["result"]
+    assert len(state["result"]["state"]["sequences"]) == 6
+
+
+def test_http_routes_need_the_token_and_the_apps_own_host(server):
+    """Downloads and the page need the token (or the cookie the page set); a foreign Host (DNS rebinding) gets 403."""
+    base = server.url.split("?")[0].rstrip("/")
+    secret = token(server)
+    assert status(f"{base}/segexplain/screenshot.png") == 403
+    assert status(f"{base}/segexplain/screenshot.png?secret=wslink-secret") == 403
+    assert status(f"{base}/segexplain/screenshot.png?secret={secret}") == 200
+    assert status(f"{base}/") == 403
+    assert status(f"{base}/?secret={secret}") == 200
+    port = urlparse(server.url).port
+    assert status(f"{base}/?secret={secret}", {"Host": f"evil.example:{port}"}) == 403
+    with urllib.request.urlopen(f"{base}/?secret={secret}", timeout=30) as response:
+        cookie = response.headers["Set-Cookie"]
+    assert secret in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert status(f"{base}/segexplain/screenshot.png", {"Cookie": cookie.split(";")[0]}) == 200
+
+
+def test_the_page_reloads_without_the_token_in_its_address(server, browser):
+    """The page drops the token from its address once read; a reload (or the bare address) gets it from the cookie."""
+    ready = "window.trame?.state?.get('sequences')?.length === 6"
+    browser.navigate(server.url)
+    browser.waitFor(ready, timeout=60)
+    assert token(server) not in browser.evaluate("window.location.href")
+    browser.evaluate("window.loadedBefore = true")  # to tell the reloaded page from this one
+    browser.navigate(server.url.split("?")[0])
+    browser.waitFor(f"!window.loadedBefore && {ready}", timeout=60)
+    assert token(server) not in browser.evaluate("window.location.href")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sys
+import tempfile
+import zlib
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -74,11 +80,66 @@ def test_point_region_needs_a_click_inside_the_volume(session):
     ("T2.nii.gz", b"\x00" * 100, "could not read .*T2.nii.gz"),
     ("label.nrrd", b"NRRD0004\ngarbage", "label.nrrd"),
 ])
-def test_bad_uploads_are_refused(session, name, content, message):
+def test_bad_uploads_are_refused_without_server_paths(session, name, content, message):
+    """The message names the user's file and never the server's temporary copy (nor any server folder)."""
     before = [v.GetID() for v in session.volumes]
-    with pytest.raises(SegExplainError, match=message):
+    with pytest.raises(SegExplainError, match=message) as refused:
         session.addFile(name, content)
     assert [v.GetID() for v in session.volumes] == before
+    assert tempfile.gettempdir() not in str(refused.value) and "segexplain-upload" not in str(refused.value)
+
+
+def gzipBomb(size: tuple[int, int, int]) -> bytes:
+    """A gzip-encoded NRRD of ``size`` (x, y, z) zero voxels: a few hundred kB that decode to prod(size) bytes."""
+    voxels = int(np.prod(size))
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    body = b"".join(compressor.compress(bytes(10**6)) for _ in range(voxels // 10**6))
+    body += compressor.compress(bytes(voxels % 10**6)) + compressor.flush()
+    header = f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: {' '.join(map(str, size))}\nencoding: gzip\n\n"
+    return header.encode() + body
+
+
+@contextlib.contextmanager
+def peakMemory():
+    """Growth of this process's peak resident memory over the block (Linux: the kernel resets the peak on request)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the peak resident memory from /proc")
+
+    def kilobytes(field: str) -> int:
+        with open("/proc/self/status") as status:
+            return int(re.search(rf"{field}:\s+(\d+) kB", status.read()).group(1))
+
+    with open("/proc/self/clear_refs", "w") as reset:
+        reset.write("5")
+    growth = SimpleNamespace(megabytes=0.0)
+    start = kilobytes("VmRSS")
+    yield growth
+    growth.megabytes = (kilobytes("VmHWM") - start) / 1024
+
+
+@pytest.mark.parametrize("name", ["T2.nrrd", "second_opinion.nrrd"])
+def test_an_upload_off_the_grid_is_refused_before_decoding(session, name):
+    """A 0.9 MB gzip of 600^3 voxels (216 MB as a label, 864 MB as float32) is refused from its header alone."""
+    bomb = gzipBomb((600, 600, 600))
+    assert len(bomb) < 10**6
+    before = [v.GetID() for v in session.volumes]
+    with peakMemory() as peak, pytest.raises(SegExplainError, match=rf"'{name}' .*not on the (image )?grid"):
+        session.addFile(name, bomb)
+    assert peak.megabytes < 100, f"refusing {name} took {peak.megabytes:.0f} MB"
+    assert [v.GetID() for v in session.volumes] == before
+
+
+def test_uploads_are_capped_in_size(session, caseFolder, monkeypatch):
+    from SegExplainReview.session import ReviewSession
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SegExplainError, match=rf"maxUploadBytes must be a positive number of bytes, got {bad!r}"):
+            ReviewSession(None, None, maxUploadBytes=bad)
+    content = (caseFolder / "T1.nii.gz").read_bytes()
+    monkeypatch.setattr(session, "maxUploadBytes", len(content) - 1)
+    with pytest.raises(SegExplainError, match=rf"'T1.nii.gz' is {len(content)} bytes; uploads are limited to "
+                                              rf"{len(content) - 1} bytes"):
+        session.addFile("T1.nii.gz", content)
 
 
 def test_uploaded_sequence_replaces_its_input(session, caseFolder):

@@ -20,7 +20,7 @@ def test_bad_file_shows_a_message_and_the_server_keeps_answering(server, page, t
     upload(page, bad)
     message = page.waitFor("document.querySelector('#upload-error') && "
                            "document.querySelector('#upload-error').innerText", timeout=10)
-    assert "T2.nii.gz" in message
+    assert "T2.nii.gz" in message and "segexplain-upload" not in message, "the user's file, not the server's copy"
     assert page.evaluate("window.trame.state.get('upload_message')") == ""
     assert server.process.poll() is None
     assert server.get("/segexplain/screenshot.png")[:8] == b"\x89PNG\r\n\x1a\n"
