@@ -5,10 +5,12 @@ Everything the issue asks for is measured side by side in ONE run and printed as
 
 1. ``baseline``: one input gradient in plain torch, ``torch.autograd.grad((seed * model(x)).sum(), x)`` on the
    user's model (parameters not requiring grad). Not SegExplain code; every ratio is relative to it.
-2. ``Gradient``: SegExplain's ``Gradient().attribute`` (should be about the same as 1).
+2. ``Gradient``, ``Gradient x Input``, ``SmoothGrad`` (2 samples), ``Guided Backprop``, ``Deconvolution``: SegExplain's
+   gradient family, which runs the model through autograd with float32 CPU convolutions routed to oneDNN (reported,
+   not judged; a ratio below 1 is the routing's gain over the stock dispatch of 1).
 3. ``LRP epsilon`` / ``LRP epsilon_plus_flat``: ``LRP(composite=...).attribute``. Targets: time <= 1.1x / 1.5x and
    peak memory <= 1.5x of the baseline, at every size.
-4. Integrated Gradients, n_steps=32, Gauss-Legendre: captum with internal_batch_size 1, 2, 4, 8 on a wrapper that
+4. Integrated Gradients, n_steps=32, Gauss-Legendre, zero baseline (captum's defaults): captum with internal_batch_size 1, 2, 4, 8 on a wrapper that
    returns ``(seed * model(x)).sum((1, 2, 3, 4))`` vs SegExplain with the automatic internal batch size. Target: ours
    at least as fast as captum's best batch size.
 5. Normalized aggregation throughput (output voxels per second): ``explain(..., BoxTarget(aggregation="normalized"),
@@ -47,8 +49,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from SegExplainLib.api import explain  # noqa: E402
-from SegExplainLib.gradients import Gradient, IntegratedGradients  # noqa: E402
-from SegExplainLib.lrp import LRP  # noqa: E402
+from SegExplainLib.gradients import Gradient, GradientXInput, IntegratedGradients, SmoothGrad  # noqa: E402
+from SegExplainLib.lrp import LRP, Deconvolution, GuidedBackprop  # noqa: E402
 from SegExplainLib.models import reference_unet  # noqa: E402
 from SegExplainLib.targets import BoxTarget  # noqa: E402
 
@@ -58,10 +60,15 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "L": (1, 6, 64, 128, 128),
 }
 
+SMOOTHGRAD_SAMPLES = 2
 # Time and memory targets relative to the baseline gradient (None: reported, not judged).
 TARGETS: dict[str, tuple[float | None, float | None]] = {
     "baseline": (None, None),
     "gradient": (None, None),
+    "gradient_x_input": (None, None),
+    "smoothgrad": (None, None),
+    "guided_backprop": (None, None),
+    "deconvolution": (None, None),
     "lrp_epsilon": (1.1, 1.5),
     "lrp_epsilon_plus_flat": (1.5, 1.5),
     "zennit_epsilon_plus_flat": (None, None),
@@ -69,6 +76,10 @@ TARGETS: dict[str, tuple[float | None, float | None]] = {
 LABELS = {
     "baseline": "baseline torch.autograd.grad",
     "gradient": "SegExplain Gradient",
+    "gradient_x_input": "SegExplain Gradient x Input",
+    "smoothgrad": f"SegExplain SmoothGrad ({SMOOTHGRAD_SAMPLES} samples)",
+    "guided_backprop": "SegExplain Guided Backprop",
+    "deconvolution": "SegExplain Deconvolution",
     "lrp_epsilon": "LRP epsilon",
     "lrp_epsilon_plus_flat": "LRP epsilon_plus_flat",
     "zennit_epsilon_plus_flat": "zennit EpsilonPlusFlat+BN",
@@ -165,8 +176,10 @@ def make_runners(with_zennit: bool) -> dict[str, Callable[[nn.Module, torch.Tens
         (grad,) = torch.autograd.grad((seed * model(x)).sum(), x)
         return {"maps": grad}
 
-    def gradient(model, x, seed):
-        return {"maps": Gradient().attribute(model, x, seed).maps}
+    def plain(method):
+        def run(model, x, seed):
+            return {"maps": method.attribute(model, x, seed).maps}
+        return run
 
     def lrp(composite):
         method = LRP(composite=composite)
@@ -177,8 +190,10 @@ def make_runners(with_zennit: bool) -> dict[str, Callable[[nn.Module, torch.Tens
 
         return run
 
-    runners = {"baseline": baseline, "gradient": gradient, "lrp_epsilon": lrp("epsilon"),
-               "lrp_epsilon_plus_flat": lrp("epsilon_plus_flat")}
+    runners = {"baseline": baseline, "gradient": plain(Gradient()), "gradient_x_input": plain(GradientXInput()),
+               "smoothgrad": plain(SmoothGrad(n_samples=SMOOTHGRAD_SAMPLES)),
+               "guided_backprop": plain(GuidedBackprop()), "deconvolution": plain(Deconvolution()),
+               "lrp_epsilon": lrp("epsilon"), "lrp_epsilon_plus_flat": lrp("epsilon_plus_flat")}
     if with_zennit:
         from zennit.attribution import Gradient as ZGradient
         from zennit.canonizers import SequentialMergeBatchNorm
@@ -472,7 +487,8 @@ def bench_ig(size: str, args: argparse.Namespace, device: torch.device, repeats:
             return {"maps": attr, "delta": delta}
         return run
 
-    ours = IntegratedGradients(n_steps=IG_STEPS, method=IG_METHOD, internal_batch_size=None)
+    ours = IntegratedGradients(n_steps=IG_STEPS, quadrature=IG_METHOD, baseline="zero",
+                               internal_batch_size=None)
 
     def run_ours():
         out = ours.attribute(model, x, seed)
@@ -481,7 +497,8 @@ def bench_ig(size: str, args: argparse.Namespace, device: torch.device, repeats:
 
     def warm_ours():
         # one chunk of the automatic batch size (and the end-point forward pass)
-        return IntegratedGradients(n_steps=8, method=IG_METHOD, internal_batch_size=None).attribute(model, x, seed)
+        return IntegratedGradients(n_steps=8, quadrature=IG_METHOD, baseline="zero",
+                                   internal_batch_size=None).attribute(model, x, seed)
 
     fns: dict[str, Callable[[], Any]] = {f"captum_ibs{k}": run_captum(k) for k in CAPTUM_BATCHES}
     fns["segexplain_auto"] = run_ours
