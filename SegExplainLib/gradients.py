@@ -224,7 +224,7 @@ class IntegratedGradients(AttributionMethod):
     norm after the first convolution, where from a constant baseline the whole change happens in a sliver near
     ``alpha = 0`` that fixed rules miss. The default baseline is the input blurred by a Gaussian of 5 voxels: a
     constant baseline (zeros, the minimum) looks to such a network like an image without any contrast, so the
-    path from it first passes through inputs the network never saw; see the README.
+    path from it first passes through inputs the network never saw; see docs/engine.md.
 
     Args:
         n_steps: Fixed rules: the number of nodes (>= 1; >= 2 for ``riemann_trapezoid``). ``"adaptive"``: the most
@@ -298,7 +298,7 @@ class IntegratedGradients(AttributionMethod):
         return [f"Integrated Gradients misses completeness by {100 * abs(delta) / abs(expected):.0f} % (maps sum to "
                 f"{expected + delta:.4g}, the score changes by {expected:.4g} from the baseline): the quadrature "
                 "missed where the score changes; use quadrature='adaptive' with more n_steps, or a baseline that is "
-                "not constant, such as 'blur:5' (see the README on baselines for instance-normalized networks)"]
+                "not constant, such as 'blur:5' (see docs/engine.md on baselines for instance-normalized networks)"]
 
     def options(self) -> dict[str, Any]:
         return {

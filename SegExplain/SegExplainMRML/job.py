@@ -88,7 +88,7 @@ class ExplainSettings:
         layerFilter: Tjoa's layer-wise filter inside the LRP propagation, e.g. ``"pass:0.4"``; empty for none.
         nSteps: Integrated Gradients: the most gradient passes of its adaptive quadrature.
         baseline: Integrated Gradients baseline: ``blur:SIGMA`` (the input blurred, the default), ``zero``, ``min``
-            or ``constant:V`` (constant baselines are degenerate for instance-normalized networks; see the README).
+            or ``constant:V`` (constant baselines are degenerate for instance-normalized networks; see docs/engine.md).
         aggregation: ``sum`` of the region's logits or ``normalized`` (every voxel weighted equally).
         samples: Voxels drawn for a sampled normalized estimate; 0 computes it exactly.
         classIndex: Output class explained (1 = the first foreground class).

@@ -238,7 +238,7 @@ NORM_CASES = {
 
 
 PASS_AFTER_RELU = pytest.param("instance_norm", nn.ReLU, marks=pytest.mark.xfail(
-    strict=True, reason="known limitation, documented in the README: Pass returns g_x = R_y / stab(x); where the "
+    strict=True, reason="known limitation, documented in docs/engine.md: Pass returns g_x = R_y / stab(x); where the "
                         "norm's input is exactly 0 (after a ReLU) R_x = x * g_x is 0, so R_y is dropped there"),
     id="instance_norm-after_relu")
 
