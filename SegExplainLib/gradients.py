@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -138,21 +139,28 @@ def _set_batching(method: Any, internal_batch_size: Any, memory_budget_bytes: An
     method.internal_batch_size = internal_batch_size
     method.memory_budget_bytes = memory_budget_bytes
     method.last_internal_batch_size = None
+    method._probed = None  # (model, sample shape, dtype, device) and the batch the memory probe chose for them
 
 
 def _resolve_batch(
     method: Any, model: torch.nn.Module, inputs: torch.Tensor, total: int
 ) -> int:
-    """Internal batch size for ``total`` passes: the option, or the memory-budget choice; never above ``total``."""
+    """Internal batch size for ``total`` passes: the option, or the memory-budget choice; never above ``total``.
+
+    The choice runs a forward and backward pass of one sample; it is made once per model and sample shape and
+    reused by the later calls of the same method (the passes of a normalized aggregation, the voxel batches).
+    """
     k = method.internal_batch_size
     if k is None:
         if total <= 1:
             k = 1
         else:
-            budget = method.memory_budget_bytes
-            k = choose_internal_batch_size(
-                model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget, inputs.device)
-            )
+            key = (weakref.ref(model), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+            if method._probed is None or method._probed[0] != key:
+                budget = method.memory_budget_bytes
+                method._probed = (key, choose_internal_batch_size(
+                    model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget, inputs.device)))
+            k = method._probed[1]
     k = max(1, min(int(k), total))
     method.last_internal_batch_size = k
     return k
@@ -273,10 +281,12 @@ class IntegratedGradients(AttributionMethod):
         self._nodes: tuple[np.ndarray, np.ndarray] | None = None  # fixed by for_target
 
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
+        adaptive = self.quadrature == "adaptive" and self._nodes is None
+        if adaptive and isinstance(seed, torch.Tensor) and seed.requires_grad:
+            # the graph is built over nodes chosen without it
+            return self.for_target(model, inputs, seed.detach()).attribute(model, inputs, seed)
         path = _Path(self, model, inputs, seed)
-        if self.quadrature == "adaptive" and self._nodes is None:
-            if path.create_graph:  # the graph is built over nodes chosen without it
-                return self.for_target(model, inputs, seed.detach()).attribute(model, inputs, seed)
+        if adaptive:
             plan = path.adaptive()
             return path.output(plan.contribution, {**path.extras, **_plan_extras(plan)})
         nodes, weights = self._nodes or fixed_rule(self.quadrature, self.n_steps)

@@ -415,3 +415,19 @@ def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_nor
     assert relative["adaptive"] < 0.02 < 0.5 < relative["fixed"], relative
     assert adaptive.extras["gradient_passes"] <= 64
     assert relative["adaptive"] <= adaptive.extras["error_bound"] + 1e-6
+
+
+def test_the_memory_probe_runs_once_per_model_and_shape(monkeypatch):
+    # the normalized aggregation calls IG three times (nodes, sums, maps); each probe is a forward and backward pass
+    from SegExplainLib.api import explain
+    from SegExplainLib.targets import BoxTarget
+
+    calls = []
+    original = gradients.choose_internal_batch_size
+    monkeypatch.setattr(gradients, "choose_internal_batch_size", lambda *a, **k: calls.append(1) or original(*a, **k))
+    image = np.random.default_rng(0).normal(size=(2, 4, 4, 4))
+    target = BoxTarget((1, 1, 1), (3, 3, 3), class_index=1, aggregation="normalized")
+    explain(relu_net(), image, target, "integrated_gradients", n_steps=8, baseline="zero", dtype=torch.float64)
+    assert len(calls) == 1
+    explain(relu_net(), image[:, :3], target, "integrated_gradients", n_steps=8, dtype=torch.float64)
+    assert len(calls) == 2  # another method instance and shape: probed anew
