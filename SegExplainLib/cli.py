@@ -286,13 +286,10 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
 
 def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
     """Refuse a model that would import or run code of someone else, unless the user passed --trust-model-code."""
-    from .loading import untrusted_code
+    from .loading import refuse_untrusted_code
 
-    code = untrusted_code(spec)
-    if code is not None and not trusted:
-        msg = (f"{source} would run {code}; pass --trust-model-code only if you trust it (a model card cannot allow "
-               f"this itself)")
-        raise SegExplainError(msg)
+    refuse_untrusted_code(spec, source, trusted=trusted,
+                          advice="; pass --trust-model-code only if you trust it (a model card cannot allow this itself)")
 
 
 def _check_model_given(args: argparse.Namespace) -> None:

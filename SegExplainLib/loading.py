@@ -57,6 +57,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "normalize",
+    "refuse_untrusted_code",
     "untrusted_code",
 ]
 
@@ -225,6 +226,24 @@ def untrusted_code(spec: str) -> str | None:
     return None
 
 
+def refuse_untrusted_code(spec: str, source: str, *, trusted: bool, advice: str) -> str | None:
+    """Raise unless building ``spec`` runs no code of someone else, or the user has allowed it (``trusted``).
+
+    Every front end checks here and names its own way to allow it: the message is
+    ``f"{source} would run {what}{advice}"``, e.g. ``"; pass --trust-model-code only if you trust it"``.
+
+    Returns:
+        What :func:`untrusted_code` says would run (None when nothing).
+
+    Raises:
+        SegExplainError: ``spec`` would run code and ``trusted`` is false, or ``spec`` is no model spec.
+    """
+    code = untrusted_code(spec)
+    if code is not None and not trusted:
+        raise SegExplainError(f"{source} would run {code}{advice}")
+    return code
+
+
 def _check_library_network(factory: Any, spec: str, module_name: str) -> None:
     """Refuse anything but a network class or a factory function defined in ``module_name`` (or below it)."""
     if isinstance(factory, type) and issubclass(factory, nn.Module):
@@ -242,12 +261,8 @@ def _check_library_network(factory: Any, spec: str, module_name: str) -> None:
 def _build_model(spec: str, kwargs: dict[str, Any], *, trust_code: bool) -> nn.Module:
     from . import models  # late: keeps import of this module cheap and avoids cycles
 
-    code = untrusted_code(spec)
-    if code is not None and not trust_code:
-        raise SegExplainError(
-            f"model spec {spec!r} would run {code}; pass trust_code=True only if you trust it (a model card "
-            f"cannot allow this itself)"
-        )
+    code = refuse_untrusted_code(spec, f"model spec {spec!r}", trusted=trust_code, advice="; pass trust_code=True "
+                                 "only if you trust it (a model card cannot allow this itself)")
     key = spec.strip().lower()
     if key in ("reference", "reference_unet"):
         return _call_factory(models.reference_unet, kwargs, spec)

@@ -35,7 +35,7 @@ from SegExplainLib import _parent_watch
 from SegExplainLib.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, write_volume
-from SegExplainLib.loading import ModelCard, untrusted_code
+from SegExplainLib.loading import ModelCard, refuse_untrusted_code
 
 from .nodes import VolumeStack
 
@@ -196,12 +196,12 @@ class ExplainJob:
             raise SegExplainError(f"model card {card!r} is not a file")
         if not isinstance(trustModelCode, bool):
             raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
-        code = untrusted_code(ModelCard.read(card).model) if card is not None else None
-        if code is not None and not trustModelCode:
-            raise SegExplainError(
-                f"model card {card!r} would run {code}, which a model card cannot allow itself; allow it only if you "
-                f"trust the card: tick 'Allow code from this model card' in the Slicer module, or start segexplain "
-                f"review with --trust-model-code")
+        if card is not None:
+            refuse_untrusted_code(
+                ModelCard.read(card).model, f"model card {card!r}", trusted=trustModelCode,
+                advice=", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow "
+                       "code from this model card' in the Slicer module, or start segexplain review with "
+                       "--trust-model-code")
         self.stack, self.region, self.settings, self.card = stack, region, settings, card
         self.trustModelCode = trustModelCode
         self.python = python or pythonExecutable()
