@@ -168,11 +168,12 @@ class _Wiring:
             for name, module in model.named_modules():
                 self.handles.append(module.register_forward_pre_hook(self._enter(name)))
                 self.handles.append(module.register_forward_hook(self._leave))
-                if next(module.children(), None) or category_of(module) is None:
+                category = None if next(module.children(), None) else category_of(module)
+                if category is None:
                     continue  # containers and unknown leaves are walked: their functional operations are checked
-                self._check_leaf(name, module)
+                self._check_leaf(name, module, category)
                 self.ruled.add(id(module))
-                if category_of(module) == "head":
+                if category == "head":
                     self.handles.append(module.register_forward_hook(self._strip_head(name)))
                 else:
                     self._patch_forward(name, module)
@@ -191,8 +192,7 @@ class _Wiring:
                 module.forward = instance_forward
         self.patched.clear()
 
-    def _check_leaf(self, name: str, module: nn.Module) -> None:
-        category = category_of(module)
+    def _check_leaf(self, name: str, module: nn.Module, category: str) -> None:
         if category in self.composite.required and category not in self.composite.rules and (
                 name not in self.composite.layer_rules):
             msg = (f"composite {self.composite.name!r} has no rule for {category} layer {type(module).__name__} "

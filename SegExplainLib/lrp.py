@@ -123,9 +123,9 @@ class LRP(_RuleMethod):
     Args:
         composite: A registered name (``"epsilon_plus_flat"``, ``"z_plus"``, ``"epsilon"``, ...; see
             :func:`SegExplainLib.composites.composite_names`) or a :class:`Composite`.
-        layer_filter: An :class:`~SegExplainLib.filters.AmplitudeFilter` (or its spec, e.g. ``"pass:0.4"``) applied to the relevance entering every
-            linear and norm layer during the propagation (Tjoa et al.'s layer-wise mode). The map is then no longer
-            linear in the seed.
+        layer_filter: An :class:`~SegExplainLib.filters.AmplitudeFilter` (or its spec, e.g. ``"pass:0.4"``)
+            applied to the relevance entering every linear and norm layer during the propagation (Tjoa et al.'s
+            layer-wise mode). The map is then no longer linear in the seed.
         **composite_options: Passed to the composite's factory, e.g. ``epsilon=1e-3``.
 
     Example:
