@@ -98,9 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--weights", metavar="FILE", help="state dict (.pt with weights_only, or .safetensors)")
     model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON): model, weights, sequences, "
                                                       "normalization; overrides --model/--weights")
+    model.add_argument("--nnunet", metavar="FOLDER",
+                       help="an nnU-Net v2 results folder (Dataset.../Trainer__Plans__configuration, or the dataset "
+                            "folder): nnU-Net's network, preprocessing, sliding window, mirroring and folds")
+    model.add_argument("--configuration", help="nnU-Net configuration (default 3d_fullres)")
+    model.add_argument("--folds", nargs="+", metavar="FOLD", help="nnU-Net folds to average (default: all trained)")
+    model.add_argument("--checkpoint", default="checkpoint_final.pth",
+                       help="nnU-Net checkpoint file of each fold (default checkpoint_final.pth)")
+    model.add_argument("--no-mirroring", action="store_true", help="nnU-Net: do not average over mirrored inputs")
+    model.add_argument("--bundle", metavar="FOLDER", help="a MONAI bundle folder (configs/inference.json, "
+                                                          "models/model.pt or model.ts)")
     model.add_argument("--trust-model-code", action="store_true",
-                       help="allow a model (of --model or the card) that imports or runs code of someone else: a "
-                            "model file, a module outside the built-in networks, MONAI and torch.nn, or a pickle")
+                       help="allow a model (of --model, the card, the nnU-Net plans or the bundle) that imports or "
+                            "runs code of someone else: a model file, a module outside the built-in networks, MONAI "
+                            "and torch.nn, or a pickle")
     model.add_argument("--patch-size", nargs=3, type=int, metavar="N",
                        help="run the network by overlapping windows of this size (default: the card's patch_size)")
     model.add_argument("--overlap", type=float, default=0.5, help="overlap of the windows (default 0.5)")
@@ -293,12 +304,45 @@ def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
 
 
 def _check_model_given(args: argparse.Namespace) -> None:
+    given = [flag for flag, value in (("--card", args.card), ("--model", args.model), ("--nnunet", args.nnunet),
+                                      ("--bundle", args.bundle)) if value]
+    if len(given) > 1 and given != ["--card", "--model"]:
+        raise SegExplainError(f"{' and '.join(given)} each name a model; pass one")
+    framework_options = [flag for flag, value in (("--configuration", args.configuration), ("--folds", args.folds),
+                                                  ("--no-mirroring", args.no_mirroring)) if value]
+    if framework_options and not args.nnunet:
+        raise SegExplainError(f"{', '.join(framework_options)} belong to --nnunet, which was not given")
+    if args.nnunet or args.bundle:
+        if args.patch_size:
+            raise SegExplainError("--patch-size is for --model/--card: nnU-Net and MONAI bundles bring their own "
+                                  "sliding window")
+        return
     if args.card is None and args.model is None:
         from .demo import demo_card_path
 
         msg = (f"no model given: pass --card FILE (a model card: network, weights, sequences, normalization) or "
                f"--model SPEC with --weights FILE; to try the bundled demo network, pass --card {demo_card_path()}")
         raise SegExplainError(msg)
+
+
+def _pipeline(args: argparse.Namespace):
+    """The nnU-Net results folder or MONAI bundle of --nnunet / --bundle as a pipeline, or None."""
+    from .pipelines import open_pipeline
+
+    if args.nnunet:
+        folds = [fold if fold == "all" else _fold_number(fold) for fold in args.folds] if args.folds else None
+        return open_pipeline("nnunet", args.nnunet, configuration=args.configuration, folds=folds,
+                             checkpoint=args.checkpoint, mirroring=not args.no_mirroring,
+                             trust_code=args.trust_model_code)
+    if args.bundle:
+        return open_pipeline("bundle", args.bundle, trust_code=args.trust_model_code)
+    return None
+
+
+def _fold_number(text: str) -> int:
+    if not text.isdigit():
+        raise SegExplainError(f"--folds takes fold numbers or 'all', got {text!r}")
+    return int(text)
 
 
 def _load(args: argparse.Namespace):
@@ -380,6 +424,7 @@ def run_explain(args: argparse.Namespace) -> Path:
     from .api import explain
     from .explanation import software_versions
     from .filters import AmplitudeFilter
+    from .pipelines import explain_case
 
     output = Path(args.output)
     destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
@@ -393,20 +438,23 @@ def run_explain(args: argparse.Namespace) -> Path:
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
         progress.step("loading model")
-        model, card = _load(args)
-        names = args.sequence_names or (card.sequences if card and card.sequences else
-                                        [f"sequence{i}" for i in range(image.shape[0])])
+        pipeline = _pipeline(args)
+        model, card = (None, None) if pipeline else _load(args)
+        names = args.sequence_names or (pipeline.sequences if pipeline else card.sequences if card and card.sequences
+                                        else [f"sequence{i}" for i in range(image.shape[0])])
         if len(names) != image.shape[0]:
             msg = f"{len(names)} sequence names given for {image.shape[0]} image channels"
             raise SegExplainError(msg)
-        model_input = card.normalize(image) if card else image
         target = _target(args, geometry, args.label)
         torch.manual_seed(args.seed)
         progress.step("explaining")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = explain(model, model_input, target, args.method, device=args.device, samples=args.samples,
-                             sampling_seed=args.seed, **options)
+            common = {"device": args.device, "samples": args.samples, "sampling_seed": args.seed, **options}
+            if pipeline:
+                result = explain_case(pipeline, image, geometry, target, args.method, **common)
+            else:
+                result = explain(model, card.normalize(image) if card else image, target, args.method, **common)
         for warning in caught:  # the explanation's own warnings are shown once, by the progress display
             if str(warning.message) not in result.warnings:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
@@ -422,9 +470,10 @@ def run_explain(args: argparse.Namespace) -> Path:
         summary = {
             **result.record(),
             "inputs": [str(Path(p).resolve()) for p in args.input], "sequence_names": list(names),
-            "geometry": geometry.to_dict(), "model": {"spec": args.card or args.model, "weights": args.weights,
-                                                      "card": card.to_dict() if card else None},
-            "normalized_input": card is not None, "sliding_window": (
+            "geometry": geometry.to_dict(),
+            "model": pipeline.describe() if pipeline else {"spec": args.card or args.model, "weights": args.weights,
+                                                           "card": card.to_dict() if card else None},
+            "normalized_input": card is not None or pipeline is not None, "sliding_window": (
                 {"patch_size": list(model.patch_size), "overlap": model.overlap}
                 if hasattr(model, "patch_size") else None),
             "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
