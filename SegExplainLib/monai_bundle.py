@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import inspect
 import json
 import pydoc
@@ -46,7 +47,6 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +89,19 @@ def _expression_problem(text: str) -> str | None:
     return None
 
 
-def _target_problem(target: Any) -> str | None:
-    """Why building ``_target_`` may run code of someone else, or None for a class of :data:`SAFE_TARGET_MODULES`."""
+@functools.cache
+def _locator() -> Any:
     from monai.bundle import ComponentLocator
 
+    return ComponentLocator()  # its table of MONAI's names is built once, on first use
+
+
+def _target_problem(target: Any) -> str | None:
+    """Why building ``_target_`` may run code of someone else, or None for a class of :data:`SAFE_TARGET_MODULES`."""
     if not isinstance(target, str) or target.startswith("$"):
         return f"the callable {target!r}"
     if "." not in target:  # MONAI looks bare names up among its own modules
-        module = ComponentLocator().get_component_module_name(target)
+        module = _locator().get_component_module_name(target)
         if not module:
             return f"the unknown component {target!r}"
         target = f"{module if isinstance(module, str) else module[0]}.{target}"
@@ -163,7 +168,7 @@ class _Step:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
 
-    @cached_property
+    @functools.cached_property
     def exact(self) -> bool:
         """A signed permutation with whole-voxel offsets (reorientation, flip, crop, pad): values move unchanged."""
         linear, offset = self.matrix[:3, :3], self.matrix[:3, 3]
@@ -171,7 +176,7 @@ class _Step:
         return bool(np.allclose(linear, signs, atol=1e-6) and (np.abs(signs).sum(0) == 1).all()
                     and (np.abs(signs).sum(1) == 1).all() and np.allclose(offset, np.rint(offset), atol=1e-4))
 
-    @cached_property
+    @functools.cached_property
     def _index(self) -> tuple[list[int], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Input axis per output axis, and per axis the output and input indices that meet inside both grids."""
         signs, offset = np.rint(self.matrix[:3, :3]).astype(int), np.rint(self.matrix[:3, 3]).astype(int)
@@ -185,7 +190,7 @@ class _Step:
             inputs.append(torch.as_tensor(read[inside]))
         return axes, tuple(outputs), tuple(inputs)
 
-    @cached_property
+    @functools.cached_property
     def _grid(self) -> torch.Tensor:
         """Where each output voxel samples the input, in ``grid_sample``'s coordinates (align_corners=True)."""
         indices = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in self.out_shape), indexing="ij")

@@ -77,10 +77,9 @@ class Pipeline(abc.ABC):
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
         """The case ``image`` (C, D, H, W) on ``geometry`` (an :class:`~SegExplainLib.imaging.Geometry`), prepared."""
 
-    def check_method(self, method: Any) -> None:
+    def check_method(self, method: Any) -> None:  # noqa: B027 - a hook: only pipelines that refuse methods override it
         """Raise, before any case is prepared, when this model cannot be explained with ``method`` (a registry name
         or a method instance); every method is fine unless a pipeline says otherwise."""
-        del method  # every method works on a Python network
 
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
