@@ -69,6 +69,8 @@ _SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 #: Transforms that read files into memory: the case arrives in memory already.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
+#: The options of a SlidingWindowInferer that SegExplain's sliding window follows.
+_WINDOW_OPTIONS = ("roi_size", "overlap", "sigma_scale", "mode")
 _ADVICE = "; pass --trust-model-code (trust_code=True in Python) only if you trust this bundle"
 _REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
 
@@ -96,22 +98,26 @@ def _locator() -> Any:
     return ComponentLocator()  # its table of MONAI's names is built once, on first use
 
 
-def _target_problem(target: Any) -> str | None:
-    """Why building ``_target_`` may run code of someone else, or None for a class of :data:`SAFE_TARGET_MODULES`."""
+def _locate(target: Any) -> tuple[Any, str | None]:
+    """The class ``_target_`` names and None, or None and why building it may run code of someone else.
+
+    Only names in :data:`SAFE_TARGET_MODULES` are imported; a bare name is looked up among MONAI's modules, as MONAI
+    does.
+    """
     if not isinstance(target, str) or target.startswith("$"):
-        return f"the callable {target!r}"
-    if "." not in target:  # MONAI looks bare names up among its own modules
+        return None, f"the callable {target!r}"
+    if "." not in target:
         module = _locator().get_component_module_name(target)
         if not module:
-            return f"the unknown component {target!r}"
+            return None, f"the unknown component {target!r}"
         target = f"{module if isinstance(module, str) else module[0]}.{target}"
     elif not target.startswith(tuple(f"{m}." for m in SAFE_TARGET_MODULES)):
-        return f"code from {target!r}"  # not imported: importing it would run it
+        return None, f"code from {target!r}"  # not imported: importing it would run it
     found = pydoc.locate(target)
     module = getattr(found, "__module__", "") or ""
     if not inspect.isclass(found) or not module.startswith(SAFE_TARGET_MODULES):
-        return f"{target!r}, which is not a class of {', '.join(SAFE_TARGET_MODULES)}"
-    return None
+        return None, f"{target!r}, which is not a class of {', '.join(SAFE_TARGET_MODULES)}"
+    return found, None
 
 
 def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trusted: bool) -> list[str]:
@@ -144,7 +150,7 @@ def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trust
             if isinstance(value, dict):
                 stack.extend((f"{key}::{k}", v) for k, v in value.items() if k not in ("_target_", "_mode_"))
                 if "_target_" in value:
-                    problem = _target_problem(value["_target_"])
+                    problem = _locate(value["_target_"])[1]
                 if value.get("_mode_", "default") != "default":
                     problem = f"the {value['_mode_']!r} mode of {value.get('_target_')!r}"
             elif isinstance(value, list):
@@ -258,28 +264,47 @@ def _step(name: str, before: Any, after: Any) -> _Step | None:
     return step
 
 
-def _sliding_window(inferer: Any, network: nn.Module, spatial: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
-    """The network as the bundle's inferer runs it on a volume of ``spatial`` size, and a record of how."""
+def _inferer(parser: Any, source: str) -> tuple[type | None, list[str]]:
+    """The class of the bundle's inferer (None without one) and the ids of the options SegExplain reads from it.
+
+    The inferer is never built: SegExplain runs its own sliding window with the bundle's options, so the inferer's
+    device and buffering arguments need no trust.
+    """
     from monai.inferers import SimpleInferer, SlidingWindowInferer
 
-    if inferer is None or isinstance(inferer, SimpleInferer):
-        return network, {"inferer": type(inferer).__name__ if inferer is not None else None}
-    if not isinstance(inferer, SlidingWindowInferer):
-        raise SegExplainError(f"the bundle's inferer is a {type(inferer).__name__}; expected a SimpleInferer or a "
-                              "SlidingWindowInferer")
-    roi = np.broadcast_to(np.asarray(inferer.roi_size), (len(spatial),))
+    if "inferer" not in parser:
+        return None, []
+    raw = parser["inferer"]
+    found = _locate(raw.get("_target_"))[0] if isinstance(raw, dict) else None
+    if found is None or not issubclass(found, (SimpleInferer, SlidingWindowInferer)):
+        target = raw.get("_target_") if isinstance(raw, dict) else raw
+        raise SegExplainError(f"{source}: the inferer {target!r} is not supported; expected monai.inferers' "
+                              "SimpleInferer or SlidingWindowInferer")
+    if issubclass(found, SimpleInferer):
+        return found, []
+    if "roi_size" not in raw:
+        raise SegExplainError(f"{source}: the {found.__name__} has no roi_size; expected the patch size")
+    return found, [f"inferer::{k}" for k in _WINDOW_OPTIONS if k in raw]
+
+
+def _sliding_window(inferer: dict[str, Any] | None, network: nn.Module,
+                    spatial: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
+    """The network as the bundle's inferer runs it on a volume of ``spatial`` size, and a record of how."""
+    if inferer is None or "roi_size" not in inferer:
+        return network, {"inferer": None if inferer is None else inferer["class"]}
+    roi = np.broadcast_to(np.asarray(inferer["roi_size"]), (len(spatial),))
     patch = tuple(int(r) if r > 0 else s for r, s in zip(roi, spatial))  # MONAI: non-positive means the whole axis
     options = {}
     for name in ("overlap", "sigma_scale"):
-        values = set(np.atleast_1d(getattr(inferer, name)).tolist())
+        values = set(np.atleast_1d(inferer[name]).tolist())
         if len(values) != 1:
-            raise SegExplainError(f"the bundle's SlidingWindowInferer has {name}={getattr(inferer, name)!r} per "
-                                  "axis; SegExplain's sliding window takes one value for all axes")
+            raise SegExplainError(f"the bundle's {inferer['class']} has {name}={inferer[name]!r} per axis; "
+                                  "SegExplain's sliding window takes one value for all axes")
         options[name] = float(values.pop())
     window = SlidingWindow(network, patch, **options)
     # SegExplain blends with a Gaussian weight; a bundle with mode="constant" averages its windows evenly
-    return window, {"inferer": type(inferer).__name__, "patch_size": list(patch), **options,
-                    "blending": "gaussian", "bundle_blending": str(inferer.mode)}
+    return window, {"inferer": inferer["class"], "patch_size": list(patch), **options, "blending": "gaussian",
+                    "bundle_blending": inferer["mode"]}
 
 
 class BundlePipeline(Pipeline):
@@ -290,12 +315,13 @@ class BundlePipeline(Pipeline):
         network: The network (eval mode); TorchScript when the bundle has only ``models/model.ts``.
         scripted: Whether ``network`` is TorchScript (then only methods that do not walk modules work).
         transforms: The preprocessing transforms in order, file loading included (skipped when run).
-        inferer: The bundle's inferer, or None.
+        inferer: The bundle's inferer as its class name and the options SegExplain follows, or None.
     """
 
     kind = "bundle"
 
-    def __init__(self, folder: Path, *, network: nn.Module, weights: Path, transforms: list[Any], inferer: Any,
+    def __init__(self, folder: Path, *, network: nn.Module, weights: Path, transforms: list[Any],
+                 inferer: dict[str, Any] | None,
                  image_key: str, sequences: list[str], classes: list[str], metadata: dict[str, Any],
                  config_file: Path, trusted_code: list[str]) -> None:
         self.folder, self.network, self.weights, self.transforms = folder, network, weights, transforms
@@ -388,16 +414,17 @@ class BundlePipeline(Pipeline):
 
     def describe(self) -> dict[str, Any]:
         """The bundle: folder, name and version from its metadata, weights file, network and inferer."""
-        inferer = None if self.inferer is None else {
-            "class": type(self.inferer).__name__,
-            **{k: np.asarray(v).tolist() for k in ("roi_size", "overlap", "mode", "sigma_scale")
-               if isinstance(v := getattr(self.inferer, k, None), (int, float, str, list, tuple))}}
         return {"kind": self.kind, "folder": str(self.folder), "config": self.config_file.name,
                 "name": self.metadata.get("name", self.folder.name), "version": self.metadata.get("version"),
                 "weights": str(self.weights.relative_to(self.folder)),
                 "network": "TorchScript" if self.scripted else type(self.network).__name__,
-                "inferer": inferer, "sequences": self.sequences, "classes": self.classes,
+                "inferer": self.inferer, "sequences": self.sequences, "classes": self.classes,
                 "trusted_code": self.trusted_code}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of an inferer option (tuples, arrays and MONAI's string enums)."""
+    return str(value) if isinstance(value, str) else np.asarray(value).tolist()
 
 
 def _channel_names(section: dict[str, Any], count: int | None, prefix: str) -> list[str]:
@@ -465,7 +492,8 @@ def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
     except Exception as error:  # noqa: BLE001 - a malformed file, whatever the parser says about it
         raise SegExplainError(f"{source} cannot be read: {type(error).__name__}: {error}") from error
     scripted = weights.suffix == ".ts"
-    roots = [*([] if scripted else ["network_def"]), "preprocessing", "inferer"]
+    inferer_class, inferer_options = _inferer(parser, source)
+    roots = [*([] if scripted else ["network_def"]), "preprocessing", *inferer_options]
     if not scripted and "network_def" not in parser:
         raise SegExplainError(f"{source} has no network_def; expected the network's _target_ and its arguments")
     trusted_code = refuse_untrusted_config(parser, roots, source, trusted=trust_code)
@@ -510,6 +538,12 @@ def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
     if not sequences:
         raise SegExplainError(f"{source}: the number of input channels is unknown; expected network_data_format."
                               f"inputs.{image_key}.num_channels (or channel_def) in configs/metadata.json")
-    return BundlePipeline(folder, network=network, weights=weights, transforms=transforms, inferer=build("inferer"),
+    inferer = None
+    if inferer_class is not None:
+        defaults = inspect.signature(inferer_class).parameters
+        inferer = {"class": inferer_class.__name__, **{
+            k: _plain(build(f"inferer::{k}") if f"inferer::{k}" in inferer_options else defaults[k].default)
+            for k in _WINDOW_OPTIONS if k in defaults}}
+    return BundlePipeline(folder, network=network, weights=weights, transforms=transforms, inferer=inferer,
                           image_key=image_key, sequences=sequences, classes=classes, metadata=metadata,
                           config_file=config_file, trusted_code=trusted_code)

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from SegExplainLib.api import explain
 from SegExplainLib.errors import SegExplainError
@@ -58,7 +59,8 @@ CONFIG = {
     "network_def": NETWORK,
     "network": "$@network_def.to(@device)",
     "preprocessing": {"_target_": "Compose", "transforms": PREPROCESSING},
-    "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [8, 8, 8], "sw_batch_size": 1, "overlap": 0.5},
+    "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [8, 8, 8], "sw_batch_size": 1, "overlap": 0.5,
+                "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"},  # read, never built
     "evaluating": ["$@evaluator.run()"],
 }
 METADATA = {"version": "0.1.0", "name": "tiny_prostate", "network_data_format": {
@@ -191,6 +193,27 @@ def test_gradient_map_is_autograd_through_monais_own_transforms(bundle, case):
 
 
 
+def test_way_back_is_the_exact_transpose_of_monais_spatial_transforms(bundle, case):
+    image, geometry, _ = case
+    pipeline = open_bundle_quiet(bundle)
+    prepared = pipeline.prepare(image, geometry)
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(geometry.direction, (3, 3)) * np.asarray(geometry.spacing)
+    affine[:3, 3] = geometry.origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS to MONAI's RAS, on the (x, y, z) array
+    leaf = torch.zeros((2, *image.shape[:0:-1]), dtype=torch.float64, requires_grad=True)
+    moved = {"image": MetaTensor(leaf, affine=torch.as_tensor(affine))}
+    for transform in _split(pipeline)[1]:
+        moved = transform(moved)
+    maps = np.random.default_rng(1).normal(size=prepared.input.shape)
+    (reference,) = torch.autograd.grad(moved["image"].as_tensor(), leaf, torch.as_tensor(maps))
+    back, reference = prepared.maps_to_original(maps), reference.numpy().transpose(0, 3, 2, 1)
+    print(f"\nway back vs autograd through Orientationd + Spacingd: {np.abs(back - reference).max():.2g}; "
+          f"totals {maps.sum():.15g} and {back.sum():.15g}")
+    np.testing.assert_allclose(back, reference, atol=1e-6)  # Spacingd returns float32 even for float64 input
+    assert abs(back.sum() - maps.sum()) < 1e-10
+
+
 def test_a_box_drawn_on_the_images_lands_where_monai_moves_a_label_of_it(bundle, case, tmp_path):
     image, geometry, _ = case
     pipeline = open_bundle_quiet(bundle)
@@ -249,8 +272,9 @@ def _config(**changes):
     ({"pixdim": "$eval('[1.5] * 3')"}, "pixdim", "the expression"),  # reached through @pixdim
     ({"network_def": {**NETWORK, "_target_": "segexplain_never_imported.Net"}}, "network_def",
      "code from 'segexplain_never_imported.Net'"),
-    ({"inferer": {"_target_": "download", "name": "x"}}, "inferer", "'monai.bundle.scripts.download', which is not a "
-     "class of monai.networks"),  # a bare name MONAI finds among its own functions
+    ({"preprocessing": {"_target_": "Compose", "transforms": [*PREPROCESSING, {"_target_": "download", "name": "x"}]}},
+     "preprocessing::transforms::6", "'monai.bundle.scripts.download', which is not a class of monai.networks"),
+    # a bare name that MONAI finds among its own functions (this one downloads bundles)
 ])
 def test_trust_rule_refuses_code_naming_the_key(tmp_path, changes, key, what):
     folder = _make_bundle(tmp_path / "bundle", _config(**changes))
@@ -259,6 +283,14 @@ def test_trust_rule_refuses_code_naming_the_key(tmp_path, changes, key, what):
     message = str(raised.value)
     assert f"(key {key!r})" in message and what in message and "--trust-model-code" in message
     assert "segexplain_never_imported" not in sys.modules  # refused before anything was imported or built
+
+
+def test_an_inferer_of_the_bundles_own_code_is_not_supported_even_trusted(tmp_path):
+    folder = _make_bundle(tmp_path / "bundle", _config(inferer={"_target_": "scripts.inferer.Vista3dInferer"}))
+    for trust_code in (False, True):
+        with pytest.raises(SegExplainError, match=r"the inferer 'scripts.inferer.Vista3dInferer' is not supported; "
+                                                  r"expected monai.inferers' SimpleInferer or SlidingWindowInferer"):
+            open_bundle_quiet(folder, trust_code=trust_code)
 
 
 def test_trusted_code_runs_and_is_recorded(tmp_path, case):
