@@ -27,7 +27,7 @@ Safety: a bundle's configuration can run any Python (``$`` expressions, ``_targe
 Without ``trust_code``, the parts SegExplain builds (``network_def``, ``preprocessing``, ``inferer`` and everything
 they refer to) may only name classes of ``monai.networks``, ``monai.transforms``, ``monai.inferers`` and
 ``torch.nn``, and their ``$`` expressions may only be references (``$@name``), literals, names of ``torch``,
-``numpy`` or ``monai`` (``$torch.float32``) and sums of these; other keys (``datalist``, ``evaluator``, ``run``...)
+``numpy`` or ``monai`` (``$torch.float32``) and arithmetic, comparisons and conditionals of these; other keys (``datalist``, ``evaluator``, ``run``...)
 are never evaluated. ``device`` is set to ``"cpu"``: SegExplain places the network itself.
 
 Example:
@@ -64,8 +64,10 @@ __all__ = ["BundlePipeline", "open_bundle"]
 #: Modules whose classes a bundle's configuration may build without ``trust_code``.
 SAFE_TARGET_MODULES = ("monai.networks", "monai.transforms", "monai.inferers", "torch.nn")
 _SAFE_NAMES = {"torch", "numpy", "np", "monai"}
-_SAFE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.USub, ast.UAdd)
-_SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.Load, *_SAFE_OPERATORS)
+_SAFE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
+                   ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
+               ast.IfExp, ast.Load, *_SAFE_OPERATORS)
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 #: Transforms that read files into memory: the case arrives in memory already.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
@@ -76,7 +78,8 @@ _REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
 
 
 def _expression_problem(text: str) -> str | None:
-    """Why the ``$`` expression ``text`` may run code, or None when it is references, literals and library names."""
+    """Why the ``$`` expression ``text`` may run code, or None when it is references, literals and library names
+    combined by operators and conditionals (no calls, subscripts, lambdas or private attributes)."""
     try:
         tree = ast.parse(_REF.sub("__ref__", text[1:].strip()), mode="eval")
     except SyntaxError:

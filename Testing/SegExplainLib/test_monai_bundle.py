@@ -193,9 +193,19 @@ def test_gradient_map_is_autograd_through_monais_own_transforms(bundle, case):
 
 
 
-def test_way_back_is_the_exact_transpose_of_monais_spatial_transforms(bundle, case):
+@pytest.mark.parametrize("extra", [
+    [],
+    [{"_target_": "Flipd", "keys": "image", "spatial_axis": 1}],
+    [{"_target_": "Rotate90d", "keys": "image", "k": 1, "spatial_axes": [0, 2]}],
+    [{"_target_": "SpatialCropd", "keys": "image", "roi_start": [1, 2, 0], "roi_end": [9, 10, 8]}],
+    [{"_target_": "CenterSpatialCropd", "keys": "image", "roi_size": [8, 9, 10]}],
+    [{"_target_": "SpatialPadd", "keys": "image", "spatial_size": [14, 13, 16]}],
+    [{"_target_": "DivisiblePadd", "keys": "image", "k": 8}],
+], ids=["orientation_spacing", "flip", "rotate90", "crop", "centre_crop", "pad", "divisible_pad"])
+def test_way_back_is_the_exact_transpose_of_monais_spatial_transforms(tmp_path, case, extra):
     image, geometry, _ = case
-    pipeline = open_bundle_quiet(bundle)
+    pipeline = open_bundle_quiet(_make_bundle(tmp_path / "bundle", _config(preprocessing={
+        "_target_": "Compose", "transforms": [*PREPROCESSING[:4], *extra]})))
     prepared = pipeline.prepare(image, geometry)
     affine = np.eye(4)
     affine[:3, :3] = np.reshape(geometry.direction, (3, 3)) * np.asarray(geometry.spacing)
@@ -203,15 +213,17 @@ def test_way_back_is_the_exact_transpose_of_monais_spatial_transforms(bundle, ca
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # ITK's LPS to MONAI's RAS, on the (x, y, z) array
     leaf = torch.zeros((2, *image.shape[:0:-1]), dtype=torch.float64, requires_grad=True)
     moved = {"image": MetaTensor(leaf, affine=torch.as_tensor(affine))}
-    for transform in _split(pipeline)[1]:
+    for transform in pipeline.transforms[2:]:
         moved = transform(moved)
     maps = np.random.default_rng(1).normal(size=prepared.input.shape)
     (reference,) = torch.autograd.grad(moved["image"].as_tensor(), leaf, torch.as_tensor(maps))
     back, reference = prepared.maps_to_original(maps), reference.numpy().transpose(0, 3, 2, 1)
-    print(f"\nway back vs autograd through Orientationd + Spacingd: {np.abs(back - reference).max():.2g}; "
-          f"totals {maps.sum():.15g} and {back.sum():.15g}")
+    print(f"\n{extra[0]['_target_'] if extra else 'Orientationd + Spacingd'}: way back vs autograd through MONAI "
+          f"{np.abs(back - reference).max():.2g}; totals {maps.sum():.15g} and {back.sum():.15g}")
+    assert len(prepared.record["spatial_steps"]) == 2 + len(extra)
     np.testing.assert_allclose(back, reference, atol=1e-6)  # Spacingd returns float32 even for float64 input
-    assert abs(back.sum() - maps.sum()) < 1e-10
+    if not any("Pad" in t["_target_"] for t in extra):  # relevance of padded voxels has no image voxel to go to
+        assert abs(back.sum() - maps.sum()) < 1e-10
 
 
 def test_a_box_drawn_on_the_images_lands_where_monai_moves_a_label_of_it(bundle, case, tmp_path):
@@ -306,11 +318,15 @@ def test_trusted_code_runs_and_is_recorded(tmp_path, case):
     np.testing.assert_allclose(pipeline.prepare(image, geometry).input, 2 * plain.prepare(image, geometry).input)
 
 
-def test_a_transform_that_cannot_be_inverted_exactly_is_named(tmp_path, case):
-    nearest = [*PREPROCESSING[:3], {**PREPROCESSING[3], "mode": "nearest"}]
+@pytest.mark.parametrize(("last", "name"), [
+    ({**PREPROCESSING[3], "mode": "nearest"}, "Spacingd"),
+    ({"_target_": "Resized", "keys": "image", "spatial_size": [10, 10, 10]}, "Resized"),  # area mode
+    ({"_target_": "SpatialPadd", "keys": "image", "spatial_size": [14, 14, 14], "mode": "edge"}, "SpatialPadd"),
+])
+def test_a_transform_that_cannot_be_inverted_exactly_is_named(tmp_path, case, last, name):
     pipeline = open_bundle_quiet(_make_bundle(tmp_path / "bundle", _config(preprocessing={
-        "_target_": "Compose", "transforms": nearest})))
-    with pytest.raises(SegExplainError, match="Spacingd moves voxels in a way"):
+        "_target_": "Compose", "transforms": [*PREPROCESSING[:3], last]})))
+    with pytest.raises(SegExplainError, match=f"the bundle's {name} moves voxels in a way SegExplain cannot"):
         pipeline.prepare(*case[:2])
 
 
