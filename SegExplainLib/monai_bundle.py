@@ -7,7 +7,8 @@ A MONAI bundle is a folder::
     models/model.pt                     the state dict of network_def, or
     models/model.ts                     the network as TorchScript
 
-:func:`open_bundle` builds ``network_def``, ``preprocessing`` and ``inferer`` with ``monai.bundle.ConfigParser``.
+:func:`open_bundle` builds ``network_def`` and ``preprocessing`` with ``monai.bundle.ConfigParser`` and reads the
+options of ``inferer`` (a ``SlidingWindowInferer`` becomes :class:`~SegExplainLib.sliding.SlidingWindow`).
 :meth:`BundlePipeline.prepare` runs the preprocessing on the case as read (``LoadImage(d)`` and
 ``EnsureChannelFirst(d)`` are skipped: the case is already in memory) and follows every transform that moves
 voxels, from the change of the image's affine and shape it makes. Such a transform must be one whose effect
@@ -24,11 +25,12 @@ error naming the transform. Relevance comes back as sums (see :mod:`SegExplainLi
 voxels, which hold no image voxel, is dropped.
 
 Safety: a bundle's configuration can run any Python (``$`` expressions, ``_target_`` of any importable name).
-Without ``trust_code``, the parts SegExplain builds (``network_def``, ``preprocessing``, ``inferer`` and everything
-they refer to) may only name classes of ``monai.networks``, ``monai.transforms``, ``monai.inferers`` and
-``torch.nn``, and their ``$`` expressions may only be references (``$@name``), literals, names of ``torch``,
-``numpy`` or ``monai`` (``$torch.float32``) and arithmetic, comparisons and conditionals of these; other keys (``datalist``, ``evaluator``, ``run``...)
-are never evaluated. ``device`` is set to ``"cpu"``: SegExplain places the network itself.
+Without ``trust_code``, the parts SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's
+``roi_size``, ``overlap``, ``sigma_scale`` and ``mode``, and everything they refer to) may only name classes of
+``monai.networks``, ``monai.transforms``, ``monai.inferers`` and ``torch.nn``, and their ``$`` expressions may only
+be references (``$@name``), literals, names of ``torch``, ``numpy`` or ``monai`` (``$torch.float32``) and
+arithmetic, comparisons and conditionals of these. Other keys (``datalist``, ``evaluator``, ``run``...) are never
+evaluated, and ``device`` is set to ``"cpu"``: SegExplain places the network itself.
 
 Example:
     >>> pipeline = open_bundle("spleen_ct_segmentation")
@@ -130,7 +132,7 @@ def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trust
 
     Args:
         parser: The ``monai.bundle.ConfigParser`` holding the configuration.
-        roots: Ids of the items to be built, e.g. ``["network_def", "preprocessing", "inferer"]``.
+        roots: Ids of the items to be built, e.g. ``["network_def", "preprocessing", "inferer::roi_size"]``.
         source: The configuration's name for the message, e.g. ``"MONAI bundle 'spleen' (configs/inference.json)"``.
         trusted: The user allows code of the bundle to run.
 
