@@ -322,9 +322,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"weights file {str(path)!r} is not a plain state dict (torch.load weights_only=True refused it: "
             f"{_one_line(error)}); if it holds a whole pickled model, use --model pickle:{path} with --trust-model-code"
         ) from error
-    # Training checkpoints often wrap the state dict: {"state_dict": {...}, "epoch": ...}.
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
+    # Training checkpoints often wrap the state dict: {"state_dict": {...}, "epoch": ...}; MONAI's checkpoint
+    # saver writes {"model": {...}, "optimizer": ...}.
+    wrapper = next((k for k in ("state_dict", "model") if isinstance(loaded, Mapping)
+                    and isinstance(loaded.get(k), Mapping)), None)
+    if wrapper is not None:
+        loaded = loaded[wrapper]
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
@@ -338,8 +341,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, weights: str | Path) -> nn.Module:
     """Load a state dict from ``.pt``/``.pth`` (no code runs) or ``.safetensors`` into ``model``, strictly.
 
-    A ``{"state_dict": {...}}`` checkpoint is unwrapped, and a ``module.`` prefix on every key (``DataParallel``) is
-    dropped when the model's keys lack it.
+    A ``{"state_dict": {...}}`` or ``{"model": {...}}`` (MONAI) checkpoint is unwrapped, and a ``module.`` prefix on
+    every key (``DataParallel``) is dropped when the model's keys lack it.
 
     Args:
         model: The network; its parameters and buffers are overwritten in place.

@@ -77,6 +77,10 @@ class Pipeline(abc.ABC):
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
         """The case ``image`` (C, D, H, W) on ``geometry`` (an :class:`~SegExplainLib.imaging.Geometry`), prepared."""
 
+    def check_method(self, method: Any) -> None:  # noqa: B027 - a hook: only pipelines that refuse methods override it
+        """Raise, before any case is prepared, when this model cannot be explained with ``method`` (a registry name
+        or a method instance); every method is fine unless a pipeline says otherwise."""
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """The model as JSON-friendly values (source folder, configuration, folds...), for the record."""
@@ -198,6 +202,7 @@ def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: T
         raise SegExplainError(
             f"image has shape {image.shape}; the model expects (C, D, H, W) with C = {len(pipeline.sequences)} "
             f"channels ({', '.join(pipeline.sequences)})")
+    pipeline.check_method(method)
     prepared = prepared or pipeline.prepare(image, geometry)
     network_target = _on_network(target, tuple(image.shape[1:]), prepared)
     result = explain(prepared.model, prepared.input, network_target, method, **options)

@@ -1,0 +1,554 @@
+"""MONAI bundles as pipelines: the bundle's network, preprocessing and sliding window, explained on the images.
+
+A MONAI bundle is a folder::
+
+    configs/inference.json (or .yaml)   network_def, preprocessing, inferer
+    configs/metadata.json               name, version, channel names (network_data_format)
+    models/model.pt                     the state dict of network_def, or
+    models/model.ts                     the network as TorchScript
+
+:func:`open_bundle` builds ``network_def`` and ``preprocessing`` with ``monai.bundle.ConfigParser`` and reads the
+options of ``inferer`` (a ``SlidingWindowInferer`` becomes :class:`~SegExplainLib.sliding.SlidingWindow`).
+:meth:`BundlePipeline.prepare` runs the preprocessing on the case as read (``LoadImage(d)`` and
+``EnsureChannelFirst(d)`` are skipped: the case is already in memory) and follows every transform that moves
+voxels, from the change of the image's affine and shape it makes. Such a transform must be one whose effect
+SegExplain can transpose exactly, and it is checked by reproducing its output from its input:
+
+* a permutation, flip, crop or zero pad of the voxel grid (``Orientationd``, ``Flipd``, ``SpatialCropd``,
+  ``CenterSpatialCropd``, ``CropForegroundd``, ``SpatialPadd``, ``DivisiblePadd``...): values move unchanged;
+* linear resampling (``Spacingd`` with ``mode="bilinear"``, the default): each network voxel's relevance goes back
+  to the voxels it was interpolated from, in proportion to the interpolation weights (the transpose of the
+  interpolation, so the total is kept exactly).
+
+Anything else (nearest or spline resampling, ``Resized`` in area mode, edge padding, random transforms) is an
+error naming the transform. Relevance comes back as sums (see :mod:`SegExplainLib.pipelines`); relevance on padded
+voxels, which hold no image voxel, is dropped.
+
+Safety: a bundle's configuration can run any Python (``$`` expressions, ``_target_`` of any importable name).
+Without ``trust_code``, the parts SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's
+``roi_size``, ``overlap``, ``sigma_scale`` and ``mode``, and everything they refer to) may only name classes of
+``monai.networks``, ``monai.transforms``, ``monai.inferers`` and ``torch.nn``, and their ``$`` expressions may only
+be references (``$@name``), literals, names of ``torch``, ``numpy`` or ``monai`` (``$torch.float32``) and
+arithmetic, comparisons and conditionals of these. Other keys (``datalist``, ``evaluator``, ``run``...) are never
+evaluated, and ``device`` is set to ``"cpu"``: SegExplain places the network itself.
+
+Example:
+    >>> pipeline = open_bundle("spleen_ct_segmentation")
+    >>> result = explain_case(pipeline, image, geometry, PredictedRegion(class_index=1), "integrated_gradients")
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import inspect
+import json
+import pydoc
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import SegExplainError
+from .loading import load_weights
+from .pipelines import Pipeline, PreparedCase
+from .sliding import SlidingWindow
+
+__all__ = ["BundlePipeline", "open_bundle"]
+
+#: Modules whose classes a bundle's configuration may build without ``trust_code``.
+SAFE_TARGET_MODULES = ("monai.networks", "monai.transforms", "monai.inferers", "torch.nn")
+_SAFE_NAMES = {"torch", "numpy", "np", "monai"}
+_SAFE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
+                   ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
+               ast.IfExp, ast.Load, *_SAFE_OPERATORS)
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+#: Transforms that read files into memory: the case arrives in memory already.
+_LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
+#: The options of a SlidingWindowInferer that SegExplain's sliding window follows.
+_WINDOW_OPTIONS = ("roi_size", "overlap", "sigma_scale", "mode")
+_ADVICE = "; pass --trust-model-code (trust_code=True in Python) only if you trust this bundle"
+_REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
+
+
+def _expression_problem(text: str) -> str | None:
+    """Why the ``$`` expression ``text`` may run code, or None when it is references, literals and library names
+    combined by operators and conditionals (no calls, subscripts, lambdas or private attributes)."""
+    try:
+        tree = ast.parse(_REF.sub("__ref__", text[1:].strip()), mode="eval")
+    except SyntaxError:
+        return f"the expression {text!r}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in _SAFE_NAMES | {"__ref__"}:
+            continue
+        if isinstance(node, ast.Attribute) and not node.attr.startswith("_"):
+            continue
+        if not isinstance(node, _SAFE_NODES):
+            return f"the expression {text!r}"
+    return None
+
+
+@functools.cache
+def _locator() -> Any:
+    from monai.bundle import ComponentLocator
+
+    return ComponentLocator()  # its table of MONAI's names is built once, on first use
+
+
+def _locate(target: Any) -> tuple[Any, str | None]:
+    """The class ``_target_`` names and None, or None and why building it may run code of someone else.
+
+    Only names in :data:`SAFE_TARGET_MODULES` are imported; a bare name is looked up among MONAI's modules, as MONAI
+    does.
+    """
+    if not isinstance(target, str) or target.startswith("$"):
+        return None, f"the callable {target!r}"
+    if "." not in target:
+        module = _locator().get_component_module_name(target)
+        if not module:
+            return None, f"the unknown component {target!r}"
+        target = f"{module if isinstance(module, str) else module[0]}.{target}"
+    elif not target.startswith(tuple(f"{m}." for m in SAFE_TARGET_MODULES)):
+        return None, f"code from {target!r}"  # not imported: importing it would run it
+    found = pydoc.locate(target)
+    module = getattr(found, "__module__", "") or ""
+    if not inspect.isclass(found) or not module.startswith(SAFE_TARGET_MODULES):
+        return None, f"{target!r}, which is not a class of {', '.join(SAFE_TARGET_MODULES)}"
+    return found, None
+
+
+def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trusted: bool) -> list[str]:
+    """Raise unless building the items ``roots`` of a bundle configuration runs only library code, or ``trusted``.
+
+    Walks the items and every item they refer to (``@name``), after MONAI has resolved macros and relative ids.
+
+    Args:
+        parser: The ``monai.bundle.ConfigParser`` holding the configuration.
+        roots: Ids of the items to be built, e.g. ``["network_def", "preprocessing", "inferer::roi_size"]``.
+        source: The configuration's name for the message, e.g. ``"MONAI bundle 'spleen' (configs/inference.json)"``.
+        trusted: The user allows code of the bundle to run.
+
+    Returns:
+        Every ``key: what`` that would run code (empty when nothing; only when ``trusted``).
+
+    Raises:
+        SegExplainError: Some key would run code and ``trusted`` is false; the message names the key.
+    """
+    found, seen, pending = [], set(), list(roots)
+    while pending:
+        root = pending.pop()
+        if root in seen or root not in parser:
+            continue
+        seen.add(root)
+        stack = [(root, parser[root])]
+        while stack:
+            key, value = stack.pop()
+            problem = None
+            if isinstance(value, dict):
+                stack.extend((f"{key}::{k}", v) for k, v in value.items() if k not in ("_target_", "_mode_"))
+                if "_target_" in value:
+                    problem = _locate(value["_target_"])[1]
+                if value.get("_mode_", "default") != "default":
+                    problem = f"the {value['_mode_']!r} mode of {value.get('_target_')!r}"
+            elif isinstance(value, list):
+                stack.extend((f"{key}::{i}", v) for i, v in enumerate(value))
+            elif isinstance(value, str) and value.startswith(("$", "@")):
+                pending.extend(ref[1:].replace("#", "::") for ref in _REF.findall(value) if len(ref) > 1)
+                problem = _expression_problem(value) if value.startswith("$") else None
+            if problem is not None:
+                if not trusted:
+                    raise SegExplainError(f"{source} would run {problem} (key {key!r}){_ADVICE}")
+                found.append(f"{key}: {problem}")
+    return found
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A preprocessing transform that moved voxels: output voxel index ``o`` reads input index ``matrix @ o``."""
+
+    transform: str
+    matrix: np.ndarray
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @functools.cached_property
+    def exact(self) -> bool:
+        """A signed permutation with whole-voxel offsets (reorientation, flip, crop, pad): values move unchanged."""
+        linear, offset = self.matrix[:3, :3], self.matrix[:3, 3]
+        signs = np.rint(linear)
+        return bool(np.allclose(linear, signs, atol=1e-6) and (np.abs(signs).sum(0) == 1).all()
+                    and (np.abs(signs).sum(1) == 1).all() and np.allclose(offset, np.rint(offset), atol=1e-4))
+
+    @functools.cached_property
+    def _index(self) -> tuple[list[int], tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Input axis per output axis, and per axis the output and input indices that meet inside both grids."""
+        signs, offset = np.rint(self.matrix[:3, :3]).astype(int), np.rint(self.matrix[:3, 3]).astype(int)
+        axes, outputs, inputs = [], [], []
+        for a, size in enumerate(self.out_shape):
+            j = int(np.flatnonzero(signs[:, a])[0])
+            read = signs[j, a] * np.arange(size) + offset[j]
+            inside = (read >= 0) & (read < self.in_shape[j])
+            axes.append(j)
+            outputs.append(torch.as_tensor(np.flatnonzero(inside)))
+            inputs.append(torch.as_tensor(read[inside]))
+        return axes, tuple(outputs), tuple(inputs)
+
+    @functools.cached_property
+    def _grid(self) -> torch.Tensor:
+        """Where each output voxel samples the input, in ``grid_sample``'s coordinates (align_corners=True)."""
+        indices = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in self.out_shape), indexing="ij")
+        matrix = torch.as_tensor(self.matrix, dtype=torch.float64)
+        source = torch.stack(indices, -1) @ matrix[:3, :3].T + matrix[:3, 3]
+        scale = torch.tensor([2 / (n - 1) if n > 1 else 0.0 for n in self.in_shape], dtype=torch.float64)
+        return (source * scale - 1).flip(-1)[None]  # grid_sample wants (x, y, z) = the last axis first
+
+    @staticmethod
+    def _mesh(indices: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return indices[0][:, None, None], indices[1][None, :, None], indices[2][None, None, :]
+
+    def forward(self, field: torch.Tensor) -> torch.Tensor:
+        """``field`` (C, *in_shape) as the transform moves it: (C, *out_shape); zeros where nothing is read."""
+        if not self.exact:
+            return nn.functional.grid_sample(field[None], self._grid.to(field.dtype), mode="bilinear",
+                                             padding_mode="border", align_corners=True)[0]
+        axes, outputs, inputs = self._index
+        moved = field.permute(0, *(1 + j for j in axes))
+        result = field.new_zeros((field.shape[0], *self.out_shape))
+        result[(slice(None), *self._mesh(outputs))] = moved[(slice(None), *self._mesh(inputs))]
+        return result
+
+    def transpose(self, maps: torch.Tensor) -> torch.Tensor:
+        """Relevance (C, *out_shape) back onto the input grid (C, *in_shape): the transpose of :meth:`forward`."""
+        if not self.exact:
+            source = maps.new_zeros((maps.shape[0], *self.in_shape), requires_grad=True)
+            (back,) = torch.autograd.grad(self.forward(source), source, maps)
+            return back
+        axes, outputs, inputs = self._index
+        moved = maps.new_zeros((maps.shape[0], *(self.in_shape[j] for j in axes)))
+        moved[(slice(None), *self._mesh(inputs))] = maps[(slice(None), *self._mesh(outputs))]
+        return moved.permute(0, *(1 + int(a) for a in np.argsort(axes)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"transform": self.transform, "kind": "moved" if self.exact else "resampled (bilinear)",
+                "from_shape": list(self.in_shape), "to_shape": list(self.out_shape)}
+
+
+def _affine_ras(geometry: Any) -> np.ndarray:
+    """The RAS affine of the (x, y, z)-ordered array of ``geometry`` (ITK, LPS), as MONAI's image readers make it."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(geometry.direction, (3, 3)) * np.asarray(geometry.spacing)[None, :]
+    affine[:3, 3] = geometry.origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _step(name: str, before: Any, after: Any) -> _Step | None:
+    """The voxel move that transform ``name`` made from ``before`` to ``after``, checked; None when it moved none."""
+    matrix = np.linalg.solve(before.affine.numpy().astype(np.float64), after.affine.numpy().astype(np.float64))
+    in_shape, out_shape = tuple(before.shape[1:]), tuple(after.shape[1:])
+    if in_shape == out_shape and np.allclose(matrix, np.eye(4), atol=1e-6):
+        return None
+    if len(out_shape) != 3:
+        raise SegExplainError(f"the bundle's {name} made an image of shape {tuple(after.shape)}; expected (C, x, y, z)")
+    step = _Step(name, matrix, in_shape, out_shape)
+    source = before.as_tensor().detach().to(torch.float64)
+    difference = float((step.forward(source) - after.as_tensor().detach().to(torch.float64)).abs().max())
+    scale = max(float(source.abs().max()), 1e-12)
+    if difference > 1e-3 * scale:
+        raise SegExplainError(
+            f"the bundle's {name} moves voxels in a way SegExplain cannot bring relevance back through exactly "
+            f"(it differs from a permutation, crop, zero pad or bilinear resampling by {difference / scale:.2g} of "
+            "the image's range); supported: Orientationd, Flipd, crops, zero pads and Spacingd with mode='bilinear'")
+    return step
+
+
+def _inferer(parser: Any, source: str) -> tuple[type | None, list[str]]:
+    """The class of the bundle's inferer (None without one) and the ids of the options SegExplain reads from it.
+
+    The inferer is never built: SegExplain runs its own sliding window with the bundle's options, so the inferer's
+    device and buffering arguments need no trust.
+    """
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    if "inferer" not in parser:
+        return None, []
+    raw = parser["inferer"]
+    found = _locate(raw.get("_target_"))[0] if isinstance(raw, dict) else None
+    if found is None or not issubclass(found, (SimpleInferer, SlidingWindowInferer)):
+        target = raw.get("_target_") if isinstance(raw, dict) else raw
+        raise SegExplainError(f"{source}: the inferer {target!r} is not supported; expected monai.inferers' "
+                              "SimpleInferer or SlidingWindowInferer")
+    if issubclass(found, SimpleInferer):
+        return found, []
+    if "roi_size" not in raw:
+        raise SegExplainError(f"{source}: the {found.__name__} has no roi_size; expected the patch size")
+    return found, [f"inferer::{k}" for k in _WINDOW_OPTIONS if k in raw]
+
+
+def _sliding_window(inferer: dict[str, Any] | None, network: nn.Module,
+                    spatial: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
+    """The network as the bundle's inferer runs it on a volume of ``spatial`` size, and a record of how."""
+    if inferer is None or "roi_size" not in inferer:
+        return network, {"inferer": None if inferer is None else inferer["class"]}
+    roi = np.broadcast_to(np.asarray(inferer["roi_size"]), (len(spatial),))
+    patch = tuple(int(r) if r > 0 else s for r, s in zip(roi, spatial))  # MONAI: non-positive means the whole axis
+    options = {}
+    for name in ("overlap", "sigma_scale"):
+        values = set(np.atleast_1d(inferer[name]).tolist())
+        if len(values) != 1:
+            raise SegExplainError(f"the bundle's {inferer['class']} has {name}={inferer[name]!r} per axis; "
+                                  "SegExplain's sliding window takes one value for all axes")
+        options[name] = float(values.pop())
+    window = SlidingWindow(network, patch, **options)
+    # SegExplain blends with a Gaussian weight; a bundle with mode="constant" averages its windows evenly
+    return window, {"inferer": inferer["class"], "patch_size": list(patch), **options, "blending": "gaussian",
+                    "bundle_blending": inferer["mode"]}
+
+
+class BundlePipeline(Pipeline):
+    """A MONAI bundle opened by :func:`open_bundle` (see the module docs).
+
+    Attributes:
+        folder: The bundle folder.
+        network: The network (eval mode); TorchScript when the bundle has only ``models/model.ts``.
+        scripted: Whether ``network`` is TorchScript (then only methods that do not walk modules work).
+        transforms: The preprocessing transforms in order, file loading included (skipped when run).
+        inferer: The bundle's inferer as its class name and the options SegExplain follows, or None.
+    """
+
+    kind = "bundle"
+
+    def __init__(self, folder: Path, *, network: nn.Module, weights: Path, transforms: list[Any],
+                 inferer: dict[str, Any] | None,
+                 image_key: str, sequences: list[str], classes: list[str], metadata: dict[str, Any],
+                 config_file: Path, trusted_code: list[str]) -> None:
+        self.folder, self.network, self.weights, self.transforms = folder, network, weights, transforms
+        self.inferer, self.image_key, self.metadata, self.config_file = inferer, image_key, metadata, config_file
+        self.sequences, self.classes, self.trusted_code = sequences, classes, trusted_code
+        self.scripted = isinstance(network, torch.jit.ScriptModule)
+
+    def check_method(self, method: Any) -> None:
+        """Refuse methods that attach rules to Python modules (LRP...) when the bundle's network is TorchScript."""
+        from .api import METHODS
+
+        walks = METHODS[method].walks_modules if method in METHODS else getattr(method, "walks_modules", False)
+        if self.scripted and walks:
+            working = ", ".join(name for name, cls in sorted(METHODS.items()) if not cls.walks_modules)
+            name = method if isinstance(method, str) else method.name
+            raise SegExplainError(
+                f"MONAI bundle {str(self.folder)!r} has its network only as TorchScript ({self.weights.name}), "
+                f"which method {name!r} cannot attach its rules to; use one of {working}, or add models/model.pt "
+                "(the state dict) so that network_def is built from its Python class")
+
+    def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
+        """Run the bundle's preprocessing on ``image`` (C, D, H, W) on ``geometry`` (ITK conventions, LPS)."""
+        from monai.data import MetaTensor
+        from monai.transforms import MapTransform, Randomizable
+
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 4 or tuple(image.shape[1:]) != tuple(geometry.shape):
+            raise SegExplainError(f"image has shape {image.shape}; expected (C, D, H, W) on the geometry's grid "
+                                  f"(D, H, W) = {tuple(geometry.shape)}")
+        affine = torch.as_tensor(_affine_ras(geometry))
+        array = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 2, 1)))  # MONAI's (C, x, y, z)
+        meta = {"original_affine": affine.clone(), "spatial_shape": np.asarray(array.shape[1:]),
+                "original_channel_dim": 0, "space": "RAS", "filename_or_obj": "case"}
+        current = MetaTensor(array, affine=affine, meta=meta)
+        steps, applied, skipped = [], [], []
+        for transform in self.transforms:
+            name = type(transform).__name__
+            if name in _LOADING:
+                skipped.append(name)
+                continue
+            if isinstance(transform, Randomizable):
+                raise SegExplainError(f"the bundle's preprocessing has the random transform {name}; an explanation "
+                                      "needs the same input every time")
+            keyed = isinstance(transform, MapTransform)
+            try:
+                with torch.no_grad():
+                    output = transform({self.image_key: current} if keyed else current)
+            except Exception as error:  # noqa: BLE001 - any failure of the bundle's code means the same to the user
+                raise SegExplainError(f"the bundle's preprocessing step {name} failed on the case: "
+                                      f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
+                                      ) from error
+            output = output[self.image_key] if keyed else output
+            if not isinstance(output, MetaTensor):
+                raise SegExplainError(f"the bundle's preprocessing step {name} returned a {type(output).__name__} "
+                                      "without the image's geometry; expected a MetaTensor")
+            step = _step(name, current, output)
+            if step is not None:
+                steps.append(step)
+            applied.append(name)
+            current = output
+        network_input = current.as_tensor().detach().to(torch.float32).cpu().numpy()
+        model, window = _sliding_window(self.inferer, self.network, tuple(network_input.shape[1:]))
+        original = tuple(image.shape[1:])
+
+        def maps_to_original(maps: np.ndarray) -> np.ndarray:
+            maps = np.asarray(maps)
+            values = torch.as_tensor(maps, dtype=torch.float64)
+            for step in reversed(steps):
+                values = step.transpose(values)
+            return values.numpy().transpose(0, 3, 2, 1).astype(maps.dtype, copy=False)
+
+        def region_to_network(region: np.ndarray) -> np.ndarray:
+            region = np.asarray(region, bool)
+            if region.shape != original:
+                raise SegExplainError(f"region has shape {region.shape}; expected the image grid {original}")
+            share = torch.as_tensor(np.ascontiguousarray(region.T), dtype=torch.float64)[None]
+            for step in steps:
+                share = step.forward(share)
+            share = share[0].numpy()
+            mapped = share >= 0.5
+            if not mapped.any() and share.max() > 0:  # a click smaller than a network voxel keeps its best voxel
+                mapped = share >= share.max() * (1 - 1e-9)
+            return mapped
+
+        record = {"network_shape": list(network_input.shape[1:]), "network_affine": current.affine.tolist(),
+                  "preprocessing": applied, "skipped": skipped, "spatial_steps": [s.describe() for s in steps],
+                  **window}
+        return PreparedCase(model=model, input=network_input, region_to_network=region_to_network,
+                            maps_to_original=maps_to_original, record=record)
+
+    def describe(self) -> dict[str, Any]:
+        """The bundle: folder, name and version from its metadata, weights file, network and inferer."""
+        return {"kind": self.kind, "folder": str(self.folder), "config": self.config_file.name,
+                "name": self.metadata.get("name", self.folder.name), "version": self.metadata.get("version"),
+                "weights": str(self.weights.relative_to(self.folder)),
+                "network": "TorchScript" if self.scripted else type(self.network).__name__,
+                "inferer": self.inferer, "sequences": self.sequences, "classes": self.classes,
+                "trusted_code": self.trusted_code}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly copy of an inferer option (tuples, arrays and MONAI's string enums)."""
+    return str(value) if isinstance(value, str) else np.asarray(value).tolist()
+
+
+def _channel_names(section: dict[str, Any], count: int | None, prefix: str) -> list[str]:
+    """Channel names from a metadata ``network_data_format`` entry, else ``prefix0..`` for ``count`` channels."""
+    definition = section.get("channel_def")
+    if isinstance(definition, dict) and definition:
+        return [str(definition[k]) for k in sorted(definition, key=lambda k: int(k) if str(k).isdigit() else 0)]
+    count = section.get("num_channels", count)
+    return [f"{prefix}{i}" for i in range(int(count))] if isinstance(count, int) else []
+
+
+@contextlib.contextmanager
+def _importable(folder: Path, allowed: bool) -> Iterator[None]:
+    """With trusted code, the bundle's own ``scripts`` package is importable while the configuration is built."""
+    if not allowed:
+        yield
+        return
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+
+
+def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
+    """Open a MONAI bundle folder as a pipeline (see the module docs).
+
+    Args:
+        path: The bundle folder, holding ``configs/inference.json`` (or ``.yaml``) and ``models/model.pt`` (or only
+            ``models/model.ts``).
+        trust_code: Allow the configuration to run code beyond building MONAI and PyTorch classes (the command
+            line's ``--trust-model-code``).
+
+    Raises:
+        SegExplainError: The folder lacks a configuration or weights, the configuration would run code and
+            ``trust_code`` is false, or building the network, the preprocessing or the weights failed.
+    """
+    if not isinstance(trust_code, bool):
+        raise SegExplainError(f"trust_code must be True or False, got {trust_code!r}")
+    folder = Path(path).expanduser().resolve()
+    expected = "a MONAI bundle folder with configs/inference.json (or .yaml) and models/model.pt or models/model.ts"
+    if not folder.is_dir():
+        raise SegExplainError(f"MONAI bundle {str(folder)!r} is not a folder; expected {expected}")
+    config_file = next((folder / "configs" / n for n in _CONFIG_NAMES if (folder / "configs" / n).is_file()), None)
+    if config_file is None:
+        raise SegExplainError(f"MONAI bundle {str(folder)!r} has no configs/inference.json (nor .yaml); "
+                              f"expected {expected}")
+    weights = next((folder / "models" / n for n in ("model.pt", "model.ts") if (folder / "models" / n).is_file()),
+                   None)
+    if weights is None:
+        raise SegExplainError(f"MONAI bundle {str(folder)!r} has no weights: expected models/model.pt (the state "
+                              "dict of network_def) or models/model.ts (TorchScript)")
+    from monai.bundle import ConfigParser
+
+    source = f"MONAI bundle {str(folder)!r} ({config_file.relative_to(folder)})"
+    parser = ConfigParser()
+    try:
+        parser.read_config(config_file)
+        metadata_file = folder / "configs" / "metadata.json"
+        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        parser["bundle_root"] = str(folder)
+        if "device" in parser:
+            parser["device"] = "cpu"
+        parser.resolve_macro_and_relative_ids()
+    except Exception as error:  # noqa: BLE001 - a malformed file, whatever the parser says about it
+        raise SegExplainError(f"{source} cannot be read: {type(error).__name__}: {error}") from error
+    scripted = weights.suffix == ".ts"
+    inferer_class, inferer_options = _inferer(parser, source)
+    roots = [*([] if scripted else ["network_def"]), "preprocessing", *inferer_options]
+    if not scripted and "network_def" not in parser:
+        raise SegExplainError(f"{source} has no network_def; expected the network's _target_ and its arguments")
+    trusted_code = refuse_untrusted_config(parser, roots, source, trusted=trust_code)
+
+    def build(key: str) -> Any:
+        if key not in parser:
+            return None
+        try:
+            with _importable(folder, trust_code):
+                return parser.get_parsed_content(key)
+        except Exception as error:  # noqa: BLE001 - the bundle's own code may raise anything
+            cause = error.__cause__ or error
+            raise SegExplainError(f"{source}: building {key} failed: {type(cause).__name__}: {cause}") from error
+
+    if trust_code and "imports" in parser:
+        build("imports")
+    if scripted:
+        try:
+            network = torch.jit.load(str(weights), map_location="cpu")
+        except Exception as error:  # noqa: BLE001
+            raise SegExplainError(f"{source}: {weights} is not a TorchScript file: {error}") from error
+    else:
+        network = build("network_def")
+        if not isinstance(network, nn.Module):
+            raise SegExplainError(f"{source}: network_def built a {type(network).__name__}; expected a torch.nn.Module")
+        load_weights(network, weights)
+    network.eval()  # as MONAI's evaluators run it
+    preprocessing = build("preprocessing")
+    if preprocessing is None:
+        transforms = []
+    elif hasattr(preprocessing, "flatten"):
+        transforms = list(preprocessing.flatten().transforms)
+    else:
+        transforms = list(preprocessing) if isinstance(preprocessing, (list, tuple)) else [preprocessing]
+    data_format = metadata.get("network_data_format", {})
+    inputs, outputs = data_format.get("inputs", {}) or {}, data_format.get("outputs", {}) or {}
+    image_key = next(iter(inputs), "image")
+    network_config = parser["network_def"] if "network_def" in parser else {}
+    network_config = network_config if isinstance(network_config, dict) else {}
+    sequences = _channel_names(inputs.get(image_key, {}), network_config.get("in_channels"), "channel")
+    classes = _channel_names(next(iter(outputs.values()), {}), network_config.get("out_channels"), "class")
+    if not sequences:
+        raise SegExplainError(f"{source}: the number of input channels is unknown; expected network_data_format."
+                              f"inputs.{image_key}.num_channels (or channel_def) in configs/metadata.json")
+    inferer = None
+    if inferer_class is not None:
+        defaults = inspect.signature(inferer_class).parameters
+        inferer = {"class": inferer_class.__name__, **{
+            k: _plain(build(f"inferer::{k}") if f"inferer::{k}" in inferer_options else defaults[k].default)
+            for k in _WINDOW_OPTIONS if k in defaults}}
+    return BundlePipeline(folder, network=network, weights=weights, transforms=transforms, inferer=inferer,
+                          image_key=image_key, sequences=sequences, classes=classes, metadata=metadata,
+                          config_file=config_file, trusted_code=trusted_code)
