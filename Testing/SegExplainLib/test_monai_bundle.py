@@ -362,3 +362,20 @@ def test_monai_checkpoint_with_a_model_key_loads(tmp_path, bundle):
     reference = open_bundle_quiet(bundle).network.state_dict()
     loaded = open_bundle_quiet(wrapped).network.state_dict()
     assert all(torch.equal(reference[k], loaded[k]) for k in reference)
+
+
+def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_path, capsys):
+    from SegExplainLib.cli import main
+
+    image, geometry, files = case
+    output = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI's notices about its own defaults
+        code = main(["explain", "--bundle", str(bundle), "--input", *map(str, files), "--voxel", "3", "7", "8",
+                     "--radius", "1", "--output", str(output), "--no-figures"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sequence_names"] == ["T2", "ADC"] and summary["model"]["kind"] == "bundle"
+    maps, written = read_sequences([output / name for name in summary["files"][:2]])
+    assert maps.shape == image.shape and written.differences(geometry) == []
+    assert maps.sum() == pytest.approx(summary["expected_sum"] + summary["delta"], rel=1e-4)
