@@ -83,14 +83,23 @@ Tjoa et al. and Chatterjee et al., and Integrated Gradients by Sundararajan et a
 class SegExplainParameterNode:
     """Everything the user sets in the panel; saved with the scene and restored when it is loaded.
 
+    modelKind: what the model is: a model card, an nnU-Net v2 results folder or a MONAI bundle folder.
     modelCard: model card file (YAML/JSON) naming the network, its weights and sequences; empty for the bundled demo.
-    inputVolumes: one volume per MRI sequence of the card, in the card's order.
+    modelFolder: the nnU-Net results folder or the bundle folder.
+    nnunetConfiguration, nnunetFolds, nnunetMirroring: nnU-Net's configuration (empty: 3d_fullres), folds ("0 1";
+    empty: every trained fold) and test-time mirroring. All read by SegExplainMRML.workflow.modelSource.
+    inputVolumes: one volume per MRI sequence of the model, in its order.
     multiVolume: or one multi-component volume holding the sequences; it is split into ``inputVolumes`` on Explain.
     regionKind: what to explain: a segment, an ROI box, a clicked point, the predicted region or the whole class.
     The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
     """
 
+    modelKind: Annotated[str, Choice(["card", "nnunet", "bundle"])] = "card"
     modelCard: str = ""
+    modelFolder: str = ""
+    nnunetConfiguration: str = ""
+    nnunetFolds: str = ""
+    nnunetMirroring: bool = True
     inputVolumes: list[vtkMRMLScalarVolumeNode]
     multiVolume: vtkMRMLVectorVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
@@ -154,7 +163,14 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
         self.ui.deviceLabel.text = self.logic.deviceDescription()
-        self.ui.modelCardPathLineEdit.connect("currentPathChanged(QString)", self.onModelCardChanged)
+        # The kind selector shows translated names and holds the kind as item data; it is bound by hand.
+        for kind, label in (("card", _("Model card")), ("nnunet", _("nnU-Net results folder")),
+                            ("bundle", _("MONAI bundle"))):
+            self.ui.modelKindComboBox.addItem(label, kind)
+        self.ui.modelKindComboBox.connect("currentIndexChanged(int)", self.onModelKindChanged)
+        self.ui.modelCardPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.modelFolderPathLineEdit.connect("currentPathChanged(QString)", self.onModelChanged)
+        self.ui.nnunetConfigurationLineEdit.connect("editingFinished()", self.onModelChanged)
         # The segment selectors hold a node and a segment ID; they are bound by hand.
         self.ui.regionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRegionSegmentationChanged)
         self.ui.regionSegmentSelector.connect("currentSegmentChanged(QString)", self.onRegionSegmentChanged)
@@ -235,13 +251,30 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateRequirementsBanner()
         self._rebuildSequenceSelectors()
 
-    def onModelCardChanged(self, path) -> None:
-        # Trust is given to one card: another card (or a loaded scene naming one) starts untrusted.
+    def onModelKindChanged(self, index) -> None:
+        kind = self.ui.modelKindComboBox.itemData(index)
+        if self._parameterNode and kind and self._parameterNode.modelKind != kind:
+            self._parameterNode.modelKind = kind
+        self.onModelChanged()
+
+    def onModelChanged(self, *unused) -> None:
+        # Trust is given to one model: another card or folder (or a loaded scene naming one) starts untrusted.
         self.ui.trustModelCodeCheckBox.checked = False
+        self._updateModelWidgets()
         self._rebuildSequenceSelectors()
 
+    def _updateModelWidgets(self) -> None:
+        """The kind selector shows the parameter's kind; the path field and options of that kind are shown."""
+        kind = self._parameterNode.modelKind if self._parameterNode else "card"
+        combo = self.ui.modelKindComboBox
+        if combo.itemData(combo.currentIndex) != kind:
+            combo.currentIndex = combo.findData(kind)
+        self.ui.modelCardPathLineEdit.visible = kind == "card"
+        self.ui.modelFolderPathLineEdit.visible = kind != "card"
+        self.ui.nnunetFrame.visible = kind == "nnunet"
+
     def _rebuildSequenceSelectors(self) -> None:
-        """One volume selector per sequence of the model card, named after it."""
+        """One volume selector per sequence of the model, named after it."""
         for label, selector in self._sequenceSelectors:
             label.deleteLater()
             selector.deleteLater()
@@ -249,8 +282,8 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode or self.logic.missingRequirements():
             return
         try:
-            names = self.logic.sequenceNames(self._parameterNode.modelCard)
-        except Exception as error:  # a bad card path shows its one-line message under the path field
+            names = self.logic.sequenceNames(self.logic.modelSource(self._parameterNode))
+        except Exception as error:  # a bad card or folder shows its one-line message under the path field
             self.ui.cardStatusLabel.text = str(error)
             return
         self.ui.cardStatusLabel.text = _("{count} sequences: {names}").format(count=len(names), names=", ".join(names))
@@ -298,6 +331,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         parameters = self._parameterNode
         if not parameters:
             return
+        self._updateModelWidgets()
         for selector, node, segmentId in (
                 (self.ui.regionSegmentSelector, parameters.regionSegmentation, parameters.regionSegmentId),
                 (self.ui.groundTruthSegmentSelector, parameters.groundTruthSegmentation,
@@ -309,7 +343,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             parameters.inputVolumes and all(parameters.inputVolumes))
         self.ui.applyButton.enabled = bool(ready)
         self.ui.applyButton.toolTip = "" if ready else _(
-            "Select a volume for every sequence of the model card, or a multi-volume")
+            "Select a volume for every sequence of the model, or a multi-volume")
         self.ui.lrpFrame.visible = parameters.method == "lrp"
         self.ui.igFrame.visible = parameters.method == "integrated_gradients"
         if self._explanation is not None:
@@ -500,19 +534,21 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         return _("No CUDA GPU found: CPU")
 
     @staticmethod
-    def cardPath(modelCard: str) -> str:
-        from SegExplainMRML.job import demoCardPath
+    def modelSource(parameters):
+        """The model the parameters name: a model card, an nnU-Net results folder or a MONAI bundle."""
+        from SegExplainMRML import workflow
 
-        return modelCard or demoCardPath()
+        return workflow.modelSource(parameters)
 
-    def sequenceNames(self, modelCard: str) -> list[str]:
-        """The sequences of the model card (the bundled demo's when ``modelCard`` is empty)."""
-        from SegExplainLib.loading import ModelCard
+    @staticmethod
+    def sequenceNames(model) -> list[str]:
+        """The sequences of the model: a ``ModelSource``, or a model card path (empty: the bundled demo's).
 
-        card = ModelCard.read(self.cardPath(modelCard))
-        if not card.sequences:
-            raise ValueError(_("model card {path} lists no sequences").format(path=self.cardPath(modelCard)))
-        return list(card.sequences)
+        Read from the card, nnU-Net's dataset.json or the bundle's metadata: no network is loaded in Slicer.
+        """
+        from SegExplainMRML.job import ModelSource
+
+        return (model if isinstance(model, ModelSource) else ModelSource("card", model or "")).sequenceNames()
 
     def newClickedPointsNode(self):
         """The markups node whose placed points trigger click-to-explain."""
@@ -532,19 +568,20 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
     def startExplanation(self, parameters, trustModelCode: bool = False):
         """Write the inputs and start the background job; returns the running ``ExplainJob``.
 
-        ``trustModelCode`` is the user's word that the card's model may run code of someone else (a model file, a
-        module outside the built-in networks, MONAI and torch.nn, a pickle); see ``SegExplainMRML.job.ExplainJob``.
+        ``trustModelCode`` is the user's word that the model may run code of someone else (a model file, a module
+        outside the built-in networks, MONAI and torch.nn, a pickle, classes named by nnU-Net plans or a bundle's
+        configuration); see ``SegExplainMRML.job.ExplainJob``.
         """
         from SegExplainMRML import workflow
         from SegExplainMRML.nodes import splitVectorVolume
 
-        names = self.sequenceNames(parameters.modelCard)
+        model = self.modelSource(parameters)
+        names = self.sequenceNames(model)
         if parameters.multiVolume is not None:
             parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
             parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
         job = workflow.startExplanation(list(parameters.inputVolumes), names, self.region(parameters),
-                                        workflow.settings(parameters), self.cardPath(parameters.modelCard),
-                                        trustModelCode=trustModelCode)
+                                        workflow.settings(parameters), model, trustModelCode=trustModelCode)
         logging.info("SegExplain: %s", " ".join(job.command()))
         return job
 

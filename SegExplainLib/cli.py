@@ -184,11 +184,23 @@ def _parser() -> argparse.ArgumentParser:
                     "the token is drawn anew for each run and the app answers no one without it. It never opens a "
                     "browser. With no CASE, the bundled demo case and model are used.")
     review.add_argument("case", nargs="?", metavar="CASE_OR_FOLDER",
-                        help="a case folder: one file per sequence of the model card (<sequence>.nii.gz, .nii, "
-                             ".nrrd or .mha) and optionally label.*; or one 4D file with a channel per sequence")
-    review.add_argument("--model", metavar="CARD", help="model card (default: the bundled demo model)")
+                        help="a case folder: one file per sequence of the model (<sequence>.nii.gz, .nii, .nrrd or "
+                             ".mha, named after the card's sequences, nnU-Net's channel_names or the bundle's "
+                             "channels) and optionally label.*; or one 4D file with a channel per sequence")
+    review_model = review.add_argument_group("model (one of; default: the bundled demo model)")
+    review_model.add_argument("--model", metavar="CARD", help="model card")
+    review_model.add_argument("--nnunet", metavar="FOLDER",
+                              help="an nnU-Net v2 results folder (Dataset.../Trainer__Plans__configuration, or the "
+                                   "dataset folder)")
+    review_model.add_argument("--configuration", help="nnU-Net configuration (default 3d_fullres)")
+    review_model.add_argument("--folds", nargs="+", metavar="FOLD",
+                              help="nnU-Net folds to average (default: all trained)")
+    review_model.add_argument("--no-mirroring", action="store_true",
+                              help="nnU-Net: do not average over mirrored inputs")
+    review_model.add_argument("--bundle", metavar="FOLDER", help="a MONAI bundle folder")
     review.add_argument("--trust-model-code", action="store_true",
-                        help="allow the card's model to import or run code of someone else (see explain --help)")
+                        help="allow the model (the card's, the nnU-Net plans' or the bundle's) to import or run code "
+                             "of someone else (see explain --help)")
     review.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     review.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -200,28 +212,50 @@ def run_review(args: argparse.Namespace) -> None:
     from .demo import demo_card_path, write_demo_case
     from .loading import ModelCard
 
-    if args.case is None and args.model is not None:
-        raise SegExplainError("--model needs a CASE_OR_FOLDER whose sequences the model takes")
-    card = args.model or str(demo_card_path())
-    if not Path(card).is_file():
-        raise SegExplainError(f"model card {card!r} is not a file")
-    _refuse_untrusted_code(ModelCard.read(card).model, f"model card {card!r}", trusted=args.trust_model_code)
+    given = [flag for flag, value in (("--model", args.model), ("--nnunet", args.nnunet), ("--bundle", args.bundle))
+             if value]
+    if len(given) > 1:
+        raise SegExplainError(f"{' and '.join(given)} each name a model; pass one")
+    nnunet_options = [flag for flag, value in (("--configuration", args.configuration), ("--folds", args.folds),
+                                               ("--no-mirroring", args.no_mirroring)) if value]
+    if nnunet_options and not args.nnunet:
+        raise SegExplainError(f"{', '.join(nnunet_options)} belong to --nnunet, which was not given")
+    if args.case is None and given:
+        raise SegExplainError(f"{given[0]} needs a CASE_OR_FOLDER whose sequences the model takes")
+    model_folder = args.nnunet or args.bundle
+    if model_folder:
+        what = "nnU-Net results folder" if args.nnunet else "MONAI bundle"
+        if not Path(model_folder).is_dir():
+            raise SegExplainError(f"{what} {model_folder!r} is not a folder")
+        card = None
+    else:
+        card = args.model or str(demo_card_path())
+        if not Path(card).is_file():
+            raise SegExplainError(f"model card {card!r} is not a file")
+        _refuse_untrusted_code(ModelCard.read(card).model, f"model card {card!r}", trusted=args.trust_model_code)
     try:
+        from SegExplainMRML.job import ModelSource
+
         from SegExplainReview.app import serve
         from SegExplainReview.session import ReviewCase
     except ImportError as error:
         raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
+    if args.nnunet:
+        model = ModelSource("nnunet", args.nnunet, configuration=args.configuration or "", folds=args.folds or (),
+                            mirroring=not args.no_mirroring)
+    else:
+        model = ModelSource("bundle", args.bundle) if args.bundle else ModelSource("card", card)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="segexplain-review-") as folder:
         if args.case is None:
             sequences, label = write_demo_case(folder)
-            case = ReviewCase(card, tuple(sequences), label)
+            case = ReviewCase(model, tuple(sequences), label)
         elif Path(args.case).is_file():
-            case = ReviewCase.fromFile(args.case, card, folder)
+            case = ReviewCase.fromFile(args.case, model, folder)
         else:
-            case = ReviewCase.fromFolder(args.case, card)
+            case = ReviewCase.fromFolder(args.case, model)
         try:
             serve(dataclasses.replace(case, trustModelCode=args.trust_model_code), host=args.host, port=args.port)
         except KeyboardInterrupt:

@@ -37,7 +37,7 @@ from .errors import SegExplainError
 from .targets import ClassChannel, MaskTarget, PredictedRegion, Target
 
 __all__ = ["PIPELINES", "Pipeline", "PreparedCase", "explain_case", "open_pipeline", "region_to_grid",
-           "relevance_from_grid"]
+           "relevance_from_grid", "sequence_names"]
 
 
 @dataclass
@@ -108,6 +108,67 @@ def open_pipeline(kind: str, path: Any, **options: Any) -> Pipeline:
         raise SegExplainError(f"unknown pipeline kind {kind!r}; expected one of {', '.join(PIPELINES)}")
     module_name, function = PIPELINES[kind]
     return getattr(importlib.import_module(module_name), function)(path, **options)
+
+
+def sequence_names(kind: str, path: Any, *, configuration: str | None = None, trust_code: bool = False) -> list[str]:
+    """The input sequence names of a model, read from its description files without building the network.
+
+    What a front end needs to match a case's volumes or files to the model's channels, before anything runs: a
+    model card's ``sequences``, an nnU-Net results folder's ``dataset.json`` ``channel_names`` (of the model folder of
+    ``configuration``, as :func:`open_pipeline` picks it), a MONAI bundle's ``configs/metadata.json``
+    (``network_data_format.inputs.<image>.channel_def`` or ``num_channels``). The names are those of
+    ``open_pipeline(kind, path).sequences``; only a bundle whose metadata does not give them is opened (its network
+    built, which ``trust_code`` may allow to run its code).
+
+    Args:
+        kind: ``"card"`` (a model card file), ``"nnunet"`` or ``"bundle"``.
+        path: The card file or the model folder.
+        configuration: nnU-Net configuration (default ``3d_fullres``) when ``path`` is the dataset folder.
+        trust_code: Passed on when a bundle must be opened.
+
+    Raises:
+        SegExplainError: Unknown kind, a missing file or folder, or description files that do not name the
+            sequences; the message names the path.
+
+    Example:
+        >>> sequence_names("nnunet", "nnUNet_results/Dataset001_Prostate/nnUNetTrainer__nnUNetPlans__3d_fullres")
+        ['T2', 'ADC']
+    """
+    import json
+    from pathlib import Path
+
+    if kind == "card":
+        from .loading import ModelCard
+
+        if not Path(path).is_file():
+            raise SegExplainError(f"model card {str(path)!r} is not a file")
+        sequences = list(ModelCard.read(path).sequences or [])
+        if not sequences:
+            raise SegExplainError(f"model card {str(path)!r} lists no sequences")
+        return [str(name) for name in sequences]
+    if kind == "nnunet":
+        from .nnunet import _model_folder, _read_json
+
+        folder = _model_folder(Path(path).expanduser().resolve(), configuration)
+        dataset = _read_json(folder / "dataset.json", "dataset file")
+        channels = dataset.get("channel_names", dataset.get("modality", {}))
+        if not isinstance(channels, dict) or not channels:
+            raise SegExplainError(f"dataset file {str(folder / 'dataset.json')!r} has no channel_names")
+        return [str(channels[key]) for key in sorted(channels, key=int)]
+    if kind == "bundle":
+        from .monai_bundle import _channel_names
+
+        metadata_file = Path(path).expanduser().resolve() / "configs" / "metadata.json"
+        try:
+            inputs = json.loads(metadata_file.read_text()).get("network_data_format", {}).get("inputs", {}) or {}
+            sequences = _channel_names(inputs.get(next(iter(inputs), "image"), {}), None, "channel")
+        except (OSError, ValueError, AttributeError, TypeError):
+            sequences = []
+        if sequences:
+            return sequences
+    if kind not in PIPELINES:
+        raise SegExplainError(f"unknown model kind {kind!r}; expected card, {', '.join(PIPELINES)}")
+    return list(open_pipeline(kind, path, trust_code=trust_code).sequences)
 
 
 def _interpolation(source_shape: Sequence[int], target_shape: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -19,7 +19,7 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import nodes, results, workflow
-from SegExplainMRML.job import ExplainJob, ExplainSettings, Region, fileSafe
+from SegExplainMRML.job import ExplainJob, ExplainSettings, ModelSource, Region, fileSafe
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
@@ -31,7 +31,6 @@ from SegExplainLib.imaging import (
     read_sequences,
     write_volume,
 )
-from SegExplainLib.loading import ModelCard
 
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
 SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
@@ -43,65 +42,81 @@ MAX_UPLOAD_BYTES = 512 * 2**20
 logger = logging.getLogger(__name__)
 
 
+def _modelSource(model: str | ModelSource) -> ModelSource:
+    """A :class:`ModelSource` as given, or the one of a model card path."""
+    return model if isinstance(model, ModelSource) else ModelSource("card", str(model or ""))
+
+
+def _what(model: ModelSource) -> str:
+    return {"card": "model card", "nnunet": "nnU-Net model", "bundle": "MONAI bundle"}[model.kind]
+
+
 @dataclass(frozen=True)
 class ReviewCase:
-    """The files of one case: one per sequence of the model card, in its order, and an optional label map.
+    """The files of one case: one per sequence of the model, in its order, and an optional label map.
 
-    ``trustModelCode`` is the word of whoever started the app (``segexplain review --trust-model-code``) that the
-    card's model may import or run code of someone else; the card itself cannot allow that.
+    ``model`` is a model card, an nnU-Net v2 results folder or a MONAI bundle (a :class:`ModelSource`; a path is
+    taken as a model card). ``trustModelCode`` is the word of whoever started the app (``segexplain review
+    --trust-model-code``) that the model may import or run code of someone else; the model itself cannot allow that.
     """
 
-    card: str
+    model: ModelSource
     sequences: tuple[Path, ...]
     label: Path | None = None
     trustModelCode: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", _modelSource(self.model))
+
     @property
     def names(self) -> list[str]:
-        return list(ModelCard.read(self.card).sequences)
+        """The model's sequence names (from the card, nnU-Net's dataset.json or the bundle's metadata)."""
+        return self.model.sequenceNames()
 
     @classmethod
-    def fromFile(cls, path: str | Path, card: str, folder: str | Path) -> ReviewCase:
-        """A case in one multi-channel file (4D, or vector pixels), one channel per sequence of the card in its order.
+    def fromFile(cls, path: str | Path, model: str | ModelSource, folder: str | Path) -> ReviewCase:
+        """A case in one multi-channel file (4D, or vector pixels), one channel per sequence of the model in its order.
 
         The channels are written to ``folder`` as one NRRD file per sequence, which the scene then loads.
 
         Raises:
-            SegExplainError: Not readable as an image, or a channel count other than the card's sequence count.
+            SegExplainError: Not readable as an image, or a channel count other than the model's sequence count.
         """
+        model = _modelSource(model)
         image, geometry = read_sequences([path])
-        names = list(ModelCard.read(card).sequences)
+        names = model.sequenceNames()
         if len(image) != len(names):
-            raise SegExplainError(f"{str(path)!r} has {len(image)} channels; the model card's sequences are "
+            raise SegExplainError(f"{str(path)!r} has {len(image)} channels; the {_what(model)}'s sequences are "
                                   f"{', '.join(names)} ({len(names)})")
         paths = tuple(write_volume(channel, geometry, Path(folder) / f"{fileSafe(name)}.nrrd")
                       for channel, name in zip(image, names))
-        return cls(card, paths)
+        return cls(model, paths)
 
     @classmethod
-    def fromFolder(cls, folder: str | Path, card: str) -> ReviewCase:
-        """A case folder: one image file per sequence of the card and optionally a label map.
+    def fromFolder(cls, folder: str | Path, model: str | ModelSource) -> ReviewCase:
+        """A case folder: one image file per sequence of the model and optionally a label map.
 
-        Files are matched to the card's sequences by name, exactly (``T2.nii.gz``, as ``segexplain cohort`` reads
+        Files are matched to the model's sequences by name, exactly (``T2.nii.gz``, as ``segexplain cohort`` reads
         them) or by ending (``case_1000_T2.nii.gz``, as ``python -m SegExplainLib.demo case`` writes them); the
         label map is ``label.*`` or ``*_label.*``.
 
         Raises:
-            SegExplainError: Not a folder, or a sequence of the card without its file.
+            SegExplainError: Not a folder, or a sequence of the model without its file.
         """
+        model = _modelSource(model)
         folder = Path(folder)
         if not folder.is_dir():
             raise SegExplainError(f"case folder {str(folder)!r} does not exist")
         files = [p for p in sorted(folder.iterdir()) if image_stem(p.name)]
         stems = [image_stem(p.name) for p in files]
-        names = list(ModelCard.read(card).sequences)
+        names = model.sequenceNames()
         label, *sequences = match_names(stems, ["label", *names])
         missing = [name for name, index in zip(names, sequences) if index is None]
         if missing:
             raise SegExplainError(f"case folder {str(folder)!r} has no file for {', '.join(missing)} (expected "
-                                  f"{', '.join(n + '.nii.gz' for n in missing)}; the model card's sequences are "
+                                  f"{', '.join(n + '.nii.gz' for n in missing)}; the {_what(model)}'s sequences are "
                                   f"{', '.join(names)})")
-        return cls(card, tuple(files[i] for i in sequences), files[label] if label is not None else None)
+        return cls(model, tuple(files[i] for i in sequences), files[label] if label is not None else None)
 
 
 @dataclass
@@ -138,7 +153,7 @@ class ReviewSession:
         slicer.mrmlScene = self.scene  # slicer.util works on the current scene, as in the application
         self.names = case.names
         if len(case.sequences) != len(self.names):
-            raise SegExplainError(f"{len(case.sequences)} sequence files for the card's {len(self.names)} "
+            raise SegExplainError(f"{len(case.sequences)} sequence files for the model's {len(self.names)} "
                                   f"sequences ({', '.join(self.names)})")
         read_sequences(case.sequences)  # one clear message when the files do not share a grid
         self.volumes = [self._addVolume(path, name) for path, name in zip(case.sequences, self.names)]
@@ -254,7 +269,7 @@ class ReviewSession:
     def startExplanation(self, parameters: ReviewParameters) -> ExplainJob:
         """Write the inputs and start the background job; returns the running ``ExplainJob``."""
         return workflow.startExplanation(self.volumes, self.names, self.region(parameters),
-                                         workflow.settings(parameters), self.case.card,
+                                         workflow.settings(parameters), self.case.model,
                                          trustModelCode=self.case.trustModelCode)
 
     def finishExplanation(self, job: ExplainJob) -> results.Explanation:

@@ -36,6 +36,7 @@ from SegExplainLib.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, write_volume
 from SegExplainLib.loading import ModelCard, refuse_untrusted_code
+from SegExplainLib.pipelines import sequence_names
 
 from .nodes import VolumeStack
 
@@ -43,6 +44,10 @@ from .nodes import VolumeStack
 REGION_KINDS = ("segment", "box", "point", "predicted", "class")
 #: The job folder's subfolder of inputs.
 INPUTS = "inputs"
+#: The kinds of model a job explains: a model card file, an nnU-Net v2 results folder, a MONAI bundle folder.
+MODEL_KINDS = ("card", "nnunet", "bundle")
+#: How messages name each kind's path.
+_MODEL_PATHS = {"card": "model card", "nnunet": "nnU-Net results folder", "bundle": "MONAI bundle"}
 #: Methods offered in the module, in menu order (the engine's names).
 METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
            "deconvolution", "occlusion")
@@ -137,6 +142,97 @@ class ExplainSettings:
         return args
 
 
+def parseFolds(text: Any) -> tuple[str, ...]:
+    """nnU-Net folds from a text such as ``"0 1"`` or ``"0, 1"`` (or a sequence); empty for every trained fold.
+
+    Raises:
+        SegExplainError: A fold that is neither a fold number nor ``all``.
+    """
+    items = re.split(r"[\s,;]+", text.strip()) if isinstance(text, str) else [str(f) for f in (text or ())]
+    folds = tuple(item for item in items if item)
+    bad = [fold for fold in folds if not (fold.isdigit() or fold == "all")]
+    if bad:
+        raise SegExplainError(f"folds must be fold numbers (0, 1, ...) or 'all', got {', '.join(map(repr, bad))}")
+    return folds
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The explained model: a model card, an nnU-Net v2 results folder or a MONAI bundle folder.
+
+    Attributes:
+        kind: One of :data:`MODEL_KINDS`.
+        path: The card file (empty: the bundled demo network) or the model folder.
+        configuration: nnU-Net configuration; empty for ``3d_fullres``.
+        folds: nnU-Net folds to average (``"0 1"``, ``("0", "1")``); empty for every trained fold.
+        mirroring: nnU-Net: average over the mirrored inputs the trainer allowed (``--no-mirroring`` when off).
+
+    Example:
+        >>> ModelSource("nnunet", "/results/Dataset001/nnUNetTrainer__nnUNetPlans__3d_fullres", folds="0",
+        ...             mirroring=False).arguments()
+        ['--nnunet', '/results/...', '--folds', '0', '--no-mirroring']
+    """
+
+    kind: str = "card"
+    path: str = ""
+    configuration: str = ""
+    folds: tuple[str, ...] = ()
+    mirroring: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise SegExplainError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "path", str(self.path or ""))
+        object.__setattr__(self, "configuration", str(self.configuration or "").strip())
+        object.__setattr__(self, "folds", parseFolds(self.folds))
+        if not isinstance(self.mirroring, bool):
+            raise SegExplainError(f"mirroring must be True or False, got {self.mirroring!r}")
+        nnunetOptions = [name for name, given in (("configuration", self.configuration), ("folds", self.folds),
+                                                  ("mirroring off", not self.mirroring)) if given]
+        if nnunetOptions and self.kind != "nnunet":
+            raise SegExplainError(f"{', '.join(nnunetOptions)} belong to an nnU-Net results folder, not a "
+                                  f"{_MODEL_PATHS[self.kind]}")
+
+    @property
+    def location(self) -> str:
+        """The card file or folder, the bundled demo card for an empty card path."""
+        return self.path or (demoCardPath() if self.kind == "card" else "")
+
+    def check(self, *, trustModelCode: bool = False) -> None:
+        """Refuse a missing card or folder, and a card whose model would run code without ``trustModelCode``.
+
+        The plans of an nnU-Net folder and the configuration of a bundle are checked by the job's process, which
+        gets ``--trust-model-code`` from the user's word only.
+        """
+        what = _MODEL_PATHS[self.kind]
+        if self.kind == "card":
+            if not Path(self.location).is_file():
+                raise SegExplainError(f"{what} {self.location!r} is not a file")
+            refuse_untrusted_code(
+                ModelCard.read(self.location).model, f"{what} {self.location!r}", trusted=trustModelCode,
+                advice=", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow "
+                       "code from this model' in the Slicer module, or start segexplain review with "
+                       "--trust-model-code")
+        elif not self.path:
+            raise SegExplainError(f"choose the {what} to explain")
+        elif not Path(self.path).is_dir():
+            raise SegExplainError(f"{what} {self.path!r} is not a folder")
+
+    def sequenceNames(self) -> list[str]:
+        """The model's input sequences, read from its description files (no network is built, see
+        :func:`SegExplainLib.pipelines.sequence_names`)."""
+        self.check(trustModelCode=True)  # the paths only: nothing of the model runs here
+        return sequence_names(self.kind, self.location, configuration=self.configuration or None)
+
+    def arguments(self) -> list[str]:
+        """The ``segexplain explain`` options naming this model."""
+        if self.kind == "card":
+            return ["--card", self.location]
+        if self.kind == "bundle":
+            return ["--bundle", self.path]
+        return ["--nnunet", self.path, *(["--configuration", self.configuration] if self.configuration else []),
+                *(["--folds", *self.folds] if self.folds else []), *([] if self.mirroring else ["--no-mirroring"])]
+
 
 def fileSafe(name: str) -> str:
     """A sequence name usable in a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
@@ -176,33 +272,36 @@ class ExplainJob:
     """
 
     def __init__(self, stack: VolumeStack, region: Region, settings: ExplainSettings, *, card: str | None = None,
-                 trustModelCode: bool = False, python: str | None = None) -> None:
-        """Check the model card; nothing runs before :meth:`start`.
+                 model: ModelSource | None = None, trustModelCode: bool = False, python: str | None = None) -> None:
+        """Check the model; nothing runs before :meth:`start`.
 
         Args:
             stack: The input sequences.
             region: What to explain.
             settings: The method and its options.
-            card: The model card; None for the bundled demo network.
-            trustModelCode: The user's word that the card's model may import or run code of someone else (a model
-                file, a module outside the built-in networks, MONAI and torch.nn, a pickle): the module's
-                'Allow code from this model card' box or ``segexplain review --trust-model-code``, never the card.
+            card: The model card (short for ``model=ModelSource("card", card)``); None for the bundled demo network.
+            model: The model: a card, an nnU-Net results folder or a MONAI bundle; give ``card`` or ``model``.
+            trustModelCode: The user's word that the model may import or run code of someone else (a model file, a
+                module outside the built-in networks, MONAI and torch.nn, a pickle; classes of nnU-Net plans or of
+                a bundle's configuration outside the libraries): the module's 'Allow code from this model' box or
+                ``segexplain review --trust-model-code``, never the card or the folder. Passed on as
+                ``--trust-model-code``.
             python: The interpreter of the child process (default :func:`pythonExecutable`).
 
         Raises:
-            SegExplainError: The card is missing or invalid, or would run code without ``trustModelCode``.
+            SegExplainError: The card or folder is missing, the card is invalid or would run code without
+                ``trustModelCode``.
         """
-        if card is not None and not Path(card).is_file():
-            raise SegExplainError(f"model card {card!r} is not a file")
+        if card is not None and model is not None:
+            raise SegExplainError("give the model card or the model, not both")
         if not isinstance(trustModelCode, bool):
             raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
-        if card is not None:
-            refuse_untrusted_code(
-                ModelCard.read(card).model, f"model card {card!r}", trusted=trustModelCode,
-                advice=", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow "
-                       "code from this model card' in the Slicer module, or start segexplain review with "
-                       "--trust-model-code")
-        self.stack, self.region, self.settings, self.card = stack, region, settings, card
+        model = model if model is not None else ModelSource("card", card or "")
+        if not isinstance(model, ModelSource):
+            raise SegExplainError(f"model must be a ModelSource, got {type(model).__name__}")
+        model.check(trustModelCode=trustModelCode)
+        self.stack, self.region, self.settings, self.model = stack, region, settings, model
+        self.card = model.location if model.kind == "card" else None
         self.trustModelCode = trustModelCode
         self.python = python or pythonExecutable()
         self.state = "new"
@@ -235,7 +334,7 @@ class ExplainJob:
         """The full command line; valid once :meth:`start` wrote the inputs."""
         names = [fileSafe(n) for n in self.stack.names]
         inputs = [str(self.inputFolder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
-        model = ["--card", self.card or demoCardPath(), *(["--trust-model-code"] if self.trustModelCode else [])]
+        model = [*self.model.arguments(), *(["--trust-model-code"] if self.trustModelCode else [])]
         return [self.python, "-m", "SegExplainLib", "explain", "--input", *inputs, "--sequence-names", *names, *model,
                 *regionArguments(self.region, self.stack.geometry, self.inputFolder), *self.settings.arguments(),
                 "--output", str(self.outputFolder), "--progress", "json", "--no-figures"]

@@ -281,7 +281,7 @@ def splitVectorVolume(vectorNode: Any, names: list[str]) -> list[Any]:
         raise SegExplainError(f"the multi-volume must be a vector volume with voxels, got {nodeLabel(vectorNode)}")
     components = vectorNode.GetImageData().GetNumberOfScalarComponents()
     if components != len(names):
-        raise SegExplainError(f"multi-volume {nodeLabel(vectorNode)} has {components} components; the model card's "
+        raise SegExplainError(f"multi-volume {nodeLabel(vectorNode)} has {components} components; the model's "
                               f"sequences are {', '.join(names)} ({len(names)})")
     scene = vectorNode.GetScene()
     earlier = {}
@@ -303,7 +303,7 @@ def splitVectorVolume(vectorNode: Any, names: list[str]) -> list[Any]:
 
 
 def guessSequenceVolumes(scene: Any, names: list[str]) -> list[Any]:
-    """For each sequence name of a model card, the scene's scalar volume that seems to hold it, or None.
+    """For each sequence name of the model, the scene's scalar volume that seems to hold it, or None.
 
     Names are matched as :func:`SegExplainLib.imaging.match_names` does: exactly first, then by ending
     (``"4: T2"``, ``"case_1000_T2"``); each volume is used once, so ``T1`` does not take ``T1-20s``.

@@ -5,7 +5,8 @@ Both front ends keep their controls in an object with the same attribute names: 
 so the region, the settings, the run, the loading and the display are the same code in both. An attribute a front
 end does not offer takes the logic's default (:class:`ExplainSettings`).
 
-The attributes read: ``regionKind``, ``radius``, ``regionSegmentId``; the :class:`ExplainSettings` fields
+The attributes read: the model (``modelKind``, ``modelCard``, ``modelFolder``, ``nnunetConfiguration``,
+``nnunetFolds``, ``nnunetMirroring``; see :func:`modelSource`), ``regionKind``, ``radius``, ``regionSegmentId``; the :class:`ExplainSettings` fields
 (``method``, ``composite``, ``nSteps``, ...); ``advancedOptions`` (any other engine option, a JSON object);
 ``layerwiseFilter`` with ``filterKind``, ``filterLow``, ``filterHigh``;
 ``displayedSequence``, ``overlayOpacity``; ``montageOrientation``.
@@ -21,10 +22,26 @@ from typing import Any
 from SegExplainLib.errors import SegExplainError
 
 from . import display, export, nodes, results
-from .job import ExplainJob, ExplainSettings, Region
+from .job import ExplainJob, ExplainSettings, ModelSource, Region
 
 #: Reference from an overlay volume to the relevance volume whose (filtered) map it shows.
 _SHOWN_RELEVANCE = "segexplainShownRelevance"
+
+
+def modelSource(parameters: Any) -> ModelSource:
+    """The model the controls name: ``modelKind`` (``card``, ``nnunet``, ``bundle``; ``card`` when absent) with
+    ``modelCard`` (the card file, empty for the bundled demo) or ``modelFolder``, and for nnU-Net
+    ``nnunetConfiguration`` (empty for 3d_fullres), ``nnunetFolds`` (``"0 1"``; empty for every trained fold) and
+    ``nnunetMirroring``."""
+    kind = getattr(parameters, "modelKind", "card") or "card"
+    if kind == "card":
+        return ModelSource("card", getattr(parameters, "modelCard", ""))
+    if kind == "bundle":
+        return ModelSource("bundle", getattr(parameters, "modelFolder", ""))
+    return ModelSource(kind, getattr(parameters, "modelFolder", ""),
+                       configuration=getattr(parameters, "nnunetConfiguration", ""),
+                       folds=getattr(parameters, "nnunetFolds", ""),
+                       mirroring=bool(getattr(parameters, "nnunetMirroring", True)))
 
 
 def region(parameters: Any, reference: Any, *, segmentation: Any = None, roi: Any = None,
@@ -79,15 +96,17 @@ def settings(parameters: Any) -> ExplainSettings:
 
 
 def startExplanation(volumes: list[Any], names: list[str], region: Region, settings: ExplainSettings,
-                     card: str | None, *, trustModelCode: bool = False) -> ExplainJob:
+                     model: str | ModelSource | None, *, trustModelCode: bool = False) -> ExplainJob:
     """Stack the input volumes, write them and start the background job; returns the running job.
 
-    ``trustModelCode`` is the user's word that the card's model may run code of someone else (see
-    :class:`ExplainJob`); it never comes from the card or a saved scene.
+    ``model`` is a :class:`ModelSource` (a card, an nnU-Net results folder, a MONAI bundle), or a card path (None
+    for the bundled demo network). ``trustModelCode`` is the user's word that the model may run code of someone
+    else (see :class:`ExplainJob`); it never comes from the card, the folder or a saved scene.
     """
     if len(volumes) != len(names) or not all(volumes):
         raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
-    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, card=card, trustModelCode=trustModelCode)
+    model = model if isinstance(model, ModelSource) else ModelSource("card", model or "")
+    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, model=model, trustModelCode=trustModelCode)
     job.start()
     return job
 

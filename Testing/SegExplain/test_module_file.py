@@ -15,7 +15,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import pytest
-from SegExplainMRML.job import METHODS, REGION_KINDS, ExplainSettings
+from SegExplainMRML import workflow
+from SegExplainMRML.job import METHODS, MODEL_KINDS, REGION_KINDS, ExplainSettings, ModelSource
 
 from SegExplainLib import composite_names
 
@@ -116,8 +117,9 @@ def test_every_bound_widget_names_a_parameter_and_offers_valid_items(ui, paramet
 
 
 def test_every_scalar_parameter_has_a_widget(parameters, ui):
-    """Node lists, segment IDs and the shown sequence are bound in code; every other parameter has a widget."""
-    bound_in_code = {"inputVolumes", "regionSegmentation", "regionSegmentId", "clickedPoints", "displayedSequence",
+    """Node lists, segment IDs, the shown sequence and the model kind (translated item names, the kind as item
+    data) are bound in code; every other parameter has a widget."""
+    bound_in_code = {"modelKind", "inputVolumes", "regionSegmentation", "regionSegmentId", "clickedPoints", "displayedSequence",
                      "groundTruthSegmentation", "groundTruthSegmentId"}
     assert set(parameters) - set(_bound_widgets(ui)) == bound_in_code
 
@@ -142,10 +144,48 @@ def test_trusting_model_code_is_the_users_choice_and_never_saved_with_the_scene(
     assert box.get("class") == "QCheckBox" and "SlicerParameterName" not in properties
     assert "checked" not in properties or properties["checked"].find("bool").text == "false"
     assert not [name for name in parameters if "trust" in name.lower()]
-    assert "self.ui.trustModelCodeCheckBox.checked = False" in _method(tree, "SegExplainWidget", "onModelCardChanged")
+    assert "self.ui.trustModelCodeCheckBox.checked = False" in _method(tree, "SegExplainWidget", "onModelChanged")
     assert "trustModelCode=self.ui.trustModelCodeCheckBox.checked" in _method(tree, "SegExplainWidget",
                                                                               "onApplyButton")
     assert "trustModelCode=trustModelCode" in _method(tree, "SegExplainLogic", "startExplanation")
+
+
+def _widget(ui, name):
+    return next(widget for widget in ui.iter("widget") if widget.get("name") == name)
+
+
+def test_model_is_a_card_an_nnunet_folder_or_a_bundle(tree, parameters, ui):
+    """The kind selector offers the logic's kinds by translated names; the parameter defaults are the logic's default
+    model (the demo card); the card field takes files, the folder field folders; the nnU-Net options sit in a frame
+    shown for nnU-Net only; any change of the model clears the trust box and rebuilds the sequence selectors."""
+    assert _choices(parameters["modelKind"][0]) == list(MODEL_KINDS)
+    defaults = {name: value for name, (_annotation, value) in parameters.items()}
+    assert workflow.modelSource(type("Defaults", (), defaults)) == ModelSource()
+    for kind in ("nnunet", "bundle"):  # the panel's defaults are valid options of each kind
+        model = workflow.modelSource(type("Defaults", (), {**defaults, "modelKind": kind, "modelFolder": "/m"}))
+        assert model == ModelSource(kind, "/m")
+    setup = _method(tree, "SegExplainWidget", "setup")
+    for kind, label in (("card", "Model card"), ("nnunet", "nnU-Net results folder"), ("bundle", "MONAI bundle")):
+        assert f"('{kind}', _('{label}'))" in setup
+    assert "self.ui.modelKindComboBox.addItem(label, kind)" in setup
+    for widget in ("modelCardPathLineEdit", "modelFolderPathLineEdit", "nnunetConfigurationLineEdit"):
+        assert re.search(rf"self\.ui\.{widget}\.connect\(.*self\.onModelChanged\)", setup), widget
+    assert "self.onModelChanged()" in _method(tree, "SegExplainWidget", "onModelKindChanged")
+    assert "self._rebuildSequenceSelectors()" in _method(tree, "SegExplainWidget", "onModelChanged")
+    filters = {name: _widget(ui, name).find("property[@name='filters']/set").text
+               for name in ("modelCardPathLineEdit", "modelFolderPathLineEdit")}
+    assert "ctkPathLineEdit::Files" in filters["modelCardPathLineEdit"]
+    assert "ctkPathLineEdit::Dirs" in filters["modelFolderPathLineEdit"]
+    frame = _widget(ui, "nnunetFrame")
+    bound = {prop.find("string").text for widget in frame.iter("widget") for prop in widget.findall("property")
+             if prop.get("name") == "SlicerParameterName"}
+    assert bound == {"nnunetConfiguration", "nnunetFolds", "nnunetMirroring"}
+    shown = _method(tree, "SegExplainWidget", "_updateModelWidgets")
+    assert "self.ui.nnunetFrame.visible = kind == 'nnunet'" in shown
+    assert "self.logic.modelSource(self._parameterNode)" in _method(tree, "SegExplainWidget",
+                                                                    "_rebuildSequenceSelectors")
+    start = _method(tree, "SegExplainLogic", "startExplanation")
+    assert "model = self.modelSource(parameters)" in start and "model, trustModelCode=trustModelCode" in start
 
 
 def test_cmake_ships_the_module_and_the_engine():
@@ -171,7 +211,8 @@ def test_parameter_node_storage_survives_scene_save_and_load(scene, tmp_path):
     parameter_node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SegExplain")
     parameter_node.SetAttribute("ModuleName", "SegExplain")
     values = {"method": "integrated_gradients", "nSteps": "48", "filterHigh": "0.3", "layerwiseFilter": "True",
-              "modelCard": "/models/prostate card/card.yaml"}
+              "modelCard": "/models/prostate card/card.yaml", "modelKind": "nnunet",
+              "modelFolder": "/results/Dataset001_Prostate", "nnunetFolds": "0 1", "nnunetMirroring": "False"}
     for name, value in values.items():
         parameter_node.SetParameter(name, value)
     for index, volume in enumerate(volumes):

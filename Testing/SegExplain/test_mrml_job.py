@@ -139,7 +139,7 @@ def test_a_card_that_runs_code_needs_the_users_word(scene, tmp_path, rng):
     stack = nodes.stackVolumes([addVolume(scene, rng.normal(size=(3, 4, 5)), name="T2")])
     settings = job.ExplainSettings(method="gradient")
     with pytest.raises(SegExplainError, match=r"model card '.*card\.json' would run the Python file '.*net\.py'.*"
-                                              r"'Allow code from this model card'.*--trust-model-code"):
+                                              r"'Allow code from this model'.*--trust-model-code"):
         job.ExplainJob(stack, job.Region("class"), settings, card=str(card))
     with pytest.raises(SegExplainError, match="trustModelCode must be True or False, got 1"):
         job.ExplainJob(stack, job.Region("class"), settings, card=str(card), trustModelCode=1)

@@ -175,7 +175,7 @@ def test_split_vector_volume_gives_one_scalar_volume_per_sequence_once(scene, rn
 def test_split_vector_volume_needs_one_component_per_sequence(scene, rng):
     vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "mpMRI")
     slicer.util.updateVolumeFromArray(vector, rng.normal(size=(3, 4, 5, 2)).astype(np.float32))
-    with pytest.raises(SegExplainError, match="has 2 components; the model card's sequences are T2, ADC, DWI"):
+    with pytest.raises(SegExplainError, match="has 2 components; the model's sequences are T2, ADC, DWI"):
         nodes.splitVectorVolume(vector, ["T2", "ADC", "DWI"])
     with pytest.raises(SegExplainError, match="must be a vector volume"):
         nodes.splitVectorVolume(addVolume(scene, np.zeros((2, 2, 2))), ["T2"])

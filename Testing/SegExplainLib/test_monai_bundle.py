@@ -31,10 +31,11 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from SegExplainLib import pipelines
 from SegExplainLib.api import explain
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, read_sequences
-from SegExplainLib.pipelines import explain_case, open_pipeline
+from SegExplainLib.pipelines import explain_case, open_pipeline, sequence_names
 from SegExplainLib.targets import BoxTarget, MaskTarget, PredictedRegion
 
 monai_bundle = pytest.importorskip("monai.bundle")
@@ -379,3 +380,19 @@ def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_pa
     maps, written = read_sequences([output / name for name in summary["files"][:2]])
     assert maps.shape == image.shape and written.differences(geometry) == []
     assert maps.sum() == pytest.approx(summary["expected_sum"] + summary["delta"], rel=1e-4)
+
+
+def test_sequence_names_are_read_from_the_metadata_alone(bundle, tmp_path, monkeypatch):
+    """What a front end matches volumes with: the metadata's channel_def, without building the bundle; a bundle whose
+    metadata lacks them is opened, and its names are the pipeline's."""
+    assert open_bundle_quiet(bundle).sequences == ["T2", "ADC"]
+    with monkeypatch.context() as patched:
+        patched.setattr(pipelines, "open_pipeline", lambda *a, **k: pytest.fail("the bundle was built"))
+        assert sequence_names("bundle", bundle) == ["T2", "ADC"]
+    bare = shutil.copytree(bundle, tmp_path / "bare")
+    (bare / "configs" / "metadata.json").write_text(json.dumps({"version": "0.1.0", "name": "bare"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert sequence_names("bundle", bare) == open_bundle_quiet(bare).sequences == ["channel0", "channel1"]
+    with pytest.raises(SegExplainError, match="MONAI bundle '.*missing' is not a folder"):
+        sequence_names("bundle", tmp_path / "missing")

@@ -16,7 +16,7 @@ from SegExplainLib.cli import main
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, read_sequences
 from SegExplainLib.nnunet import open_nnunet
-from SegExplainLib.pipelines import explain_case
+from SegExplainLib.pipelines import explain_case, sequence_names
 from SegExplainLib.targets import BoxTarget, MaskTarget, VoxelTarget
 
 PLANS_SPACING = (0.8, 0.8, 2.0)
@@ -154,6 +154,10 @@ def test_sequences_and_classes_come_from_dataset_json(nnunet_model):
     image, geometry, _ = _case((16, 28, 24))
     with pytest.raises(SegExplainError, match=r"C = 2 channels \(T2, ADC\)"):
         pipeline.prepare(image[:1], geometry)
+    # what a front end matches volumes with, read from dataset.json alone (no checkpoint is opened)
+    assert sequence_names("nnunet", nnunet_model) == sequence_names("nnunet", nnunet_model.parent) == ["T2", "ADC"]
+    with pytest.raises(SegExplainError, match="has no trained model of configuration '3d_lowres'"):
+        sequence_names("nnunet", nnunet_model.parent, configuration="3d_lowres")
 
 
 def test_folder_errors_name_what_is_missing(nnunet_model, tmp_path):

@@ -159,10 +159,10 @@ def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, mon
     card.write_text(json.dumps({"model": "net.py:Net", "kwargs": {"in_channels": 6, "base_channels": 2, "depth": 2},
                                 "sequences": SEQUENCE_NAMES, "classes": ["background", "lesion"]}))
     parameters = ReviewParameters(regionKind="class", method="gradient")
-    monkeypatch.setattr(session, "case", replace(session.case, card=str(card)))
+    monkeypatch.setattr(session, "case", replace(session.case, model=str(card)))
     with pytest.raises(SegExplainError, match=r"would run the Python file .*--trust-model-code"):
         session.startExplanation(parameters)
-    monkeypatch.setattr(session, "case", replace(session.case, card=str(card), trustModelCode=True))
+    monkeypatch.setattr(session, "case", replace(session.case, model=str(card), trustModelCode=True))
     started = session.startExplanation(parameters)
     try:
         assert started.trustModelCode and "--trust-model-code" in started.command()
