@@ -9,12 +9,13 @@ checks that the maps agree.
 
 Set-up: ``UNet3D(in_channels=1, out_channels=2, base_channels=4, depth=3)`` (BatchNorm, ReLU, seeded, eval), one
 MRI sequence of shape (D, H, W) = (128, 256, 256), patch (64, 128, 128), overlap 0.5: 27 windows. The click is the
-centre voxel (radius 0), which lies in 2 patches per axis: 8 windows. After a warm-up on one patch, each explanation
-is run once (a full run takes minutes); the machine, thread count and torch version are printed.
+centre voxel (radius 0), which lies in 2 patches per axis: 8 windows. After one warm-up explanation, the two are
+timed ``--repeats`` times, interleaved, and the best of each is printed, with the machine, thread count, torch version
+and the load average (other processes on a shared machine slow both).
 
 Run from the repository root::
 
-    python bench/bench_sliding_region.py            # the full case (about 10 minutes on 2 CPU cores)
+    python bench/bench_sliding_region.py            # the full case (about 15 minutes on 2 CPU cores)
     python bench/bench_sliding_region.py --quick    # (32, 64, 64) with patch (16, 32, 32): seconds
 """
 
@@ -73,26 +74,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small case: (32, 64, 64), patch (16, 32, 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--methods", default="lrp,gradient", help="comma-separated, of: lrp, gradient")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is printed (default 2)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     volume, patch = CASES["quick" if args.quick else "full"]
     window = build(patch)
     image = np.random.default_rng(0).standard_normal((1, *volume)).astype(np.float32)
     target = VoxelTarget(tuple(v // 2 for v in volume), class_index=1)
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}; "
+          f"load average (1 min) {os.getloadavg()[0]:.2f}")
     print(f"volume {volume}, patch {patch}, overlap 0.5, click {target.index}; UNet3D base 4, depth 3, 1 -> 2")
     print(f"{'method':<10} {'windows run':>12} {'region s':>10} {'whole s':>10} {'speed-up':>9} {'max rel. diff':>14}")
     for method in args.methods.split(","):
-        # warm-up on one patch-sized volume: kernels of the patch shape and first-call costs leave the timings
-        explain(window, image[:, :patch[0], :patch[1], :patch[2]], VoxelTarget((0, 0, 0), class_index=1), method,
-                device="cpu", **METHODS[method])
-        region_seconds, region = timed(window, image, target, method)
-        whole_seconds, whole = timed(nn.Sequential(window), image, target, method)  # no RegionalModel: all windows
+        timed(window, image, target, method)  # warm-up: first-call costs leave the timings
+        region_times, whole_times = [], []
+        for _ in range(args.repeats):  # interleaved, so that load changes on a shared machine hit both alike
+            seconds, region = timed(window, image, target, method)
+            region_times.append(seconds)
+            seconds, whole = timed(nn.Sequential(window), image, target, method)  # no RegionalModel: all windows
+            whole_times.append(seconds)
+        region_seconds, whole_seconds = min(region_times), min(whole_times)
         scale = float(np.abs(whole.maps).max()) or 1.0
         difference = float(np.abs(region.maps - whole.maps).max()) / scale
         windows = f"{region.extras['windows_run']} of {region.extras['windows_total']}"
         print(f"{method:<10} {windows:>12} {region_seconds:>10.1f} {whole_seconds:>10.1f} "
               f"{whole_seconds / region_seconds:>8.2f}x {difference:>14.1e}", flush=True)
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":
