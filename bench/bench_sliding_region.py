@@ -10,12 +10,13 @@ checks that the maps agree.
 Set-up: ``UNet3D(in_channels=1, out_channels=2, base_channels=4, depth=3)`` (BatchNorm, ReLU, seeded, eval), one
 MRI sequence of shape (D, H, W) = (128, 256, 256), patch (64, 128, 128), overlap 0.5: 27 windows. The click is the
 centre voxel (radius 0), which lies in 2 patches per axis: 8 windows. After one warm-up explanation, the two are
-timed ``--repeats`` times, interleaved, and the best of each is printed, with the machine, thread count, torch version
-and the load average (other processes on a shared machine slow both).
+timed ``--repeats`` times, interleaved, and the best of each is printed, in wall-clock seconds and in CPU seconds of
+this process (less sensitive to other processes on a shared machine), with the machine, thread count, torch version
+and the load average.
 
 Run from the repository root::
 
-    python bench/bench_sliding_region.py            # the full case (about 15 minutes on 2 CPU cores)
+    python bench/bench_sliding_region.py            # the full case (5 to 15 minutes on 2 busy CPU cores)
     python bench/bench_sliding_region.py --quick    # (32, 64, 64) with patch (16, 32, 32): seconds
 """
 
@@ -64,9 +65,10 @@ def build(patch: tuple[int, ...]) -> SlidingWindow:
 
 
 def timed(model: nn.Module, image: np.ndarray, target: VoxelTarget, method: str):
-    started = time.perf_counter()
+    """Wall-clock and CPU seconds of one explanation (CPU time: of this process, all threads), and the result."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = explain(model, image, target, method, device="cpu", **METHODS[method])
-    return time.perf_counter() - started, result
+    return (time.perf_counter() - wall, time.process_time() - cpu), result
 
 
 def main() -> None:
@@ -84,7 +86,7 @@ def main() -> None:
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}; "
           f"load average (1 min) {os.getloadavg()[0]:.2f}")
     print(f"volume {volume}, patch {patch}, overlap 0.5, click {target.index}; UNet3D base 4, depth 3, 1 -> 2")
-    print(f"{'method':<10} {'windows run':>12} {'region s':>10} {'whole s':>10} {'speed-up':>9} {'max rel. diff':>14}")
+    print(f"{'method':<10} {'clock':>5} {'windows run':>12} {'region s':>10} {'whole s':>10} {'speed-up':>9} {'max rel. diff':>14}")
     for method in args.methods.split(","):
         timed(window, image, target, method)  # warm-up: first-call costs leave the timings
         region_times, whole_times = [], []
@@ -93,12 +95,14 @@ def main() -> None:
             region_times.append(seconds)
             seconds, whole = timed(nn.Sequential(window), image, target, method)  # no RegionalModel: all windows
             whole_times.append(seconds)
-        region_seconds, whole_seconds = min(region_times), min(whole_times)
         scale = float(np.abs(whole.maps).max()) or 1.0
         difference = float(np.abs(region.maps - whole.maps).max()) / scale
         windows = f"{region.extras['windows_run']} of {region.extras['windows_total']}"
-        print(f"{method:<10} {windows:>12} {region_seconds:>10.1f} {whole_seconds:>10.1f} "
-              f"{whole_seconds / region_seconds:>8.2f}x {difference:>14.1e}", flush=True)
+        for clock in (0, 1):
+            region_seconds = min(t[clock] for t in region_times)
+            whole_seconds = min(t[clock] for t in whole_times)
+            print(f"{method:<10} {('wall', 'CPU')[clock]:>5} {windows:>12} {region_seconds:>10.1f} "
+                  f"{whole_seconds:>10.1f} {whole_seconds / region_seconds:>8.2f}x {difference:>14.1e}", flush=True)
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 
 
