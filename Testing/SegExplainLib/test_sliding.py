@@ -252,5 +252,14 @@ def test_the_stored_prediction_is_never_one_of_another_input_or_state():
         assert not torch.equal(window.whole_volume(x), stored)
 
 
+def test_layer_signals_are_read_from_every_window():
+    net = small_net()
+    calls = counting(net)
+    window = SlidingWindow(net, (4, 6, 6))
+    x = torch.rand(2, *VOLUME, dtype=torch.float64)
+    sx.api.explain_layers(window, x, TARGETS["click"][0], ["network.0"], "lrp", device="cpu", composite="zero")
+    assert len(calls) == 2 * 75  # the prediction, then the propagation: no window left out
+
+
 def test_only_grad_cam_reads_beyond_the_seed():
     assert {name for name, cls in sx.api.METHODS.items() if not cls.seed_local} == {"gradcam"}
