@@ -42,11 +42,18 @@ class AttributionMethod(abc.ABC):
     constant number of passes (gradient, LRP without layer-wise filters, IG, ...; Guided Backprop and Deconvolution
     rectify the backward signal and are not linear), and ``walks_modules``: true when the method hooks the network's
     modules (LRP, Guided Backprop, Deconvolution, Grad-CAM), which a TorchScript model does not have.
+
+    ``seed_local`` is true when the map depends on the model only through the output where the seed is non-zero,
+    with backward signals that stay exactly zero where they are zero: the score function and its derivatives
+    (gradient, IG, SmoothGrad, occlusion) or rules that send zero relevance on as zero (LRP, Guided Backprop,
+    Deconvolution). A sliding window may then run only the windows that reach the region: the maps are the same.
+    Grad-CAM reads a layer's activation over the whole forward pass and is not seed-local.
     """
 
     name: ClassVar[str]
     linear_in_seed: ClassVar[bool] = True
     walks_modules: ClassVar[bool] = False
+    seed_local: ClassVar[bool] = False
 
     @abc.abstractmethod
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:

@@ -20,7 +20,8 @@ from .explanation import Explanation
 from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
 from .kernels import onednn_convolutions
 from .lrp import LRP, Deconvolution, GuidedBackprop
-from .targets import Target
+from .sliding import RegionalModel
+from .targets import Target, bounds_of
 
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls for cls in (LRP, IntegratedGradients, Gradient, GradientXInput, SmoothGrad, GuidedBackprop,
@@ -119,7 +120,10 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
 
     Args:
         model: A ``torch.nn.Module`` returning logits (N, K, D, H, W); it is left exactly as it was (mode,
-            device, dtype, parameters, hooks), also when an error is raised.
+            device, dtype, parameters, hooks), also when an error is raised. A
+            :class:`~SegExplainLib.sliding.SlidingWindow` (any :class:`~SegExplainLib.sliding.RegionalModel`) runs
+            only the windows that reach the region's bounding box when the method is ``seed_local`` (all but
+            Grad-CAM), with the same maps; ``extras`` records ``windows_run`` and ``windows_total``.
         image: Float array or tensor (C, D, H, W), one channel per MRI sequence, normalized as the model expects.
         target: What to explain: a :class:`~SegExplainLib.targets.MaskTarget` (segment), ``BoxTarget``,
             ``VoxelTarget`` (click), ``PredictedRegion`` or ``ClassChannel``, with its class and aggregation.
@@ -153,7 +157,8 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
     norm_statistics = statistics_record(model)
-    with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
+    with _prepared(model, image, target, device, dtype, restrict=attribution.seed_local) as (
+            model, x, logits, region, windows):
         score = float(logits[0, target.class_index][region].sum())
         aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
         if target.aggregation == "sum":
@@ -181,7 +186,7 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         target=target.describe(), target_score=score, region_voxels=int(region.sum()), expected_sum=expected,
         delta=delta, seconds=time.perf_counter() - started, device=str(x.device),
         dtype=str(x.dtype).replace("torch.", ""), norm_statistics=norm_statistics, warnings=warns,
-        extras={**attribution.details(), **extras},
+        extras={**attribution.details(), **extras, **windows},
         standard_error=None if error is None else error[0].cpu().numpy())
 
 
@@ -206,7 +211,8 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
         msg = f"layer-wise attribution needs 'lrp', 'guided_backprop' or 'deconvolution', got {attribution.name!r}"
         raise SegExplainError(msg)
     check_walkable(model, attribution.name)
-    with _prepared(model, image, target, device, dtype) as (model, x, logits, region):
+    # a layer's signal is read beyond the seeded outputs, so every window of a sliding window must run
+    with _prepared(model, image, target, device, dtype, restrict=False) as (model, x, logits, region, _):
         seed = torch.zeros_like(logits)
         seed[0, target.class_index] = region.to(x.dtype)
         signals = attribution.attribute_layers(model, x, seed, list(layers))
@@ -221,9 +227,14 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
 
 
 @contextlib.contextmanager
-def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.device,
-              dtype: torch.dtype | None) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region."""
+def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.device, dtype: torch.dtype | None,
+              *, restrict: bool) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
+    """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region
+    and what a :class:`~SegExplainLib.sliding.RegionalModel` ran (``{}`` for other models).
+
+    With ``restrict``, a regional model runs only what the region depends on, in this first pass when the region
+    follows from the grid and in every pass inside the block; the logits are then exact inside the region only.
+    """
     image_tensor = check_image(image)
     if not isinstance(target, Target):
         msg = f"target must be a SegExplainLib target (MaskTarget, BoxTarget, ...), got {type(target).__name__}"
@@ -235,11 +246,20 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
         raise SegExplainError(msg)
     run_device = resolve_device(device)
     model, run_dtype = placed(model, run_device, dtype)
+    # a regional model (a sliding window) runs only the windows that reach the region, when the method allows it
+    regional = isinstance(model, RegionalModel)
     with deployed(model):
         x = image_tensor.to(device=run_device, dtype=run_dtype)[None]
+        known = target.grid_region(tuple(x.shape[2:])) if regional and restrict else None
         with torch.no_grad(), onednn_convolutions():
             try:
-                logits = model(x)
+                if not regional:
+                    logits = model(x)
+                elif known is not None:
+                    with model.restricted_to(bounds_of(known)):
+                        logits = model(x)
+                else:  # the region is read from the prediction: the whole volume, stored for the next explanation
+                    logits = model.whole_volume(x)
             except RuntimeError as error:
                 first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
                 msg = f"the model failed on an image of shape {tuple(image_tensor.shape)}: {first_line}"
@@ -248,8 +268,11 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             msg = f"the model must return logits (N, K, D, H, W) for input {tuple(x.shape)}, got {shape}"
             raise SegExplainError(msg)
-        region = torch.as_tensor(target.region(logits[0]), device=run_device)
-        yield model, x, logits, region
+        region = target.region(logits[0])
+        restriction = (model.restricted_to(bounds_of(region) if restrict else None) if regional
+                       else contextlib.nullcontext({}))
+        with restriction as windows:
+            yield model, x, logits, torch.as_tensor(region, device=run_device), windows
 
 
 def _as_float(value: torch.Tensor | None) -> float | None:

@@ -192,6 +192,7 @@ class Gradient(AttributionMethod):
     """
 
     name = "gradient"
+    seed_local = True
     linear_in_seed = True
     multiply_by_inputs = False
 
@@ -251,6 +252,7 @@ class IntegratedGradients(AttributionMethod):
     """
 
     name = "integrated_gradients"
+    seed_local = True
     linear_in_seed = True
     #: Above this relative completeness delta the explanation carries a warning.
     WARN_DELTA = 0.05
@@ -412,6 +414,7 @@ class SmoothGrad(AttributionMethod):
     """
 
     name = "smoothgrad"
+    seed_local = True
     linear_in_seed = True
 
     def __init__(
@@ -538,6 +541,7 @@ class Occlusion(AttributionMethod):
     """
 
     name = "occlusion"
+    seed_local = True
     linear_in_seed = True
 
     def __init__(

@@ -38,6 +38,7 @@ class _RuleMethod(AttributionMethod):
     composite: Composite
     relevance_times_input: bool
     walks_modules = True
+    seed_local = True
 
     def attribute(self, model: nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         output, _ = self._propagate(model, inputs, seed, ())

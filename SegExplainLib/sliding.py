@@ -5,6 +5,10 @@ weight. :class:`SlidingWindow` does this inside ``forward`` with operations LRP 
 input (a copy), the network, a product with a constant weight, and sums into the output. Relevance of a voxel seen by
 several patches is therefore the blend of what each patch's network saw.
 
+The logits inside a region come only from the windows that overlap the region's bounding box. Within
+:meth:`SlidingWindow.restricted_to` only those windows run; :func:`~SegExplainLib.explain` uses this for every pass of
+an explanation whose method allows it (see :class:`RegionalModel`), so a click costs a few windows, not the volume.
+
 Example:
     >>> whole = SlidingWindow(unet, patch_size=(32, 96, 96), overlap=0.5)
     >>> explain(whole, image, PredictedRegion(class_index=1), "lrp")
@@ -12,13 +16,37 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from .errors import SegExplainError
+
+#: Per spatial axis, ``(start, stop)`` voxel indices of a box on the output grid.
+Bounds = Sequence[tuple[int, int]]
+#: ``(spatial_shape, patch_size) -> per-axis lists of patch starts``, e.g. nnU-Net's step computation wrapped.
+Positions = Callable[[tuple[int, ...], tuple[int, ...]], Sequence[Sequence[int]]]
+
+
+@runtime_checkable
+class RegionalModel(Protocol):
+    """A whole-volume model (output grid = input grid) that can run only what a region of its output depends on.
+
+    :func:`~SegExplainLib.explain` uses these two methods when the model has them.
+    """
+
+    def restricted_to(self, bounds: Bounds | None) -> contextlib.AbstractContextManager[dict[str, int]]:
+        """Within the block, forward passes compute the output exactly inside ``bounds`` (``None``: everywhere);
+        elsewhere the output is meaningless. Yields a record of what the passes ran, for the explanation's extras."""
+
+    def whole_volume(self, x: torch.Tensor) -> torch.Tensor:
+        """The unrestricted output for ``x``, possibly a stored one (never one for another input or state)."""
 
 
 def _starts(size: int, patch: int, step: int) -> list[int]:
@@ -29,18 +57,44 @@ def _starts(size: int, patch: int, step: int) -> list[int]:
     return [*starts, size - patch]
 
 
+def _fingerprint(tensors: Sequence[torch.Tensor]) -> str:
+    """A content hash of tensors (bytes, shapes, dtypes, devices)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|{tensor.device};".encode())
+        digest.update(tensor.detach().contiguous().flatten().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SlidingWindow(nn.Module):
-    """Run ``network`` on overlapping patches and blend their logits with a Gaussian weight.
+    """Run ``network`` on overlapping patches and blend their logits with a weight (a Gaussian by default).
+
+    The defaults are this module's own scheme; ``positions``, ``weight`` and ``pad_to_patch`` reproduce a
+    framework's sliding window instead, e.g. nnU-Net's (``compute_steps_for_sliding_window``, ``compute_gaussian``,
+    ``pad_nd_image``).
 
     Args:
         network: A segmentation network returning logits of its input's spatial size.
-        patch_size: Spatial patch size (D, H, W); axes of the volume smaller than the patch are taken whole.
+        patch_size: Spatial patch size (D, H, W); axes of the volume smaller than the patch are taken whole unless
+            ``pad_to_patch``.
         overlap: Fraction of a patch shared with its neighbour, in [0, 1).
         sigma_scale: Standard deviation of the Gaussian weight as a fraction of the patch size.
+        positions: Replaces the patch starts computed from ``overlap``: called with the (padded) volume's spatial
+            shape and the patch size, returns one list of starts per axis; the patches must cover the volume.
+        weight: Replaces the Gaussian: a fixed importance map of shape ``patch_size``, positive everywhere (the blend
+            divides by the summed weights). Volumes smaller than the patch then need ``pad_to_patch``.
+        pad_to_patch: Pad axes smaller than the patch with zeros to the patch size, split as nnU-Net's
+            ``pad_nd_image`` does (half the difference, rounded down, before), and crop the output back.
+
+    Example:
+        >>> from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
+        >>> whole = SlidingWindow(net, patch, positions=lambda shape, p: compute_steps_for_sliding_window(shape, p, 0.5),
+        ...                       weight=compute_gaussian(patch, sigma_scale=1 / 8), pad_to_patch=True)
     """
 
     def __init__(self, network: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
-                 sigma_scale: float = 0.125) -> None:
+                 sigma_scale: float = 0.125, positions: Positions | None = None,
+                 weight: torch.Tensor | None = None, pad_to_patch: bool = False) -> None:
         super().__init__()
         patch = tuple(int(p) for p in patch_size)
         if len(patch) != 3 or min(patch) < 1:
@@ -52,9 +106,20 @@ class SlidingWindow(nn.Module):
         if not sigma_scale > 0:
             msg = f"sigma_scale must be positive, got {sigma_scale!r}"
             raise SegExplainError(msg)
+        if positions is not None and not callable(positions):
+            msg = f"positions must be a callable (spatial_shape, patch_size) -> starts per axis, got {positions!r}"
+            raise SegExplainError(msg)
+        if not isinstance(pad_to_patch, bool):
+            msg = f"pad_to_patch must be True or False, got {pad_to_patch!r}"
+            raise SegExplainError(msg)
         self.network, self.patch_size, self.overlap, self.sigma_scale = network, patch, overlap, sigma_scale
+        self.positions, self.pad_to_patch = positions, pad_to_patch
+        self.fixed_weight = None if weight is None else _checked_weight(weight, patch)
+        self._bounds: Bounds | None = None
+        self._record: dict[str, int] = {}
+        self._prediction: tuple[str, torch.Tensor] | None = None
 
-    def _weight(self, patch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def _gaussian(self, patch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         axes = []
         for size in patch:
             centre = (size - 1) / 2
@@ -64,19 +129,149 @@ class SlidingWindow(nn.Module):
         weight = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
         return (weight / weight.max()).clamp(min=1e-3)  # no voxel with zero weight
 
+    def _blend_weight(self, patch: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        if self.fixed_weight is None:
+            return self._gaussian(patch, like)
+        if patch != self.patch_size:
+            msg = (f"the volume {tuple(like.shape[2:])} is smaller than patch_size {self.patch_size} on some axis; "
+                   "a fixed weight needs pad_to_patch=True")
+            raise SegExplainError(msg)
+        return self.fixed_weight.to(dtype=like.dtype, device=like.device)
+
+    def _axis_starts(self, grid: tuple[int, ...], patch: tuple[int, ...]) -> list[list[int]]:
+        if self.positions is None:
+            steps = [max(1, int(p * (1 - self.overlap))) for p in patch]
+            return [_starts(s, p, st) for s, p, st in zip(grid, patch, steps)]
+        starts = self.positions(grid, patch)
+        problem = _uncovered(starts, grid, patch)
+        if problem:
+            msg = f"positions returned {starts!r} for a volume {grid} and patch {patch}: {problem}"
+            raise SegExplainError(msg)
+        return [[operator.index(a) for a in axis] for axis in starts]
+
+    @contextlib.contextmanager
+    def restricted_to(self, bounds: Bounds | None) -> Iterator[dict[str, int]]:
+        """Within the block, ``forward`` runs only the windows that overlap ``bounds``.
+
+        The output inside ``bounds`` is then exactly that of the whole run: a voxel gets logits only from windows
+        that contain it, and the blend is normalized by the weights of all windows. Outside ``bounds`` the output is
+        zero or partial and must not be read.
+
+        Args:
+            bounds: ``(start, stop)`` per spatial axis on the output grid, e.g. a region's bounding box; ``None``
+                runs every window.
+
+        Yields:
+            A dict updated by every forward pass: ``windows_run`` and ``windows_total``.
+        """
+        checked = None if bounds is None else _checked_bounds(bounds)
+        previous = self._bounds, self._record
+        self._bounds, self._record = checked, {}
+        try:
+            yield self._record
+        finally:
+            self._bounds, self._record = previous
+
+    def whole_volume(self, x: torch.Tensor) -> torch.Tensor:
+        """The unrestricted output for ``x``, without gradient; computed once and reused while nothing changed.
+
+        The stored output is keyed by a content hash of ``x``, of the network's parameters and buffers, of this
+        module's options and of the modules' train/eval flags, so it is never returned for another input or state
+        (hashing costs one pass over the input and the parameters, a small fraction of a whole-volume run). It
+        lets several explanations of a :class:`~SegExplainLib.targets.PredictedRegion` of one case read the
+        prediction from one whole-volume run. One output is kept; it is detached.
+        """
+        options = [] if self.fixed_weight is None else [self.fixed_weight]
+        key = _fingerprint([x, *self.network.state_dict().values(), *options]) + repr(
+            (self.patch_size, self.overlap, self.sigma_scale, self.positions, self.pad_to_patch,
+             [m.training for m in self.modules()]))
+        if self._prediction is None or self._prediction[0] != key:
+            with torch.no_grad(), self.restricted_to(None):
+                self._prediction = key, self(x)
+        return self._prediction[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented in the class
         spatial = tuple(x.shape[2:])
-        patch = tuple(min(p, s) for p, s in zip(self.patch_size, spatial))
-        steps = [max(1, int(p * (1 - self.overlap))) for p in patch]
-        weight = self._weight(patch, x)
-        output, total = None, torch.zeros(spatial, dtype=x.dtype, device=x.device)
-        for start in itertools.product(*(_starts(s, p, st) for s, p, st in zip(spatial, patch, steps))):
-            window = tuple(slice(a, a + p) for a, p in zip(start, patch))
+        below = [(p - s) // 2 if self.pad_to_patch and s < p else 0 for p, s in zip(self.patch_size, spatial)]
+        above = [max(p - s, 0) - b if self.pad_to_patch else 0 for p, s, b in zip(self.patch_size, spatial, below)]
+        if any(below) or any(above):
+            x = nn.functional.pad(x, [v for b, a in zip(reversed(below), reversed(above)) for v in (b, a)])
+        grid = tuple(x.shape[2:])
+        patch = tuple(min(p, s) for p, s in zip(self.patch_size, grid))
+        weight = self._blend_weight(patch, x)
+        windows = [tuple(slice(a, a + p) for a, p in zip(start, patch))
+                   for start in itertools.product(*self._axis_starts(grid, patch))]
+        # every window's weight, run or not: a voxel of the bounds gets the whole run's value, and one outside
+        # them a finite one (no 0 / 0 whose NaN the backward pass would carry into the maps)
+        total = torch.zeros(grid, dtype=x.dtype, device=x.device)
+        for window in windows:
+            total[window] += weight
+        run = windows if self._bounds is None else _meeting(windows, self._bounds, spatial, below)
+        self._record.update(windows_run=len(run), windows_total=len(windows))
+        output = None
+        for window in run:
             logits = self.network(x[(slice(None), slice(None), *window)])
             if output is None:
-                output = x.new_zeros((x.shape[0], logits.shape[1], *spatial))
-            padding = [value for a, p, s in zip(reversed(start), reversed(patch), reversed(spatial))
-                       for value in (a, s - a - p)]
+                output = x.new_zeros((x.shape[0], logits.shape[1], *grid))
+            padding = [value for w, s in zip(reversed(window), reversed(grid)) for value in (w.start, s - w.stop)]
             output = output + nn.functional.pad(logits * weight, padding)
-            total[window] += weight
-        return output / total
+        output = output / total
+        return output[(slice(None), slice(None), *(slice(b, b + s) for b, s in zip(below, spatial)))]
+
+
+def _checked_weight(weight: Any, patch: tuple[int, ...]) -> torch.Tensor:
+    tensor = torch.as_tensor(weight).detach()
+    if tuple(tensor.shape) != patch:
+        msg = f"weight must have the patch shape {patch}, got shape {tuple(tensor.shape)}"
+        raise SegExplainError(msg)
+    if not tensor.is_floating_point():
+        msg = f"weight must be floating point, got dtype {tensor.dtype}"
+        raise SegExplainError(msg)
+    if not bool(torch.isfinite(tensor).all()) or not bool((tensor > 0).all()):
+        msg = (f"weight must be positive and finite everywhere (the blend divides by the summed weights), got values "
+               f"from {float(tensor.min())} to {float(tensor.max())}")
+        raise SegExplainError(msg)
+    return tensor.clone()
+
+
+def _uncovered(starts: Any, grid: tuple[int, ...], patch: tuple[int, ...]) -> str | None:
+    """What is wrong with per-axis patch starts for ``grid``, or ``None`` when the patches cover it."""
+    if not isinstance(starts, Sequence) or len(starts) != len(grid):
+        return f"expected one list of starts per axis ({len(grid)})"
+    for axis, (values, size, width) in enumerate(zip(starts, grid, patch)):
+        try:
+            integers = [operator.index(a) for a in values]
+        except TypeError:
+            integers = []
+        if not integers:
+            return f"axis {axis} needs a non-empty list of integers"
+        covered = torch.zeros(size, dtype=torch.bool)
+        for a in integers:
+            if not 0 <= a <= size - width:
+                return f"start {a} on axis {axis} puts the patch outside [0, {size})"
+            covered[a:a + width] = True
+        if not bool(covered.all()):
+            return f"voxel {int((~covered).nonzero()[0])} on axis {axis} lies in no patch"
+    return None
+
+
+def _checked_bounds(bounds: Any) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in bounds)
+    except (TypeError, ValueError):
+        pairs = ()
+    if len(pairs) != 3 or any(not 0 <= a < b for a, b in pairs):
+        msg = f"bounds must be three (start, stop) pairs with 0 <= start < stop, got {bounds!r}"
+        raise SegExplainError(msg)
+    return pairs
+
+
+def _meeting(windows: list[tuple[slice, ...]], bounds: Bounds, spatial: tuple[int, ...],
+             below: list[int]) -> list[tuple[slice, ...]]:
+    """The windows (in padded coordinates) that overlap ``bounds`` (on the unpadded grid ``spatial``)."""
+    if any(b > s for (_, b), s in zip(bounds, spatial)):
+        msg = f"bounds {list(bounds)} reach outside the volume {spatial}"
+        raise SegExplainError(msg)
+    shifted = [(a + p, b + p) for (a, b), p in zip(bounds, below)]
+    return [window for window in windows
+            if all(w.start < b and w.stop > a for w, (a, b) in zip(window, shifted))]

@@ -51,8 +51,16 @@ class Target(abc.ABC):
             raise SegExplainError(msg)
 
     @abc.abstractmethod
+    def grid_region(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The boolean region on an output grid of spatial ``shape`` when it follows from the shape alone, or
+        ``None`` when it depends on the logits (:class:`PredictedRegion`).
+
+        Known before any forward pass, it lets a sliding window run only the windows that reach the region.
+        """
+
     def _region(self, logits: torch.Tensor) -> np.ndarray:
         """Boolean region over the spatial grid of ``logits`` (K, *spatial)."""
+        return self.grid_region(tuple(logits.shape[1:]))
 
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -80,12 +88,10 @@ class Target(abc.ABC):
         return {"kind": kind, "class_index": int(self.class_index), "aggregation": self.aggregation, **geometry}
 
 
-def _check_spatial(name: str, value: Sequence[int], logits: torch.Tensor) -> tuple[int, ...]:
-    shape = tuple(logits.shape[1:])
+def _check_spatial(name: str, value: Sequence[int], shape: tuple[int, ...]) -> None:
     if len(value) != len(shape):
         msg = f"{name} {tuple(value)} has {len(value)} coordinates but the output grid {shape} has {len(shape)} axes"
         raise SegExplainError(msg)
-    return shape
 
 
 @dataclass(frozen=True)
@@ -98,18 +104,18 @@ class MaskTarget(Target):
         super().__post_init__()
         object.__setattr__(self, "mask", np.asarray(self.mask).astype(bool))
 
-    def _region(self, logits):
-        shape = tuple(logits.shape[1:])
-        if self.mask.shape != shape:
+    def grid_region(self, shape):
+        if self.mask.shape != tuple(shape):
             msg = f"mask has shape {self.mask.shape} but the output grid is {shape}"
             raise SegExplainError(msg)
         return self.mask
 
     def describe(self):
-        return self._base("mask", voxels=int(self.mask.sum()), bounds=_bounds(self.mask))
+        return self._base("mask", voxels=int(self.mask.sum()), bounds=bounds_of(self.mask))
 
 
-def _bounds(mask: np.ndarray) -> list[list[int]] | None:
+def bounds_of(mask: np.ndarray) -> list[list[int]] | None:
+    """The bounding box of a boolean mask, ``[start, stop)`` per axis; ``None`` when the mask is empty."""
     if not mask.any():
         return None
     idx = np.nonzero(mask)
@@ -131,8 +137,8 @@ class BoxTarget(Target):
             msg = f"box needs start < stop on every axis, got start={self.start}, stop={self.stop}"
             raise SegExplainError(msg)
 
-    def _region(self, logits):
-        shape = _check_spatial("box start", self.start, logits)
+    def grid_region(self, shape):
+        _check_spatial("box start", self.start, shape)
         if any(a < 0 or b > n for a, b, n in zip(self.start, self.stop, shape)):
             msg = f"box {self.start}..{self.stop} lies outside the output grid {shape}"
             raise SegExplainError(msg)
@@ -171,8 +177,8 @@ class VoxelTarget(Target):
                 raise SegExplainError(msg)
             object.__setattr__(self, "spacing", spacing)
 
-    def _region(self, logits):
-        shape = _check_spatial("voxel index", self.index, logits)
+    def grid_region(self, shape):
+        _check_spatial("voxel index", self.index, shape)
         if any(i < 0 or i >= n for i, n in zip(self.index, shape)):
             msg = f"voxel {self.index} lies outside the output grid {shape}"
             raise SegExplainError(msg)
@@ -189,6 +195,9 @@ class VoxelTarget(Target):
 class PredictedRegion(Target):
     """The voxels the network assigns to ``class_index`` (argmax over classes, held fixed): Chatterjee et al."""
 
+    def grid_region(self, shape):
+        return None
+
     def _region(self, logits):
         return (logits.argmax(dim=0) == self.class_index).cpu().numpy()
 
@@ -200,8 +209,8 @@ class PredictedRegion(Target):
 class ClassChannel(Target):
     """The whole output channel of ``class_index``, every voxel of the grid."""
 
-    def _region(self, logits):
-        return np.ones(tuple(logits.shape[1:]), bool)
+    def grid_region(self, shape):
+        return np.ones(tuple(shape), bool)
 
     def describe(self):
         return self._base("channel")
