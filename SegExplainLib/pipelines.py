@@ -225,8 +225,9 @@ def _on_network(target: Target, original_shape: tuple[int, ...], prepared: Prepa
     """``target`` on the network grid: regions drawn on the images are mapped; the network's own ones stay."""
     if isinstance(target, (PredictedRegion, ClassChannel)):
         return target
-    classes = max(int(target.class_index) + 1, 1)
-    region = target.region(torch.zeros((classes, *original_shape)))  # these targets read only the grid's shape
+    region = target.grid_region(original_shape)
+    if region is None or not region.any():
+        raise SegExplainError(f"the {target.describe()['kind']} target is empty on the image grid {original_shape}")
     mapped = prepared.region_to_network(region)
     if not mapped.any():
         raise SegExplainError(
