@@ -80,17 +80,9 @@ class Progress:
         self.stream.flush()
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segexplain", description="Explain what a 3D segmentation network saw.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    explain = commands.add_parser("explain", help="explain one case: sequence files in, relevance maps out")
-    inputs = explain.add_argument_group("inputs")
-    inputs.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                        help="one file per MRI sequence (NIfTI, NRRD, MHA), or one 4D file")
-    inputs.add_argument("--sequence-names", nargs="+", metavar="NAME", help="names of the sequences, in order")
-    inputs.add_argument("--resample", action="store_true",
-                        help="resample sequences onto the first one's grid instead of refusing different grids")
-    model = explain.add_argument_group("model")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming the model (``--card``, ``--model``, ``--nnunet``, ``--bundle`` and theirs)."""
+    model = parser.add_argument_group("model")
     model.add_argument("--model", metavar="SPEC",
                        help="'reference', 'unet3d', 'monai:UNet', 'torch.nn:Conv3d', 'file.py:Class', "
                             "'package.module:factory' or 'pickle:FILE' (the last three run code: --trust-model-code)")
@@ -115,7 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--patch-size", nargs=3, type=int, metavar="N",
                        help="run the network by overlapping windows of this size (default: the card's patch_size)")
     model.add_argument("--overlap", type=float, default=0.5, help="overlap of the windows (default 0.5)")
-    region = explain.add_argument_group("region (default: the predicted region of --class)")
+
+
+def add_region_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming the region and class to explain."""
+    region = parser.add_argument_group("region (default: the predicted region of --class)")
     where = region.add_mutually_exclusive_group()
     where.add_argument("--label", metavar="FILE", help="label map on the image grid; see --label-value")
     where.add_argument("--box-index", nargs=6, type=int, metavar="N", help="voxel box: D0 H0 W0 D1 H1 W1 (half open)")
@@ -130,7 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     region.add_argument("--class", dest="class_index", type=int, default=1, help="output class (default 1)")
     region.add_argument("--aggregation", choices=("sum", "normalized"), default="sum")
     region.add_argument("--samples", type=int, help="normalized aggregation estimated from this many voxels")
-    method = explain.add_argument_group("method")
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the method."""
+    method = parser.add_argument_group("method")
     method.add_argument("--method", default="lrp", help="lrp, integrated_gradients, gradient, gradient_x_input, "
                                                         "smoothgrad, guided_backprop, deconvolution, occlusion, gradcam")
     method.add_argument("--composite", help="LRP composite (default epsilon_plus_flat)")
@@ -146,6 +146,21 @@ def _parser() -> argparse.ArgumentParser:
                         help="any other option of the method, e.g. --option window=4")
     method.add_argument("--filter", action="append", default=[], metavar="SPEC",
                         help="post-hoc filter maps to write as well, e.g. pass:0.4 or clamp:0.2 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segexplain", description="Explain what a 3D segmentation network saw.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    explain = commands.add_parser("explain", help="explain one case: sequence files in, relevance maps out")
+    inputs = explain.add_argument_group("inputs")
+    inputs.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                        help="one file per MRI sequence (NIfTI, NRRD, MHA), or one 4D file")
+    inputs.add_argument("--sequence-names", nargs="+", metavar="NAME", help="names of the sequences, in order")
+    inputs.add_argument("--resample", action="store_true",
+                        help="resample sequences onto the first one's grid instead of refusing different grids")
+    add_model_arguments(explain)
+    add_region_arguments(explain)
+    add_method_arguments(explain)
     run = explain.add_argument_group("run")
     run.add_argument("--ground-truth", metavar="FILE", help="ground-truth label map: inclusivity per sequence")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
