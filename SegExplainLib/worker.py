@@ -272,7 +272,9 @@ def serve(inputs: IO[bytes], outputs: IO[bytes]) -> None:
             elif operation == "explain":
                 _send(outputs, {"event": "progress", "request": number, "step": "explaining"})
                 result = session.explain(header["arguments"], mask=arrays.get("mask"))
-                answer = ({"state": "done", "record": result.record()}, {"maps": result.maps.astype(np.float32)})
+                record = {**result.record(), "request_arguments": header["arguments"],
+                          "model_arguments": session.model_arguments}  # the command line that reproduces it
+                answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
             else:
                 raise SegExplainError(f"unknown request {operation!r}")
         except KeyboardInterrupt:

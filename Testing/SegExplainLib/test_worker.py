@@ -73,6 +73,8 @@ def test_the_worker_answers_every_click_with_the_engines_maps(worker, case, refe
         answer = worker.wait(worker.explain([*CLICK, *LRP, "--device", "cpu"]), timeout=120)
         np.testing.assert_allclose(answer.maps, reference.maps, rtol=1e-5, atol=1e-7)
         assert answer.record["target"]["kind"] == "voxel"
+        assert answer.record["request_arguments"] == [*CLICK, *LRP, "--device", "cpu"]
+        assert answer.record["model_arguments"] == ["--card", str(demo_card_path())]
     assert worker.starts == 1
 
 
