@@ -146,7 +146,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
+        self._jobTimer.setInterval(50)  # the warm worker answers a click in well under a second
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self._sequenceSelectors = []
         self._explanation = None
@@ -191,6 +191,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._job is not None:
             self._job.cancel()
+        self.logic.closeWorker()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -207,6 +208,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
             self._finishJobUi()
+        self.logic.closeWorker()  # its case is the closing scene's
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -310,6 +312,17 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             chosen = [selector.currentNode() for _label, selector in self._sequenceSelectors]
             # a list parameter holds nodes, not gaps: the sequences are stored once every one has its volume
             self._parameterNode.inputVolumes = chosen if all(chosen) else []
+            self._prepareWorker()
+
+    def _prepareWorker(self) -> None:
+        """Start the warm worker as soon as the model and every sequence's volume are chosen, so that the first
+        click is only its explanation; a problem is shown under the model and again by the click."""
+        if not self._parameterNode or not self._parameterNode.inputVolumes or self.logic.missingRequirements():
+            return
+        try:
+            self.logic.prepareExplanation(self._parameterNode, trustModelCode=self.ui.trustModelCodeCheckBox.checked)
+        except Exception as error:
+            self.ui.cardStatusLabel.text = str(error)
 
     def onRegionSegmentationChanged(self, node) -> None:
         if self._parameterNode:
@@ -364,7 +377,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._finishJobUi()
             self.ui.statusLabel.text = _("Cancelled")
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=False):
             self.logic.ensureRequirements(askConfirmation=True)
             # Not a parameter: a scene, like a card, may come from someone else, so it cannot tick this box.
             self._job = self.logic.startExplanation(self._parameterNode,
@@ -388,13 +401,12 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.state == "failed":
             slicer.util.errorDisplay(_("Explanation failed: {error}").format(error=job.error))
             self.ui.statusLabel.text = _("Failed")
-            job.cleanup()
+            return
+        if job.state == "cancelled":
+            self.ui.statusLabel.text = _("Cancelled")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to load the explanation."), waitCursor=True):
-            try:
-                self._explanation = self.logic.finishExplanation(job, self._parameterNode, self._explanation)
-            finally:
-                job.cleanup()
+            self._explanation = self.logic.finishExplanation(job, self._parameterNode, self._explanation)
             self.logic.showExplanation(self._explanation, self._parameterNode)
             self.logic.showSharesChart(self._explanation)
             self._refreshExplanations()
@@ -480,13 +492,17 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SegExplainLogic(ScriptedLoadableModuleLogic):
-    """Turns the parameter node into an explanation job and its results into scene nodes. No GUI; raises on error.
+    """Turns the parameter node into clicks of a warm worker and their results into scene nodes. No GUI; raises on
+    error.
 
-    The MRML work is done by ``SegExplainMRML`` (Qt-free, shared with the browser app and tested headless).
+    The MRML work is done by ``SegExplainMRML`` (Qt-free, shared with the browser app and tested headless). The logic
+    holds one warm worker (``SegExplainMRML.job.WarmExplainer``), created at first use so that torch is not imported
+    when Slicer starts.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._explainer = None
 
     def getParameterNode(self):
         return SegExplainParameterNode(super().getParameterNode())
@@ -565,12 +581,33 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         return workflow.region(parameters, parameters.inputVolumes[0], segmentation=parameters.regionSegmentation,
                                roi=parameters.regionRoi, clickedPoints=parameters.clickedPoints)
 
+    def explainer(self):
+        """The warm worker of this logic: the model and the case loaded once, every click answered from there."""
+        if self._explainer is None:
+            from SegExplainMRML.job import WarmExplainer
+
+            self._explainer = WarmExplainer()
+        return self._explainer
+
+    def closeWorker(self) -> None:
+        """End the warm worker (module cleanup, scene close); the next click starts a new one."""
+        if self._explainer is not None:
+            self._explainer.close()
+
+    def prepareExplanation(self, parameters, trustModelCode: bool = False) -> None:
+        """Have the warm worker load the model and the chosen volumes in the background; returns at once."""
+        from SegExplainMRML import workflow
+
+        model = self.modelSource(parameters)
+        workflow.prepareExplanation(self.explainer(), list(parameters.inputVolumes), self.sequenceNames(model), model,
+                                    trustModelCode=trustModelCode)
+
     def startExplanation(self, parameters, trustModelCode: bool = False):
-        """Write the inputs and start the background job; returns the running ``ExplainJob``.
+        """Ask the warm worker for an explanation of the region; returns the running click (``WarmRun``).
 
         ``trustModelCode`` is the user's word that the model may run code of someone else (a model file, a module
         outside the built-in networks, MONAI and torch.nn, a pickle, classes named by nnU-Net plans or a bundle's
-        configuration); see ``SegExplainMRML.job.ExplainJob``.
+        configuration); see ``SegExplainMRML.job.ModelSource.check``.
         """
         from SegExplainMRML import workflow
         from SegExplainMRML.nodes import splitVectorVolume
@@ -580,14 +617,15 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         if parameters.multiVolume is not None:
             parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
             parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
-        job = workflow.startExplanation(list(parameters.inputVolumes), names, self.region(parameters),
-                                        workflow.settings(parameters), model, trustModelCode=trustModelCode)
-        logging.info("SegExplain: %s", " ".join(job.command()))
-        return job
+        run = workflow.startExplanation(self.explainer(), list(parameters.inputVolumes), names,
+                                        self.region(parameters), workflow.settings(parameters), model,
+                                        trustModelCode=trustModelCode)
+        logging.info("SegExplain: %s", " ".join(run.command()))
+        return run
 
     @staticmethod
     def finishExplanation(job, parameters, previous=None):
-        """Load a finished job into the scene as a new explanation folder (replacing ``previous`` if asked)."""
+        """Load a done click into the scene as a new explanation folder (replacing ``previous`` if asked)."""
         from SegExplainMRML import workflow
         from SegExplainMRML.results import removeExplanation
 
@@ -706,7 +744,6 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         job = logic.startExplanation(parameters)
         self.assertEqual(job.wait(timeout=300), "done", job.error)
         explanation = logic.finishExplanation(job, parameters)
-        job.cleanup()
         self.assertEqual(len(explanation.relevance), 6)
         self.assertGreater(explanation.record["target_score"], 0)
 
@@ -739,8 +776,9 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         job = logic.startExplanation(parameters)
         self.assertEqual(job.wait(timeout=300), "done", job.error)
         logic.finishExplanation(job, parameters)
-        job.cleanup()
         self.assertEqual(len(logic.explanationFolders()), 2)
+        self.assertEqual(logic.explainer().worker.starts, 1)  # both clicks answered by the one warm worker
+        logic.closeWorker()
         self.delayDisplay("Workflow passed")
 
     def test_SegExplainMultiVolume(self):
@@ -759,7 +797,6 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         job = logic.startExplanation(parameters)
         self.assertEqual(job.wait(timeout=300), "done", job.error)
         explanation = logic.finishExplanation(job, parameters)
-        job.cleanup()
         names = logic.sequenceNames("")
         self.assertEqual([v.GetName() for v in parameters.inputVolumes], [f"mpMRI {n}" for n in names])
         self.assertEqual(explanation.sequenceNames, names)

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -313,12 +312,14 @@ class Worker:
         self._answers: dict[int, Answer] = {}
         self._events: queue.Queue = queue.Queue()
         self._pending: set[int] = set()
-        self._send_lock = threading.Lock()
+        self._outbox: queue.Queue | None = None
+        self._writer: threading.Thread | None = None
         self._stderr: list[str] = []
-        self.load_request = 0
+        self.load_request = self.case_request = 0
 
     def start(self) -> Worker:
-        """Start the child and ask it to load the model; returns at once (the load is request :attr:`load_request`)."""
+        """Start the child and ask it to load the model; returns at once (the load is request :attr:`load_request`,
+        the case a restart sends back :attr:`case_request`)."""
         from . import _parent_watch
 
         if self.state == "running":
@@ -334,12 +335,15 @@ class Worker:
         self.state, self.starts = "running", self.starts + 1
         self._stderr = []
         process = self._process
+        self._outbox = queue.Queue()
+        self._writer = threading.Thread(target=self._write, args=(process, self._outbox), daemon=True)
+        self._writer.start()
         threading.Thread(target=self._read_answers, args=(process,), daemon=True).start()
         threading.Thread(target=self._read_errors, args=(process,), daemon=True).start()
         self.load_request = self._request({"op": "load", "model": self.model_arguments,
                                            "trust_code": self.trust_code})
         if self._case is not None:  # a restart brings the case back
-            self._request({"op": "case", "geometry": self._case[1]}, {"image": self._case[0]})
+            self.case_request = self._request({"op": "case", "geometry": self._case[1]}, {"image": self._case[0]})
         return self
 
     def restart(self) -> Worker:
@@ -351,7 +355,8 @@ class Worker:
         """Make ``image`` (C, D, H, W) on ``geometry`` the current case (kept for a restart); the request's number."""
         image = np.ascontiguousarray(image, dtype=np.float32)
         self._case = (image, geometry.to_dict())
-        return self._request({"op": "case", "geometry": self._case[1]}, {"image": image})
+        self.case_request = self._request({"op": "case", "geometry": self._case[1]}, {"image": image})
+        return self.case_request
 
     def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None) -> int:
         """Ask for an explanation (region and method options of ``segexplain explain``); the request's number."""
@@ -392,9 +397,9 @@ class Worker:
     def close(self) -> None:
         """Ask the child to end, and end it if it does not."""
         if self.state == "running":
-            with contextlib.suppress(OSError, ValueError):
-                with self._send_lock:
-                    _send(self._process.stdin, {"op": "close"})
+            self._outbox.put(({"op": "close"}, None))
+            self._outbox.put(None)
+            self._writer.join(1)
         self._end()
         self.state = "closed"
 
@@ -409,14 +414,21 @@ class Worker:
             raise SegExplainError(f"the worker is {self.state}; start or restart it first")
         number = next(self._numbers)
         self._pending.add(number)
-        try:
-            with self._send_lock:
-                _send(self._process.stdin, {**header, "request": number}, arrays)
-        except (OSError, ValueError):
-            self._died()
+        self._outbox.put(({**header, "request": number}, arrays))
         return number
 
+    def _write(self, process: subprocess.Popen, outbox: queue.Queue) -> None:
+        """Send the requests in order from a thread of their own: a case is megabytes, the pipe holds 64 KiB, and the
+        child reads only once it has imported the engine, so a caller (a GUI) must not wait for it."""
+        while (message := outbox.get()) is not None:
+            try:
+                _send(process.stdin, *message)
+            except (OSError, ValueError):  # the child ended: the answer reader fails the pending requests
+                return
+
     def _end(self) -> None:
+        if self._outbox is not None:
+            self._outbox.put(None)  # the writer of this child stops
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()

@@ -97,6 +97,7 @@ class ReviewApp(TrameApp):
         self.layoutManager.set_layout("review")
         self._setUpViews(MAIN_VIEWS)
         self.server.controller.on_server_bind.add(self._addRoutes)
+        self.server.controller.on_server_exited.add(lambda **_: self.session.close())
         self.state.change("method", "composite", "class_index", "aggregation", "region_kind", "radius", "segment_id",
                           "n_steps", "baseline", "samples", "seed", "layerwise", "device",
                           "advanced_options")(self._onParametersChanged)
@@ -210,7 +211,7 @@ class ReviewApp(TrameApp):
     # explain -----------------------------------------------------------------------------------------------------
 
     def explain(self) -> None:
-        """Start an explanation of the chosen region in a background process, watched by an asyncio task."""
+        """Ask the warm worker for an explanation of the chosen region, watched by an asyncio task."""
         if self.job is not None and self.job.running:
             return
         try:
@@ -225,11 +226,12 @@ class ReviewApp(TrameApp):
 
     async def _watch(self, job: Any) -> None:
         while job.running:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.02)  # the warm worker answers a click in a fraction of a second
             job.poll()
-            with self.state:
-                self.state.progress = round(100 * job.fraction)
-                self.state.step = job.step
+            if (round(100 * job.fraction), job.step) != (self.state.progress, self.state.step):
+                with self.state:
+                    self.state.progress = round(100 * job.fraction)
+                    self.state.step = job.step
         with self.state:
             self.state.running = False
             if job.state == "done":
@@ -244,7 +246,6 @@ class ReviewApp(TrameApp):
                 self.state.warning = " ".join(explanation.warnings)
             elif job.state == "failed":
                 self.state.error = job.error
-                job.cleanup()
             else:
                 self.state.message = "Cancelled"
 

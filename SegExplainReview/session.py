@@ -19,7 +19,7 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import nodes, results, workflow
-from SegExplainMRML.job import ExplainJob, ExplainSettings, ModelSource, Region, fileSafe
+from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun, fileSafe
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
@@ -164,6 +164,11 @@ class ReviewSession:
         self.clickedPoints.GetDisplayNode().SetPointLabelsVisibility(False)
         self.roi: Any = None
         self._compareOverlay: Any = None
+        self.explainer = WarmExplainer()
+        try:  # the worker loads the model and the case while the page opens; the first click waits for it
+            self.prepareExplanation()
+        except SegExplainError as error:  # e.g. a model that runs code without the user's word: the click says why
+            logger.warning("the explanation worker did not start: %s", error)
 
     # case -----------------------------------------------------------------------------------------------------
 
@@ -249,6 +254,7 @@ class ReviewSession:
             old, self.volumes[index] = self.volumes[index], self._addVolume(path, stem)
             # earlier explanations refer to the volume they explained: it stays, renamed
             old.SetName(self.scene.GenerateUniqueName(f"{stem} (before {fileName})"))
+            self.prepareExplanation()  # the worker gets the new case now, not at the next click
             return f"replaced sequence {stem} with {fileName}"
         self.segmentation = self._addSegmentation(path, stem)
         return f"added segmentation {self.segmentation.GetName()} with {len(self.segments())} segment(s)"
@@ -266,18 +272,24 @@ class ReviewSession:
         return workflow.region(parameters, self.volumes[0], segmentation=self.segmentation, roi=self.roi,
                                clickedPoints=self.clickedPoints)
 
-    def startExplanation(self, parameters: ReviewParameters) -> ExplainJob:
-        """Write the inputs and start the background job; returns the running ``ExplainJob``."""
-        return workflow.startExplanation(self.volumes, self.names, self.region(parameters),
+    def prepareExplanation(self) -> None:
+        """Have the warm worker hold the model and the case's volumes (in the background; returns at once)."""
+        workflow.prepareExplanation(self.explainer, self.volumes, self.names, self.case.model,
+                                    trustModelCode=self.case.trustModelCode)
+
+    def startExplanation(self, parameters: ReviewParameters) -> WarmRun:
+        """Ask the warm worker for an explanation of the region; returns the running click."""
+        return workflow.startExplanation(self.explainer, self.volumes, self.names, self.region(parameters),
                                          workflow.settings(parameters), self.case.model,
                                          trustModelCode=self.case.trustModelCode)
 
-    def finishExplanation(self, job: ExplainJob) -> results.Explanation:
-        """Load a finished job into the scene as a new explanation folder, and delete the job's files."""
-        try:
-            return workflow.finishExplanation(job, self.volumes)
-        finally:
-            job.cleanup()
+    def finishExplanation(self, run: WarmRun) -> results.Explanation:
+        """Load a done click into the scene as a new explanation folder."""
+        return workflow.finishExplanation(run, self.volumes)
+
+    def close(self) -> None:
+        """End the warm worker (the server's end)."""
+        self.explainer.close()
 
     def explanations(self) -> list[tuple[int, str]]:
         """(folder item, name) of every explanation, oldest first."""

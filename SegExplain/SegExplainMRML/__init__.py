@@ -7,7 +7,8 @@ screenshot) live in the module file.
 
 - :mod:`.nodes`: volumes to arrays and back with their geometry; segments, ROI boxes and clicked points as regions.
 - :mod:`.display`: the diverging colour table, overlays on slice views, live amplitude filters.
-- :mod:`.job`: the background process that runs ``segexplain explain``, with progress and cancel.
+- :mod:`.job`: the warm background worker that answers each click (model and case loaded once), with progress
+  and cancel.
 - :mod:`.results`: explanations as subject-hierarchy folders with their record, share tables, charts, inclusivity.
 - :mod:`.export`: slice-view captures, slice montages and the one-page report.
 """

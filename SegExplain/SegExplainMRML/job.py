@@ -1,49 +1,38 @@
-"""The explanation as a background process: ``segexplain explain`` on files written from the scene.
+"""The explanation in a warm background worker: the model loaded once, the case sent once, each click answered.
 
-The Slicer module (and the browser app) must stay responsive while a 3D explanation runs for seconds to minutes, and
-a user must be able to cancel it. So the job writes the input sequences and the region to a private temporary
-folder, starts ``python -m SegExplainLib explain ... --progress json`` as a child process, and reports its JSON
-progress lines through :meth:`ExplainJob.poll`, which a GUI timer calls. The child process is the same command line a
-researcher runs by hand, so a result from Slicer can be reproduced outside it from the recorded arguments.
-
-The job folder holds the patient's images, so no path leaves it behind. The inputs are deleted as soon as the
-process has ended (done, failed or cancelled), and the rest by :meth:`ExplainJob.cleanup` once the results are
-loaded. The child ends with its host: when Slicer or the review server ends, even killed with SIGKILL, the child
-deletes the folder and exits (``SegExplainLib._parent_watch``).
+The Slicer module and the browser app must stay responsive while a 3D explanation runs, and a user must be able to
+cancel it. Starting ``segexplain explain`` per click cost seconds of process start, imports and file I/O for an
+explanation of under one. So a :class:`WarmExplainer` keeps one worker process (``SegExplainLib.worker``): it is
+started as soon as the model and the input volumes are chosen, keeps them loaded, and answers every click with the
+maps as arrays, without files. Another model starts another worker; other volumes send a new case; a crashed worker
+is restarted by the next click, which first reports the click it took down. Each click is a :class:`WarmRun`, which
+a GUI timer polls. The worker's requests are the options of ``segexplain explain``, so the record of a result holds
+the command line that reproduces it from the input files. The worker ends with its host
+(``SegExplainLib._parent_watch``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-import SegExplainLib
-from SegExplainLib import _parent_watch
+from SegExplainLib import metrics
 from SegExplainLib.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry, write_volume
 from SegExplainLib.loading import ModelCard, refuse_untrusted_code
 from SegExplainLib.pipelines import sequence_names
+from SegExplainLib.worker import Worker
 
-from .nodes import VolumeStack
+from . import nodes
 
 #: The regions a user can pick, and what each needs.
 REGION_KINDS = ("segment", "box", "point", "predicted", "class")
-#: The job folder's subfolder of inputs.
-INPUTS = "inputs"
 #: The kinds of model a job explains: a model card file, an nnU-Net v2 results folder, a MONAI bundle folder.
 MODEL_KINDS = ("card", "nnunet", "bundle")
 #: How messages name each kind's path.
@@ -240,15 +229,10 @@ def fileSafe(name: str) -> str:
     return safe or "sequence"
 
 
-def pythonExecutable() -> str:
-    """The Python that runs the job: Slicer's ``PythonSlicer`` inside Slicer, else this interpreter."""
-    return shutil.which("PythonSlicer") or sys.executable
-
-
-def regionArguments(region: Region, geometry: Geometry, folder: Path) -> list[str]:
+def regionArguments(region: Region) -> list[str]:
+    """The region options of ``segexplain explain``; a segment travels to the worker as its mask."""
     if region.kind == "segment":
-        path = write_volume(region.mask.astype(np.uint8), geometry, folder / "region.nrrd")
-        return ["--label", str(path), "--label-value", "1"]
+        return []
     if region.kind == "box":
         return ["--box-index", *(str(v) for v in region.box)]
     if region.kind == "point":
@@ -258,191 +242,182 @@ def regionArguments(region: Region, geometry: Geometry, folder: Path) -> list[st
     return []
 
 
-class ExplainJob:
-    """One explanation running in a child process.
+def _caseKey(volumes: list[Any], names: list[str]) -> tuple:
+    """What makes a case: the nodes, their voxels' modification times, the grid and the names (no voxel copied)."""
+    return (tuple(names), tuple(node.GetID() for node in volumes),
+            tuple(node.GetImageData().GetMTime() if node.GetImageData() else 0 for node in volumes),
+            tuple(json.dumps(nodes.geometryOfVolume(node).to_dict(), default=str) for node in volumes))
 
-    Example (what the module's Apply button does, with a timer calling ``poll``):
-        >>> job = ExplainJob(stackVolumes([t2, t1]), Region("point", pointRas=(10.0, -4.5, 22.0), radius=3.0),
-        ...                  ExplainSettings(method="lrp"), card="/models/prostate/card.yaml")
-        >>> job.start()
-        >>> while job.running:
-        ...     for event in job.poll(): print(event["step"], event["fraction"])
-        >>> job.state, job.outputFolder
-        ('done', PosixPath('/tmp/segexplain-job-.../result'))
+
+class WarmExplainer:
+    """One warm worker for a front end, and what it holds: the model and the case.
+
+    Example (what the module does: prepare when the inputs are chosen, then one run per click):
+        >>> explainer = WarmExplainer()
+        >>> explainer.prepare(ModelSource("card", ""), [t2, t1, ...], names)        # returns at once
+        >>> run = explainer.explain(ModelSource("card", ""), [t2, t1, ...], names, Region("predicted"),
+        ...                         ExplainSettings())
+        >>> run.wait(60), run.answer.maps.shape
+        ('done', (6, 24, 48, 48))
+
+    Args:
+        python: The worker's interpreter (default: Slicer's ``PythonSlicer`` when there is one, else this one).
     """
 
-    def __init__(self, stack: VolumeStack, region: Region, settings: ExplainSettings, *, card: str | None = None,
-                 model: ModelSource | None = None, trustModelCode: bool = False, python: str | None = None) -> None:
-        """Check the model; nothing runs before :meth:`start`.
+    def __init__(self, *, python: str | None = None) -> None:
+        self.python = python
+        self.worker: Worker | None = None
+        self.model: ModelSource | None = None
+        self.stack: nodes.VolumeStack | None = None
+        self.step = ""
+        self._modelKey: tuple | None = None
+        self._caseKey: tuple | None = None
 
-        Args:
-            stack: The input sequences.
-            region: What to explain.
-            settings: The method and its options.
-            card: The model card (short for ``model=ModelSource("card", card)``); None for the bundled demo network.
-            model: The model: a card, an nnU-Net results folder or a MONAI bundle; give ``card`` or ``model``.
-            trustModelCode: The user's word that the model may import or run code of someone else (a model file, a
-                module outside the built-in networks, MONAI and torch.nn, a pickle; classes of nnU-Net plans or of
-                a bundle's configuration outside the libraries): the module's 'Allow code from this model' box or
-                ``segexplain review --trust-model-code``, never the card or the folder. Passed on as
-                ``--trust-model-code``.
-            python: The interpreter of the child process (default :func:`pythonExecutable`).
+    def prepare(self, model: ModelSource, volumes: list[Any], names: list[str], *,
+                trustModelCode: bool = False) -> None:
+        """Have a worker hold this model and these volumes; returns at once, the worker loads in the background.
+
+        The same model and volumes cost nothing; another model starts a new worker; other volumes (or new voxels)
+        send a new case; a dead worker, or one whose model failed to load, is started again.
 
         Raises:
-            SegExplainError: The card or folder is missing, the card is invalid or would run code without
-                ``trustModelCode``.
+            SegExplainError: A missing volume, volumes off one grid, a missing model or one that would run code
+                without ``trustModelCode``.
         """
-        if card is not None and model is not None:
-            raise SegExplainError("give the model card or the model, not both")
+        if len(volumes) != len(names) or not all(volumes):
+            raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
         if not isinstance(trustModelCode, bool):
             raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
-        model = model if model is not None else ModelSource("card", card or "")
-        if not isinstance(model, ModelSource):
-            raise SegExplainError(f"model must be a ModelSource, got {type(model).__name__}")
         model.check(trustModelCode=trustModelCode)
-        self.stack, self.region, self.settings, self.model = stack, region, settings, model
-        self.card = model.location if model.kind == "card" else None
-        self.trustModelCode = trustModelCode
-        self.python = python or pythonExecutable()
-        self.state = "new"
-        self.fraction, self.step, self.error = 0.0, "", ""
-        self.warnings: list[str] = []
-        self.folder: Path | None = None
-        self._process: subprocess.Popen | None = None
-        self._events: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        self._threads: list[threading.Thread] = []
+        modelKey = (tuple(model.arguments()), trustModelCode)
+        if self.worker is None or modelKey != self._modelKey:
+            self.close()
+            self.worker = Worker(model.arguments(), trust_code=trustModelCode, python=self.python).start()
+            self.model, self._modelKey, self._caseKey = model, modelKey, None
+        else:
+            load = self.worker.answer(self.worker.load_request)
+            if self.worker.state == "dead" or (load is not None and load.state != "done"):
+                self.worker.restart()  # brings the model and the case back
+            case = self.worker.answer(self.worker.case_request) if self.worker.case_request else None
+            if case is not None and case.state != "done":
+                self._caseKey = None
+        caseKey = _caseKey(volumes, names)
+        if caseKey != self._caseKey:
+            self.stack = nodes.stackVolumes(volumes, names)
+            self.worker.set_case(self.stack.image, self.stack.geometry)
+            self._caseKey = caseKey
 
     @property
-    def outputFolder(self) -> Path:
-        if self.folder is None:
-            raise SegExplainError("the job has not been started")
-        return self.folder / "result"
+    def ready(self) -> bool:
+        """The model is loaded and the case prepared: a click is only its explanation."""
+        worker = self.worker
+        answers = [worker.answer(worker.load_request), worker.answer(worker.case_request)] if worker else [None]
+        return worker is not None and worker.state == "running" and all(a and a.state == "done" for a in answers)
 
-    @property
-    def inputFolder(self) -> Path:
-        """Where the inputs are written: the sequences and a segment's mask, deleted when the process ends."""
-        if self.folder is None:
-            raise SegExplainError("the job has not been started")
-        return self.folder / INPUTS
+    def explain(self, model: ModelSource, volumes: list[Any], names: list[str], region: Region,
+                settings: ExplainSettings, *, trustModelCode: bool = False) -> WarmRun:
+        """Prepare (see :meth:`prepare`) and ask for one explanation; returns the running :class:`WarmRun`."""
+        self.prepare(model, volumes, names, trustModelCode=trustModelCode)
+        return WarmRun(self, region, settings)
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The worker's events since the last call; ``step`` follows what it is doing."""
+        events = self.worker.poll() if self.worker is not None else []
+        for event in events:
+            if event.get("event") == "progress":
+                self.step = event["step"]
+        return events
+
+    def close(self) -> None:
+        """End the worker (the module's cleanup, a closed scene, the review server's end)."""
+        if self.worker is not None:
+            self.worker.close()
+        self.worker, self._modelKey, self._caseKey, self.stack = None, None, None, None
+
+
+#: Progress of a click while the worker does each step.
+_FRACTIONS = {"loading model": 0.1, "preparing the case": 0.3, "explaining": 0.5}
+
+
+class WarmRun:
+    """One click's explanation in the warm worker: ``state`` (running, done, failed, cancelled), ``fraction``,
+    ``step``, ``error``; :meth:`poll` from a GUI timer, :meth:`wait` in scripts, :meth:`cancel`."""
+
+    def __init__(self, explainer: WarmExplainer, region: Region, settings: ExplainSettings) -> None:
+        self.explainer, self.worker, self.stack = explainer, explainer.worker, explainer.stack
+        self.model, self.trustModelCode = explainer.model, explainer._modelKey[1]
+        self.region, self.settings = region, settings
+        self.arguments = [*regionArguments(region), *settings.arguments()]
+        self.state, self.fraction, self.step, self.error = "running", 0.0, "waiting for the worker", ""
+        self.answer = None
+        self._explaining = False
+        self.request = self.worker.explain(self.arguments, mask=region.mask if region.kind == "segment" else None)
 
     @property
     def running(self) -> bool:
         return self.state == "running"
 
-    def command(self) -> list[str]:
-        """The full command line; valid once :meth:`start` wrote the inputs."""
-        names = [fileSafe(n) for n in self.stack.names]
-        inputs = [str(self.inputFolder / f"input_{i}_{n}.nrrd") for i, n in enumerate(names)]
-        model = [*self.model.arguments(), *(["--trust-model-code"] if self.trustModelCode else [])]
-        return [self.python, "-m", "SegExplainLib", "explain", "--input", *inputs, "--sequence-names", *names, *model,
-                *regionArguments(self.region, self.stack.geometry, self.inputFolder), *self.settings.arguments(),
-                "--output", str(self.outputFolder), "--progress", "json", "--no-figures"]
-
-    def start(self) -> None:
-        """Write the inputs and start the child process; returns at once.
-
-        Call it from a thread that outlives the job (a GUI's main thread, the server's event loop): on Linux the
-        child ends when the thread that started it ends.
-        """
-        if self.state != "new":
-            raise SegExplainError(f"a job runs once; this one is {self.state}")
-        self.folder = Path(tempfile.mkdtemp(prefix="segexplain-job-"))
-        try:
-            self.inputFolder.mkdir()
-            for index, (channel, name) in enumerate(zip(self.stack.image, self.stack.names)):
-                write_volume(channel, self.stack.geometry, self.inputFolder / f"input_{index}_{fileSafe(name)}.nrrd")
-            command = self.command()
-            (self.folder / "command.json").write_text(json.dumps(command))
-            environment = dict(os.environ)
-            libraryRoot = str(Path(SegExplainLib.__file__).resolve().parent.parent)
-            environment["PYTHONPATH"] = os.pathsep.join(filter(None, [libraryRoot, environment.get("PYTHONPATH")]))
-            environment[_parent_watch.PARENT_PID] = str(os.getpid())
-            environment[_parent_watch.JOB_FOLDER] = str(self.folder)
-            self._process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=environment, start_new_session=os.name == "posix")
-        except BaseException:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.state = "failed"
-            raise
-        self.state = "running"
-        self._threads = [threading.Thread(target=self._readEvents, daemon=True),
-                         threading.Thread(target=self._readErrors, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _readEvents(self) -> None:
-        for line in self._process.stdout:
-            try:
-                self._events.put(json.loads(line))
-            except json.JSONDecodeError:
-                self._stderr.append(line.rstrip())
-
-    def _readErrors(self) -> None:
-        for line in self._process.stderr:
-            self._stderr.append(line.rstrip())
-
     def poll(self) -> list[dict[str, Any]]:
-        """Progress events since the last call; updates ``state``, ``fraction``, ``step`` and ``error``."""
-        finished = self.state == "running" and self._process.poll() is not None
-        if finished:
-            for thread in self._threads:  # every line the process wrote is read before the state changes
-                thread.join()
-        events = []
-        while not self._events.empty():
-            events.append(self._events.get_nowait())
+        """The worker's events since the last call; updates ``state``, ``fraction``, ``step`` and ``error``."""
+        events = self.explainer.poll() if self.explainer.worker is self.worker else self.worker.poll()
         for event in events:
-            if event.get("event") == "warning":
-                self.warnings.append(event["message"])
-            self.fraction, self.step = float(event.get("fraction", self.fraction)), event.get("step", self.step)
-        if finished:
-            shutil.rmtree(self.inputFolder, ignore_errors=True)
-        if finished and self._process.returncode == 0:
-            self.state, self.fraction = "done", 1.0
-        elif finished:
-            self.state, self.error = "failed", self._errorLine()
+            if event.get("event") == "progress" and self.running:
+                self._explaining = self._explaining or event["request"] == self.request
+                self.step, self.fraction = event["step"], _FRACTIONS.get(event["step"], self.fraction)
+        answer = self.worker.answer(self.request)
+        if self.running and answer is not None:
+            self.state, self.error, self.fraction = answer.state, answer.error, 1.0
+            self.answer = answer if answer.state == "done" else None
         return events
 
-    def _errorLine(self) -> str:
-        errors = [line for line in self._stderr if line.startswith("error:")]
-        if errors:
-            return errors[-1][len("error:"):].strip()
-        last = next((line for line in reversed(self._stderr) if line.strip()), "")
-        return f"the explanation process stopped with exit code {self._process.returncode}" + (
-            f": {last}" if last else "")
-
     def wait(self, timeout: float | None = None) -> str:
-        """Block until the process ends (tests and scripts); returns the final state."""
-        if self.state == "running":
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
+        """Block until the answer (tests and scripts); returns the final state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
-                raise SegExplainError(f"the explanation took longer than {timeout} s and was cancelled") from None
+                raise SegExplainError(f"the explanation took longer than {timeout} s and was cancelled")
+            time.sleep(0.005)
             self.poll()
         return self.state
 
     def cancel(self) -> None:
-        """Stop the process (interrupt, then kill after 5 s) and delete everything it wrote."""
-        if self.state == "running":
-            if os.name == "posix":
-                self._process.send_signal(signal.SIGINT)
-            else:
-                self._process.terminate()
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            for thread in self._threads:
-                thread.join()
-            self.state = "cancelled"
-        self.cleanup()
+        """Stop this click. A running explanation is interrupted and the worker stays warm with its model and case;
+        one still queued behind the model or the case is answered later, and ignored."""
+        self.poll()
+        if not self.running:
+            return
+        if self._explaining:
+            self.worker.cancel()
+            try:  # the interrupt must not reach the next click's request
+                self.worker.wait(self.request, timeout=5)
+            except SegExplainError:
+                if self.worker.answer(self.request) is None:  # deaf to the interrupt: a fresh worker
+                    self.worker.restart()
+        self.state, self.step = "cancelled", "cancelled"
 
-    def cleanup(self) -> None:
-        """Delete the temporary folder (after the results were loaded into the scene)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+    def command(self) -> list[str]:
+        """The ``segexplain explain`` command line of this result, from the input files written from the scene
+        (``<name>.nrrd``; a segment as a label file ``<segment>.nrrd``)."""
+        names = [fileSafe(n) for n in self.stack.names]
+        region = (["--label", "<segment>.nrrd", "--label-value", "1"] if self.region.kind == "segment"
+                  else regionArguments(self.region))
+        return ["segexplain", "explain", "--input", *(f"<{n}>.nrrd" for n in names), "--sequence-names", *names,
+                *self.model.arguments(), *(["--trust-model-code"] if self.trustModelCode else []), *region,
+                *self.settings.arguments(), "--output", "<output folder>"]
+
+    def record(self) -> dict[str, Any]:
+        """The record of the done explanation, as ``summary.json`` of the command line holds it: the engine's
+        record, the sequences, the grid, the model, the relevance shares per sequence, and the command line."""
+        if self.answer is None:
+            raise SegExplainError(f"the explanation is {self.state}, not done")
+        names = [fileSafe(n) for n in self.stack.names]
+        load = self.worker.answer(self.worker.load_request)
+        return {**self.answer.record, "sequence_names": names, "geometry": self.stack.geometry.to_dict(),
+                "model": load.record.get("model") if load else None,
+                "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(self.answer.maps, kind=kind)
+                                                    .tolist())) for kind in ("positive", "negative", "absolute")},
+                "command": self.command()}
 
 
 def demoCardPath() -> str:

@@ -9,7 +9,7 @@ A folder holds, for an explanation of a C-sequence image:
 - a bar chart (role ``chart``) of the positive shares.
 
 The folder's attributes hold the record of the run (method, options, target, score, delta, software versions, the
-command line), so that the result can be reproduced; they are saved with the scene. Nothing is ever replaced: a new
+command line that reproduces it), so that the result can be reproduced; they are saved with the scene. Nothing is ever replaced: a new
 run gets a new folder, unless the caller removes an old one explicitly with :func:`removeExplanation`.
 """
 
@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import slicer
 import vtk
 
 from SegExplainLib import metrics
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry
 
 from .display import setDivergingDisplay
 from .job import fileSafe
@@ -76,16 +73,6 @@ def subjectHierarchy(scene: Any) -> Any:
     return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
 
 
-def _readMap(path: Path, geometry: Geometry) -> np.ndarray:
-    if not path.is_file():
-        raise SegExplainError(f"the explanation did not write {path.name} (in {path.parent})")
-    image = sitk.ReadImage(str(path))
-    differences = geometry.differences(Geometry.of(image), tolerance=1e-4)
-    if differences:
-        raise SegExplainError(f"{path.name} is not on the input grid (differs in {', '.join(differences)})")
-    return sitk.GetArrayFromImage(image).astype(np.float32)
-
-
 def _uniqueFolderName(shNode: Any, parent: Any, base: str) -> str:
     children = vtk.vtkIdList()
     shNode.GetItemChildren(parent, children)
@@ -104,33 +91,32 @@ def _placeInFolder(shNode: Any, node: Any, folder: int, role: str) -> None:
         shNode.CreateItem(folder, node)
 
 
-def loadExplanation(outputFolder: str | Path, stack: VolumeStack, inputs: list[Any], *, name: str,
-                    command: list[str] | None = None) -> Explanation:
-    """Bring the files of a finished ``segexplain explain`` run into the scene as an explanation folder.
+def addExplanation(maps: np.ndarray, record: dict[str, Any], stack: VolumeStack, inputs: list[Any], *,
+                   name: str) -> Explanation:
+    """Bring a finished explanation into the scene as a new explanation folder.
 
     Args:
-        outputFolder: The run's output folder (``summary.json`` and ``relevance_<sequence>.nii.gz``).
-        stack: The explained image, as given to the job: its grid and sequence names.
+        maps: The relevance maps (C, D, H, W) on the grid of ``stack``, one per sequence.
+        record: The run's record, as ``summary.json`` of ``segexplain explain`` holds it (sequence names file-safe,
+            ``relevance_shares``); kept in the folder's attributes.
+        stack: The explained image: its grid, sequence names and reference volume.
         inputs: The input volume nodes, one per sequence (or the one vector volume).
         name: Folder name, e.g. ``"LRP epsilon_plus, Lesion"``; made unique among its siblings.
-        command: The command line that produced the files, kept in the record.
 
     Returns:
-        The new explanation. Raises :class:`SegExplainError` (and adds nothing) if a file is missing or off-grid.
+        The new explanation. Raises :class:`SegExplainError` (and adds nothing) if the maps are off the grid.
     """
-    outputFolder = Path(outputFolder)
-    summaryPath = outputFolder / "summary.json"
-    if not summaryPath.is_file():
-        raise SegExplainError(f"{outputFolder} has no summary.json: not a finished explanation")
-    record = json.loads(summaryPath.read_text())
-    if command is not None:
-        record["command"] = command
+    maps = np.asarray(maps, dtype=np.float32)
+    expected = (len(stack.names), *stack.image.shape[1:])
+    if maps.shape != expected:
+        raise SegExplainError(f"the maps have shape {maps.shape}; expected {expected}, one map per sequence on the "
+                              "input grid")
+    record = dict(record)
     # the input volume of each sequence: its own, or the one vector volume holding them all
     sources = list(inputs) if len(inputs) == len(stack.names) else [inputs[0]] * len(stack.names)
-    # the files (and so summary.json) name the sequences file-safely; the record keeps what the scene called them
+    # the record names the sequences file-safely, as the command line's files; it keeps what the scene called them
     record["scene_inputs"] = [{"sequence": name, "file_name": fileSafe(name), "volume": node.GetName()}
                               for name, node in zip(stack.names, sources)]
-    maps = [_readMap(outputFolder / f"relevance_{fileSafe(n)}.nii.gz", stack.geometry) for n in stack.names]
     scene = stack.reference.GetScene()
     shNode = subjectHierarchy(scene)
     referenceItem = shNode.GetItemByDataNode(stack.reference)

@@ -2,7 +2,7 @@
 
 Both front ends keep their controls in an object with the same attribute names: the module's parameter node
 (``SegExplainParameterNode``) and the review app's ``ReviewParameters``. The functions here read those attributes,
-so the region, the settings, the run, the loading and the display are the same code in both. An attribute a front
+so the region, the settings, the warm worker's runs, the loading and the display are the same code in both. An attribute a front
 end does not offer takes the logic's default (:class:`ExplainSettings`).
 
 The attributes read: the model (``modelKind``, ``modelCard``, ``modelFolder``, ``nnunetConfiguration``,
@@ -22,7 +22,7 @@ from typing import Any
 from SegExplainLib.errors import SegExplainError
 
 from . import display, export, nodes, results
-from .job import ExplainJob, ExplainSettings, ModelSource, Region
+from .job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun
 
 #: Reference from an overlay volume to the relevance volume whose (filtered) map it shows.
 _SHOWN_RELEVANCE = "segexplainShownRelevance"
@@ -95,28 +95,36 @@ def settings(parameters: Any) -> ExplainSettings:
     return ExplainSettings(**values)
 
 
-def startExplanation(volumes: list[Any], names: list[str], region: Region, settings: ExplainSettings,
-                     model: str | ModelSource | None, *, trustModelCode: bool = False) -> ExplainJob:
-    """Stack the input volumes, write them and start the background job; returns the running job.
+def _model(model: str | ModelSource | None) -> ModelSource:
+    return model if isinstance(model, ModelSource) else ModelSource("card", model or "")
+
+
+def prepareExplanation(explainer: WarmExplainer, volumes: list[Any], names: list[str],
+                       model: str | ModelSource | None, *, trustModelCode: bool = False) -> None:
+    """Have the front end's warm worker load the model and the case in the background, before the first click.
 
     ``model`` is a :class:`ModelSource` (a card, an nnU-Net results folder, a MONAI bundle), or a card path (None
     for the bundled demo network). ``trustModelCode`` is the user's word that the model may run code of someone
-    else (see :class:`ExplainJob`); it never comes from the card, the folder or a saved scene.
+    else; it never comes from the card, the folder or a saved scene.
     """
-    if len(volumes) != len(names) or not all(volumes):
-        raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
-    model = model if isinstance(model, ModelSource) else ModelSource("card", model or "")
-    job = ExplainJob(nodes.stackVolumes(volumes, names), region, settings, model=model, trustModelCode=trustModelCode)
-    job.start()
-    return job
+    explainer.prepare(_model(model), list(volumes), list(names), trustModelCode=trustModelCode)
 
 
-def finishExplanation(job: ExplainJob, inputs: list[Any]) -> results.Explanation:
-    """Load a finished job into the scene as a new explanation folder, named after its method and region."""
-    method = job.settings.method
-    name = f"{method} {job.settings.composite}" if method == "lrp" else method
-    return results.loadExplanation(job.outputFolder, job.stack, inputs, name=f"{name}, {job.region.description}",
-                                   command=job.command())
+def startExplanation(explainer: WarmExplainer, volumes: list[Any], names: list[str], region: Region,
+                     settings: ExplainSettings, model: str | ModelSource | None, *,
+                     trustModelCode: bool = False) -> WarmRun:
+    """Ask the warm worker (started or restarted as needed, see :meth:`WarmExplainer.prepare`) to explain the region;
+    returns the running click."""
+    return explainer.explain(_model(model), list(volumes), list(names), region, settings,
+                             trustModelCode=trustModelCode)
+
+
+def finishExplanation(run: WarmRun, inputs: list[Any]) -> results.Explanation:
+    """Load a done click into the scene as a new explanation folder, named after its method and region."""
+    method = run.settings.method
+    name = f"{method} {run.settings.composite}" if method == "lrp" else method
+    record = run.record()  # refuses a click that is not done
+    return results.addExplanation(run.answer.maps, record, run.stack, inputs, name=f"{name}, {run.region.description}")
 
 
 def displayedIndex(explanation: results.Explanation, parameters: Any) -> int:

@@ -3,12 +3,11 @@
 ``slicer-core`` (PyPI) provides Slicer's MRML and logic libraries without Qt. The fixture wires them the way
 qSlicerCoreApplication does (application logic, colour, volumes, segmentations, markups, subject hierarchy logics,
 slice orientation presets), so the module's Qt-free logic runs on exactly the classes it meets inside Slicer.
-``demoRun`` runs one real explanation job per session; the results and export tests load its output.
+``demoRun`` runs one real click through the warm worker per session; the results and export tests load its maps.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from types import SimpleNamespace
 
@@ -36,13 +35,11 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def demoRun(tmp_path_factory):
-    """One real explanation job (LRP of a lesion voxel of the demo case), polled to its end with a 120 s deadline.
-
-    Its output folder is copied before ``job.cleanup()``, for the results and export tests.
-    """
-    from SegExplainMRML.job import ExplainJob, ExplainSettings, Region
-    from SegExplainMRML.nodes import stackVolumes
+def demoRun():
+    """One real click through the warm worker (LRP of a lesion voxel of the demo case), polled to its end with a
+    120 s deadline; its maps and record are kept for the results and export tests."""
+    from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer
+    from SegExplainMRML.workflow import startExplanation
 
     scene = wiredScene()
     volumes, label = addDemoCase(scene)
@@ -51,17 +48,17 @@ def demoRun(tmp_path_factory):
     ijkToRas = vtk.vtkMatrix4x4()
     volumes[0].GetIJKToRASMatrix(ijkToRas)
     pointRas = ijkToRas.MultiplyPoint((*(float(v) for v in voxel[::-1]), 1.0))[:3]
-    job = ExplainJob(stackVolumes(volumes), Region("point", pointRas=pointRas), ExplainSettings())
-    job.start()
+    explainer = WarmExplainer()
+    run = startExplanation(explainer, volumes, [v.GetName() for v in volumes], Region("point", pointRas=pointRas),
+                           ExplainSettings(), ModelSource())
     events, deadline = [], time.monotonic() + 120
-    while job.running and time.monotonic() < deadline:
-        events += job.poll()
-        time.sleep(0.05)
-    if job.running:
-        job.cancel()
-    output = tmp_path_factory.mktemp("demo-run") / "result"
-    if job.state == "done":
-        shutil.copytree(job.outputFolder, output)
-    job.cleanup()
+    while run.running and time.monotonic() < deadline:
+        events += run.poll()
+        time.sleep(0.02)
+    if run.running:
+        run.cancel()
+    done = run.state == "done"
+    explainer.close()
     scene.Clear(True)
-    return SimpleNamespace(job=job, events=events, output=output, label=label, voxel=voxel)
+    return SimpleNamespace(run=run, events=events, label=label, voxel=voxel, maps=run.answer.maps if done else None,
+                           record=run.record() if done else None)

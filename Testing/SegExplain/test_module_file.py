@@ -235,3 +235,20 @@ def test_parameter_node_storage_survives_scene_save_and_load(scene, tmp_path):
     references = [restored.GetNthNodeReference("inputVolumes", i) for i in range(2)]
     assert [node.GetName() for node in references] == ["sequence 0", "sequence 1"]
     assert float(slicer.util.arrayFromVolume(references[1]).mean()) == 1.0
+
+
+def test_the_module_uses_one_warm_worker_and_ends_it(tree):
+    """The logic holds one warm worker: prepared when the volumes are chosen (with the user's trust), asked by every
+    click, polled by the timer, cancelled by Cancel, and closed with the module and with the scene."""
+    assert "self._prepareWorker()" in _method(tree, "SegExplainWidget", "_onSequenceVolumesChanged")
+    assert "trustModelCode=self.ui.trustModelCodeCheckBox.checked" in _method(tree, "SegExplainWidget",
+                                                                              "_prepareWorker")
+    assert "workflow.prepareExplanation(self.explainer()" in _method(tree, "SegExplainLogic", "prepareExplanation")
+    assert "workflow.startExplanation(self.explainer()" in _method(tree, "SegExplainLogic", "startExplanation")
+    assert "WarmExplainer()" in _method(tree, "SegExplainLogic", "explainer")
+    assert "self._explainer.close()" in _method(tree, "SegExplainLogic", "closeWorker")
+    for method in ("cleanup", "onSceneStartClose"):
+        assert "self.logic.closeWorker()" in _method(tree, "SegExplainWidget", method)
+    assert "self._job.cancel()" in _method(tree, "SegExplainWidget", "onApplyButton")
+    timer = _method(tree, "SegExplainWidget", "onJobTimer")
+    assert "job.poll()" in timer and "job.state == 'cancelled'" in timer and "cleanup" not in timer

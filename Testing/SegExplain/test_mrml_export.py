@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,11 +141,11 @@ def test_slice_montage_validates_arguments(view, scene):
 
 @pytest.fixture
 def explanation(scene, demoRun):
-    """The session job's explanation loaded into the scene, and the volumes it explains."""
-    assert demoRun.job.state == "done", demoRun.job.error
+    """The session click's explanation loaded into the scene, and the volumes it explains."""
+    assert demoRun.run.state == "done", demoRun.run.error
     volumes, _ = addDemoCase(scene)
-    loaded = results.loadExplanation(demoRun.output, nodes.stackVolumes(volumes), volumes, name="LRP lesion",
-                                     command=["segexplain", "explain", "--method", "lrp"])
+    loaded = results.addExplanation(demoRun.maps, demoRun.record, nodes.stackVolumes(volumes), volumes,
+                                    name="LRP lesion")
     return SimpleNamespace(volumes=volumes, explanation=loaded)
 
 
@@ -155,7 +154,7 @@ def test_record_lines(explanation):
     lines = export.recordLines(explanation.explanation.record)
     assert "method: lrp" in lines
     assert any(line.startswith("target: ") and '"kind": "voxel"' in line for line in lines)
-    assert "command: " + json.dumps(["segexplain", "explain", "--method", "lrp"]) in lines
+    assert any(line.startswith('command: ["segexplain", "explain", "--input"') for line in lines)
     assert all(len(line) <= 110 for line in lines)
 
 

@@ -1,8 +1,8 @@
 """SegExplainMRML with the three kinds of model: a model card, an nnU-Net v2 results folder, a MONAI bundle.
 
 The nnU-Net folder is the real one of the session fixture ``nnunet_model`` (``Testing/nnunet_fixture.py``: made by
-nnunetv2's planner and trainer; channels T2 and ADC, class 1 lesion). The job runs ``segexplain explain --nnunet``
-in its child process, with one fold and no mirroring to stay fast.
+nnunetv2's planner and trainer; channels T2 and ADC, class 1 lesion). The warm worker loads it as ``segexplain explain --nnunet``
+does, with one fold and no mirroring to stay fast.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def test_a_job_explains_an_nnunet_folder_onto_the_input_volumes(scene, nnunet_mo
     assert names == ["T2", "ADC"]
     assert nodes.guessSequenceVolumes(scene, names) == volumes
     region = job.Region("point", pointRas=_ras(volumes[0], centre), radius=2.0, description="lesion centre")
-    run = workflow.startExplanation(volumes, names, region, job.ExplainSettings(method="gradient", device="cpu"),
-                                    model, trustModelCode=True)
+    explainer = job.WarmExplainer()
     try:
+        run = workflow.startExplanation(explainer, volumes, names, region,
+                                        job.ExplainSettings(method="gradient", device="cpu"), model, trustModelCode=True)
         assert run.wait(180) == "done", run.error
         command = run.command()
         start = command.index("--nnunet")
@@ -65,7 +66,7 @@ def test_a_job_explains_an_nnunet_folder_onto_the_input_volumes(scene, nnunet_mo
         assert "--trust-model-code" in command and "--card" not in command
         explanation = workflow.finishExplanation(run, volumes)
     finally:
-        run.cleanup()
+        explainer.close()
     assert explanation.sequenceNames == ["T2", "ADC"]
     reference = nodes.geometryOfVolume(volumes[0])
     for volume, relevance in zip(volumes, explanation.relevance):
@@ -85,14 +86,14 @@ def test_a_job_explains_an_nnunet_folder_onto_the_input_volumes(scene, nnunet_mo
     ("card", "model card '.*missing' is not a file"),
 ])
 def test_a_missing_model_is_refused_naming_it(scene, tmp_path, kind, message):
-    stack = nodes.stackVolumes([addVolume(scene, np.zeros((2, 3, 4)))])
+    volume = addVolume(scene, np.zeros((2, 3, 4)))
     model = job.ModelSource(kind, str(tmp_path / "missing"))
     with pytest.raises(SegExplainError, match=message):
-        job.ExplainJob(stack, job.Region("class"), job.ExplainSettings(), model=model)
-    with pytest.raises(SegExplainError, match=message):
         model.sequenceNames()
+    explainer = job.WarmExplainer()
     with pytest.raises(SegExplainError, match=message):
-        workflow.startExplanation([stack.reference], ["T2"], job.Region("class"), job.ExplainSettings(), model)
+        workflow.startExplanation(explainer, [volume], ["T2"], job.Region("class"), job.ExplainSettings(), model)
+    assert explainer.worker is None
 
 
 @pytest.mark.parametrize(("options", "message"), [

@@ -3,40 +3,31 @@
 from __future__ import annotations
 
 import json
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import slicer
 import vtk
-from mrml_scene import addDemoCase, addVolume, wiredScene
+from mrml_scene import addDemoCase, wiredScene
 from SegExplainMRML import display, job, nodes, results
 
 from SegExplainLib import metrics
 from SegExplainLib.errors import SegExplainError
 
-COMMAND = ["python", "-m", "SegExplainLib", "explain", "--method", "lrp"]
-
 
 @pytest.fixture
 def case(scene, demoRun):
-    """The demo case's volumes in the scene, with the output of the session's job."""
-    assert demoRun.job.state == "done", demoRun.job.error
+    """The demo case's volumes in the scene, with the maps and record of the session's click."""
+    assert demoRun.run.state == "done", demoRun.run.error
     volumes, label = addDemoCase(scene)
     return SimpleNamespace(scene=scene, volumes=volumes, label=label, stack=nodes.stackVolumes(volumes),
-                           output=demoRun.output, summary=json.loads((demoRun.output / "summary.json").read_text()))
+                           maps=demoRun.maps, summary=demoRun.record)
 
 
-def load(case, name="LRP lesion", output=None):
-    return results.loadExplanation(output or case.output, case.stack, case.volumes, name=name, command=COMMAND)
-
-
-def fileMaps(case):
-    """The relevance files as written by the job, read with SimpleITK."""
-    return np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(case.output / f"relevance_{job.fileSafe(n)}.nii.gz")))
-                     for n in case.stack.names])
+def load(case, name="LRP lesion", maps=None, stack=None):
+    return results.addExplanation(case.maps if maps is None else maps, case.summary, stack or case.stack,
+                                  case.volumes, name=name)
 
 
 def ijkToRas(node):
@@ -87,7 +78,8 @@ def saveScene(scene, folder):
 
 
 def test_load_makes_one_folder_holding_the_record(case):
-    """One explanation folder appears, its record attribute is the summary plus the command line."""
+    """One explanation folder appears, its record attribute is the summary (with its command line) plus the scene's
+    input volumes."""
     explanation = load(case)
     assert results.explanationFolders(case.scene) == [explanation.folderItem]
     shNode = results.subjectHierarchy(case.scene)
@@ -95,7 +87,8 @@ def test_load_makes_one_folder_holding_the_record(case):
     record = json.loads(shNode.GetItemAttribute(explanation.folderItem, results.RECORD_ATTRIBUTE))
     sceneInputs = [{"sequence": v.GetName(), "file_name": job.fileSafe(v.GetName()), "volume": v.GetName()}
                    for v in case.volumes]
-    assert record == {**case.summary, "command": COMMAND, "scene_inputs": sceneInputs} == explanation.record
+    assert record == {**case.summary, "scene_inputs": sceneInputs} == explanation.record
+    assert record["command"][:2] == ["segexplain", "explain"]
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.method")) == "lrp"
     assert json.loads(shNode.GetItemAttribute(explanation.folderItem, "SegExplain.target")) == case.summary["target"]
     for field in ("options", "target_score", "delta"):
@@ -106,7 +99,7 @@ def test_relevance_volumes_are_the_files_on_the_input_grid(case):
     """Each relevance volume holds its file's voxels on its input's grid, references that input, and sits in the
     folder; the overlay starts as the first sequence's map."""
     explanation = load(case)
-    maps = fileMaps(case)
+    maps = case.maps
     shNode = results.subjectHierarchy(case.scene)
     assert len(explanation.relevance) == 6 and explanation.sequenceNames == list(case.stack.names)
     for index, (node, volume) in enumerate(zip(explanation.relevance, case.volumes)):
@@ -148,7 +141,7 @@ def test_a_second_load_never_replaces_the_first(case):
     assert not {n.GetID() for n in first.relevance} & {n.GetID() for n in second.relevance}
     again = results.explanationOf(case.scene, first.folderItem)
     assert [n.GetID() for n in again.relevance] == [n.GetID() for n in first.relevance]
-    np.testing.assert_array_equal(again.maps(), fileMaps(case))
+    np.testing.assert_array_equal(again.maps(), case.maps)
 
 
 def test_explanation_of_rebuilds_the_explanation(case):
@@ -186,7 +179,7 @@ def test_explanation_survives_saving_and_loading_the_scene(case, tmp_path):
         assert len(folders) == 1
         again = results.explanationOf(restored, folders[0])
         assert again.record == explanation.record
-        np.testing.assert_array_equal(again.maps(), fileMaps(case))
+        np.testing.assert_array_equal(again.maps(), case.maps)
         assert [again.inputVolume(i).GetName() for i in range(6)] == list(case.stack.names)
         savedRows, rows = tableRows(again.table), tableRows(explanation.table)
         assert list(savedRows) == list(rows)
@@ -217,7 +210,7 @@ def test_ground_truth_inclusivity(case):
     """The inclusivity of a segment equals the metric on the files and the segment's voxels, and becomes a table
     column: for the lesion, and for a box half outside the relevant voxels."""
     explanation = load(case)
-    maps = fileMaps(case)
+    maps = case.maps
     truth = (case.label > 0).astype(np.uint8)
     truth[:, :12, 30:46][truth[:, :12, 30:46] == 0] = 2  # a box across the edge of the relevant voxels
     segmentation, segmentIds = addSegmentation(case.scene, truth, case.volumes[0])
@@ -236,21 +229,12 @@ def test_ground_truth_inclusivity(case):
     assert explanation.table.GetNumberOfColumns() == 6
 
 
-def test_load_refuses_incomplete_output(case, tmp_path):
-    """A folder without summary.json, or with a map missing or off the input grid, is refused and adds nothing."""
-    partial = tmp_path / "partial"
-    shutil.copytree(case.output, partial)
-    missing = f"relevance_{job.fileSafe(case.stack.names[3])}.nii.gz"
-    (partial / missing).unlink()
-    coarser = [addVolume(case.scene, slicer.util.arrayFromVolume(v), name=f"{v.GetName()} coarse",
-                         spacing=(1.0, 1.0, 3.0)) for v in case.volumes]
-    offGrid = SimpleNamespace(**{**vars(case), "stack": nodes.stackVolumes(coarser, list(case.stack.names))})
+def test_load_refuses_maps_off_the_input_grid(case):
+    """Maps of another shape than one per sequence on the input grid are refused, and add nothing."""
     before = nodeIds(case.scene)
-    with pytest.raises(SegExplainError, match="no summary.json"):
-        load(case, output=tmp_path)
-    with pytest.raises(SegExplainError, match=f"did not write {missing}"):
-        load(case, output=partial)
-    with pytest.raises(SegExplainError, match=r"relevance_4__T2.nii.gz is not on the input grid .*spacing"):
-        load(offGrid)
+    with pytest.raises(SegExplainError, match=r"maps have shape \(5, 24, 48, 48\); expected \(6, 24, 48, 48\)"):
+        load(case, maps=case.maps[:5])
+    with pytest.raises(SegExplainError, match=r"maps have shape \(6, 24, 48, 47\)"):
+        load(case, maps=case.maps[..., 1:])
     assert results.explanationFolders(case.scene) == []
     assert nodeIds(case.scene) == before

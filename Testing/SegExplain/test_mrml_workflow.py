@@ -3,7 +3,6 @@ attribute names) to region, settings, job, explanation folder and display."""
 
 from __future__ import annotations
 
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import slicer
 from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import workflow
-from SegExplainMRML.job import ExplainSettings
+from SegExplainMRML.job import ExplainSettings, WarmExplainer
 
 from SegExplainLib.errors import SegExplainError
 
@@ -93,22 +92,21 @@ def test_bad_settings_name_the_value():
 
 def test_start_refuses_a_missing_sequence(scene, volume):
     with pytest.raises(SegExplainError, match="one volume for each of the 2 sequences: T2, T1"):
-        workflow.startExplanation([volume], ["T2", "T1"], None, ExplainSettings(), None)
+        workflow.startExplanation(WarmExplainer(), [volume], ["T2", "T1"], None, ExplainSettings(), None)
     with pytest.raises(SegExplainError, match="one volume for each"):
-        workflow.startExplanation([volume, None], ["T2", "T1"], None, ExplainSettings(), None)
+        workflow.prepareExplanation(WarmExplainer(), [volume, None], ["T2", "T1"], None)
 
 
 @pytest.fixture
-def finishedJob(scene, demoRun, tmp_path):
-    """The session's demo run as a finished job on this test's volumes (its files copied back, not rerun)."""
-    from SegExplainMRML.job import ExplainJob
+def finishedJob(scene, demoRun):
+    """The session's demo click as a done click on this test's volumes (its answer reused, not rerun)."""
     from SegExplainMRML.nodes import stackVolumes
 
+    assert demoRun.run.state == "done", demoRun.run.error
     volumes, _ = addDemoCase(scene)
-    job = ExplainJob(stackVolumes(volumes), demoRun.job.region, demoRun.job.settings)
-    job.folder = tmp_path
-    shutil.copytree(demoRun.output, job.outputFolder)
-    return job, volumes
+    run = SimpleNamespace(region=demoRun.run.region, settings=demoRun.run.settings, stack=stackVolumes(volumes),
+                          answer=SimpleNamespace(maps=demoRun.maps), record=lambda: demoRun.record)
+    return run, volumes
 
 
 def test_finish_names_the_folder_after_method_and_region(scene, finishedJob):
@@ -116,7 +114,8 @@ def test_finish_names_the_folder_after_method_and_region(scene, finishedJob):
     explanation = workflow.finishExplanation(job, volumes)
     name = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene).GetItemName(explanation.folderItem)
     assert name == f"lrp epsilon_plus, {job.region.description}"
-    assert explanation.record["command"] == job.command()
+    assert explanation.record["command"] == job.record()["command"]
+    np.testing.assert_array_equal(explanation.maps(), job.answer.maps)
     assert [explanation.inputVolume(i) for i in range(6)] == volumes
 
 

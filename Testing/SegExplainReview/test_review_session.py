@@ -35,7 +35,9 @@ def session(caseFolder):
 
     from SegExplainReview.session import ReviewCase, ReviewSession
 
-    return ReviewSession(SlicerApp(), ReviewCase.fromFolder(caseFolder, str(demo_card_path())))
+    session = ReviewSession(SlicerApp(), ReviewCase.fromFolder(caseFolder, str(demo_card_path())))
+    yield session
+    session.close()
 
 
 def test_case_folder_follows_the_card_order(caseFolder, tmp_path):
@@ -144,10 +146,11 @@ def test_uploads_are_capped_in_size(session, caseFolder, monkeypatch):
 
 def test_uploaded_sequence_replaces_its_input(session, caseFolder):
     content = (caseFolder / "T1.nii.gz").read_bytes()
-    old = session.volumes[1]
+    old, caseRequest = session.volumes[1], session.explainer.worker.case_request
     assert "replaced sequence T1" in session.addFile("T1.nii.gz", content)
     assert session.volumes[1] is not old and session.volumes[1].GetScene() is session.scene
     assert old.GetScene() is session.scene and old.GetName() == "T1 (before T1.nii.gz)"  # earlier results keep it
+    assert session.explainer.worker.case_request > caseRequest  # the worker got the new case at once
 
 
 def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, monkeypatch):
@@ -168,6 +171,28 @@ def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, mon
         assert started.trustModelCode and "--trust-model-code" in started.command()
     finally:
         started.cancel()
+
+
+def test_the_case_opens_with_a_warm_worker_that_answers_every_click(caseFolder):
+    """Opening the case starts the worker (model and case in the background); every click is answered by it, and
+    closing the session ends it."""
+    from trame_slicer.core import SlicerApp
+
+    from SegExplainReview.session import ReviewCase, ReviewParameters, ReviewSession
+
+    session = ReviewSession(SlicerApp(), ReviewCase.fromFolder(caseFolder, str(demo_card_path())))
+    worker = session.explainer.worker
+    try:
+        assert worker is not None and worker.state == "running" and worker.case_request
+        for method in ("lrp", "gradient"):
+            run = session.startExplanation(ReviewParameters(regionKind="predicted", method=method))
+            assert run.wait(120) == "done", run.error
+            session.finishExplanation(run)
+        assert session.explainer.worker is worker and worker.starts == 1
+        assert [name.split(",")[0] for _, name in session.explanations()] == ["lrp epsilon_plus", "gradient"]
+    finally:
+        session.close()
+    assert worker.state == "closed"
 
 
 def test_views_image_pads_to_the_tallest():

@@ -1,0 +1,154 @@
+"""Click to overlay with the warm worker, on the demo case (24x48x48, 6 sequences, LRP of a 2 mm ball): target 1 s.
+
+(a) MRML: a real scene (slicer-core) holding the demo case; per click, the clicked point's region, the worker's
+    answer, the explanation folder loaded into the scene and the overlay volume filled by ``showExplanation``.
+(b) Browser: ``segexplain review`` serving the demo case and headless Chromium (the review tests' DevTools driver);
+    per click, from the mouse event on the axial view until the page has the new explanation and the view has
+    received a new image.
+
+The worker is warm in both (model and case loaded before the first timed click; one untimed warm-up click). Prints
+the machine, torch's version, the load average, every click and the median. Run from the repository root:
+``python bench/bench_click_to_overlay.py [--clicks 7] [--no-browser]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "SegExplain"), str(ROOT / "Testing" / "SegExplain"),
+                str(ROOT / "Testing" / "SegExplainReview")]
+TARGET_SECONDS = 1.0
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    import torch
+
+    return (f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+def clickPoints(volume, count: int) -> list[tuple[float, float, float]]:
+    """RAS points around the demo lesion's centre, one per click."""
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    rng = np.random.default_rng(0)
+    return [tuple(matrix.MultiplyPoint((24.0 + rng.integers(-4, 5), 24.0 + rng.integers(-4, 5), 12.0, 1.0))[:3])
+            for _ in range(count)]
+
+
+def benchMrml(clicks: int) -> list[float]:
+    import slicer
+    from mrml_scene import addDemoCase, wiredScene
+    from SegExplainMRML import workflow
+    from SegExplainMRML.job import ExplainSettings, ModelSource, WarmExplainer
+
+    scene = wiredScene()
+    slicer.mrmlScene = scene
+    volumes, _ = addDemoCase(scene)
+    names = [v.GetName() for v in volumes]
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "click")
+    parameters = ExplainSettings()
+    controls = type("Controls", (), {"regionKind": "point", "radius": 2.0, "displayedSequence": 0,
+                                     "filterKind": "none", "filterLow": 0.0, "filterHigh": 1.0,
+                                     "overlayOpacity": 0.6})()
+    explainer = WarmExplainer()
+    workflow.prepareExplanation(explainer, volumes, names, None)
+    seconds = []
+    try:
+        for index, point in enumerate(clickPoints(volumes[0], clicks + 1)):
+            points.AddControlPoint(point)
+            started = time.perf_counter()
+            run = workflow.startExplanation(explainer, volumes, names, workflow.region(controls, volumes[0],
+                                            clickedPoints=points), parameters, ModelSource())
+            if run.wait(300) != "done":
+                raise RuntimeError(run.error)
+            explanation = workflow.finishExplanation(run, volumes)
+            workflow.showExplanation(explanation, controls, [])
+            elapsed = time.perf_counter() - started
+            assert slicer.util.arrayFromVolume(explanation.overlay).any()
+            if index:  # the first click also waits for the model and the case
+                seconds.append(elapsed)
+                print(f"  (a) click {index}: {elapsed:.3f} s (worker {run.answer.seconds:.3f} s)", flush=True)
+        assert explainer.worker.starts == 1
+    finally:
+        explainer.close()
+    return seconds
+
+
+def benchBrowser(clicks: int) -> list[float]:
+    import importlib.util
+
+    from cdp import Chromium
+
+    # the review tests' server launcher (their conftest shares its module name with the module tests')
+    spec = importlib.util.spec_from_file_location("review_conftest", ROOT / "Testing" / "SegExplainReview" / "conftest.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    server = launcher.Server()
+    seconds = []
+    try:
+        with Chromium() as page:
+            page.navigate(server.url)
+            page.waitFor("document.querySelectorAll('.layout-grid-item img.image-display-area').length >= 4 && "
+                         "window.trame && window.trame.state.get('sequences').length === 6", timeout=120)
+            rect = page.evaluate("(() => { const r = document.querySelectorAll('.layout-grid-item')[0]"
+                                 ".getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")
+            rng = np.random.default_rng(0)
+            image = "document.querySelectorAll('.layout-grid-item img.image-display-area')[0].src"
+            for index in range(clicks + 1):
+                before = page.evaluate("window.trame.state.get('current')")
+                source = page.evaluate(image)
+                x, y = (rect[0] + rect[2] * (0.5 + rng.uniform(-0.05, 0.05)),
+                        rect[1] + rect[3] * (0.5 + rng.uniform(-0.05, 0.05)))
+                page.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y})
+                time.sleep(0.3)  # the remote view learns the pointer position from the move, as the tests do
+                started = time.perf_counter()  # the press is the click
+                for kind in ("mousePressed", "mouseReleased"):
+                    page.send("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left",
+                                                           "clickCount": 1})
+                page.waitFor(f"(window.trame.state.get('current') !== {before if before is not None else 'null'} "
+                             f"&& !window.trame.state.get('running') && {image} !== {source!r}) || "
+                             "window.trame.state.get('error')", timeout=300, interval=0.01)
+                elapsed = time.perf_counter() - started
+                error = page.evaluate("window.trame.state.get('error')")
+                if error:
+                    raise RuntimeError(error)
+                if index:
+                    seconds.append(elapsed)
+                    print(f"  (b) click {index}: {elapsed:.3f} s", flush=True)
+    finally:
+        server.stop()
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clicks", type=int, default=7, help="timed clicks of each part (after one warm-up click)")
+    parser.add_argument("--no-browser", action="store_true", help="skip part (b)")
+    args = parser.parse_args()
+    print(f"machine: {machine()}", flush=True)
+    rows = [("(a) MRML: region -> overlay volume filled", benchMrml(args.clicks))]
+    if not args.no_browser:
+        rows.append(("(b) browser: click -> overlay shown", benchBrowser(args.clicks)))
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for name, seconds in rows:
+        median = statistics.median(seconds)
+        print(f"{name}: median {median:.3f} s, min {min(seconds):.3f} s, max {max(seconds):.3f} s over "
+              f"{len(seconds)} clicks; target {TARGET_SECONDS:.1f} s: {'PASS' if median < TARGET_SECONDS else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
