@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -136,3 +137,43 @@ def test_a_model_that_cannot_load_fails_its_load_request(tmp_path):
 def test_trust_is_the_callers_word():
     with pytest.raises(SegExplainError, match="trust_code must be True or False"):
         Worker(["--card", "x"], trust_code="yes")
+
+
+HOST = ("import sys, time; from SegExplainLib.worker import Worker; worker = Worker(sys.argv[1:]).start(); "
+        "worker.wait(worker.load_request, timeout=120); print(worker._process.pid, flush=True); time.sleep(120)")
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie that an init process without reaping would keep (containers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_worker_ends_with_its_host_even_a_killed_one():
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    host = subprocess.Popen([sys.executable, "-c", HOST, "--card", str(demo_card_path())], stdout=subprocess.PIPE,
+                            text=True)
+    child = int(host.stdout.readline())
+    try:
+        assert _alive(child)  # the worker runs while its host does
+        host.kill()
+        host.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not _alive(child):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the worker outlived its killed host")
+    finally:
+        if host.poll() is None:
+            host.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
