@@ -469,9 +469,8 @@ def run_explain(args: argparse.Namespace) -> Path:
     """Run ``segexplain explain``; returns the output folder."""
     import torch
 
-    from . import imaging, metrics
+    from . import imaging
     from .api import explain
-    from .explanation import software_versions
     from .filters import AmplitudeFilter
     from .pipelines import explain_case
 
@@ -482,18 +481,15 @@ def run_explain(args: argparse.Namespace) -> Path:
     options = _method_options(args)
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
     progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
-    staging = _prepare_output(destination, args.overwrite)
+    _check_replaceable(destination, args.overwrite)  # refused at once, not after the explanation
     try:
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
         progress.step("loading model")
         pipeline = _pipeline(args)
         model, card = (None, None) if pipeline else _load(args)
-        names = args.sequence_names or (pipeline.sequences if pipeline else card.sequences if card and card.sequences
-                                        else [f"sequence{i}" for i in range(image.shape[0])])
-        if len(names) != image.shape[0]:
-            msg = f"{len(names)} sequence names given for {image.shape[0]} image channels"
-            raise SegExplainError(msg)
+        names = sequence_names(args.sequence_names, pipeline.sequences if pipeline else card.sequences if card
+                               else None, image.shape[0])
         target = _target(args, geometry, args.label)
         torch.manual_seed(args.seed)
         progress.step("explaining")
@@ -509,45 +505,105 @@ def run_explain(args: argparse.Namespace) -> Path:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         for warning in result.warnings:
             progress.warn(warning)
+        write_case_outputs(destination, overwrite=args.overwrite, image=image, geometry=geometry, maps=result.maps,
+                           record=result.record(), names=names, inputs=args.input,
+                           model=model_fields(model_description(args, pipeline, card),
+                                              normalized=card is not None or pipeline is not None, model=model),
+                           filters=filters, ground_truth=args.ground_truth, resample=args.resample,
+                           figures=not args.no_figures, progress=progress)
+    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+    progress.finish(output)
+    return output
+
+
+def sequence_names(given: Sequence[str] | None, known: Sequence[str] | None, channels: int) -> list[str]:
+    """The sequence names of a case: those given, else the model's, else ``sequence0``, ...; one per channel."""
+    names = list(given or known or [f"sequence{i}" for i in range(channels)])
+    if len(names) != channels:
+        msg = f"{len(names)} sequence names given for {channels} image channels"
+        raise SegExplainError(msg)
+    return names
+
+
+def model_description(args: argparse.Namespace, pipeline, card) -> dict[str, Any]:
+    """What ``summary.json`` says of the model: the pipeline's description, or the spec, weights and card."""
+    if pipeline:
+        return pipeline.describe()
+    return {"spec": args.card or args.model, "weights": args.weights, "card": card.to_dict() if card else None}
+
+
+def model_fields(description: dict[str, Any], *, normalized: bool, model) -> dict[str, Any]:
+    """The model's entries of ``summary.json``; ``model`` is the network or pipeline that ran."""
+    return {"model": description, "normalized_input": normalized, "sliding_window": (
+        {"patch_size": list(model.patch_size), "overlap": model.overlap} if hasattr(model, "patch_size") else None)}
+
+
+def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray, geometry, maps: np.ndarray,
+                       record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
+                       filters: Sequence[Any], ground_truth: str | None, resample: bool, figures: bool,
+                       progress: Progress | None = None) -> dict[str, Any]:
+    """Write one case's results as ``segexplain explain`` does: maps per sequence, ``summary.json``, figures.
+
+    Used by ``segexplain explain`` and by both ways of ``segexplain cohort`` (serial, Ray workers), so that a case's
+    folder is the same whichever wrote it. Everything is written to a staging folder beside ``destination`` that is
+    renamed into place at the end.
+
+    Args:
+        destination: The case's output folder.
+        overwrite: Replace an earlier SegExplain result there.
+        image: The case (C, D, H, W) as read, on ``geometry``.
+        geometry: The case's grid.
+        maps: The relevance maps (C, D, H, W) on the case's grid.
+        record: The explanation's record (:meth:`~SegExplainLib.explanation.Explanation.record`).
+        names: The sequence names, one per channel.
+        inputs: The sequence files read.
+        model: :func:`model_fields` of the model that ran.
+        filters: Post-hoc filters whose maps are written as well.
+        ground_truth: A ground-truth label file: inclusivity per sequence.
+        resample: Resample the ground truth onto the case's grid.
+        figures: Write the PNG figures.
+        progress: The run's progress display.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    from . import imaging, metrics
+    from .explanation import software_versions
+
+    progress = progress or Progress("none", ["writing maps", "figures", "summary"])
+    staging = _prepare_output(destination, overwrite)
+    try:
         progress.step("writing maps")
-        maps = result.maps.astype(np.float32)
+        maps = np.asarray(maps, dtype=np.float32)
         written = imaging.write_maps(maps, geometry, staging, names)
         for amplitude_filter in filters:
             tag = str(amplitude_filter).replace(":", "_").replace(",", "-")
             written += imaging.write_maps(amplitude_filter(maps), geometry, staging, names,
                                           prefix=f"relevance_{tag}_")
         summary = {
-            **result.record(),
-            "inputs": [str(Path(p).resolve()) for p in args.input], "sequence_names": list(names),
-            "geometry": geometry.to_dict(),
-            "model": pipeline.describe() if pipeline else {"spec": args.card or args.model, "weights": args.weights,
-                                                           "card": card.to_dict() if card else None},
-            "normalized_input": card is not None or pipeline is not None, "sliding_window": (
-                {"patch_size": list(model.patch_size), "overlap": model.overlap}
-                if hasattr(model, "patch_size") else None),
+            **record, "inputs": [str(Path(p).resolve()) for p in inputs], "sequence_names": list(names),
+            "geometry": geometry.to_dict(), **model,
             "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
                                  for kind in ("positive", "negative", "absolute")},
             "post_hoc_filters": [str(f) for f in filters], "files": [p.name for p in written],
             "software": software_versions(),
         }
-        if args.ground_truth:
-            truth = imaging.read_label(args.ground_truth, geometry, resample=args.resample) > 0
+        if ground_truth:
+            truth = imaging.read_label(ground_truth, geometry, resample=resample) > 0
             summary["ground_truth_inclusivity"] = dict(zip(names, metrics.ground_truth_inclusivity(
                 maps, truth, smoothing=1.0).tolist()))
             summary["input_inclusivity"] = dict(zip(names, metrics.input_inclusivity(maps, image,
                                                                                      smoothing=1.0).tolist()))
         progress.step("figures")
-        if not args.no_figures:
+        if figures:
             summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        _move_into_place(staging, destination, args.overwrite)
-    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
-        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+        _move_into_place(staging, destination, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
-    progress.finish(output)
-    return output
+    return summary
 
 
 def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: dict[str, float],
