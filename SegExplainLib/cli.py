@@ -18,6 +18,7 @@ cases when run again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -44,7 +45,8 @@ _MARKER_TEXT = "Written by SegExplain: 'segexplain ... --overwrite' may replace 
 
 
 class Progress:
-    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, or nothing."""
+    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, ``[k/N] step`` lines, or
+    nothing."""
 
     def __init__(self, mode: str, steps: Sequence[str], stream=None) -> None:
         self.mode, self.steps, self.done = mode, list(steps), 0
@@ -60,15 +62,22 @@ class Progress:
         elif self.mode == "bar":
             filled = int(30 * fraction)
             self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {name:<28}")
+        elif self.mode == "lines":
+            self.stream.write(f"[{self.done}/{len(self.steps)}] {name}\n")
         self.stream.flush()
 
     def warn(self, message: str) -> None:
         """Show something the user should know about the result (it is also in summary.json)."""
         if self.mode == "json":
             self.stream.write(json.dumps({"event": "warning", "message": message}) + "\n")
+            self.stream.flush()
         else:  # also without a progress display: a warning is never silent
-            sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}warning: {message}\n")
-        self.stream.flush()
+            self.say(f"warning: {message}")
+
+    def say(self, line: str) -> None:
+        """Write a line on stderr, below the bar if one is drawn."""
+        sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}{line}\n")
+        sys.stderr.flush()
 
     def finish(self, output: Path) -> None:
         seconds = time.perf_counter() - self.started
@@ -190,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="cohort folder (new, empty, or an earlier cohort's: its finished cases are kept and not "
                              "recomputed)")
     cohort.add_argument("--parquet", action="store_true", help="also write the table as cohort.parquet (pyarrow)")
+    cohort.add_argument("--workers", type=int, metavar="N",
+                        help="explain the cases on N warm Ray workers, each loading the model once (needs the ray "
+                             "extra); default: one case after another in this process, the model loaded per case")
+    cohort.add_argument("--address", metavar="ADDRESS",
+                        help="the Ray cluster of the workers (HOST:PORT, ray://HOST:PORT or auto); default: a local "
+                             "Ray started for the run")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
@@ -319,12 +334,7 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
 
     common = {"class_index": args.class_index, "aggregation": args.aggregation}
     if label_path:
-        labels = imaging.read_label(label_path, geometry, resample=args.resample)
-        mask = labels == args.label_value
-        if not mask.any():
-            msg = f"label value {args.label_value} does not occur in {label_path}"
-            raise SegExplainError(msg)
-        return MaskTarget(mask, **common)
+        return MaskTarget(_label_mask(args, geometry, label_path), **common)
     if args.box_index:
         return BoxTarget(tuple(args.box_index[:3]), tuple(args.box_index[3:]), **common)
     for frame in ("ras", "lps"):
@@ -342,6 +352,17 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
     if args.whole_class:
         return ClassChannel(**common)
     return PredictedRegion(**common)
+
+
+def _label_mask(args: argparse.Namespace, geometry, label_path: str) -> np.ndarray:
+    """The segment ``--label-value`` of a label map, on the case's grid."""
+    from . import imaging
+
+    mask = imaging.read_label(label_path, geometry, resample=args.resample) == args.label_value
+    if not mask.any():
+        msg = f"label value {args.label_value} does not occur in {label_path}"
+        raise SegExplainError(msg)
+    return mask
 
 
 def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
@@ -482,7 +503,7 @@ def run_explain(args: argparse.Namespace) -> Path:
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
     progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
     _check_replaceable(destination, args.overwrite)  # refused at once, not after the explanation
-    try:
+    with _resample_advice():
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
         progress.step("loading model")
@@ -511,10 +532,22 @@ def run_explain(args: argparse.Namespace) -> Path:
                                               normalized=card is not None or pipeline is not None, model=model),
                            filters=filters, ground_truth=args.ground_truth, resample=args.resample,
                            figures=not args.no_figures, progress=progress)
-    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
-        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
     progress.finish(output)
     return output
+
+
+@contextlib.contextmanager
+def _resample_advice():
+    """Grid mismatches advise the option: the library's advice names its argument."""
+    try:
+        yield
+    except GridMismatchError as error:
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+
+
+def failure_text(error: BaseException) -> str:
+    """How ``failures.json`` records a case's error: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def sequence_names(given: Sequence[str] | None, known: Sequence[str] | None, channels: int) -> list[str]:
@@ -685,11 +718,29 @@ def _write_parquet(rows: list[dict[str, Any]], columns: list[str], path: Path) -
 
 
 def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path:
-    """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones."""
+    """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones.
+
+    Without ``--workers`` the cases run one after another in this process, each as a whole ``segexplain explain``.
+    With ``--workers N`` they run on N warm Ray actors (:mod:`SegExplainLib.raycohort`); the case folders, the table
+    and the figures are the same.
+    """
     import csv
 
     from . import figures, imaging, metrics
     from .filters import AmplitudeFilter
+
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers must be 1 or more (the number of Ray workers), got {args.workers}"
+        raise SegExplainError(msg)
+    if args.address is not None and args.workers is None:
+        msg = f"--address {args.address!r} names a Ray cluster for the workers: pass --workers N as well"
+        raise SegExplainError(msg)
+    if args.workers is not None:
+        from .raycohort import check_address, import_ray
+
+        import_ray()  # missing Ray and a wrong address are said at once, before anything is written
+        if args.address is not None:
+            check_address(args.address)
 
     names_given = explain_options[explain_options.index("--sequence-names") + 1:] if (
         "--sequence-names" in explain_options) else None
@@ -701,21 +752,42 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
     _holds_results(output)  # an earlier cohort's folder is resumed; another folder is never written into
     (output / "cases").mkdir(parents=True, exist_ok=True)
     (output / OUTPUT_MARKER).write_text(_MARKER_TEXT)
-    rows, failures, shares, inclusivity = [], {}, [], {"none": [], **{str(f): [] for f in filters}}
+    progress = Progress("bar" if sys.stderr.isatty() else "lines", [case["case"] for case in cases])
+
+    def explain_arguments(case: dict[str, Any]) -> argparse.Namespace:
+        return _parser().parse_args([
+            "explain", "--input", *case["inputs"], "--output", str(output / "cases" / case["case"]), "--progress",
+            "none", "--overwrite", *(["--label", case["label"]] if case["label"] else []),
+            *(["--ground-truth", case["ground_truth"]] if case["ground_truth"] else []), *explain_options])
+
+    failures: dict[str, str] = {}
+    if args.workers is None:  # one case after another, each a whole 'segexplain explain' (the model loaded anew)
+        for case in cases:
+            progress.step(case["case"])
+            if not (output / "cases" / case["case"] / "summary.json").exists():
+                try:
+                    run_explain(explain_arguments(case))
+                except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
+                    failures[case["case"]] = failure_text(error)
+                    progress.say(f"  failed: {failures[case['case']]}")
+    else:
+        from .raycohort import explain_cases
+
+        todo = []
+        for case in cases:
+            if (output / "cases" / case["case"] / "summary.json").exists():
+                progress.step(f"{case['case']} (finished earlier)")
+            else:
+                todo.append((case["case"], explain_arguments(case)))
+        failed = explain_cases(todo, workers=args.workers, address=args.address, progress=progress)
+        failures = {case["case"]: failed[case["case"]] for case in cases if case["case"] in failed}  # CSV order
+    progress.finish(output)
+    rows, shares, inclusivity = [], [], {"none": [], **{str(f): [] for f in filters}}
     names: list[str] | None = None
-    for number, case in enumerate(cases, 1):
+    for case in cases:
         folder = output / "cases" / case["case"]
-        print(f"[{number}/{len(cases)}] {case['case']}", file=sys.stderr)
-        if not (folder / "summary.json").exists():
-            argv = ["explain", "--input", *case["inputs"], "--output", str(folder), "--progress", "none",
-                    "--overwrite", *(["--label", case["label"]] if case["label"] else []),
-                    *(["--ground-truth", case["ground_truth"]] if case["ground_truth"] else []), *explain_options]
-            try:
-                run_explain(_parser().parse_args(argv))
-            except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
-                failures[case["case"]] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                print(f"  failed: {failures[case['case']]}", file=sys.stderr)
-                continue
+        if case["case"] in failures:
+            continue
         summary = json.loads((folder / "summary.json").read_text())
         names = summary["sequence_names"]
         case_shares = summary["relevance_shares"]
