@@ -574,8 +574,8 @@ def model_fields(description: dict[str, Any], *, normalized: bool, model) -> dic
 
 def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray, geometry, maps: np.ndarray,
                        record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
-                       filters: Sequence[Any], ground_truth: str | None, resample: bool, figures: bool,
-                       progress: Progress | None = None) -> dict[str, Any]:
+                       filters: Sequence[Any], ground_truth: str | None, resample: bool,
+                       figures: bool | dict[str, bytes], progress: Progress | None = None) -> dict[str, Any]:
     """Write one case's results as ``segexplain explain`` does: maps per sequence, ``summary.json``, figures.
 
     Used by ``segexplain explain`` and by both ways of ``segexplain cohort`` (serial, Ray workers), so that a case's
@@ -595,7 +595,8 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
         filters: Post-hoc filters whose maps are written as well.
         ground_truth: A ground-truth label file: inclusivity per sequence.
         resample: Resample the ground truth onto the case's grid.
-        figures: Write the PNG figures.
+        figures: Draw and write the PNG figures; or the figures already drawn (:func:`case_figures`, by a Ray
+            worker), file name to PNG bytes, written as they are.
         progress: The run's progress display.
 
     Returns:
@@ -629,8 +630,12 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
             summary["input_inclusivity"] = dict(zip(names, metrics.input_inclusivity(maps, image,
                                                                                      smoothing=1.0).tolist()))
         progress.step("figures")
-        if figures:
-            summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
+        if isinstance(figures, dict):
+            for filename, png in figures.items():
+                (staging / filename).write_bytes(png)
+            summary["figures"] = list(figures)
+        elif figures:
+            summary["figures"] = case_figures(image, maps, names, staging)
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _move_into_place(staging, destination, overwrite)
@@ -639,10 +644,11 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
     return summary
 
 
-def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: dict[str, float],
-             folder: Path) -> list[str]:
-    from . import figures
+def case_figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], folder: Path) -> list[str]:
+    """Write a case's figures (``mip.png``, ``montage.png``, ``shares.png``) into ``folder``; their names."""
+    from . import figures, metrics
 
+    shares = dict(zip(names, metrics.relevance_shares(maps, kind="positive").tolist()))
     made = []
     for filename, figure in (("mip.png", figures.mip_figure(image, maps, sequence_names=names)),
                              ("montage.png", figures.montage_figure(image, maps, sequence_names=names)),

@@ -2,7 +2,8 @@
 
 Each actor holds a :class:`~SegExplainLib.worker.WarmSession`, so the model is loaded once per actor rather than once
 per case. The driver (the ``segexplain cohort`` process) reads each case's files, sends the image (and the label's
-mask) to a free actor, gets the maps and the record back as arrays, and writes the case folder itself with
+mask) to a free actor, gets the maps, the record and the figures back (arrays and PNG bytes: the actors draw the
+figures, which take longer than explaining a small case), and writes the case folder itself with
 :func:`~SegExplainLib.cli.write_case_outputs`, the function ``segexplain explain`` writes with. Only the model files
 have to be readable by the actors; the cases and the output folder need not be shared with the machines of a
 cluster given with ``--address``. The package itself is shipped to the actors (Ray's ``py_modules``), so they run
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import socket
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,18 +126,28 @@ class CaseWorker:
         """``{"sequences", "model"}`` (the model's entries of summary.json), or ``{"error"}``."""
         return self.info
 
-    def explain(self, image: np.ndarray, geometry: dict[str, Any], request: Sequence[str],
-                mask: np.ndarray | None) -> dict[str, Any]:
-        """Explain one case: ``{"maps", "record"}``, or ``{"error"}`` (the actor stays for the next case)."""
-        from .cli import failure_text
+    def explain(self, image: np.ndarray, geometry: dict[str, Any], request: Sequence[str], mask: np.ndarray | None,
+                names: Sequence[str] | None) -> dict[str, Any]:
+        """Explain one case: ``{"maps", "record", "figures"}``, or ``{"error"}`` (the actor stays for the next case).
+
+        ``figures`` (file name to PNG bytes) are drawn here when ``names`` (the sequence names) are given: drawing
+        takes longer than explaining a small case, and the driver would draw one case after another.
+        """
+        from .cli import case_figures, failure_text
         from .imaging import Geometry
 
         try:
             self.session.set_case(image, Geometry(**geometry))
             result = self.session.explain(request, mask=mask)
+            maps = result.maps.astype(np.float32)
+            pngs = {}
+            if names is not None:
+                with tempfile.TemporaryDirectory(prefix="segexplain-figures-") as folder:
+                    pngs = {name: (Path(folder) / name).read_bytes()
+                            for name in case_figures(image, maps, names, Path(folder))}
         except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
             return {"error": failure_text(error)}
-        return {"maps": result.maps.astype(np.float32), "record": result.record()}
+        return {"maps": maps, "record": result.record(), "figures": pngs}
 
 
 def _options(parser: argparse.ArgumentParser, args: argparse.Namespace, leave_out: Sequence[str]) -> list[str]:
@@ -228,7 +240,8 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
                     progress.step(name)
                     fail(name, failure_text(error))
                     continue
-                reference = actor.explain.remote(image, geometry.to_dict(), request, mask)
+                reference = actor.explain.remote(image, geometry.to_dict(), request, mask,
+                                                 None if args.no_figures else names)
                 running[reference] = (actor, name, args, (image, geometry, names))
                 return
 
@@ -242,8 +255,9 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
             progress.step(name)
             try:
                 answer = ray.get(reference)
-            except ray.exceptions.RayError as error:  # the actor died (Ray restarts it once)
-                answer = {"error": f"the Ray worker ended: {failure_text(error)}"}
+            except ray.exceptions.RayError as error:  # the actor died (Ray restarts it once), or Ray failed
+                cause = getattr(error, "cause", None)  # a task's own exception, without Ray's coloured header
+                answer = {"error": f"the Ray worker failed: {failure_text(cause or error)}"}
             if "error" in answer:
                 fail(name, answer["error"])
                 continue
@@ -254,7 +268,7 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
                     write_case_outputs(Path(args.output), overwrite=True, image=image, geometry=geometry,
                                        maps=np.array(answer["maps"]), record=answer["record"], names=names, inputs=args.input,
                                        model=info["model"], filters=filters, ground_truth=args.ground_truth,
-                                       resample=args.resample, figures=not args.no_figures)
+                                       resample=args.resample, figures=answer["figures"] or False)
             except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
                 fail(name, failure_text(error))
     finally:
