@@ -10,7 +10,7 @@ with 130 and leaves no output folder behind, because results are written to a te
 place at the very end. Output folders carry a marker file (:data:`OUTPUT_MARKER`): ``--overwrite`` replaces only a
 folder that has it, and only once the new results are complete. ``segexplain cohort`` runs the same explanation over
 the cases of a CSV, goes on after a failing case (exit status 1 when any failed) and does not recompute finished
-cases when run again.
+cases when run again; with ``--workers N`` on N warm Ray workers (:mod:`SegExplainLib.raycohort`).
 ``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
 127.0.0.1.
 """
