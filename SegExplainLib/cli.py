@@ -10,7 +10,7 @@ with 130 and leaves no output folder behind, because results are written to a te
 place at the very end. Output folders carry a marker file (:data:`OUTPUT_MARKER`): ``--overwrite`` replaces only a
 folder that has it, and only once the new results are complete. ``segexplain cohort`` runs the same explanation over
 the cases of a CSV, goes on after a failing case (exit status 1 when any failed) and does not recompute finished
-cases when run again.
+cases when run again; with ``--workers N`` on N warm Ray workers (:mod:`SegExplainLib.raycohort`).
 ``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
 127.0.0.1.
 """
@@ -18,6 +18,7 @@ cases when run again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -44,7 +45,8 @@ _MARKER_TEXT = "Written by SegExplain: 'segexplain ... --overwrite' may replace 
 
 
 class Progress:
-    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, or nothing."""
+    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, ``[k/N] step`` lines, or
+    nothing."""
 
     def __init__(self, mode: str, steps: Sequence[str], stream=None) -> None:
         self.mode, self.steps, self.done = mode, list(steps), 0
@@ -60,15 +62,22 @@ class Progress:
         elif self.mode == "bar":
             filled = int(30 * fraction)
             self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {name:<28}")
+        elif self.mode == "lines":
+            self.stream.write(f"[{self.done}/{len(self.steps)}] {name}\n")
         self.stream.flush()
 
     def warn(self, message: str) -> None:
         """Show something the user should know about the result (it is also in summary.json)."""
         if self.mode == "json":
             self.stream.write(json.dumps({"event": "warning", "message": message}) + "\n")
+            self.stream.flush()
         else:  # also without a progress display: a warning is never silent
-            sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}warning: {message}\n")
-        self.stream.flush()
+            self.say(f"warning: {message}")
+
+    def say(self, line: str) -> None:
+        """Write a line on stderr, below the bar if one is drawn."""
+        sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}{line}\n")
+        sys.stderr.flush()
 
     def finish(self, output: Path) -> None:
         seconds = time.perf_counter() - self.started
@@ -190,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="cohort folder (new, empty, or an earlier cohort's: its finished cases are kept and not "
                              "recomputed)")
     cohort.add_argument("--parquet", action="store_true", help="also write the table as cohort.parquet (pyarrow)")
+    cohort.add_argument("--workers", type=int, metavar="N",
+                        help="explain the cases on N warm Ray workers, each loading the model once (needs the ray "
+                             "extra); default: one case after another in this process, the model loaded per case")
+    cohort.add_argument("--address", metavar="ADDRESS",
+                        help="the Ray cluster of the workers (HOST:PORT, ray://HOST:PORT or auto); default: a local "
+                             "Ray started for the run")
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
@@ -319,12 +334,7 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
 
     common = {"class_index": args.class_index, "aggregation": args.aggregation}
     if label_path:
-        labels = imaging.read_label(label_path, geometry, resample=args.resample)
-        mask = labels == args.label_value
-        if not mask.any():
-            msg = f"label value {args.label_value} does not occur in {label_path}"
-            raise SegExplainError(msg)
-        return MaskTarget(mask, **common)
+        return MaskTarget(_label_mask(args, geometry, label_path), **common)
     if args.box_index:
         return BoxTarget(tuple(args.box_index[:3]), tuple(args.box_index[3:]), **common)
     for frame in ("ras", "lps"):
@@ -342,6 +352,17 @@ def _target(args: argparse.Namespace, geometry, label_path: str | None):
     if args.whole_class:
         return ClassChannel(**common)
     return PredictedRegion(**common)
+
+
+def _label_mask(args: argparse.Namespace, geometry, label_path: str) -> np.ndarray:
+    """The segment ``--label-value`` of a label map, on the case's grid."""
+    from . import imaging
+
+    mask = imaging.read_label(label_path, geometry, resample=args.resample) == args.label_value
+    if not mask.any():
+        msg = f"label value {args.label_value} does not occur in {label_path}"
+        raise SegExplainError(msg)
+    return mask
 
 
 def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
@@ -469,9 +490,8 @@ def run_explain(args: argparse.Namespace) -> Path:
     """Run ``segexplain explain``; returns the output folder."""
     import torch
 
-    from . import imaging, metrics
+    from . import imaging
     from .api import explain
-    from .explanation import software_versions
     from .filters import AmplitudeFilter
     from .pipelines import explain_case
 
@@ -482,18 +502,15 @@ def run_explain(args: argparse.Namespace) -> Path:
     options = _method_options(args)
     steps = ["reading images", "loading model", "explaining", "writing maps", "figures", "summary"]
     progress = Progress(args.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
-    staging = _prepare_output(destination, args.overwrite)
-    try:
+    _check_replaceable(destination, args.overwrite)  # refused at once, not after the explanation
+    with _resample_advice():
         progress.step("reading images")
         image, geometry = imaging.read_sequences(args.input, resample=args.resample)
         progress.step("loading model")
         pipeline = _pipeline(args)
         model, card = (None, None) if pipeline else _load(args)
-        names = args.sequence_names or (pipeline.sequences if pipeline else card.sequences if card and card.sequences
-                                        else [f"sequence{i}" for i in range(image.shape[0])])
-        if len(names) != image.shape[0]:
-            msg = f"{len(names)} sequence names given for {image.shape[0]} image channels"
-            raise SegExplainError(msg)
+        names = sequence_names(args.sequence_names, pipeline.sequences if pipeline else card.sequences if card
+                               else None, image.shape[0])
         target = _target(args, geometry, args.label)
         torch.manual_seed(args.seed)
         progress.step("explaining")
@@ -509,51 +526,129 @@ def run_explain(args: argparse.Namespace) -> Path:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         for warning in result.warnings:
             progress.warn(warning)
+        write_case_outputs(destination, overwrite=args.overwrite, image=image, geometry=geometry, maps=result.maps,
+                           record=result.record(), names=names, inputs=args.input,
+                           model=model_fields(model_description(args, pipeline, card),
+                                              normalized=card is not None or pipeline is not None, model=model),
+                           filters=filters, ground_truth=args.ground_truth, resample=args.resample,
+                           figures=not args.no_figures, progress=progress)
+    progress.finish(output)
+    return output
+
+
+@contextlib.contextmanager
+def _resample_advice():
+    """Grid mismatches advise the option: the library's advice names its argument."""
+    try:
+        yield
+    except GridMismatchError as error:
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+
+
+def failure_text(error: BaseException) -> str:
+    """How ``failures.json`` records a case's error: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def sequence_names(given: Sequence[str] | None, known: Sequence[str] | None, channels: int) -> list[str]:
+    """The sequence names of a case: those given, else the model's, else ``sequence0``, ...; one per channel."""
+    names = list(given or known or [f"sequence{i}" for i in range(channels)])
+    if len(names) != channels:
+        msg = f"{len(names)} sequence names given for {channels} image channels"
+        raise SegExplainError(msg)
+    return names
+
+
+def model_description(args: argparse.Namespace, pipeline, card) -> dict[str, Any]:
+    """What ``summary.json`` says of the model: the pipeline's description, or the spec, weights and card."""
+    if pipeline:
+        return pipeline.describe()
+    return {"spec": args.card or args.model, "weights": args.weights, "card": card.to_dict() if card else None}
+
+
+def model_fields(description: dict[str, Any], *, normalized: bool, model) -> dict[str, Any]:
+    """The model's entries of ``summary.json``; ``model`` is the network or pipeline that ran."""
+    return {"model": description, "normalized_input": normalized, "sliding_window": (
+        {"patch_size": list(model.patch_size), "overlap": model.overlap} if hasattr(model, "patch_size") else None)}
+
+
+def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray, geometry, maps: np.ndarray,
+                       record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
+                       filters: Sequence[Any], ground_truth: str | None, resample: bool,
+                       figures: bool | dict[str, bytes], progress: Progress | None = None) -> dict[str, Any]:
+    """Write one case's results as ``segexplain explain`` does: maps per sequence, ``summary.json``, figures.
+
+    Used by ``segexplain explain`` and by both ways of ``segexplain cohort`` (serial, Ray workers), so that a case's
+    folder is the same whichever wrote it. Everything is written to a staging folder beside ``destination`` that is
+    renamed into place at the end.
+
+    Args:
+        destination: The case's output folder.
+        overwrite: Replace an earlier SegExplain result there.
+        image: The case (C, D, H, W) as read, on ``geometry``.
+        geometry: The case's grid.
+        maps: The relevance maps (C, D, H, W) on the case's grid.
+        record: The explanation's record (:meth:`~SegExplainLib.explanation.Explanation.record`).
+        names: The sequence names, one per channel.
+        inputs: The sequence files read.
+        model: :func:`model_fields` of the model that ran.
+        filters: Post-hoc filters whose maps are written as well.
+        ground_truth: A ground-truth label file: inclusivity per sequence.
+        resample: Resample the ground truth onto the case's grid.
+        figures: Draw and write the PNG figures; or the figures already drawn (:func:`case_figures`, by a Ray
+            worker), file name to PNG bytes, written as they are.
+        progress: The run's progress display.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    from . import imaging, metrics
+    from .explanation import software_versions
+
+    progress = progress or Progress("none", ["writing maps", "figures", "summary"])
+    staging = _prepare_output(destination, overwrite)
+    try:
         progress.step("writing maps")
-        maps = result.maps.astype(np.float32)
+        maps = np.asarray(maps, dtype=np.float32)
         written = imaging.write_maps(maps, geometry, staging, names)
         for amplitude_filter in filters:
             tag = str(amplitude_filter).replace(":", "_").replace(",", "-")
             written += imaging.write_maps(amplitude_filter(maps), geometry, staging, names,
                                           prefix=f"relevance_{tag}_")
         summary = {
-            **result.record(),
-            "inputs": [str(Path(p).resolve()) for p in args.input], "sequence_names": list(names),
-            "geometry": geometry.to_dict(),
-            "model": pipeline.describe() if pipeline else {"spec": args.card or args.model, "weights": args.weights,
-                                                           "card": card.to_dict() if card else None},
-            "normalized_input": card is not None or pipeline is not None, "sliding_window": (
-                {"patch_size": list(model.patch_size), "overlap": model.overlap}
-                if hasattr(model, "patch_size") else None),
+            **record, "inputs": [str(Path(p).resolve()) for p in inputs], "sequence_names": list(names),
+            "geometry": geometry.to_dict(), **model,
             "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
                                  for kind in ("positive", "negative", "absolute")},
             "post_hoc_filters": [str(f) for f in filters], "files": [p.name for p in written],
             "software": software_versions(),
         }
-        if args.ground_truth:
-            truth = imaging.read_label(args.ground_truth, geometry, resample=args.resample) > 0
+        if ground_truth:
+            truth = imaging.read_label(ground_truth, geometry, resample=resample) > 0
             summary["ground_truth_inclusivity"] = dict(zip(names, metrics.ground_truth_inclusivity(
                 maps, truth, smoothing=1.0).tolist()))
             summary["input_inclusivity"] = dict(zip(names, metrics.input_inclusivity(maps, image,
                                                                                      smoothing=1.0).tolist()))
         progress.step("figures")
-        if not args.no_figures:
-            summary["figures"] = _figures(image, maps, names, summary["relevance_shares"]["positive"], staging)
+        if isinstance(figures, dict):
+            for filename, png in figures.items():
+                (staging / filename).write_bytes(png)
+            summary["figures"] = list(figures)
+        elif figures:
+            summary["figures"] = case_figures(image, maps, names, staging)
         progress.step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        _move_into_place(staging, destination, args.overwrite)
-    except GridMismatchError as error:  # the library's advice names its argument; here it is an option
-        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+        _move_into_place(staging, destination, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
-    progress.finish(output)
-    return output
+    return summary
 
 
-def _figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], shares: dict[str, float],
-             folder: Path) -> list[str]:
-    from . import figures
+def case_figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], folder: Path) -> list[str]:
+    """Write a case's figures (``mip.png``, ``montage.png``, ``shares.png``) into ``folder``; their names."""
+    from . import figures, metrics
 
+    shares = dict(zip(names, metrics.relevance_shares(maps, kind="positive").tolist()))
     made = []
     for filename, figure in (("mip.png", figures.mip_figure(image, maps, sequence_names=names)),
                              ("montage.png", figures.montage_figure(image, maps, sequence_names=names)),
@@ -629,11 +724,29 @@ def _write_parquet(rows: list[dict[str, Any]], columns: list[str], path: Path) -
 
 
 def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path:
-    """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones."""
+    """Run ``segexplain cohort``: every case, continuing after failures and resuming finished ones.
+
+    Without ``--workers`` the cases run one after another in this process, each as a whole ``segexplain explain``.
+    With ``--workers N`` they run on N warm Ray actors (:mod:`SegExplainLib.raycohort`); the case folders, the table
+    and the figures are the same.
+    """
     import csv
 
     from . import figures, imaging, metrics
     from .filters import AmplitudeFilter
+
+    if args.workers is not None and args.workers < 1:
+        msg = f"--workers must be 1 or more (the number of Ray workers), got {args.workers}"
+        raise SegExplainError(msg)
+    if args.address is not None and args.workers is None:
+        msg = f"--address {args.address!r} names a Ray cluster for the workers: pass --workers N as well"
+        raise SegExplainError(msg)
+    if args.workers is not None:
+        from .raycohort import check_address, import_ray
+
+        import_ray()  # missing Ray and a wrong address are said at once, before anything is written
+        if args.address is not None:
+            check_address(args.address)
 
     names_given = explain_options[explain_options.index("--sequence-names") + 1:] if (
         "--sequence-names" in explain_options) else None
@@ -645,21 +758,42 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
     _holds_results(output)  # an earlier cohort's folder is resumed; another folder is never written into
     (output / "cases").mkdir(parents=True, exist_ok=True)
     (output / OUTPUT_MARKER).write_text(_MARKER_TEXT)
-    rows, failures, shares, inclusivity = [], {}, [], {"none": [], **{str(f): [] for f in filters}}
+    progress = Progress("bar" if sys.stderr.isatty() else "lines", [case["case"] for case in cases])
+
+    def explain_arguments(case: dict[str, Any]) -> argparse.Namespace:
+        return _parser().parse_args([
+            "explain", "--input", *case["inputs"], "--output", str(output / "cases" / case["case"]), "--progress",
+            "none", "--overwrite", *(["--label", case["label"]] if case["label"] else []),
+            *(["--ground-truth", case["ground_truth"]] if case["ground_truth"] else []), *explain_options])
+
+    failures: dict[str, str] = {}
+    if args.workers is None:  # one case after another, each a whole 'segexplain explain' (the model loaded anew)
+        for case in cases:
+            progress.step(case["case"])
+            if not (output / "cases" / case["case"] / "summary.json").exists():
+                try:
+                    run_explain(explain_arguments(case))
+                except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
+                    failures[case["case"]] = failure_text(error)
+                    progress.say(f"  failed: {failures[case['case']]}")
+    else:
+        from .raycohort import explain_cases
+
+        todo = []
+        for case in cases:
+            if (output / "cases" / case["case"] / "summary.json").exists():
+                progress.step(f"{case['case']} (finished earlier)")
+            else:
+                todo.append((case["case"], explain_arguments(case)))
+        failed = explain_cases(todo, workers=args.workers, address=args.address, progress=progress)
+        failures = {case["case"]: failed[case["case"]] for case in cases if case["case"] in failed}  # CSV order
+    progress.finish(output)
+    rows, shares, inclusivity = [], [], {"none": [], **{str(f): [] for f in filters}}
     names: list[str] | None = None
-    for number, case in enumerate(cases, 1):
+    for case in cases:
         folder = output / "cases" / case["case"]
-        print(f"[{number}/{len(cases)}] {case['case']}", file=sys.stderr)
-        if not (folder / "summary.json").exists():
-            argv = ["explain", "--input", *case["inputs"], "--output", str(folder), "--progress", "none",
-                    "--overwrite", *(["--label", case["label"]] if case["label"] else []),
-                    *(["--ground-truth", case["ground_truth"]] if case["ground_truth"] else []), *explain_options]
-            try:
-                run_explain(_parser().parse_args(argv))
-            except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
-                failures[case["case"]] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-                print(f"  failed: {failures[case['case']]}", file=sys.stderr)
-                continue
+        if case["case"] in failures:
+            continue
         summary = json.loads((folder / "summary.json").read_text())
         names = summary["sequence_names"]
         case_shares = summary["relevance_shares"]

@@ -95,7 +95,7 @@ class WarmSession:
     """
 
     def __init__(self, model_arguments: Sequence[str], *, trust_code: bool = False) -> None:
-        from .cli import _check_model_given, _load, _pipeline
+        from .cli import _check_model_given, _load, _pipeline, model_description
 
         if not isinstance(trust_code, bool):
             raise SegExplainError(f"trust_code must be True or False, got {trust_code!r}")
@@ -106,8 +106,7 @@ class WarmSession:
         self.pipeline = _pipeline(args)
         self.model, self.card = (None, None) if self.pipeline else _load(args)
         self.sequences = list(self.pipeline.sequences if self.pipeline else self.card.sequences if self.card else [])
-        self.description = self.pipeline.describe() if self.pipeline else {
-            "spec": args.card or args.model, "weights": args.weights, "card": self.card.to_dict() if self.card else None}
+        self.description = model_description(args, self.pipeline, self.card)
         self.image = self.geometry = self.prepared = None
 
     def set_case(self, image: np.ndarray, geometry: Any) -> dict[str, Any]:

@@ -1,0 +1,179 @@
+"""``segexplain cohort --workers N``: warm Ray actors write the same cohort as the serial run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import socket
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from SegExplainLib import cli, raycohort
+from SegExplainLib.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.imaging import Geometry, write_volume
+
+EXPLAIN = ["--card", str(demo_card_path()), "--class", "1", "--method", "lrp", "--composite", "epsilon_plus",
+           "--device", "cpu", "--filter", "pass:0.4"]
+#: Timing, and what the number of torch threads changes in the last digits of a sum
+TIMING = {"seconds"}
+GOOD = ["c0", "c1", "c2"]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Three demo cases, one with a sequence missing (fails when read) and one too small for the network (fails
+    in the worker), as a CSV."""
+    root = tmp_path_factory.mktemp("cases")
+    rows = ["case,inputs,ground_truth"]
+    for name, seed in zip(GOOD, (1000, 1001, 1002)):
+        paths, label = write_demo_case(root / name, seed)
+        rows.append(f"{name},{';'.join(map(str, paths))},{label}")
+    rows.append(f"missing_sequence,{';'.join(map(str, paths[:5]))},")
+    geometry = Geometry(spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+                        size=(3, 3, 1))
+    tiny = [write_volume(np.ones((1, 3, 3), np.float32) * c, geometry, root / f"tiny_{name}.nii.gz")
+            for c, name in enumerate(SEQUENCE_NAMES)]
+    rows.append(f"too_small,{';'.join(map(str, tiny))},")
+    (root / "cases.csv").write_text("\n".join(rows) + "\n")
+    (root / "good.csv").write_text("\n".join(rows[:4]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def serial(cases):
+    """Today's cohort: one case after another, the model loaded per case."""
+    output = cases / "serial"
+    assert cli.main(["cohort", "--cases", str(cases / "cases.csv"), "--output", str(output), "--", *EXPLAIN]) == 1
+    return output
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module; the command line uses it instead of starting its own."""
+    pytest.importorskip("ray")
+    import ray
+
+    assert raycohort.start_ray() and ray.is_initialized()
+    yield ray
+    ray.shutdown()
+
+
+def cohort(cases, output, *options, csv_name="cases.csv"):
+    return cli.main(["cohort", "--cases", str(cases / csv_name), "--output", str(output), *options, "--", *EXPLAIN])
+
+
+def read_map(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def assert_same_json(actual, expected, where=""):
+    """Equal, numbers within float32 round-off of their magnitude."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            assert_same_json(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_json(a, e, f"{where}[{index}]")
+    elif isinstance(expected, float):
+        assert math.isclose(actual, expected, rel_tol=1e-4, abs_tol=1e-5), (where, actual, expected)
+    else:
+        assert actual == expected, where
+
+
+def table(path):
+    with path.open(newline="") as handle:
+        return [{k: float(v) if k.startswith(("share", "ground")) else v for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def test_validation_errors(cases, capsys, monkeypatch):
+    for workers in ("0", "-2"):
+        assert cohort(cases, cases / "v", "--workers", workers) == cli.EXIT_ERROR
+        assert f"--workers must be 1 or more (the number of Ray workers), got {workers}" in capsys.readouterr().err
+    assert cohort(cases, cases / "v", "--address", "10.0.0.1:6379") == cli.EXIT_ERROR
+    assert "--address '10.0.0.1:6379' names a Ray cluster for the workers: pass --workers N" in capsys.readouterr().err
+    assert cohort(cases, cases / "v", "--workers", "2", "--address", "nowhere") == cli.EXIT_ERROR
+    assert "--address must be HOST:PORT, ray://HOST:PORT or auto, got 'nowhere'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert cohort(cases, cases / "v", "--workers", "1") == cli.EXIT_ERROR
+    assert 'pip install "segexplain[ray]"' in capsys.readouterr().err
+    assert not (cases / "v").exists()
+
+
+def test_an_address_where_no_cluster_runs_is_refused_at_once(cases, capsys):
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cohort(cases, cases / "a", "--workers", "1", "--address", f"127.0.0.1:{port}") == cli.EXIT_ERROR
+    assert f"no Ray cluster answers at --address '127.0.0.1:{port}'" in capsys.readouterr().err
+
+
+def test_request_options_survive_the_way_to_the_workers():
+    from SegExplainLib.worker import _model_parser, _request_parser
+
+    argv = ["explain", "--input", "a.nii", "--output", "o", "--card", "c.json", "--patch-size", "8", "16", "16",
+            "--no-mirroring", "--nnunet", "n", "--folds", "0", "all", "--trust-model-code", "--point-ras", "1.5",
+            "-30", "4", "--radius", "2", "--class", "2", "--method", "integrated_gradients", "--n-steps", "8",
+            "--option", "window=4", "--option", "x=1", "--filter", "pass:0.4", "--seed", "3", "--label-value", "2"]
+    args = cli._parser().parse_args(argv)
+    model = raycohort._options(_model_parser(), args, leave_out=("trust_model_code",))
+    request = raycohort._options(_request_parser(), args, leave_out=("label",))
+    assert "--trust-model-code" not in model and "--card" not in request and "--method" not in model
+    for parser, words in ((_model_parser(), model), (_request_parser(), request)):
+        again = parser.parse_args(words)
+        assert all(getattr(again, key) == value for key, value in vars(args).items()
+                   if hasattr(again, key) and key not in ("trust_model_code", "label")), words
+
+
+def test_two_workers_write_the_serial_cohort(cases, serial, local_ray, capsys):
+    output = cases / "ray"
+    assert cohort(cases, output, "--workers", "2") == cli.EXIT_CASES_FAILED
+    err = capsys.readouterr().err
+    assert "[5/5]" in err and "3 of 5 cases explained; 2 failed" in err
+    failures = json.loads((output / "failures.json").read_text())
+    assert failures == json.loads((serial / "failures.json").read_text())
+    assert list(failures) == ["missing_sequence", "too_small"]
+    assert "6 sequence names given for 5 image channels" in failures["missing_sequence"]
+    assert failures["too_small"].startswith("ValueError: ")
+    ray_rows, serial_rows = table(output / "cohort.csv"), table(serial / "cohort.csv")
+    assert [(r["case"], r["sequence"]) for r in ray_rows] == [(r["case"], r["sequence"]) for r in serial_rows]
+    assert_same_json(ray_rows, serial_rows)
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in serial.iterdir())
+    assert sorted(p.name for p in (output / "cases").iterdir()) == GOOD
+    for name in GOOD:
+        files = sorted(p.name for p in (serial / "cases" / name).iterdir())
+        assert sorted(p.name for p in (output / "cases" / name).iterdir()) == files
+        assert sum(f.startswith("relevance_") for f in files) == 12 and "montage.png" in files  # 6 + 6 filtered
+        summaries = [json.loads((folder / "cases" / name / "summary.json").read_text()) for folder in (output, serial)]
+        assert_same_json(*[{k: v for k, v in s.items() if k not in TIMING} for s in summaries], where=name)
+        for file in files:
+            if file.startswith("relevance_"):
+                expected = read_map(serial / "cases" / name / file)
+                np.testing.assert_allclose(read_map(output / "cases" / name / file), expected, rtol=1e-4,
+                                           atol=1e-5 * np.abs(expected).max())
+
+
+def test_workers_resume_and_recompute_nothing_finished(cases, serial, local_ray, capsys, monkeypatch):
+    output = cases / "ray_resume"
+    assert cohort(cases, output, "--workers", "2") == cli.EXIT_CASES_FAILED
+    written = {name: (output / "cases" / name / "summary.json").stat().st_mtime_ns for name in GOOD}
+    (output / "cases" / "c1" / "summary.json").unlink()  # an unfinished case
+    assert cohort(cases, output, "--workers", "2") == cli.EXIT_CASES_FAILED
+    assert "[1/5] c0 (finished earlier)" in capsys.readouterr().err
+    again = {name: (output / "cases" / name / "summary.json").stat().st_mtime_ns for name in GOOD}
+    assert again["c0"] == written["c0"] and again["c2"] == written["c2"] and again["c1"] > written["c1"]
+    assert (output / "cohort.csv").read_text().count("\nc1,") == 6
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started with nothing to do")
+
+    monkeypatch.setattr(raycohort, "start_ray", no_ray)
+    assert cohort(cases, output, "--workers", "2", csv_name="good.csv") == 0
+    assert {name: (output / "cases" / name / "summary.json").stat().st_mtime_ns for name in GOOD} == again
+    assert json.loads((output / "failures.json").read_text()) == {}
