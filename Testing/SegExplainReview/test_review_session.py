@@ -174,8 +174,8 @@ def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, mon
 
 
 def test_the_case_opens_with_a_warm_worker_that_answers_every_click(caseFolder):
-    """Opening the case starts the worker (model and case in the background); every click is answered by it, and
-    closing the session ends it."""
+    """Opening the case starts the worker (model and case in the background); every click is answered by it, a
+    cancelled click leaves it warm, a crash is restarted by the next click, and closing the session ends it."""
     from trame_slicer.core import SlicerApp
 
     from SegExplainReview.session import ReviewCase, ReviewParameters, ReviewSession
@@ -190,9 +190,32 @@ def test_the_case_opens_with_a_warm_worker_that_answers_every_click(caseFolder):
             session.finishExplanation(run)
         assert session.explainer.worker is worker and worker.starts == 1
         assert [name.split(",")[0] for _, name in session.explanations()] == ["lrp epsilon_plus", "gradient"]
+        slow = ReviewParameters(regionKind="class", method="occlusion")
+        cancelled = session.startExplanation(slow)  # Cancel stops the click; the worker stays warm
+        _explaining(cancelled)
+        cancelled.cancel()
+        assert cancelled.state == "cancelled" and worker.starts == 1 and worker.state == "running"
+        crashed = session.startExplanation(slow)  # a crash fails the click; the next click restarts the worker
+        _explaining(crashed)
+        worker._process.kill()
+        assert crashed.wait(30) == "failed" and "the worker process ended" in crashed.error
+        again = session.startExplanation(ReviewParameters(regionKind="predicted", method="gradient"))
+        assert again.wait(120) == "done", again.error
+        assert session.explainer.worker.starts == 2 and session.explainer.worker.state == "running"
     finally:
         session.close()
     assert worker.state == "closed"
+
+
+def _explaining(run, timeout=60):
+    """Wait until the worker has started explaining ``run``'s click."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while run.step != "explaining":
+        assert time.monotonic() < deadline and run.state == "running", (run.state, run.error)
+        run.poll()
+        time.sleep(0.01)
 
 
 def test_views_image_pads_to_the_tallest():
