@@ -39,20 +39,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib import cli, raycohort  # noqa: E402
 from SegExplainLib.demo import demo_card_path, write_demo_case  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def memory_gib() -> float:

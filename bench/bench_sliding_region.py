@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -36,6 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
+
 from SegExplainLib.api import explain  # noqa: E402
 from SegExplainLib.models import UNet3D  # noqa: E402
 from SegExplainLib.sliding import SlidingWindow  # noqa: E402
@@ -43,17 +44,6 @@ from SegExplainLib.targets import VoxelTarget  # noqa: E402
 
 CASES = {"full": ((128, 256, 256), (64, 128, 128)), "quick": ((32, 64, 64), (16, 32, 32))}
 METHODS = {"lrp": {"composite": "epsilon_plus"}, "gradient": {}}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def build(patch: tuple[int, ...]) -> SlidingWindow:
