@@ -432,6 +432,14 @@ def _plain(value: Any) -> Any:
     return str(value) if isinstance(value, str) else np.asarray(value).tolist()
 
 
+def _data_format(metadata: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """From metadata.json's ``network_data_format``: the image input's key, its entry and the first output's."""
+    data_format = metadata.get("network_data_format", {})
+    inputs, outputs = data_format.get("inputs", {}) or {}, data_format.get("outputs", {}) or {}
+    image_key = next(iter(inputs), "image")
+    return image_key, inputs.get(image_key, {}), next(iter(outputs.values()), {})
+
+
 def _channel_names(section: dict[str, Any], count: int | None, prefix: str) -> list[str]:
     """Channel names from a metadata ``network_data_format`` entry, else ``prefix0..`` for ``count`` channels."""
     definition = section.get("channel_def")
@@ -533,13 +541,11 @@ def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
         transforms = list(preprocessing.flatten().transforms)
     else:
         transforms = list(preprocessing) if isinstance(preprocessing, (list, tuple)) else [preprocessing]
-    data_format = metadata.get("network_data_format", {})
-    inputs, outputs = data_format.get("inputs", {}) or {}, data_format.get("outputs", {}) or {}
-    image_key = next(iter(inputs), "image")
+    image_key, image, output = _data_format(metadata)
     network_config = parser["network_def"] if "network_def" in parser else {}
     network_config = network_config if isinstance(network_config, dict) else {}
-    sequences = _channel_names(inputs.get(image_key, {}), network_config.get("in_channels"), "channel")
-    classes = _channel_names(next(iter(outputs.values()), {}), network_config.get("out_channels"), "class")
+    sequences = _channel_names(image, network_config.get("in_channels"), "channel")
+    classes = _channel_names(output, network_config.get("out_channels"), "class")
     if not sequences:
         raise SegExplainError(f"{source}: the number of input channels is unknown; expected network_data_format."
                               f"inputs.{image_key}.num_channels (or channel_def) in configs/metadata.json")

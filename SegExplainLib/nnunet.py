@@ -113,6 +113,14 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise SegExplainError(f"{what} {str(path)!r} is not valid JSON: {error}") from error
 
 
+def channel_names(dataset_json: dict[str, Any], path: Path) -> list[str]:
+    """The input channels' names of ``dataset.json`` (``channel_names``, or ``modality`` of older datasets)."""
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    if not isinstance(channels, dict) or not channels:
+        raise SegExplainError(f"dataset file {str(path)!r} has no channel_names")
+    return [str(channels[key]) for key in sorted(channels, key=int)]
+
+
 def _model_folder(path: Path, configuration: str | None) -> Path:
     """The trainer folder (``Trainer__Plans__configuration``) of ``path``, which may also be the dataset folder."""
     if not path.is_dir():
@@ -204,8 +212,7 @@ class NnUNetPipeline(Pipeline):
                                   f"not run; explain {self.configuration.previous_stage_name!r} or 3d_fullres")
         self._check_classes_trusted(trust_code)
         self.labels = self.plans.get_label_manager(self.dataset_json)
-        channels = self.dataset_json.get("channel_names", self.dataset_json.get("modality", {}))
-        self.sequences = [str(channels[key]) for key in sorted(channels, key=int)]
+        self.sequences = channel_names(self.dataset_json, folder / "dataset.json")
         self.classes = self._class_names()
         checkpoints = [_safe_checkpoint(f / checkpoint) for f in fold_folders]
         self.trainer_name = checkpoints[0]["trainer_name"]

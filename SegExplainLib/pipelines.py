@@ -147,21 +147,17 @@ def sequence_names(kind: str, path: Any, *, configuration: str | None = None, tr
             raise SegExplainError(f"model card {str(path)!r} lists no sequences")
         return [str(name) for name in sequences]
     if kind == "nnunet":
-        from .nnunet import _model_folder, _read_json
+        from .nnunet import _model_folder, _read_json, channel_names
 
         folder = _model_folder(Path(path).expanduser().resolve(), configuration)
-        dataset = _read_json(folder / "dataset.json", "dataset file")
-        channels = dataset.get("channel_names", dataset.get("modality", {}))
-        if not isinstance(channels, dict) or not channels:
-            raise SegExplainError(f"dataset file {str(folder / 'dataset.json')!r} has no channel_names")
-        return [str(channels[key]) for key in sorted(channels, key=int)]
+        return channel_names(_read_json(folder / "dataset.json", "dataset file"), folder / "dataset.json")
     if kind == "bundle":
-        from .monai_bundle import _channel_names
+        from .monai_bundle import _channel_names, _data_format
 
         metadata_file = Path(path).expanduser().resolve() / "configs" / "metadata.json"
         try:
-            inputs = json.loads(metadata_file.read_text()).get("network_data_format", {}).get("inputs", {}) or {}
-            sequences = _channel_names(inputs.get(next(iter(inputs), "image"), {}), None, "channel")
+            _, image, _ = _data_format(json.loads(metadata_file.read_text()))
+            sequences = _channel_names(image, None, "channel")
         except (OSError, ValueError, AttributeError, TypeError):
             sequences = []
         if sequences:
