@@ -16,7 +16,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "perturbation_curve",
     "relevance_mass_in_region",
     "relevance_shares",
+    "shares_by_name",
 ]
 
 RelevanceKind = Literal["positive", "negative", "absolute"]
@@ -244,6 +245,17 @@ def relevance_shares(maps: MapLike, *, kind: RelevanceKind = "positive") -> np.n
     per_channel = _relevance_part(_as_maps(maps, "maps"), kind).sum(axis=_SPATIAL)
     total = per_channel.sum()
     return per_channel / total if total > 0 else np.zeros_like(per_channel)
+
+
+def shares_by_name(maps: MapLike, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Every kind of share (:func:`relevance_shares`) per sequence name, as ``summary.json`` records them.
+
+    Example:
+        >>> t1_flair = np.array([1.0, -2.0, 3.0, 0.0]).reshape(2, 1, 1, 2)
+        >>> shares_by_name(t1_flair, ["T1", "FLAIR"])["positive"]
+        {'T1': 0.25, 'FLAIR': 0.75}
+    """
+    return {kind: dict(zip(names, relevance_shares(maps, kind=kind).tolist())) for kind in get_args(RelevanceKind)}
 
 
 def alpha_sweep(maps: MapLike, filters: Sequence[AmplitudeFilter]) -> np.ndarray:

@@ -415,8 +415,7 @@ class WarmRun:
         load = self.worker.answer(self.worker.load_request)
         return {**self.answer.record, "sequence_names": names, "geometry": self.stack.geometry.to_dict(),
                 "model": load.record.get("model") if load else None,
-                "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(self.answer.maps, kind=kind)
-                                                    .tolist())) for kind in ("positive", "negative", "absolute")},
+                "relevance_shares": metrics.shares_by_name(self.answer.maps, names),
                 "command": self.command()}
 
 

@@ -21,6 +21,7 @@ from SegExplainLib.metrics import (
     perturbation_curve,
     relevance_mass_in_region,
     relevance_shares,
+    shares_by_name,
 )
 
 SHAPE = (3, 4, 5, 6)
@@ -152,6 +153,16 @@ def test_relevance_shares_per_channel(rng, kind):
     got = relevance_shares(torch.from_numpy(maps), kind=kind)
     np.testing.assert_allclose(got, np.array(sums) / sum(sums), rtol=1e-9)
     assert got.sum() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_shares_by_name_holds_every_kind_per_sequence(rng):
+    maps = rng.normal(size=SHAPE)
+    names = ["T2", "ADC", "DWI"]
+    shares = shares_by_name(maps, names)
+    assert list(shares) == ["positive", "negative", "absolute"]
+    for kind, by_name in shares.items():
+        assert list(by_name) == names
+        np.testing.assert_array_equal(list(by_name.values()), relevance_shares(maps, kind=kind))
 
 
 def test_relevance_shares_without_relevance_are_zero(rng):
