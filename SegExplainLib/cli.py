@@ -239,30 +239,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_review(args: argparse.Namespace) -> None:
     """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
-    from .demo import demo_card_path, write_demo_case
-    from .loading import ModelCard
+    from .demo import write_demo_case
 
-    given = [flag for flag, value in (("--model", args.model), ("--nnunet", args.nnunet), ("--bundle", args.bundle))
-             if value]
-    if len(given) > 1:
-        raise SegExplainError(f"{' and '.join(given)} each name a model; pass one")
-    nnunet_options = [flag for flag, value in (("--configuration", args.configuration), ("--folds", args.folds),
-                                               ("--no-mirroring", args.no_mirroring)) if value]
-    if nnunet_options and not args.nnunet:
-        raise SegExplainError(f"{', '.join(nnunet_options)} belong to --nnunet, which was not given")
+    given = _models_given(args, ("--model", "--nnunet", "--bundle"))
     if args.case is None and given:
         raise SegExplainError(f"{given[0]} needs a CASE_OR_FOLDER whose sequences the model takes")
-    model_folder = args.nnunet or args.bundle
-    if model_folder:
-        what = "nnU-Net results folder" if args.nnunet else "MONAI bundle"
-        if not Path(model_folder).is_dir():
-            raise SegExplainError(f"{what} {model_folder!r} is not a folder")
-        card = None
-    else:
-        card = args.model or str(demo_card_path())
-        if not Path(card).is_file():
-            raise SegExplainError(f"model card {card!r} is not a file")
-        _refuse_untrusted_code(ModelCard.read(card).model, f"model card {card!r}", trusted=args.trust_model_code)
     try:
         from SegExplainMRML.job import ModelSource
 
@@ -274,7 +255,8 @@ def run_review(args: argparse.Namespace) -> None:
         model = ModelSource("nnunet", args.nnunet, configuration=args.configuration or "", folds=args.folds or (),
                             mirroring=not args.no_mirroring)
     else:
-        model = ModelSource("bundle", args.bundle) if args.bundle else ModelSource("card", card)
+        model = ModelSource("bundle", args.bundle) if args.bundle else ModelSource("card", args.model or "")
+    model.check(trustModelCode=args.trust_model_code)  # a missing card or folder, a card that would run code
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
@@ -373,15 +355,23 @@ def _refuse_untrusted_code(spec: str, source: str, *, trusted: bool) -> None:
                           advice="; pass --trust-model-code only if you trust it (a model card cannot allow this itself)")
 
 
+def _models_given(args: argparse.Namespace, flags: Sequence[str], *, together: Sequence[str] = ()) -> list[str]:
+    """The model options of ``flags`` that were given, one model at most (``together`` may be given jointly);
+    nnU-Net's options need ``--nnunet``."""
+    def given(options: Sequence[str]) -> list[str]:
+        return [flag for flag in options if getattr(args, flag[2:].replace("-", "_"))]
+
+    models = given(flags)
+    if len(models) > 1 and models != list(together):
+        raise SegExplainError(f"{' and '.join(models)} each name a model; pass one")
+    nnunet_options = given(("--configuration", "--folds", "--no-mirroring"))
+    if nnunet_options and not args.nnunet:
+        raise SegExplainError(f"{', '.join(nnunet_options)} belong to --nnunet, which was not given")
+    return models
+
+
 def _check_model_given(args: argparse.Namespace) -> None:
-    given = [flag for flag, value in (("--card", args.card), ("--model", args.model), ("--nnunet", args.nnunet),
-                                      ("--bundle", args.bundle)) if value]
-    if len(given) > 1 and given != ["--card", "--model"]:
-        raise SegExplainError(f"{' and '.join(given)} each name a model; pass one")
-    framework_options = [flag for flag, value in (("--configuration", args.configuration), ("--folds", args.folds),
-                                                  ("--no-mirroring", args.no_mirroring)) if value]
-    if framework_options and not args.nnunet:
-        raise SegExplainError(f"{', '.join(framework_options)} belong to --nnunet, which was not given")
+    _models_given(args, ("--card", "--model", "--nnunet", "--bundle"), together=("--card", "--model"))
     if args.nnunet or args.bundle:
         if args.patch_size:
             raise SegExplainError("--patch-size is for --model/--card: nnU-Net and MONAI bundles bring their own "
@@ -618,8 +608,7 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
         summary = {
             **record, "inputs": [str(Path(p).resolve()) for p in inputs], "sequence_names": list(names),
             "geometry": geometry.to_dict(), **model,
-            "relevance_shares": {kind: dict(zip(names, metrics.relevance_shares(maps, kind=kind).tolist()))
-                                 for kind in ("positive", "negative", "absolute")},
+            "relevance_shares": metrics.shares_by_name(maps, names),
             "post_hoc_filters": [str(f) for f in filters], "files": [p.name for p in written],
             "software": software_versions(),
         }
