@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
 import tempfile
 from typing import Annotated
@@ -85,7 +86,8 @@ class SegExplainParameterNode:
 
     modelKind: what the model is: a model card, an nnU-Net v2 results folder or a MONAI bundle folder.
     modelCard: model card file (YAML/JSON) naming the network, its weights and sequences; empty for the bundled demo.
-    modelFolder: the nnU-Net results folder or the bundle folder.
+    modelFolder: the nnU-Net results folder or the bundle folder. Both are ``pathlib.Path`` (Slicer's path field
+    takes no other type); an empty field is ``Path(".")``, which SegExplainMRML.workflow.modelSource reads as empty.
     nnunetConfiguration, nnunetFolds, nnunetMirroring: nnU-Net's configuration (empty: 3d_fullres), folds ("0 1";
     empty: every trained fold) and test-time mirroring. All read by SegExplainMRML.workflow.modelSource.
     inputVolumes: one volume per MRI sequence of the model, in its order.
@@ -95,8 +97,8 @@ class SegExplainParameterNode:
     """
 
     modelKind: Annotated[str, Choice(["card", "nnunet", "bundle"])] = "card"
-    modelCard: str = ""
-    modelFolder: str = ""
+    modelCard: pathlib.Path
+    modelFolder: pathlib.Path
     nnunetConfiguration: str = ""
     nnunetFolds: str = ""
     nnunetMirroring: bool = True
@@ -112,13 +114,16 @@ class SegExplainParameterNode:
     explainOnClick: bool = True
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
                                    "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
-    composite: str = "epsilon_plus"
+    composite: Annotated[str, Choice(["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+                                      "epsilon_alpha2_beta1_flat", "epsilon_plus_z_box", "epsilon_plus_w_square",
+                                      "epsilon_gamma_z_box", "z_plus", "alpha1_beta0", "alpha2_beta1", "gamma",
+                                      "epsilon", "zero"])] = "epsilon_plus"
     nSteps: Annotated[int, WithinRange(1, 1024)] = 64
-    baseline: str = "blur:5"
+    baseline: Annotated[str, Choice(["blur:5", "blur:2", "zero", "min", "constant:0.0"])] = "blur:5"
     aggregation: Annotated[str, Choice(["sum", "normalized"])] = "sum"
     samples: Annotated[int, WithinRange(0, 100000)] = 0
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
-    seed: int = 0
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     advancedOptions: str = ""
     layerwiseFilter: bool = False
     replacePrevious: bool = False

@@ -36,11 +36,14 @@ def tree() -> ast.Module:
 
 @pytest.fixture(scope="module")
 def parameters(tree) -> dict[str, tuple[str, object]]:
-    """Parameter node fields: name -> (annotation source, default value or None)."""
+    """Parameter node fields: name -> (annotation source, default value or None); a path field without a default
+    has Slicer's (PathSerializer.default: ``Path()``)."""
     fields = {}
     for statement in _class(tree, "SegExplainParameterNode").body:
         if isinstance(statement, ast.AnnAssign):
             default = ast.literal_eval(statement.value) if statement.value is not None else None
+            if statement.value is None and ast.unparse(statement.annotation) == "pathlib.Path":
+                default = Path()
             fields[statement.target.id] = (ast.unparse(statement.annotation), default)
     return fields
 
