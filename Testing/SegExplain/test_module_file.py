@@ -255,3 +255,58 @@ def test_the_module_uses_one_warm_worker_and_ends_it(tree):
     assert "self._job.cancel()" in _method(tree, "SegExplainWidget", "onApplyButton")
     timer = _method(tree, "SegExplainWidget", "onJobTimer")
     assert "job.poll()" in timer and "job.state == 'cancelled'" in timer and "cleanup" not in timer
+
+
+#: Modules whose import imports torch (or the engine that does): only after the requirements were checked.
+_ENGINE_MODULES = ("torch", "SegExplainLib", "SegExplainMRML")
+
+
+def _engineImports(function: ast.FunctionDef) -> list[ast.stmt]:
+    return [node for node in ast.walk(function) if (isinstance(node, ast.Import) and any(
+        alias.name.split(".")[0] in _ENGINE_MODULES for alias in node.names)) or (
+        isinstance(node, ast.ImportFrom) and node.module.split(".")[0] in _ENGINE_MODULES)]
+
+
+def _calls(function: ast.AST, name: str) -> list[ast.Call]:
+    return [node for node in ast.walk(function) if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(
+        f".{name}")]
+
+
+def test_self_test_imports_the_engine_only_after_the_requirements(tree):
+    """On a Slicer without torch the self-test warns and returns (pip installs nothing in testing mode): runTest
+    checks the requirements before any test, and a test method imports the engine only after ensureRequirements."""
+    test = _class(tree, "SegExplainTest")
+    methods = {node.name: node for node in test.body if isinstance(node, ast.FunctionDef)}
+    run = methods["runTest"]
+    check = _calls(run, "missingRequirements")
+    assert check, "runTest does not check the requirements"
+    guard = next(node for node in run.body if isinstance(node, ast.If))
+    assert isinstance(guard.body[-1], ast.Return) and guard.lineno > check[0].lineno
+    firstTest = min(call.lineno for call in ast.walk(run) if isinstance(call, ast.Call)
+                    and ast.unparse(call.func).startswith("self.test_"))
+    assert guard.lineno < firstTest
+    for name, method in methods.items():
+        imports = _engineImports(method)
+        if imports:
+            ensured = _calls(method, "ensureRequirements")
+            assert ensured and ensured[0].lineno < min(node.lineno for node in imports), \
+                f"SegExplainTest.{name} imports the engine before ensureRequirements"
+
+
+def test_self_test_closes_every_worker_it_starts(tree):
+    """A test method that starts an explanation (a warm worker) closes the worker in a finally block."""
+    test = _class(tree, "SegExplainTest")
+    methods = {node.name: node for node in test.body if isinstance(node, ast.FunctionDef)}
+    starters = {name for name, method in methods.items() if _calls(method, "startExplanation")}
+    assert starters
+    for name, method in methods.items():
+        if not name.startswith("test_"):
+            continue
+        starting = [call for call in ast.walk(method) if isinstance(call, ast.Call) and (
+            ast.unparse(call.func).endswith(".startExplanation") or ast.unparse(call.func) in {
+                f"self.{helper}" for helper in starters})]
+        closing = [node for node in ast.walk(method) if isinstance(node, ast.Try)
+                   and any(_calls(statement, "closeWorker") for statement in node.finalbody)]
+        for call in starting:
+            assert any(call in ast.walk(statement) for block in closing for statement in block.body), \
+                f"SegExplainTest.{name} may leave a worker running (line {call.lineno})"
