@@ -155,6 +155,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self._sequenceSelectors = []
         self._explanation = None
+        self._clickObserver = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -197,6 +198,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         self.logic.closeWorker()
+        self._stopObservingClicks()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -208,6 +210,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._stopObservingClicks()  # a point placed in another module must not start an explanation
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
@@ -230,20 +233,29 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            if self._parameterNode.clickedPoints:
-                self.removeObserver(self._parameterNode.clickedPoints,
-                                    slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
+        self._stopObservingClicks()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            if self._parameterNode.clickedPoints:
-                self.addObserver(self._parameterNode.clickedPoints,
-                                 slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
-            self.ui.pointPlaceWidget.setCurrentNode(self._parameterNode.clickedPoints)
+            self._observeClicks()
             self._rebuildSequenceSelectors()
             self._refreshExplanations()
             self._onParameterNodeModified()
+
+    def _observeClicks(self) -> None:
+        """Click-to-explain and the place widget follow the ``clickedPoints`` reference (a loaded scene, Undo or a
+        script may point it at another node)."""
+        from SegExplainMRML.observers import ReferenceObserver  # imports only vtk: no engine needed
+
+        self._clickObserver = ReferenceObserver(self._parameterNode.parameterNode, "clickedPoints",
+                                                slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                                self.onPointClicked, onChanged=self.ui.pointPlaceWidget.setCurrentNode)
+
+    def _stopObservingClicks(self) -> None:
+        if self._clickObserver is not None:
+            self._clickObserver.close()
+            self._clickObserver = None
 
     # ------------------------------------------------------------------------------------------------ inputs
 
