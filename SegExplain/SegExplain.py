@@ -39,6 +39,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+# Slicer loads every module at start-up; on a Slicer with Python 3.9 (5.8 and older) the engine cannot run, so the
+# module is not loaded and Slicer's log says why, rather than failing later with a syntax or type error.
+if sys.version_info < (3, 10):
+    raise ImportError(_("SegExplain needs Slicer 5.10 or newer (Python 3.10 or newer); this Slicer runs Python "
+                        "{version}").format(version=".".join(map(str, sys.version_info[:3]))))
+
 # In a source checkout (the repository's SegExplain folder added to the module paths) the engine sits one folder up;
 # in an installed extension it is next to this file, which Slicer already puts on sys.path.
 _sourceRoot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -306,12 +312,14 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cardStatusLabel.text = str(error)
             return
         self.ui.cardStatusLabel.text = _("{count} sequences: {names}").format(count=len(names), names=", ".join(names))
-        from SegExplainMRML.nodes import guessSequenceVolumes
+        from SegExplainMRML.nodes import HIDDEN_SEQUENCE_VOLUME_TYPES, SEQUENCE_VOLUME_TYPES, guessSequenceVolumes
 
         chosen = list(self._parameterNode.inputVolumes) or guessSequenceVolumes(slicer.mrmlScene, names)
         for index, name in enumerate(names):
             selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            # scalar volumes only: no label maps, vector, tensor or DWI volumes, nor the module's relevance volumes
+            selector.nodeTypes = list(SEQUENCE_VOLUME_TYPES)
+            selector.hideChildNodeTypes = list(HIDDEN_SEQUENCE_VOLUME_TYPES)
             selector.addEnabled = selector.removeEnabled = False
             selector.noneEnabled = True  # an unmatched sequence stays empty rather than taking another's volume
             selector.setMRMLScene(slicer.mrmlScene)
@@ -322,7 +330,18 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label = qt.QLabel(f"{name}:")
             self.ui.sequencesWidget.layout().addRow(label, selector)
             self._sequenceSelectors.append((label, selector))
+        self._hideModuleVolumes()
         self._onSequenceVolumesChanged()
+
+    def _hideModuleVolumes(self) -> None:
+        """The relevance and overlay volumes are scalar volumes too: the sequence selectors hide them by ID."""
+        if not self._sequenceSelectors:
+            return
+        from SegExplainMRML.nodes import moduleVolumeIDs
+
+        hidden = moduleVolumeIDs(slicer.mrmlScene)
+        for _label, selector in self._sequenceSelectors:
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden
 
     def _onSequenceVolumesChanged(self, *unused) -> None:
         if self._parameterNode:
@@ -453,6 +472,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._explanation is not None:
             combo.setCurrentIndex(max(0, combo.findData(self._explanation.folderItem)))
         combo.blockSignals(wasBlocked)
+        self._hideModuleVolumes()  # a new explanation's volumes
         self.onExplanationSelected(combo.currentIndex)
 
     def onExplanationSelected(self, index) -> None:

@@ -13,6 +13,7 @@ import ast
 import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from SegExplainMRML import workflow
@@ -310,3 +311,52 @@ def test_self_test_closes_every_worker_it_starts(tree):
         for call in starting:
             assert any(call in ast.walk(statement) for block in closing for statement in block.body), \
                 f"SegExplainTest.{name} may leave a worker running (line {call.lineno})"
+
+
+def test_sequence_selectors_filter_by_the_logics_types_and_hide_the_modules_volumes(tree):
+    """The per-sequence selectors take their node types from SegExplainMRML.nodes (tested on real MRML) and hide
+    the module's own volumes when built and whenever explanations are added."""
+    rebuild = _method(tree, "SegExplainWidget", "_rebuildSequenceSelectors")
+    assert "selector.nodeTypes = list(SEQUENCE_VOLUME_TYPES)" in rebuild
+    assert "selector.hideChildNodeTypes = list(HIDDEN_SEQUENCE_VOLUME_TYPES)" in rebuild
+    assert "self._hideModuleVolumes()" in rebuild
+    assert "self._hideModuleVolumes()" in _method(tree, "SegExplainWidget", "_refreshExplanations")
+    hide = _method(tree, "SegExplainWidget", "_hideModuleVolumes")
+    assert "moduleVolumeIDs(slicer.mrmlScene)" in hide and "sortFilterProxyModel().hiddenNodeIDs = " in hide
+
+
+def test_seed_is_bounded_in_the_panel_and_the_logic(parameters, ui):
+    """The spin box holds 0..2**31-1 (Slicer's int connector would otherwise set it to -2**31..2**31-1), the
+    parameter node validates that range, and the logic names a seed outside it."""
+    from SegExplainMRML.job import SEED_MAX
+    from SegExplainMRML.workflow import settings
+
+    from SegExplainLib.errors import SegExplainError
+
+    assert parameters["seed"][0] == f"Annotated[int, WithinRange(0, {SEED_MAX})]"
+    box = _widget(ui, "seedSpinBox")
+    assert [int(box.find(f"property[@name='{name}']/number").text) for name in ("minimum", "maximum")] == [0, SEED_MAX]
+    assert ExplainSettings(seed=SEED_MAX).seed == SEED_MAX
+    controls = {"method": "lrp", "filterKind": "none"}
+    with pytest.raises(SegExplainError, match=r"seed must be an integer >= 0, got -1"):
+        settings(SimpleNamespace(**controls, seed=-1))
+    with pytest.raises(SegExplainError, match=rf"seed must be at most {SEED_MAX} .*got {SEED_MAX + 1}"):
+        settings(SimpleNamespace(**controls, seed=SEED_MAX + 1))
+
+
+def test_module_refuses_python_older_than_3_10(tree):
+    """On Slicer 5.8 (Python 3.9.10) the module file stops at once with a message naming the versions; the file
+    parses as Python 3.9, so that check is reached; the engine itself requires Python 3.10 (pyproject)."""
+    ast.parse(MODULE.read_text(), feature_version=(3, 9))
+    check = next(node for node in tree.body if isinstance(node, ast.If) and "sys.version_info" in ast.unparse(node.test))
+    definitions = [node.lineno for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert check.lineno < min(definitions)
+    code = compile(ast.Module([check], type_ignores=[]), str(MODULE), "exec")
+    for version, refused in (((3, 9, 10), True), ((3, 10, 0), False), ((3, 12, 10), False)):
+        namespace = {"sys": SimpleNamespace(version_info=version), "_": lambda text: text}
+        if refused:
+            with pytest.raises(ImportError, match=r"needs Slicer 5\.10 or newer .*Python 3\.9\.10"):
+                exec(code, namespace)
+        else:
+            exec(code, namespace)
+    assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text()
