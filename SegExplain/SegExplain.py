@@ -768,7 +768,7 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentation)
         parameters = logic.getParameterNode()
-        parameters.modelCard = ""
+        parameters.modelCard = pathlib.Path()  # empty: the bundled demo network
         parameters.inputVolumes = volumes
         return logic, parameters, volumes, label, segmentation
 

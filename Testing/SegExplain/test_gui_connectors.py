@@ -92,3 +92,28 @@ def test_annotation_names_resolve_in_the_module(tree, annotations):
             defined |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     used = {n.id for annotation in annotations.values() for n in ast.walk(annotation) if isinstance(n, ast.Name)}
     assert used - defined == set()
+
+
+def test_values_the_module_sets_fit_the_parameter_types(tree, annotations, enums):
+    """parameterNodeWrapper validates every write: a path field takes a pathlib path (not text) and a Choice field
+    one of its choices; the module (and its self-test) sets constants that fit."""
+    checked = 0
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        unpacked = isinstance(node.targets[0], ast.Tuple) and isinstance(node.value, ast.Tuple)
+        pairs = zip(node.targets[0].elts, node.value.elts, strict=True) if unpacked else [(node.targets[0], node.value)]
+        for target, value in pairs:
+            if not (isinstance(target, ast.Attribute) and ast.unparse(target.value) in ("parameters", "restored")
+                    and target.attr in annotations):
+                continue
+            annotation, kind = annotations[target.attr], annotationKind(annotations[target.attr], enums)
+            where = f"line {node.lineno}: parameters.{target.attr} = {ast.unparse(value)}"
+            if kind == "path":
+                assert not isinstance(value, ast.Constant), where
+            choices = [extra for extra in ast.walk(annotation) if isinstance(extra, ast.Call)
+                       and ast.unparse(extra.func) == "Choice"]
+            if choices and isinstance(value, ast.Constant):
+                assert value.value in ast.literal_eval(choices[0].args[0]), where
+            checked += 1
+    assert checked
