@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
 import tempfile
 from typing import Annotated
@@ -37,6 +38,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+# Slicer loads every module at start-up; on a Slicer with Python 3.9 (5.8 and older) the engine cannot run, so the
+# module is not loaded and Slicer's log says why, rather than failing later with a syntax or type error.
+if sys.version_info < (3, 10):
+    raise ImportError(_("SegExplain needs Slicer 5.10 or newer (Python 3.10 or newer); this Slicer runs Python "
+                        "{version}").format(version=".".join(map(str, sys.version_info[:3]))))
 
 # In a source checkout (the repository's SegExplain folder added to the module paths) the engine sits one folder up;
 # in an installed extension it is next to this file, which Slicer already puts on sys.path.
@@ -85,7 +92,8 @@ class SegExplainParameterNode:
 
     modelKind: what the model is: a model card, an nnU-Net v2 results folder or a MONAI bundle folder.
     modelCard: model card file (YAML/JSON) naming the network, its weights and sequences; empty for the bundled demo.
-    modelFolder: the nnU-Net results folder or the bundle folder.
+    modelFolder: the nnU-Net results folder or the bundle folder. Both are ``pathlib.Path`` (Slicer's path field
+    takes no other type); an empty field is ``Path(".")``, which SegExplainMRML.workflow.modelSource reads as empty.
     nnunetConfiguration, nnunetFolds, nnunetMirroring: nnU-Net's configuration (empty: 3d_fullres), folds ("0 1";
     empty: every trained fold) and test-time mirroring. All read by SegExplainMRML.workflow.modelSource.
     inputVolumes: one volume per MRI sequence of the model, in its order.
@@ -95,8 +103,8 @@ class SegExplainParameterNode:
     """
 
     modelKind: Annotated[str, Choice(["card", "nnunet", "bundle"])] = "card"
-    modelCard: str = ""
-    modelFolder: str = ""
+    modelCard: pathlib.Path
+    modelFolder: pathlib.Path
     nnunetConfiguration: str = ""
     nnunetFolds: str = ""
     nnunetMirroring: bool = True
@@ -112,13 +120,16 @@ class SegExplainParameterNode:
     explainOnClick: bool = True
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
                                    "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
-    composite: str = "epsilon_plus"
+    composite: Annotated[str, Choice(["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+                                      "epsilon_alpha2_beta1_flat", "epsilon_plus_z_box", "epsilon_plus_w_square",
+                                      "epsilon_gamma_z_box", "z_plus", "alpha1_beta0", "alpha2_beta1", "gamma",
+                                      "epsilon", "zero"])] = "epsilon_plus"
     nSteps: Annotated[int, WithinRange(1, 1024)] = 64
-    baseline: str = "blur:5"
+    baseline: Annotated[str, Choice(["blur:5", "blur:2", "zero", "min", "constant:0.0"])] = "blur:5"
     aggregation: Annotated[str, Choice(["sum", "normalized"])] = "sum"
     samples: Annotated[int, WithinRange(0, 100000)] = 0
     classIndex: Annotated[int, WithinRange(0, 255)] = 1
-    seed: int = 0
+    seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     advancedOptions: str = ""
     layerwiseFilter: bool = False
     replacePrevious: bool = False
@@ -150,6 +161,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer.connect("timeout()", self.onJobTimer)
         self._sequenceSelectors = []
         self._explanation = None
+        self._clickObserver = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -192,6 +204,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
         self.logic.closeWorker()
+        self._stopObservingClicks()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -203,6 +216,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._stopObservingClicks()  # a point placed in another module must not start an explanation
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
@@ -225,20 +239,29 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            if self._parameterNode.clickedPoints:
-                self.removeObserver(self._parameterNode.clickedPoints,
-                                    slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
+        self._stopObservingClicks()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            if self._parameterNode.clickedPoints:
-                self.addObserver(self._parameterNode.clickedPoints,
-                                 slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointClicked)
-            self.ui.pointPlaceWidget.setCurrentNode(self._parameterNode.clickedPoints)
+            self._observeClicks()
             self._rebuildSequenceSelectors()
             self._refreshExplanations()
             self._onParameterNodeModified()
+
+    def _observeClicks(self) -> None:
+        """Click-to-explain and the place widget follow the ``clickedPoints`` reference (a loaded scene, Undo or a
+        script may point it at another node)."""
+        from SegExplainMRML.observers import ReferenceObserver  # imports only vtk: no engine needed
+
+        self._clickObserver = ReferenceObserver(self._parameterNode.parameterNode, "clickedPoints",
+                                                slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
+                                                self.onPointClicked, onChanged=self.ui.pointPlaceWidget.setCurrentNode)
+
+    def _stopObservingClicks(self) -> None:
+        if self._clickObserver is not None:
+            self._clickObserver.close()
+            self._clickObserver = None
 
     # ------------------------------------------------------------------------------------------------ inputs
 
@@ -289,12 +312,14 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.cardStatusLabel.text = str(error)
             return
         self.ui.cardStatusLabel.text = _("{count} sequences: {names}").format(count=len(names), names=", ".join(names))
-        from SegExplainMRML.nodes import guessSequenceVolumes
+        from SegExplainMRML.nodes import HIDDEN_SEQUENCE_VOLUME_TYPES, SEQUENCE_VOLUME_TYPES, guessSequenceVolumes
 
         chosen = list(self._parameterNode.inputVolumes) or guessSequenceVolumes(slicer.mrmlScene, names)
         for index, name in enumerate(names):
             selector = slicer.qMRMLNodeComboBox()
-            selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+            # scalar volumes only: no label maps, vector, tensor or DWI volumes, nor the module's relevance volumes
+            selector.nodeTypes = list(SEQUENCE_VOLUME_TYPES)
+            selector.hideChildNodeTypes = list(HIDDEN_SEQUENCE_VOLUME_TYPES)
             selector.addEnabled = selector.removeEnabled = False
             selector.noneEnabled = True  # an unmatched sequence stays empty rather than taking another's volume
             selector.setMRMLScene(slicer.mrmlScene)
@@ -305,7 +330,18 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             label = qt.QLabel(f"{name}:")
             self.ui.sequencesWidget.layout().addRow(label, selector)
             self._sequenceSelectors.append((label, selector))
+        self._hideModuleVolumes()
         self._onSequenceVolumesChanged()
+
+    def _hideModuleVolumes(self) -> None:
+        """The relevance and overlay volumes are scalar volumes too: the sequence selectors hide them by ID."""
+        if not self._sequenceSelectors:
+            return
+        from SegExplainMRML.nodes import moduleVolumeIDs
+
+        hidden = moduleVolumeIDs(slicer.mrmlScene)
+        for _label, selector in self._sequenceSelectors:
+            selector.sortFilterProxyModel().hiddenNodeIDs = hidden
 
     def _onSequenceVolumesChanged(self, *unused) -> None:
         if self._parameterNode:
@@ -436,6 +472,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._explanation is not None:
             combo.setCurrentIndex(max(0, combo.findData(self._explanation.folderItem)))
         combo.blockSignals(wasBlocked)
+        self._hideModuleVolumes()  # a new explanation's volumes
         self.onExplanationSelected(combo.currentIndex)
 
     def onExplanationSelected(self, index) -> None:
@@ -702,6 +739,12 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # As SlicerNNUnet does: in testing mode nothing is installed, so without the engine's packages there is
+        # nothing to test; the engine (and torch) is imported only after this check.
+        missing = SegExplainLogic().missingRequirements()
+        if missing:
+            logging.warning("SegExplain self-test skipped: missing %s", ", ".join(missing))
+            return
         self.setUp()
         self.test_SegExplainWorkflow()
         self.setUp()
@@ -712,11 +755,11 @@ class SegExplainTest(ScriptedLoadableModuleTest):
     def _demoScene(self):
         import numpy as np
 
+        logic = SegExplainLogic()
+        logic.ensureRequirements(askConfirmation=False)
         from SegExplainLib.demo import make_case
 
         image, label = make_case(1000)
-        logic = SegExplainLogic()
-        logic.ensureRequirements(askConfirmation=False)
         names = logic.sequenceNames("")
         ijkToRas = np.diag([-1.2, -1.2, 3.0, 1.0])
         volumes = [slicer.util.addVolumeFromArray(image[c], ijkToRas, name) for c, name in enumerate(names)]
@@ -725,15 +768,22 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "truth")
         slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelNode, segmentation)
         parameters = logic.getParameterNode()
-        parameters.modelCard = ""
+        parameters.modelCard = pathlib.Path()  # empty: the bundled demo network
         parameters.inputVolumes = volumes
         return logic, parameters, volumes, label, segmentation
 
     def test_SegExplainWorkflow(self):
-        import numpy as np
-
         self.delayDisplay("Explaining a clicked point of the demo case")
         logic, parameters, volumes, label, segmentation = self._demoScene()
+        try:
+            self._checkWorkflow(logic, parameters, volumes, label, segmentation)
+        finally:
+            logic.closeWorker()
+        self.delayDisplay("Workflow passed")
+
+    def _checkWorkflow(self, logic, parameters, volumes, label, segmentation):
+        import numpy as np
+
         parameters.clickedPoints = logic.newClickedPointsNode()
         lesion = np.argwhere(label > 0).mean(axis=0)
         ijkToRas = vtk.vtkMatrix4x4()
@@ -778,8 +828,6 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         logic.finishExplanation(job, parameters)
         self.assertEqual(len(logic.explanationFolders()), 2)
         self.assertEqual(logic.explainer().worker.starts, 1)  # both clicks answered by the one warm worker
-        logic.closeWorker()
-        self.delayDisplay("Workflow passed")
 
     def test_SegExplainMultiVolume(self):
         import numpy as np
@@ -794,9 +842,12 @@ class SegExplainTest(ScriptedLoadableModuleTest):
         parameters.inputVolumes = []
         parameters.multiVolume = vector
         parameters.regionKind = "predicted"
-        job = logic.startExplanation(parameters)
-        self.assertEqual(job.wait(timeout=300), "done", job.error)
-        explanation = logic.finishExplanation(job, parameters)
+        try:
+            job = logic.startExplanation(parameters)
+            self.assertEqual(job.wait(timeout=300), "done", job.error)
+            explanation = logic.finishExplanation(job, parameters)
+        finally:
+            logic.closeWorker()
         names = logic.sequenceNames("")
         self.assertEqual([v.GetName() for v in parameters.inputVolumes], [f"mpMRI {n}" for n in names])
         self.assertEqual(explanation.sequenceNames, names)

@@ -3,7 +3,8 @@
 Captures come from Slicer's own slice pipeline (``vtkMRMLSliceLogic``: reslice, window/level, colour table and
 layer blending, exactly what a slice view draws), so they work offscreen and without Qt: in the Slicer module, in the
 browser app and in the tests. The montage uses a private slice logic that is removed again, so the user's views are
-left as they were. The report is one page (PNG or PDF) with the montage, the share chart and the full record.
+left as they were and no view is added to the layout. The report is one page (PNG or PDF) with the montage, the
+share chart and the full record.
 """
 
 from __future__ import annotations
@@ -67,7 +68,13 @@ def captureSliceView(sliceLogic: Any, path: str | Path) -> Path:
 
 
 class _PrivateSliceView:
-    """A slice logic with its own slice and composite nodes, removed from the scene on exit."""
+    """A slice logic with its own slice and composite nodes, removed from the scene on exit.
+
+    Slicer's layout manager makes a slice view widget for every slice node added to the scene without a parent
+    layout node (``qMRMLLayoutManager``, ``qMRMLLayoutViewFactory::onNodeAdded``). So the slice node is added with a
+    parent, a hidden owner node, as Slicer's "slice view outside the view layout" recipe does, but before it is
+    added (``vtkMRMLSliceLogic.AddSliceNode`` would add it without one): no view appears in the user's layout.
+    """
 
     def __init__(self, scene: Any, applicationLogic: Any, size: tuple[int, int]) -> None:
         self.scene, self.applicationLogic, self.size = scene, applicationLogic, size
@@ -75,15 +82,25 @@ class _PrivateSliceView:
     def __enter__(self) -> Any:
         if self.scene.GetDefaultNodeByClass("vtkMRMLSliceNode") is None:  # Slicer adds them at start-up
             slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(self.scene, True)
+        name = self.scene.GenerateUniqueName("SegExplainMontage")
+        self.owner = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", f"{name} owner")
+        self.owner.SetHideFromEditors(True)
+        sliceNode = self.scene.CreateNodeByClass("vtkMRMLSliceNode")  # with the scene's default (presets)
+        sliceNode.UnRegister(None)  # CreateNodeByClass hands over a reference of its own
+        sliceNode.SetName(name)
+        sliceNode.SetLayoutName(name)
+        sliceNode.SetAndObserveParentLayoutNodeID(self.owner.GetID())
+        self.scene.AddNode(sliceNode)
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(self.applicationLogic)
         self.logic.SetMRMLScene(self.scene)
-        self.logic.AddSliceNode(self.scene.GenerateUniqueName("SegExplainMontage"))
+        self.logic.SetSliceNode(sliceNode)  # as AddSliceNode does once the node is in the scene
+        self.logic.UpdateSliceNodeFromLayout()
         self.logic.ResizeSliceNode(*self.size)
         return self.logic
 
     def __exit__(self, *exc: object) -> None:
-        owned = (self.logic.GetSliceCompositeNode(), self.logic.GetSliceNode())
+        owned = (self.logic.GetSliceCompositeNode(), self.logic.GetSliceNode(), self.owner)
         # the logic's slice model nodes go first, and the logic leaves the scene before its slice node does: a slice
         # logic that sees its slice node removed makes a new slice model
         self.logic.DeleteSliceModel()

@@ -40,6 +40,8 @@ _MODEL_PATHS = {"card": "model card", "nnunet": "nnU-Net results folder", "bundl
 #: Methods offered in the module, in menu order (the engine's names).
 METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
            "deconvolution", "occlusion")
+#: The largest seed: what Qt's spin box (a C int) holds, so the panel's seed field covers every seed.
+SEED_MAX = 2**31 - 1
 
 
 @dataclass
@@ -87,7 +89,7 @@ class ExplainSettings:
         samples: Voxels drawn for a sampled normalized estimate; 0 computes it exactly.
         classIndex: Output class explained (1 = the first foreground class).
         device: ``auto``, ``cpu`` or ``cuda``.
-        seed: Seed of every random draw (SmoothGrad noise, sampled aggregation).
+        seed: Seed of every random draw (SmoothGrad noise, sampled aggregation), 0 to :data:`SEED_MAX`.
         extraOptions: Any other option of the engine's method, e.g. ``{"noise": 0.1}`` for SmoothGrad; passed as
             ``--option key=json`` and validated by the engine, which names an unknown option.
     """
@@ -113,6 +115,9 @@ class ExplainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "nSteps" else 0):
                 raise SegExplainError(f"{name} must be an integer >= {1 if name == 'nSteps' else 0}, got {value!r}")
+        if self.seed > SEED_MAX:
+            raise SegExplainError(f"seed must be at most {SEED_MAX} (2**31 - 1, what the panel's spin box holds), "
+                                  f"got {self.seed!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise SegExplainError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -21,6 +21,14 @@ from SegExplainLib.imaging import Geometry, match_names
 #: Attributes of a scalar volume split from a multi-volume: the vector volume's ID and the component.
 _SPLIT_FROM = "SegExplain.splitFrom"
 _COMPONENT = "SegExplain.component"
+#: Attribute of the nodes the module makes for an explanation: their role (relevance, overlay, ...).
+ROLE_ATTRIBUTE = "SegExplain.role"
+
+#: What a sequence's volume selector lists (qMRMLNodeComboBox ``nodeTypes`` and ``hideChildNodeTypes``): scalar
+#: volumes, but no label maps, no tensor volumes (vector and DTI volumes are tensor volumes) and no DWI volumes.
+SEQUENCE_VOLUME_TYPES = ("vtkMRMLScalarVolumeNode",)
+HIDDEN_SEQUENCE_VOLUME_TYPES = ("vtkMRMLLabelMapVolumeNode", "vtkMRMLTensorVolumeNode",
+                                "vtkMRMLDiffusionWeightedVolumeNode")
 
 
 def nodeLabel(node: Any) -> str:
@@ -312,7 +320,25 @@ def guessSequenceVolumes(scene: Any, names: list[str]) -> list[Any]:
         >>> guessSequenceVolumes(slicer.mrmlScene, ["T2", "T1"])      # volumes "case7_T1", "case7_T2"
         [<vtkMRMLScalarVolumeNode case7_T2>, <vtkMRMLScalarVolumeNode case7_T1>]
     """
-    volumes = [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene)
-               if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.IsA("vtkMRMLVectorVolumeNode")
-               and node.GetAttribute("SegExplain.role") is None]
+    volumes = sequenceVolumes(scene)
     return [volumes[i] if i is not None else None for i in match_names([v.GetName() for v in volumes], names)]
+
+
+def isSequenceVolume(node: Any) -> bool:
+    """Whether a node can be a sequence's input: a scalar volume of a type the selectors list, not made by the module.
+    """
+    return (any(node.IsA(name) for name in SEQUENCE_VOLUME_TYPES)
+            and not any(node.IsA(name) for name in HIDDEN_SEQUENCE_VOLUME_TYPES)
+            and node.GetAttribute(ROLE_ATTRIBUTE) is None)
+
+
+def sequenceVolumes(scene: Any) -> list[Any]:
+    """The scene's volumes that can be a sequence's input (:func:`isSequenceVolume`), in scene order."""
+    return [node for node in slicer.util.getNodesByClass("vtkMRMLVolumeNode", scene) if isSequenceVolume(node)]
+
+
+def moduleVolumeIDs(scene: Any) -> list[str]:
+    """IDs of the volumes the module made (relevance and overlay volumes), which the selectors' node types alone
+    would list: the selectors hide them by ID (``qMRMLSortFilterProxyModel.hiddenNodeIDs``)."""
+    return [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene)
+            if node.GetAttribute(ROLE_ATTRIBUTE) is not None]

@@ -28,11 +28,10 @@ from SegExplainLib.errors import SegExplainError
 
 from .display import setDivergingDisplay
 from .job import fileSafe
-from .nodes import VolumeStack, addVolumeLike, segmentMask
+from .nodes import ROLE_ATTRIBUTE, VolumeStack, addVolumeLike, segmentMask
 
 #: Attribute that marks a subject-hierarchy folder as an explanation; its value is the JSON record.
 RECORD_ATTRIBUTE = "SegExplain.record"
-ROLE_ATTRIBUTE = "SegExplain.role"
 SEQUENCE_ATTRIBUTE = "SegExplain.sequence"
 INPUT_REFERENCE = "segexplainInput"
 #: Record fields also stored as attributes of their own, for the Data module's attribute view.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from SegExplainLib.errors import SegExplainError
@@ -32,16 +32,24 @@ def modelSource(parameters: Any) -> ModelSource:
     """The model the controls name: ``modelKind`` (``card``, ``nnunet``, ``bundle``; ``card`` when absent) with
     ``modelCard`` (the card file, empty for the bundled demo) or ``modelFolder``, and for nnU-Net
     ``nnunetConfiguration`` (empty for 3d_fullres), ``nnunetFolds`` (``"0 1"``; empty for every trained fold) and
-    ``nnunetMirroring``."""
+    ``nnunetMirroring``. The paths are text or ``pathlib`` paths (the module's parameter node)."""
     kind = getattr(parameters, "modelKind", "card") or "card"
     if kind == "card":
-        return ModelSource("card", getattr(parameters, "modelCard", ""))
+        return ModelSource("card", _pathText(getattr(parameters, "modelCard", "")))
     if kind == "bundle":
-        return ModelSource("bundle", getattr(parameters, "modelFolder", ""))
-    return ModelSource(kind, getattr(parameters, "modelFolder", ""),
+        return ModelSource("bundle", _pathText(getattr(parameters, "modelFolder", "")))
+    return ModelSource(kind, _pathText(getattr(parameters, "modelFolder", "")),
                        configuration=getattr(parameters, "nnunetConfiguration", ""),
                        folds=getattr(parameters, "nnunetFolds", ""),
                        mirroring=bool(getattr(parameters, "nnunetMirroring", True)))
+
+
+def _pathText(path: str | PurePath | None) -> str:
+    """A path field as text, empty when not set: an empty ``pathlib`` path is ``Path(".")``, which Slicer's path
+    field and parameter node hold for an empty field (``Path("")``), so it means "not set", not the working folder."""
+    if isinstance(path, PurePath):
+        return "" if path == type(path)() else str(path)
+    return path or ""
 
 
 def region(parameters: Any, reference: Any, *, segmentation: Any = None, roi: Any = None,

@@ -13,6 +13,7 @@ import ast
 import re
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from SegExplainMRML import workflow
@@ -36,11 +37,14 @@ def tree() -> ast.Module:
 
 @pytest.fixture(scope="module")
 def parameters(tree) -> dict[str, tuple[str, object]]:
-    """Parameter node fields: name -> (annotation source, default value or None)."""
+    """Parameter node fields: name -> (annotation source, default value or None); a path field without a default
+    has Slicer's (PathSerializer.default: ``Path()``)."""
     fields = {}
     for statement in _class(tree, "SegExplainParameterNode").body:
         if isinstance(statement, ast.AnnAssign):
             default = ast.literal_eval(statement.value) if statement.value is not None else None
+            if statement.value is None and ast.unparse(statement.annotation) == "pathlib.Path":
+                default = Path()
             fields[statement.target.id] = (ast.unparse(statement.annotation), default)
     return fields
 
@@ -252,3 +256,107 @@ def test_the_module_uses_one_warm_worker_and_ends_it(tree):
     assert "self._job.cancel()" in _method(tree, "SegExplainWidget", "onApplyButton")
     timer = _method(tree, "SegExplainWidget", "onJobTimer")
     assert "job.poll()" in timer and "job.state == 'cancelled'" in timer and "cleanup" not in timer
+
+
+#: Modules whose import imports torch (or the engine that does): only after the requirements were checked.
+_ENGINE_MODULES = ("torch", "SegExplainLib", "SegExplainMRML")
+
+
+def _engineImports(function: ast.FunctionDef) -> list[ast.stmt]:
+    return [node for node in ast.walk(function) if (isinstance(node, ast.Import) and any(
+        alias.name.split(".")[0] in _ENGINE_MODULES for alias in node.names)) or (
+        isinstance(node, ast.ImportFrom) and node.module.split(".")[0] in _ENGINE_MODULES)]
+
+
+def _calls(function: ast.AST, name: str) -> list[ast.Call]:
+    return [node for node in ast.walk(function) if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(
+        f".{name}")]
+
+
+def test_self_test_imports_the_engine_only_after_the_requirements(tree):
+    """On a Slicer without torch the self-test warns and returns (pip installs nothing in testing mode): runTest
+    checks the requirements before any test, and a test method imports the engine only after ensureRequirements."""
+    test = _class(tree, "SegExplainTest")
+    methods = {node.name: node for node in test.body if isinstance(node, ast.FunctionDef)}
+    run = methods["runTest"]
+    check = _calls(run, "missingRequirements")
+    assert check, "runTest does not check the requirements"
+    guard = next(node for node in run.body if isinstance(node, ast.If))
+    assert isinstance(guard.body[-1], ast.Return) and guard.lineno > check[0].lineno
+    firstTest = min(call.lineno for call in ast.walk(run) if isinstance(call, ast.Call)
+                    and ast.unparse(call.func).startswith("self.test_"))
+    assert guard.lineno < firstTest
+    for name, method in methods.items():
+        imports = _engineImports(method)
+        if imports:
+            ensured = _calls(method, "ensureRequirements")
+            assert ensured and ensured[0].lineno < min(node.lineno for node in imports), \
+                f"SegExplainTest.{name} imports the engine before ensureRequirements"
+
+
+def test_self_test_closes_every_worker_it_starts(tree):
+    """A test method that starts an explanation (a warm worker) closes the worker in a finally block."""
+    test = _class(tree, "SegExplainTest")
+    methods = {node.name: node for node in test.body if isinstance(node, ast.FunctionDef)}
+    starters = {name for name, method in methods.items() if _calls(method, "startExplanation")}
+    assert starters
+    for name, method in methods.items():
+        if not name.startswith("test_"):
+            continue
+        starting = [call for call in ast.walk(method) if isinstance(call, ast.Call) and (
+            ast.unparse(call.func).endswith(".startExplanation") or ast.unparse(call.func) in {
+                f"self.{helper}" for helper in starters})]
+        closing = [node for node in ast.walk(method) if isinstance(node, ast.Try)
+                   and any(_calls(statement, "closeWorker") for statement in node.finalbody)]
+        for call in starting:
+            assert any(call in ast.walk(statement) for block in closing for statement in block.body), \
+                f"SegExplainTest.{name} may leave a worker running (line {call.lineno})"
+
+
+def test_sequence_selectors_filter_by_the_logics_types_and_hide_the_modules_volumes(tree):
+    """The per-sequence selectors take their node types from SegExplainMRML.nodes (tested on real MRML) and hide
+    the module's own volumes when built and whenever explanations are added."""
+    rebuild = _method(tree, "SegExplainWidget", "_rebuildSequenceSelectors")
+    assert "selector.nodeTypes = list(SEQUENCE_VOLUME_TYPES)" in rebuild
+    assert "selector.hideChildNodeTypes = list(HIDDEN_SEQUENCE_VOLUME_TYPES)" in rebuild
+    assert "self._hideModuleVolumes()" in rebuild
+    assert "self._hideModuleVolumes()" in _method(tree, "SegExplainWidget", "_refreshExplanations")
+    hide = _method(tree, "SegExplainWidget", "_hideModuleVolumes")
+    assert "moduleVolumeIDs(slicer.mrmlScene)" in hide and "sortFilterProxyModel().hiddenNodeIDs = " in hide
+
+
+def test_seed_is_bounded_in_the_panel_and_the_logic(parameters, ui):
+    """The spin box holds 0..2**31-1 (Slicer's int connector would otherwise set it to -2**31..2**31-1), the
+    parameter node validates that range, and the logic names a seed outside it."""
+    from SegExplainMRML.job import SEED_MAX
+    from SegExplainMRML.workflow import settings
+
+    from SegExplainLib.errors import SegExplainError
+
+    assert parameters["seed"][0] == f"Annotated[int, WithinRange(0, {SEED_MAX})]"
+    box = _widget(ui, "seedSpinBox")
+    assert [int(box.find(f"property[@name='{name}']/number").text) for name in ("minimum", "maximum")] == [0, SEED_MAX]
+    assert ExplainSettings(seed=SEED_MAX).seed == SEED_MAX
+    controls = {"method": "lrp", "filterKind": "none"}
+    with pytest.raises(SegExplainError, match=r"seed must be an integer >= 0, got -1"):
+        settings(SimpleNamespace(**controls, seed=-1))
+    with pytest.raises(SegExplainError, match=rf"seed must be at most {SEED_MAX} .*got {SEED_MAX + 1}"):
+        settings(SimpleNamespace(**controls, seed=SEED_MAX + 1))
+
+
+def test_module_refuses_python_older_than_3_10(tree):
+    """On Slicer 5.8 (Python 3.9.10) the module file stops at once with a message naming the versions; the file
+    parses as Python 3.9, so that check is reached; the engine itself requires Python 3.10 (pyproject)."""
+    ast.parse(MODULE.read_text(), feature_version=(3, 9))
+    check = next(node for node in tree.body if isinstance(node, ast.If) and "sys.version_info" in ast.unparse(node.test))
+    definitions = [node.lineno for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert check.lineno < min(definitions)
+    code = compile(ast.Module([check], type_ignores=[]), str(MODULE), "exec")
+    for version, refused in (((3, 9, 10), True), ((3, 10, 0), False), ((3, 12, 10), False)):
+        namespace = {"sys": SimpleNamespace(version_info=version), "_": lambda text: text}
+        if refused:
+            with pytest.raises(ImportError, match=r"needs Slicer 5\.10 or newer .*Python 3\.9\.10"):
+                exec(code, namespace)
+        else:
+            exec(code, namespace)
+    assert 'requires-python = ">=3.10"' in (ROOT / "pyproject.toml").read_text()

@@ -116,6 +116,25 @@ def test_slice_montage_shape_and_cleanup(view, scene, count, columns, shape):
     assert red.max() > 50 and red.min() < -50  # both signs of the overlay show
 
 
+def test_slice_montage_adds_no_view_to_the_layout(view, scene):
+    """Slicer's layout manager makes a slice view widget for every view node added without a parent layout node
+    (qMRMLLayoutManagerPrivate::onNodeAddedEvent): the montage's slice node has one from the moment it is added."""
+    added = []
+
+    def onNodeAdded(caller, event, node):
+        if node.IsA("vtkMRMLAbstractViewNode"):
+            added.append((node.GetLayoutName(), node.GetParentLayoutNode() is not None))
+
+    onNodeAdded.CallDataType = vtk.VTK_OBJECT
+    tag = scene.AddObserver(scene.NodeAddedEvent, onNodeAdded)
+    try:
+        export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=2, tileSize=16)
+    finally:
+        scene.RemoveObserver(tag)
+    assert added and all(hasParent for _name, hasParent in added), added
+    assert [node.GetLayoutName() for node in slicer.util.getNodesByClass("vtkMRMLAbstractViewNode", scene)] == ["Red"]
+
+
 def test_slice_montage_of_transformed_volumes(view, scene):
     """Volumes moved by a transform give the same montage: the slices follow the overlay into world space."""
     montage = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32)

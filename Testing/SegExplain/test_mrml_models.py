@@ -7,6 +7,7 @@ does, with one fold and no mirroring to stay fast.
 
 from __future__ import annotations
 
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
 import numpy as np
@@ -124,3 +125,16 @@ def test_model_source_arguments(nnunet_model):
                                                   nnunetConfiguration="x", nnunetMirroring=False))
     assert bundle == job.ModelSource("bundle", "/b")  # the nnU-Net options of the panel do not reach a bundle
     assert job.ModelSource("nnunet", str(nnunet_model.parent)).sequenceNames() == ["T2", "ADC"]  # dataset folder
+
+
+def test_model_paths_from_slicers_path_fields():
+    """The module's parameter node holds the paths as pathlib paths; an empty field is Path("") == Path("."), which
+    means the bundled demo network (card) or no folder, never the working folder."""
+    for pathType in (PurePosixPath, Path):
+        assert workflow.modelSource(SimpleNamespace(modelKind="card", modelCard=pathType(""))) == job.ModelSource()
+        assert workflow.modelSource(SimpleNamespace(modelKind="card", modelCard=pathType("/m/card.yaml"))) == \
+            job.ModelSource("card", "/m/card.yaml")
+        assert workflow.modelSource(SimpleNamespace(modelKind="bundle", modelFolder=pathType())).path == ""
+        assert workflow.modelSource(SimpleNamespace(modelKind="nnunet", modelFolder=pathType("/r"))).path == "/r"
+    assert workflow.modelSource(SimpleNamespace(modelCard=".")).path == "."  # typed text is taken as it is
+    assert job.ModelSource().location == job.demoCardPath()

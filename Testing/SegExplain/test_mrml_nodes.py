@@ -362,3 +362,28 @@ def test_guess_sequence_volumes_matches_names_once_each(scene):
     assert [v.GetName() if v else None for v in guessed] == ["4: T2", "case7_T1", "case7_T1-20s", None]
     exact = addVolume(scene, np.zeros((2, 2, 2)), name="t2")
     assert nodes.guessSequenceVolumes(scene, ["T2"]) == [exact]
+
+
+def _listedBySelector(scene, nodeTypes, hideChildNodeTypes, hiddenNodeIDs):
+    """The volumes a qMRMLNodeComboBox lists, by qMRMLSortFilterProxyModel::filterAcceptsNode's rules (hidden IDs,
+    a node type the node IsA, none of the hidden child types; showChildNodeTypes on, as by default)."""
+    return [node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLVolumeNode", scene)
+            if node.GetID() not in hiddenNodeIDs and any(node.IsA(t) for t in nodeTypes)
+            and not any(node.IsA(t) for t in hideChildNodeTypes)]
+
+
+def test_sequence_selectors_list_scalar_volumes_only(scene):
+    """Label maps, vector (multi-component), DTI and DWI volumes and the module's relevance and overlay volumes are
+    no sequence's input: the selectors do not list them and no name guess picks them."""
+    addVolume(scene, np.zeros((2, 2, 2)), name="T2")
+    for className in ("vtkMRMLLabelMapVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLDiffusionTensorVolumeNode",
+                      "vtkMRMLDiffusionWeightedVolumeNode"):
+        scene.AddNewNodeByClass(className, f"{className} T1")
+    for role in ("relevance", "overlay"):
+        addVolume(scene, np.zeros((2, 2, 2)), name=f"{role} T1").SetAttribute(nodes.ROLE_ATTRIBUTE, role)
+    assert [node.GetName() for node in nodes.sequenceVolumes(scene)] == ["T2"]
+    assert _listedBySelector(scene, nodes.SEQUENCE_VOLUME_TYPES, nodes.HIDDEN_SEQUENCE_VOLUME_TYPES,
+                             nodes.moduleVolumeIDs(scene)) == ["T2"]
+    assert nodes.guessSequenceVolumes(scene, ["T2", "T1"]) == [scene.GetFirstNodeByName("T2"), None]
+    for name in (*nodes.SEQUENCE_VOLUME_TYPES, *nodes.HIDDEN_SEQUENCE_VOLUME_TYPES):
+        assert getattr(slicer, name)().IsA("vtkMRMLVolumeNode"), name  # a real class of Slicer
