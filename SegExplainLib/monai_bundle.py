@@ -107,15 +107,18 @@ def _targets() -> AllowList:
     kinds = [(monai.transforms, monai.transforms.Transform), (monai.inferers, monai.inferers.Inferer),
              *((m, nn.Module) for m in (monai.networks.nets, monai.networks.blocks, monai.networks.layers))]
     names: dict[str, Any] = {}
+    bare: dict[str, dict[int, Any]] = {}
     for module, base in [*kinds, (nn, nn.Module)]:
         def keep(obj: Any, base: type = base) -> bool:
             return inspect.isclass(obj) and issubclass(obj, base) and obj.__name__ not in _UNSAFE_CLASSES
 
         dotted = AllowList.of_modules("", [module], keep=keep)
         names.update((name, dotted.get(name)) for name in dotted.names())
-        if module is not nn:  # MONAI's bare names; the modules share none (checked by the tests)
-            names.update((name.rsplit(".", 1)[1], dotted.get(name)) for name in dotted.names()
-                         if name.startswith(f"{module.__name__}."))
+        for name in dotted.names() if module is not nn else ():  # MONAI's bare names are those of its modules
+            if name.startswith(f"{module.__name__}."):
+                bare.setdefault(name.rsplit(".", 1)[1], {})[id(dotted.get(name))] = dotted.get(name)
+    # a bare name two modules give to different classes is ambiguous: it must be written in full
+    names.update((name, *found.values()) for name, found in bare.items() if len(found) == 1)
     return AllowList("MONAI network, transform and inferer classes and PyTorch layer classes", names)
 
 

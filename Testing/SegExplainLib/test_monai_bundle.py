@@ -7,7 +7,8 @@ preprocessing is the spleen bundle's pattern: LoadImaged, EnsureChannelFirstd, O
 an oblique direction with flips and 1 x 1.25 x 3 mm voxels, so reorientation and resampling both do something.
 
 The case is written to NIfTI files and read by SegExplain's ``read_sequences``, as a user's case is. References are
-MONAI's own: the same files read by the bundle's own LoadImaged and preprocessed by the bundle's own transforms
+MONAI's own: the same files read by MONAI's LoadImaged as the bundle names it (SegExplain never builds it) and
+preprocessed by the bundle's own transforms
 (geometry conversion included), autograd through MONAI's transforms for the way back, MONAI's Spacingd of a label
 image for regions.
 
