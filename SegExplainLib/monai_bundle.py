@@ -91,7 +91,6 @@ _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 #: The options of a SlidingWindowInferer that SegExplain's sliding window follows.
 _WINDOW_OPTIONS = ("roi_size", "overlap", "sigma_scale", "mode")
 _REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
-_REF_NAME = "__ref__"  # what a reference stands for while an expression is checked
 
 
 @functools.cache
@@ -161,27 +160,38 @@ def _expression_part(text: str) -> str | None:
     (``torch.float32``, ``len(@labels)``). An attribute of anything else (``torch.hub``, ``@network.to``) is
     outside, as are lambdas, comprehensions and ``**``.
     """
+    references: list[str] = []
+
+    def named(match: re.Match) -> str:  # each reference becomes a plain name while the expression is checked
+        references.append(match.group())
+        return f"__ref{len(references) - 1}__"
+
+    def shown(part: str) -> str:
+        return re.sub(r"__ref(\d+)__", lambda m: references[int(m.group(1))], part)
+
+    if "__ref" in text:  # would be taken for a reference below; no configuration needs such a name
+        return text
     try:
-        tree = ast.parse(_REF.sub(_REF_NAME, text[1:].strip()), mode="eval")
+        tree = ast.parse(_REF.sub(named, text[1:].strip()), mode="eval")
     except SyntaxError:
         return text
-    allowed = _expression_names()
+    allowed, placeholders = _expression_names(), {f"__ref{i}__" for i in range(len(references))}
     pending: list[ast.AST] = [tree]
     while pending:
         node = pending.pop()
         dotted = _dotted(node)
         if dotted is not None:
-            if dotted != _REF_NAME and allowed.get(dotted) is None:
-                return dotted
+            if dotted not in placeholders and allowed.get(dotted) is None:
+                return shown(dotted)
             continue
         if isinstance(node, ast.Call):
             function = _dotted(node.func)
             if function is None or allowed.get(function) is None:
-                return ast.unparse(node.func)
+                return shown(ast.unparse(node.func))
             pending.extend([*node.args, *node.keywords])
             continue
         if not isinstance(node, _GRAMMAR) or isinstance(node, ast.keyword) and node.arg is None:
-            return ast.unparse(node)
+            return shown(ast.unparse(node))
         pending.extend(ast.iter_child_nodes(node))
     return None
 
