@@ -10,7 +10,7 @@ A MONAI bundle is a folder::
 :func:`open_bundle` builds ``network_def`` and ``preprocessing`` with ``monai.bundle.ConfigParser`` and reads the
 options of ``inferer`` (a ``SlidingWindowInferer`` becomes :class:`~SegExplainLib.sliding.SlidingWindow`).
 :meth:`BundlePipeline.prepare` runs the preprocessing on the case as read (``LoadImage(d)`` and
-``EnsureChannelFirst(d)`` are skipped: the case is already in memory) and follows every transform that moves
+``EnsureChannelFirst(d)`` are never built: the case is already in memory) and follows every transform that moves
 voxels, from the change of the image's affine and shape it makes. Such a transform must be one whose effect
 SegExplain can transpose exactly, and it is checked by reproducing its output from its input:
 
@@ -24,13 +24,16 @@ Anything else (nearest or spline resampling, ``Resized`` in area mode, edge padd
 error naming the transform. Relevance comes back as sums (see :mod:`SegExplainLib.pipelines`); relevance on padded
 voxels, which hold no image voxel, is dropped.
 
-Safety: a bundle's configuration can run any Python (``$`` expressions, ``_target_`` of any importable name).
-Without ``trust_code``, the parts SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's
-``roi_size``, ``overlap``, ``sigma_scale`` and ``mode``, and everything they refer to) may only name classes of
-``monai.networks``, ``monai.transforms``, ``monai.inferers`` and ``torch.nn``, and their ``$`` expressions may only
-be references (``$@name``), literals, names of ``torch``, ``numpy`` or ``monai`` (``$torch.float32``) and
-arithmetic, comparisons and conditionals of these. Other keys (``datalist``, ``evaluator``, ``run``...) are never
-evaluated, and ``device`` is set to ``"cpu"``: SegExplain places the network itself.
+Safety: a bundle's configuration can run any Python (``$`` expressions, ``_target_`` of any importable name), and
+so can TorchScript. Without ``trust_code``, a bundle with only ``models/model.ts`` is refused, and the parts
+SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's ``roi_size``, ``overlap``,
+``sigma_scale`` and ``mode``, and everything they refer to) pass :func:`refuse_untrusted_config`: SegExplain resolves
+every ``_target_`` itself against an exact table of MONAI's network, transform and inferer classes and PyTorch's
+layer classes and hands MONAI the class; the names MONAI would look up by itself (``act``, ``norm``, ``dropout``...
+in its layer factories, a loader's ``reader``) must be names of MONAI's own registries; ``$`` expressions must stay
+inside a small grammar. ``LoadImage(d)`` and ``EnsureChannelFirst(d)`` are never built. Other keys (``datalist``,
+``evaluator``, ``run``...) are never evaluated, and ``device`` is set to ``"cpu"``: SegExplain places the network
+itself.
 
 Example:
     >>> pipeline = open_bundle("spleen_ct_segmentation")
@@ -44,10 +47,9 @@ import contextlib
 import functools
 import inspect
 import json
-import pydoc
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allowlist import TRUST_ADVICE, AllowList
 from .errors import SegExplainError
 from .loading import load_weights
 from .pipelines import Pipeline, PreparedCase
@@ -63,86 +66,194 @@ from .sliding import SlidingWindow
 
 __all__ = ["BundlePipeline", "open_bundle"]
 
-#: Modules whose classes a bundle's configuration may build without ``trust_code``.
-SAFE_TARGET_MODULES = ("monai.networks", "monai.transforms", "monai.inferers", "torch.nn")
-_SAFE_NAMES = {"torch", "numpy", "np", "monai"}
-_SAFE_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.USub, ast.UAdd, ast.Not, ast.And, ast.Or,
-                   ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
-_SAFE_NODES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
-               ast.IfExp, ast.Load, *_SAFE_OPERATORS)
-_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-#: Transforms that read files into memory: the case arrives in memory already.
+#: Transforms and networks that read or write files, or look a name up in another library by themselves
+#: (TorchVision's, TorchIO's, cuCIM's transforms, a torchvision model by name): never built without ``trust_code``.
+_UNSAFE_CLASSES = frozenset({
+    "SaveImage", "SaveImaged", "WriteFileMapping", "WriteFileMappingd", "SaveClassificationd", "CuCIM", "CuCIMd",
+    "RandCuCIM", "RandCuCIMd", "TorchVision", "TorchVisiond", "RandTorchVision", "RandTorchVisiond", "TorchIO",
+    "TorchIOd", "RandTorchIO", "RandTorchIOd", "TorchVisionFCModel", "MILModel"})
+#: Transforms that read files into memory: the case arrives in memory already, so they are never built.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
+#: Network arguments that MONAI looks up in one of its layer factories (monai.networks.layers.factories), by the
+#: names MONAI 1.6's networks and blocks give them; a callable there would be called with the given arguments.
+_FACTORY_ARGUMENTS = {
+    **dict.fromkeys(("act", "act_name", "acti_type", "acti_type_1", "acti_type_2", "acti_type_final", "last_act",
+                     "output_act"), "Act"),
+    **dict.fromkeys(("norm", "norm_name", "norm_type"), "Norm"),
+    "dropout": "Dropout", "pool": "Pool", "rel_pos_embedding": "RelPosEmbedding"}
+#: Builtins a ``$`` expression may call (no attribute chains: see :func:`_expression_part`).
+_EXPRESSION_BUILTINS = ("abs", "bool", "float", "int", "len", "list", "max", "min", "range", "round", "sum", "tuple")
+_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.And,
+              ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot)
+_GRAMMAR = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
+            ast.IfExp, ast.Subscript, ast.Slice, ast.Load, ast.keyword, *_OPERATORS)
+_CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 #: The options of a SlidingWindowInferer that SegExplain's sliding window follows.
 _WINDOW_OPTIONS = ("roi_size", "overlap", "sigma_scale", "mode")
-_ADVICE = "; pass --trust-model-code (trust_code=True in Python) only if you trust this bundle"
 _REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
 
 
-def _expression_problem(text: str) -> str | None:
-    """Why the ``$`` expression ``text`` may run code, or None when it is references, literals and library names
-    combined by operators and conditionals (no calls, subscripts, lambdas or private attributes)."""
-    try:
-        tree = ast.parse(_REF.sub("__ref__", text[1:].strip()), mode="eval")
-    except SyntaxError:
-        return f"the expression {text!r}"
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in _SAFE_NAMES | {"__ref__"}:
-            continue
-        if isinstance(node, ast.Attribute) and not node.attr.startswith("_"):
-            continue
-        if not isinstance(node, _SAFE_NODES):
-            return f"the expression {text!r}"
-    return None
+@functools.cache
+def _targets() -> AllowList:
+    """What a ``_target_`` may name: MONAI's network, transform and inferer classes and PyTorch's layer classes, under
+    their dotted names and, for MONAI's, under the bare names MONAI's configurations use (``"UNet"``)."""
+    import monai.inferers
+    import monai.networks.blocks
+    import monai.networks.layers
+    import monai.networks.nets
+    import monai.transforms
+
+    kinds = [(monai.transforms, monai.transforms.Transform), (monai.inferers, monai.inferers.Inferer),
+             *((m, nn.Module) for m in (monai.networks.nets, monai.networks.blocks, monai.networks.layers))]
+    names: dict[str, Any] = {}
+    bare: dict[str, dict[int, Any]] = {}
+    for module, base in [*kinds, (nn, nn.Module)]:
+        def keep(obj: Any, base: type = base) -> bool:
+            return inspect.isclass(obj) and issubclass(obj, base) and obj.__name__ not in _UNSAFE_CLASSES
+
+        dotted = AllowList.of_modules("", [module], keep=keep)
+        names.update((name, dotted.get(name)) for name in dotted.names())
+        for name in dotted.names() if module is not nn else ():  # MONAI's bare names are those of its modules
+            if name.startswith(f"{module.__name__}."):
+                bare.setdefault(name.rsplit(".", 1)[1], {})[id(dotted.get(name))] = dotted.get(name)
+    # a bare name two modules give to different classes is ambiguous: it must be written in full
+    names.update((name, *found.values()) for name, found in bare.items() if len(found) == 1)
+    return AllowList("MONAI network, transform and inferer classes and PyTorch layer classes", names)
 
 
 @functools.cache
-def _locator() -> Any:
-    from monai.bundle import ComponentLocator
+def _expression_names() -> AllowList:
+    """The names a ``$`` expression may use: a few builtins, and the dtypes of torch and numpy (``torch.float32``)."""
+    import builtins
 
-    return ComponentLocator()  # its table of MONAI's names is built once, on first use
+    names = {name: getattr(builtins, name) for name in _EXPRESSION_BUILTINS}
+    names.update((f"torch.{name}", value) for name, value in vars(torch).items() if isinstance(value, torch.dtype))
+    scalars = {name: value for name, value in vars(np).items()
+               if not name.startswith("_") and inspect.isclass(value) and issubclass(value, np.generic)}
+    names.update((f"{alias}.{name}", value) for alias in ("numpy", "np") for name, value in scalars.items())
+    return AllowList("names SegExplain allows in expressions", names)
 
 
-def _locate(target: Any) -> tuple[Any, str | None]:
-    """The class ``_target_`` names and None, or None and why building it may run code of someone else.
+@functools.cache
+def _readers() -> tuple[str, ...]:
+    """The image reader names that MONAI's LoadImage looks up itself: its registry keys and reader class names."""
+    from monai.transforms.io.array import SUPPORTED_READERS
 
-    Only names in :data:`SAFE_TARGET_MODULES` are imported; a bare name is looked up among MONAI's modules, as MONAI
-    does.
+    return tuple(sorted({*SUPPORTED_READERS, *(reader.__name__ for reader in SUPPORTED_READERS.values())}))
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` for a name or a chain of attributes of a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return None if base is None else f"{base}.{node.attr}"
+    return None
+
+
+def _expression_part(text: str) -> str | None:
+    """The first part of the ``$`` expression ``text`` outside SegExplain's grammar, as source, or None.
+
+    The grammar: literals, lists and tuples, arithmetic, comparisons, boolean and conditional operators, subscripts,
+    ``@`` references, and names or calls of names that are, whole, one of :func:`_expression_names`
+    (``torch.float32``, ``len(@labels)``). An attribute of anything else (``torch.hub``, ``@network.to``) is
+    outside, as are lambdas, comprehensions and ``**``.
     """
-    if not isinstance(target, str) or target.startswith("$"):
-        return None, f"the callable {target!r}"
-    if "." not in target:
-        module = _locator().get_component_module_name(target)
-        if not module:
-            return None, f"the unknown component {target!r}"
-        target = f"{module if isinstance(module, str) else module[0]}.{target}"
-    elif not target.startswith(tuple(f"{m}." for m in SAFE_TARGET_MODULES)):
-        return None, f"code from {target!r}"  # not imported: importing it would run it
-    found = pydoc.locate(target)
-    module = getattr(found, "__module__", "") or ""
-    if not inspect.isclass(found) or not module.startswith(SAFE_TARGET_MODULES):
-        return None, f"{target!r}, which is not a class of {', '.join(SAFE_TARGET_MODULES)}"
-    return found, None
+    references: list[str] = []
+
+    def named(match: re.Match) -> str:  # each reference becomes a plain name while the expression is checked
+        references.append(match.group())
+        return f"__ref{len(references) - 1}__"
+
+    def shown(part: str) -> str:
+        return re.sub(r"__ref(\d+)__", lambda m: references[int(m.group(1))], part)
+
+    if "__ref" in text:  # would be taken for a reference below; no configuration needs such a name
+        return text
+    try:
+        tree = ast.parse(_REF.sub(named, text[1:].strip()), mode="eval")
+    except SyntaxError:
+        return text
+    allowed, placeholders = _expression_names(), {f"__ref{i}__" for i in range(len(references))}
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        dotted = _dotted(node)
+        if dotted is not None:
+            if dotted not in placeholders and allowed.get(dotted) is None:
+                return shown(dotted)
+            continue
+        if isinstance(node, ast.Call):
+            function = _dotted(node.func)
+            if function is None or allowed.get(function) is None:
+                return shown(ast.unparse(node.func))
+            pending.extend([*node.args, *node.keywords])
+            continue
+        if not isinstance(node, _GRAMMAR) or isinstance(node, ast.keyword) and node.arg is None:
+            return shown(ast.unparse(node))
+        pending.extend(ast.iter_child_nodes(node))
+    return None
+
+
+def _factory_problem(value: Any, factory: Any) -> str | None:
+    """Why ``value`` of a factory-resolved network argument is not one of ``factory``'s names, or None."""
+    if value is None or isinstance(value, (bool, int, float)) or value == "":
+        return None  # no layer, or a dropout rate
+    name = value[0] if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], dict) else value
+    if isinstance(name, str) and name.upper() in factory.components:
+        return None
+    return f"one of the names of MONAI's {factory.name.lower()} ({', '.join(sorted(factory.names)).lower()}), " \
+           "alone or as [name, {arguments}]"
+
+
+class _Loaded:
+    """What stands for a loading transform of the bundle (``LoadImaged``...), which is never built: the case is in
+    memory already. Calling it returns the data unchanged."""
+
+    def __init__(self, transform: str) -> None:
+        self.transform = transform
+
+    def __call__(self, data: Any) -> Any:
+        return data
 
 
 def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trusted: bool) -> list[str]:
-    """Raise unless building the items ``roots`` of a bundle configuration runs only library code, or ``trusted``.
+    """Raise unless building the items ``roots`` of a bundle configuration runs only library code, or ``trusted``;
+    hand MONAI the classes SegExplain resolved.
 
-    Walks the items and every item they refer to (``@name``), after MONAI has resolved macros and relative ids.
+    Walks the items and every item they refer to (``@name``), after MONAI has resolved macros and relative ids:
+
+    * every ``_target_`` must be, letter for letter, a name of :func:`_targets`; SegExplain replaces it by the class
+      itself, so that MONAI's locator never sees the string. Loading transforms (``LoadImaged``...) are replaced by
+      a stand-in that is never built (their ``reader`` must still be one of MONAI's reader names);
+    * network arguments that MONAI looks up in its layer factories (``act``, ``norm``, ``dropout``...) must be
+      literal names of the factory's registry, not expressions or references;
+    * ``$`` expressions must stay inside the grammar of :func:`_expression_part`;
+    * ``_mode_`` must be the default, and ``_debug_`` (MONAI's debugger) is refused.
 
     Args:
-        parser: The ``monai.bundle.ConfigParser`` holding the configuration.
+        parser: The ``monai.bundle.ConfigParser`` holding the configuration; changed in place.
         roots: Ids of the items to be built, e.g. ``["network_def", "preprocessing", "inferer::roi_size"]``.
         source: The configuration's name for the message, e.g. ``"MONAI bundle 'spleen' (configs/inference.json)"``.
         trusted: The user allows code of the bundle to run.
 
     Returns:
-        Every ``key: what`` that would run code (empty when nothing; only when ``trusted``).
+        Every ``key: what`` that could run code (empty when nothing; only when ``trusted``).
 
     Raises:
-        SegExplainError: Some key would run code and ``trusted`` is false; the message names the key.
+        SegExplainError: Some key could run code and ``trusted`` is false; the message names the key and the name.
     """
-    found, seen, pending = [], set(), list(roots)
+    from monai.networks.layers import factories
+
+    targets, found, seen, pending = _targets(), [], set(), list(roots)
+
+    def refuse(key: str, what: str, expected: str) -> None:
+        if not trusted:
+            raise SegExplainError(f"{source}: {key} names {what}, which is not {expected}; building it could run "
+                                  f"code of someone else; {TRUST_ADVICE}")
+        found.append(f"{key}: {what}")
+
     while pending:
         root = pending.pop()
         if root in seen or root not in parser:
@@ -151,22 +262,51 @@ def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trust
         stack = [(root, parser[root])]
         while stack:
             key, value = stack.pop()
-            problem = None
             if isinstance(value, dict):
                 stack.extend((f"{key}::{k}", v) for k, v in value.items() if k not in ("_target_", "_mode_"))
-                if "_target_" in value:
-                    problem = _locate(value["_target_"])[1]
+                target = _resolve_target(value, key, targets, refuse) if "_target_" in value else None
+                if inspect.isclass(target) and issubclass(target, nn.Module):
+                    for name in sorted(_FACTORY_ARGUMENTS.keys() & value.keys()):
+                        factory = getattr(factories, _FACTORY_ARGUMENTS[name])
+                        expected = _factory_problem(value[name], factory)
+                        if expected is not None:
+                            refuse(f"{key}::{name}", repr(value[name]), expected)
                 if value.get("_mode_", "default") != "default":
-                    problem = f"the {value['_mode_']!r} mode of {value.get('_target_')!r}"
+                    refuse(f"{key}::_mode_", repr(value["_mode_"]), "'default' (MONAI's other modes return "
+                           "functions or start its debugger)")
+                if value.get("_debug_", False):
+                    refuse(f"{key}::_debug_", repr(value["_debug_"]), "false (MONAI's debugger)")
             elif isinstance(value, list):
                 stack.extend((f"{key}::{i}", v) for i, v in enumerate(value))
             elif isinstance(value, str) and value.startswith(("$", "@")):
                 pending.extend(ref[1:].replace("#", "::") for ref in _REF.findall(value) if len(ref) > 1)
-                problem = _expression_problem(value) if value.startswith("$") else None
-            if problem is not None:
-                if not trusted:
-                    raise SegExplainError(f"{source} would run {problem} (key {key!r}){_ADVICE}")
-                found.append(f"{key}: {problem}")
+                part = _expression_part(value) if value.startswith("$") else None
+                if part is not None:
+                    allowed = ", ".join(_EXPRESSION_BUILTINS)
+                    refuse(key, f"{part!r} in the expression {value!r}",
+                           f"a literal, an operator, an @reference or one of the names SegExplain allows in "
+                           f"expressions ({allowed}, and dtypes such as torch.float32 or numpy.float32)")
+    return found
+
+
+def _resolve_target(item: dict[str, Any], key: str, targets: AllowList, refuse: Callable[..., None]) -> Any:
+    """The class ``item``'s ``_target_`` names, put in its place (a stand-in for a loading transform), or None after
+    ``refuse`` (which raises unless trusted)."""
+    target = item["_target_"]
+    if target is _Loaded or targets.allows(target):  # resolved already, through another reference
+        return target
+    found = targets.get(target)
+    if found is None:
+        refuse(f"{key}::_target_", repr(target), f"one of the {targets.what} SegExplain allows")
+        return None
+    if found.__name__ in _LOADING:
+        reader = item.get("reader")
+        if reader is not None and reader not in _readers():
+            refuse(f"{key}::reader", repr(reader), f"one of MONAI's image readers ({', '.join(_readers())})")
+        item.clear()
+        item.update({"_target_": _Loaded, "transform": found.__name__})
+        return _Loaded
+    item["_target_"] = found
     return found
 
 
@@ -280,7 +420,7 @@ def _inferer(parser: Any, source: str) -> tuple[type | None, list[str]]:
     if "inferer" not in parser:
         return None, []
     raw = parser["inferer"]
-    found = _locate(raw.get("_target_"))[0] if isinstance(raw, dict) else None
+    found = _targets().get(raw.get("_target_")) if isinstance(raw, dict) else None
     if found is None or not issubclass(found, (SimpleInferer, SlidingWindowInferer)):
         target = raw.get("_target_") if isinstance(raw, dict) else raw
         raise SegExplainError(f"{source}: the inferer {target!r} is not supported; expected monai.inferers' "
@@ -319,7 +459,7 @@ class BundlePipeline(Pipeline):
         folder: The bundle folder.
         network: The network (eval mode); TorchScript when the bundle has only ``models/model.ts``.
         scripted: Whether ``network`` is TorchScript (then only methods that do not walk modules work).
-        transforms: The preprocessing transforms in order, file loading included (skipped when run).
+        transforms: The preprocessing transforms in order; file loading as stand-ins that are skipped.
         inferer: The bundle's inferer as its class name and the options SegExplain follows, or None.
     """
 
@@ -363,10 +503,10 @@ class BundlePipeline(Pipeline):
         current = MetaTensor(array, affine=affine, meta=meta)
         steps, applied, skipped = [], [], []
         for transform in self.transforms:
-            name = type(transform).__name__
-            if name in _LOADING:
-                skipped.append(name)
+            if isinstance(transform, _Loaded):
+                skipped.append(transform.transform)
                 continue
+            name = type(transform).__name__
             if isinstance(transform, Randomizable):
                 raise SegExplainError(f"the bundle's preprocessing has the random transform {name}; an explanation "
                                       "needs the same input every time")
@@ -505,11 +645,17 @@ def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
     except Exception as error:  # noqa: BLE001 - a malformed file, whatever the parser says about it
         raise SegExplainError(f"{source} cannot be read: {type(error).__name__}: {error}") from error
     scripted = weights.suffix == ".ts"
+    if scripted and not trust_code:
+        raise SegExplainError(f"MONAI bundle {str(folder)!r} has its network only as TorchScript "
+                              f"({weights.relative_to(folder)}): TorchScript is code, which runs when it is loaded "
+                              f"and when it is run; add models/model.pt (the state dict of network_def), or "
+                              f"{TRUST_ADVICE}")
     inferer_class, inferer_options = _inferer(parser, source)
     roots = [*([] if scripted else ["network_def"]), "preprocessing", *inferer_options]
     if not scripted and "network_def" not in parser:
         raise SegExplainError(f"{source} has no network_def; expected the network's _target_ and its arguments")
-    trusted_code = refuse_untrusted_config(parser, roots, source, trusted=trust_code)
+    trusted_code = [*refuse_untrusted_config(parser, roots, source, trusted=trust_code),
+                    *([f"{weights.relative_to(folder)}: TorchScript"] if scripted else [])]
 
     def build(key: str) -> Any:
         if key not in parser:

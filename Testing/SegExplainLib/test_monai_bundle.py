@@ -7,7 +7,8 @@ preprocessing is the spleen bundle's pattern: LoadImaged, EnsureChannelFirstd, O
 an oblique direction with flips and 1 x 1.25 x 3 mm voxels, so reorientation and resampling both do something.
 
 The case is written to NIfTI files and read by SegExplain's ``read_sequences``, as a user's case is. References are
-MONAI's own: the same files read by the bundle's own LoadImaged and preprocessed by the bundle's own transforms
+MONAI's own: the same files read by MONAI's LoadImaged as the bundle names it (SegExplain never builds it) and
+preprocessed by the bundle's own transforms
 (geometry conversion included), autograd through MONAI's transforms for the way back, MONAI's Spacingd of a label
 image for regions.
 
@@ -122,10 +123,13 @@ def _monai_read(files, transforms):
 
 
 def _split(pipeline):
-    """The bundle's transform instances: loading (LoadImaged, EnsureChannelFirstd) and spatial ones (Orientationd,
-    Spacingd)."""
+    """MONAI's own loading transforms as the bundle names them (SegExplain never builds them), and the bundle's
+    spatial transform instances (Orientationd, Spacingd)."""
+    from monai.transforms import EnsureChannelFirstd, LoadImaged
+
     by_name = {type(t).__name__: t for t in pipeline.transforms}
-    return [by_name["LoadImaged"], by_name["EnsureChannelFirstd"]], [by_name["Orientationd"], by_name["Spacingd"]]
+    return ([LoadImaged(keys="image", reader="NibabelReader"), EnsureChannelFirstd(keys="image")],
+            [by_name["Orientationd"], by_name["Spacingd"]])
 
 
 def open_bundle_quiet(folder, **options):
@@ -166,7 +170,8 @@ def test_preprocessing_in_memory_matches_monai_reading_the_files(bundle, case):
     pipeline = open_bundle_quiet(bundle)
     prepared = pipeline.prepare(image, geometry)
     # the bundle's own transforms, all of them, on the case as files (channel-wise normalization: one file each)
-    expected = np.concatenate([t.numpy() for t in _monai_read(files, pipeline.transforms)])
+    loading, _ = _split(pipeline)
+    expected = np.concatenate([t.numpy() for t in _monai_read(files, [*loading, *pipeline.transforms[2:]])])
     print(f"\nin-memory vs file-based preprocessing: max difference {np.abs(prepared.input - expected).max():.2g}")
     np.testing.assert_allclose(prepared.input, expected, atol=1e-5)
 
@@ -259,8 +264,9 @@ def test_torchscript_bundle_explains_with_gradients_and_refuses_lrp(bundle, case
                                  meta_file=str(scripted / "configs" / "metadata.json"),
                                  config_file=str(scripted / "configs" / "inference.json"), bundle_root=str(scripted))
     (scripted / "models" / "model.pt").unlink()
-    pipeline = open_bundle_quiet(scripted)
+    pipeline = open_bundle_quiet(scripted, trust_code=True)  # TorchScript is code (test_bundle_safety)
     assert pipeline.scripted and pipeline.describe()["weights"] == "models/model.ts"
+    assert pipeline.describe()["trusted_code"] == ["models/model.ts: TorchScript"]
     target = PredictedRegion(class_index=1)
     options = {"device": "cpu", "dtype": torch.float64}
     gradient = explain_case(pipeline, image, geometry, target, "gradient", **options)
@@ -284,20 +290,20 @@ def _config(**changes):
 @pytest.mark.parametrize(("changes", "key", "what"), [
     ({"preprocessing": {"_target_": "Compose", "transforms": [
         *PREPROCESSING, {"_target_": "Lambdad", "keys": "image", "func": "$lambda x: x * 2"}]}},
-     "preprocessing::transforms::6::func", "the expression '$lambda x: x * 2'"),
-    ({"pixdim": "$eval('[1.5] * 3')"}, "pixdim", "the expression"),  # reached through @pixdim
-    ({"network_def": {**NETWORK, "_target_": "segexplain_never_imported.Net"}}, "network_def",
-     "code from 'segexplain_never_imported.Net'"),
+     "preprocessing::transforms::6::func", "'lambda x: x * 2' in the expression '$lambda x: x * 2'"),
+    ({"pixdim": "$eval('[1.5] * 3')"}, "pixdim", "'eval' in the expression"),  # reached through @pixdim
+    ({"network_def": {**NETWORK, "_target_": "segexplain_never_imported.Net"}}, "network_def::_target_",
+     "'segexplain_never_imported.Net', which is not one of the MONAI network, transform and inferer classes"),
     ({"preprocessing": {"_target_": "Compose", "transforms": [*PREPROCESSING, {"_target_": "download", "name": "x"}]}},
-     "preprocessing::transforms::6", "'monai.bundle.scripts.download', which is not a class of monai.networks"),
-    # a bare name that MONAI finds among its own functions (this one downloads bundles)
+     "preprocessing::transforms::6::_target_", "'download', which is not one of"),
+    # a bare name that MONAI's own locator finds among its functions (this one downloads bundles)
 ])
 def test_trust_rule_refuses_code_naming_the_key(tmp_path, changes, key, what):
     folder = _make_bundle(tmp_path / "bundle", _config(**changes))
     with pytest.raises(SegExplainError) as raised:
         open_bundle_quiet(folder)
     message = str(raised.value)
-    assert f"(key {key!r})" in message and what in message and "--trust-model-code" in message
+    assert f"(configs/inference.json): {key} names {what}" in message and "--trust-model-code" in message
     assert "segexplain_never_imported" not in sys.modules  # refused before anything was imported or built
 
 
@@ -315,8 +321,8 @@ def test_trusted_code_runs_and_is_recorded(tmp_path, case):
     folder = _make_bundle(tmp_path / "bundle", _config(preprocessing={"_target_": "Compose", "transforms": [
         *PREPROCESSING[:4], scaled]}))
     pipeline = open_bundle_quiet(folder, trust_code=True)
-    assert pipeline.describe()["trusted_code"] == ["preprocessing::transforms::4::func: the expression "
-                                                   "'$lambda x: x * 2'"]
+    assert pipeline.describe()["trusted_code"] == ["preprocessing::transforms::4::func: 'lambda x: x * 2' in the "
+                                                   "expression '$lambda x: x * 2'"]
     plain = open_bundle_quiet(_make_bundle(tmp_path / "plain", _config(preprocessing={
         "_target_": "Compose", "transforms": PREPROCESSING[:4]})))
     np.testing.assert_allclose(pipeline.prepare(image, geometry).input, 2 * plain.prepare(image, geometry).input)
