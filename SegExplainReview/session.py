@@ -24,6 +24,7 @@ from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplain
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
     WRITE_SUFFIXES,
+    check_self_contained,
     image_stem,
     match_names,
     read_geometry,
@@ -212,15 +213,17 @@ class ReviewSession:
     def addFile(self, fileName: str, content: bytes) -> str:
         """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
 
-        The file is checked from its header (the case's grid, at most :data:`~SegExplainLib.imaging.MAX_VOXELS`
-        voxels) before any voxel is decoded.
+        The file is checked from its header (a single file holding its voxels, on the case's grid, at most
+        :data:`~SegExplainLib.imaging.MAX_VOXELS` voxels) before any voxel is decoded: a header that names another
+        file (a MetaImage ``ElementDataFile``, an NRRD ``data file``) is refused before anything opens that file.
 
         Returns:
             What was done, for the page.
 
         Raises:
-            SegExplainError: A name without an image ending, a file over ``maxUploadBytes``, a file that is no image,
-                or one off the input grid. The message names ``fileName``, never the server's temporary copy.
+            SegExplainError: A name without an image ending, a file over ``maxUploadBytes``, a file that is no image
+                or not self-contained, or one off the input grid. The message names ``fileName``, never the server's
+                temporary copy.
         """
         stem = image_stem(Path(fileName).name)
         if not stem:
@@ -232,6 +235,7 @@ class ReviewSession:
             path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
             try:
                 path.write_bytes(content)
+                check_self_contained(path)  # a header naming a server file would have ITK read it, or say it is absent
                 return self._addFile(path, stem, fileName)
             except Exception as error:  # noqa: BLE001 - any failure reaches the page, without the server's paths
                 if not isinstance(error, SegExplainError):
