@@ -162,6 +162,14 @@ class Geometry:
         return cls(tuple(spacing), tuple(matrix[:3, 3] * _LPS_FROM_RAS), tuple(direction.ravel()), tuple(size))
 
     @property
+    def ijk_to_ras(self) -> np.ndarray:
+        """The 4x4 IJK-to-RAS matrix of this grid (Slicer's volume geometry); the inverse of :meth:`from_ijk_to_ras`."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = _LPS_FROM_RAS[:, None] * self._matrix()
+        matrix[:3, 3] = _LPS_FROM_RAS * np.asarray(self.origin)
+        return matrix
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """The (D, H, W) shape of arrays on this grid: ``size`` reversed."""
         return self.size[2], self.size[1], self.size[0]

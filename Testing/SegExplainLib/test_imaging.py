@@ -500,3 +500,11 @@ def test_only_files_that_hold_their_own_voxels_are_self_contained(tmp_path):
         with pytest.raises(SegExplainError, match=rf"^image file '.*{re.escape(name)}' is not a single file holding "
                                                   r"its voxels \(its header names another file"):
             check_self_contained(tmp_path / name)
+
+
+def test_ijk_to_ras_is_the_inverse_of_from_ijk_to_ras():
+    matrix = np.array([[-0.7, 0.2, 0.0, 12.0], [-0.2, -0.7, 0.0, -30.0], [0.0, 0.0, 3.0, 5.0], [0, 0, 0, 1.0]])
+    geometry = Geometry.from_ijk_to_ras(matrix, (10, 12, 4))
+    np.testing.assert_allclose(geometry.ijk_to_ras, matrix, atol=1e-12)
+    ras = geometry.ijk_to_ras @ np.array([3, 5, 2, 1.0])
+    np.testing.assert_allclose(index_to_physical((2, 5, 3), geometry, frame="ras"), ras[:3], atol=1e-9)

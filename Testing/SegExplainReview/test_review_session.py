@@ -284,14 +284,15 @@ def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
     stacked = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)
     stacked.SetSpacing((1.0, 1.0, 2.0))
     sitk.WriteImage(stacked, str(tmp_path / "case.nrrd"))
-    case = ReviewCase.fromFile(tmp_path / "case.nrrd", str(demo_card_path()), tmp_path)
-    assert [p.name for p in case.sequences] == [f"{n}.nrrd" for n in SEQUENCE_NAMES]
-    split, geometry = read_sequences(case.sequences)
-    np.testing.assert_array_equal(split, image)
-    assert geometry.spacing == (1.0, 1.0, 2.0)
+    before = sorted(tmp_path.iterdir())
+    case = ReviewCase.fromFile(tmp_path / "case.nrrd", str(demo_card_path()))
+    assert sorted(tmp_path.iterdir()) == before  # in memory: no copy of the patient's images on disk
+    np.testing.assert_array_equal(np.stack([volume.array for volume in case.sequences]), image)
+    assert {volume.geometry for volume in case.sequences} == {read_sequences([tmp_path / "case.nrrd"])[1]}
+    assert case.sequences[0].geometry.spacing == (1.0, 1.0, 2.0)
     sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(image[:2], 0, -1), isVector=True), str(tmp_path / "two.nrrd"))
     with pytest.raises(SegExplainError, match="has 2 channels; the model card's sequences are T2, T1"):
-        ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()), tmp_path)
+        ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()))
 
 
 def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
