@@ -18,9 +18,10 @@ budget:
 * **Budget.** ``memory_budget_bytes`` when given; otherwise on CUDA 50 % of the free device memory
   (``torch.cuda.mem_get_info``), on CPU 25 % of ``MemAvailable`` from ``/proc/meminfo`` (or
   :data:`FALLBACK_CPU_BUDGET_BYTES` when that file cannot be read, e.g. on macOS or Windows).
-* **Choice.** ``k = min(budget // per_sample, max_batch)``; any integer, not only powers of two. When one sample
-  alone does not fit the budget, :class:`~SegExplainLib.errors.SegExplainError` says how much it needs and what to
-  do, instead of running out of memory later.
+* **Choice.** ``k = min(budget // per_sample, max_batch)``, at least 1; any integer, not only powers of two. The
+  probe is exactly one input's forward and backward pass, what a plain gradient costs, and never more; so is
+  ``k = 1``. The budget chooses how many inputs share a pass beyond that, it does not forbid the method: an input
+  that alone needs more than the budget runs one at a time, like a gradient of it (issues 18 and 22).
 
 Speed note (measured on a 2-core CPU with ``bench/bench_engine.py``): IG on a ``(1, 6, 19, 48, 48)`` input was
 fastest with an internal batch of 2 (batch 2 already takes PyTorch's fast oneDNN convolutions) and 15-20 % slower at
@@ -93,15 +94,6 @@ def default_memory_budget(device: torch.device) -> int:
     if available is None:
         return FALLBACK_CPU_BUDGET_BYTES
     return max(1, int(CPU_BUDGET_FRACTION * available))
-
-
-def readable_bytes(count: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``: a size in the largest binary unit that keeps it at 1 or more."""
-    for unit in ("B", "KiB", "MiB"):
-        if abs(count) < 1024:
-            return f"{count:.3g} {unit}"
-        count /= 1024
-    return f"{count:.3g} GiB"
 
 
 def _status_bytes(field: str) -> int:
@@ -177,7 +169,8 @@ def choose_internal_batch_size(
     memory_budget_bytes: int | None,
     max_batch: int = 16,
 ) -> int:
-    """Largest batch ``k`` in ``[1, max_batch]`` whose estimated forward+backward memory fits the budget.
+    """Largest batch ``k`` in ``[1, max_batch]`` whose estimated forward+backward memory fits the budget (1 when
+    even one input does not: one input's pass is a gradient's, which the budget does not forbid).
 
     Args:
         model: The network (eval mode).
@@ -190,13 +183,4 @@ def choose_internal_batch_size(
         raise SegExplainError(f"max_batch must be an integer >= 1, got {max_batch!r}")
     per_sample = estimate_sample_bytes(model, sample)
     budget = memory_budget_bytes if memory_budget_bytes is not None else default_memory_budget(sample.device)
-    if per_sample > budget:
-        stated = "the memory_budget_bytes given" if memory_budget_bytes is not None else (
-            "the default budget (half the free GPU memory)" if sample.device.type == "cuda" else
-            "the default budget (a quarter of the available memory)")
-        raise SegExplainError(
-            f"one input of shape {tuple(sample.shape[1:])} needs about {readable_bytes(per_sample)} for a forward "
-            f"and backward pass of the model, more than {stated}, {readable_bytes(budget)}: give a larger "
-            "memory_budget_bytes if the machine has it, explain a smaller crop, run the network by patches "
-            "(patch_size in the model card), or use a GPU")
-    return int(min(max_batch, budget // per_sample))
+    return int(max(1, min(max_batch, budget // per_sample)))

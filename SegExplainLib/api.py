@@ -260,7 +260,7 @@ def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.
                         logits = model(x)
                 else:  # the region is read from the prediction: the whole volume, stored for the next explanation
                     logits = model.whole_volume(x)
-            except RuntimeError as error:
+            except (RuntimeError, ValueError) as error:  # torch reports shapes a layer cannot take as either
                 first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
                 msg = f"the model failed on an image of shape {tuple(image_tensor.shape)}: {first_line}"
                 raise SegExplainError(msg) from None

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -260,12 +261,16 @@ def run_review(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
+    # closing the terminal (SIGHUP) or a plain kill (SIGTERM) ends the app like Ctrl+C, so its temporary files go
+    for ending in (getattr(signal, "SIGHUP", None), signal.SIGTERM):
+        if ending is not None:
+            signal.signal(ending, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="segexplain-review-") as folder:
         if args.case is None:
             sequences, label = write_demo_case(folder)
             case = ReviewCase(model, tuple(sequences), label)
         elif Path(args.case).is_file():
-            case = ReviewCase.fromFile(args.case, model, folder)
+            case = ReviewCase.fromFile(args.case, model)  # in memory: no copy of the images on disk
         else:
             case = ReviewCase.fromFolder(args.case, model)
         try:

@@ -212,7 +212,7 @@ class UNet3D(nn.Module):
             Logits ``(N, out_channels, *spatial)``, same spatial size as ``x``.
 
         Raises:
-            SegExplainError: ``x`` has the wrong number of axes or channels.
+            SegExplainError: ``x`` has the wrong number of axes or channels, or is too small for instance norm.
         """
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise SegExplainError(
@@ -220,6 +220,12 @@ class UNet3D(nn.Module):
                 f"{', '.join(['S'] * self.spatial_dims)}) expected by this model"
             )
         size = tuple(x.shape[2:])
+        # instance norm needs two voxels to normalise; the deepest level holds ceil(s / divisor) voxels per axis
+        if self.norm == "instance" and all(s <= self.divisor for s in size):
+            raise SegExplainError(
+                f"input of spatial size {size} is too small for this U-Net (depth {self.depth}, instance norm): "
+                f"expected at least one axis longer than {self.divisor} voxels"
+            )
         # F.pad lists (before, after) pairs starting from the last axis.
         padding = [amount for s in reversed(size) for amount in (0, -s % self.divisor)]
         padded = any(padding)

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import logging
 import socket
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,6 +81,9 @@ def start_ray(address: str | None = None) -> bool:
     ray = import_ray()
     if address is not None:
         check_address(address)
+        # the workers there read the cases' images, the model and its code: the user should know where they go
+        print(f"note: the case images, the model and its options are sent to the Ray cluster at {address}; anyone "
+              "who controls that cluster can read them (see docs/security.md)", file=sys.stderr, flush=True)
     if ray.is_initialized():
         return False
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False,

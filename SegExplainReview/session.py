@@ -24,6 +24,8 @@ from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplain
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
     WRITE_SUFFIXES,
+    Geometry,
+    check_self_contained,
     image_stem,
     match_names,
     read_geometry,
@@ -52,6 +54,14 @@ def _what(model: ModelSource) -> str:
 
 
 @dataclass(frozen=True)
+class CaseVolume:
+    """A volume of the case held in memory, never written to disk: voxels (D, H, W) on a grid."""
+
+    array: np.ndarray
+    geometry: Geometry
+
+
+@dataclass(frozen=True)
 class ReviewCase:
     """The files of one case: one per sequence of the model, in its order, and an optional label map.
 
@@ -61,8 +71,8 @@ class ReviewCase:
     """
 
     model: ModelSource
-    sequences: tuple[Path, ...]
-    label: Path | None = None
+    sequences: tuple[Path | CaseVolume, ...]
+    label: Path | CaseVolume | None = None
     trustModelCode: bool = False
 
     def __post_init__(self) -> None:
@@ -74,10 +84,11 @@ class ReviewCase:
         return self.model.sequenceNames()
 
     @classmethod
-    def fromFile(cls, path: str | Path, model: str | ModelSource, folder: str | Path) -> ReviewCase:
+    def fromFile(cls, path: str | Path, model: str | ModelSource) -> ReviewCase:
         """A case in one multi-channel file (4D, or vector pixels), one channel per sequence of the model in its order.
 
-        The channels are written to ``folder`` as one NRRD file per sequence, which the scene then loads.
+        The channels are kept in memory (:class:`CaseVolume`): no copy of the patient's images is written anywhere,
+        so nothing is left behind however the server ends.
 
         Raises:
             SegExplainError: Not readable as an image, or a channel count other than the model's sequence count.
@@ -88,9 +99,7 @@ class ReviewCase:
         if len(image) != len(names):
             raise SegExplainError(f"{str(path)!r} has {len(image)} channels; the {_what(model)}'s sequences are "
                                   f"{', '.join(names)} ({len(names)})")
-        paths = tuple(write_volume(channel, geometry, Path(folder) / f"{fileSafe(name)}.nrrd")
-                      for channel, name in zip(image, names))
-        return cls(model, paths)
+        return cls(model, tuple(CaseVolume(channel, geometry) for channel in image))
 
     @classmethod
     def fromFolder(cls, folder: str | Path, model: str | ModelSource) -> ReviewCase:
@@ -155,7 +164,9 @@ class ReviewSession:
         if len(case.sequences) != len(self.names):
             raise SegExplainError(f"{len(case.sequences)} sequence files for the model's {len(self.names)} "
                                   f"sequences ({', '.join(self.names)})")
-        read_sequences(case.sequences)  # one clear message when the files do not share a grid
+        files = [source for source in case.sequences if not isinstance(source, CaseVolume)]
+        if files:
+            read_sequences(files)  # one clear message when the files do not share a grid
         self.volumes = [self._addVolume(path, name) for path, name in zip(case.sequences, self.names)]
         self.segmentation = self._addSegmentation(case.label, "label") if case.label else None
         self.clickedPoints = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "SegExplain click")
@@ -172,7 +183,9 @@ class ReviewSession:
 
     # case -----------------------------------------------------------------------------------------------------
 
-    def _addVolume(self, path: Path, name: str) -> Any:
+    def _addVolume(self, path: Path | CaseVolume, name: str) -> Any:
+        if isinstance(path, CaseVolume):
+            return slicer.util.addVolumeFromArray(path.array, path.geometry.ijk_to_ras, name)
         node = self.app.volumes_logic.AddArchetypeVolume(str(path), name, 0)
         if node is None:
             raise SegExplainError(f"could not load {str(path)!r} as a volume")
@@ -212,15 +225,17 @@ class ReviewSession:
     def addFile(self, fileName: str, content: bytes) -> str:
         """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
 
-        The file is checked from its header (the case's grid, at most :data:`~SegExplainLib.imaging.MAX_VOXELS`
-        voxels) before any voxel is decoded.
+        The file is checked from its header (a single file holding its voxels, on the case's grid, at most
+        :data:`~SegExplainLib.imaging.MAX_VOXELS` voxels) before any voxel is decoded: a header that names another
+        file (a MetaImage ``ElementDataFile``, an NRRD ``data file``) is refused before anything opens that file.
 
         Returns:
             What was done, for the page.
 
         Raises:
-            SegExplainError: A name without an image ending, a file over ``maxUploadBytes``, a file that is no image,
-                or one off the input grid. The message names ``fileName``, never the server's temporary copy.
+            SegExplainError: A name without an image ending, a file over ``maxUploadBytes``, a file that is no image
+                or not self-contained, or one off the input grid. The message names ``fileName``, never the server's
+                temporary copy.
         """
         stem = image_stem(Path(fileName).name)
         if not stem:
@@ -232,6 +247,7 @@ class ReviewSession:
             path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
             try:
                 path.write_bytes(content)
+                check_self_contained(path)  # a header naming a server file would have ITK read it, or say it is absent
                 return self._addFile(path, stem, fileName)
             except Exception as error:  # noqa: BLE001 - any failure reaches the page, without the server's paths
                 if not isinstance(error, SegExplainError):

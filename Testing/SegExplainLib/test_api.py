@@ -137,6 +137,13 @@ def test_a_model_that_does_not_return_a_volume(image):
         sx.explain(FlatOutput(), image, TARGET)
 
 
+def test_a_layer_that_refuses_the_image_size_is_one_line_naming_the_shape():
+    """torch reports an image too small for a layer as a ValueError (instance norm of one voxel)."""
+    with pytest.raises(SegExplainError, match=r"^the model failed on an image of shape \(2, 1, 1, 1\): Expected more "
+                                              r"than 1 spatial element"):
+        sx.explain(nn.InstanceNorm3d(2), np.ones((2, 1, 1, 1), np.float32), sx.BoxTarget((0, 0, 0), (1, 1, 1)))
+
+
 def test_target_outside_the_grid_and_bad_class(model, image):
     with pytest.raises(SegExplainError, match="outside the output grid"):
         sx.explain(model, image, sx.BoxTarget((0, 0, 0), (7, 2, 2)))

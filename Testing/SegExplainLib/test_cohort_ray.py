@@ -114,6 +114,15 @@ def test_an_address_where_no_cluster_runs_is_refused_at_once(cases, capsys):
     assert f"no Ray cluster answers at --address '127.0.0.1:{port}'" in capsys.readouterr().err
 
 
+def test_a_cluster_given_by_address_is_named_as_where_the_images_go(local_ray, capsys):
+    address = local_ray.get_runtime_context().gcs_address
+    assert raycohort.start_ray(address) is False  # the Ray of this process is used as it is
+    assert capsys.readouterr().err == (f"note: the case images, the model and its options are sent to the Ray cluster "
+                                       f"at {address}; anyone who controls that cluster can read them (see "
+                                       f"docs/security.md)\n")
+    assert raycohort.start_ray() is False and capsys.readouterr().err == ""  # a local Ray: nothing leaves the machine
+
+
 def test_request_options_survive_the_way_to_the_workers():
     from SegExplainLib.worker import _model_parser, _request_parser
 
@@ -140,7 +149,8 @@ def test_two_workers_write_the_serial_cohort(cases, serial, local_ray, capsys):
     assert failures == json.loads((serial / "failures.json").read_text())
     assert list(failures) == ["missing_sequence", "too_small"]
     assert "6 sequence names given for 5 image channels" in failures["missing_sequence"]
-    assert failures["too_small"].startswith("ValueError: ")
+    assert failures["too_small"].startswith("SegExplainError: the model failed on an image of shape (6, 1, 3, 3): input "
+                                            "of spatial size (1, 3, 3) is too small for this U-Net")
     ray_rows, serial_rows = table(output / "cohort.csv"), table(serial / "cohort.csv")
     assert [(r["case"], r["sequence"]) for r in ray_rows] == [(r["case"], r["sequence"]) for r in serial_rows]
     assert_same_json(ray_rows, serial_rows)

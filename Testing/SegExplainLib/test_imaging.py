@@ -6,6 +6,7 @@ SimpleITK itself is the oracle: files are written and read back with it, and ind
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from SegExplainLib.imaging import (
     MAX_VOXELS,
     Geometry,
     box_to_index,
+    check_self_contained,
     index_to_physical,
     physical_to_index,
     read_geometry,
@@ -466,3 +468,43 @@ def test_geometry_from_ijk_to_ras_places_voxels_where_the_matrix_does():
         np.testing.assert_allclose(index_to_physical(ijk[::-1], geometry, frame="ras"), expected, atol=1e-9)
     with pytest.raises(SegExplainError, match="4x4 matrix, got shape \\(3, 3\\)"):
         Geometry.from_ijk_to_ras(np.eye(3), (1, 1, 1))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_nan_and_inf_voxels_are_refused_naming_the_file_in_every_format(tmp_path, suffix):
+    """NIfTI's reader turns NaN and Inf into 0, so for .nii(.gz) they are counted in the file's raw data."""
+    volume = np.ones((3, 4, 5), np.float32)
+    volume[1, 2, 3], volume[0, 0, 0] = np.nan, -np.inf
+    path = tmp_path / f"t2{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(path))
+    with pytest.raises(SegExplainError, match=rf"^sequence file '{re.escape(str(path))}' has 2 NaN/Inf voxels; "
+                                              r"expected finite values \(clean or mask them first\)$"):
+        read_sequences([path])
+    with pytest.raises(SegExplainError, match=r"^label file .* has 2 NaN/Inf voxels"):
+        read_label(path, read_geometry(path))
+    sitk.WriteImage(sitk.GetImageFromArray(np.nan_to_num(volume, posinf=0, neginf=0).astype(np.float64)), str(path))
+    np.testing.assert_array_equal(read_sequences([path])[0][0], np.nan_to_num(volume, posinf=0, neginf=0))
+
+
+def test_only_files_that_hold_their_own_voxels_are_self_contained(tmp_path):
+    volume = sitk.GetImageFromArray(np.ones((3, 4, 5), np.float32))
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        sitk.WriteImage(volume, str(tmp_path / f"own{suffix}"))
+        check_self_contained(tmp_path / f"own{suffix}")
+    sitk.WriteImage(volume, str(tmp_path / "pair.hdr"))  # NIfTI header (ni1) beside pair.img
+    (tmp_path / "pair.nii.gz").write_bytes(gzip.compress((tmp_path / "pair.hdr").read_bytes()))
+    sitk.WriteImage(volume, str(tmp_path / "detached.mhd"))  # ElementDataFile = detached.raw
+    sitk.WriteImage(volume, str(tmp_path / "detached.nhdr"))  # data file: detached.raw
+    (tmp_path / "other.nii").write_bytes(b"P5 5 4 255\n" + bytes(20))  # not a format SegExplain knows
+    for name in ("pair.hdr", "pair.nii.gz", "detached.mhd", "detached.nhdr", "other.nii"):
+        with pytest.raises(SegExplainError, match=rf"^image file '.*{re.escape(name)}' is not a single file holding "
+                                                  r"its voxels \(its header names another file"):
+            check_self_contained(tmp_path / name)
+
+
+def test_ijk_to_ras_is_the_inverse_of_from_ijk_to_ras():
+    matrix = np.array([[-0.7, 0.2, 0.0, 12.0], [-0.2, -0.7, 0.0, -30.0], [0.0, 0.0, 3.0, 5.0], [0, 0, 0, 1.0]])
+    geometry = Geometry.from_ijk_to_ras(matrix, (10, 12, 4))
+    np.testing.assert_allclose(geometry.ijk_to_ras, matrix, atol=1e-12)
+    ras = geometry.ijk_to_ras @ np.array([3, 5, 2, 1.0])
+    np.testing.assert_allclose(index_to_physical((2, 5, 3), geometry, frame="ras"), ras[:3], atol=1e-9)

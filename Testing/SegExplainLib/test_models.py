@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from typing import Any
 
 import pytest
@@ -367,3 +368,16 @@ def test_unknown_override_raises() -> None:
 def test_bad_input_shape_raises(shape: tuple[int, ...], match: str) -> None:
     with pytest.raises(SegExplainError, match=match):
         tiny_unet()(torch.randn(*shape))
+
+
+def test_an_input_too_small_for_instance_norm_names_its_size_and_the_smallest() -> None:
+    """A 1x1x1 image reached instance norm at the deepest level as one voxel (a raw torch ValueError)."""
+    model = UNet3D(in_channels=1, out_channels=2, base_channels=4, depth=3, norm="instance")
+    for size in ((1, 1, 1), (4, 4, 4)):
+        with pytest.raises(SegExplainError, match=rf"^input of spatial size {re.escape(str(size))} is too small for "
+                                                  r"this U-Net \(depth 3, instance norm\): expected at least one "
+                                                  r"axis longer than 4 voxels$"):
+            model(torch.randn(1, 1, *size))
+    assert model(torch.randn(1, 1, 1, 5, 1)).shape == (1, 2, 1, 5, 1)  # the smallest it takes
+    assert UNet3D(in_channels=1, out_channels=2, depth=3, norm="batch").eval()(torch.randn(1, 1, 1, 1, 1)).shape == (
+        1, 2, 1, 1, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -12,7 +13,9 @@ from urllib.parse import parse_qs, urlparse
 
 import aiohttp
 import msgpack
+import numpy as np
 import pytest
+import SimpleITK as sitk
 from wslink.chunking import UnChunker, generate_chunks
 
 from SegExplainLib import cli
@@ -164,3 +167,25 @@ def test_the_page_reloads_without_the_token_in_its_address(server, browser):
     browser.navigate(server.url.split("?")[0])
     browser.waitFor(f"!window.loadedBefore && {ready}", timeout=60)
     assert token(server) not in browser.evaluate("window.location.href")
+
+
+@pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGHUP])
+def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending):
+    """The sequences of a 4D case were written as NRRD files to the temporary folder, and stayed after SIGKILL or
+    SIGHUP (closing the terminal); they are now kept in memory."""
+    from conftest import Server
+
+    from SegExplainLib.demo import make_case
+
+    image, _ = make_case(1001)
+    stacked = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)
+    stacked.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(stacked, str(tmp_path / "case.nrrd"))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    server = Server(str(tmp_path / "case.nrrd"))
+    server.process.send_signal(ending)
+    server.process.wait(30)
+    written = [p.relative_to(temporary) for p in temporary.rglob("*") if p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
+    assert written == [], written

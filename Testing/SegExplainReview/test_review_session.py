@@ -79,7 +79,7 @@ def test_point_region_needs_a_click_inside_the_volume(session):
 
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("notes.txt", b"hello", "not an image file"),
-    ("T2.nii.gz", b"\x00" * 100, "could not read .*T2.nii.gz"),
+    ("T2.nii.gz", b"\x00" * 100, "'T2.nii.gz' is not a single file holding its voxels"),
     ("label.nrrd", b"NRRD0004\ngarbage", "label.nrrd"),
 ])
 def test_bad_uploads_are_refused_without_server_paths(session, name, content, message):
@@ -89,6 +89,39 @@ def test_bad_uploads_are_refused_without_server_paths(session, name, content, me
         session.addFile(name, content)
     assert [v.GetID() for v in session.volumes] == before
     assert tempfile.gettempdir() not in str(refused.value) and "segexplain-upload" not in str(refused.value)
+
+
+def detachedHeaders(dataFile: str, size: tuple[int, ...], spacing: tuple[float, ...]) -> dict[str, bytes]:
+    """A MetaImage and two NRRD headers of float32 voxels on a grid (origin 0, LPS identity) that are in ``dataFile``."""
+    sizes, spacings = " ".join(map(str, size)), " ".join(map(str, spacing))
+    nrrd = (f"NRRD0004\ntype: float\ndimension: 3\nsizes: {sizes}\nencoding: raw\nendian: little\n"
+            f"space: left-posterior-superior\nspace origin: (0,0,0)\nspace directions: ({spacing[0]},0,0) "
+            f"(0,{spacing[1]},0) (0,0,{spacing[2]})\n")
+    return {"T2.mha": (f"ObjectType = Image\nNDims = 3\nDimSize = {sizes}\nElementSpacing = {spacings}\n"
+                       f"ElementType = MET_FLOAT\nElementDataFile = {dataFile}\n").encode(),
+            "T2.nrrd": f"{nrrd}data file: {dataFile}\n\n".encode(),
+            "second_opinion.nrrd": f"{nrrd}datafile: {dataFile}\n\n".encode()}
+
+
+def test_an_upload_whose_header_names_another_file_is_refused(session, caseFolder, tmp_path):
+    """Such a header had ITK read a file of the server (accepted as a sequence), or report that it is absent."""
+    geometry = session.volumes[0].GetImageData().GetDimensions()
+    serverFile = tmp_path / "server-file.raw"
+    serverFile.write_bytes(np.ones(int(np.prod(geometry)), np.float32).tobytes())
+    before = [v.GetID() for v in session.volumes]
+    relative = "../" * 8 + str(serverFile).lstrip("/")  # from the server's upload folder
+    for dataFile in (str(serverFile), relative, str(tmp_path / "absent.raw")):
+        for name, content in detachedHeaders(dataFile, geometry, session.volumes[0].GetSpacing()).items():
+            with pytest.raises(SegExplainError) as refused:
+                session.addFile(name, content)
+            assert str(refused.value) == (f"image file {name!r} is not a single file holding its voxels (its header "
+                                          f"names another file, or its format is not known); expected NIfTI, NRRD or "
+                                          f"MetaImage with the voxels inside"), dataFile
+    assert [v.GetID() for v in session.volumes] == before
+    image = sitk.ReadImage(str(caseFolder / "T2.nii.gz"))  # the voxels inside the same formats: accepted
+    for suffix in (".mha", ".nrrd"):
+        sitk.WriteImage(image, str(tmp_path / f"T2{suffix}"))
+        assert "replaced sequence T2" in session.addFile(f"T2{suffix}", (tmp_path / f"T2{suffix}").read_bytes())
 
 
 def gzipBomb(size: tuple[int, int, int]) -> bytes:
@@ -251,14 +284,15 @@ def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
     stacked = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)
     stacked.SetSpacing((1.0, 1.0, 2.0))
     sitk.WriteImage(stacked, str(tmp_path / "case.nrrd"))
-    case = ReviewCase.fromFile(tmp_path / "case.nrrd", str(demo_card_path()), tmp_path)
-    assert [p.name for p in case.sequences] == [f"{n}.nrrd" for n in SEQUENCE_NAMES]
-    split, geometry = read_sequences(case.sequences)
-    np.testing.assert_array_equal(split, image)
-    assert geometry.spacing == (1.0, 1.0, 2.0)
+    before = sorted(tmp_path.iterdir())
+    case = ReviewCase.fromFile(tmp_path / "case.nrrd", str(demo_card_path()))
+    assert sorted(tmp_path.iterdir()) == before  # in memory: no copy of the patient's images on disk
+    np.testing.assert_array_equal(np.stack([volume.array for volume in case.sequences]), image)
+    assert {volume.geometry for volume in case.sequences} == {read_sequences([tmp_path / "case.nrrd"])[1]}
+    assert case.sequences[0].geometry.spacing == (1.0, 1.0, 2.0)
     sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(image[:2], 0, -1), isVector=True), str(tmp_path / "two.nrrd"))
     with pytest.raises(SegExplainError, match="has 2 channels; the model card's sequences are T2, T1"):
-        ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()), tmp_path)
+        ReviewCase.fromFile(tmp_path / "two.nrrd", str(demo_card_path()))
 
 
 def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
