@@ -443,7 +443,7 @@ def serve(inputs: int, outputs: int) -> None:
                 raise KeyboardInterrupt
             if operation == "load":
                 session = WarmSession(header["model"], trust_code=bool(header.get("trust_code")))
-                record = {"sequences": session.sequences, "model": session.description, "pid": os.getpid()}
+                record = {"sequences": session.sequences, "model": session.description}
                 answer = ({"state": "done", "record": record}, {})
             elif session is None:
                 raise SegExplainError("no model loaded")
