@@ -8,11 +8,20 @@ explanation requests. A request is the region and method options of ``segexplain
 parser with the same errors. The maps come back on the case's grid with their record.
 
 :class:`Worker` runs a session in a child process (``python -m SegExplainLib.worker``), which a GUI drives without
-blocking. Requests and answers travel over the child's standard input and output as a JSON header followed by raw
-array bytes, so no image file is written. The child ends with its parent (``SegExplainLib._parent_watch``).
+blocking and without threads: Slicer's main thread does not hand the interpreter lock to other Python threads, so
+the host's side is non-blocking reads and writes that the GUI's timer moves (:meth:`Worker.poll`). Requests and
+answers travel over the child's standard input and output as a JSON header followed by the arrays' raw bytes, read
+straight into preallocated arrays, so no image file is written. The child ends with its host
+(``SegExplainLib._parent_watch``).
 
-* Cancel: :meth:`Worker.cancel` interrupts the running request (SIGINT). The child answers ``cancelled`` and stays
-  warm, with its model and case.
+* Launcher: Slicer starts the interpreter through ``PythonSlicer``, a CTK launcher that runs the real interpreter as
+  its own child (sharing its standard streams) and forwards no signal. So nothing is done with signals to the
+  started process: a cancel is a message on the child's input, and the end kills the whole process tree.
+* Cancel: :meth:`Worker.cancel` sends a ``cancel`` message, which the child's input thread acts on while a request
+  runs: the running request is interrupted and answered ``cancelled``, a queued one is not run. The worker stays
+  warm, with its model and case. The same on Linux, macOS and Windows.
+* Close: a ``close`` message and the end of the child's input end it; what still runs after
+  :data:`CLOSE_GRACE_S` is killed with its process tree (POSIX: its process group; Windows: ``taskkill /T``).
 * Crash: when the child dies, every pending request fails with the reason, and :meth:`Worker.restart` starts a fresh
   child with the same model and case.
 
@@ -25,19 +34,25 @@ Example:
 
 from __future__ import annotations
 
+import _thread
 import argparse
+import contextlib
 import itertools
 import json
+import math
 import os
 import queue
+import select
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +64,21 @@ from .errors import SegExplainError
 __all__ = ["Answer", "WarmSession", "Worker"]
 
 _HEADER = struct.Struct("<Q")
+#: Most bytes given to one write: a pipe takes what fits, the rest waits for the next write.
+_PIECE = 1 << 20
+#: Seconds a closing worker is given before its process tree is killed; also the child's grace after its input ends.
+CLOSE_GRACE_S = 2.0
+_CLOSE_WAIT_S = CLOSE_GRACE_S
+#: Seconds a message under way may pause before a poll returns (the rest comes at the next one).
+_FLOW_WAIT_S = 0.02
+#: Longest single wait of :meth:`Worker.wait`, so that a launcher's end is noticed even while its child holds the pipes.
+_LONGEST_WAIT_S = 0.5
+#: Windows cannot wait on a pipe (select takes sockets only): it checks again after this long.
+_WINDOWS_WAIT_S = 0.005
+#: What the child is doing for each request, as its progress events name it.
+_STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining"}
+_WINDOWS_NEW_PROCESS_GROUP = 0x00000200
+_WINDOWS_NO_WINDOW = 0x08000000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -197,36 +227,129 @@ class Answer:
     seconds: float = 0.0
 
 
-def _send(stream: IO[bytes], header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-    arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
-    header = {**header, "arrays": [{"name": k, "dtype": v.dtype.str, "shape": list(v.shape)} for k, v in arrays.items()]}
-    text = json.dumps(header, default=str).encode()
-    stream.write(_HEADER.pack(len(text)) + text)
-    for array in arrays.values():
-        stream.write(array.tobytes())
-    stream.flush()
+class _Outbox:
+    """Messages to write to a pipe: an 8-byte length, the JSON header, then each array's raw bytes.
+
+    The arrays are written from their own memory (no copy). On a non-blocking descriptor :meth:`write` writes what the
+    pipe takes now and keeps the rest for a later call; on a blocking one it writes everything.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._views: deque[memoryview] = deque()
+
+    @property
+    def pending(self) -> bool:
+        """Bytes are left to write."""
+        return bool(self._views)
+
+    def put(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
+        header = {**header, "arrays": [{"name": k, "dtype": v.dtype.str, "shape": list(v.shape)}
+                                       for k, v in arrays.items()]}
+        text = json.dumps(header, default=str).encode()
+        self._views.append(memoryview(_HEADER.pack(len(text)) + text))
+        self._views.extend(memoryview(v.reshape(-1).view(np.uint8)) for v in arrays.values() if v.nbytes)
+
+    def write(self) -> int:
+        """Write what the pipe takes; the number of bytes written.
+
+        Raises:
+            OSError: The reader is gone (``BrokenPipeError``).
+        """
+        written = 0
+        while self._views:
+            try:
+                count = os.write(self.fd, self._views[0][:_PIECE])
+            except BlockingIOError:
+                break
+            written += count
+            if count == len(self._views[0]):
+                self._views.popleft()
+            else:
+                self._views[0] = self._views[0][count:]
+        return written
+
+    def clear(self) -> None:
+        self._views.clear()
 
 
-def _read_exactly(stream: IO[bytes], count: int) -> bytes:
-    chunks, left = [], count
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            raise EOFError("the stream ended")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+class _Inbox:
+    """Messages read from a pipe as their bytes come, each handed to ``on_message(header, arrays)`` when complete.
+
+    An array's bytes are read straight into the array, preallocated from the header, in pieces as large as the pipe
+    gives (no chunk list, no copy). On a non-blocking descriptor :meth:`read` reads what the pipe holds now; on a
+    blocking one it reads until the stream ends.
+    """
+
+    def __init__(self, fd: int, on_message: Callable[[dict[str, Any], dict[str, np.ndarray]], None]) -> None:
+        self.fd, self.on_message = fd, on_message
+        self.ended = False
+        self._expect(bytearray(_HEADER.size), self._length)
+
+    @property
+    def partial(self) -> bool:
+        """A message has begun and not ended."""
+        return self._filled > 0 or self._then != self._length
+
+    def read(self) -> int:
+        """Read what the pipe holds (see above); the number of bytes read. At the end of the stream, :attr:`ended`."""
+        count = total = 0
+        while not self.ended:
+            view = self._view[self._filled:]
+            try:
+                count = _read_into(self.fd, view) if view else 0
+            except BlockingIOError:
+                break
+            except OSError:  # e.g. the descriptor was closed by a restart
+                count = 0
+            if view and not count:
+                self.ended = True
+                break
+            total, self._filled = total + count, self._filled + count
+            if self._filled == len(self._view):
+                self._then()
+        return total
+
+    def _expect(self, buffer: Any, then: Callable[[], None]) -> None:
+        self._buffer, self._view, self._filled, self._then = buffer, memoryview(buffer).cast("B"), 0, then
+
+    def _length(self) -> None:
+        (length,) = _HEADER.unpack(self._buffer)
+        self._expect(bytearray(length), self._header)
+
+    def _header(self) -> None:
+        header = json.loads(self._buffer)
+        arrays = {spec["name"]: np.empty(spec["shape"], np.dtype(spec["dtype"])) for spec in header.pop("arrays", [])}
+        self._message, self._arrays = (header, arrays), iter(arrays.values())
+        self._next_array()
+
+    def _next_array(self) -> None:
+        array = next(self._arrays, None)
+        if array is None:
+            self._expect(bytearray(_HEADER.size), self._length)
+            self.on_message(*self._message)
+        elif array.nbytes == 0:
+            self._next_array()
+        else:
+            self._expect(array.reshape(-1).view(np.uint8), self._next_array)
 
 
-def _receive(stream: IO[bytes]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    (length,) = _HEADER.unpack(_read_exactly(stream, _HEADER.size))
-    header = json.loads(_read_exactly(stream, length))
-    arrays = {}
-    for spec in header.pop("arrays", []):
-        dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
-        arrays[spec["name"]] = np.frombuffer(_read_exactly(stream, dtype.itemsize * int(np.prod(shape))),
-                                             dtype=dtype).reshape(shape)
-    return header, arrays
+def _read_into(fd: int, view: memoryview) -> int:
+    """Read into ``view``; the number of bytes read (0 at the end of the stream)."""
+    if hasattr(os, "readv"):
+        return os.readv(fd, [view])
+    data = os.read(fd, len(view))  # Windows has no readv: one copy
+    view[:len(data)] = data
+    return len(data)
+
+
+def _wait_ready(readable: int, writable: int | None, timeout: float) -> None:
+    """Block until ``readable`` has bytes or ``writable`` takes some, for at most ``timeout`` seconds."""
+    if os.name == "nt":  # select works on sockets only there: a short sleep instead
+        time.sleep(min(timeout, _WINDOWS_WAIT_S))
+        return
+    select.select([readable], [] if writable is None else [writable], [], max(timeout, 0.0))
 
 
 def _one_line(error: BaseException) -> str:
@@ -234,41 +357,100 @@ def _one_line(error: BaseException) -> str:
     return text if isinstance(error, SegExplainError) else f"{type(error).__name__}: {text}"
 
 
-def serve(inputs: IO[bytes], outputs: IO[bytes]) -> None:
-    """The child's loop: answer requests until ``close`` or the end of the input stream."""
+class _Control:
+    """The child's control of its requests, fed by the thread that reads its input.
+
+    ``cancel`` messages act at once: the running request is interrupted in the main thread (``KeyboardInterrupt``,
+    through :func:`_thread.interrupt_main`: no OS signal, so the same on every system), a queued one is answered
+    ``cancelled`` without running. The end of the input (the host closed or ended) interrupts the running request, and
+    ends the process if the request does not stop within :data:`CLOSE_GRACE_S`.
+    """
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.running: int | None = None
+        self.stopping: int | None = None
+        self.cancelled: set[int] = set()
+        self.closing = threading.Event()
+
+    def receive(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if header.get("op") == "cancel":
+            self.cancel(header.get("target"))
+        elif header.get("op") == "close":
+            self.close()
+        else:
+            self.requests.put((header, arrays))
+
+    def close(self) -> None:
+        """Stop the running request and let no queued one start."""
+        self.closing.set()
+        self.cancel(None)
+        self.requests.put(None)
+
+    def cancel(self, target: int | None) -> None:
+        """Interrupt ``target`` if it runs (None: whatever runs), or answer it ``cancelled`` when its turn comes."""
+        with self.lock:
+            if self.running is not None and target in (None, self.running):
+                self.stopping = self.running
+                _thread.interrupt_main(signal.SIGINT)
+            elif target is not None:
+                self.cancelled.add(target)
+
+    def begin(self, number: int) -> bool:
+        """Mark ``number`` running; False when it was cancelled while queued, or the worker closes."""
+        with self.lock:
+            if number in self.cancelled or self.closing.is_set():
+                self.cancelled.discard(number)
+                return False
+            self.running = number
+            return True
+
+    def interrupt(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - a signal handler's signature
+        # only the request that was cancelled is interrupted, never the next one (the interrupt may come late)
+        if self.stopping is not None and self.stopping == self.running:
+            raise KeyboardInterrupt
+
+    def read_until_end(self, fd: int) -> None:
+        """The input thread: hand every message over, then stop the work when the input ends."""
+        _Inbox(fd, self.receive).read()
+        self.close()
+        time.sleep(CLOSE_GRACE_S)
+        os._exit(0)  # the main thread is deaf to the interrupt (a long native call): the host is gone, so end
+
+
+def serve(inputs: int, outputs: int) -> None:
+    """The child's loop: answer requests from the descriptor ``inputs`` on ``outputs`` until ``close`` or the end of
+    the input; ``cancel`` messages are read and acted on while a request runs (see :class:`_Control`)."""
     from .imaging import Geometry
 
     session: WarmSession | None = None
-    busy = threading.Event()
+    control, out = _Control(), _Outbox(outputs)
 
-    def interrupt(signum, frame):  # noqa: ARG001 - a signal handler's signature
-        if busy.is_set():  # only a running request is cancelled; the worker stays
-            raise KeyboardInterrupt
+    def send(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        out.put(header, arrays)
+        out.write()
 
-    signal.signal(signal.SIGINT, interrupt)
-    while True:
-        try:
-            header, arrays = _receive(inputs)
-        except EOFError:
-            return
+    signal.signal(signal.SIGINT, control.interrupt)
+    threading.Thread(target=control.read_until_end, args=(inputs,), name="segexplain-input", daemon=True).start()
+    while (message := control.requests.get()) is not None:
+        header, arrays = message
         number, operation, started = header.get("request", 0), header.get("op"), time.perf_counter()
-        if operation == "close":
-            return
-        busy.set()
-        try:
+        if operation in _STEPS and number not in control.cancelled:
+            send({"event": "progress", "request": number, "step": _STEPS[operation]})
+        try:  # only in here may the interrupt of a cancel land (it is raised while this request runs)
+            if not control.begin(number):
+                raise KeyboardInterrupt
             if operation == "load":
-                _send(outputs, {"event": "progress", "request": number, "step": "loading model"})
                 session = WarmSession(header["model"], trust_code=bool(header.get("trust_code")))
                 record = {"sequences": session.sequences, "model": session.description}
                 answer = ({"state": "done", "record": record}, {})
             elif session is None:
                 raise SegExplainError("no model loaded")
             elif operation == "case":
-                _send(outputs, {"event": "progress", "request": number, "step": "preparing the case"})
                 record = session.set_case(arrays["image"], Geometry(**header["geometry"]))
                 answer = ({"state": "done", "record": record}, {})
             elif operation == "explain":
-                _send(outputs, {"event": "progress", "request": number, "step": "explaining"})
                 result = session.explain(header["arguments"], mask=arrays.get("mask"))
                 record = {**result.record(), "request_arguments": header["arguments"],
                           "model_arguments": session.model_arguments}  # the command line that reproduces it
@@ -280,21 +462,23 @@ def serve(inputs: IO[bytes], outputs: IO[bytes]) -> None:
         except Exception as error:  # noqa: BLE001 - every failure is an answer; the worker stays
             answer = ({"state": "failed", "error": _one_line(error)}, {})
         finally:
-            busy.clear()
-        _send(outputs, {"event": "answer", "request": number, "seconds": time.perf_counter() - started,
-                        **answer[0]}, answer[1])
+            control.running = None  # a late interrupt must find nothing to stop
+        send({"event": "answer", "request": number, "seconds": time.perf_counter() - started, **answer[0]}, answer[1])
 
 
 class Worker:
-    """A :class:`WarmSession` in a child process, driven without blocking.
+    """A :class:`WarmSession` in a child process, driven without blocking and without threads.
 
-    Every request (:meth:`set_case`, :meth:`explain`) returns its number at once. :meth:`poll` gives progress events
-    and answers as they come (for a GUI timer); :meth:`wait` blocks for one answer (scripts, tests).
+    Every request (:meth:`set_case`, :meth:`explain`) returns its number at once. The bytes move when the owner calls
+    :meth:`poll` (a GUI's timer: Slicer's main thread does not hand the interpreter lock to other threads, so the
+    host starts none) or :meth:`wait` (scripts, tests), which blocks for one answer.
 
     Args:
         model_arguments: The model options of ``segexplain explain``.
         trust_code: ``--trust-model-code``: the user's word, never the model's.
-        python: Interpreter of the child (default: Slicer's ``PythonSlicer`` when there is one, else this one).
+        python: Interpreter of the child (default: Slicer's ``PythonSlicer`` when there is one, else this one). It may
+            be a launcher that runs the real interpreter as its own child (``PythonSlicer`` does): the worker is
+            cancelled through its input and closed with its whole process tree.
     """
 
     def __init__(self, model_arguments: Sequence[str], *, trust_code: bool = False, python: str | None = None) -> None:
@@ -309,11 +493,11 @@ class Worker:
         self._case: tuple[np.ndarray, dict[str, Any]] | None = None
         self._process: subprocess.Popen | None = None
         self._answers: dict[int, Answer] = {}
-        self._events: queue.Queue = queue.Queue()
+        self._events: list[dict[str, Any]] = []
         self._pending: set[int] = set()
-        self._outbox: queue.Queue | None = None
-        self._writer: threading.Thread | None = None
-        self._stderr: list[str] = []
+        self._outbox: _Outbox | None = None
+        self._inbox: _Inbox | None = None
+        self._stderr: IO[bytes] | None = None
         self.load_request = self.case_request = 0
 
     def start(self) -> Worker:
@@ -327,18 +511,17 @@ class Worker:
         environment = dict(os.environ)
         library_root = str(Path(__file__).resolve().parent.parent)
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [library_root, environment.get("PYTHONPATH")]))
-        environment[_parent_watch.PARENT_PID] = str(os.getpid())
+        environment[_parent_watch.PARENT_PID] = str(os.getpid())  # the host, also behind a launcher
+        # the child's last words for a crash report, in a file: a pipe that nobody reads would stall the child
+        self._stderr = tempfile.TemporaryFile(prefix="segexplain-worker-")
         self._process = subprocess.Popen([python, "-m", "SegExplainLib.worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment,
-                                         start_new_session=os.name == "posix")
+                                         stdout=subprocess.PIPE, stderr=self._stderr, env=environment,
+                                         **_tree_options())
+        for stream in (self._process.stdin, self._process.stdout):
+            os.set_blocking(stream.fileno(), False)
         self.state, self.starts = "running", self.starts + 1
-        self._stderr = []
-        process = self._process
-        self._outbox = queue.Queue()
-        self._writer = threading.Thread(target=self._write, args=(process, self._outbox), daemon=True)
-        self._writer.start()
-        threading.Thread(target=self._read_answers, args=(process,), daemon=True).start()
-        threading.Thread(target=self._read_errors, args=(process,), daemon=True).start()
+        self._outbox = _Outbox(self._process.stdin.fileno())
+        self._inbox = _Inbox(self._process.stdout.fileno(), self._received)
         self.load_request = self._request({"op": "load", "model": self.model_arguments,
                                            "trust_code": self.trust_code})
         if self._case is not None:  # a restart brings the case back
@@ -362,43 +545,47 @@ class Worker:
         arrays = {} if mask is None else {"mask": np.asarray(mask, bool)}
         return self._request({"op": "explain", "arguments": [str(a) for a in request_arguments]}, arrays)
 
-    def cancel(self) -> None:
-        """Interrupt the running request; it is answered ``cancelled`` and the worker stays warm."""
-        if self.state == "running" and self._pending:
-            self._process.send_signal(signal.SIGINT)
+    def cancel(self, request: int | None = None) -> None:
+        """Cancel ``request`` (default: the running one) through the child's input, on every system.
 
-    def poll(self) -> list[dict[str, Any]]:
-        """Events since the last call: ``{"event": "progress", "request", "step"}``, ``{"event": "answer", ...}`` and
-        ``{"event": "dead", "error"}`` when the child ended unasked."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        A running request is interrupted, a queued one is not run; either is answered ``cancelled`` and the worker
+        stays warm, with its model and case.
+        """
+        if self.state == "running" and self._pending and (request is None or request in self._pending):
+            # the child runs its requests in order: the oldest unanswered one runs, or is about to
+            self._outbox.put({"op": "cancel", "target": min(self._pending) if request is None else request})
+            self._exchange(time.monotonic())
+
+    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Move the bytes that are ready, and return the events since the last call: ``{"event": "progress",
+        "request", "step"}``, ``{"event": "answer", ...}`` and ``{"event": "dead", "error"}`` when the child ended
+        unasked. A message under way is read to its end (it comes at the speed of memory); ``timeout`` waits that
+        long for a first event."""
+        deadline = time.monotonic() + timeout
+        self._exchange(deadline, until=lambda: bool(self._events))
+        events, self._events = self._events, []
+        return events
 
     def answer(self, request: int) -> Answer | None:
-        """The answer to ``request``, or None while it runs."""
+        """The answer to ``request``, or None while it runs (:meth:`poll` or :meth:`wait` bring the answers in)."""
         return self._answers.get(request)
 
     def wait(self, request: int, timeout: float | None = None) -> Answer:
         """Block until ``request`` is answered; raises SegExplainError when it failed or the worker died."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while request not in self._answers:
-            if deadline is not None and time.monotonic() > deadline:
-                raise SegExplainError(f"request {request} was not answered within {timeout} s")
-            time.sleep(0.002)
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self._exchange(deadline, until=lambda: request in self._answers)
+        if request not in self._answers:
+            raise SegExplainError(f"request {request} was not answered within {timeout} s")
         answer = self._answers[request]
         if answer.state == "failed":
             raise SegExplainError(answer.error)
         return answer
 
     def close(self) -> None:
-        """Ask the child to end, and end it if it does not."""
+        """Ask the child to end, and end its whole process tree if it does not."""
         if self.state == "running":
-            self._outbox.put(({"op": "close"}, None))
-            self._outbox.put(None)
-            self._writer.join(1)
+            self._outbox.put({"op": "close"})
+            self._exchange(time.monotonic() + _CLOSE_WAIT_S, until=lambda: not self._outbox.pending)
         self._end()
         self.state = "closed"
 
@@ -413,64 +600,111 @@ class Worker:
             raise SegExplainError(f"the worker is {self.state}; start or restart it first")
         number = next(self._numbers)
         self._pending.add(number)
-        self._outbox.put(({**header, "request": number}, arrays))
+        self._outbox.put({**header, "request": number}, arrays)
+        self._exchange(time.monotonic())  # what the pipe takes now; the rest at the next poll
         return number
 
-    def _write(self, process: subprocess.Popen, outbox: queue.Queue) -> None:
-        """Send the requests in order from a thread of their own: a case is megabytes, the pipe holds 64 KiB, and the
-        child reads only once it has imported the engine, so a caller (a GUI) must not wait for it."""
-        while (message := outbox.get()) is not None:
+    def _exchange(self, deadline: float, *, until: Callable[[], bool] = lambda: False) -> None:
+        """Write and read without blocking until ``until()`` or ``deadline``. Past the deadline it goes on while bytes
+        flow, so that a message under way (a case, maps) moves in one call instead of one pipe's worth per tick."""
+        while self.state == "running":
             try:
-                _send(process.stdin, *message)
-            except (OSError, ValueError):  # the child ended: the answer reader fails the pending requests
+                moved = self._outbox.write()
+            except OSError:  # the child is gone: the end of its output tells the rest
+                self._outbox.clear()
+                moved = 0
+            moved += self._inbox.read()
+            if self._inbox.ended or self._process.poll() is not None:
+                self._died()
                 return
+            if until():
+                return
+            flowing = moved and (self._inbox.partial or self._outbox.pending)
+            left = deadline - time.monotonic()
+            if left <= 0 and not flowing:
+                return
+            _wait_ready(self._inbox.fd, self._outbox.fd if self._outbox.pending else None,
+                        min(left, _LONGEST_WAIT_S) if left > 0 else _FLOW_WAIT_S)
+
+    def _received(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if header.get("event") == "answer":
+            answer = Answer(header["request"], header["state"], header.get("record", {}), arrays.get("maps"),
+                            header.get("error", ""), header.get("seconds", 0.0))
+            if header["request"] == self.load_request and answer.state == "done":
+                self.sequences = list(answer.record.get("sequences", []))
+            self._answers[answer.request] = answer
+            self._pending.discard(answer.request)
+        self._events.append(header)
 
     def _end(self) -> None:
-        if self._outbox is not None:
-            self._outbox.put(None)  # the writer of this child stops
+        """End the child's process tree: wait a moment for a child asked to close, then kill the tree."""
         process = self._process
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is None:
+            return
+        for stream in (process.stdin, process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()  # the end of its input ends the child (see _Control)
+        try:
+            process.wait(_CLOSE_WAIT_S if self.state == "running" else 0)
+        except subprocess.TimeoutExpired:
+            pass
+        _kill_tree(process)  # also what a launcher left behind: the real interpreter, its child
+        process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
 
-    def _read_answers(self, process: subprocess.Popen) -> None:
-        while True:
-            try:
-                header, arrays = _receive(process.stdout)
-            except (EOFError, OSError, ValueError):
-                break
-            if header.get("event") == "answer":
-                answer = Answer(header["request"], header["state"], header.get("record", {}), arrays.get("maps"),
-                                header.get("error", ""), header.get("seconds", 0.0))
-                if header["request"] == self.load_request and answer.state == "done":
-                    self.sequences = list(answer.record.get("sequences", []))
-                self._answers[answer.request] = answer
-                self._pending.discard(answer.request)
-            self._events.put(header)
-        if process is self._process and self.state == "running":
-            process.wait()
-            self._died()
-
-    def _read_errors(self, process: subprocess.Popen) -> None:
-        for line in process.stderr:
-            self._stderr.append(line.decode(errors="replace").rstrip())
-            del self._stderr[:-50]
+    def _last_words(self) -> str:
+        if self._stderr is None:
+            return ""
+        self._stderr.seek(0, os.SEEK_END)
+        self._stderr.seek(max(0, self._stderr.tell() - 4096))
+        lines = self._stderr.read().decode(errors="replace").splitlines()
+        return next((line.rstrip() for line in reversed(lines) if line.strip()), "")
 
     def _died(self) -> None:
-        """Fail every pending request with the child's last words."""
+        """Fail every pending request with the child's last words, and end what is left of its process tree."""
         self.state = "dead"
-        last = next((line for line in reversed(self._stderr) if line.strip()), "")
-        code = self._process.poll()
+        process = self._process
+        try:
+            code = process.wait(_CLOSE_WAIT_S)
+        except subprocess.TimeoutExpired:  # its output ended but it runs: end it
+            _kill_tree(process)
+            code = process.wait()
+        _kill_tree(process)  # a launcher's child that outlived it
+        last = self._last_words()
         error = f"the worker process ended (exit code {code})" + (f": {last}" if last else "")
         for number in sorted(self._pending):
             self._answers[number] = Answer(number, "failed", error=error)
-            self._events.put({"event": "answer", "request": number, "state": "failed", "error": error})
+            self._events.append({"event": "answer", "request": number, "state": "failed", "error": error})
         self._pending.clear()
-        self._events.put({"event": "dead", "error": error})
+        self._outbox.clear()
+        self._events.append({"event": "dead", "error": error})
+
+
+def _tree_options(system: str = os.name) -> dict[str, Any]:
+    """``Popen`` options that make the child the root of a process tree :func:`_kill_tree` can end whole: its own
+    session (process group) on POSIX; its own process group, without a console window, on Windows."""
+    if system == "nt":
+        return {"creationflags": _WINDOWS_NEW_PROCESS_GROUP | _WINDOWS_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+def _kill_tree(process: subprocess.Popen, *, system: str = os.name, killpg: Callable[[int, int], None] | None = None,
+               run: Callable[..., Any] = subprocess.run) -> None:
+    """Kill ``process`` and every process it started (a launcher's real interpreter, the interpreter's helpers).
+
+    POSIX: SIGKILL to the process group that :func:`_tree_options` made (it outlives its leader). Windows:
+    ``taskkill /T /F``, which follows the parent links from ``process``; a grandchild whose launcher is already gone
+    ends by the end of its input and by its parent watch instead.
+    """
+    if system == "nt":
+        if process.poll() is None:
+            run(["taskkill", "/PID", str(process.pid), "/T", "/F"], capture_output=True,
+                creationflags=_WINDOWS_NO_WINDOW, check=False)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        (killpg or os.killpg)(process.pid, signal.SIGKILL)
 
 
 def _slicer_python() -> str | None:
@@ -484,9 +718,9 @@ def main() -> None:
     from . import _parent_watch
 
     _parent_watch.end_with_parent()
-    outputs = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    outputs = os.dup(sys.stdout.fileno())
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints of libraries (nnU-Net's) must not enter the protocol
-    serve(sys.stdin.buffer, outputs)
+    serve(sys.stdin.fileno(), outputs)
 
 
 if __name__ == "__main__":  # pragma: no cover - the child process

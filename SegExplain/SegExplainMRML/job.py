@@ -325,9 +325,11 @@ class WarmExplainer:
         self.prepare(model, volumes, names, trustModelCode=trustModelCode)
         return WarmRun(self, region, settings)
 
-    def poll(self) -> list[dict[str, Any]]:
-        """The worker's events since the last call; ``step`` follows what it is doing."""
-        events = self.worker.poll() if self.worker is not None else []
+    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Move the worker's bytes that are ready (this is the front end's timer tick: the host starts no thread), and
+        return its events since the last call; ``step`` follows what it is doing. ``timeout``: wait that long for a
+        first event."""
+        events = self.worker.poll(timeout) if self.worker is not None else []
         for event in events:
             if event.get("event") == "progress":
                 self.step = event["step"]
@@ -342,6 +344,10 @@ class WarmExplainer:
 
 #: Progress of a click while the worker does each step.
 _FRACTIONS = {"loading model": 0.1, "preparing the case": 0.3, "explaining": 0.5}
+#: Longest single wait of :meth:`WarmRun.wait` for the worker's next event.
+_WAIT_S = 0.5
+#: Seconds a cancelled explanation may take to stop before its worker is replaced by a fresh one.
+_DEAF_S = 5.0
 
 
 class WarmRun:
@@ -362,9 +368,10 @@ class WarmRun:
     def running(self) -> bool:
         return self.state == "running"
 
-    def poll(self) -> list[dict[str, Any]]:
-        """The worker's events since the last call; updates ``state``, ``fraction``, ``step`` and ``error``."""
-        events = self.explainer.poll() if self.explainer.worker is self.worker else self.worker.poll()
+    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Move the worker's bytes (the GUI timer's tick) and return its events since the last call; updates
+        ``state``, ``fraction``, ``step`` and ``error``. ``timeout``: wait that long for a first event."""
+        events = self.explainer.poll(timeout) if self.explainer.worker is self.worker else self.worker.poll(timeout)
         for event in events:
             if event.get("event") == "progress" and self.running:
                 self._explaining = self._explaining or event["request"] == self.request
@@ -382,22 +389,22 @@ class WarmRun:
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
                 raise SegExplainError(f"the explanation took longer than {timeout} s and was cancelled")
-            time.sleep(0.005)
-            self.poll()
+            self.poll(_WAIT_S if deadline is None else min(_WAIT_S, max(deadline - time.monotonic(), 0.0)))
         return self.state
 
     def cancel(self) -> None:
-        """Stop this click. A running explanation is interrupted and the worker stays warm with its model and case;
-        one still queued behind the model or the case is answered later, and ignored."""
+        """Stop this click, through the worker's input (no signal: the worker may run behind a launcher, or on
+        Windows). A running explanation is interrupted and the worker stays warm with its model and case; one still
+        queued behind the model or the case is not run."""
         self.poll()
         if not self.running:
             return
+        self.worker.cancel(self.request)
         if self._explaining:
-            self.worker.cancel()
-            try:  # the interrupt must not reach the next click's request
-                self.worker.wait(self.request, timeout=5)
+            try:
+                self.worker.wait(self.request, timeout=_DEAF_S)
             except SegExplainError:
-                if self.worker.answer(self.request) is None:  # deaf to the interrupt: a fresh worker
+                if self.worker.answer(self.request) is None:  # deaf to the interrupt (a long native call): a fresh one
                     self.worker.restart()
         self.state, self.step = "cancelled", "cancelled"
 

@@ -276,3 +276,17 @@ def test_a_warning_of_the_engine_reaches_the_scene(scene, explainer):
     assert run.wait(120) == "done", run.error
     explanation = workflow.finishExplanation(run, volumes)
     assert len(explanation.warnings) == 1 and "misses completeness" in explanation.warnings[0]
+
+
+def test_a_click_cancelled_while_queued_is_never_run(scene, explainer):
+    """A click cancelled while it waits behind the model load and the case is answered cancelled without running,
+    so the next click does not wait for it."""
+    volumes, _ = addDemoCase(scene)
+    queued = click(explainer, volumes, settings=SLOW)
+    assert not queued._explaining
+    queued.cancel()
+    assert queued.state == "cancelled"
+    again = click(explainer, volumes)
+    assert again.wait(120) == "done", again.error
+    assert explainer.worker.answer(queued.request).state == "cancelled"
+    assert explainer.worker.starts == 1

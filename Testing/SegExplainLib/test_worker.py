@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import read_sequences
 from SegExplainLib.loading import ModelCard
 from SegExplainLib.targets import MaskTarget, VoxelTarget
+from SegExplainLib import worker as worker_module
 from SegExplainLib.worker import WarmSession, Worker
 
 CLICK = ["--voxel", "9", "24", "24", "--radius", "1"]
@@ -153,11 +160,6 @@ def _alive(pid: int) -> bool:
 
 
 def test_the_worker_ends_with_its_host_even_a_killed_one():
-    import os
-    import signal
-    import subprocess
-    import sys
-
     host = subprocess.Popen([sys.executable, "-c", HOST, "--card", str(demo_card_path())], stdout=subprocess.PIPE,
                             text=True)
     child = int(host.stdout.readline())
@@ -177,3 +179,162 @@ def test_the_worker_ends_with_its_host_even_a_killed_one():
             host.kill()
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _executable(folder: Path, name: str, *command: str) -> str:
+    """A program ``folder/name`` that runs this interpreter with ``command`` (and its own arguments, when asked)."""
+    path = folder / name
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" {" ".join(command)}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """A stand-in for ``PythonSlicer``: the interpreter runs as the launcher's own child and gets no signal."""
+    return _executable(tmp_path_factory.mktemp("launcher"), "PythonSlicer", f'"{HERE / "launcher_stand_in.py"}"',
+                       '"$@"')
+
+
+def _child_of(pid: int) -> int:
+    """The one child process of ``pid`` (the launcher's real interpreter)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        (child,) = children.read().split()
+    return int(child)
+
+
+def _ended(*pids: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _explaining(worker: Worker, request: int) -> None:
+    while not any(e.get("step") == "explaining" and e["request"] == request for e in worker.poll()):
+        assert worker.answer(request) is None, worker.answer(request)
+        time.sleep(0.01)
+
+
+def test_behind_a_launcher_cancel_reaches_the_work_and_close_leaves_no_process(case, launcher):
+    """As inside Slicer: the worker runs behind a launcher that forwards no signal. Cancel stops the computation
+    (answered cancelled, the same warm worker answers the next click); close ends the launcher and the worker."""
+    image, geometry = case
+    with Worker(["--card", str(demo_card_path())], python=launcher) as behind:
+        behind.start()
+        behind.wait(behind.load_request, timeout=120)
+        started = behind._process.pid
+        real = _child_of(started)  # the interpreter, the launcher's own child
+        behind.wait(behind.set_case(image, geometry), timeout=120)
+        slow = behind.explain(["--method", "occlusion", "--option", "window=2"])
+        _explaining(behind, slow)
+        behind.cancel()
+        assert behind.wait(slow, timeout=30).state == "cancelled"
+        assert behind.wait(behind.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+        assert behind.starts == 1 and _alive(real) and _alive(started)
+        _explaining(behind, behind.explain(["--method", "occlusion", "--option", "window=2"]))  # close while it runs
+    assert _ended(started, real, within=2 * worker_module.CLOSE_GRACE_S + 2), "a process outlived close()"
+
+
+LAUNCHED_HOST = ("import sys, time; from SegExplainLib.worker import Worker; "
+                 "worker = Worker(sys.argv[2:], python=sys.argv[1]).start(); "
+                 "worker.wait(worker.load_request, timeout=120); "
+                 "print(worker._process.pid, open(f'/proc/{worker._process.pid}/task/{worker._process.pid}/children')"
+                 ".read(), flush=True); time.sleep(120)")
+
+
+def test_behind_a_launcher_the_worker_ends_with_its_killed_host(launcher):
+    """The real worker is the host's grandchild (no parent-death signal reaches it): it still ends with the host,
+    and the launcher with it."""
+    host = subprocess.Popen([sys.executable, "-c", LAUNCHED_HOST, launcher, "--card", str(demo_card_path())],
+                            stdout=subprocess.PIPE, text=True)
+    started, real = (int(pid) for pid in host.stdout.readline().split())
+    try:
+        assert _alive(started) and _alive(real)
+        host.kill()
+        host.wait()
+        assert _ended(started, real), "the launcher or the worker outlived its killed host"
+    finally:
+        for pid in (started, real):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_cancel_and_close_use_no_signal(worker, monkeypatch):
+    """Windows has no SIGINT for a child (``send_signal`` raises ValueError): cancel travels through the input."""
+    def no_signal(*args):
+        raise ValueError(f"no signal on this path, got {args!r}")
+
+    monkeypatch.setattr(subprocess.Popen, "send_signal", no_signal)
+    monkeypatch.setattr(os, "kill", no_signal)
+    slow = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    _explaining(worker, slow)
+    worker.cancel()
+    assert worker.wait(slow, timeout=30).state == "cancelled"
+    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+
+
+def test_a_request_cancelled_while_queued_is_not_run(worker):
+    """A click cancelled while it waits behind another request is answered cancelled without running."""
+    slow = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    queued = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    worker.cancel(queued)
+    _explaining(worker, slow)
+    worker.cancel(slow)
+    assert worker.wait(slow, timeout=30).state == "cancelled"
+    answer = worker.wait(queued, timeout=30)
+    assert answer.state == "cancelled" and answer.seconds < 0.5
+    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+
+
+def test_windows_starts_a_process_group_and_kills_the_tree_with_taskkill():
+    """The Windows path, by its logic (the OS calls injected): a new process group without a console window, and
+    ``taskkill /T /F`` for the tree; POSIX: a new session, and SIGKILL to its process group."""
+    assert worker_module._tree_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
+    assert worker_module._tree_options("posix") == {"start_new_session": True}
+
+    class Running:
+        pid = 4242
+
+        def poll(self):
+            return None
+
+    calls = []
+    worker_module._kill_tree(Running(), system="nt", run=lambda *args, **options: calls.append((args, options)))
+    assert calls[0][0] == (["taskkill", "/PID", "4242", "/T", "/F"],) and calls[0][1]["creationflags"] == 0x08000000
+    worker_module._kill_tree(Running(), system="posix", killpg=lambda *args: calls.append(args))
+    assert calls[1] == (4242, signal.SIGKILL)
+
+
+def test_the_host_starts_no_thread_and_a_128_cubed_answer_comes_in_one_tick(tmp_path):
+    """Slicer's main thread keeps the interpreter lock: the host side runs on the caller's thread only, moved by
+    poll() as a 50 ms GUI timer calls it; six sequences of 128³ float32 (48 MiB) arrive whole in the tick that sees
+    their first bytes, not one pipe's worth per tick."""
+    from big_answer_worker import SHAPE, expected_maps
+
+    python = _executable(tmp_path, "python", f'"{HERE / "big_answer_worker.py"}"')
+    threads = threading.active_count()
+    with Worker([], python=python) as big:
+        big.start()
+        big.wait(big.load_request, timeout=120)
+        request = big.explain([])
+        ticks, halfway, delivering = 0, 0, 0.0
+        while big.answer(request) is None:
+            assert threading.active_count() == threads
+            time.sleep(0.05)  # the module's timer
+            started = time.perf_counter()
+            big.poll()
+            delivering, ticks = time.perf_counter() - started, ticks + 1
+            halfway += big._inbox.partial  # a tick that left the answer half read
+            assert ticks < 200, "no answer in 10 s of ticks"
+        answer = big.wait(request)
+        assert answer.state == "done" and answer.maps.shape == SHAPE
+        np.testing.assert_array_equal(answer.maps, expected_maps())
+        print(f"128^3 x 6 answer: {ticks} ticks, {halfway} left it half read, the last took {delivering:.3f} s")
+        assert halfway <= 1  # one tick; two when the machine paused the child for longer than a flow's pause
+        assert threading.active_count() == threads
