@@ -159,6 +159,11 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer = qt.QTimer()
         self._jobTimer.setInterval(50)  # the warm worker answers a click in well under a second
         self._jobTimer.connect("timeout()", self.onJobTimer)
+        # the worker's host side starts no thread (Slicer's main thread holds the GIL): this timer moves the model's
+        # load and the case to the worker while no click runs, so that the first click finds it ready
+        self._warmTimer = qt.QTimer()
+        self._warmTimer.setInterval(50)
+        self._warmTimer.connect("timeout()", self.onWarmTimer)
         self._sequenceSelectors = []
         self._explanation = None
         self._clickObserver = None
@@ -201,6 +206,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._warmTimer.stop()
         if self._job is not None:
             self._job.cancel()
         self.logic.closeWorker()
@@ -359,6 +365,15 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.prepareExplanation(self._parameterNode, trustModelCode=self.ui.trustModelCodeCheckBox.checked)
         except Exception as error:
             self.ui.cardStatusLabel.text = str(error)
+            return
+        self._warmTimer.start()
+
+    def onWarmTimer(self) -> None:
+        explainer = self.logic.explainer()
+        if self._job is None:  # a running click's own timer moves the worker's bytes
+            explainer.poll()
+        if self._job is not None or not explainer.loading:
+            self._warmTimer.stop()
 
     def onRegionSegmentationChanged(self, node) -> None:
         if self._parameterNode:

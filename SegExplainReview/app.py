@@ -98,6 +98,7 @@ class ReviewApp(TrameApp):
         self._setUpViews(MAIN_VIEWS)
         self.server.controller.on_server_bind.add(self._addRoutes)
         self.server.controller.on_server_exited.add(lambda **_: self.session.close())
+        self.server.controller.on_server_ready.add(lambda **_: create_task(self._warmWorker()))
         self.state.change("method", "composite", "class_index", "aggregation", "region_kind", "radius", "segment_id",
                           "n_steps", "baseline", "samples", "seed", "layerwise", "device",
                           "advanced_options")(self._onParametersChanged)
@@ -130,7 +131,7 @@ class ReviewApp(TrameApp):
             "share_columns": [], "inclusivity": {},
             "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
             "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
-            "box_pending": False,
+            "box_pending": False, "worker_ready": False,
         })
 
     def parameters(self) -> ReviewParameters:
@@ -223,6 +224,18 @@ class ReviewApp(TrameApp):
         with self.state:
             self.state.update({"running": True, "progress": 0, "step": "starting", "error": "", "warning": ""})
         create_task(self._watch(self.job))
+
+    async def _warmWorker(self) -> None:
+        """Move the model's load and the case to the worker while no click runs (at the start, after a replaced
+        sequence): its host side starts no thread, so nothing moves between polls. ``worker_ready`` follows it."""
+        while True:
+            explainer = self.session.explainer
+            if (self.job is None or not self.job.running) and explainer.loading:
+                explainer.poll()
+            if explainer.ready != self.state.worker_ready:
+                with self.state:
+                    self.state.worker_ready = explainer.ready
+            await asyncio.sleep(0.05)
 
     async def _watch(self, job: Any) -> None:
         while job.running:

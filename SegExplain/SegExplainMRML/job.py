@@ -319,6 +319,14 @@ class WarmExplainer:
         answers = [worker.answer(worker.load_request), worker.answer(worker.case_request)] if worker else [None]
         return worker is not None and worker.state == "running" and all(a and a.state == "done" for a in answers)
 
+    @property
+    def loading(self) -> bool:
+        """The running worker has not yet answered the model's load or the case: the front end's timer must keep
+        calling :meth:`poll` until this is false, since the host starts no thread and nothing moves between calls."""
+        worker = self.worker
+        return worker is not None and worker.state == "running" and any(
+            request and worker.answer(request) is None for request in (worker.load_request, worker.case_request))
+
     def explain(self, model: ModelSource, volumes: list[Any], names: list[str], region: Region,
                 settings: ExplainSettings, *, trustModelCode: bool = False) -> WarmRun:
         """Prepare (see :meth:`prepare`) and ask for one explanation; returns the running :class:`WarmRun`."""

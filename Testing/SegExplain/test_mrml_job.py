@@ -201,6 +201,23 @@ def test_the_worker_starts_with_the_inputs_and_every_click_reuses_it(demoRun, sc
     assert second.record()["method"] == "gradient"
 
 
+def test_the_timer_ticks_warm_the_worker_before_the_first_click(scene, explainer):
+    """The host starts no thread: a front end's timer polls while the explainer is ``loading``, and that alone sends
+    the whole case and gets the model loaded, so that the first click finds the worker ready."""
+    volumes, _ = addDemoCase(scene)
+    assert not explainer.loading  # no worker yet
+    workflow.prepareExplanation(explainer, volumes, [v.GetName() for v in volumes], None)
+    assert explainer.loading and not explainer.ready
+    deadline = time.monotonic() + 120
+    while explainer.loading and time.monotonic() < deadline:
+        explainer.poll(0.05)  # the module's 50 ms timer tick
+    assert explainer.ready and not explainer.loading
+    explainer.worker._process.kill()
+    explainer.worker._process.wait(10)
+    explainer.poll(0.05)
+    assert not explainer.loading  # a dead worker has nothing to move: the timer stops
+
+
 def test_a_crash_fails_its_click_and_the_next_click_restarts_the_worker(scene, explainer):
     """A killed worker fails the click it was running with a one-line error; the next click starts a fresh worker,
     which loads the model and the case again and answers."""

@@ -23,6 +23,13 @@ def waitForVersion(page, version: int) -> None:
                  timeout=60)
 
 
+def test_the_worker_is_warm_before_the_first_click(page):
+    """The worker's host starts no thread: the app's own tick moves the model's load and the case to it while the
+    page is open, so that it is ready before anyone clicks."""
+    page.waitFor("window.trame.state.get('worker_ready') === true", timeout=120)
+    assert page.evaluate("window.trame.state.get('clicks')") == 0
+
+
 def test_click_explains_and_slider_filters_the_overlay(server, page):
     screenshotUrl = page.evaluate("document.querySelector('#screenshot').getAttribute('href')")
     before = png(server.get(screenshotUrl))
