@@ -185,7 +185,7 @@ def test_plans_naming_other_code_are_refused_unless_trusted(nnunet_model, tmp_pa
     plans = json.loads((folder / "plans.json").read_text())
     plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "evil.module.Network"
     (folder / "plans.json").write_text(json.dumps(plans))
-    with pytest.raises(SegExplainError, match="names network_class_name 'evil.module.Network'.*--trust-model-code"):
+    with pytest.raises(SegExplainError, match="names architecture.network_class_name 'evil.module.Network'.*--trust-model-code"):
         open_nnunet(folder)
 
 
