@@ -307,11 +307,13 @@ def test_trust_rule_refuses_code_naming_the_key(tmp_path, changes, key, what):
     assert "segexplain_never_imported" not in sys.modules  # refused before anything was imported or built
 
 
-def test_an_inferer_of_the_bundles_own_code_is_not_supported_even_trusted(tmp_path):
-    folder = _make_bundle(tmp_path / "bundle", _config(inferer={"_target_": "scripts.inferer.Vista3dInferer"}))
+@pytest.mark.parametrize("inferer", ["scripts.inferer.Vista3dInferer", "SliceInferer"])  # SliceInferer: 2D slices
+def test_an_inferer_of_the_bundles_own_code_is_not_supported_even_trusted(tmp_path, inferer):
+    folder = _make_bundle(tmp_path / "bundle", _config(inferer={"_target_": inferer, "roi_size": [8, 8]}))
     for trust_code in (False, True):
-        with pytest.raises(SegExplainError, match=r"the inferer 'scripts.inferer.Vista3dInferer' is not supported; "
-                                                  r"expected monai.inferers' SimpleInferer or SlidingWindowInferer"):
+        with pytest.raises(SegExplainError, match=rf"the inferer '{inferer}' is not supported; expected "
+                                                  r"monai.inferers' SimpleInferer, SlidingWindowInferer or "
+                                                  r"SlidingWindowInfererAdapt"):
             open_bundle_quiet(folder, trust_code=trust_code)
 
 
