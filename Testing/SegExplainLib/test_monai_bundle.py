@@ -390,6 +390,27 @@ def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_pa
     assert maps.sum() == pytest.approx(summary["expected_sum"] + summary["delta"], rel=1e-4)
 
 
+def test_command_line_shows_library_warnings_only_with_verbose(bundle, case, tmp_path, capsys):
+    """MONAI's notices (the bundle's Orientationd warns about its labels default) stay off stderr without --verbose."""
+    from SegExplainLib.cli import main
+
+    def show(message, category, filename, lineno, file=None, line=None):  # as a terminal shows them, not pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    errors = {}
+    for verbose in ([], ["--verbose"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            code = main(["explain", "--bundle", str(bundle), "--input", *map(str, case[2]), "--voxel", "3", "7", "8",
+                         "--method", "gradient", "--output", str(tmp_path / f"out{len(verbose)}"), "--no-figures",
+                         *verbose])
+        errors[bool(verbose)] = capsys.readouterr().err
+        assert code == 0, errors[bool(verbose)]
+    assert errors[False] == ""
+    assert "FutureWarning" in errors[True] and "Orientationd" in errors[True]
+
+
 def test_sequence_names_are_read_from_the_metadata_alone(bundle, tmp_path, monkeypatch):
     """What a front end matches volumes with: the metadata's channel_def, without building the bundle; a bundle whose
     metadata lacks them is opened, and its names are the pipeline's."""
