@@ -42,6 +42,7 @@ EXIT_CASES_FAILED = 1
 EXIT_INTERRUPTED = 130
 #: The file that marks a folder as written by SegExplain; no other folder is ever written into or replaced.
 OUTPUT_MARKER = ".segexplain-output"
+VERBOSE_HELP = "also show the warnings of other libraries (MONAI's deprecation notices, image codecs...) on stderr"
 _MARKER_TEXT = "Written by SegExplain: 'segexplain ... --overwrite' may replace this whole folder.\n"
 
 
@@ -182,6 +183,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                      help="progress display (default: bar on a terminal, none otherwise)")
     run.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo = commands.add_parser("demo", help="explain the bundled demo network on a generated 6-sequence case")
     demo.add_argument("--output", default="segexplain-demo", metavar="DIR", help="output folder "
                                                                                  "(default: segexplain-demo)")
@@ -209,6 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     cohort.add_argument("--inclusivity-filters", nargs="+", metavar="SPEC",
                         default=["pass:0.2", "pass:0.4", "pass:0.6", "clamp:0.2", "clamp:0.4"],
                         help="post-hoc filters of the inclusivity figure (with the unfiltered map)")
+    cohort.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     review = commands.add_parser(
         "review", help="explain a case in a local web app with Slicer's slice and 3D views (needs the review extra)",
         description="Serves the review app until interrupted and prints its address, http://HOST:PORT/?secret=TOKEN: "
@@ -531,6 +534,26 @@ def run_explain(args: argparse.Namespace) -> Path:
     return output
 
 
+def _is_own(warning: warnings.WarningMessage) -> bool:
+    """Whether a warning is SegExplain's (raised in its package, never a deprecation notice) or another library's."""
+    own = Path(warning.filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    return own and not issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
+
+
+@contextlib.contextmanager
+def _library_warnings(verbose: bool):
+    """Keep the terminal to SegExplain's messages: other libraries' warnings are shown only when ``verbose``, after
+    the command (with or without its failure)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            yield
+    finally:
+        for warning in caught:
+            if verbose or _is_own(warning):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 @contextlib.contextmanager
 def _resample_advice():
     """Grid mismatches advise the option: the library's advice names its argument."""
@@ -837,12 +860,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = run_demo(args.output, seed=args.seed, overwrite=args.overwrite,
                               extra_args=["--progress", "bar" if sys.stderr.isatty() else "none"])
         elif args.command == "cohort":
-            output = run_cohort(args, extra)
+            with _library_warnings(args.verbose):
+                output = run_cohort(args, extra)
         elif args.command == "review":
             run_review(args)
             return 0
         else:
-            output = run_explain(args)
+            with _library_warnings(args.verbose):
+                output = run_explain(args)
     except SegExplainError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR

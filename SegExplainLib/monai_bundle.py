@@ -8,7 +8,11 @@ A MONAI bundle is a folder::
     models/model.ts                     the network as TorchScript
 
 :func:`open_bundle` builds ``network_def`` and ``preprocessing`` with ``monai.bundle.ConfigParser`` and reads the
-options of ``inferer`` (a ``SlidingWindowInferer`` becomes :class:`~SegExplainLib.sliding.SlidingWindow`).
+options of ``inferer``: a ``SlidingWindowInferer`` becomes a :class:`~SegExplainLib.sliding.SlidingWindow` that runs
+MONAI's ``sliding_window_inference`` as the bundle configures it (axes shorter than ``roi_size`` padded with
+``padding_mode`` and ``cval``, MONAI's window positions for ``overlap``, ``sw_batch_size`` windows per call, MONAI's
+importance map for ``mode`` and ``sigma_scale``), so the explained logits are the inferer's on every scan size; the
+maps come back cropped to the scan, and the record says what was padded (``window_padding``).
 :meth:`BundlePipeline.prepare` runs the preprocessing on the case as read (``LoadImage(d)`` and
 ``EnsureChannelFirst(d)`` are never built: the case is already in memory) and follows every transform that moves
 voxels, from the change of the image's affine and shape it makes. Such a transform must be one whose effect
@@ -21,13 +25,15 @@ SegExplain can transpose exactly, and it is checked by reproducing its output fr
   interpolation, so the total is kept exactly).
 
 Anything else (nearest or spline resampling, ``Resized`` in area mode, edge padding, random transforms) is an
-error naming the transform. Relevance comes back as sums (see :mod:`SegExplainLib.pipelines`); relevance on padded
+error naming the transform. A class given an argument it does not take (a bundle written for another MONAI version:
+SwinUNETR lost ``img_size`` in MONAI 1.5) is refused before anything is built, naming the argument and the version
+in the bundle's metadata. Relevance comes back as sums (see :mod:`SegExplainLib.pipelines`); relevance on padded
 voxels, which hold no image voxel, is dropped.
 
 Safety: a bundle's configuration can run any Python (``$`` expressions, ``_target_`` of any importable name), and
 so can TorchScript. Without ``trust_code``, a bundle with only ``models/model.ts`` is refused, and the parts
-SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's ``roi_size``, ``overlap``,
-``sigma_scale`` and ``mode``, and everything they refer to) pass :func:`refuse_untrusted_config`: SegExplain resolves
+SegExplain builds or reads (``network_def``, ``preprocessing``, the inferer's options that change its result, and
+everything they refer to) pass :func:`refuse_untrusted_config`: SegExplain resolves
 every ``_target_`` itself against an exact table of MONAI's network, transform and inferer classes and PyTorch's
 layer classes and hands MONAI the class; the names MONAI would look up by itself (``act``, ``norm``, ``dropout``...
 in its layer factories, a loader's ``reader``) must be names of MONAI's own registries; ``$`` expressions must stay
@@ -62,7 +68,7 @@ from .allowlist import TRUST_ADVICE, AllowList
 from .errors import SegExplainError
 from .loading import load_weights
 from .pipelines import Pipeline, PreparedCase
-from .sliding import SlidingWindow
+from .sliding import PAD_MODES, SlidingWindow
 
 __all__ = ["BundlePipeline", "open_bundle"]
 
@@ -88,8 +94,9 @@ _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.US
 _GRAMMAR = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
             ast.IfExp, ast.Subscript, ast.Slice, ast.Load, ast.keyword, *_OPERATORS)
 _CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-#: The options of a SlidingWindowInferer that SegExplain's sliding window follows.
-_WINDOW_OPTIONS = ("roi_size", "overlap", "sigma_scale", "mode")
+#: The options of a SlidingWindowInferer that change its result, which SegExplain's sliding window follows (the
+#: others place it on devices or buffer it).
+_WINDOW_OPTIONS = ("roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale", "padding_mode", "cval", "with_coord")
 _REF = re.compile(r"@(?:\w*)(?:(?:::|#)\w*)*")
 
 
@@ -289,6 +296,43 @@ def refuse_untrusted_config(parser: Any, roots: list[str], source: str, *, trust
     return found
 
 
+def refuse_unknown_arguments(parser: Any, roots: list[str], source: str, monai_version: Any) -> None:
+    """Raise when an item of ``roots`` gives its class an argument the class does not take, as MONAI's classes lose
+    arguments between versions (SwinUNETR's ``img_size`` in 1.5); checked before anything is built.
+
+    Args:
+        parser: The ``monai.bundle.ConfigParser``, after :func:`refuse_untrusted_config` put the classes in place
+            (names it left, the bundle's own code when trusted, are not checked).
+        roots: Ids of the items to be built.
+        source: The configuration's name for the message.
+        monai_version: The MONAI version the bundle names (metadata.json's ``monai_version``), or None.
+    """
+    import monai
+    from monai.bundle.config_item import ConfigComponent
+
+    written = f"MONAI {monai_version}" if monai_version else "another MONAI version"
+    stack = [(root, parser[root]) for root in roots if root in parser]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, list):
+            stack.extend((f"{key}::{i}", v) for i, v in enumerate(value))
+        if not isinstance(value, dict):
+            continue
+        stack.extend((f"{key}::{k}", v) for k, v in value.items() if k not in ConfigComponent.non_arg_keys)
+        target = value.get("_target_")
+        if not inspect.isclass(target) or target is _Loaded:
+            continue
+        parameters = inspect.signature(target).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            continue
+        unknown = [k for k in value if k not in ConfigComponent.non_arg_keys and k not in parameters]
+        if unknown:
+            raise SegExplainError(
+                f"{source}: {key} gives {target.__name__} the argument {unknown[0]!r}, which {target.__name__} of the "
+                f"installed MONAI {monai.__version__} does not take; the bundle needs {written} (its metadata's "
+                "monai_version): open it where that version is installed")
+
+
 def _resolve_target(item: dict[str, Any], key: str, targets: AllowList, refuse: Callable[..., None]) -> Any:
     """The class ``item``'s ``_target_`` names, put in its place (a stand-in for a loading transform), or None after
     ``refuse`` (which raises unless trusted)."""
@@ -415,41 +459,83 @@ def _inferer(parser: Any, source: str) -> tuple[type | None, list[str]]:
     The inferer is never built: SegExplain runs its own sliding window with the bundle's options, so the inferer's
     device and buffering arguments need no trust.
     """
-    from monai.inferers import SimpleInferer, SlidingWindowInferer
+    from monai.inferers import SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt
 
     if "inferer" not in parser:
         return None, []
     raw = parser["inferer"]
     found = _targets().get(raw.get("_target_")) if isinstance(raw, dict) else None
-    if found is None or not issubclass(found, (SimpleInferer, SlidingWindowInferer)):
+    if found not in (SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt):  # not SliceInferer's 2D slices
         target = raw.get("_target_") if isinstance(raw, dict) else raw
         raise SegExplainError(f"{source}: the inferer {target!r} is not supported; expected monai.inferers' "
-                              "SimpleInferer or SlidingWindowInferer")
-    if issubclass(found, SimpleInferer):
+                              "SimpleInferer, SlidingWindowInferer or SlidingWindowInfererAdapt")
+    if found is SimpleInferer:
         return found, []
     if "roi_size" not in raw:
         raise SegExplainError(f"{source}: the {found.__name__} has no roi_size; expected the patch size")
     return found, [f"inferer::{k}" for k in _WINDOW_OPTIONS if k in raw]
 
 
+def _window_starts(grid: tuple[int, ...], patch: tuple[int, ...], *, overlap: tuple[float, ...]) -> list[list[int]]:
+    """The window starts of MONAI's ``sliding_window_inference`` per axis of the (padded) ``grid``: its scan interval
+    (the whole patch where it spans the axis, else ``int(patch * (1 - overlap))``, at least 1) through MONAI's own
+    ``dense_patch_slices``."""
+    from monai.data.utils import dense_patch_slices
+
+    interval = [p if p == g else max(int(p * (1 - o)), 1) for g, p, o in zip(grid, patch, overlap)]
+    windows = dense_patch_slices(grid, patch, interval)
+    return [sorted({int(window[axis].start) for window in windows}) for axis in range(len(grid))]
+
+
 def _sliding_window(inferer: dict[str, Any] | None, network: nn.Module,
                     spatial: tuple[int, ...]) -> tuple[nn.Module, dict[str, Any]]:
-    """The network as the bundle's inferer runs it on a volume of ``spatial`` size, and a record of how."""
+    """The network as the bundle's inferer runs it on a volume of ``spatial`` size, and a record of how.
+
+    MONAI's ``sliding_window_inference``: axes shorter than ``roi_size`` padded (``padding_mode``, ``cval``, half the
+    difference rounded down before), windows placed as :func:`_window_starts`, ``sw_batch_size`` of them per call,
+    blended with MONAI's ``compute_importance_map`` (``mode`` constant or gaussian, ``sigma_scale``), the output
+    cropped back to ``spatial``.
+    """
+    from monai.data.utils import compute_importance_map
+
     if inferer is None or "roi_size" not in inferer:
         return network, {"inferer": None if inferer is None else inferer["class"]}
+    name = inferer["class"]
+
+    def per_axis(option: str) -> tuple[float, ...]:
+        values = np.atleast_1d(np.asarray(inferer[option], dtype=float))
+        if values.size not in (1, len(spatial)):
+            raise SegExplainError(f"the bundle's {name} has {option}={inferer[option]!r}; expected one value or one "
+                                  f"per axis ({len(spatial)})")
+        return tuple(float(v) for v in np.broadcast_to(values, (len(spatial),)))
+
     roi = np.broadcast_to(np.asarray(inferer["roi_size"]), (len(spatial),))
     patch = tuple(int(r) if r > 0 else s for r, s in zip(roi, spatial))  # MONAI: non-positive means the whole axis
-    options = {}
-    for name in ("overlap", "sigma_scale"):
-        values = set(np.atleast_1d(inferer[name]).tolist())
-        if len(values) != 1:
-            raise SegExplainError(f"the bundle's {inferer['class']} has {name}={inferer[name]!r} per axis; "
-                                  "SegExplain's sliding window takes one value for all axes")
-        options[name] = float(values.pop())
-    window = SlidingWindow(network, patch, **options)
-    # SegExplain blends with a Gaussian weight; a bundle with mode="constant" averages its windows evenly
-    return window, {"inferer": inferer["class"], "patch_size": list(patch), **options, "blending": "gaussian",
-                    "bundle_blending": inferer["mode"]}
+    overlap, sigma_scale = per_axis("overlap"), per_axis("sigma_scale")
+    if not all(0 <= o < 1 for o in overlap):
+        raise SegExplainError(f"the bundle's {name} has overlap={inferer['overlap']!r}; expected values in [0, 1)")
+    mode, padding_mode, batch = inferer["mode"], inferer["padding_mode"], inferer["sw_batch_size"]
+    if mode not in ("constant", "gaussian"):
+        raise SegExplainError(f"the bundle's {name} has mode={mode!r}; expected 'constant' or 'gaussian'")
+    if padding_mode not in PAD_MODES:
+        raise SegExplainError(f"the bundle's {name} has padding_mode={padding_mode!r}; expected one of "
+                              f"{', '.join(PAD_MODES)}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise SegExplainError(f"the bundle's {name} has sw_batch_size={batch!r}; expected a positive integer")
+    if inferer["with_coord"]:
+        raise SegExplainError(f"the bundle's {name} has with_coord=True: it calls the network with each window's "
+                              "coordinates, which SegExplain's sliding window does not pass")
+    weight = compute_importance_map(patch, mode=mode, sigma_scale=sigma_scale, dtype=torch.float32)
+    window = SlidingWindow(network, patch, positions=functools.partial(_window_starts, overlap=overlap),
+                           weight=weight, pad_to_patch=True, pad_mode=padding_mode, pad_value=float(inferer["cval"]),
+                           batch_size=batch)
+    before = [(p - s) // 2 if s < p else 0 for p, s in zip(patch, spatial)]
+    after = [max(p - s, 0) - b for p, s, b in zip(patch, spatial, before)]
+    padded = {"before": before, "after": after, "mode": padding_mode,
+              **({"value": float(inferer["cval"])} if padding_mode == "constant" else {})}
+    return window, {"inferer": name, "patch_size": list(patch), "sw_batch_size": batch, "overlap": list(overlap),
+                    "blending": mode, **({"sigma_scale": list(sigma_scale)} if mode == "gaussian" else {}),
+                    "window_padding": padded if any(before) or any(after) else None}
 
 
 class BundlePipeline(Pipeline):
@@ -651,11 +737,13 @@ def open_bundle(path: Any, *, trust_code: bool = False) -> BundlePipeline:
                               f"and when it is run; add models/model.pt (the state dict of network_def), or "
                               f"{TRUST_ADVICE}")
     inferer_class, inferer_options = _inferer(parser, source)
-    roots = [*([] if scripted else ["network_def"]), "preprocessing", *inferer_options]
+    built = [*([] if scripted else ["network_def"]), "preprocessing"]
+    roots = [*built, *inferer_options]
     if not scripted and "network_def" not in parser:
         raise SegExplainError(f"{source} has no network_def; expected the network's _target_ and its arguments")
     trusted_code = [*refuse_untrusted_config(parser, roots, source, trusted=trust_code),
                     *([f"{weights.relative_to(folder)}: TorchScript"] if scripted else [])]
+    refuse_unknown_arguments(parser, built, source, metadata.get("monai_version"))
 
     def build(key: str) -> Any:
         if key not in parser:

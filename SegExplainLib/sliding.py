@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -32,6 +33,8 @@ from .errors import SegExplainError
 Bounds = Sequence[tuple[int, int]]
 #: ``(spatial_shape, patch_size) -> per-axis lists of patch starts``, e.g. nnU-Net's step computation wrapped.
 Positions = Callable[[tuple[int, ...], tuple[int, ...]], Sequence[Sequence[int]]]
+#: How :class:`SlidingWindow` may pad a volume smaller than its patch (``torch.nn.functional.pad``'s modes).
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
 
 @runtime_checkable
@@ -69,9 +72,10 @@ def _fingerprint(tensors: Sequence[torch.Tensor]) -> str:
 class SlidingWindow(nn.Module):
     """Run ``network`` on overlapping patches and blend their logits with a weight (a Gaussian by default).
 
-    The defaults are this module's own scheme; ``positions``, ``weight`` and ``pad_to_patch`` reproduce a
-    framework's sliding window instead, e.g. nnU-Net's (``compute_steps_for_sliding_window``, ``compute_gaussian``,
-    ``pad_nd_image``).
+    The defaults are this module's own scheme; ``positions``, ``weight``, ``pad_to_patch`` (with ``pad_mode`` and
+    ``pad_value``) and ``batch_size`` reproduce a framework's sliding window instead, e.g. nnU-Net's
+    (``compute_steps_for_sliding_window``, ``compute_gaussian``, ``pad_nd_image``) or MONAI's ``SlidingWindowInferer``
+    (see :mod:`SegExplainLib.monai_bundle`).
 
     Args:
         network: A segmentation network returning logits of its input's spatial size.
@@ -83,8 +87,14 @@ class SlidingWindow(nn.Module):
             shape and the patch size, returns one list of starts per axis; the patches must cover the volume.
         weight: Replaces the Gaussian: a fixed importance map of shape ``patch_size``, positive everywhere (the blend
             divides by the summed weights). Volumes smaller than the patch then need ``pad_to_patch``.
-        pad_to_patch: Pad axes smaller than the patch with zeros to the patch size, split as nnU-Net's
-            ``pad_nd_image`` does (half the difference, rounded down, before), and crop the output back.
+        pad_to_patch: Pad axes smaller than the patch to the patch size, split as nnU-Net's ``pad_nd_image`` and
+            MONAI's ``sliding_window_inference`` do (half the difference, rounded down, before), and crop the output
+            back. Relevance of padded voxels goes where the padding copied them from (none for ``"constant"``).
+        pad_mode: How ``pad_to_patch`` fills: ``"constant"`` (with ``pad_value``), ``"reflect"``, ``"replicate"`` or
+            ``"circular"`` (``torch.nn.functional.pad``'s modes).
+        pad_value: The value of ``"constant"`` padding.
+        batch_size: Windows per call of the network (their inputs concatenated along the batch axis), as MONAI's
+            ``sw_batch_size``; the logits are the same, the memory of a call grows with it.
 
     Example:
         >>> from nnunetv2.inference.sliding_window_prediction import compute_gaussian, compute_steps_for_sliding_window
@@ -94,7 +104,8 @@ class SlidingWindow(nn.Module):
 
     def __init__(self, network: nn.Module, patch_size: Sequence[int], *, overlap: float = 0.5,
                  sigma_scale: float = 0.125, positions: Positions | None = None,
-                 weight: torch.Tensor | None = None, pad_to_patch: bool = False) -> None:
+                 weight: torch.Tensor | None = None, pad_to_patch: bool = False, pad_mode: str = "constant",
+                 pad_value: float = 0.0, batch_size: int = 1) -> None:
         super().__init__()
         patch = tuple(int(p) for p in patch_size)
         if len(patch) != 3 or min(patch) < 1:
@@ -112,8 +123,18 @@ class SlidingWindow(nn.Module):
         if not isinstance(pad_to_patch, bool):
             msg = f"pad_to_patch must be True or False, got {pad_to_patch!r}"
             raise SegExplainError(msg)
+        if pad_mode not in PAD_MODES:
+            msg = f"pad_mode must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}"
+            raise SegExplainError(msg)
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not math.isfinite(pad_value):
+            msg = f"pad_value must be a finite number, got {pad_value!r}"
+            raise SegExplainError(msg)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            msg = f"batch_size must be a positive integer, got {batch_size!r}"
+            raise SegExplainError(msg)
         self.network, self.patch_size, self.overlap, self.sigma_scale = network, patch, overlap, sigma_scale
-        self.positions, self.pad_to_patch = positions, pad_to_patch
+        self.positions, self.pad_to_patch, self.pad_mode, self.pad_value = positions, pad_to_patch, pad_mode, pad_value
+        self.batch_size = batch_size
         self.fixed_weight = None if weight is None else _checked_weight(weight, patch)
         self._bounds: Bounds | None = None
         self._record: dict[str, int] = {}
@@ -183,8 +204,8 @@ class SlidingWindow(nn.Module):
         """
         options = [] if self.fixed_weight is None else [self.fixed_weight]
         key = _fingerprint([x, *self.network.state_dict().values(), *options]) + repr(
-            (self.patch_size, self.overlap, self.sigma_scale, self.positions, self.pad_to_patch,
-             [m.training for m in self.modules()]))
+            (self.patch_size, self.overlap, self.sigma_scale, self.positions, self.pad_to_patch, self.pad_mode,
+             self.pad_value, self.batch_size, [m.training for m in self.modules()]))
         if self._prediction is None or self._prediction[0] != key:
             with torch.no_grad(), self.restricted_to(None):
                 self._prediction = key, self(x)
@@ -195,7 +216,9 @@ class SlidingWindow(nn.Module):
         below = [(p - s) // 2 if self.pad_to_patch and s < p else 0 for p, s in zip(self.patch_size, spatial)]
         above = [max(p - s, 0) - b if self.pad_to_patch else 0 for p, s, b in zip(self.patch_size, spatial, below)]
         if any(below) or any(above):
-            x = nn.functional.pad(x, [v for b, a in zip(reversed(below), reversed(above)) for v in (b, a)])
+            padding = [v for b, a in zip(reversed(below), reversed(above)) for v in (b, a)]
+            x = nn.functional.pad(x, padding, mode=self.pad_mode,
+                                  **({"value": self.pad_value} if self.pad_mode == "constant" else {}))
         grid = tuple(x.shape[2:])
         patch = tuple(min(p, s) for p, s in zip(self.patch_size, grid))
         weight = self._blend_weight(patch, x)
@@ -208,13 +231,16 @@ class SlidingWindow(nn.Module):
             total[window] += weight
         run = windows if self._bounds is None else _meeting(windows, self._bounds, spatial, below)
         self._record.update(windows_run=len(run), windows_total=len(windows))
-        output = None
-        for window in run:
-            logits = self.network(x[(slice(None), slice(None), *window)])
+        output, batch = None, x.shape[0]
+        for first in range(0, len(run), self.batch_size):
+            group = run[first:first + self.batch_size]
+            inputs = [x[(slice(None), slice(None), *window)] for window in group]
+            logits = self.network(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
             if output is None:
-                output = x.new_zeros((x.shape[0], logits.shape[1], *grid))
-            padding = [value for w, s in zip(reversed(window), reversed(grid)) for value in (w.start, s - w.stop)]
-            output = output + nn.functional.pad(logits * weight, padding)
+                output = x.new_zeros((batch, logits.shape[1], *grid))
+            for index, window in enumerate(group):
+                padding = [value for w, s in zip(reversed(window), reversed(grid)) for value in (w.start, s - w.stop)]
+                output = output + nn.functional.pad(logits[index * batch:(index + 1) * batch] * weight, padding)
         output = output / total
         return output[(slice(None), slice(None), *(slice(b, b + s) for b, s in zip(below, spatial)))]
 

@@ -307,11 +307,13 @@ def test_trust_rule_refuses_code_naming_the_key(tmp_path, changes, key, what):
     assert "segexplain_never_imported" not in sys.modules  # refused before anything was imported or built
 
 
-def test_an_inferer_of_the_bundles_own_code_is_not_supported_even_trusted(tmp_path):
-    folder = _make_bundle(tmp_path / "bundle", _config(inferer={"_target_": "scripts.inferer.Vista3dInferer"}))
+@pytest.mark.parametrize("inferer", ["scripts.inferer.Vista3dInferer", "SliceInferer"])  # SliceInferer: 2D slices
+def test_an_inferer_of_the_bundles_own_code_is_not_supported_even_trusted(tmp_path, inferer):
+    folder = _make_bundle(tmp_path / "bundle", _config(inferer={"_target_": inferer, "roi_size": [8, 8]}))
     for trust_code in (False, True):
-        with pytest.raises(SegExplainError, match=r"the inferer 'scripts.inferer.Vista3dInferer' is not supported; "
-                                                  r"expected monai.inferers' SimpleInferer or SlidingWindowInferer"):
+        with pytest.raises(SegExplainError, match=rf"the inferer '{inferer}' is not supported; expected "
+                                                  r"monai.inferers' SimpleInferer, SlidingWindowInferer or "
+                                                  r"SlidingWindowInfererAdapt"):
             open_bundle_quiet(folder, trust_code=trust_code)
 
 
@@ -386,6 +388,27 @@ def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_pa
     maps, written = read_sequences([output / name for name in summary["files"][:2]])
     assert maps.shape == image.shape and written.differences(geometry) == []
     assert maps.sum() == pytest.approx(summary["expected_sum"] + summary["delta"], rel=1e-4)
+
+
+def test_command_line_shows_library_warnings_only_with_verbose(bundle, case, tmp_path, capsys):
+    """MONAI's notices (the bundle's Orientationd warns about its labels default) stay off stderr without --verbose."""
+    from SegExplainLib.cli import main
+
+    def show(message, category, filename, lineno, file=None, line=None):  # as a terminal shows them, not pytest
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    errors = {}
+    for verbose in ([], ["--verbose"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            code = main(["explain", "--bundle", str(bundle), "--input", *map(str, case[2]), "--voxel", "3", "7", "8",
+                         "--method", "gradient", "--output", str(tmp_path / f"out{len(verbose)}"), "--no-figures",
+                         *verbose])
+        errors[bool(verbose)] = capsys.readouterr().err
+        assert code == 0, errors[bool(verbose)]
+    assert errors[False] == ""
+    assert "FutureWarning" in errors[True] and "Orientationd" in errors[True]
 
 
 def test_sequence_names_are_read_from_the_metadata_alone(bundle, tmp_path, monkeypatch):

@@ -109,6 +109,10 @@ def test_lrp_through_the_window_conserves_and_explain_runs():
     ({"patch_size": (2, 2, 2), "weight": torch.tensor([1.0, 0.0]).repeat(2, 2, 1)}, "positive .* from 0.0 to 1.0"),
     ({"patch_size": (4, 4, 4), "weight": torch.ones(4, 4, 4, dtype=torch.int64)}, "floating point, got dtype"),
     ({"patch_size": (4, 4, 4), "pad_to_patch": 1}, "pad_to_patch must be True or False, got 1"),
+    ({"patch_size": (4, 4, 4), "pad_mode": "edge"}, "pad_mode must be one of constant, reflect, replicate, circular, "
+                                                    "got 'edge'"),
+    ({"patch_size": (4, 4, 4), "pad_value": float("nan")}, "pad_value must be a finite number, got nan"),
+    ({"patch_size": (4, 4, 4), "batch_size": 0}, "batch_size must be a positive integer, got 0"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(SegExplainError, match=message):
