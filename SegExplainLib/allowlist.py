@@ -25,10 +25,17 @@ from typing import Any
 
 from .errors import SegExplainError
 
-__all__ = ["AllowList", "TRUST_ADVICE"]
+__all__ = ["AllowList", "OTHER_CODE_CLASSES", "TRUST_ADVICE"]
 
 #: What every refusal of a name adds: the way to run the model's code all the same.
 TRUST_ADVICE = "pass --trust-model-code (trust_code=True in Python) only if you trust this model's code"
+#: MONAI transforms and networks that read or write files, or look a name up in another library by themselves
+#: (TorchVision's, TorchIO's, cuCIM's transforms, a torchvision model by name): never built from a model card or a
+#: bundle without the flag, although they are MONAI's own classes.
+OTHER_CODE_CLASSES = frozenset({
+    "SaveImage", "SaveImaged", "WriteFileMapping", "WriteFileMappingd", "SaveClassificationd", "CuCIM", "CuCIMd",
+    "RandCuCIM", "RandCuCIMd", "TorchVision", "TorchVisiond", "RandTorchVision", "RandTorchVisiond", "TorchIO",
+    "TorchIOd", "RandTorchIO", "RandTorchIOd", "TorchVisionFCModel", "MILModel"})
 
 
 class AllowList:

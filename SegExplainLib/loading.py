@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allowlist import OTHER_CODE_CLASSES, TRUST_ADVICE
 from .errors import SegExplainError
 
 __all__ = [
@@ -244,8 +245,13 @@ def refuse_untrusted_code(spec: str, source: str, *, trusted: bool, advice: str)
     return code
 
 
-def _check_library_network(factory: Any, spec: str, module_name: str) -> None:
-    """Refuse anything but a network class or a factory function defined in ``module_name`` (or below it)."""
+def _check_library_network(factory: Any, spec: str, module_name: str, *, trusted: bool) -> None:
+    """Refuse anything but a network class or a factory function defined in ``module_name`` (or below it), and,
+    unless ``trusted``, the networks that look a name up in another library by themselves
+    (:data:`~SegExplainLib.allowlist.OTHER_CODE_CLASSES`)."""
+    if not trusted and getattr(factory, "__name__", None) in OTHER_CODE_CLASSES:
+        raise SegExplainError(f"model spec {spec!r} names {factory.__name__}, which looks names up in another library "
+                              f"by itself; {TRUST_ADVICE}")
     if isinstance(factory, type) and issubclass(factory, nn.Module):
         return
     owner = getattr(factory, "__module__", None) or getattr(factory, "__name__", "?")
@@ -285,7 +291,7 @@ def _build_model(spec: str, kwargs: dict[str, Any], *, trust_code: bool) -> nn.M
         what = module_name if left == "monai" else f"module {left!r}"
         factory = _resolve_attribute(module, name, what)
         if code is None:
-            _check_library_network(factory, spec, module_name)
+            _check_library_network(factory, spec, module_name, trusted=trust_code)
     return _call_factory(factory, kwargs, spec)
 
 

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allowlist import TRUST_ADVICE, AllowList
+from .allowlist import OTHER_CODE_CLASSES, TRUST_ADVICE, AllowList
 from .errors import SegExplainError
 from .loading import load_weights
 from .pipelines import Pipeline, PreparedCase
@@ -72,12 +72,6 @@ from .sliding import PAD_MODES, SlidingWindow
 
 __all__ = ["BundlePipeline", "open_bundle"]
 
-#: Transforms and networks that read or write files, or look a name up in another library by themselves
-#: (TorchVision's, TorchIO's, cuCIM's transforms, a torchvision model by name): never built without ``trust_code``.
-_UNSAFE_CLASSES = frozenset({
-    "SaveImage", "SaveImaged", "WriteFileMapping", "WriteFileMappingd", "SaveClassificationd", "CuCIM", "CuCIMd",
-    "RandCuCIM", "RandCuCIMd", "TorchVision", "TorchVisiond", "RandTorchVision", "RandTorchVisiond", "TorchIO",
-    "TorchIOd", "RandTorchIO", "RandTorchIOd", "TorchVisionFCModel", "MILModel"})
 #: Transforms that read files into memory: the case arrives in memory already, so they are never built.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
 #: Network arguments that MONAI looks up in one of its layer factories (monai.networks.layers.factories), by the
@@ -116,7 +110,7 @@ def _targets() -> AllowList:
     bare: dict[str, dict[int, Any]] = {}
     for module, base in [*kinds, (nn, nn.Module)]:
         def keep(obj: Any, base: type = base) -> bool:
-            return inspect.isclass(obj) and issubclass(obj, base) and obj.__name__ not in _UNSAFE_CLASSES
+            return inspect.isclass(obj) and issubclass(obj, base) and obj.__name__ not in OTHER_CODE_CLASSES
 
         dotted = AllowList.of_modules("", [module], keep=keep)
         names.update((name, dotted.get(name)) for name in dotted.names())

@@ -315,6 +315,24 @@ def test_allow_listed_module_builds_only_networks():
         load_model("SegExplainLib.models:check_choice", kwargs={"value": "a", "name": "b", "choices": ["a"]})
 
 
+def test_a_monai_network_that_looks_names_up_elsewhere_needs_the_flag(monkeypatch):
+    """MONAI's TorchVisionFCModel looks its model_name up in torchvision: a card's string would choose what runs, so
+    it needs the flag like a bundle's; with the flag the name reaches the network (positive control)."""
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    called = []
+
+    class TorchVisionFCModel(nn.Identity):  # stands in for MONAI's, which needs torchvision
+        def __init__(self, **kwargs):
+            super().__init__()
+            called.append(kwargs)
+
+    monkeypatch.setattr(monai_nets, "TorchVisionFCModel", TorchVisionFCModel)
+    with pytest.raises(SegExplainError, match=r"'monai:TorchVisionFCModel' names TorchVisionFCModel, which looks "
+                                              r"names up in another library by itself; pass --trust-model-code"):
+        load_model("monai:TorchVisionFCModel", kwargs={"model_name": "os.system"})
+    assert not called
+    assert isinstance(load_model("monai:TorchVisionFCModel", kwargs={"model_name": "x"}, trust_code=True), nn.Identity)
+    assert called == [{"model_name": "x"}]
 
 
 @pytest.mark.parametrize("spec", ["resnet", "model.pt", "a b:c", "x.py:", "mod:1name", ":Name"])
