@@ -37,8 +37,8 @@ from SegExplainLib.imaging import (
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
 SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
 #: The largest file the page may upload (bytes): a compressed sequence of the case is far smaller. It is checked once
-#: the file has arrived (wslink receives up to 4 GB from a client with the token), before it is written or decoded;
-#: what it holds is checked from its header (grid, voxel count) before anything is decoded.
+#: the file has arrived (the app's wslink takes messages of this size plus 1 MB: ``app.CappedUnChunker``), before it
+#: is written or decoded; what it holds is checked from its header (grid, voxel count) before anything is decoded.
 MAX_UPLOAD_BYTES = 512 * 2**20
 
 logger = logging.getLogger(__name__)

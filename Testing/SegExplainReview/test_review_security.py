@@ -9,6 +9,7 @@ import signal
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import aiohttp
@@ -138,6 +139,44 @@ def test_without_the_token_the_state_cannot_be_read_nor_a_file_uploaded(server):
     hello, state, _ = asyncio.run(session(token(server)))
     assert "clientID" in hello["result"]
     assert len(state["result"]["state"]["sequences"]) == 6
+
+
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS of /proc/PID/status)."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's memory from /proc")
+def test_a_message_declaring_more_than_the_largest_upload_is_refused_before_anything_is_allocated(server):
+    """One 28-byte chunk whose header declared 2 GB took the server from 0.82 to 2.78 GB (wslink allocates what a
+    client with the token declares, up to 4 GB). Messages may now declare no more than the largest upload together:
+    the connection is closed, and the server's memory does not grow."""
+    port = urlparse(server.url).port
+    closed = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+    async def declare(*sizes: int) -> aiohttp.WSMsgType:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            assert "clientID" in (await Wslink(ws).call("wslink.hello", {"secret": token(server)}))["result"]
+            for ident, size in enumerate(sizes, 1):  # chunk header: message id, offset, declared size; then 16 bytes
+                await ws.send_bytes(b"".join(n.to_bytes(4, "little") for n in (ident, 0, size)) + bytes(16))
+            return (await ws.receive(timeout=10)).type
+
+    before = resident_bytes(server.process.pid)
+    assert asyncio.run(declare(2**31)) in closed
+    assert resident_bytes(server.process.pid) - before < 100 * 2**20
+    assert asyncio.run(declare(*[200 * 2**20] * 3)) in closed  # each under the cap, together over it
+    assert resident_bytes(server.process.pid) - before < 100 * 2**20
+
+    async def state() -> dict:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            client = Wslink(ws)
+            await client.call("wslink.hello", {"secret": token(server)})
+            return await client.call("trame.state.get")
+
+    assert len(asyncio.run(state())["result"]["state"]["sequences"]) == 6  # the server still serves
 
 
 def test_http_routes_need_the_token_and_the_apps_own_host(server):
