@@ -479,7 +479,7 @@ class ReviewApp(TrameApp):
         return response
 
     async def _screenshotResponse(self, _request: web.Request) -> web.Response:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
             path = export.writePng(self.screenshot(), Path(folder) / "screenshot.png")
             return self._attachment(path.read_bytes(), "segexplain-views.png", "image/png")
 
@@ -487,7 +487,7 @@ class ReviewApp(TrameApp):
         explanation = self._currentExplanation()
         if explanation is None:
             return web.Response(status=404, text="no explanation yet: run or select one first")
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
             try:
                 path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
             except SegExplainError as error:

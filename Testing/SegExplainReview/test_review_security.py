@@ -21,6 +21,9 @@ from wslink.chunking import UnChunker, generate_chunks
 
 from SegExplainLib import cli
 
+pytest.importorskip("trame_slicer", reason="the review app needs its extra (pip install -e '.[review]')")
+from SegExplainReview.session import CaseVolume  # noqa: E402
+
 
 def nonLoopbackAddress() -> str | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -55,8 +58,8 @@ def test_other_host_is_explicit_and_warned(monkeypatch, capsys):
     assert cli.main(["review", "--host", "0.0.0.0", "--port", "9999"]) == 0
     assert calls[-1][1] == {"host": "0.0.0.0", "port": 9999}
     assert "reachable from other machines" in capsys.readouterr().err
-    case = calls[-1][0]
-    assert [p.name for p in case.sequences][0].endswith("T2.nii.gz") and case.label is not None
+    case = calls[-1][0]  # the demo case, in memory
+    assert len(case.sequences) == 6 and all(isinstance(v, CaseVolume) for v in (*case.sequences, case.label))
 
 
 def test_missing_case_folder_is_an_error_line(tmp_path, capsys):
@@ -228,3 +231,44 @@ def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monke
     server.process.wait(30)
     written = [p.relative_to(temporary) for p in temporary.rglob("*") if p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
     assert written == [], written
+
+
+def test_the_demo_case_and_the_upload_folder_leave_nothing_behind_when_the_server_is_killed(tmp_path, monkeypatch):
+    """The demo case (no CASE given) was written to the temporary folder and stayed after SIGKILL, and so did an
+    upload being checked in that instant. The demo is now kept in memory, and uploads are checked in a folder that a
+    guardian process removes when the server ends (trame-slicer's own cache folder, empty, stays)."""
+    import time
+
+    from conftest import Server
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    server = Server()
+    port = urlparse(server.url).port
+
+    async def upload() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            client = Wslink(ws)
+            await client.call("wslink.hello", {"secret": token(server)})
+            upload = {"name": "label.nii.gz", "content": bytes(64)}  # refused, after being written to be checked
+            assert "error" not in await client.call("trame.state.update", [{"key": "upload", "value": upload}])
+
+    def leftovers() -> list[Path]:
+        return [p.relative_to(temporary) for p in temporary.rglob("*")
+                if p.name.startswith("segexplain-") or p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
+
+    try:
+        asyncio.run(upload())
+        deadline = time.monotonic() + 30
+        while not list(temporary.glob("segexplain-scratch-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(temporary.glob("segexplain-scratch-*"))) == 1
+    finally:
+        server.process.kill()
+        server.process.wait(30)
+    deadline = time.monotonic() + 10  # the guardian notices the server's end at once; give it time to run
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []
