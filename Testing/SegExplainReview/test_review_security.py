@@ -212,11 +212,9 @@ def test_the_page_reloads_without_the_token_in_its_address(server, browser):
 
 
 @pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGHUP])
-def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending):
+def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending, start_server):
     """The sequences of a 4D case were written as NRRD files to the temporary folder, and stayed after SIGKILL or
     SIGHUP (closing the terminal); they are now kept in memory."""
-    from conftest import Server
-
     from SegExplainLib.demo import make_case
 
     image, _ = make_case(1001)
@@ -226,25 +224,24 @@ def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monke
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))
-    server = Server(str(tmp_path / "case.nrrd"))
+    server = start_server(str(tmp_path / "case.nrrd"))
     server.process.send_signal(ending)
     server.process.wait(30)
     written = [p.relative_to(temporary) for p in temporary.rglob("*") if p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
     assert written == [], written
 
 
-def test_the_demo_case_and_the_upload_folder_leave_nothing_behind_when_the_server_is_killed(tmp_path, monkeypatch):
+def test_the_demo_case_and_the_upload_folder_leave_nothing_behind_when_the_server_is_killed(tmp_path, monkeypatch,
+                                                                                           start_server):
     """The demo case (no CASE given) was written to the temporary folder and stayed after SIGKILL, and so did an
     upload being checked in that instant. The demo is now kept in memory, and uploads are checked in a folder that a
     guardian process removes when the server ends (trame-slicer's own cache folder, empty, stays)."""
     import time
 
-    from conftest import Server
-
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))
-    server = Server()
+    server = start_server()
     port = urlparse(server.url).port
 
     async def upload() -> None:
