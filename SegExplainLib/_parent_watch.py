@@ -13,6 +13,9 @@ the child exits with :data:`EXIT_PARENT_GONE`. Two mechanisms notice the parent'
   could ask for the signal. On Windows, it waits on a handle of the parent process (no job object is needed).
 
 A command run by hand (without the variable) is not affected.
+
+The other way round, :func:`remove_with_host` starts a guardian child that removes a folder of files that must not
+outlive this process (an uploaded image while it is checked), when this process ends in any way.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 #: Environment variable with the pid of the process whose end ends the worker.
 PARENT_PID = "SEGEXPLAIN_PARENT_PID"
@@ -31,6 +36,9 @@ PARENT_PID = "SEGEXPLAIN_PARENT_PID"
 WATCH_INTERVAL_S = 0.5
 #: Exit status of a child whose parent is gone (128 + SIGTERM, as if terminated).
 EXIT_PARENT_GONE = 143
+
+#: The guardian of :func:`remove_with_host`: it waits for the end of its input, then removes the folder.
+_GUARDIAN = "import shutil, sys; sys.stdin.buffer.read(); shutil.rmtree(sys.argv[1], ignore_errors=True)"
 
 _PR_SET_PDEATHSIG = 1
 _WINDOWS_SYNCHRONIZE = 0x00100000
@@ -88,3 +96,18 @@ def _watch(alive: Callable[[], bool]) -> None:
 def _abandon() -> None:
     """End the process at once, whatever its threads are doing."""
     os._exit(EXIT_PARENT_GONE)
+
+
+def remove_with_host(folder: str | Path) -> subprocess.Popen:
+    """Start a guardian process that removes ``folder`` when this process ends, however it ends (SIGKILL included).
+
+    The guardian reads a pipe whose writing end only this process holds (not inherited by its other children); the
+    system closes that end when this process ends, and the guardian then removes the folder. It runs in a session
+    of its own, so that Ctrl+C or closing the terminal, which signal the whole foreground group, do not end it first.
+
+    Returns:
+        The guardian; closing its ``stdin`` removes the folder now. Keep a reference to it: its ``stdin`` closes
+        when it is garbage-collected.
+    """
+    return subprocess.Popen([sys.executable, "-c", _GUARDIAN, str(folder)], stdin=subprocess.PIPE,
+                            start_new_session=True)

@@ -243,8 +243,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_review(args: argparse.Namespace) -> None:
     """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
-    from .demo import write_demo_case
-
     given = _models_given(args, ("--model", "--nnunet", "--bundle"))
     if args.case is None and given:
         raise SegExplainError(f"{given[0]} needs a CASE_OR_FOLDER whose sequences the model takes")
@@ -268,18 +266,16 @@ def run_review(args: argparse.Namespace) -> None:
     for ending in (getattr(signal, "SIGHUP", None), signal.SIGTERM):
         if ending is not None:
             signal.signal(ending, signal.default_int_handler)
-    with tempfile.TemporaryDirectory(prefix="segexplain-review-") as folder:
-        if args.case is None:
-            sequences, label = write_demo_case(folder)
-            case = ReviewCase(model, tuple(sequences), label)
-        elif Path(args.case).is_file():
-            case = ReviewCase.fromFile(args.case, model)  # in memory: no copy of the images on disk
-        else:
-            case = ReviewCase.fromFolder(args.case, model)
-        try:
-            serve(dataclasses.replace(case, trustModelCode=args.trust_model_code), host=args.host, port=args.port)
-        except KeyboardInterrupt:
-            print("review app stopped", file=sys.stderr)
+    if args.case is None:
+        case = ReviewCase.demo(model)  # in memory, as a 4D case: nothing is written, so nothing can be left behind
+    elif Path(args.case).is_file():
+        case = ReviewCase.fromFile(args.case, model)
+    else:
+        case = ReviewCase.fromFolder(args.case, model)
+    try:
+        serve(dataclasses.replace(case, trustModelCode=args.trust_model_code), host=args.host, port=args.port)
+    except KeyboardInterrupt:
+        print("review app stopped", file=sys.stderr)
 
 
 def _json_option(text: str, what: str) -> Any:

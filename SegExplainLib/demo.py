@@ -26,9 +26,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .imaging import Geometry
 
 __all__ = [
     "CLASS_NAMES",
@@ -37,6 +40,7 @@ __all__ = [
     "SEQUENCE_NAMES",
     "SPACING",
     "demo_card_path",
+    "demo_geometry",
     "dice",
     "make_case",
     "run_demo",
@@ -299,6 +303,15 @@ def demo_card_path() -> Path:
     return _RESOURCES / _CARD_NAME
 
 
+def demo_geometry(shape: Sequence[int]) -> Geometry:
+    """The grid of a demo case of ``shape`` ``(D, H, W)``: spacing :data:`SPACING`, origin 0, identity direction."""
+    from .imaging import Geometry
+
+    depth, height, width = (int(n) for n in shape)
+    return Geometry(spacing=SPACING, origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+                    size=(width, height, depth))
+
+
 def write_demo_case(folder: str | Path, seed: int = HELD_OUT_SEEDS[0]) -> tuple[list[Path], Path]:
     """Write the case :func:`make_case` ``(seed)`` as NIfTI files: one per sequence and the lesion label.
 
@@ -308,14 +321,12 @@ def write_demo_case(folder: str | Path, seed: int = HELD_OUT_SEEDS[0]) -> tuple[
         ``(sequence_paths, label_path)``; the sequence files are named after :data:`SEQUENCE_NAMES`, in channel
         order, e.g. ``case_1000_T1-20s.nii.gz``.
     """
-    from .imaging import Geometry, write_volume
+    from .imaging import write_volume
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     image, label = make_case(seed)
-    depth, height, width = label.shape
-    geometry = Geometry(spacing=SPACING, origin=(0.0, 0.0, 0.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
-                        size=(width, height, depth))
+    geometry = demo_geometry(label.shape)
     paths = [write_volume(image[c], geometry, folder / f"case_{seed}_{name}.nii.gz")
              for c, name in enumerate(SEQUENCE_NAMES)]
     label_path = write_volume(label.astype(np.float32), geometry, folder / f"case_{seed}_label.nii.gz")

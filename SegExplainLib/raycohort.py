@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
+import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -34,6 +37,27 @@ LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 #: Cases queued at each actor: the next case is there when one ends, while the driver writes the finished one.
 CASES_PER_ACTOR = 2
 _PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def _local_token() -> str:
+    """The token of the local Rays this process starts: drawn once, kept in memory and environments, in no file."""
+    return secrets.token_hex(32)
+
+
+def _require_local_token() -> None:
+    """Token authentication for the local Ray about to start, whatever Ray's default or the user's ``RAY_AUTH_MODE``.
+
+    Ray listens on every interface and has no option to bind to loopback, so anyone who reaches this machine could
+    run code in it: with this, its GCS, raylet and workers refuse every process without this run's token. The
+    cluster's processes inherit it from this process's environment; Ray writes no token file (``~/.ray/auth_token``)
+    when one is in the environment.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_local_token())
+    Config.initialize("")  # this process's Ray read its settings at import: as Ray itself does when it turns auth on
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def import_ray():
@@ -70,7 +94,7 @@ def start_ray(address: str | None = None) -> bool:
 
     Args:
         address: A running cluster (``HOST:PORT``, ``ray://HOST:PORT`` or ``auto``); None starts a local Ray with a
-            small object store and no dashboard.
+            small object store, no dashboard, and token authentication with a token drawn for this process.
 
     Returns:
         Whether this call started or connected Ray (the caller then shuts it down).
@@ -89,6 +113,7 @@ def start_ray(address: str | None = None) -> bool:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False,
              "runtime_env": {"py_modules": [str(_PACKAGE)]}}
     if address is None:
+        _require_local_token()
         ray.init(address="local", include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
         return True
     try:

@@ -10,6 +10,8 @@ page sends the token to open the websocket (wslink's ``secret``, replacing its p
 HttpOnly, SameSite=Strict cookie, so that the downloads and a reload work. A request without the token gets 403:
 the page, the downloads, and any websocket call (state, uploads). A websocket whose ``Origin`` is not the app's own
 address, and a request whose ``Host`` is not an address the app is bound to (DNS rebinding), are refused as well.
+A client's messages may declare no more than the largest upload (:class:`CappedUnChunker`), which is refused before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, SliceView, ViewLayoutDefinition, ViewProps, ViewType
 from vtkmodules.util.numpy_support import vtk_to_numpy
 from vtkmodules.vtkCommonDataModel import vtkImageData
+from wslink.chunking import UnChunker
 
 from SegExplainLib import composite_names
 from SegExplainLib.errors import SegExplainError
@@ -67,6 +70,38 @@ ROUTE = "/segexplain"
 TOKEN_PARAMETER = "secret"
 #: Names of this machine in a ``Host`` header, accepted when the app is bound to a loopback address.
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+#: Room in a client's messages beyond the largest upload, for the rest of the message (names, msgpack framing).
+MESSAGE_OVERHEAD_BYTES = 2**20
+
+
+class CappedUnChunker(UnChunker):
+    """wslink's reassembly of a client's chunked messages, with a cap on the sizes they declare.
+
+    Each chunk's header declares its message's total size, and wslink allocates that much at the first chunk: up to
+    4 GB for a client with the token (one 28-byte chunk declaring 2 GB took the server from 0.82 to 2.78 GB). Here
+    the sizes declared by a client's unfinished messages together may not exceed ``limit``; a message over it is
+    refused before anything is allocated, the client's unfinished messages are dropped, and wslink closes its
+    connection.
+
+    Args:
+        limit: The most bytes a client's unfinished messages may declare together, once it has the token.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.allowed = limit, self.max_message_size  # wslink's own limit until the client has the token
+
+    def set_max_message_size(self, size: int) -> None:
+        self.allowed = min(size, self.limit)
+
+    def process_chunk(self, chunk: bytes) -> Any:
+        pending = sum(len(message["content"]) for message in self.pending_messages.values())
+        self.max_message_size = self.allowed - pending  # what wslink checks a new message's declared size against
+        try:
+            return super().process_chunk(chunk)
+        except ValueError:
+            self.release_pending_messages()  # at once: the error's traceback keeps this un-chunker alive a while
+            raise
 
 
 class ReviewApp(TrameApp):
@@ -389,6 +424,18 @@ class ReviewApp(TrameApp):
         wslinkServer.app.add_routes([web.get(f"{ROUTE}/screenshot.png", self._screenshotResponse),
                                      web.get(f"{ROUTE}/report.pdf", self._reportResponse)])
         self.server.protocol.updateSecret(self.token)
+        for handler in wslinkServer._ws_handlers:  # wslink has no setting for the size a message may declare
+            self._capMessages(handler)
+
+    def _capMessages(self, handler: Any) -> None:
+        """Give each new connection of a wslink handler a :class:`CappedUnChunker` (before its first message)."""
+        connect = handler.onConnect
+
+        async def onConnect(request: Any, clientId: str) -> None:
+            await connect(request, clientId)
+            handler.unchunkers[clientId] = CappedUnChunker(self.session.maxUploadBytes + MESSAGE_OVERHEAD_BYTES)
+
+        handler.onConnect = onConnect
 
     # access ------------------------------------------------------------------------------------------------------
 
@@ -445,7 +492,7 @@ class ReviewApp(TrameApp):
         return response
 
     async def _screenshotResponse(self, _request: web.Request) -> web.Response:
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
             path = export.writePng(self.screenshot(), Path(folder) / "screenshot.png")
             return self._attachment(path.read_bytes(), "segexplain-views.png", "image/png")
 
@@ -453,7 +500,7 @@ class ReviewApp(TrameApp):
         explanation = self._currentExplanation()
         if explanation is None:
             return web.Response(status=404, text="no explanation yet: run or select one first")
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
             try:
                 path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
             except SegExplainError as error:

@@ -21,6 +21,8 @@ import vtk
 from SegExplainMRML import nodes, results, workflow
 from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun, fileSafe
 
+from SegExplainLib._parent_watch import remove_with_host
+from SegExplainLib.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import (
     WRITE_SUFFIXES,
@@ -37,8 +39,8 @@ from SegExplainLib.imaging import (
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
 SEGMENT_COLORS = ((0.2, 0.85, 0.3), (0.1, 0.8, 0.8), (0.75, 0.85, 0.1), (0.9, 0.9, 0.9))
 #: The largest file the page may upload (bytes): a compressed sequence of the case is far smaller. It is checked once
-#: the file has arrived (wslink receives up to 4 GB from a client with the token), before it is written or decoded;
-#: what it holds is checked from its header (grid, voxel count) before anything is decoded.
+#: the file has arrived (the app's wslink takes messages of this size plus 1 MB: ``app.CappedUnChunker``), before it
+#: is written or decoded; what it holds is checked from its header (grid, voxel count) before anything is decoded.
 MAX_UPLOAD_BYTES = 512 * 2**20
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,13 @@ class ReviewCase:
         return cls(model, tuple(CaseVolume(channel, geometry) for channel in image))
 
     @classmethod
+    def demo(cls, model: str | ModelSource, seed: int = HELD_OUT_SEEDS[0]) -> ReviewCase:
+        """The demo case (:func:`~SegExplainLib.demo.make_case`), its sequences and label in memory: no file."""
+        image, label = make_case(seed)
+        geometry = demo_geometry(label.shape)
+        return cls(model, tuple(CaseVolume(channel, geometry) for channel in image), CaseVolume(label, geometry))
+
+    @classmethod
     def fromFolder(cls, folder: str | Path, model: str | ModelSource) -> ReviewCase:
         """A case folder: one image file per sequence of the model and optionally a label map.
 
@@ -159,6 +168,7 @@ class ReviewSession:
             raise SegExplainError(f"maxUploadBytes must be a positive number of bytes, got {maxUploadBytes!r}")
         self.app, self.case, self.scene = slicerApp, case, slicerApp.scene
         self.maxUploadBytes = maxUploadBytes
+        self._scratch: tuple[Path, Any] | None = None  # the scratch folder and its guardian, made when first needed
         slicer.mrmlScene = self.scene  # slicer.util works on the current scene, as in the application
         self.names = case.names
         if len(case.sequences) != len(self.names):
@@ -191,9 +201,19 @@ class ReviewSession:
             raise SegExplainError(f"could not load {str(path)!r} as a volume")
         return node
 
-    def _addSegmentation(self, path: Path, name: str) -> Any:
-        read_label(path, nodes.geometryOfVolume(self.volumes[0]))  # refuses a label map off the input grid
-        label = self.app.volumes_logic.AddArchetypeVolume(str(path), "label", 1)
+    def _addSegmentation(self, path: Path | CaseVolume, name: str) -> Any:
+        grid = nodes.geometryOfVolume(self.volumes[0])
+        if isinstance(path, CaseVolume):
+            differences = grid.differences(path.geometry, tolerance=1e-4)
+            if differences:
+                raise SegExplainError(f"the label map is not on the grid of the case (differs in "
+                                      f"{', '.join(differences)})")
+            label = slicer.util.addVolumeFromArray(path.array, path.geometry.ijk_to_ras, "label",
+                                                   nodeClassName="vtkMRMLLabelMapVolumeNode")
+            label.GetDisplayNode().SetAndObserveColorNodeID("")  # segments named as from a file, not a colour table
+        else:
+            read_label(path, grid)  # refuses a label map off the input grid
+            label = self.app.volumes_logic.AddArchetypeVolume(str(path), "label", 1)
         segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(name))
         segmentation.CreateDefaultDisplayNodes()
         slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(label, segmentation)
@@ -243,7 +263,7 @@ class ReviewSession:
         if len(content) > self.maxUploadBytes:
             raise SegExplainError(f"{fileName!r} is {len(content)} bytes; uploads are limited to "
                                   f"{self.maxUploadBytes} bytes")
-        with tempfile.TemporaryDirectory(prefix="segexplain-upload-") as folder:
+        with tempfile.TemporaryDirectory(prefix="segexplain-upload-", dir=self.scratchFolder()) as folder:
             path = Path(folder) / f"upload{Path(fileName).name[len(stem):]}"
             try:
                 path.write_bytes(content)
@@ -257,6 +277,15 @@ class ReviewSession:
                                            (folder, "<upload folder>"), (os.path.realpath(folder), "<upload folder>")):
                     message = message.replace(shown, replacement)
                 raise SegExplainError(message) from None
+
+    def scratchFolder(self) -> Path:
+        """The private temporary folder for files the server holds only for a moment (an upload while it is checked:
+        ITK reads images from files only; a download while it is made). A guardian process removes it when the
+        server ends, even killed with SIGKILL in that moment."""
+        if self._scratch is None:
+            folder = Path(tempfile.mkdtemp(prefix="segexplain-scratch-"))
+            self._scratch = folder, remove_with_host(folder)
+        return self._scratch[0]
 
     def _addFile(self, path: Path, stem: str, fileName: str) -> str:
         if stem in self.names:
@@ -304,8 +333,13 @@ class ReviewSession:
         return workflow.finishExplanation(run, self.volumes)
 
     def close(self) -> None:
-        """End the warm worker (the server's end)."""
+        """End the warm worker and remove the scratch folder (the server's end)."""
         self.explainer.close()
+        if self._scratch is not None:
+            _, guardian = self._scratch
+            guardian.stdin.close()  # the guardian removes the folder and ends
+            guardian.wait()
+            self._scratch = None
 
     def explanations(self) -> list[tuple[int, str]]:
         """(folder item, name) of every explanation, oldest first."""

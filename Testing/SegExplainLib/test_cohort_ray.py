@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -187,3 +189,50 @@ def test_workers_resume_and_recompute_nothing_finished(cases, serial, local_ray,
     assert cohort(cases, output, "--workers", "2", csv_name="good.csv") == 0
     assert {name: (output / "cases" / name / "summary.json").stat().st_mtime_ns for name in GOOD} == again
     assert json.loads((output / "failures.json").read_text()) == {}
+
+
+#: A process that starts Ray as ``cohort --workers`` does, runs a task, prints its address, and ends Ray at end of
+#: input.
+LOCAL_RAY = """
+import sys
+import ray
+from SegExplainLib import raycohort
+raycohort.start_ray()
+print(ray.get(ray.remote(lambda: "ran").remote()), ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+#: Another process of this machine, or of one that reaches it, connecting to that Ray and running a task.
+INTRUDER = """
+import logging, sys
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.ERROR)
+print(ray.get(ray.remote(lambda: "ran").remote()))
+"""
+
+
+def test_a_local_ray_lets_in_only_processes_with_the_runs_token(tmp_path):
+    """Ray listens on every interface and cannot be bound to loopback, and a user's RAY_AUTH_MODE=disabled (or Ray's
+    default before 2.60) left it open to anyone who reaches the machine. The local Ray now always wants a token drawn
+    for the run, held in the environment of its processes, never in a file (~/.ray/auth_token)."""
+    pytest.importorskip("ray")
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
+    cluster = subprocess.Popen([sys.executable, "-c", LOCAL_RAY], env=base | {"RAY_AUTH_MODE": "disabled"},
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        ran, address = cluster.stdout.readline().split()
+        assert ran == "ran"
+        intruder = subprocess.run([sys.executable, "-c", INTRUDER, address], capture_output=True, text=True,
+                                  env=base | {"RAY_gcs_server_port_wait_time_s": "1"}, timeout=120)  # one try, not 20
+        assert intruder.returncode != 0 and "ran" not in intruder.stdout
+        assert "Authentication token is missing or incorrect" in intruder.stderr
+        assert not (home / ".ray").exists()  # no token file, in the home that Ray would have written it to
+    finally:
+        cluster.stdin.close()
+        try:
+            cluster.wait(60)
+        except subprocess.TimeoutExpired:
+            cluster.kill()
+            cluster.wait()

@@ -67,6 +67,13 @@ class Server:
                 self.process.wait()
 
 
+@pytest.fixture(scope="session")
+def start_server():
+    """Start another server with arguments of its own: ``start_server(case_path)``. A fixture, because a test
+    module's ``from conftest import Server`` finds the conftest of another folder when both are collected."""
+    return Server
+
+
 @pytest.fixture(scope="module")
 def server():
     server = Server()

@@ -9,6 +9,7 @@ import signal
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import aiohttp
@@ -19,6 +20,9 @@ import SimpleITK as sitk
 from wslink.chunking import UnChunker, generate_chunks
 
 from SegExplainLib import cli
+
+pytest.importorskip("trame_slicer", reason="the review app needs its extra (pip install -e '.[review]')")
+from SegExplainReview.session import CaseVolume  # noqa: E402
 
 
 def nonLoopbackAddress() -> str | None:
@@ -54,8 +58,8 @@ def test_other_host_is_explicit_and_warned(monkeypatch, capsys):
     assert cli.main(["review", "--host", "0.0.0.0", "--port", "9999"]) == 0
     assert calls[-1][1] == {"host": "0.0.0.0", "port": 9999}
     assert "reachable from other machines" in capsys.readouterr().err
-    case = calls[-1][0]
-    assert [p.name for p in case.sequences][0].endswith("T2.nii.gz") and case.label is not None
+    case = calls[-1][0]  # the demo case, in memory
+    assert len(case.sequences) == 6 and all(isinstance(v, CaseVolume) for v in (*case.sequences, case.label))
 
 
 def test_missing_case_folder_is_an_error_line(tmp_path, capsys):
@@ -140,6 +144,44 @@ def test_without_the_token_the_state_cannot_be_read_nor_a_file_uploaded(server):
     assert len(state["result"]["state"]["sequences"]) == 6
 
 
+def resident_bytes(pid: int) -> int:
+    """A process's resident memory (VmRSS of /proc/PID/status)."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the server's memory from /proc")
+def test_a_message_declaring_more_than_the_largest_upload_is_refused_before_anything_is_allocated(server):
+    """One 28-byte chunk whose header declared 2 GB took the server from 0.82 to 2.78 GB (wslink allocates what a
+    client with the token declares, up to 4 GB). Messages may now declare no more than the largest upload together:
+    the connection is closed, and the server's memory does not grow."""
+    port = urlparse(server.url).port
+    closed = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+
+    async def declare(*sizes: int) -> aiohttp.WSMsgType:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            assert "clientID" in (await Wslink(ws).call("wslink.hello", {"secret": token(server)}))["result"]
+            for ident, size in enumerate(sizes, 1):  # chunk header: message id, offset, declared size; then 16 bytes
+                await ws.send_bytes(b"".join(n.to_bytes(4, "little") for n in (ident, 0, size)) + bytes(16))
+            return (await ws.receive(timeout=10)).type
+
+    before = resident_bytes(server.process.pid)
+    assert asyncio.run(declare(2**31)) in closed
+    assert resident_bytes(server.process.pid) - before < 100 * 2**20
+    assert asyncio.run(declare(*[200 * 2**20] * 3)) in closed  # each under the cap, together over it
+    assert resident_bytes(server.process.pid) - before < 100 * 2**20
+
+    async def state() -> dict:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            client = Wslink(ws)
+            await client.call("wslink.hello", {"secret": token(server)})
+            return await client.call("trame.state.get")
+
+    assert len(asyncio.run(state())["result"]["state"]["sequences"]) == 6  # the server still serves
+
+
 def test_http_routes_need_the_token_and_the_apps_own_host(server):
     """Downloads and the page need the token (or the cookie the page set); a foreign Host (DNS rebinding) gets 403."""
     base = server.url.split("?")[0].rstrip("/")
@@ -170,11 +212,9 @@ def test_the_page_reloads_without_the_token_in_its_address(server, browser):
 
 
 @pytest.mark.parametrize("ending", [signal.SIGKILL, signal.SIGHUP])
-def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending):
+def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending, start_server):
     """The sequences of a 4D case were written as NRRD files to the temporary folder, and stayed after SIGKILL or
     SIGHUP (closing the terminal); they are now kept in memory."""
-    from conftest import Server
-
     from SegExplainLib.demo import make_case
 
     image, _ = make_case(1001)
@@ -184,8 +224,48 @@ def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monke
     temporary = tmp_path / "tmp"
     temporary.mkdir()
     monkeypatch.setenv("TMPDIR", str(temporary))
-    server = Server(str(tmp_path / "case.nrrd"))
+    server = start_server(str(tmp_path / "case.nrrd"))
     server.process.send_signal(ending)
     server.process.wait(30)
     written = [p.relative_to(temporary) for p in temporary.rglob("*") if p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
     assert written == [], written
+
+
+def test_the_demo_case_and_the_upload_folder_leave_nothing_behind_when_the_server_is_killed(tmp_path, monkeypatch,
+                                                                                           start_server):
+    """The demo case (no CASE given) was written to the temporary folder and stayed after SIGKILL, and so did an
+    upload being checked in that instant. The demo is now kept in memory, and uploads are checked in a folder that a
+    guardian process removes when the server ends (trame-slicer's own cache folder, empty, stays)."""
+    import time
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temporary))
+    server = start_server()
+    port = urlparse(server.url).port
+
+    async def upload() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                f"ws://127.0.0.1:{port}/ws", headers={"Origin": f"http://127.0.0.1:{port}"}, max_msg_size=0) as ws:
+            client = Wslink(ws)
+            await client.call("wslink.hello", {"secret": token(server)})
+            upload = {"name": "label.nii.gz", "content": bytes(64)}  # refused, after being written to be checked
+            assert "error" not in await client.call("trame.state.update", [{"key": "upload", "value": upload}])
+
+    def leftovers() -> list[Path]:
+        return [p.relative_to(temporary) for p in temporary.rglob("*")
+                if p.name.startswith("segexplain-") or p.suffix in (".nrrd", ".nii", ".gz", ".mha")]
+
+    try:
+        asyncio.run(upload())
+        deadline = time.monotonic() + 30
+        while not list(temporary.glob("segexplain-scratch-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(list(temporary.glob("segexplain-scratch-*"))) == 1
+    finally:
+        server.process.kill()
+        server.process.wait(30)
+    deadline = time.monotonic() + 10  # the guardian notices the server's end at once; give it time to run
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []

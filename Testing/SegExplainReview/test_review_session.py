@@ -302,3 +302,27 @@ def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
     sequences, label = write_demo_case(tmp_path, 1001)
     case = ReviewCase.fromFolder(tmp_path, str(demo_card_path()))
     assert case.sequences == tuple(sequences) and case.label == label
+
+
+def test_the_demo_case_is_made_in_memory_as_its_files_would_be_read(caseFolder, session, monkeypatch, tmp_path):
+    """The demo case of ``segexplain review`` without a case was written to the temporary folder (and stayed there
+    after SIGKILL); it is now made in memory: the same voxels, grid and segment as its files."""
+    from trame_slicer.core import SlicerApp
+
+    from SegExplainLib.imaging import read_label, read_sequences
+    from SegExplainReview.session import CaseVolume, ReviewCase, ReviewSession
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    case = ReviewCase.demo(str(demo_card_path()), 1000)
+    assert all(isinstance(volume, CaseVolume) for volume in (*case.sequences, case.label))
+    image, geometry = read_sequences([caseFolder / f"{name}.nii.gz" for name in SEQUENCE_NAMES])
+    np.testing.assert_allclose(np.stack([volume.array for volume in case.sequences]), image, rtol=1e-6)
+    assert {volume.geometry for volume in (*case.sequences, case.label)} == {geometry}
+    np.testing.assert_array_equal(case.label.array, read_label(caseFolder / "label.nii.gz", geometry))
+    demo = ReviewSession(SlicerApp(), case)
+    try:
+        assert [name for _, name in demo.segments()] == [name for _, name in session.segments()]
+        assert np.allclose(demo.segmentationCentre(), session.segmentationCentre())
+    finally:
+        demo.close()
+    assert list(tmp_path.iterdir()) == []  # nothing written
