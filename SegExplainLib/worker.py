@@ -52,7 +52,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -430,6 +430,22 @@ class _Control:
             self.running = number
             return True
 
+    @contextlib.contextmanager
+    def sending(self, number: int) -> Iterator[None]:
+        """Write a message while request ``number`` runs: no interrupt may land in it (half a message would break
+        the stream), so a cancel that comes meanwhile is raised once the message is whole."""
+        with self.lock:
+            self.running = None
+        try:
+            yield
+        finally:
+            with self.lock:
+                stop = self.stopping == number or number in self.cancelled
+                self.cancelled.discard(number)
+                self.running = None if stop else number
+        if stop:
+            raise KeyboardInterrupt
+
     def interrupt(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - a signal handler's signature
         # only the request that was cancelled is interrupted, never the next one (the interrupt may come late)
         if self.stopping is not None and self.stopping == self.running:
@@ -483,9 +499,10 @@ def serve(inputs: int, outputs: int) -> None:
                               "model_arguments": session.model_arguments}  # the command line of the exact answer
                     answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
                     if shown:  # the first answer at once; the exact one follows in this request, unless cancelled
-                        send({"event": "preview", "request": number, "seconds": time.perf_counter() - started,
-                              **answer[0]}, answer[1])
-                        send({"event": "progress", "request": number, "step": _REFINING})
+                        with control.sending(number):
+                            send({"event": "preview", "request": number, "seconds": time.perf_counter() - started,
+                                  **answer[0]}, answer[1])
+                            send({"event": "progress", "request": number, "step": _REFINING})
             else:
                 raise SegExplainError(f"unknown request {operation!r}")
         except KeyboardInterrupt:
