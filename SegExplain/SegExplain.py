@@ -420,22 +420,19 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPointClicked(self, caller, event) -> None:
         parameters = self._parameterNode
-        # a click that only refines its preview gives way to the new one (the explainer cancels it)
         if parameters and parameters.explainOnClick and (self._job is None or self._job.refining):
+            if self._job is not None:
+                self._finishJobUi()  # a click that only refines its preview gives way: the explainer cancels it
             parameters.regionKind = "point"
-            self._startJob()
+            self.onApplyButton()
 
     def onApplyButton(self) -> None:
-        job = self._job
-        if job is not None:
-            job.cancel()
+        if self._job is not None:
+            self._job.cancel()
+            previewShown = self._job.explanation is not None
             self._finishJobUi()
-            self.ui.statusLabel.text = _("Cancelled; the preview stays shown") if job.explanation is not None \
-                else _("Cancelled")
+            self.ui.statusLabel.text = _("Cancelled; the preview stays shown") if previewShown else _("Cancelled")
             return
-        self._startJob()
-
-    def _startJob(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=False):
             self.logic.ensureRequirements(askConfirmation=True)
             # Not a parameter: a scene, like a card, may come from someone else, so it cannot tick this box.
@@ -443,7 +440,8 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                     trustModelCode=self.ui.trustModelCodeCheckBox.checked)
             self._rebuildSequenceSelectors()  # a multi-volume was split into the per-sequence inputs
             self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene")
+            self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene but a preview "
+                                          "already shown")
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self.ui.statusLabel.text = _("Starting")

@@ -166,7 +166,8 @@ def replaceMaps(explanation: Explanation, maps: np.ndarray, record: dict[str, An
     shNode = subjectHierarchy(explanation.overlay.GetScene())
     shNode.SetItemAttribute(explanation.folderItem, RECORD_ATTRIBUTE, json.dumps(record, default=str))
     for field in _SHOWN_FIELDS:
-        shNode.SetItemAttribute(explanation.folderItem, f"SegExplain.{field}", json.dumps(record.get(field), default=str))
+        shNode.SetItemAttribute(explanation.folderItem, f"SegExplain.{field}",
+                                json.dumps(record.get(field), default=str))
     for node, array in zip(explanation.relevance, maps):
         slicer.util.updateVolumeFromArray(node, array)
         setDivergingDisplay(node)
