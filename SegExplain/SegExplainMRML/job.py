@@ -361,7 +361,7 @@ class WarmExplainer:
         """End the worker (the module's cleanup, a closed scene, the review server's end)."""
         if self.worker is not None:
             self.worker.close()
-        self.worker, self._modelKey, self._caseKey, self.stack = None, None, None, None
+        self.worker, self._modelKey, self._caseKey, self.stack, self._run = None, None, None, None, None
 
 
 #: Progress of a click while the worker does each step.
