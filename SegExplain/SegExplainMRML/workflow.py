@@ -130,8 +130,8 @@ def startExplanation(explainer: WarmExplainer, volumes: list[Any], names: list[s
 def previewExplanation(run: WarmRun, inputs: list[Any]) -> results.Explanation | None:
     """Load a click's preview into the scene once it came, as a new explanation folder whose record says it is a
     preview (``preview``, ``ensemble``); :func:`finishExplanation` later puts the exact answer in its place. None
-    while no preview came, and once it is loaded."""
-    if run.preview is None or run.explanation is not None:
+    while no preview came, once it is loaded, and once the exact answer came (then only that one is loaded)."""
+    if run.preview is None or run.explanation is not None or run.answer is not None:
         return None
     run.explanation = _addExplanation(run, run.preview, inputs)
     return run.explanation
