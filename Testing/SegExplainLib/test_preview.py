@@ -78,11 +78,11 @@ def test_a_click_answers_the_preview_then_the_exact_ensemble(nnunet_model, case)
 
 
 def test_cancel_during_the_refinement_keeps_the_preview_and_the_worker(nnunet_model, case):
-    """The mirrored ensemble refines for many passes: a cancel after the preview stops it, and the same worker answers
-    the next click."""
+    """Fold 0 mirrored on three axes refines for 8 passes: a cancel after the preview stops it, and the same worker
+    answers the next click."""
     image, geometry, centre = case
     click = ["--voxel", *(str(v) for v in centre), *GRADIENT]
-    with Worker(["--nnunet", str(nnunet_model), "--folds", "0", "1"]) as worker:
+    with Worker(["--nnunet", str(nnunet_model), "--folds", "0"]) as worker:
         worker.start()
         worker.wait(worker.set_case(image, geometry), timeout=300)
         request = worker.explain(click, preview=True)
