@@ -99,6 +99,7 @@ class SegExplainParameterNode:
     inputVolumes: one volume per MRI sequence of the model, in its order.
     multiVolume: or one multi-component volume holding the sequences; it is split into ``inputVolumes`` on Explain.
     regionKind: what to explain: a segment, an ROI box, a clicked point, the predicted region or the whole class.
+    preview: show an ensemble's quick preview (nnU-Net: fold 0 without mirroring) first, replaced by the exact answer.
     The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
     """
 
@@ -118,6 +119,7 @@ class SegExplainParameterNode:
     clickedPoints: vtkMRMLMarkupsFiducialNode
     radius: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
     explainOnClick: bool = True
+    preview: bool = True
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
                                    "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
     composite: Annotated[str, Choice(["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
@@ -418,15 +420,18 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPointClicked(self, caller, event) -> None:
         parameters = self._parameterNode
-        if parameters and parameters.explainOnClick and self._job is None:
+        if parameters and parameters.explainOnClick and (self._job is None or self._job.refining):
+            if self._job is not None:
+                self._finishJobUi()  # a click that only refines its preview gives way: the explainer cancels it
             parameters.regionKind = "point"
             self.onApplyButton()
 
     def onApplyButton(self) -> None:
         if self._job is not None:
             self._job.cancel()
+            previewShown = self._job.explanation is not None
             self._finishJobUi()
-            self.ui.statusLabel.text = _("Cancelled")
+            self.ui.statusLabel.text = _("Cancelled; the preview stays shown") if previewShown else _("Cancelled")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the explanation."), waitCursor=False):
             self.logic.ensureRequirements(askConfirmation=True)
@@ -435,7 +440,8 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                     trustModelCode=self.ui.trustModelCodeCheckBox.checked)
             self._rebuildSequenceSelectors()  # a multi-volume was split into the per-sequence inputs
             self.ui.applyButton.text = _("Cancel")
-            self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene")
+            self.ui.applyButton.toolTip = _("Stop the running explanation; nothing is added to the scene but a preview "
+                                          "already shown")
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
             self.ui.statusLabel.text = _("Starting")
@@ -447,6 +453,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(100 * job.fraction)
         self.ui.statusLabel.text = job.step
         if job.running:
+            self._showPreview(job)
             return
         self._finishJobUi()
         if job.state == "failed":
@@ -464,9 +471,23 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             record = self._explanation.record
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s; score {score:.4g}, delta {delta}").format(
                 seconds=record["seconds"], score=record["target_score"], delta=record.get("delta"))
+            if job.preview is not None:
+                self.ui.statusLabel.text += " " + _("(the full ensemble replaced the preview)")
             if self._explanation.warnings:  # e.g. Integrated Gradients missing completeness: never silent
                 slicer.util.warningDisplay("\n\n".join(self._explanation.warnings),
                                            windowTitle=_("SegExplain: check this explanation"))
+
+    def _showPreview(self, job) -> None:
+        """Load and show the click's preview once it came; the job goes on to the exact answer."""
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the preview."), waitCursor=False):
+            explanation = self.logic.previewExplanation(job, self._parameterNode, self._explanation)
+            if explanation is None:
+                return
+            self._explanation = explanation
+            self.logic.showExplanation(explanation, self._parameterNode)
+            self._refreshExplanations()
+            self.ui.statusLabel.text = _("Preview shown ({ensemble}); refining").format(
+                ensemble=explanation.record.get("ensemble"))
 
     def _finishJobUi(self) -> None:
         self._jobTimer.stop()
@@ -677,12 +698,29 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def finishExplanation(job, parameters, previous=None):
-        """Load a done click into the scene as a new explanation folder (replacing ``previous`` if asked)."""
+        """Load a done click into the scene as a new explanation folder (replacing ``previous`` if asked); a click
+        whose preview is shown gets the exact answer in the preview's folder."""
         from SegExplainMRML import workflow
+
+        return SegExplainLogic._replacing(workflow.finishExplanation(job, list(parameters.inputVolumes)),
+                                          parameters, previous)
+
+    @staticmethod
+    def previewExplanation(job, parameters, previous=None):
+        """Load a click's preview into the scene once it came (replacing ``previous`` if asked); None before."""
+        from SegExplainMRML import workflow
+
+        return SegExplainLogic._replacing(workflow.previewExplanation(job, list(parameters.inputVolumes)),
+                                          parameters, previous)
+
+    @staticmethod
+    def _replacing(explanation, parameters, previous):
+        """Remove ``previous`` when asked and a new folder took its place (never the folder itself: a preview's
+        folder receives the exact answer)."""
         from SegExplainMRML.results import removeExplanation
 
-        explanation = workflow.finishExplanation(job, list(parameters.inputVolumes))
-        if parameters.replacePrevious and previous is not None:
+        if explanation is not None and parameters.replacePrevious and previous is not None and \
+                previous.folderItem != explanation.folderItem:
             removeExplanation(slicer.mrmlScene, previous.folderItem)
         return explanation
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib
@@ -453,10 +454,35 @@ class NnUNetPipeline(Pipeline):
         self.folds = [f.name.removeprefix("fold_") for f in fold_folders]
         self.mirror_axes = tuple(checkpoints[0].get("inference_allowed_mirroring_axes") or ()) if mirroring else ()
         self._sliding = sliding
-        self.model = SlidingWindow(
-            MirroredEnsemble(networks, self.mirror_axes), self.configuration.patch_size,
-            positions=functools.partial(_nnunet_steps, tile_step_size=tile_step_size), weight=self._gaussian(),
+        self.networks = networks
+        self.model = self._sliding_window(networks, self.mirror_axes)
+
+    def _sliding_window(self, networks: Sequence[nn.Module], mirror_axes: Sequence[int]) -> SlidingWindow:
+        """nnU-Net's inference over ``networks`` (one per fold): its windows, mirroring and Gaussian blend."""
+        return SlidingWindow(
+            MirroredEnsemble(networks, mirror_axes), self.configuration.patch_size,
+            positions=functools.partial(_nnunet_steps, tile_step_size=self.tile_step_size), weight=self._gaussian(),
             pad_to_patch=True)
+
+    def preview(self) -> NnUNetPipeline | None:
+        """The first fold without mirroring, in the same windows and on the same preprocessed case: one network
+        pass per window instead of ``folds x mirrorings`` (16 for two folds mirrored on three axes). None when this
+        is one fold without mirroring already."""
+        if len(self.networks) == 1 and not self.mirror_axes:
+            return None
+        preview = copy.copy(self)  # the plans, labels and preprocessing are shared, never changed
+        preview.networks, preview.folds, preview.mirror_axes = self.networks[:1], self.folds[:1], ()
+        preview.model = self._sliding_window(preview.networks, ())
+        return preview
+
+    @property
+    def ensemble(self) -> str:
+        """What the explained function averages, e.g. ``"2 folds (0, 1) x 8 mirrorings"`` or ``"fold 0 without
+        mirroring"``."""
+        folds = f"fold {self.folds[0]}" if len(self.folds) == 1 else \
+            f"{len(self.folds)} folds ({', '.join(self.folds)})"
+        return f"{folds} x {2 ** len(self.mirror_axes)} mirrorings" if self.mirror_axes else \
+            f"{folds} without mirroring"
 
     def _build(self, trainer: type) -> nn.Module:
         """The network for inference: from the resolved objects as ``get_network_from_plans`` builds it, or (trusted
@@ -536,12 +562,13 @@ class NnUNetPipeline(Pipeline):
                             maps_to_original, record)
 
     def describe(self) -> dict[str, Any]:
-        """The model's folder, configuration, folds, trainer, checkpoint, mirroring and sliding window."""
+        """The model's folder, configuration, folds, trainer, checkpoint, mirroring, sliding window and ensemble."""
         return {
             "kind": self.kind, "folder": str(self.folder), "configuration": self.configuration_name,
             "folds": self.folds, "trainer": self.trainer_name, "checkpoint": self.checkpoint,
             "mirror_axes": list(self.mirror_axes), "patch_size": [int(p) for p in self.configuration.patch_size],
-            "tile_step_size": self.tile_step_size, "sequences": self.sequences, "classes": self.classes,
+            "tile_step_size": self.tile_step_size, "ensemble": self.ensemble, "sequences": self.sequences,
+            "classes": self.classes,
         }
 
 

@@ -81,6 +81,15 @@ class Pipeline(abc.ABC):
         """Raise, before any case is prepared, when this model cannot be explained with ``method`` (a registry name
         or a method instance); every method is fine unless a pipeline says otherwise."""
 
+    def preview(self) -> Pipeline | None:
+        """A cheaper stand-in for a first answer while this pipeline's exact one is computed, or None (the default).
+
+        The stand-in prepares cases as this pipeline does, so a case prepared by this one serves it with the
+        stand-in's ``model`` in place (what the warm worker does); only the explained function is cheaper (nnU-Net:
+        the first fold without mirroring). Its :meth:`describe` says what it computes.
+        """
+        return None
+
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """The model as JSON-friendly values (source folder, configuration, folds...), for the record."""

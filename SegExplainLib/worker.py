@@ -52,8 +52,8 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,6 +77,8 @@ _LONGEST_WAIT_S = 0.5
 _WINDOWS_WAIT_S = 0.005
 #: What the child is doing for each request, as its progress events name it.
 _STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining"}
+#: The progress step of a request whose preview was sent, while its exact answer is computed.
+_REFINING = "refining to the full ensemble"
 _WINDOWS_NEW_PROCESS_GROUP = 0x00000200
 _WINDOWS_NO_WINDOW = 0x08000000
 
@@ -137,7 +139,9 @@ class WarmSession:
         self.model, self.card = (None, None) if self.pipeline else _load(args)
         self.sequences = list(self.pipeline.sequences if self.pipeline else self.card.sequences if self.card else [])
         self.description = model_description(args, self.pipeline, self.card)
-        self.image = self.geometry = self.prepared = None
+        #: The pipeline's cheaper stand-in for a first answer (:meth:`Pipeline.preview`), or None.
+        self.preview = self.pipeline.preview() if self.pipeline else None
+        self.image = self.geometry = self.prepared = self.preview_prepared = None
 
     def set_case(self, image: np.ndarray, geometry: Any) -> dict[str, Any]:
         """Make ``image`` (C, D, H, W) on ``geometry`` the current case: preprocess it and predict the whole volume.
@@ -159,21 +163,25 @@ class WarmSession:
         else:
             model_input = self.card.normalize(image) if self.card else image
             prepared = PreparedCase(self.model, np.ascontiguousarray(model_input, np.float32), np.copy, np.copy)
-        whole_volume = getattr(prepared.model, "whole_volume", None)
-        if whole_volume is not None:  # kept by the sliding window for the predicted region of every click
-            with torch.no_grad():
-                whole_volume(torch.as_tensor(prepared.input)[None])
-        self.image, self.geometry, self.prepared = image, geometry, prepared
+        # the preview prepares cases as its pipeline does: the same case with its cheaper model
+        preview_prepared = replace(prepared, model=self.preview.model) if self.preview else None
+        for model in (prepared.model, preview_prepared.model if preview_prepared else None):
+            whole_volume = getattr(model, "whole_volume", None)
+            if whole_volume is not None:  # kept by the sliding window for the predicted region of every click
+                with torch.no_grad():
+                    whole_volume(torch.as_tensor(prepared.input)[None])
+        self.image, self.geometry, self.prepared, self.preview_prepared = image, geometry, prepared, preview_prepared
         return {"shape": list(image.shape), "network_shape": list(prepared.input.shape),
                 "seconds": time.perf_counter() - started}
 
-    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None):
+    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None, preview: bool = False):
         """Explain a region of the current case.
 
         Args:
             request_arguments: Region and method options of ``segexplain explain``, e.g. ``["--voxel", "9", "24",
                 "24", "--method", "integrated_gradients", "--n-steps", "32"]``.
             mask: A segment (D, H, W) on the case's grid, instead of a region option.
+            preview: Explain the model's cheaper stand-in (:attr:`preview`) instead of the model.
 
         Returns:
             The :class:`~SegExplainLib.explanation.Explanation`, maps on the case's grid.
@@ -187,6 +195,8 @@ class WarmSession:
 
         if self.prepared is None:
             raise SegExplainError("no case yet: call set_case first")
+        if preview and self.preview is None:
+            raise SegExplainError("this model has no preview (it is one network pass per window already)")
         args = _parse(_request_parser(), request_arguments)
         if mask is not None:
             mask = np.asarray(mask, bool)
@@ -201,18 +211,32 @@ class WarmSession:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each warning is in the result's record
             if self.pipeline:
-                return explain_case(self.pipeline, self.image, self.geometry, target, args.method,
-                                    prepared=self.prepared, **options)
+                pipeline, prepared = (self.preview, self.preview_prepared) if preview else \
+                    (self.pipeline, self.prepared)
+                return explain_case(pipeline, self.image, self.geometry, target, args.method, prepared=prepared,
+                                    **options)
             return explain(self.prepared.model, self.prepared.input, target, args.method, **options)
+
+    def shown(self, *, preview: bool) -> dict[str, Any]:
+        """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
+        "preview: fold 0 without mirroring, of 2 folds (0, 1) x 8 mirrorings"}``, or the exact ensemble with
+        ``"preview": False``; nothing for a model without one."""
+        if self.preview is None:
+            return {}
+        exact = self.pipeline.describe().get("ensemble", self.pipeline.kind)
+        if not preview:
+            return {"preview": False, "ensemble": exact}
+        return {"preview": True, "ensemble": f"preview: {self.preview.describe().get('ensemble', 'cheaper model')}, "
+                                             f"of {exact}"}
 
 
 @dataclass
 class Answer:
-    """A worker's answer to one request.
+    """A worker's answer to one request, or the preview that came before it (:meth:`Worker.preview`).
 
     Attributes:
         request: The request's number.
-        state: ``"done"``, ``"failed"`` or ``"cancelled"``.
+        state: ``"done"``, ``"failed"`` or ``"cancelled"`` (a preview is ``"done"``).
         record: ``done``: the explanation's record (as ``summary.json``), or what ``set_case`` prepared.
         maps: ``done`` explanation: (C, D, H, W) float32 on the case's grid.
         error: ``failed``: one line, as the command line prints it.
@@ -406,6 +430,22 @@ class _Control:
             self.running = number
             return True
 
+    @contextlib.contextmanager
+    def sending(self, number: int) -> Iterator[None]:
+        """Write a message while request ``number`` runs: no interrupt may land in it (half a message would break
+        the stream), so a cancel that comes meanwhile is raised once the message is whole."""
+        with self.lock:
+            self.running = None
+        try:
+            yield
+        finally:
+            with self.lock:
+                stop = self.stopping == number or number in self.cancelled
+                self.cancelled.discard(number)
+                self.running = None if stop else number
+        if stop:
+            raise KeyboardInterrupt
+
     def interrupt(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - a signal handler's signature
         # only the request that was cancelled is interrupted, never the next one (the interrupt may come late)
         if self.stopping is not None and self.stopping == self.running:
@@ -451,10 +491,18 @@ def serve(inputs: int, outputs: int) -> None:
                 record = session.set_case(arrays["image"], Geometry(**header["geometry"]))
                 answer = ({"state": "done", "record": record}, {})
             elif operation == "explain":
-                result = session.explain(header["arguments"], mask=arrays.get("mask"))
-                record = {**result.record(), "request_arguments": header["arguments"],
-                          "model_arguments": session.model_arguments}  # the command line that reproduces it
-                answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
+                preview = bool(header.get("preview")) and session.preview is not None
+                for shown in (True, False) if preview else (False,):
+                    result = session.explain(header["arguments"], mask=arrays.get("mask"), preview=shown)
+                    record = {**result.record(), **session.shown(preview=shown),
+                              "request_arguments": header["arguments"],
+                              "model_arguments": session.model_arguments}  # the command line of the exact answer
+                    answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
+                    if shown:  # the first answer at once; the exact one follows in this request, unless cancelled
+                        with control.sending(number):
+                            send({"event": "preview", "request": number, "seconds": time.perf_counter() - started,
+                                  **answer[0]}, answer[1])
+                            send({"event": "progress", "request": number, "step": _REFINING})
             else:
                 raise SegExplainError(f"unknown request {operation!r}")
         except KeyboardInterrupt:
@@ -493,6 +541,7 @@ class Worker:
         self._case: tuple[np.ndarray, dict[str, Any]] | None = None
         self._process: subprocess.Popen | None = None
         self._answers: dict[int, Answer] = {}
+        self._previews: dict[int, Answer] = {}
         self._events: list[dict[str, Any]] = []
         self._pending: set[int] = set()
         self._outbox: _Outbox | None = None
@@ -540,10 +589,19 @@ class Worker:
         self.case_request = self._request({"op": "case", "geometry": self._case[1]}, {"image": image})
         return self.case_request
 
-    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None) -> int:
-        """Ask for an explanation (region and method options of ``segexplain explain``); the request's number."""
+    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None,
+                preview: bool = False) -> int:
+        """Ask for an explanation (region and method options of ``segexplain explain``); the request's number.
+
+        ``preview``: when the model has a cheaper stand-in (an nnU-Net ensemble: its first fold without mirroring),
+        the child first explains that and sends it as a ``preview`` event (:meth:`preview`), then goes on to the exact
+        answer in the same request (cancel it to stop there). A model without one answers only the exact one.
+        """
+        if not isinstance(preview, bool):
+            raise SegExplainError(f"preview must be True or False, got {preview!r}")
         arrays = {} if mask is None else {"mask": np.asarray(mask, bool)}
-        return self._request({"op": "explain", "arguments": [str(a) for a in request_arguments]}, arrays)
+        return self._request({"op": "explain", "arguments": [str(a) for a in request_arguments],
+                              "preview": preview}, arrays)
 
     def cancel(self, request: int | None = None) -> None:
         """Cancel ``request`` (default: the running one) through the child's input, on every system.
@@ -569,6 +627,11 @@ class Worker:
     def answer(self, request: int) -> Answer | None:
         """The answer to ``request``, or None while it runs (:meth:`poll` or :meth:`wait` bring the answers in)."""
         return self._answers.get(request)
+
+    def preview(self, request: int) -> Answer | None:
+        """The preview of explanation ``request`` (asked with ``preview=True``), or None before it came; its record
+        says what it shows (``"preview": True``, ``"ensemble"``)."""
+        return self._previews.get(request)
 
     def wait(self, request: int, timeout: float | None = None) -> Answer:
         """Block until ``request`` is answered; raises SegExplainError when it failed or the worker died."""
@@ -627,13 +690,17 @@ class Worker:
                         min(left, _LONGEST_WAIT_S) if left > 0 else _FLOW_WAIT_S)
 
     def _received(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        if header.get("event") == "answer":
+        event = header.get("event")
+        if event in ("answer", "preview"):
             answer = Answer(header["request"], header["state"], header.get("record", {}), arrays.get("maps"),
                             header.get("error", ""), header.get("seconds", 0.0))
-            if header["request"] == self.load_request and answer.state == "done":
-                self.sequences = list(answer.record.get("sequences", []))
-            self._answers[answer.request] = answer
-            self._pending.discard(answer.request)
+            if event == "preview":  # the request goes on to its exact answer
+                self._previews[answer.request] = answer
+            else:
+                if answer.request == self.load_request and answer.state == "done":
+                    self.sequences = list(answer.record.get("sequences", []))
+                self._answers[answer.request] = answer
+                self._pending.discard(answer.request)
         self._events.append(header)
 
     def _end(self) -> None:

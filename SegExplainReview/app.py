@@ -154,7 +154,8 @@ class ReviewApp(TrameApp):
             "filter_kinds": list(FILTER_KINDS),
             "method": defaults.method, "composite": defaults.composite, "class_index": defaults.classIndex,
             "aggregation": defaults.aggregation, "n_steps": defaults.nSteps, "region_kind": defaults.regionKind,
-            "radius": defaults.radius, "explain_on_click": True, "baseline": defaults.baseline,
+            "radius": defaults.radius, "explain_on_click": True, "preview": defaults.preview, "refining": False,
+            "baseline": defaults.baseline,
             "samples": defaults.samples, "seed": defaults.seed, "layerwise": defaults.layerwiseFilter,
             "device": defaults.device, "advanced_options": defaults.advancedOptions,
             "segments": [{"value": i, "title": n} for i, n in segments],
@@ -188,7 +189,7 @@ class ReviewApp(TrameApp):
                                 filterKind=s.filter_kind, filterLow=float(s.alpha1), filterHigh=float(s.alpha2),
                                 baseline=s.baseline, samples=s.samples, seed=s.seed,
                                 layerwiseFilter=bool(s.layerwise), device=s.device,
-                                advancedOptions=s.advanced_options or "")
+                                advancedOptions=s.advanced_options or "", preview=bool(s.preview))
 
     def _onParametersChanged(self, **_: Any) -> None:
         self.state.error = ""
@@ -241,14 +242,15 @@ class ReviewApp(TrameApp):
         with self.state:
             self.state.clicks += 1
             self.state.message = f"Point at RAS ({', '.join(f'{c:.1f}' for c in ras)})"
-        if self.state.explain_on_click and not self.state.running:
+        if self.state.explain_on_click and (not self.state.running or self.state.refining):
             self.explain()
 
     # explain -----------------------------------------------------------------------------------------------------
 
     def explain(self) -> None:
-        """Ask the warm worker for an explanation of the chosen region, watched by an asyncio task."""
-        if self.job is not None and self.job.running:
+        """Ask the warm worker for an explanation of the chosen region, watched by an asyncio task. A click that only
+        refines its preview gives way (the explainer cancels its refinement; its preview stays)."""
+        if self.job is not None and self.job.running and not self.job.refining:
             return
         try:
             self.job = self.session.startExplanation(self.parameters())
@@ -257,7 +259,8 @@ class ReviewApp(TrameApp):
                 self.state.error = str(error)
             return
         with self.state:
-            self.state.update({"running": True, "progress": 0, "step": "starting", "error": "", "warning": ""})
+            self.state.update({"running": True, "refining": False, "progress": 0, "step": "starting", "error": "",
+                               "warning": ""})
         create_task(self._watch(self.job))
 
     async def _warmWorker(self) -> None:
@@ -280,8 +283,12 @@ class ReviewApp(TrameApp):
                 with self.state:
                     self.state.progress = round(100 * job.fraction)
                     self.state.step = job.step
+            if job is self.job and job.running:
+                self._showPreview(job)
+        if job is not self.job:  # a newer click took over; it cancelled this one's refinement
+            return
         with self.state:
-            self.state.running = False
+            self.state.running = self.state.refining = False
             if job.state == "done":
                 try:
                     explanation = self.session.finishExplanation(job)
@@ -290,12 +297,30 @@ class ReviewApp(TrameApp):
                     return
                 self._refreshExplanations()
                 self.state.current = explanation.folderItem
-                self.state.message = f"Explained in {explanation.record.get('seconds', 0):.1f} s"
+                self.state.message = f"Explained in {explanation.record.get('seconds', 0):.1f} s" + (
+                    f" ({explanation.record.get('ensemble')}; it replaced the preview)" if job.preview else "")
                 self.state.warning = " ".join(explanation.warnings)
+                if job.preview:  # the preview's folder got new voxels: the same item, so no change event
+                    self._onDisplayChanged()
             elif job.state == "failed":
                 self.state.error = job.error
             else:
-                self.state.message = "Cancelled"
+                self.state.message = "Cancelled" + ("; the preview stays shown" if job.explanation else "")
+
+    def _showPreview(self, job: Any) -> None:
+        """Show the click's preview once it came, while the worker refines it to the exact answer."""
+        try:
+            explanation = self.session.previewExplanation(job)
+        except SegExplainError as error:
+            self.state.error = str(error)
+            return
+        if explanation is not None:
+            with self.state:
+                self._refreshExplanations()
+                self.state.current = explanation.folderItem
+                self.state.refining = True
+                self.state.message = (f"Preview in {job.preview.seconds:.1f} s ({explanation.record.get('ensemble')});"
+                                      f" refining")
 
     def cancel(self) -> None:
         if self.job is not None and self.job.running:
@@ -557,8 +582,9 @@ class ReviewApp(TrameApp):
         v.VBtn("Draw box on a slice view", click=self.drawBox, v_if="region_kind === 'box'", size="small", id="draw-box",
                classes="mb-2")
         v.VCheckbox(label="Explain on click", v_model=("explain_on_click",), **compact)
+        v.VCheckbox(label="Quick preview of an ensemble first", v_model=("preview",), id="preview", **compact)
         with html.Div(classes="d-flex ga-2 mb-1"):
-            v.VBtn("Explain", click=self.explain, disabled=("running || box_pending",), color="primary",
+            v.VBtn("Explain", click=self.explain, disabled=("(running && !refining) || box_pending",), color="primary",
                    id="explain-button")
             v.VBtn("Cancel", click=self.cancel, disabled=("!running",), id="cancel-button")
         v.VProgressLinear(model_value=("progress",), active=("running",), height=6, color="primary", id="progress")

@@ -329,8 +329,12 @@ class ReviewSession:
                                          trustModelCode=self.case.trustModelCode)
 
     def finishExplanation(self, run: WarmRun) -> results.Explanation:
-        """Load a done click into the scene as a new explanation folder."""
+        """Load a done click into the scene as a new explanation folder (its preview's folder, if one is shown)."""
         return workflow.finishExplanation(run, self.volumes)
+
+    def previewExplanation(self, run: WarmRun) -> results.Explanation | None:
+        """Load a click's preview into the scene once it came (see ``workflow.previewExplanation``); None before."""
+        return workflow.previewExplanation(run, self.volumes)
 
     def close(self) -> None:
         """End the warm worker and remove the scratch folder (the server's end)."""

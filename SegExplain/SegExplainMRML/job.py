@@ -92,6 +92,9 @@ class ExplainSettings:
         seed: Seed of every random draw (SmoothGrad noise, sampled aggregation), 0 to :data:`SEED_MAX`.
         extraOptions: Any other option of the engine's method, e.g. ``{"noise": 0.1}`` for SmoothGrad; passed as
             ``--option key=json`` and validated by the engine, which names an unknown option.
+        preview: Show a model's cheaper stand-in first (an nnU-Net ensemble: its first fold without mirroring) and
+            replace it by the exact answer when that is done; off, a click shows only the exact answer. Not an option
+            of ``segexplain explain``, which always computes the exact answer.
     """
 
     method: str = "lrp"
@@ -105,6 +108,7 @@ class ExplainSettings:
     device: str = "auto"
     seed: int = 0
     extraOptions: dict[str, Any] = field(default_factory=dict)
+    preview: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -120,6 +124,8 @@ class ExplainSettings:
                                   f"got {self.seed!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise SegExplainError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not isinstance(self.preview, bool):
+            raise SegExplainError(f"preview must be True or False, got {self.preview!r}")
 
     def arguments(self) -> list[str]:
         """The ``segexplain explain`` options for these settings."""
@@ -277,6 +283,7 @@ class WarmExplainer:
         self.step = ""
         self._modelKey: tuple | None = None
         self._caseKey: tuple | None = None
+        self._run: WarmRun | None = None
 
     def prepare(self, model: ModelSource, volumes: list[Any], names: list[str], *,
                 trustModelCode: bool = False) -> None:
@@ -329,9 +336,16 @@ class WarmExplainer:
 
     def explain(self, model: ModelSource, volumes: list[Any], names: list[str], region: Region,
                 settings: ExplainSettings, *, trustModelCode: bool = False) -> WarmRun:
-        """Prepare (see :meth:`prepare`) and ask for one explanation; returns the running :class:`WarmRun`."""
+        """Prepare (see :meth:`prepare`) and ask for one explanation; returns the running :class:`WarmRun`.
+
+        A click that is refining its preview (:attr:`WarmRun.refining`) is cancelled first: its preview stays shown,
+        and the worker turns to the new click at once.
+        """
+        if self._run is not None and self._run.refining:
+            self._run.cancel()
         self.prepare(model, volumes, names, trustModelCode=trustModelCode)
-        return WarmRun(self, region, settings)
+        self._run = WarmRun(self, region, settings)
+        return self._run
 
     def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """Move the worker's bytes that are ready (this is the front end's timer tick: the host starts no thread), and
@@ -347,11 +361,11 @@ class WarmExplainer:
         """End the worker (the module's cleanup, a closed scene, the review server's end)."""
         if self.worker is not None:
             self.worker.close()
-        self.worker, self._modelKey, self._caseKey, self.stack = None, None, None, None
+        self.worker, self._modelKey, self._caseKey, self.stack, self._run = None, None, None, None, None
 
 
 #: Progress of a click while the worker does each step.
-_FRACTIONS = {"loading model": 0.1, "preparing the case": 0.3, "explaining": 0.5}
+_FRACTIONS = {"loading model": 0.1, "preparing the case": 0.3, "explaining": 0.5, "refining to the full ensemble": 0.6}
 #: Longest single wait of :meth:`WarmRun.wait` for the worker's next event.
 _WAIT_S = 0.5
 #: Seconds a cancelled explanation may take to stop before its worker is replaced by a fresh one.
@@ -360,7 +374,13 @@ _DEAF_S = 5.0
 
 class WarmRun:
     """One click's explanation in the warm worker: ``state`` (running, done, failed, cancelled), ``fraction``,
-    ``step``, ``error``; :meth:`poll` from a GUI timer, :meth:`wait` in scripts, :meth:`cancel`."""
+    ``step``, ``error``; :meth:`poll` from a GUI timer, :meth:`wait` in scripts, :meth:`cancel`.
+
+    With ``settings.preview`` and a model that has a preview (an nnU-Net ensemble), :attr:`preview` holds the first
+    answer (the first fold without mirroring) while the run goes on ``running`` (:attr:`refining`) to the exact
+    :attr:`answer`; :attr:`shown` is the one to show, and its record says which (``"preview"``, ``"ensemble"``).
+    :attr:`explanation` is the scene's folder showing it, set by the workflow.
+    """
 
     def __init__(self, explainer: WarmExplainer, region: Region, settings: ExplainSettings) -> None:
         self.explainer, self.worker, self.stack = explainer, explainer.worker, explainer.stack
@@ -368,13 +388,24 @@ class WarmRun:
         self.region, self.settings = region, settings
         self.arguments = [*regionArguments(region), *settings.arguments()]
         self.state, self.fraction, self.step, self.error = "running", 0.0, "waiting for the worker", ""
-        self.answer = None
+        self.answer = self.preview = self.explanation = None
         self._explaining = False
-        self.request = self.worker.explain(self.arguments, mask=region.mask if region.kind == "segment" else None)
+        self.request = self.worker.explain(self.arguments, mask=region.mask if region.kind == "segment" else None,
+                                           preview=settings.preview)
 
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def refining(self) -> bool:
+        """Its preview came and the exact answer is being computed."""
+        return self.running and self.preview is not None
+
+    @property
+    def shown(self) -> Any:
+        """The answer to show: the exact one when done, else the preview (None before either came)."""
+        return self.answer or self.preview
 
     def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """Move the worker's bytes (the GUI timer's tick) and return its events since the last call; updates
@@ -384,6 +415,7 @@ class WarmRun:
             if event.get("event") == "progress" and self.running:
                 self._explaining = self._explaining or event["request"] == self.request
                 self.step, self.fraction = event["step"], _FRACTIONS.get(event["step"], self.fraction)
+        self.preview = self.preview or self.worker.preview(self.request)
         answer = self.worker.answer(self.request)
         if self.running and answer is not None:
             self.state, self.error, self.fraction = answer.state, answer.error, 1.0
@@ -403,7 +435,8 @@ class WarmRun:
     def cancel(self) -> None:
         """Stop this click, through the worker's input (no signal: the worker may run behind a launcher, or on
         Windows). A running explanation is interrupted and the worker stays warm with its model and case; one still
-        queued behind the model or the case is not run."""
+        queued behind the model or the case is not run. A refining click keeps its :attr:`preview`, whose record
+        says it is one."""
         self.poll()
         if not self.running:
             return
@@ -427,15 +460,17 @@ class WarmRun:
                 *self.settings.arguments(), "--output", "<output folder>"]
 
     def record(self) -> dict[str, Any]:
-        """The record of the done explanation, as ``summary.json`` of the command line holds it: the engine's
-        record, the sequences, the grid, the model, the relevance shares per sequence, and the command line."""
-        if self.answer is None:
+        """The record of the shown answer (:attr:`shown`), as ``summary.json`` of the command line holds it: the
+        engine's record, the sequences, the grid, the model, the relevance shares per sequence, and the command line
+        (of the exact answer; a preview's record says it is one)."""
+        shown = self.shown
+        if shown is None:
             raise SegExplainError(f"the explanation is {self.state}, not done")
         names = [fileSafe(n) for n in self.stack.names]
         load = self.worker.answer(self.worker.load_request)
-        return {**self.answer.record, "sequence_names": names, "geometry": self.stack.geometry.to_dict(),
+        return {**shown.record, "sequence_names": names, "geometry": self.stack.geometry.to_dict(),
                 "model": load.record.get("model") if load else None,
-                "relevance_shares": metrics.shares_by_name(self.answer.maps, names),
+                "relevance_shares": metrics.shares_by_name(shown.maps, names),
                 "command": self.command()}
 
 

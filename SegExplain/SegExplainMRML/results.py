@@ -10,7 +10,9 @@ A folder holds, for an explanation of a C-sequence image:
 
 The folder's attributes hold the record of the run (method, options, target, score, delta, software versions, the
 command line that reproduces it), so that the result can be reproduced; they are saved with the scene. Nothing is ever replaced: a new
-run gets a new folder, unless the caller removes an old one explicitly with :func:`removeExplanation`.
+run gets a new folder, unless the caller removes an old one explicitly with :func:`removeExplanation`. The one
+exception is a preview (a cheaper stand-in of an ensemble, its record's ``preview`` true): :func:`replaceMaps` puts
+the exact answer of the same click in its place.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ RECORD_ATTRIBUTE = "SegExplain.record"
 SEQUENCE_ATTRIBUTE = "SegExplain.sequence"
 INPUT_REFERENCE = "segexplainInput"
 #: Record fields also stored as attributes of their own, for the Data module's attribute view.
-_SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta", "warnings")
+_SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta", "warnings", "preview", "ensemble")
 SHARE_KINDS = ("positive", "negative", "absolute")
 
 
@@ -145,6 +147,35 @@ def addExplanation(maps: np.ndarray, record: dict[str, Any], stack: VolumeStack,
     _placeInFolder(shNode, chart, folder, "chart")
     _placeInFolder(shNode, chart.GetNthPlotSeriesNode(0), folder, "series")  # removed with the folder
     return Explanation(folder, record, relevance, overlay, table, chart)
+
+
+def replaceMaps(explanation: Explanation, maps: np.ndarray, record: dict[str, Any]) -> None:
+    """Put the exact answer of a click in the place of its preview: the relevance volumes' voxels, the overlay, the
+    shares and the record (attributes included) of the same folder.
+
+    Raises:
+        SegExplainError: The folder does not hold a preview, or the maps are off its grid (nothing is changed).
+    """
+    if explanation.record.get("preview") is not True:
+        raise SegExplainError("only a preview is replaced; an exact explanation is never overwritten")
+    maps = np.asarray(maps, dtype=np.float32)
+    expected = (len(explanation.relevance), *slicer.util.arrayFromVolume(explanation.relevance[0]).shape)
+    if maps.shape != expected:
+        raise SegExplainError(f"the maps have shape {maps.shape}; expected {expected}, those of the preview")
+    record = {**record, "scene_inputs": explanation.record.get("scene_inputs")}
+    shNode = subjectHierarchy(explanation.overlay.GetScene())
+    shNode.SetItemAttribute(explanation.folderItem, RECORD_ATTRIBUTE, json.dumps(record, default=str))
+    for field in _SHOWN_FIELDS:
+        shNode.SetItemAttribute(explanation.folderItem, f"SegExplain.{field}",
+                                json.dumps(record.get(field), default=str))
+    for node, array in zip(explanation.relevance, maps):
+        slicer.util.updateVolumeFromArray(node, array)
+        setDivergingDisplay(node)
+    names = explanation.sequenceNames
+    for kind in SHARE_KINDS:
+        values = record["relevance_shares"][kind]
+        _addNumberColumn(explanation.table, f"{kind.capitalize()} share", [values[fileSafe(n)] for n in names])
+    explanation.record = record
 
 
 def _sharesTable(scene: Any, name: str, sequences: tuple[str, ...], shares: dict[str, dict[str, float]]) -> Any:

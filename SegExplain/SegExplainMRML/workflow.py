@@ -127,12 +127,34 @@ def startExplanation(explainer: WarmExplainer, volumes: list[Any], names: list[s
                              trustModelCode=trustModelCode)
 
 
+def previewExplanation(run: WarmRun, inputs: list[Any]) -> results.Explanation | None:
+    """Load a click's preview into the scene once it came, as a new explanation folder whose record says it is a
+    preview (``preview``, ``ensemble``); :func:`finishExplanation` later puts the exact answer in its place. None
+    while no preview came, once it is loaded, and once the exact answer came (then only that one is loaded)."""
+    if run.preview is None or run.explanation is not None or run.answer is not None:
+        return None
+    run.explanation = _addExplanation(run, run.preview, inputs)
+    return run.explanation
+
+
 def finishExplanation(run: WarmRun, inputs: list[Any]) -> results.Explanation:
-    """Load a done click into the scene as a new explanation folder, named after its method and region."""
+    """Load a done click into the scene as a new explanation folder, named after its method and region; a click
+    whose preview is loaded (:func:`previewExplanation`) gets the exact answer in the preview's folder instead."""
+    if run.answer is None:
+        raise SegExplainError(f"the explanation is {run.state}, not done")
+    if run.explanation is None:
+        run.explanation = _addExplanation(run, run.answer, inputs)
+        return run.explanation
+    results.replaceMaps(run.explanation, run.answer.maps, run.record())
+    run.explanation.overlay.RemoveNodeReferenceIDs(_SHOWN_RELEVANCE)  # new voxels: a new window at the next show
+    return run.explanation
+
+
+def _addExplanation(run: WarmRun, answer: Any, inputs: list[Any]) -> results.Explanation:
     method = run.settings.method
     name = f"{method} {run.settings.composite}" if method == "lrp" else method
-    record = run.record()  # refuses a click that is not done
-    return results.addExplanation(run.answer.maps, record, run.stack, inputs, name=f"{name}, {run.region.description}")
+    return results.addExplanation(answer.maps, run.record(), run.stack, inputs,
+                                  name=f"{name}, {run.region.description}")
 
 
 def displayedIndex(explanation: results.Explanation, parameters: Any) -> int:

@@ -29,6 +29,7 @@ from SegExplainLib.errors import SegExplainError
     ({"samples": -1}, "samples must be an integer >= 0, got -1"),
     ({"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
     ({"classIndex": False}, "classIndex must be an integer >= 0, got False"),
+    ({"preview": "no"}, "preview must be True or False, got 'no'"),
 ])
 def test_settings_validation_names_the_value(options, message):
     """Each bad setting is refused with a message naming the value."""

@@ -144,6 +144,32 @@ def test_a_second_load_never_replaces_the_first(case):
     np.testing.assert_array_equal(again.maps(), case.maps)
 
 
+def test_only_a_preview_is_replaced_and_in_its_own_folder(case):
+    """The exact answer of a click goes in the place of its preview (voxels, shares, record); an exact explanation,
+    or maps off the preview's grid, are refused and change nothing."""
+    exact = load(case)
+    with pytest.raises(SegExplainError, match="only a preview is replaced"):
+        results.replaceMaps(exact, -case.maps, case.summary)
+    np.testing.assert_array_equal(exact.maps(), case.maps)
+    preview = load(case, maps=case.maps * 0.5, name="preview")
+    preview.record["preview"] = True
+    with pytest.raises(SegExplainError, match="expected .* those of the preview"):
+        results.replaceMaps(preview, case.maps[:, 1:], case.summary)
+    record = {**case.summary, "preview": False, "ensemble": "2 folds (0, 1) x 8 mirrorings",
+              "relevance_shares": metrics.shares_by_name(-case.maps, case.summary["sequence_names"])}
+    results.replaceMaps(preview, -case.maps, record)
+    again = results.explanationOf(case.scene, preview.folderItem)
+    np.testing.assert_array_equal(again.maps(), -case.maps)
+    assert again.record["preview"] is False and again.record["ensemble"] == "2 folds (0, 1) x 8 mirrorings"
+    shNode = results.subjectHierarchy(case.scene)
+    assert shNode.GetItemAttribute(preview.folderItem, "SegExplain.preview") == "false"
+    table = preview.table.GetTable()
+    positive = [table.GetValue(row, 1).ToDouble() for row in range(table.GetNumberOfRows())]
+    assert positive == pytest.approx(list(record["relevance_shares"]["positive"].values()))
+    assert results.explanationFolders(case.scene) == [exact.folderItem, preview.folderItem]
+    np.testing.assert_array_equal(exact.maps(), case.maps)
+
+
 def test_explanation_of_rebuilds_the_explanation(case):
     """explanationOf finds the same nodes, in sequence order, and the same record."""
     loaded = load(case)

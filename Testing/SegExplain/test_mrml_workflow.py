@@ -105,7 +105,8 @@ def finishedJob(scene, demoRun):
     assert demoRun.run.state == "done", demoRun.run.error
     volumes, _ = addDemoCase(scene)
     run = SimpleNamespace(region=demoRun.run.region, settings=demoRun.run.settings, stack=stackVolumes(volumes),
-                          answer=SimpleNamespace(maps=demoRun.maps), record=lambda: demoRun.record)
+                          state="done", answer=SimpleNamespace(maps=demoRun.maps), preview=None, explanation=None,
+                          record=lambda: demoRun.record)
     return run, volumes
 
 

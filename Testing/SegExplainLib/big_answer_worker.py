@@ -31,12 +31,16 @@ class BigAnswerSession:
 
     def __init__(self, model_arguments, *, trust_code=False) -> None:
         self.model_arguments, self.sequences, self.description = list(model_arguments), [], {}
+        self.preview = None  # no cheaper stand-in
 
     def set_case(self, image, geometry) -> dict:
         return {"shape": list(image.shape)}
 
-    def explain(self, request_arguments, *, mask=None) -> _Result:
+    def explain(self, request_arguments, *, mask=None, preview=False) -> _Result:
         return _Result()
+
+    def shown(self, *, preview) -> dict:
+        return {}
 
 
 if __name__ == "__main__":
