@@ -58,16 +58,17 @@ def hdbet_like(seed: int = 0) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Every timed call per run, round robin so that load changes on a shared machine hit all runs alike."""
     for run in runs.values():  # warm-up
         run()
-    best = dict.fromkeys(runs, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             started = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,20 +100,24 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"explain lrp {composite}"] = lambda c=composite: explain(
             model, image, PredictedRegion(class_index=1), "lrp", device="cpu", composite=c)
         runs[f"lrp {composite} alone"] = lambda c=composite: LRP(composite=c).attribute(model, x, seed)
-    best = interleaved(runs, args.repeats)
+    load_before = os.getloadavg()
+    times = interleaved(runs, args.repeats)
+    best = {name: min(seconds) for name, seconds in times.items()}
+    load_after = os.getloadavg()
     unit = best["plain gradient"]
     print(f"HD-BET-like ResEnc U-Net, input {tuple(x.shape)}, predicted region {int(predicted.sum())} voxels")
     for name, seconds in best.items():
         verdict = ""
         if name.startswith("explain lrp"):
             verdict = f"  target <= {TARGET}x: {'met' if seconds / unit <= TARGET else 'missed'}"
-        print(f"{name:<32} {seconds:8.2f} s  {seconds / unit:5.2f}x one gradient{verdict}")
+        every = " ".join(f"{t:.1f}" for t in times[name])
+        print(f"{name:<32} {seconds:8.2f} s  {seconds / unit:5.2f}x one gradient{verdict}  (runs: {every})")
     info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-            "shape": args.shape}
+            "shape": args.shape, "load_average_before": load_before, "load_average_after": load_after}
     print(f"machine: {info}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"info": info, "seconds": best, "ratios": {k: v / unit for k, v in best.items()}}, handle,
+            json.dump({"info": info, "seconds": times, "ratios": {k: v / unit for k, v in best.items()}}, handle,
                       indent=2)
     return 0
 
