@@ -7,12 +7,16 @@ layer (the one reading the image) its own rule and single named layers theirs. P
 
 While a composite is attached, every leaf module of the model must belong to a known category; a module or a
 functional operation that the method cannot propagate through correctly raises :class:`UnsupportedLayerError`
-naming it and its path, instead of silently degrading to the plain gradient.
+naming it and its path, instead of silently degrading to the plain gradient. The forward pass runs to its end
+first, so that the error names the most fundamental operation without a rule (attention before a gate, a gate
+before a norm, a norm before a functional layer; see :func:`SegExplainLib.functional.obstacle`) and the methods
+that need no rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +28,14 @@ from torch.overrides import TorchFunctionMode
 from .canonizers import Canonizer, MergeBatchNorm
 from .deployment import deployed
 from .errors import SegExplainError, UnsupportedLayerError
-from .functional import LRP_FUNCTIONS, MODIFIED_GRADIENT_FUNCTIONS, carries_relevance, function_name, passes
+from .functional import (
+    LRP_FUNCTIONS,
+    MODIFIED_GRADIENT_FUNCTIONS,
+    carries_relevance,
+    function_name,
+    obstacle,
+    passes,
+)
 from .rules import (
     CONVOLUTIONS,
     NORMS,
@@ -160,7 +171,11 @@ class _Wiring:
         self.composite, self.model, self.ctx = composite, model, ctx
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.stack: list[tuple[str, nn.Module]] = []
-        self.head_outputs: list[tuple[str, torch.Tensor]] = []
+        self.head_outputs: list[tuple[str, nn.Module, torch.Tensor, int]] = []
+        # operations without a rule met in the forward pass: (rank, order, short name, what, advice); the rank is
+        # functional.obstacle's
+        self.obstacles: list[tuple[int, int, str, str, str]] = []
+        self.order = itertools.count()
         self.patched: list[tuple[nn.Module, Callable | None]] = []
         # leaves of a known category: their forward is the layer's own, and their rule (if any) handles it
         self.ruled: set[int] = set()
@@ -210,7 +225,7 @@ class _Wiring:
     def _strip_head(self, name: str) -> Callable:
         """The softmax/sigmoid head is skipped: explanations are of the logits."""
         def hook(module, args, output):
-            self.head_outputs.append((name, args[0]))
+            self.head_outputs.append((name, module, args[0], next(self.order)))
             return args[0]
         return hook
 
@@ -228,17 +243,48 @@ class _Wiring:
 
         module.forward = forward
 
+    def refuse(self, func: Callable, args: tuple) -> None:
+        """Note an operation through which relevance flows without a rule; :meth:`forward` raises for it."""
+        where = f"'{self.stack[-1][0]}' ({type(self.stack[-1][1]).__name__})" if self.stack else "the model"
+        rank, advice = obstacle(func, args)
+        name = function_name(func)
+        what = f"functional {name} in the forward of {where} bypasses the {self.composite.name!r} rules"
+        self.obstacles.append((rank, next(self.order), f"{name} in {where}", what, advice))
+
     def forward(self, inputs: torch.Tensor) -> Any:
-        with _FunctionalGuard(self):
-            output = self.model(inputs)
-        for name, logits in self.head_outputs:
+        try:
+            with _FunctionalGuard(self):
+                output = self.model(inputs)
+        except Exception as error:
+            if self.obstacles:  # a forward run on without the operations' own meaning may fail; they are the cause
+                raise self._refusal() from error
+            raise
+        for name, module, logits, order in self.head_outputs:
             if output is not logits:
-                msg = f"{name!r} is a softmax/sigmoid inside the network, not its output head; it is not supported"
-                raise UnsupportedLayerError(msg)
+                # a softmax inside the network weighs values by scores (attention), a sigmoid gates them
+                rank, advice = obstacle(torch.softmax if isinstance(module, nn.Softmax) else torch.sigmoid, ())
+                where = f"{name!r} ({type(module).__name__})"
+                self.obstacles.append((rank, order, where, f"{where} is a softmax/sigmoid inside the network, not its "
+                                       "output head", advice))
         self.head_outputs.clear()
+        if self.obstacles:
+            raise self._refusal()
         if isinstance(output, torch.Tensor):
             _check_custom_functions(output, self.composite.name)
         return output
+
+    def _refusal(self) -> UnsupportedLayerError:
+        """The error naming the first operation of the most fundamental kind, then the first of each other kind."""
+        obstacles = sorted(self.obstacles)
+        first_rank, _, _, what, advice = obstacles[0]
+        firsts: dict[int, str] = {}
+        for rank, _, short, _, _ in obstacles:
+            if rank != first_rank:
+                firsts.setdefault(rank, short)
+        others = f" (also without a rule: {'; '.join(firsts.values())})" if firsts else ""
+        self.obstacles.clear()
+        return UnsupportedLayerError(f"{what}; {advice}{others}; explain with {rule_free_methods()} instead, which "
+                                     "need no rules")
 
 
 class _FunctionalGuard(TorchFunctionMode):
@@ -259,16 +305,17 @@ class _FunctionalGuard(TorchFunctionMode):
         if stack and id(stack[-1][1]) in self.wiring.ruled:
             return func(*args, **kwargs)
         result = _out_of_place(func, args, kwargs)(*args, **kwargs)
-        composite = self.wiring.composite
-        if carries_relevance(result) and not passes(func, args, kwargs, composite.passed_functions):
-            where = f"'{stack[-1][0]}' ({type(stack[-1][1]).__name__})" if stack else "the model"
-            name = function_name(func)
-            advice = ("attention has no rule here" if "attention" in name or "softmax" in name else
-                      "use a module for it (e.g. nn.Conv3d, nn.ELU, nn.Upsample)")
-            msg = (f"functional {name} in the forward of {where} bypasses the {composite.name!r} rules; {advice}, "
-                   "or explain with gradient, integrated_gradients or occlusion, which need no rules")
-            raise UnsupportedLayerError(msg)
+        if carries_relevance(result) and not passes(func, args, kwargs, self.wiring.composite.passed_functions):
+            self.wiring.refuse(func, args)
         return result
+
+
+def rule_free_methods() -> str:
+    """The registered methods that attach no rules (they explain any network the gradient runs on), as a list."""
+    from .api import METHODS  # the registry imports the methods, which import this module
+
+    names = sorted(name for name, cls in METHODS.items() if not cls.walks_modules)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 _OWN_FUNCTIONS = ("_ReplaceBackward", "_TransformGrad")
@@ -286,7 +333,7 @@ def _check_custom_functions(output: torch.Tensor, composite: str) -> None:
             function = node._forward_cls.__name__  # type: ignore[attr-defined]
             if function not in _OWN_FUNCTIONS:
                 msg = (f"the custom autograd Function {function} in the network bypasses the {composite!r} rules; "
-                       "explain with gradient, integrated_gradients or occlusion, which need no rules")
+                       f"explain with {rule_free_methods()} instead, which need no rules")
                 raise UnsupportedLayerError(msg)
         todo.extend(parent for parent, _ in node.next_functions)
 

@@ -13,7 +13,8 @@ of a skip, ``out + residual``) or inside a module SegExplain does not know (an `
   the identity rule.
 
 Everything else through which relevance flows (a functional convolution, a norm, a sigmoid gate, a product of two
-activations, softmax, attention) would silently take the plain gradient, so :func:`check_passes` refuses it.
+activations, softmax, attention) would silently take the plain gradient, so the composite refuses it, naming the
+most fundamental such operation first (:func:`obstacle`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,48 @@ def passes(func: Callable, args: tuple, kwargs: dict, passed: frozenset[Callable
             return not _relevant(operands[1])
         return sum(map(_relevant, operands)) <= 1
     return False
+
+
+#: Attention written as functions: its scores are a softmax of a product of two activations.
+ATTENTION = _collect(["scaled_dot_product_attention", "multi_head_attention_forward", "softmax", "softmax_",
+                      "log_softmax", "softmin"])
+#: Products of matrices: attention when both factors carry relevance (queries and keys, weights and values).
+_MATRIX_PRODUCTS = _collect(["matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "baddbmm"])
+#: Gates: a sigmoid of an activation, which then scales another one.
+_GATES = _collect(["sigmoid", "sigmoid_", "hardsigmoid"])
+#: Norms written as functions; the norm rules cover only the modules of :data:`SegExplainLib.rules.NORMS`.
+NORM_FUNCTIONS = _collect(["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "normalize",
+                           "local_response_norm"])
+
+# Kinds of operation without a rule, most fundamental first, and what the user can do about each. The most
+# fundamental one present is what the user must hear: while attention remains, making a norm or a convolution a
+# module is wasted effort, and no module can stand in for attention or for a product of two activations.
+_OBSTACLES = (
+    "attention has no rule here",
+    "a product of two activations (a gate) has no rule here",
+    "the norm rules cover only the modules nn.BatchNorm, nn.InstanceNorm and nn.GroupNorm",
+    "use a module for it (e.g. nn.Conv3d, nn.ELU, nn.Upsample)",
+)
+
+
+def _count_relevant(args: tuple) -> int:
+    values = [v for a in args for v in (a if isinstance(a, (tuple, list)) else (a,))]
+    return sum(map(_relevant, values))
+
+
+def obstacle(func: Callable, args: tuple) -> tuple[int, str]:
+    """How fundamental the missing rule of a refused operation is (0: attention, 1: a gate, 2: a norm, 3: an
+    operation a module would cover) and what to tell the user about it."""
+    name = getattr(func, "__name__", "")
+    if func in ATTENTION or "attention" in name or (func in _MATRIX_PRODUCTS and _count_relevant(args) > 1):
+        rank = 0
+    elif func in SCALINGS or func in _GATES:
+        rank = 1
+    elif func in NORM_FUNCTIONS:
+        rank = 2
+    else:
+        rank = 3
+    return rank, _OBSTACLES[rank]
 
 
 def function_name(func: Callable) -> str:

@@ -309,8 +309,28 @@ class IntegratedGradients(AttributionMethod):
             return []
         return [f"Integrated Gradients misses completeness by {100 * abs(delta) / abs(expected):.0f} % (maps sum to "
                 f"{expected + delta:.4g}, the score changes by {expected:.4g} from the baseline): the quadrature "
-                "missed where the score changes; use quadrature='adaptive' with more n_steps, or a baseline that is "
-                "not constant, such as 'blur:5' (see docs/engine.md on baselines for instance-normalized networks)"]
+                f"missed where the score changes; {self._advice()}"]
+
+    def _advice(self) -> str:
+        """What to change, from what was used: only options that differ from this call's and can still help."""
+        steps = min(4 * self.n_steps, MAX_NODES)
+        if self.quadrature != "adaptive":
+            tips = [f"quadrature='adaptive', which puts its nodes where the score changes (with n_steps={steps} "
+                    "gradient passes at most)"]
+        elif self.tolerance > self.WARN_DELTA:
+            tips = [f"a tolerance below {self.WARN_DELTA:g} (it was {self.tolerance:g}, so the adaptive rule stopped "
+                    "early)"]
+        elif self.n_steps < MAX_NODES:
+            tips = [f"a larger budget, n_steps={steps} (the adaptive rule spent all {self.n_steps} gradient passes "
+                    "before reaching its tolerance)"]
+        else:
+            tips = []
+        if not isinstance(self.baseline, BlurredBaseline):
+            tips.append("a baseline that is not constant, such as 'blur:5' (see docs/engine.md on baselines for "
+                        "instance-normalized networks)")
+        if not tips:
+            return "no option of this method can do better here; the map sums to the value above, not to the score"
+        return "use " + ", or ".join(tips)
 
     def options(self) -> dict[str, Any]:
         return {

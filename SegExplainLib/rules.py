@@ -290,11 +290,14 @@ class Pass(Rule):
         return {"rule": self.name, "epsilon": self.epsilon}
 
     def wrap(self, module, x, y, ctx):
+        if ctx.layer_filter is None or not isinstance(module, NORMS):
+            # the rule is one factor y / x on the gradient, computed now: the backward pass is a single product
+            with torch.no_grad():
+                factor = y / stabilize(x, self.epsilon)
+            return replace_backward(x, y, lambda x_in, saved, grad: grad * saved, saved=factor)
+
         def propagate(x_in, y_out, grad):
-            relevance = y_out * grad
-            if isinstance(module, NORMS):
-                relevance = ctx.filtered(relevance)
-            return relevance / stabilize(x_in, self.epsilon)
+            return ctx.filtered(y_out * grad) / stabilize(x_in, self.epsilon)
 
         return replace_backward(x, y, propagate)
 

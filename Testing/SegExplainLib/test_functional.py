@@ -8,6 +8,7 @@ rule is written out densely; convolutions get the epsilon rule; rectifiers pass 
 from __future__ import annotations
 
 import copy
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -210,3 +211,28 @@ def test_a_functional_rectifier_in_an_unknown_module_raises_for_guided_backprop(
     seed = torch.randn(1, 2, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(LRP(composite="epsilon").attribute(model, x, seed).maps,
                                LRP(composite="epsilon").attribute(known, x, seed).maps, rtol=1e-12, atol=0)
+
+
+def test_lrp_on_swinunetr_names_its_attention_before_its_layer_norm_and_the_methods_that_run_instead():
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    # the BTCV bundle's network, small: one block and one head per stage, windows of 4; 64 voxels along one axis
+    # leave the bottleneck's instance norm more than one voxel
+    model = nets.SwinUNETR(in_channels=1, out_channels=2, feature_size=12, depths=(1, 1, 1, 1),
+                           num_heads=(1, 1, 1, 1), window_size=4).eval().requires_grad_(False)
+    x = torch.randn(1, 1, 32, 32, 64)
+    seed = torch.zeros(1, 2, 32, 32, 64)
+    seed[:, 1, 12:16, 12:16, 28:32] = 1.0
+    with pytest.raises(UnsupportedLayerError) as refused:
+        LRP().attribute(model, x, seed)
+    message = str(refused.value)
+    # the layer norm comes first in the forward pass, but attention is what no module can replace
+    assert re.match(r"functional Tensor\.matmul in the forward of 'swinViT\.layers1\.0\.blocks\.0\.attn' "
+                    r"\(WindowAttention\) bypasses the 'epsilon_plus_flat' rules; attention has no rule here", message)
+    assert "also without a rule: F.layer_norm in 'swinViT' (SwinTransformer)" in message
+    assert "use a module" not in message
+    named = re.search(r"explain with (.+) instead", message).group(1).replace(" or ", ", ").split(", ")
+    assert named == ["gradient", "gradient_x_input", "integrated_gradients", "occlusion", "smoothgrad"]
+    # the gradient family differentiates the same forward pass at other inputs (occlusion runs it only): one
+    # gradient stands for them here; docs/engine.md gives the check of all five
+    assert torch.isfinite(Gradient().attribute(model, x, seed).maps).all()

@@ -443,6 +443,30 @@ def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_nor
     assert relative["adaptive"] <= adaptive.extras["error_bound"] + 1e-6
 
 
+ADVICE = {
+    # what was used -> what the warning must suggest, and what it must not (it was used already)
+    "adaptive_blur_budget_spent": ({"baseline": "blur:5"}, ["n_steps=256", "spent all 64"], ["'blur:5'", "adaptive'"]),
+    "adaptive_loose_tolerance": ({"baseline": "blur:5", "tolerance": 0.2}, ["tolerance below 0.05"], ["n_steps=", "blur"]),
+    "fixed_rule_zero_baseline": ({"quadrature": "gausslegendre", "n_steps": 32, "baseline": "zero"},
+                                 ["quadrature='adaptive'", "n_steps=128", "'blur:5'"], []),
+    "adaptive_constant_baseline": ({"baseline": 0.0, "n_steps": 4096}, ["'blur:5'"], ["n_steps=", "adaptive'"]),
+    "nothing_left": ({"baseline": "blur:2", "n_steps": 4096}, ["no option of this method can do better"],
+                     ["n_steps=", "blur:5", "adaptive'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVICE))
+def test_the_completeness_warning_advises_only_what_was_not_used(case):
+    options, said, unsaid = ADVICE[case]
+    (warning,) = IntegratedGradients(**options).sum_rule_warnings(delta=-0.11, expected=1.0)
+    assert "misses completeness by 11 %" in warning
+    for text in said:
+        assert text in warning, (text, warning)
+    for text in unsaid:
+        assert text not in warning, (text, warning)
+    assert IntegratedGradients(**options).sum_rule_warnings(delta=0.04, expected=1.0) == []
+
+
 def test_the_memory_probe_runs_once_per_model_and_shape(monkeypatch):
     # the normalized aggregation calls IG three times (nodes, sums, maps); each probe is a forward and backward pass
     from SegExplainLib.api import explain

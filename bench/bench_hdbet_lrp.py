@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""LRP against one input gradient on an HD-BET-like network (nnU-Net ResEnc), both timed in one run.
+
+HD-BET 2 is an nnU-Net v2 residual-encoder U-Net whose plans come with its weights, which nothing here downloads.
+The stand-in is ``dynamic_network_architectures``' ``ResidualEncoderUNet`` (the class nnU-Net builds for ResEnc
+plans) in the ResEnc M layout: 6 stages of 32-320 features, 1-3-4-6-6-6 residual blocks, instance norm (affine,
+train mode as deployed), in-place LeakyReLU, random weights, one T1 channel, two classes.
+
+Timed, interleaved (round robin; best of ``--repeats`` after one warm-up), on one random volume:
+
+- ``plain gradient``: ``torch.autograd.grad((seed * model(x)).sum(), x)`` in plain torch, with the seed of the
+  predicted brain made beforehand: every ratio is relative to it;
+- ``explain gradient`` / ``explain lrp <composite>``: :func:`SegExplainLib.explain` with
+  ``PredictedRegion(class_index=1)``, so including the forward pass that finds the predicted region;
+- ``lrp <composite> alone``: ``LRP(composite).attribute`` with that seed (no region to find).
+
+Run from the repository root (about 3 minutes on 2 CPU cores at the default size)::
+
+    python bench/bench_hdbet_lrp.py
+    python bench/bench_hdbet_lrp.py --shape 64 64 64 --repeats 3 --json hdbet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
+
+from SegExplainLib import PredictedRegion, explain  # noqa: E402
+from SegExplainLib.deployment import deployed  # noqa: E402
+from SegExplainLib.lrp import LRP  # noqa: E402
+
+COMPOSITES = ("epsilon_plus_flat", "epsilon")
+TARGET = 1.3  # LRP's time, finding the region included, in units of one plain gradient
+
+
+def hdbet_like(seed: int = 0) -> nn.Module:
+    """nnU-Net's ResidualEncoderUNet in the ResEnc M layout, random weights, as the predictor runs it."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    torch.manual_seed(seed)
+    model = ResidualEncoderUNet(1, 6, (32, 64, 128, 256, 320, 320), nn.Conv3d, 3, (1, 2, 2, 2, 2, 2),
+                                (1, 3, 4, 6, 6, 6), 2, (1, 1, 1, 1, 1), True, nn.InstanceNorm3d,
+                                {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                                deep_supervision=False)
+    return model.eval().requires_grad_(False)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Every timed call per run, round robin so that load changes on a shared machine hit all runs alike."""
+    for run in runs.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], help="volume D H W (multiples of 32)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = hdbet_like()
+    x = torch.randn(1, 1, *args.shape)
+    image = x[0].numpy()
+    with torch.no_grad(), deployed(model):
+        predicted = model(x).argmax(1, keepdim=True) == 1
+    seed = torch.zeros(1, 2, *args.shape)
+    seed[:, 1:2][predicted] = 1.0
+
+    def plain() -> None:
+        with deployed(model):
+            leaf = x.clone().requires_grad_(True)
+            torch.autograd.grad((seed * model(leaf)).sum(), leaf)
+
+    runs: dict[str, Callable[[], object]] = {
+        "plain gradient": plain,
+        "explain gradient": lambda: explain(model, image, PredictedRegion(class_index=1), "gradient", device="cpu"),
+    }
+    for composite in COMPOSITES:
+        runs[f"explain lrp {composite}"] = lambda c=composite: explain(
+            model, image, PredictedRegion(class_index=1), "lrp", device="cpu", composite=c)
+        runs[f"lrp {composite} alone"] = lambda c=composite: LRP(composite=c).attribute(model, x, seed)
+    load_before = os.getloadavg()
+    times = interleaved(runs, args.repeats)
+    best = {name: min(seconds) for name, seconds in times.items()}
+    load_after = os.getloadavg()
+    unit = best["plain gradient"]
+    print(f"HD-BET-like ResEnc U-Net, input {tuple(x.shape)}, predicted region {int(predicted.sum())} voxels")
+    for name, seconds in best.items():
+        verdict = ""
+        if name.startswith("explain lrp"):
+            verdict = f"  target <= {TARGET}x: {'met' if seconds / unit <= TARGET else 'missed'}"
+        every = " ".join(f"{t:.1f}" for t in times[name])
+        print(f"{name:<32} {seconds:8.2f} s  {seconds / unit:5.2f}x one gradient{verdict}  (runs: {every})")
+    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+            "shape": args.shape, "load_average_before": load_before, "load_average_after": load_after}
+    print(f"machine: {info}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"info": info, "seconds": times, "ratios": {k: v / unit for k, v in best.items()}}, handle,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
