@@ -53,7 +53,14 @@ def _require_local_token() -> None:
     cluster's processes inherit it from this process's environment; Ray writes no token file (``~/.ray/auth_token``)
     when one is in the environment.
     """
-    from ray._raylet import AuthenticationTokenLoader, Config
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError as error:  # private names, read on Ray 2.60: never start a local Ray without the token
+        import ray
+
+        raise SegExplainError(f"segexplain cohort --workers starts a local Ray only with token authentication, which "
+                              f"this Ray {ray.__version__} does not offer as SegExplain uses it (tested with Ray "
+                              f"2.60); install a newer ray ({error})") from error
 
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_local_token())
     Config.initialize("")  # this process's Ray read its settings at import: as Ray itself does when it turns auth on

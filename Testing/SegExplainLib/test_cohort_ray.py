@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from SegExplainLib import cli, raycohort
 from SegExplainLib.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.errors import SegExplainError
 from SegExplainLib.imaging import Geometry, write_volume
 
 EXPLAIN = ["--card", str(demo_card_path()), "--class", "1", "--method", "lrp", "--composite", "epsilon_plus",
@@ -236,3 +237,14 @@ def test_a_local_ray_lets_in_only_processes_with_the_runs_token(tmp_path):
         except subprocess.TimeoutExpired:
             cluster.kill()
             cluster.wait()
+
+
+def test_a_ray_without_the_token_api_starts_no_local_cluster(monkeypatch):
+    """The token calls are Ray's private names: a Ray without them is refused before anything starts, never run
+    without the token."""
+    raylet = pytest.importorskip("ray._raylet")
+    monkeypatch.delattr(raylet, "AuthenticationTokenLoader")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(SegExplainError, match=r"starts a local Ray only with token authentication.*tested with Ray"):
+        raycohort._require_local_token()
+    assert "RAY_AUTH_MODE" not in os.environ
