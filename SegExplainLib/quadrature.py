@@ -123,9 +123,9 @@ class AdaptiveResult:
 def _initial_panels(f: np.ndarray, max_panels: int, tolerance: float) -> list[int]:
     """Indices into :data:`SCAN` of the initial panels' edges, at most ``max_panels``.
 
-    A scan point is dropped where ``F`` at it and at every dropped point beside it lies within a quarter of the
-    tolerance (of ``F``'s variation over the scan) of the straight line between the kept points around them: flat
-    runs, and the decades near 0 that a path which is smooth there (as from a blurred baseline) crosses in a line.
+    A scan point is dropped where ``F`` at it and at the points dropped beside it is within ``tolerance / 4`` times
+    ``F``'s variation over the scan of the straight line between the kept points around them: flat runs, and the
+    decades near 0 that a path which is smooth there (as from a blurred baseline) crosses in a line.
     """
     scan = np.asarray(SCAN)
     slack = 0.25 * tolerance * np.abs(np.diff(f, axis=0)).sum()
