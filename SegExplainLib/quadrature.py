@@ -10,9 +10,10 @@ nodes has two nodes.
 
 :func:`adaptive` puts the nodes where ``F`` changes:
 
-1. ``F`` is evaluated (forward passes only) at the scan points ``0, 1e-8, 1e-7, ..., 0.1, 0.5, 1``. Runs of scan
-   intervals over which ``F`` hardly changes are merged; every other interval becomes a panel with a Gauss-Legendre
-   rule of a few nodes.
+1. ``F`` is evaluated (forward passes only) at the scan points ``0, 1e-8, 1e-7, ..., 0.1, 0.5, 1``. A scan point
+   where ``F`` lies on the straight line between its neighbours is dropped (flat runs, and the decades near 0 that a
+   path which is smooth there, as from a blurred baseline, crosses in a line); the intervals between the points kept
+   become panels with a Gauss-Legendre rule of a few nodes.
 2. Each panel's completeness is known exactly: its gradient estimate must equal ``F(b) - F(a)``. The panel with the
    largest error is split (at the geometric mean when it spans a factor of 4 or more, else in the middle; ``F`` at
    the split point costs one forward pass) until the errors add up to at most ``tolerance`` times the score change,
@@ -120,10 +121,23 @@ class AdaptiveResult:
 
 
 def _initial_panels(f: np.ndarray, max_panels: int, tolerance: float) -> list[int]:
-    """Indices into :data:`SCAN` of the initial panels' edges: flat scan intervals merged, at most ``max_panels``."""
-    variation = np.abs(np.diff(f, axis=0)).sum(axis=1)
-    flat = variation <= 0.25 * tolerance * variation.sum()
-    edges = [0] + [i for i in range(1, len(SCAN) - 1) if not (flat[i - 1] and flat[i])] + [len(SCAN) - 1]
+    """Indices into :data:`SCAN` of the initial panels' edges, at most ``max_panels``.
+
+    A scan point is dropped where ``F`` at it and at the points dropped beside it is within ``tolerance / 4`` times
+    ``F``'s variation over the scan of the straight line between the kept points around them: flat runs, and the
+    decades near 0 that a path which is smooth there (as from a blurred baseline) crosses in a line.
+    """
+    scan = np.asarray(SCAN)
+    slack = 0.25 * tolerance * np.abs(np.diff(f, axis=0)).sum()
+    edges = list(range(len(SCAN)))
+    i = 1
+    while i < len(edges) - 1:
+        lo, hi = edges[i - 1], edges[i + 1]
+        t = (scan[lo + 1:hi] - scan[lo]) / (scan[hi] - scan[lo])
+        if np.abs(f[lo + 1:hi] - f[lo] - t[:, None] * (f[hi] - f[lo])).sum(axis=1).max() <= slack:
+            del edges[i]
+        else:
+            i += 1
     while len(edges) - 1 > max_panels:  # a small budget: merge the pair of panels that changes least
         pairs = [abs(f[edges[i + 1]] - f[edges[i - 1]]).sum() for i in range(1, len(edges) - 1)]
         del edges[1 + int(np.argmin(pairs))]

@@ -59,6 +59,15 @@ def test_a_smooth_path_meets_a_tight_tolerance():
     assert np.all(np.diff(result.nodes) > 0) and 0 <= result.nodes.min() and result.nodes.max() <= 1
 
 
+def test_a_path_smooth_near_zero_gets_no_panels_at_the_decades():
+    # as from a blurred baseline: F crosses the decades below 0.1 in a straight line, so they are no panels' edges
+    # (with them, 7 panels of 4 nodes: 28 passes to reach the tolerance, against 16)
+    path = Path(lambda a: a + np.sin(6 * a), lambda a: 1 + 6 * np.cos(6 * a))
+    result = adaptive(path.score_at, path.integrate, max_passes=16, tolerance=1e-3)
+    assert result.error_bound <= 1e-3 and result.gradient_passes == path.gradient_calls <= 16
+    assert abs(result.contribution - (1 + np.sin(6))) <= 1e-3 * abs(1 + np.sin(6))
+
+
 def test_a_flat_path_stops_at_once():
     path = Path(lambda a: np.full_like(a, 2.0), lambda a: np.zeros_like(a))
     result = adaptive(path.score_at, path.integrate, max_passes=64, tolerance=0.01)
