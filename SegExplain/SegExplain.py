@@ -810,7 +810,7 @@ class SegExplainTest(ScriptedLoadableModuleTest):
 
         logic = SegExplainLogic()
         logic.ensureRequirements(askConfirmation=False)
-        from SegExplainLib.demo import make_case
+        from SegExplainLib.application.demo import make_case
 
         image, label = make_case(1000)
         names = logic.sequenceNames("")

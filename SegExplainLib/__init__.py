@@ -14,17 +14,17 @@ Example:
 
 __version__ = "0.1.0"
 
-from ._method import AttributionMethod, AttributionOutput
-from .api import METHODS, explain, make_method
-from .baselines import Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline, make_baseline
-from .canonizers import Canonizer, MergeBatchNorm
-from .composites import Composite, composite_names, get_composite, lrp_defaults, register_composite
+from .engine.method import AttributionMethod, AttributionOutput
+from .engine.api import METHODS, explain, make_method
+from .engine.baselines import Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline, make_baseline
+from .engine.canonizers import Canonizer, MergeBatchNorm
+from .engine.composites import Composite, composite_names, get_composite, lrp_defaults, register_composite
 from .errors import SegExplainError, UnsupportedLayerError
-from .explanation import Explanation
-from .filters import AmplitudeFilter, clamp_filter, pass_filter
-from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
-from .lrp import LRP, Deconvolution, GuidedBackprop
-from .metrics import (
+from .engine.explanation import Explanation
+from .engine.filters import AmplitudeFilter, clamp_filter, pass_filter
+from .engine.gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
+from .engine.lrp import LRP, Deconvolution, GuidedBackprop
+from .engine.metrics import (
                         PerturbationCurve,
                         alpha_sweep,
                         binarize,
@@ -35,9 +35,9 @@ from .metrics import (
                         relevance_mass_in_region,
                         relevance_shares,
 )
-from .models import UNet3D, reference_unet, tiny_unet
-from .rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
-from .targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget
+from .models.networks import UNet3D, reference_unet, tiny_unet
+from .engine.rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
+from .engine.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget
 
 __all__ = [
     "AlphaBeta", "AmplitudeFilter", "AttributionMethod", "AttributionOutput", "Baseline", "BlurredBaseline",

@@ -21,10 +21,10 @@ import vtk
 from SegExplainMRML import nodes, results, workflow
 from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun, fileSafe
 
-from SegExplainLib._parent_watch import remove_with_host
-from SegExplainLib.demo import HELD_OUT_SEEDS, demo_geometry, make_case
+from SegExplainLib.application.parent_watch import remove_with_host
+from SegExplainLib.application.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import (
+from SegExplainLib.io.imaging import (
     WRITE_SUFFIXES,
     Geometry,
     check_self_contained,
@@ -105,7 +105,7 @@ class ReviewCase:
 
     @classmethod
     def demo(cls, model: str | ModelSource, seed: int = HELD_OUT_SEEDS[0]) -> ReviewCase:
-        """The demo case (:func:`~SegExplainLib.demo.make_case`), its sequences and label in memory: no file."""
+        """The demo case (:func:`~SegExplainLib.application.demo.make_case`), its sequences and label in memory: no file."""
         image, label = make_case(seed)
         geometry = demo_geometry(label.shape)
         return cls(model, tuple(CaseVolume(channel, geometry) for channel in image), CaseVolume(label, geometry))
@@ -115,7 +115,7 @@ class ReviewCase:
         """A case folder: one image file per sequence of the model and optionally a label map.
 
         Files are matched to the model's sequences by name, exactly (``T2.nii.gz``, as ``segexplain cohort`` reads
-        them) or by ending (``case_1000_T2.nii.gz``, as ``python -m SegExplainLib.demo case`` writes them); the
+        them) or by ending (``case_1000_T2.nii.gz``, as ``python -m SegExplainLib.application.demo case`` writes them); the
         label map is ``label.*`` or ``*_label.*``.
 
         Raises:
@@ -246,7 +246,7 @@ class ReviewSession:
         """An uploaded sequence (``<sequence>.nii.gz``) replacing that input, or a label map (any other name).
 
         The file is checked from its header (a single file holding its voxels, on the case's grid, at most
-        :data:`~SegExplainLib.imaging.MAX_VOXELS` voxels) before any voxel is decoded: a header that names another
+        :data:`~SegExplainLib.io.imaging.MAX_VOXELS` voxels) before any voxel is decoded: a header that names another
         file (a MetaImage ``ElementDataFile``, an NRRD ``data file``) is refused before anything opens that file.
 
         Returns:

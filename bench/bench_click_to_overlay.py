@@ -57,7 +57,7 @@ def addCase(scene, size: int | None):
     from mrml_scene import addDemoCase, addVolume
     from scipy.ndimage import zoom
 
-    from SegExplainLib.demo import SEQUENCE_NAMES, make_case
+    from SegExplainLib.application.demo import SEQUENCE_NAMES, make_case
 
     if size is None:
         return addDemoCase(scene)[0]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: cases per minute of ``segexplain cohort``, serial (the model loaded per case) vs warm Ray workers.
 
-The cohort is ``--cases`` generated demo cases (``SegExplainLib.demo.write_demo_case``, 6 sequences of 24x48x48,
+The cohort is ``--cases`` generated demo cases (``SegExplainLib.application.demo.write_demo_case``, 6 sequences of 24x48x48,
 with their ground truth), explained as ``segexplain demo`` does: the bundled demo model (``--card``), LRP
 ``epsilon_plus`` of the predicted lesion, on the CPU, maps, summary and figures written for every case (``--no-figures``
 leaves the figures out). It is run three ways, each into a fresh folder and timed as a whole ``segexplain cohort``
@@ -41,8 +41,9 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
-from SegExplainLib import cli, raycohort  # noqa: E402
-from SegExplainLib.demo import demo_card_path, write_demo_case  # noqa: E402
+from SegExplainLib.frontends import cli
+from SegExplainLib.frontends import raycohort  # noqa: E402
+from SegExplainLib.application.demo import demo_card_path, write_demo_case  # noqa: E402
 
 
 def memory_gib() -> float:

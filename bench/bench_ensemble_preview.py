@@ -53,7 +53,7 @@ def fixture(root: Path, folds: int) -> Path:
 
 def case(folder: Path, shape: tuple[int, ...] | None):
     """The tests' case (16x28x24, two sequences, a lesion) or noise of ``shape`` at the plans' spacing."""
-    from SegExplainLib.imaging import Geometry
+    from SegExplainLib.io.imaging import Geometry
 
     if shape is None:
         sys.path.insert(0, str(ROOT / "Testing" / "SegExplainLib"))
@@ -71,7 +71,7 @@ def case(folder: Path, shape: tuple[int, ...] | None):
 
 def bench(folder: Path, folds: list[str], methods: list[str], clicks: int, device: str,
           shape: tuple[int, ...] | None) -> dict[str, dict[str, list[float]]]:
-    from SegExplainLib.worker import Worker
+    from SegExplainLib.frontends.worker import Worker
 
     image, geometry, centre = case(folder, shape)
     times: dict[str, dict[str, list[float]]] = {}

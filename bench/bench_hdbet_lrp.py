@@ -39,8 +39,8 @@ if ROOT not in sys.path:
 from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib import PredictedRegion, explain  # noqa: E402
-from SegExplainLib.deployment import deployed  # noqa: E402
-from SegExplainLib.lrp import LRP  # noqa: E402
+from SegExplainLib.engine.deployment import deployed  # noqa: E402
+from SegExplainLib.engine.lrp import LRP  # noqa: E402
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon")
 TARGET = 1.3  # LRP's time, finding the region included, in units of one plain gradient

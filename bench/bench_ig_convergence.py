@@ -14,7 +14,7 @@ the gradient passes it spent, and the relative delta at 64 passes.
 Networks (6 input sequences, 2 classes), on the demo case (24x48x48, z-scored as the demo card says):
 
 - ``demo``: the bundled demo U-Net (InstanceNorm after every convolution, ReLU);
-- ``nnunet_like seed S``: :func:`SegExplainLib.realnets.nnunet_like`, a residual-encoder U-Net in nnU-Net's layout
+- ``nnunet_like seed S``: :func:`SegExplainLib.models.realnets.nnunet_like`, a residual-encoder U-Net in nnU-Net's layout
   (InstanceNorm in train mode, LeakyReLU, residual blocks, transposed-convolution upsampling), seeded weights.
 
 Run from the repository root (about 15 minutes on 2 CPU cores)::
@@ -41,10 +41,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from SegExplainLib import demo, realnets  # noqa: E402
-from SegExplainLib.deployment import deployed  # noqa: E402
-from SegExplainLib.gradients import IntegratedGradients  # noqa: E402
-from SegExplainLib.loading import ModelCard  # noqa: E402
+from SegExplainLib.application import demo
+from SegExplainLib.models import realnets  # noqa: E402
+from SegExplainLib.engine.deployment import deployed  # noqa: E402
+from SegExplainLib.engine.gradients import IntegratedGradients  # noqa: E402
+from SegExplainLib.models.loading import ModelCard  # noqa: E402
 
 BOX = (slice(8, 16), slice(20, 28), slice(20, 28))
 GOAL = 0.01

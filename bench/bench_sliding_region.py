@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: a click explained through a sliding window, running only the windows that reach it vs all windows.
 
-A network trained on patches is explained on the whole volume through :class:`SegExplainLib.sliding.SlidingWindow`.
+A network trained on patches is explained on the whole volume through :class:`SegExplainLib.models.sliding.SlidingWindow`.
 For a click, ``explain`` runs only the windows whose patch overlaps the click's bounding box, in the first forward
 pass and in every pass of the method. This script times that against the whole-volume explanation (the same window
 inside a plain ``nn.Sequential``, which is no ``RegionalModel``, so every window runs) for LRP and the gradient, and
@@ -37,10 +37,10 @@ if ROOT not in sys.path:
 
 from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
-from SegExplainLib.api import explain  # noqa: E402
-from SegExplainLib.models import UNet3D  # noqa: E402
-from SegExplainLib.sliding import SlidingWindow  # noqa: E402
-from SegExplainLib.targets import VoxelTarget  # noqa: E402
+from SegExplainLib.engine.api import explain  # noqa: E402
+from SegExplainLib.models.networks import UNet3D  # noqa: E402
+from SegExplainLib.models.sliding import SlidingWindow  # noqa: E402
+from SegExplainLib.engine.targets import VoxelTarget  # noqa: E402
 
 CASES = {"full": ((128, 256, 256), (64, 128, 128)), "quick": ((32, 64, 64), (16, 32, 32))}
 METHODS = {"lrp": {"composite": "epsilon_plus"}, "gradient": {}}

@@ -18,7 +18,7 @@ import slicer
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter
+from SegExplainLib.engine.filters import AmplitudeFilter
 
 from .nodes import nodeLabel
 

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.figures import save_figure
+from SegExplainLib.io.figures import save_figure
 
 from .display import checkedOpacity
 from .nodes import worldFromLocalMatrix

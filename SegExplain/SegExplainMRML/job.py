@@ -2,13 +2,13 @@
 
 The Slicer module and the browser app must stay responsive while a 3D explanation runs, and a user must be able to
 cancel it. Starting ``segexplain explain`` per click cost seconds of process start, imports and file I/O for an
-explanation of under one. So a :class:`WarmExplainer` keeps one worker process (``SegExplainLib.worker``): it is
+explanation of under one. So a :class:`WarmExplainer` keeps one worker process (``SegExplainLib.frontends.worker``): it is
 started as soon as the model and the input volumes are chosen, keeps them loaded, and answers every click with the
 maps as arrays, without files. Another model starts another worker; other volumes send a new case; a crashed worker
 is restarted by the next click, which first reports the click it took down. Each click is a :class:`WarmRun`, which
 a GUI timer polls. The worker's requests are the options of ``segexplain explain``, so the record of a result holds
 the command line that reproduces it from the input files. The worker ends with its host
-(``SegExplainLib._parent_watch``).
+(``SegExplainLib.application.parent_watch``).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from SegExplainLib import metrics
-from SegExplainLib.demo import demo_card_path
+from SegExplainLib.engine import metrics
+from SegExplainLib.application.demo import demo_card_path
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.loading import ModelCard, refuse_untrusted_code
-from SegExplainLib.pipelines import sequence_names
-from SegExplainLib.worker import Worker
+from SegExplainLib.models.loading import ModelCard, refuse_untrusted_code
+from SegExplainLib.models.pipelines import sequence_names
+from SegExplainLib.frontends.worker import Worker
 
 from . import nodes
 
@@ -220,7 +220,7 @@ class ModelSource:
 
     def sequenceNames(self) -> list[str]:
         """The model's input sequences, read from its description files (no network is built, see
-        :func:`SegExplainLib.pipelines.sequence_names`)."""
+        :func:`SegExplainLib.models.pipelines.sequence_names`)."""
         self.check(trustModelCode=True)  # the paths only: nothing of the model runs here
         return sequence_names(self.kind, self.location, configuration=self.configuration or None)
 

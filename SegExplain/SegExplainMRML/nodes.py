@@ -16,7 +16,7 @@ import slicer
 import vtk
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry, match_names
+from SegExplainLib.io.imaging import Geometry, match_names
 
 #: Attributes of a scalar volume split from a multi-volume: the vector volume's ID and the component.
 _SPLIT_FROM = "SegExplain.splitFrom"
@@ -313,7 +313,7 @@ def splitVectorVolume(vectorNode: Any, names: list[str]) -> list[Any]:
 def guessSequenceVolumes(scene: Any, names: list[str]) -> list[Any]:
     """For each sequence name of the model, the scene's scalar volume that seems to hold it, or None.
 
-    Names are matched as :func:`SegExplainLib.imaging.match_names` does: exactly first, then by ending
+    Names are matched as :func:`SegExplainLib.io.imaging.match_names` does: exactly first, then by ending
     (``"4: T2"``, ``"case_1000_T2"``); each volume is used once, so ``T1`` does not take ``T1-20s``.
 
     Example:

@@ -25,7 +25,7 @@ import numpy as np
 import slicer
 import vtk
 
-from SegExplainLib import metrics
+from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
 
 from .display import setDivergingDisplay

@@ -54,7 +54,7 @@ def addDemoCase(scene):
 
     The volumes are named like DICOM series in Slicer (``'7: T1-60s'``): names that are not file-safe.
     """
-    from SegExplainLib.demo import SEQUENCE_NAMES, make_case
+    from SegExplainLib.application.demo import SEQUENCE_NAMES, make_case
 
     image, label = make_case(1000)
     volumes = [addVolume(scene, channel, name=f"{series}: {name}", spacing=DEMO_SPACING, origin=DEMO_ORIGIN)

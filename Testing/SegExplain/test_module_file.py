@@ -197,7 +197,9 @@ def test_cmake_ships_the_module_and_the_engine():
     module = (ROOT / "SegExplain" / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "SegExplain")
     assert "set(EXTENSION_DEPENDS PyTorch)" in root
     assert "add_subdirectory(SegExplain)" in root
-    assert "SegExplainLib/*.py" in root and "SegExplainLib/Resources/demo/*" in root
+    # the engine is a package of layer folders: every .py below SegExplainLib/, their relative paths kept
+    assert "GLOB_RECURSE SegExplainLib_SCRIPTS" in root and "SegExplainLib/*.py" in root
+    assert "SegExplainLib/Resources/demo/*" in root
     assert "SegExplainMRML/*.py" in module and "slicer_add_python_unittest(SCRIPT SegExplain.py)" in module
     for resource in ("Resources/Icons/SegExplain.png", "Resources/UI/SegExplain.ui"):
         assert resource in module

@@ -10,7 +10,7 @@ from SegExplainMRML import display
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter
+from SegExplainLib.engine.filters import AmplitudeFilter
 
 
 def tableColor(node, index):

@@ -13,7 +13,7 @@ from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import display, export, nodes, results
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter
+from SegExplainLib.engine.filters import AmplitudeFilter
 
 GREY = 100.0
 

@@ -11,7 +11,7 @@ from mrml_scene import addVolume
 from SegExplainMRML import nodes
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import write_volume
+from SegExplainLib.io.imaging import write_volume
 
 #: An oblique direction (a rotation about an oblique axis), as the columns of IJK-to-RAS.
 _ANGLE = np.deg2rad(25.0)

@@ -12,7 +12,7 @@ import vtk
 from mrml_scene import addDemoCase, wiredScene
 from SegExplainMRML import display, job, nodes, results
 
-from SegExplainLib import metrics
+from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
 
 

@@ -1,6 +1,6 @@
 """A worker child whose session answers every explanation with 128³ maps of six sequences, at once (no network).
 
-``python big_answer_worker.py`` serves as ``python -m SegExplainLib.worker`` does, so that a test times the transport
+``python big_answer_worker.py`` serves as ``python -m SegExplainLib.frontends.worker`` does, so that a test times the transport
 of a large answer to the host, not an explanation. Each voxel of the maps holds its flat index modulo 2**20, so the
 receiver can check every byte.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from SegExplainLib import worker
+from SegExplainLib.frontends import worker
 
 SHAPE = (6, 128, 128, 128)
 
@@ -27,7 +27,7 @@ class _Result:
 
 
 class BigAnswerSession:
-    """A :class:`~SegExplainLib.worker.WarmSession` stand-in: no model, maps of :data:`SHAPE` for every request."""
+    """A :class:`~SegExplainLib.frontends.worker.WarmSession` stand-in: no model, maps of :data:`SHAPE` for every request."""
 
     def __init__(self, model_arguments, *, trust_code=False) -> None:
         self.model_arguments, self.sequences, self.description = list(model_arguments), [], {}

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from SegExplainLib.api import explain, make_method
-from SegExplainLib.models import tiny_unet
-from SegExplainLib.targets import BoxTarget, VoxelTarget
+from SegExplainLib.engine.api import explain, make_method
+from SegExplainLib.models.networks import tiny_unet
+from SegExplainLib.engine.targets import BoxTarget, VoxelTarget
 
 SHAPE = (2, 6, 8, 8)
 

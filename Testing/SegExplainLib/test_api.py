@@ -63,7 +63,7 @@ ROUND_TRIPS = {  # every registered method, with options other than its defaults
 
 
 def test_every_method_has_a_round_trip_case():
-    assert set(ROUND_TRIPS) == set(sx.api.METHODS)
+    assert set(ROUND_TRIPS) == set(sx.METHODS)
 
 
 @pytest.mark.parametrize("method", sorted(ROUND_TRIPS))

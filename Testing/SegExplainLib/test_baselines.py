@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from SegExplainLib.baselines import (
+from SegExplainLib.engine.baselines import (
     Baseline,
     BlurredBaseline,
     ChannelMinimumBaseline,

@@ -31,7 +31,7 @@ monai_bundle = pytest.importorskip("monai.bundle")
 pytest.importorskip("nibabel")
 
 from attribute_probes import DANGEROUS, callable_paths, reaches  # noqa: E402
-from SegExplainLib import monai_bundle as bundles  # noqa: E402
+from SegExplainLib.models import monai_bundle as bundles  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 

@@ -32,9 +32,9 @@ import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry
-from SegExplainLib.pipelines import explain_case, open_pipeline
-from SegExplainLib.targets import BoxTarget
+from SegExplainLib.io.imaging import Geometry
+from SegExplainLib.models.pipelines import explain_case, open_pipeline
+from SegExplainLib.engine.targets import BoxTarget
 
 monai_bundle = pytest.importorskip("monai.bundle")
 

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SegExplainLib import cli
-from SegExplainLib.api import explain
-from SegExplainLib.demo import demo_card_path
-from SegExplainLib.models import tiny_unet
-from SegExplainLib.targets import BoxTarget
+from SegExplainLib.frontends import cli
+from SegExplainLib.engine.api import explain
+from SegExplainLib.application.demo import demo_card_path
+from SegExplainLib.models.networks import tiny_unet
+from SegExplainLib.engine.targets import BoxTarget
 
 SHAPE = (6, 8, 10)  # D, H, W
 SPACING = (0.8, 0.9, 3.0)  # x, y, z
@@ -237,7 +237,7 @@ def test_a_failed_overwrite_leaves_the_old_results(case, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("SegExplainLib.api.explain", broken)
+    monkeypatch.setattr("SegExplainLib.engine.api.explain", broken)
     assert cli.main([*base_args(case, output), "--overwrite"]) == cli.EXIT_ERROR
     assert "out of memory" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
@@ -262,7 +262,7 @@ from pathlib import Path
 
 Path(__file__).with_name("ran.txt").write_text("the model file ran")
 
-from SegExplainLib.models import tiny_unet as Net
+from SegExplainLib.models.networks import tiny_unet as Net
 """
 
 
@@ -333,7 +333,7 @@ def test_interrupt_leaves_nothing_behind(case, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("SegExplainLib.api.explain", interrupted)
+    monkeypatch.setattr("SegExplainLib.engine.api.explain", interrupted)
     output = case["dir"] / "interrupted"
     assert cli.main(base_args(case, output)) == cli.EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
@@ -462,7 +462,7 @@ def test_unexpected_failures_are_one_line_too(case, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full\nmore detail")
 
-    monkeypatch.setattr("SegExplainLib.api.explain", broken)
+    monkeypatch.setattr("SegExplainLib.engine.api.explain", broken)
     output = case["dir"] / "broken"
     assert cli.main(base_args(case, output)) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()

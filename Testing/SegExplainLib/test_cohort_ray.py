@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib import cli, raycohort
-from SegExplainLib.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.frontends import cli
+from SegExplainLib.frontends import raycohort
+from SegExplainLib.application.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry, write_volume
+from SegExplainLib.io.imaging import Geometry, write_volume
 
 EXPLAIN = ["--card", str(demo_card_path()), "--class", "1", "--method", "lrp", "--composite", "epsilon_plus",
            "--device", "cpu", "--filter", "pass:0.4"]
@@ -127,7 +128,7 @@ def test_a_cluster_given_by_address_is_named_as_where_the_images_go(local_ray, c
 
 
 def test_request_options_survive_the_way_to_the_workers():
-    from SegExplainLib.worker import _model_parser, _request_parser
+    from SegExplainLib.frontends.worker import _model_parser, _request_parser
 
     argv = ["explain", "--input", "a.nii", "--output", "o", "--card", "c.json", "--patch-size", "8", "16", "16",
             "--no-mirroring", "--nnunet", "n", "--folds", "0", "all", "--trust-model-code", "--point-ras", "1.5",
@@ -197,7 +198,7 @@ def test_workers_resume_and_recompute_nothing_finished(cases, serial, local_ray,
 LOCAL_RAY = """
 import sys
 import ray
-from SegExplainLib import raycohort
+from SegExplainLib.frontends import raycohort
 raycohort.start_ray()
 print(ray.get(ray.remote(lambda: "ran").remote()), ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()

@@ -12,7 +12,7 @@ from torch import nn
 
 import SegExplainLib as sx
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.realnets import nnunet_like
+from SegExplainLib.models.realnets import nnunet_like
 
 
 def _user_forward(model: nn.Module, image: np.ndarray) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from matplotlib.figure import Figure
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.figures import (
+from SegExplainLib.io.figures import (
     inclusivity_figure,
     maximum_intensity_projection,
     mip_figure,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter, clamp_filter, pass_filter
+from SegExplainLib.engine.filters import AmplitudeFilter, clamp_filter, pass_filter
 
 ALPHAS = [0.4, (0.05, 0.4), (0.5, 1.0), 1.0]
 

@@ -19,9 +19,9 @@ from lrp_reference import as_matrix, reference_layer
 from torch import nn
 
 from SegExplainLib.errors import UnsupportedLayerError
-from SegExplainLib.gradients import Gradient
-from SegExplainLib.lrp import LRP, Deconvolution, GuidedBackprop
-from SegExplainLib.realnets import Interpolate
+from SegExplainLib.engine.gradients import Gradient
+from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
+from SegExplainLib.models.realnets import Interpolate
 
 
 class LayerScale(nn.Module):

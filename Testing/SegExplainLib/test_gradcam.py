@@ -10,7 +10,7 @@ from testnets import frozen
 from torch import nn
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.gradients import GradCAM
+from SegExplainLib.engine.gradients import GradCAM
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -151,7 +151,7 @@ def test_options_and_constructor_errors():
 
 
 def test_runs_on_the_tiny_unet():
-    models = pytest.importorskip("SegExplainLib.models")
+    models = pytest.importorskip("SegExplainLib.models.networks")
     model = frozen(models.tiny_unet().double())
     names = [n for n, _ in model.named_modules() if n]
     layer = next(n for n in names if n.startswith("bottleneck"))

@@ -10,9 +10,9 @@ import torch
 from testnets import frozen
 from torch import nn
 
-from SegExplainLib._method import AttributionMethod
+from SegExplainLib.engine.method import AttributionMethod
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.gradients import (
+from SegExplainLib.engine.gradients import (
     GradCAM,
     Gradient,
     GradientXInput,

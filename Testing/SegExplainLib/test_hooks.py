@@ -20,12 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from SegExplainLib.api import explain
-from SegExplainLib.composites import Composite, lrp_defaults
+from SegExplainLib.engine.api import explain
+from SegExplainLib.engine.composites import Composite, lrp_defaults
 from SegExplainLib.errors import SegExplainError, UnsupportedLayerError
-from SegExplainLib.lrp import LRP, Deconvolution, GuidedBackprop
-from SegExplainLib.rules import Flat
-from SegExplainLib.targets import ClassChannel
+from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
+from SegExplainLib.engine.rules import Flat
+from SegExplainLib.engine.targets import ClassChannel
 
 METHODS = {"lrp": LRP, "guided_backprop": GuidedBackprop, "deconvolution": Deconvolution}
 

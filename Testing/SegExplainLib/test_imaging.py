@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import (
+from SegExplainLib.io.imaging import (
     MAX_VOXELS,
     Geometry,
     box_to_index,
@@ -439,7 +439,7 @@ def test_half_way_points_round_up_like_itk():
 
 
 def test_match_names_prefers_exact_then_suffix_and_uses_each_candidate_once():
-    from SegExplainLib.imaging import match_names
+    from SegExplainLib.io.imaging import match_names
 
     candidates = ["case7_T1-20s", "case7_T1", "4: T2", "T2 registered", "ADCmap", "t1-20S"]
     assert match_names(candidates, ["T2", "T1", "T1-20s", "ADC"]) == [2, 1, 5, None]
@@ -449,7 +449,7 @@ def test_match_names_prefers_exact_then_suffix_and_uses_each_candidate_once():
 
 
 def test_image_stem_strips_an_image_ending_only():
-    from SegExplainLib.imaging import image_stem
+    from SegExplainLib.io.imaging import image_stem
 
     assert [image_stem(n) for n in ("T1-20s.nii.gz", "flair.nii", "t2.nrrd", "adc.mha", "notes.txt", "T2.gz")] == [
         "T1-20s", "flair", "t2", "adc", None, None]

@@ -13,9 +13,9 @@ import torch
 from testnets import frozen
 from torch import nn
 
-import SegExplainLib._batching as batching
-import SegExplainLib.gradients as gradients
-from SegExplainLib._batching import (
+import SegExplainLib.engine.batching as batching
+import SegExplainLib.engine.gradients as gradients
+from SegExplainLib.engine.batching import (
     BUDGETED_MAX_BATCH,
     DEFAULT_MAX_BATCH,
     choose_internal_batch_size,
@@ -23,10 +23,10 @@ from SegExplainLib._batching import (
     estimate_sample_bytes,
     max_batch_for,
 )
-from SegExplainLib.baselines import BlurredBaseline, ConstantBaseline, ZeroBaseline
+from SegExplainLib.engine.baselines import BlurredBaseline, ConstantBaseline, ZeroBaseline
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.gradients import IntegratedGradients
-from SegExplainLib.quadrature import FIXED_RULES, fixed_rule
+from SegExplainLib.engine.gradients import IntegratedGradients
+from SegExplainLib.engine.quadrature import FIXED_RULES, fixed_rule
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -341,9 +341,9 @@ def test_blurred_baseline_default():
 
 PEAK_SCRIPT = """
 import sys, torch
-from SegExplainLib._batching import choose_internal_batch_size
-from SegExplainLib.gradients import IntegratedGradients
-from SegExplainLib.models import reference_unet
+from SegExplainLib.engine.batching import choose_internal_batch_size
+from SegExplainLib.engine.gradients import IntegratedGradients
+from SegExplainLib.models.networks import reference_unet
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -426,8 +426,8 @@ def test_the_batch_used_is_recorded():
 
 def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_normalized_network():
     # nnU-Net's layout from a zero baseline: the score changes only near alpha = 0 (see quadrature.py)
-    from SegExplainLib.deployment import deployed
-    from SegExplainLib.realnets import nnunet_like
+    from SegExplainLib.engine.deployment import deployed
+    from SegExplainLib.models.realnets import nnunet_like
 
     model = nnunet_like(in_channels=2, out_channels=2, seed=1)
     torch.manual_seed(1)
@@ -470,8 +470,8 @@ def test_the_completeness_warning_advises_only_what_was_not_used(case):
 
 def test_the_memory_probe_runs_once_per_model_and_shape(monkeypatch):
     # the normalized aggregation calls IG three times (nodes, sums, maps); each probe is a forward and backward pass
-    from SegExplainLib.api import explain
-    from SegExplainLib.targets import BoxTarget
+    from SegExplainLib.engine.api import explain
+    from SegExplainLib.engine.targets import BoxTarget
 
     calls = []
     original = gradients.choose_internal_batch_size

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from SegExplainLib import kernels, rules
-from SegExplainLib.api import METHODS, explain
-from SegExplainLib.kernels import onednn_convolutions
-from SegExplainLib.targets import BoxTarget
+from SegExplainLib.engine import kernels
+from SegExplainLib.engine import rules
+from SegExplainLib.engine.api import METHODS, explain
+from SegExplainLib.engine.kernels import onednn_convolutions
+from SegExplainLib.engine.targets import BoxTarget
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import SegExplainLib as sx
-from SegExplainLib.api import explain_layers
+from SegExplainLib.engine.api import explain_layers
 from SegExplainLib.errors import SegExplainError
 
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from lrp_reference import EPS, as_matrix, reference_layer, stab
 from torch import nn
 
-from SegExplainLib.composites import Composite, lrp_defaults
+from SegExplainLib.engine.composites import Composite, lrp_defaults
 from SegExplainLib.errors import UnsupportedLayerError
-from SegExplainLib.lrp import LRP, Deconvolution, GuidedBackprop
-from SegExplainLib.models import tiny_unet
-from SegExplainLib.rules import Epsilon
+from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
+from SegExplainLib.models.networks import tiny_unet
+from SegExplainLib.engine.rules import Epsilon
 
 WEIGHTED = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 PARAMETER_FREE = (nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.Upsample)

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.loading import ModelCard, load_model, load_weights, normalize, untrusted_code
-from SegExplainLib.models import UNet3D, tiny_unet
+from SegExplainLib.models.loading import ModelCard, load_model, load_weights, normalize, untrusted_code
+from SegExplainLib.models.networks import UNet3D, tiny_unet
 
 MODEL_FILE = """
 import torch
@@ -311,7 +311,7 @@ def test_untrusted_code_checks_the_spec():
 def test_allow_listed_module_builds_only_networks():
     """Without trust, an allow-listed module gives its network classes and factories, nothing else it imported."""
     with pytest.raises(SegExplainError, match=r"'SegExplainLib\.models:check_choice' names a function of "
-                                              r"SegExplainLib\._checks, expected a network"):
+                                              r"SegExplainLib\.engine\.checks, expected a network"):
         load_model("SegExplainLib.models:check_choice", kwargs={"value": "a", "name": "b", "choices": ["a"]})
 
 

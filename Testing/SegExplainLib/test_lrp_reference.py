@@ -8,9 +8,9 @@ import torch
 from lrp_reference import as_matrix, reference_layer
 from torch import nn
 
-from SegExplainLib.composites import composite_names
-from SegExplainLib.filters import AmplitudeFilter
-from SegExplainLib.lrp import LRP
+from SegExplainLib.engine.composites import composite_names
+from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.engine.lrp import LRP
 
 
 def chain_net(activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -182,7 +182,7 @@ def test_layer_wise_filter_matches_reference(composite, spec):
 
 
 def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
-    from SegExplainLib.rules import _signed_channels, known_non_negative
+    from SegExplainLib.engine.rules import _signed_channels, known_non_negative
 
     x = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     rectified = torch.relu(x)
@@ -200,7 +200,7 @@ def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
 @pytest.mark.parametrize("composite", composite_names())
 def test_float32_on_onednn_agrees_with_float64(composite):
     """float32 runs the rules' convolutions on oneDNN directly; float64 runs them through torch."""
-    from SegExplainLib.models import tiny_unet
+    from SegExplainLib.models.networks import tiny_unet
 
     torch.manual_seed(0)
     model = tiny_unet(activation="leaky_relu").eval().requires_grad_(False)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.filters import AmplitudeFilter
-from SegExplainLib.metrics import (
+from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.engine.metrics import (
     PerturbationCurve,
     alpha_sweep,
     binarize,

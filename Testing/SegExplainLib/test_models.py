@@ -13,7 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.models import (
+from SegExplainLib.models.networks import (
     ACTIVATIONS,
     NORMS,
     UPSAMPLES,

@@ -53,8 +53,8 @@ import numpy as np
 import pytest
 import torch
 
-from SegExplainLib.api import explain
-from SegExplainLib.targets import MaskTarget
+from SegExplainLib.engine.api import explain
+from SegExplainLib.engine.targets import MaskTarget
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 

@@ -32,12 +32,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from SegExplainLib import pipelines
-from SegExplainLib.api import explain
+from SegExplainLib.models import pipelines
+from SegExplainLib.engine.api import explain
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import Geometry, read_sequences
-from SegExplainLib.pipelines import explain_case, open_pipeline, sequence_names
-from SegExplainLib.targets import BoxTarget, MaskTarget, PredictedRegion
+from SegExplainLib.io.imaging import Geometry, read_sequences
+from SegExplainLib.models.pipelines import explain_case, open_pipeline, sequence_names
+from SegExplainLib.engine.targets import BoxTarget, MaskTarget, PredictedRegion
 
 monai_bundle = pytest.importorskip("monai.bundle")
 sitk = pytest.importorskip("SimpleITK")
@@ -374,7 +374,7 @@ def test_monai_checkpoint_with_a_model_key_loads(tmp_path, bundle):
 
 
 def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_path, capsys):
-    from SegExplainLib.cli import main
+    from SegExplainLib.frontends.cli import main
 
     image, geometry, files = case
     output = tmp_path / "out"
@@ -392,7 +392,7 @@ def test_command_line_explains_a_bundle_onto_the_input_grid(bundle, case, tmp_pa
 
 def test_command_line_shows_library_warnings_only_with_verbose(bundle, case, tmp_path, capsys):
     """MONAI's notices (the bundle's Orientationd warns about its labels default) stay off stderr without --verbose."""
-    from SegExplainLib.cli import main
+    from SegExplainLib.frontends.cli import main
 
     def show(message, category, filename, lineno, file=None, line=None):  # as a terminal shows them, not pytest
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

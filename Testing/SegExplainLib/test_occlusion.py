@@ -9,9 +9,9 @@ import torch
 from testnets import frozen
 from torch import nn
 
-from SegExplainLib.baselines import ChannelMinimumBaseline, ConstantBaseline
+from SegExplainLib.engine.baselines import ChannelMinimumBaseline, ConstantBaseline
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.gradients import Occlusion
+from SegExplainLib.engine.gradients import Occlusion
 
 captum_attr = pytest.importorskip("captum.attr")
 

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from SegExplainLib import _parent_watch
+from SegExplainLib.application import parent_watch as _parent_watch
 
-CHILD = ("from SegExplainLib._parent_watch import end_with_parent; end_with_parent(); print('watching', flush=True); "
+CHILD = ("from SegExplainLib.application.parent_watch import end_with_parent; end_with_parent(); print('watching', flush=True); "
          "import time; time.sleep(60)")
 
 
@@ -51,7 +51,7 @@ def test_a_bad_parent_pid_is_named(monkeypatch):
 
 
 
-GUARDED = ("import sys, time; from pathlib import Path; from SegExplainLib._parent_watch import remove_with_host; "
+GUARDED = ("import sys, time; from pathlib import Path; from SegExplainLib.application.parent_watch import remove_with_host; "
            "folder = Path(sys.argv[1]); guardian = remove_with_host(folder); "
            "(folder / 'upload.nii.gz').write_bytes(b'1'); print('guarded', flush=True); time.sleep(60)")
 

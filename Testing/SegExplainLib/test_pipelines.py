@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.pipelines import open_pipeline, region_to_grid, relevance_from_grid
+from SegExplainLib.models.pipelines import open_pipeline, region_to_grid, relevance_from_grid
 
 ORIGINAL, NETWORK = (3, 4, 5), (5, 3, 7)
 

@@ -15,10 +15,10 @@ import torch
 from test_nnunet import _case
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.nnunet import open_nnunet
-from SegExplainLib.pipelines import explain_case
-from SegExplainLib.targets import VoxelTarget
-from SegExplainLib.worker import WarmSession, Worker
+from SegExplainLib.models.nnunet import open_nnunet
+from SegExplainLib.models.pipelines import explain_case
+from SegExplainLib.engine.targets import VoxelTarget
+from SegExplainLib.frontends.worker import WarmSession, Worker
 
 GRADIENT = ["--method", "gradient", "--device", "cpu"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SegExplainLib.quadrature import MAX_NODES, SCAN, adaptive, fixed_rule
+from SegExplainLib.engine.quadrature import MAX_NODES, SCAN, adaptive, fixed_rule
 
 
 class Path:

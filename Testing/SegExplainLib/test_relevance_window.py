@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from testnets import frozen
 from torch import nn
 
-from SegExplainLib import lrp as lrp_module
-from SegExplainLib.filters import AmplitudeFilter
-from SegExplainLib.lrp import LRP
-from SegExplainLib.models import tiny_unet
-from SegExplainLib.rules import RelevanceWindow, affine_vjp, box_share, occupied_box
+from SegExplainLib.engine import lrp as lrp_module
+from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.engine.lrp import LRP
+from SegExplainLib.models.networks import tiny_unet
+from SegExplainLib.engine.rules import RelevanceWindow, affine_vjp, box_share, occupied_box
 
 CONVOLUTIONS = {
     "3d_k3_s1_p1": lambda: nn.Conv3d(2, 3, 3, padding=1),

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import SegExplainLib as sx
+from SegExplainLib.engine.api import explain_layers
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.sliding import SlidingWindow
+from SegExplainLib.models.sliding import SlidingWindow
 
 
 def small_net() -> nn.Module:
@@ -261,9 +262,9 @@ def test_layer_signals_are_read_from_every_window():
     calls = counting(net)
     window = SlidingWindow(net, (4, 6, 6))
     x = torch.rand(2, *VOLUME, dtype=torch.float64)
-    sx.api.explain_layers(window, x, TARGETS["click"][0], ["network.0"], "lrp", device="cpu", composite="zero")
+    explain_layers(window, x, TARGETS["click"][0], ["network.0"], "lrp", device="cpu", composite="zero")
     assert len(calls) == 2 * 75  # the prediction, then the propagation: no window left out
 
 
 def test_only_grad_cam_reads_beyond_the_seed():
-    assert {name for name, cls in sx.api.METHODS.items() if not cls.seed_local} == {"gradcam"}
+    assert {name for name, cls in sx.METHODS.items() if not cls.seed_local} == {"gradcam"}

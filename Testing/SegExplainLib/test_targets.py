@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, VoxelTarget
+from SegExplainLib.engine.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, VoxelTarget
 
 LOGITS = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(1))
 

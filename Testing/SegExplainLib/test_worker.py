@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SegExplainLib.api import explain
-from SegExplainLib.demo import demo_card_path, write_demo_case
+from SegExplainLib.engine.api import explain
+from SegExplainLib.application.demo import demo_card_path, write_demo_case
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.imaging import read_sequences
-from SegExplainLib.loading import ModelCard
-from SegExplainLib.targets import MaskTarget, VoxelTarget
-from SegExplainLib import worker as worker_module
-from SegExplainLib.worker import WarmSession, Worker
+from SegExplainLib.io.imaging import read_sequences
+from SegExplainLib.models.loading import ModelCard
+from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
+from SegExplainLib.frontends import worker as worker_module
+from SegExplainLib.frontends.worker import WarmSession, Worker
 
 CLICK = ["--voxel", "9", "24", "24", "--radius", "1"]
 LRP = ["--method", "lrp", "--composite", "epsilon_plus"]
@@ -146,7 +146,7 @@ def test_trust_is_the_callers_word():
         Worker(["--card", "x"], trust_code="yes")
 
 
-HOST = ("import sys, time; from SegExplainLib.worker import Worker; worker = Worker(sys.argv[1:]).start(); "
+HOST = ("import sys, time; from SegExplainLib.frontends.worker import Worker; worker = Worker(sys.argv[1:]).start(); "
         "worker.wait(worker.load_request, timeout=120); print(worker._process.pid, flush=True); time.sleep(120)")
 
 
@@ -241,7 +241,7 @@ def test_behind_a_launcher_cancel_reaches_the_work_and_close_leaves_no_process(c
     assert _ended(started, real, within=2 * worker_module.CLOSE_GRACE_S + 2), "a process outlived close()"
 
 
-LAUNCHED_HOST = ("import sys, time; from SegExplainLib.worker import Worker; "
+LAUNCHED_HOST = ("import sys, time; from SegExplainLib.frontends.worker import Worker; "
                  "worker = Worker(sys.argv[2:], python=sys.argv[1]).start(); "
                  "worker.wait(worker.load_request, timeout=120); "
                  "print(worker._process.pid, open(f'/proc/{worker._process.pid}/task/{worker._process.pid}/children')"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from SegExplainLib.rules import PropagationContext, WeightRule, ZPlus, unwired
+from SegExplainLib.engine.rules import PropagationContext, WeightRule, ZPlus, unwired
 
 LAYERS = {
     # name: (layer, input shape, output box that receives relevance when it is sparse)

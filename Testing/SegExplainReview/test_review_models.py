@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib import cli
+from SegExplainLib.frontends import cli
 from SegExplainLib.errors import SegExplainError
 
 _C, _S = np.cos(np.pi / 6), np.sin(np.pi / 6)

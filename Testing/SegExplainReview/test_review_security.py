@@ -19,7 +19,7 @@ import pytest
 import SimpleITK as sitk
 from wslink.chunking import UnChunker, generate_chunks
 
-from SegExplainLib import cli
+from SegExplainLib.frontends import cli
 
 pytest.importorskip("trame_slicer", reason="the review app needs its extra (pip install -e '.[review]')")
 from SegExplainReview.session import CaseVolume  # noqa: E402
@@ -215,7 +215,7 @@ def test_the_page_reloads_without_the_token_in_its_address(server, browser):
 def test_a_4d_case_leaves_no_file_behind_however_the_server_ends(tmp_path, monkeypatch, ending, start_server):
     """The sequences of a 4D case were written as NRRD files to the temporary folder, and stayed after SIGKILL or
     SIGHUP (closing the terminal); they are now kept in memory."""
-    from SegExplainLib.demo import make_case
+    from SegExplainLib.application.demo import make_case
 
     image, _ = make_case(1001)
     stacked = sitk.GetImageFromArray(np.moveaxis(image, 0, -1), isVector=True)

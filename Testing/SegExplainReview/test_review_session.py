@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.application.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
 from SegExplainLib.errors import SegExplainError
 
 
@@ -190,7 +190,7 @@ def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, mon
     """``segexplain review --trust-model-code`` sets the case's trustModelCode; nothing else lets a card run code."""
     from SegExplainReview.session import ReviewParameters
 
-    (tmp_path / "net.py").write_text("from SegExplainLib.models import UNet3D as Net\n")
+    (tmp_path / "net.py").write_text("from SegExplainLib.models.networks import UNet3D as Net\n")
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"model": "net.py:Net", "kwargs": {"in_channels": 6, "base_channels": 2, "depth": 2},
                                 "sequences": SEQUENCE_NAMES, "classes": ["background", "lesion"]}))
@@ -276,8 +276,8 @@ def test_page_parameters_are_validated_settings_with_the_modules_names():
 
 
 def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
-    from SegExplainLib.demo import make_case
-    from SegExplainLib.imaging import read_sequences
+    from SegExplainLib.application.demo import make_case
+    from SegExplainLib.io.imaging import read_sequences
     from SegExplainReview.session import ReviewCase
 
     image, _ = make_case(1001)
@@ -296,7 +296,7 @@ def test_a_multi_channel_file_is_split_into_the_cards_sequences(tmp_path):
 
 
 def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
-    """``python -m SegExplainLib.demo case`` names files case_<seed>_<sequence>; the folder opens as it is."""
+    """``python -m SegExplainLib.application.demo case`` names files case_<seed>_<sequence>; the folder opens as it is."""
     from SegExplainReview.session import ReviewCase
 
     sequences, label = write_demo_case(tmp_path, 1001)
@@ -309,7 +309,7 @@ def test_the_demo_case_is_made_in_memory_as_its_files_would_be_read(caseFolder, 
     after SIGKILL); it is now made in memory: the same voxels, grid and segment as its files."""
     from trame_slicer.core import SlicerApp
 
-    from SegExplainLib.imaging import read_label, read_sequences
+    from SegExplainLib.io.imaging import read_label, read_sequences
     from SegExplainReview.session import CaseVolume, ReviewCase, ReviewSession
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))

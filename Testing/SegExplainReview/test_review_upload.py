@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from SegExplainLib.demo import write_demo_case
+from SegExplainLib.application.demo import write_demo_case
 
 
 def upload(page, path) -> None:
