@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .rules import TRANSPOSED_CONVOLUTIONS, WEIGHTED_LINEAR
+from .rules.base import TRANSPOSED_CONVOLUTIONS, WEIGHTED_LINEAR
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -37,9 +37,6 @@ from .functional import (
     passes,
 )
 from .rules import (
-    CONVOLUTIONS,
-    NORMS,
-    TRANSPOSED_CONVOLUTIONS,
     AlphaBeta,
     Deconvolution,
     Epsilon,
@@ -47,13 +44,13 @@ from .rules import (
     Gamma,
     GuidedBackprop,
     Pass,
-    PropagationContext,
     Rule,
     WSquare,
     ZBox,
     Zero,
     ZPlus,
 )
+from .rules.base import CONVOLUTIONS, NORMS, TRANSPOSED_CONVOLUTIONS, PropagationContext
 
 CATEGORIES: dict[str, tuple[type[nn.Module], ...]] = {
     "convolution": (*CONVOLUTIONS, *TRANSPOSED_CONVOLUTIONS),

@@ -119,7 +119,7 @@ ATTENTION = _collect(["scaled_dot_product_attention", "multi_head_attention_forw
 _MATRIX_PRODUCTS = _collect(["matmul", "__matmul__", "__rmatmul__", "bmm", "mm", "einsum", "baddbmm"])
 #: Gates: a sigmoid of an activation, which then scales another one.
 _GATES = _collect(["sigmoid", "sigmoid_", "hardsigmoid"])
-#: Norms written as functions; the norm rules cover only the modules of :data:`SegExplainLib.engine.rules.NORMS`.
+#: Norms written as functions; the norm rules cover only the modules of :data:`SegExplainLib.engine.rules.base.NORMS`.
 NORM_FUNCTIONS = _collect(["layer_norm", "rms_norm", "group_norm", "instance_norm", "batch_norm", "normalize",
                            "local_response_norm"])
 

@@ -2,11 +2,11 @@
 
 PyTorch sends float32 CPU convolutions with a batch of one and few channels times slices (N*C*D*H <= 20480: every
 layer of the reference U-Net at size A, the deepest ones at L) to a reference kernel that was 16x slower than oneDNN
-on the project's machine. The LRP rules call oneDNN themselves (:func:`SegExplainLib.engine.rules.affine_forward`). The
-methods that run the user's own model through autograd (gradient, IG, SmoothGrad, Guided Backprop, ...) get the same
-kernels from :func:`onednn_convolutions`, which reroutes the model's convolution calls while it is active. The
-results agree with torch's own kernels to float32 rounding (tested); float64, other devices, "same" padding and
-other cases stay with torch.
+on the project's machine. The LRP rules call oneDNN themselves
+(:func:`SegExplainLib.engine.rules.affine.affine_forward`). The methods that run the user's own model through autograd
+(gradient, IG, SmoothGrad, Guided Backprop, ...) get the same kernels from :func:`onednn_convolutions`, which
+reroutes the model's convolution calls while it is active. The results agree with torch's own kernels to float32
+rounding (tested); float64, other devices, "same" padding and other cases stay with torch.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from .deployment import check_walkable
 from ..errors import SegExplainError
 from .filters import AmplitudeFilter
 from .kernels import onednn_convolutions
-from .rules import PropagationContext, box_share
+from .rules.base import PropagationContext
+from .rules.window import box_share
 
 # explained outputs within a box of at most this share of the output grid count as a small target
 SPARSE_SEED_SHARE = 0.25

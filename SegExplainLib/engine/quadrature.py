@@ -20,7 +20,8 @@ nodes has two nodes.
    or the next split would exceed the budget of gradient passes.
 
 The result is a composite Gauss-Legendre rule: the map is linear in the explained seed for its nodes, which
-:meth:`SegExplainLib.engine.gradients.IntegratedGradients.for_target` fixes once for every pass of one target.
+:meth:`SegExplainLib.engine.gradients.integrated_gradients.IntegratedGradients.for_target` fixes once for every pass
+of one target.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from SegExplainLib.engine.rules import affine_forward, affine_vjp
+from SegExplainLib.engine.rules.affine import affine_forward, affine_vjp
 
 LAYERS = {
     # name: (layer, input shape, calls that go to oneDNN directly: the layer's and its transpose's)

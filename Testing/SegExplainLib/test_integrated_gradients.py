@@ -14,7 +14,8 @@ from testnets import frozen
 from torch import nn
 
 import SegExplainLib.engine.batching as batching
-import SegExplainLib.engine.gradients as gradients
+import SegExplainLib.engine.gradients.integrated_gradients as integrated_gradients
+import SegExplainLib.engine.gradients.passes as passes
 from SegExplainLib.engine.batching import (
     BUDGETED_MAX_BATCH,
     DEFAULT_MAX_BATCH,
@@ -172,7 +173,7 @@ def test_matches_captum(method, monkeypatch):
         assert abs(cap_weights.sum() - (n - 1) / n) < 1e-6  # the captum difference documented in fixed_rule()
     ig = IntegratedGradients(n_steps=n, quadrature=method, baseline=BlurredBaseline(1.0), internal_batch_size=5)
     assert np.allclose(fixed_rule(method, n)[0], cap_alphas, rtol=0, atol=1e-15)
-    monkeypatch.setattr(gradients, "fixed_rule", lambda rule, steps: (cap_alphas, cap_weights))
+    monkeypatch.setattr(integrated_gradients, "fixed_rule", lambda rule, steps: (cap_alphas, cap_weights))
     out = ig.attribute(model, x, seed)
     assert torch.allclose(out.maps, ref, rtol=1e-8, atol=1e-12 * ref.abs().max().item())
 
@@ -474,8 +475,8 @@ def test_the_memory_probe_runs_once_per_model_and_shape(monkeypatch):
     from SegExplainLib.engine.targets import BoxTarget
 
     calls = []
-    original = gradients.choose_internal_batch_size
-    monkeypatch.setattr(gradients, "choose_internal_batch_size", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = passes.choose_internal_batch_size
+    monkeypatch.setattr(passes, "choose_internal_batch_size", lambda *a, **k: calls.append(1) or original(*a, **k))
     image = np.random.default_rng(0).normal(size=(2, 4, 4, 4))
     target = BoxTarget((1, 1, 1), (3, 3, 3), class_index=1, aggregation="normalized")
     explain(relu_net(), image, target, "integrated_gradients", n_steps=8, baseline="zero", dtype=torch.float64)

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from SegExplainLib.engine import kernels
-from SegExplainLib.engine import rules
 from SegExplainLib.engine.api import METHODS, explain
 from SegExplainLib.engine.kernels import onednn_convolutions
+from SegExplainLib.engine.rules import affine
 from SegExplainLib.engine.targets import BoxTarget
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -93,7 +93,7 @@ def test_every_method_runs_its_float32_convolutions_on_onednn(method, onednn_cal
     target = BoxTarget((1, 2, 2), (4, 6, 6), class_index=1)
     routed = explain(small_net(), image, target, method, device="cpu", **OPTIONS.get(method, {}))
     assert onednn_calls, f"{method} ran no convolution on oneDNN"
-    for module in (kernels, rules):  # the same explanation on torch's own kernels
+    for module in (kernels, affine):  # the same explanation on torch's own kernels
         monkeypatch.setattr(module, "onednn_eligible", lambda x, weight: False)
     count = len(onednn_calls)
     stock = explain(small_net(), image, target, method, device="cpu", **OPTIONS.get(method, {}))

@@ -182,7 +182,7 @@ def test_layer_wise_filter_matches_reference(composite, spec):
 
 
 def test_inputs_known_non_negative_skip_the_scan_and_others_are_scanned():
-    from SegExplainLib.engine.rules import _signed_channels, known_non_negative
+    from SegExplainLib.engine.rules.z_plus import _signed_channels, known_non_negative
 
     x = torch.randn(1, 3, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     rectified = torch.relu(x)

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from SegExplainLib.engine.rules import PropagationContext, WeightRule, ZPlus, unwired
+from SegExplainLib.engine.rules import ZPlus
+from SegExplainLib.engine.rules.affine import unwired
+from SegExplainLib.engine.rules.base import PropagationContext
+from SegExplainLib.engine.rules.weighted import WeightRule
 
 LAYERS = {
     # name: (layer, input shape, output box that receives relevance when it is sparse)
