@@ -1,10 +1,10 @@
 """Pipelines: a trained model with its own preprocessing, from the original images to the network and back.
 
-A model card's network sees the case on the image grid. The networks of nnU-Net results folders and MONAI bundles
-see a preprocessed case: cropped, reoriented, resampled to another spacing, normalized. A :class:`Pipeline` turns a
-case into a :class:`PreparedCase`: the explained function (sliding window, mirroring and fold ensemble inside it),
-its input, and the two ways between the grids. A region drawn on the original images goes to the network's grid;
-relevance maps come back onto the original grid.
+A model card's network sees the case on the image grid (:mod:`~SegExplainLib.models.network_pipeline`). The
+networks of nnU-Net results folders and MONAI bundles see a preprocessed case: cropped, reoriented, resampled to
+another spacing, normalized. A :class:`Pipeline` turns a case into a :class:`PreparedCase`: the explained function
+(sliding window, mirroring and fold ensemble inside it), its input, and the two ways between the grids. A region
+drawn on the original images goes to the network's grid; relevance maps come back onto the original grid.
 
 Relevance maps come back as **sums**. Relevance is an amount: the total of the map is what the method's sum rule
 says (the explained score for LRP, the score difference for IG). The way back keeps that total exactly. A
@@ -51,6 +51,8 @@ class PreparedCase:
         region_to_network: A boolean region (D, H, W) on the original grid to one (d, h, w) on the network grid.
         maps_to_original: Maps (C, d, h, w) on the network grid to (C, D, H, W) on the original grid, as sums.
         record: What was done (crop box, spacings, transposition, resampling, normalization, windows), JSON-friendly.
+        on_image_grid: The network sees the case on the original grid (a model card's network): nothing is mapped,
+            and :func:`explain_case` gives the record :func:`~SegExplainLib.engine.api.explain` gives.
     """
 
     model: nn.Module
@@ -58,6 +60,7 @@ class PreparedCase:
     region_to_network: Callable[[np.ndarray], np.ndarray]
     maps_to_original: Callable[[np.ndarray], np.ndarray]
     record: dict[str, Any] = field(default_factory=dict)
+    on_image_grid: bool = False
 
 
 class Pipeline(abc.ABC):
@@ -67,11 +70,17 @@ class Pipeline(abc.ABC):
         kind: Registry name, e.g. ``"nnunet"``.
         sequences: Names of the input channels (MRI sequences), in order, e.g. ``["T2", "ADC"]``.
         classes: Names of the output channels, e.g. ``["background", "lesion"]``.
+        normalized_input: Whether the network's input is the case normalized by the model's own preprocessing
+            (``summary.json``'s ``normalized_input``).
+        sliding_window: The sliding window the project runs the network in, ``{"patch_size", "overlap"}``, or None
+            (none, or the model's own, as in nnU-Net and MONAI bundles).
     """
 
     kind: str
     sequences: list[str]
     classes: list[str]
+    normalized_input: bool = True
+    sliding_window: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
@@ -97,21 +106,27 @@ class Pipeline(abc.ABC):
 
 #: Pipeline kinds: the module and function that open one from a path and keyword options.
 PIPELINES: dict[str, tuple[str, str]] = {
+    "card": ("SegExplainLib.models.network_pipeline", "open_card"),
+    "spec": ("SegExplainLib.models.network_pipeline", "open_spec"),
     "nnunet": ("SegExplainLib.models.nnunet", "open_nnunet"),
     "bundle": ("SegExplainLib.models.monai_bundle", "open_bundle"),
 }
 
 
 def open_pipeline(kind: str, path: Any, **options: Any) -> Pipeline:
-    """Open a trained model folder as a pipeline.
+    """Open a model of any kind as a pipeline.
 
     Args:
-        kind: ``"nnunet"`` (a results folder of nnU-Net v2) or ``"bundle"`` (a MONAI bundle).
-        path: The folder.
-        **options: Options of that kind, e.g. ``configuration="3d_fullres", folds=(0, 1)`` for nnU-Net.
+        kind: ``"card"`` (a model card file), ``"spec"`` (a model spec such as ``"reference"`` or
+            ``"file.py:Class"``), ``"nnunet"`` (a results folder of nnU-Net v2) or ``"bundle"`` (a MONAI bundle).
+        path: The card file, the spec, or the folder.
+        **options: Options of that kind: ``trust_code``, ``patch_size``, ``overlap`` for a card (and ``kwargs``,
+            ``weights`` for a spec, see :mod:`~SegExplainLib.models.network_pipeline`); e.g.
+            ``configuration="3d_fullres", folds=(0, 1)`` for nnU-Net.
 
     Raises:
-        SegExplainError: Unknown kind, or the folder cannot be opened (the message says why).
+        SegExplainError: Unknown kind, or the model cannot be opened, or would run code without ``trust_code``
+            (the message says why).
     """
     if kind not in PIPELINES:
         raise SegExplainError(f"unknown pipeline kind {kind!r}; expected one of {', '.join(PIPELINES)}")
@@ -172,7 +187,7 @@ def sequence_names(kind: str, path: Any, *, configuration: str | None = None, tr
         if sequences:
             return sequences
     if kind not in PIPELINES:
-        raise SegExplainError(f"unknown model kind {kind!r}; expected card, {', '.join(PIPELINES)}")
+        raise SegExplainError(f"unknown model kind {kind!r}; expected one of {', '.join(PIPELINES)}")
     return list(open_pipeline(kind, path, trust_code=trust_code).sequences)
 
 
@@ -265,12 +280,14 @@ def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: T
     from ..engine.api import explain
 
     image = np.asarray(image)
-    if image.ndim != 4 or image.shape[0] != len(pipeline.sequences):
-        raise SegExplainError(
-            f"image has shape {image.shape}; the model expects (C, D, H, W) with C = {len(pipeline.sequences)} "
-            f"channels ({', '.join(pipeline.sequences)})")
+    channels = len(pipeline.sequences)  # none for a model spec: any number
+    if image.ndim != 4 or (channels and image.shape[0] != channels):
+        raise SegExplainError(f"image has shape {image.shape}; the model expects (C, D, H, W)" + (
+            f" with C = {channels} channels ({', '.join(pipeline.sequences)})" if channels else ""))
     pipeline.check_method(method)
     prepared = prepared or pipeline.prepare(image, geometry)
+    if prepared.on_image_grid:  # nothing to map: the record is explain's own
+        return explain(prepared.model, prepared.input, target, method, **options)
     network_target = _on_network(target, tuple(image.shape[1:]), prepared)
     result = explain(prepared.model, prepared.input, network_target, method, **options)
     maps = prepared.maps_to_original(result.maps)
