@@ -67,10 +67,10 @@ from torch import nn
 from .allowlist import OTHER_CODE_CLASSES, TRUST_ADVICE, AllowList
 from ..errors import SegExplainError
 from .loading import load_weights
-from .pipelines import Pipeline, PreparedCase
+from .protocol import Pipeline, PreparedCase
 from .sliding import PAD_MODES, SlidingWindow
 
-__all__ = ["BundlePipeline", "open_bundle"]
+__all__ = ["BundlePipeline", "open_bundle", "read_sequence_names"]
 
 #: Transforms that read files into memory: the case arrives in memory already, so they are never built.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
@@ -667,6 +667,17 @@ def _channel_names(section: dict[str, Any], count: int | None, prefix: str) -> l
         return [str(definition[k]) for k in sorted(definition, key=lambda k: int(k) if str(k).isdigit() else 0)]
     count = section.get("num_channels", count)
     return [f"{prefix}{i}" for i in range(int(count))] if isinstance(count, int) else []
+
+
+def read_sequence_names(path: Any) -> list[str]:
+    """The input channels' names that a bundle's ``configs/metadata.json`` gives (``channel_def`` or
+    ``num_channels`` of the image input), without building the network; empty when it gives none."""
+    metadata_file = Path(path).expanduser().resolve() / "configs" / "metadata.json"
+    try:
+        _, image, _ = _data_format(json.loads(metadata_file.read_text()))
+        return _channel_names(image, None, "channel")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
 
 
 @contextlib.contextmanager

@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..errors import SegExplainError
 from .loading import ModelCard, load_model, refuse_untrusted_code
-from .pipelines import Pipeline, PreparedCase
+from .protocol import Pipeline, PreparedCase
 from .sliding import SlidingWindow
 
-__all__ = ["NetworkPipeline", "open_card", "open_spec"]
+__all__ = ["NetworkPipeline", "open_card", "open_spec", "read_sequence_names"]
 
 #: What the refusal of a card's or spec's code adds: the way to allow it.
 CODE_ADVICE = "; pass --trust-model-code only if you trust it (a model card cannot allow this itself)"
@@ -63,6 +64,20 @@ class NetworkPipeline(Pipeline):
     def describe(self) -> dict[str, Any]:
         """``{"spec", "weights", "card"}``: the card file or spec as given, the weights given, the card's fields."""
         return {"spec": self.source, "weights": self.weights, "card": self.card.to_dict() if self.card else None}
+
+
+def read_sequence_names(path: str | Path) -> list[str]:
+    """The sequences a model card lists, without building its network.
+
+    Raises:
+        SegExplainError: ``path`` is no file, no valid card, or the card lists no sequences.
+    """
+    if not Path(path).is_file():
+        raise SegExplainError(f"model card {str(path)!r} is not a file")
+    sequences = list(ModelCard.read(path).sequences or [])
+    if not sequences:
+        raise SegExplainError(f"model card {str(path)!r} lists no sequences")
+    return [str(name) for name in sequences]
 
 
 def _windowed(model: nn.Module, patch_size: Sequence[int] | None, overlap: float) -> nn.Module:

@@ -54,11 +54,11 @@ from torch import nn
 from .allowlist import TRUST_ADVICE, AllowList
 from ..engine.composites import CATEGORIES
 from ..errors import SegExplainError
-from .pipelines import Pipeline, PreparedCase, region_to_grid, relevance_from_grid
+from .protocol import Pipeline, PreparedCase, region_to_grid, relevance_from_grid
 from .sliding import SlidingWindow
 
 __all__ = ["CHECKPOINTS", "NnUNetPipeline", "MirroredEnsemble", "PlansObjects", "allow_lists", "find_trainer",
-           "open_nnunet", "plans_objects"]
+           "open_nnunet", "plans_objects", "read_sequence_names"]
 
 #: Checkpoint files of a fold, as nnU-Net's predictor names them.
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -154,6 +154,13 @@ def _model_folder(path: Path, configuration: str | None) -> Path:
                               f"{wanted!r}; its trained models (Trainer__Plans__configuration): {found}")
     raise SegExplainError(f"nnU-Net results folder {str(path)!r} has several models of configuration {wanted!r} "
                           f"({found}); pass the one to explain as the folder")
+
+
+def read_sequence_names(path: Any, *, configuration: str | None = None) -> list[str]:
+    """The input channels' names of a results folder, from the ``dataset.json`` of its model folder of
+    ``configuration`` (as :func:`open_nnunet` picks it), without building the network."""
+    folder = _model_folder(Path(path).expanduser().resolve(), configuration)
+    return channel_names(_read_json(folder / "dataset.json", "dataset file"), folder / "dataset.json")
 
 
 def _fold_folders(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:
