@@ -64,6 +64,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.api import METHODS
+from ..engine.method import rule_free_methods
 from .allowlist import OTHER_CODE_CLASSES, TRUST_ADVICE, AllowList
 from ..errors import SegExplainError
 from .loading import load_weights
@@ -556,15 +558,12 @@ class BundlePipeline(Pipeline):
 
     def check_method(self, method: Any) -> None:
         """Refuse methods that attach rules to Python modules (LRP...) when the bundle's network is TorchScript."""
-        from ..engine.api import METHODS
-
         walks = METHODS[method].walks_modules if method in METHODS else getattr(method, "walks_modules", False)
         if self.scripted and walks:
-            working = ", ".join(name for name, cls in sorted(METHODS.items()) if not cls.walks_modules)
             name = method if isinstance(method, str) else method.name
             raise SegExplainError(
                 f"MONAI bundle {str(self.folder)!r} has its network only as TorchScript ({self.weights.name}), "
-                f"which method {name!r} cannot attach its rules to; use one of {working}, or add models/model.pt "
+                f"which method {name!r} cannot attach its rules to; use {rule_free_methods()}, or add models/model.pt "
                 "(the state dict) so that network_def is built from its Python class")
 
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:

@@ -13,8 +13,8 @@ runs inside the explained function, so every method sees what nnU-Net predicts:
 Mirroring and folds average logits. Each rule and method here is linear in its seed, so the relevance of an average
 is the average of the relevances of its members, and the sum rule holds through it.
 
-Maps come back onto the original grid as sums (see :mod:`SegExplainLib.models.pipelines`): back through the resampling by
-the transpose of linear interpolation, zero outside nnU-Net's crop, and transposed back.
+Maps come back onto the original grid as sums (see :mod:`SegExplainLib.models.protocol`): back through the resampling
+by the transpose of linear interpolation, zero outside nnU-Net's crop, and transposed back.
 
 Checkpoints are read with ``torch.load(weights_only=True)``. The only types allowed besides tensors are the numpy
 scalars and dtypes that nnU-Net's training log stores, so loading a checkpoint runs no code. Every name that nnunetv2

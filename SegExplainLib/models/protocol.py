@@ -85,7 +85,8 @@ class Pipeline(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
-        """The case ``image`` (C, D, H, W) on ``geometry`` (an :class:`~SegExplainLib.io.imaging.Geometry`), prepared."""
+        """The case ``image`` (C, D, H, W) on ``geometry`` (an :class:`~SegExplainLib.io.imaging.Geometry`),
+        prepared."""
 
     def check_method(self, method: Any) -> None:  # noqa: B027 - a hook: only pipelines that refuse methods override it
         """Raise, before any case is prepared, when this model cannot be explained with ``method`` (a registry name

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import SegExplainLib as sx
+from SegExplainLib.engine.method import RULE_FREE_METHODS
 from SegExplainLib.errors import SegExplainError
 
 SHAPE = (2, 6, 8, 8)
@@ -60,6 +61,11 @@ ROUND_TRIPS = {  # every registered method, with options other than its defaults
     "occlusion": {"window": 2, "baseline": "min"},
     "gradcam": {"layer": "decoder.0", "relu": False},
 }
+
+
+def test_the_rule_free_methods_are_the_registered_ones_that_walk_no_modules():
+    assert set(RULE_FREE_METHODS) == {name for name, cls in sx.METHODS.items() if not cls.walks_modules}
+    assert list(RULE_FREE_METHODS) == sorted(RULE_FREE_METHODS)
 
 
 def test_every_method_has_a_round_trip_case():
