@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .method import AttributionMethod
-from .deployment import check_walkable, deployed, statistics_record
 from ..errors import SegExplainError
+from .deployment import check_walkable, deployed, statistics_record
 from .explanation import Explanation
 from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
 from .kernels import onednn_convolutions
 from .lrp import LRP, Deconvolution, GuidedBackprop
+from .method import AttributionMethod
 from .regional import RegionalModel
 from .targets import Target, bounds_of
 

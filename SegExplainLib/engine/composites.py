@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import SegExplainError, UnsupportedLayerError
 from .canonizers import Canonizer, MergeBatchNorm
 from .deployment import deployed
-from ..errors import SegExplainError, UnsupportedLayerError
 from .functional import (
     LRP_FUNCTIONS,
     MODIFIED_GRADIENT_FUNCTIONS,

@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allowlist import TRUST_ADVICE, AllowList
 from ..engine.composites import CATEGORIES
 from ..errors import SegExplainError
+from .allowlist import TRUST_ADVICE, AllowList
 from .protocol import Pipeline, PreparedCase, region_to_grid, relevance_from_grid
 from .sliding import SlidingWindow
 
