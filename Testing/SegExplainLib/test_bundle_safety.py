@@ -31,6 +31,7 @@ monai_bundle = pytest.importorskip("monai.bundle")
 pytest.importorskip("nibabel")
 
 from attribute_probes import DANGEROUS, callable_paths, reaches  # noqa: E402
+from SegExplainLib.models import bundle_inferer, bundle_safety  # noqa: E402
 from SegExplainLib.models import monai_bundle as bundles  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -65,7 +66,7 @@ def _gate(config, roots=("network_def", "preprocessing"), *, trusted=False):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(json.loads(json.dumps(config)))
-    return parser, bundles.refuse_untrusted_config(parser, list(roots), "probe", trusted=trusted)
+    return parser, bundle_safety.refuse_untrusted_config(parser, list(roots), "probe", trusted=trusted)
 
 
 @pytest.mark.parametrize("config_file", ZOO, ids=[p.parents[1].name for p in ZOO])
@@ -77,18 +78,18 @@ def test_model_zoo_configurations_pass_and_monai_gets_the_classes(config_file):
     parser.read_config(config_file)
     parser["bundle_root"], parser["device"] = "zoo", "cpu"
     parser.resolve_macro_and_relative_ids()
-    _, options = bundles._inferer(parser, "zoo")
-    assert bundles.refuse_untrusted_config(parser, ["network_def", "preprocessing", *options], "zoo",
+    _, options = bundle_inferer.read_inferer(parser, "zoo")
+    assert bundle_safety.refuse_untrusted_config(parser, ["network_def", "preprocessing", *options], "zoo",
                                            trusted=False) == []
     named = json.loads(config_file.read_text())["network_def"]["_target_"]
-    assert parser["network_def"]["_target_"] is bundles._targets().get(named) is not None
+    assert parser["network_def"]["_target_"] is bundle_safety.allowed_targets().get(named) is not None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         preprocessing = parser.get_parsed_content("preprocessing")
     assert isinstance(preprocessing, Compose)
-    loaders = [t.transform for t in preprocessing.transforms if isinstance(t, bundles._Loaded)]
+    loaders = [t.transform for t in preprocessing.transforms if isinstance(t, bundle_safety.SkippedLoader)]
     assert "LoadImaged" in loaders  # never built: BTCV's ITKReader needs itk, which is not installed here
-    assert all(isinstance(t, (bundles._Loaded, MapTransform)) for t in preprocessing.transforms)
+    assert all(isinstance(t, (bundle_safety.SkippedLoader, MapTransform)) for t in preprocessing.transforms)
 
 
 def test_probe_act_calling_a_shell_command_is_refused_and_runs_with_the_flag(tmp_path):
@@ -182,7 +183,7 @@ def _probes(path):
 
 
 def test_generated_probes_are_refused_naming_key_and_name_and_pass_the_gate_with_the_flag():
-    targets, names = bundles._targets(), bundles._expression_names()
+    targets, names = bundle_safety.allowed_targets(), bundle_safety._expression_names()
     start = time.perf_counter()
     paths = callable_paths(allowed=lambda obj: targets.allows(obj) or names.allows(obj))
     assert any(reaches(p, DANGEROUS[0]) for p in paths)  # os.system is among them (torch.hub.os.system...)
@@ -236,5 +237,6 @@ def test_modes_debugger_and_factory_arguments_that_are_not_literal_names_are_ref
     ("$import os", "$import os"),
 ])
 def test_expressions_outside_the_grammar_are_named_by_their_part(expression, part):
-    assert bundles._expression_part(expression) == part
-    assert bundles._expression_part("$[1.5] * 3 if @a#b and len(@c) > 2 else [torch.float32, np.int16(@d[0])]") is None
+    assert bundle_safety._expression_part(expression) == part
+    valid = "$[1.5] * 3 if @a#b and len(@c) > 2 else [torch.float32, np.int16(@d[0])]"
+    assert bundle_safety._expression_part(valid) is None

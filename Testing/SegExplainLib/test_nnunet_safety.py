@@ -23,7 +23,8 @@ from attribute_probes import callable_paths
 
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import Geometry
-from SegExplainLib.models.nnunet import allow_lists, find_trainer, open_nnunet, plans_objects
+from SegExplainLib.models.nnunet import open_nnunet
+from SegExplainLib.models.nnunet_safety import allow_lists, find_trainer, plans_objects
 
 ISSUE_PROBE = "torch.nn.functional.torch.hub.os.system"  # walks functional -> torch -> hub -> os -> system
 #: Each name-taking field of a configuration: how to write a name into it, and how the refusal names it.

@@ -1,12 +1,17 @@
-"""The ways between an image grid and a network grid, against the explicit interpolation matrix."""
+"""The ways between an image grid and a network grid, against the explicit interpolation matrix; the protocol
+knows no kind of model."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.models import protocol
 from SegExplainLib.models.pipelines import open_pipeline, region_to_grid, relevance_from_grid
 
 ORIGINAL, NETWORK = (3, 4, 5), (5, 3, 7)
@@ -61,7 +66,8 @@ def test_a_click_on_a_finer_grid_keeps_the_voxels_taking_most_from_it():
 
 
 def test_unknown_pipeline_kinds_are_named():
-    with pytest.raises(SegExplainError, match="unknown pipeline kind 'onnx'; expected one of nnunet, bundle"):
+    with pytest.raises(SegExplainError,
+                       match="unknown pipeline kind 'onnx'; expected one of card, spec, nnunet, bundle"):
         open_pipeline("onnx", "model.onnx")
 
 
@@ -71,3 +77,19 @@ def test_interpolation_matrix_matches_torch():  # the reference itself, checked 
                                                    align_corners=False)[0, 0].numpy()
     np.testing.assert_allclose((_interpolation_matrix(ORIGINAL, NETWORK) @ x.ravel()).reshape(NETWORK), interpolated,
                                rtol=1e-10, atol=1e-12)
+
+
+def _relative_imports(path):
+    """``(module, names)`` of every ``from .x import a, b`` in the file at ``path``, lazy ones included."""
+    tree = ast.parse(path.read_text())
+    return [(node.module or "", [alias.name for alias in node.names]) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1]
+
+
+def test_the_protocol_knows_no_kind_and_no_model_module_imports_a_siblings_private_name():
+    folder = Path(protocol.__file__).parent
+    kinds = {"network_pipeline", "nnunet", "monai_bundle", "pipelines"}
+    assert not kinds & {module for module, _ in _relative_imports(folder / "protocol.py")}
+    private = [(path.name, module, name) for path in sorted(folder.glob("*.py"))
+               for module, names in _relative_imports(path) for name in names if name.startswith("_")]
+    assert private == []
