@@ -2,16 +2,19 @@
 
 ``segexplain explain`` pays for everything on every click: starting Python, importing torch and the engine, loading
 the model, reading the images, preprocessing, and the whole-volume prediction. A :class:`WarmSession` pays for each
-once. It loads a model (model card, model spec, nnU-Net results folder or MONAI bundle, named by the options of
-``segexplain explain``). It keeps the current case's preprocessed input and its whole-volume prediction, and answers
-explanation requests. A request is the region and method options of ``segexplain explain``, checked by the same
-parser with the same errors. The maps come back on the case's grid with their record.
+once. It opens a model (a :class:`~SegExplainLib.application.model_source.ModelSource`: model card, model spec,
+nnU-Net results folder or MONAI bundle) with the application's
+:func:`~SegExplainLib.application.opening.open_model`, as ``segexplain explain`` does. It keeps the current case's
+preprocessed input and its whole-volume prediction, and answers explanation requests
+(:class:`~SegExplainLib.application.requests.ExplainRequest`, checked by the same class as the command line's). The
+maps come back on the case's grid with their record.
 
-:class:`Worker` runs a session in a child process (``python -m SegExplainLib.frontends.worker``), which a GUI drives without
-blocking and without threads: Slicer's main thread does not hand the interpreter lock to other Python threads, so
+:class:`Worker` runs a session in a child process (``python -m SegExplainLib.frontends.worker``), which a GUI drives
+without blocking and without threads: Slicer's main thread does not hand the interpreter lock to other Python threads, so
 the host's side is non-blocking reads and writes that the GUI's timer moves (:meth:`Worker.poll`). Requests and
 answers travel over the child's standard input and output as a JSON header followed by the arrays' raw bytes, read
-straight into preallocated arrays, so no image file is written. The child ends with its host
+straight into preallocated arrays, so no image file is written; the model and each request travel as their JSON
+(``to_json``), which the child reads back with ``from_json``, the same checks. The child ends with its host
 (``SegExplainLib.application.parent_watch``).
 
 * Launcher: Slicer starts the interpreter through ``PythonSlicer``, a CTK launcher that runs the real interpreter as
@@ -26,16 +29,15 @@ straight into preallocated arrays, so no image file is written. The child ends w
   child with the same model and case.
 
 Example:
-    >>> worker = Worker(["--card", "prostate.yaml"]).start()
+    >>> worker = Worker(ModelSource("card", "prostate.yaml")).start()
     >>> worker.wait(worker.set_case(image, geometry))                     # preprocessing and prediction, once
-    >>> answer = worker.wait(worker.explain(["--voxel", "12", "40", "33", "--method", "lrp"]))
+    >>> answer = worker.wait(worker.explain(ExplainRequest(voxel=(12, 40, 33), method="lrp")))
     >>> answer.maps.shape, answer.record["relative_delta"]
 """
 
 from __future__ import annotations
 
 import _thread
-import argparse
 import contextlib
 import itertools
 import json
@@ -52,13 +54,15 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
+from ..application.model_source import ModelSource
+from ..application.requests import ExplainRequest
 from ..errors import SegExplainError
 
 __all__ = ["Answer", "WarmSession", "Worker"]
@@ -83,64 +87,28 @@ _WINDOWS_NEW_PROCESS_GROUP = 0x00000200
 _WINDOWS_NO_WINDOW = 0x08000000
 
 
-class _Parser(argparse.ArgumentParser):
-    """A parser that raises on bad options instead of ending the process."""
-
-    def error(self, message: str):
-        raise SegExplainError(f"{self.prog}: {message}")
-
-
-def _model_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_arguments
-
-    parser = _Parser(prog="model options", add_help=False)
-    add_model_arguments(parser)
-    return parser
-
-
-def _request_parser() -> argparse.ArgumentParser:
-    from .cli import add_method_arguments, add_region_arguments
-
-    parser = _Parser(prog="request", add_help=False)
-    add_region_arguments(parser)
-    add_method_arguments(parser)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def _parse(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> argparse.Namespace:
-    """Parse as the command line does, with its messages, raising instead of ending the process."""
-    return parser.parse_args([str(a) for a in arguments])
-
-
 class WarmSession:
-    """A model loaded once, and the current case prepared once, in this process.
+    """A model opened once, and the current case prepared once, in this process.
 
     Args:
-        model_arguments: The model options of ``segexplain explain``, e.g. ``["--card", "prostate.yaml"]`` or
-            ``["--nnunet", "Dataset004_Hippocampus", "--folds", "0", "1"]``.
-        trust_code: The user's word that the model may import or run code of someone else (``--trust-model-code``).
+        model: The model, e.g. ``ModelSource("card", "prostate.yaml")`` or ``ModelSource("nnunet",
+            "Dataset004_Hippocampus", folds="0 1")``, with the user's word on its code (``trust_code``).
 
     Raises:
-        SegExplainError: As ``segexplain explain`` for the same options (missing files, untrusted code...).
+        SegExplainError: As ``segexplain explain`` for the same model (missing files, untrusted code...).
     """
 
-    def __init__(self, model_arguments: Sequence[str], *, trust_code: bool = False) -> None:
-        from .cli import _check_model_given, _load, _pipeline, model_description
+    def __init__(self, model: ModelSource) -> None:
+        from ..application.opening import open_model
 
-        if not isinstance(trust_code, bool):
-            raise SegExplainError(f"trust_code must be True or False, got {trust_code!r}")
-        args = _parse(_model_parser(), model_arguments)
-        args.trust_model_code = trust_code
-        _check_model_given(args)
-        self.model_arguments = list(model_arguments)
-        self.pipeline = _pipeline(args)
-        self.model, self.card = (None, None) if self.pipeline else _load(args)
-        self.sequences = list(self.pipeline.sequences if self.pipeline else self.card.sequences if self.card else [])
-        self.description = model_description(args, self.pipeline, self.card)
-        #: The pipeline's cheaper stand-in for a first answer (:meth:`Pipeline.preview`), or None.
-        self.preview = self.pipeline.preview() if self.pipeline else None
+        if not isinstance(model, ModelSource):
+            raise SegExplainError(f"model must be a ModelSource, got {model!r}")
+        self.source = model
+        self.opened = open_model(model)
+        self.sequences = self.opened.sequences
+        self.description = self.opened.description()
+        #: The model's cheaper stand-in for a first answer (:meth:`OpenedModel.preview`), or None.
+        self.preview = self.opened.preview()
         self.image = self.geometry = self.prepared = self.preview_prepared = None
 
     def set_case(self, image: np.ndarray, geometry: Any) -> dict[str, Any]:
@@ -151,20 +119,14 @@ class WarmSession:
         """
         import torch
 
-        from ..models.pipelines import PreparedCase
-
         started = time.perf_counter()
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 4 or (self.sequences and image.shape[0] != len(self.sequences)):
             raise SegExplainError(f"image has shape {image.shape}; expected (C, D, H, W) with one channel per sequence "
                                   f"of the model ({', '.join(self.sequences) or 'any'})")
-        if self.pipeline:
-            prepared = self.pipeline.prepare(image, geometry)
-        else:
-            model_input = self.card.normalize(image) if self.card else image
-            prepared = PreparedCase(self.model, np.ascontiguousarray(model_input, np.float32), np.copy, np.copy)
+        prepared = self.opened.prepare(image, geometry)
         # the preview prepares cases as its pipeline does: the same case with its cheaper model
-        preview_prepared = replace(prepared, model=self.preview.model) if self.preview else None
+        preview_prepared = replace(prepared, model=self.preview.pipeline.model) if self.preview else None
         for model in (prepared.model, preview_prepared.model if preview_prepared else None):
             whole_volume = getattr(model, "whole_volume", None)
             if whole_volume is not None:  # kept by the sliding window for the predicted region of every click
@@ -174,13 +136,13 @@ class WarmSession:
         return {"shape": list(image.shape), "network_shape": list(prepared.input.shape),
                 "seconds": time.perf_counter() - started}
 
-    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None, preview: bool = False):
+    def explain(self, request: ExplainRequest, *, mask: np.ndarray | None = None, preview: bool = False):
         """Explain a region of the current case.
 
         Args:
-            request_arguments: Region and method options of ``segexplain explain``, e.g. ``["--voxel", "9", "24",
-                "24", "--method", "integrated_gradients", "--n-steps", "32"]``.
-            mask: A segment (D, H, W) on the case's grid, instead of a region option.
+            request: The region and method, e.g. ``ExplainRequest(voxel=(9, 24, 24), method="integrated_gradients",
+                n_steps=32)``.
+            mask: A segment (D, H, W) on the case's grid, instead of the request's region.
             preview: Explain the model's cheaper stand-in (:attr:`preview`) instead of the model.
 
         Returns:
@@ -188,34 +150,23 @@ class WarmSession:
         """
         import torch
 
-        from ..engine.api import explain
-        from .cli import _method_options, _target
-        from ..models.pipelines import explain_case
-        from ..engine.targets import MaskTarget
-
+        if not isinstance(request, ExplainRequest):
+            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
         if self.prepared is None:
             raise SegExplainError("no case yet: call set_case first")
         if preview and self.preview is None:
             raise SegExplainError("this model has no preview (it is one network pass per window already)")
-        args = _parse(_request_parser(), request_arguments)
         if mask is not None:
             mask = np.asarray(mask, bool)
             if mask.shape != self.image.shape[1:]:
                 raise SegExplainError(f"mask has shape {mask.shape}; expected the case's grid {self.image.shape[1:]}")
-            target = MaskTarget(mask, class_index=args.class_index, aggregation=args.aggregation)
-        else:
-            target = _target(args, self.geometry, None)
-        options = {"device": args.device, "samples": args.samples, "sampling_seed": args.seed,
-                   **_method_options(args)}
-        torch.manual_seed(args.seed)
+        target = request.target(self.geometry, mask)
+        torch.manual_seed(request.seed)
+        opened, prepared = (self.preview, self.preview_prepared) if preview else (self.opened, self.prepared)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each warning is in the result's record
-            if self.pipeline:
-                pipeline, prepared = (self.preview, self.preview_prepared) if preview else \
-                    (self.pipeline, self.prepared)
-                return explain_case(pipeline, self.image, self.geometry, target, args.method, prepared=prepared,
-                                    **options)
-            return explain(self.prepared.model, self.prepared.input, target, args.method, **options)
+            return opened.explain(self.image, self.geometry, target, request.method, prepared=prepared,
+                                  **request.engine_options())
 
     def shown(self, *, preview: bool) -> dict[str, Any]:
         """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
@@ -223,11 +174,11 @@ class WarmSession:
         ``"preview": False``; nothing for a model without one."""
         if self.preview is None:
             return {}
-        exact = self.pipeline.describe().get("ensemble", self.pipeline.kind)
+        exact = self.description.get("ensemble", self.opened.pipeline.kind)
         if not preview:
             return {"preview": False, "ensemble": exact}
-        return {"preview": True, "ensemble": f"preview: {self.preview.describe().get('ensemble', 'cheaper model')}, "
-                                             f"of {exact}"}
+        return {"preview": True, "ensemble": f"preview: {self.preview.description().get('ensemble', 'cheaper model')}"
+                                             f", of {exact}"}
 
 
 @dataclass
@@ -482,7 +433,7 @@ def serve(inputs: int, outputs: int) -> None:
             if not control.begin(number):
                 raise KeyboardInterrupt
             if operation == "load":
-                session = WarmSession(header["model"], trust_code=bool(header.get("trust_code")))
+                session = WarmSession(ModelSource.from_json(header["model"]))
                 record = {"sequences": session.sequences, "model": session.description}
                 answer = ({"state": "done", "record": record}, {})
             elif session is None:
@@ -491,12 +442,13 @@ def serve(inputs: int, outputs: int) -> None:
                 record = session.set_case(arrays["image"], Geometry(**header["geometry"]))
                 answer = ({"state": "done", "record": record}, {})
             elif operation == "explain":
-                preview = bool(header.get("preview")) and session.preview is not None
+                request = ExplainRequest.from_json(header["explain"])
+                preview = request.preview and session.preview is not None
                 for shown in (True, False) if preview else (False,):
-                    result = session.explain(header["arguments"], mask=arrays.get("mask"), preview=shown)
+                    result = session.explain(request, mask=arrays.get("mask"), preview=shown)
                     record = {**result.record(), **session.shown(preview=shown),
-                              "request_arguments": header["arguments"],
-                              "model_arguments": session.model_arguments}  # the command line of the exact answer
+                              "request_arguments": request.arguments(),
+                              "model_arguments": session.source.arguments()}  # the command line of the exact answer
                     answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
                     if shown:  # the first answer at once; the exact one follows in this request, unless cancelled
                         with control.sending(number):
@@ -522,18 +474,16 @@ class Worker:
     host starts none) or :meth:`wait` (scripts, tests), which blocks for one answer.
 
     Args:
-        model_arguments: The model options of ``segexplain explain``.
-        trust_code: ``--trust-model-code``: the user's word, never the model's.
+        model: The model, with the user's word on its code (``trust_code``), never the model's.
         python: Interpreter of the child (default: Slicer's ``PythonSlicer`` when there is one, else this one). It may
             be a launcher that runs the real interpreter as its own child (``PythonSlicer`` does): the worker is
             cancelled through its input and closed with its whole process tree.
     """
 
-    def __init__(self, model_arguments: Sequence[str], *, trust_code: bool = False, python: str | None = None) -> None:
-        if not isinstance(trust_code, bool):
-            raise SegExplainError(f"trust_code must be True or False, got {trust_code!r}")
-        self.model_arguments, self.trust_code = [str(a) for a in model_arguments], trust_code
-        self.python = python
+    def __init__(self, model: ModelSource, *, python: str | None = None) -> None:
+        if not isinstance(model, ModelSource):
+            raise SegExplainError(f"model must be a ModelSource, got {model!r}")
+        self.model, self.python = model, python
         self.state = "new"  # new, running, dead, closed
         self.sequences: list[str] = []
         self.starts = 0
@@ -571,8 +521,7 @@ class Worker:
         self.state, self.starts = "running", self.starts + 1
         self._outbox = _Outbox(self._process.stdin.fileno())
         self._inbox = _Inbox(self._process.stdout.fileno(), self._received)
-        self.load_request = self._request({"op": "load", "model": self.model_arguments,
-                                           "trust_code": self.trust_code})
+        self.load_request = self._request({"op": "load", "model": self.model.to_json()})
         if self._case is not None:  # a restart brings the case back
             self.case_request = self._request({"op": "case", "geometry": self._case[1]}, {"image": self._case[0]})
         return self
@@ -589,19 +538,19 @@ class Worker:
         self.case_request = self._request({"op": "case", "geometry": self._case[1]}, {"image": image})
         return self.case_request
 
-    def explain(self, request_arguments: Sequence[str], *, mask: np.ndarray | None = None,
-                preview: bool = False) -> int:
-        """Ask for an explanation (region and method options of ``segexplain explain``); the request's number.
+    def explain(self, request: ExplainRequest, *, mask: np.ndarray | None = None) -> int:
+        """Ask for an explanation (``mask``: a segment on the case's grid instead of the request's region); the
+        request's number.
 
-        ``preview``: when the model has a cheaper stand-in (an nnU-Net ensemble: its first fold without mirroring),
-        the child first explains that and sends it as a ``preview`` event (:meth:`preview`), then goes on to the exact
-        answer in the same request (cancel it to stop there). A model without one answers only the exact one.
+        ``request.preview``: when the model has a cheaper stand-in (an nnU-Net ensemble: its first fold without
+        mirroring), the child first explains that and sends it as a ``preview`` event (:meth:`preview`), then goes on
+        to the exact answer in the same request (cancel it to stop there). A model without one answers only the exact
+        one.
         """
-        if not isinstance(preview, bool):
-            raise SegExplainError(f"preview must be True or False, got {preview!r}")
+        if not isinstance(request, ExplainRequest):
+            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
         arrays = {} if mask is None else {"mask": np.asarray(mask, bool)}
-        return self._request({"op": "explain", "arguments": [str(a) for a in request_arguments],
-                              "preview": preview}, arrays)
+        return self._request({"op": "explain", "explain": request.to_json()}, arrays)
 
     def cancel(self, request: int | None = None) -> None:
         """Cancel ``request`` (default: the running one) through the child's input, on every system.
