@@ -50,17 +50,21 @@ def make_method(method: str | AttributionMethod, **options: Any) -> AttributionM
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else must name an available device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``"auto"`` is CUDA when available, else CPU; anything else must name an available device.
+
+    CUDA comes back with its index (``cuda`` is the current GPU, ``cuda:0`` as a tensor there reports it), so that a
+    model already on that GPU is used as it is, not copied for every explanation.
+    """
     try:
-        resolved = torch.device(device)
+        resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     except (RuntimeError, TypeError):
         msg = f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}"
         raise SegExplainError(msg) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         msg = f"device {device!r} was requested but CUDA is not available here; use 'cpu' or 'auto'"
         raise SegExplainError(msg)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return resolved
 
 

@@ -36,6 +36,7 @@ from .functional import (
     obstacle,
     passes,
 )
+from .method import rule_free_methods
 from .rules import (
     CONVOLUTIONS,
     NORMS,
@@ -308,14 +309,6 @@ class _FunctionalGuard(TorchFunctionMode):
         if carries_relevance(result) and not passes(func, args, kwargs, self.wiring.composite.passed_functions):
             self.wiring.refuse(func, args)
         return result
-
-
-def rule_free_methods() -> str:
-    """The registered methods that attach no rules (they explain any network the gradient runs on), as a list."""
-    from .api import METHODS  # the registry imports the methods, which import this module
-
-    names = sorted(name for name, cls in METHODS.items() if not cls.walks_modules)
-    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 _OWN_FUNCTIONS = ("_ReplaceBackward", "_TransformGrad")

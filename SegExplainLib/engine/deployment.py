@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SegExplainError
+from .method import rule_free_methods
 
 __all__ = ["check_walkable", "deployed", "norm_statistics", "statistics_record", "walkable"]
 
@@ -88,8 +89,8 @@ def check_walkable(model: nn.Module, method: str) -> None:
         raise SegExplainError(msg)
     if not walkable(model):
         msg = (f"method {method!r} attaches rules to the network's Python modules, but this model is TorchScript "
-               "(compiled code without them); use gradient, gradient_x_input, integrated_gradients, smoothgrad or "
-               "occlusion, or load the network from its Python class and a state dict")
+               f"(compiled code without them); use {rule_free_methods()}, or load the network from its Python class "
+               "and a state dict")
         raise SegExplainError(msg)
 
 

@@ -64,13 +64,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.api import METHODS
+from ..engine.method import rule_free_methods
 from .allowlist import OTHER_CODE_CLASSES, TRUST_ADVICE, AllowList
 from ..errors import SegExplainError
 from .loading import load_weights
-from .pipelines import Pipeline, PreparedCase
+from .protocol import Pipeline, PreparedCase
 from .sliding import PAD_MODES, SlidingWindow
 
-__all__ = ["BundlePipeline", "open_bundle"]
+__all__ = ["BundlePipeline", "open_bundle", "read_sequence_names"]
 
 #: Transforms that read files into memory: the case arrives in memory already, so they are never built.
 _LOADING = ("LoadImage", "LoadImaged", "EnsureChannelFirst", "EnsureChannelFirstd")
@@ -556,15 +558,12 @@ class BundlePipeline(Pipeline):
 
     def check_method(self, method: Any) -> None:
         """Refuse methods that attach rules to Python modules (LRP...) when the bundle's network is TorchScript."""
-        from ..engine.api import METHODS
-
         walks = METHODS[method].walks_modules if method in METHODS else getattr(method, "walks_modules", False)
         if self.scripted and walks:
-            working = ", ".join(name for name, cls in sorted(METHODS.items()) if not cls.walks_modules)
             name = method if isinstance(method, str) else method.name
             raise SegExplainError(
                 f"MONAI bundle {str(self.folder)!r} has its network only as TorchScript ({self.weights.name}), "
-                f"which method {name!r} cannot attach its rules to; use one of {working}, or add models/model.pt "
+                f"which method {name!r} cannot attach its rules to; use {rule_free_methods()}, or add models/model.pt "
                 "(the state dict) so that network_def is built from its Python class")
 
     def prepare(self, image: np.ndarray, geometry: Any) -> PreparedCase:
@@ -667,6 +666,17 @@ def _channel_names(section: dict[str, Any], count: int | None, prefix: str) -> l
         return [str(definition[k]) for k in sorted(definition, key=lambda k: int(k) if str(k).isdigit() else 0)]
     count = section.get("num_channels", count)
     return [f"{prefix}{i}" for i in range(int(count))] if isinstance(count, int) else []
+
+
+def read_sequence_names(path: Any) -> list[str]:
+    """The input channels' names that a bundle's ``configs/metadata.json`` gives (``channel_def`` or
+    ``num_channels`` of the image input), without building the network; empty when it gives none."""
+    metadata_file = Path(path).expanduser().resolve() / "configs" / "metadata.json"
+    try:
+        _, image, _ = _data_format(json.loads(metadata_file.read_text()))
+        return _channel_names(image, None, "channel")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
 
 
 @contextlib.contextmanager

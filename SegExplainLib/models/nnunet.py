@@ -13,8 +13,8 @@ runs inside the explained function, so every method sees what nnU-Net predicts:
 Mirroring and folds average logits. Each rule and method here is linear in its seed, so the relevance of an average
 is the average of the relevances of its members, and the sum rule holds through it.
 
-Maps come back onto the original grid as sums (see :mod:`SegExplainLib.models.pipelines`): back through the resampling by
-the transpose of linear interpolation, zero outside nnU-Net's crop, and transposed back.
+Maps come back onto the original grid as sums (see :mod:`SegExplainLib.models.protocol`): back through the resampling
+by the transpose of linear interpolation, zero outside nnU-Net's crop, and transposed back.
 
 Checkpoints are read with ``torch.load(weights_only=True)``. The only types allowed besides tensors are the numpy
 scalars and dtypes that nnU-Net's training log stores, so loading a checkpoint runs no code. Every name that nnunetv2
@@ -54,11 +54,11 @@ from torch import nn
 from .allowlist import TRUST_ADVICE, AllowList
 from ..engine.composites import CATEGORIES
 from ..errors import SegExplainError
-from .pipelines import Pipeline, PreparedCase, region_to_grid, relevance_from_grid
+from .protocol import Pipeline, PreparedCase, region_to_grid, relevance_from_grid
 from .sliding import SlidingWindow
 
 __all__ = ["CHECKPOINTS", "NnUNetPipeline", "MirroredEnsemble", "PlansObjects", "allow_lists", "find_trainer",
-           "open_nnunet", "plans_objects"]
+           "open_nnunet", "plans_objects", "read_sequence_names"]
 
 #: Checkpoint files of a fold, as nnU-Net's predictor names them.
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_best.pth")
@@ -154,6 +154,13 @@ def _model_folder(path: Path, configuration: str | None) -> Path:
                               f"{wanted!r}; its trained models (Trainer__Plans__configuration): {found}")
     raise SegExplainError(f"nnU-Net results folder {str(path)!r} has several models of configuration {wanted!r} "
                           f"({found}); pass the one to explain as the folder")
+
+
+def read_sequence_names(path: Any, *, configuration: str | None = None) -> list[str]:
+    """The input channels' names of a results folder, from the ``dataset.json`` of its model folder of
+    ``configuration`` (as :func:`open_nnunet` picks it), without building the network."""
+    folder = _model_folder(Path(path).expanduser().resolve(), configuration)
+    return channel_names(_read_json(folder / "dataset.json", "dataset file"), folder / "dataset.json")
 
 
 def _fold_folders(folder: Path, folds: Sequence[int | str] | None, checkpoint: str) -> list[Path]:

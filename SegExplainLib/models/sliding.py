@@ -45,10 +45,10 @@ def _starts(size: int, patch: int, step: int) -> list[int]:
 
 
 def _fingerprint(tensors: Sequence[torch.Tensor]) -> str:
-    """A content hash of tensors (bytes, shapes, dtypes, devices)."""
+    """A content hash of tensors (bytes, shapes, dtypes): the same numbers on another device hash the same."""
     digest = hashlib.blake2b(digest_size=20)
     for tensor in tensors:
-        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|{tensor.device};".encode())
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype};".encode())
         digest.update(tensor.detach().contiguous().flatten().view(torch.uint8).cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -184,7 +184,9 @@ class SlidingWindow(nn.Module):
         module's options and of the modules' train/eval flags, so it is never returned for another input or state
         (hashing costs one pass over the input and the parameters, a small fraction of a whole-volume run). It
         lets several explanations of a :class:`~SegExplainLib.engine.targets.PredictedRegion` of one case read the
-        prediction from one whole-volume run. One output is kept; it is detached.
+        prediction from one whole-volume run. One output is kept; it is detached. It moves with the module (``.to``,
+        ``.cuda``), and the key holds no device: the output stored before :func:`~SegExplainLib.explain` copies the
+        model to a GPU serves the copy (a warm worker predicts each case once).
         """
         options = [] if self.fixed_weight is None else [self.fixed_weight]
         key = _fingerprint([x, *self.network.state_dict().values(), *options]) + repr(
@@ -194,6 +196,12 @@ class SlidingWindow(nn.Module):
             with torch.no_grad(), self.restricted_to(None):
                 self._prediction = key, self(x)
         return self._prediction[1]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SlidingWindow:
+        module = super()._apply(fn, recurse)
+        if self._prediction is not None:  # the stored output goes where the parameters go
+            self._prediction = self._prediction[0], fn(self._prediction[1])
+        return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 - documented in the class
         spatial = tuple(x.shape[2:])

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import SegExplainLib as sx
+from SegExplainLib.engine.api import resolve_device
+from SegExplainLib.engine.method import RULE_FREE_METHODS
 from SegExplainLib.errors import SegExplainError
 
 SHAPE = (2, 6, 8, 8)
@@ -60,6 +62,21 @@ ROUND_TRIPS = {  # every registered method, with options other than its defaults
     "occlusion": {"window": 2, "baseline": "min"},
     "gradcam": {"layer": "decoder.0", "relu": False},
 }
+
+
+def test_the_rule_free_methods_are_the_registered_ones_that_walk_no_modules():
+    assert set(RULE_FREE_METHODS) == {name for name, cls in sx.METHODS.items() if not cls.walks_modules}
+    assert list(RULE_FREE_METHODS) == sorted(RULE_FREE_METHODS)
+
+
+def test_cuda_resolves_to_the_index_a_model_there_reports(monkeypatch):
+    """A model on the GPU reports cuda:0; unless "auto" and "cuda" resolve to that, explain() copies the model for
+    every explanation, and a warm sliding window's stored prediction with it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for device in ("auto", "cuda", torch.device("cuda")):
+        assert resolve_device(device) == torch.device("cuda:0")
+    assert (resolve_device("cuda:1"), resolve_device("cpu")) == (torch.device("cuda:1"), torch.device("cpu"))
 
 
 def test_every_method_has_a_round_trip_case():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import SegExplainLib as sx
+from SegExplainLib.engine.method import rule_free_methods
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.models.realnets import nnunet_like
 
@@ -159,3 +160,10 @@ def test_a_scripted_batch_norm_in_train_mode_is_an_error(image):
     scripted = torch.jit.script(nn.Sequential(nn.Conv3d(4, 2, 3, padding=1), nn.BatchNorm3d(2)))
     with pytest.raises(SegExplainError, match=r"TorchScript model has a BatchNorm3d in train mode.*\.eval\(\)"):
         sx.explain(scripted, image, sx.ClassChannel(class_index=1), "gradient", device="cpu")
+
+
+def test_torchscript_advice_names_the_rule_free_methods_as_lrps_refusals_do(image):
+    scripted = torch.jit.script(nnunet_like(norm_mode="eval"))
+    with pytest.raises(SegExplainError) as refusal:
+        sx.explain(scripted, image, sx.ClassChannel(class_index=1), "lrp", device="cpu")
+    assert f"use {rule_free_methods()}, or load" in str(refusal.value)

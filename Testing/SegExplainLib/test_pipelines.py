@@ -61,7 +61,8 @@ def test_a_click_on_a_finer_grid_keeps_the_voxels_taking_most_from_it():
 
 
 def test_unknown_pipeline_kinds_are_named():
-    with pytest.raises(SegExplainError, match="unknown pipeline kind 'onnx'; expected one of nnunet, bundle"):
+    with pytest.raises(SegExplainError,
+                       match="unknown pipeline kind 'onnx'; expected one of card, spec, nnunet, bundle"):
         open_pipeline("onnx", "model.onnx")
 
 

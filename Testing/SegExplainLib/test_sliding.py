@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 
@@ -255,6 +256,24 @@ def test_the_stored_prediction_is_never_one_of_another_input_or_state():
         net[0].weight[0, 0, 0, 0, 0] += 1.0  # an in-place change of the network
         torch.testing.assert_close(window.whole_volume(x), window(x))
         assert not torch.equal(window.whole_volume(x), stored)
+
+
+def test_the_stored_prediction_serves_the_window_moved_to_another_device(monkeypatch):
+    """explain() copies a model to the GPU it runs on: the prediction stored before (a warm worker's) moves with the
+    copy and serves it. The move is faked: after it, every tensor reports a GPU."""
+    net = small_net()
+    calls = counting(net)
+    window = SlidingWindow(net, (4, 6, 6))
+    x = torch.rand(1, 2, *VOLUME, dtype=torch.float64)
+    with torch.no_grad():
+        stored = window.whole_volume(x)
+        warm = len(calls)
+        moved = copy.deepcopy(window).to(torch.device("cpu"))  # as explain() places a model: a copy, moved
+        monkeypatch.setattr(torch.Tensor, "device", property(lambda _: torch.device("cuda", 0)))
+        again = moved.whole_volume(x)
+        monkeypatch.undo()
+    assert len(calls) == warm  # no whole-volume run on the moved copy
+    torch.testing.assert_close(again, stored, rtol=0, atol=0)
 
 
 def test_layer_signals_are_read_from_every_window():
