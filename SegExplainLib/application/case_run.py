@@ -108,7 +108,8 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
     from ..engine.filters import AmplitudeFilter
     from ..io import imaging
     from ..io.outputs import check_replaceable, write_case_outputs
-    from .opening import open_model
+    from ..models.pipelines import explain_case
+    from .opening import model_fields, open_model
 
     output = Path(run.output)
     destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
@@ -120,21 +121,21 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
         progress.step("reading images")
         image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
         progress.step("loading model")
-        opened = open_model(run.model)
-        names = case_sequence_names(run.sequence_names, opened.sequences or None, image.shape[0])
+        pipeline = open_model(run.model)
+        names = case_sequence_names(run.sequence_names, pipeline.sequences, image.shape[0])
         target = request.target(geometry, resample=run.resample)
         torch.manual_seed(request.seed)
         progress.step("explaining")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = opened.explain(image, geometry, target, request.method, **request.engine_options())
+            result = explain_case(pipeline, image, geometry, target, request.method, **request.engine_options())
         for warning in caught:  # the explanation's own warnings are shown once, by the progress display
             if str(warning.message) not in result.warnings:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         for warning in result.warnings:
             progress.warn(warning)
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
-                           record=result.record(), names=names, inputs=list(run.inputs), model=opened.fields(),
+                           record=result.record(), names=names, inputs=list(run.inputs), model=model_fields(pipeline),
                            filters=filters, ground_truth=run.ground_truth, resample=run.resample,
                            figures=run.figures, progress=progress)
     progress.finish(output)

@@ -24,8 +24,6 @@ from . import options as opt
 MODEL_KINDS = ("card", "spec", "nnunet", "bundle")
 #: How messages name each kind.
 MODEL_WHAT = {"card": "model card", "spec": "model spec", "nnunet": "nnU-Net results folder", "bundle": "MONAI bundle"}
-#: What a command line tells the user who must allow a model's code.
-TRUST_ADVICE = "; pass --trust-model-code only if you trust it (a model card cannot allow this itself)"
 _NNUNET_FIELDS = ("configuration", "folds", "checkpoint", "mirroring")
 _SPEC_FIELDS = ("spec", "kwargs", "weights")
 _WINDOW_FIELDS = ("patch_size", "overlap")
@@ -139,15 +137,16 @@ class ModelSource:
             return str(demo_card_path())
         return self.path
 
-    def check(self, *, advice: str = TRUST_ADVICE) -> None:
+    def check(self, *, advice: str | None = None) -> None:
         """Refuse a missing card or folder, and a card or spec whose model would run code without :attr:`trust_code`
-        (the message ends with ``advice``: how the user's front end allows it).
+        (the message ends with ``advice``, how the user's front end allows it; default: the command line's way).
 
         The plans of an nnU-Net folder and the configuration of a bundle are checked when they are opened.
         """
         from ..models.loading import ModelCard, refuse_untrusted_code
+        from ..models.network_pipeline import CODE_ADVICE
 
-        what = MODEL_WHAT[self.kind]
+        what, advice = MODEL_WHAT[self.kind], CODE_ADVICE if advice is None else advice
         if self.kind == "card":
             if not Path(self.location).is_file():
                 raise SegExplainError(f"{what} {self.location!r} is not a file")

@@ -147,6 +147,7 @@ class CaseWorker:
 
         from ..application.case_run import failure_text
         from ..application.model_source import ModelSource
+        from ..application.opening import model_fields
         from .worker import WarmSession
 
         torch.set_num_threads(threads)
@@ -156,7 +157,7 @@ class CaseWorker:
         except Exception as error:  # noqa: BLE001 - told to the driver, which stops the run
             self.info = {"error": failure_text(error)}
             return
-        self.info = {"sequences": self.session.sequences, "model": self.session.opened.fields()}
+        self.info = {"sequences": self.session.sequences, "model": model_fields(self.session.pipeline)}
 
     def ready(self) -> dict[str, Any]:
         """``{"sequences", "model"}`` (the model's entries of summary.json), or ``{"error"}``."""

@@ -104,11 +104,11 @@ class WarmSession:
         if not isinstance(model, ModelSource):
             raise SegExplainError(f"model must be a ModelSource, got {model!r}")
         self.source = model
-        self.opened = open_model(model)
-        self.sequences = self.opened.sequences
-        self.description = self.opened.description()
-        #: The model's cheaper stand-in for a first answer (:meth:`OpenedModel.preview`), or None.
-        self.preview = self.opened.preview()
+        self.pipeline = open_model(model)
+        self.sequences = list(self.pipeline.sequences)
+        self.description = self.pipeline.describe()
+        #: The pipeline's cheaper stand-in for a first answer (:meth:`Pipeline.preview`), or None.
+        self.preview = self.pipeline.preview()
         self.image = self.geometry = self.prepared = self.preview_prepared = None
 
     def set_case(self, image: np.ndarray, geometry: Any) -> dict[str, Any]:
@@ -124,9 +124,9 @@ class WarmSession:
         if image.ndim != 4 or (self.sequences and image.shape[0] != len(self.sequences)):
             raise SegExplainError(f"image has shape {image.shape}; expected (C, D, H, W) with one channel per sequence "
                                   f"of the model ({', '.join(self.sequences) or 'any'})")
-        prepared = self.opened.prepare(image, geometry)
+        prepared = self.pipeline.prepare(image, geometry)
         # the preview prepares cases as its pipeline does: the same case with its cheaper model
-        preview_prepared = replace(prepared, model=self.preview.pipeline.model) if self.preview else None
+        preview_prepared = replace(prepared, model=self.preview.model) if self.preview else None
         for model in (prepared.model, preview_prepared.model if preview_prepared else None):
             whole_volume = getattr(model, "whole_volume", None)
             if whole_volume is not None:  # kept by the sliding window for the predicted region of every click
@@ -150,6 +150,8 @@ class WarmSession:
         """
         import torch
 
+        from ..models.pipelines import explain_case
+
         if not isinstance(request, ExplainRequest):
             raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
         if self.prepared is None:
@@ -162,11 +164,11 @@ class WarmSession:
                 raise SegExplainError(f"mask has shape {mask.shape}; expected the case's grid {self.image.shape[1:]}")
         target = request.target(self.geometry, mask)
         torch.manual_seed(request.seed)
-        opened, prepared = (self.preview, self.preview_prepared) if preview else (self.opened, self.prepared)
+        pipeline, prepared = (self.preview, self.preview_prepared) if preview else (self.pipeline, self.prepared)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each warning is in the result's record
-            return opened.explain(self.image, self.geometry, target, request.method, prepared=prepared,
-                                  **request.engine_options())
+            return explain_case(pipeline, self.image, self.geometry, target, request.method, prepared=prepared,
+                                **request.engine_options())
 
     def shown(self, *, preview: bool) -> dict[str, Any]:
         """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
@@ -174,11 +176,11 @@ class WarmSession:
         ``"preview": False``; nothing for a model without one."""
         if self.preview is None:
             return {}
-        exact = self.description.get("ensemble", self.opened.pipeline.kind)
+        exact = self.description.get("ensemble", self.pipeline.kind)
         if not preview:
             return {"preview": False, "ensemble": exact}
-        return {"preview": True, "ensemble": f"preview: {self.preview.description().get('ensemble', 'cheaper model')}"
-                                             f", of {exact}"}
+        return {"preview": True, "ensemble": f"preview: {self.preview.describe().get('ensemble', 'cheaper model')}, "
+                                             f"of {exact}"}
 
 
 @dataclass
