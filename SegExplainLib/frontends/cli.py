@@ -116,14 +116,13 @@ def run_review(args: argparse.Namespace) -> None:
         from SegExplainReview.session import ReviewCase
     except ImportError as error:
         raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
-    trust = {"trust_code": args.trust_code}
     if args.nnunet:
         model = ModelSource("nnunet", args.nnunet, configuration=args.configuration, folds=args.folds,
-                            mirroring=args.mirroring, **trust)
+                            mirroring=args.mirroring)
     else:
-        model = ModelSource("bundle", args.bundle, **trust) if args.bundle else ModelSource("card", args.card or "",
-                                                                                             **trust)
-    model.check()  # a missing card or folder, a card that would run code
+        model = ModelSource("bundle", args.bundle) if args.bundle else ModelSource("card", args.card or "")
+    # a missing card or folder, a card that would run code; the user's word goes to the case (trustModelCode)
+    dataclasses.replace(model, trust_code=args.trust_code).check()
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: the app (the case's images and the explanations) is reachable "
               "from other machines", file=sys.stderr)
