@@ -145,7 +145,7 @@ def from_json(cls: type, data: Any, nested: dict[str, type] | None = None) -> An
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise SegExplainError(f"unknown key(s) {', '.join(map(repr, unknown))} in a {cls.__name__}; expected some of "
+        raise SegExplainError(f"{cls.__name__} has no key(s) {', '.join(map(repr, unknown))}; expected some of "
                               f"{', '.join(known)}")
     values = dict(data)
     for name, kind in (nested or {}).items():
