@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from SegExplainLib.frontends import worker
+from SegExplainLib.frontends.worker import serving
 
 SHAPE = (6, 128, 128, 128)
 
@@ -44,5 +44,5 @@ class BigAnswerSession:
 
 
 if __name__ == "__main__":
-    worker.WarmSession = BigAnswerSession
-    worker.main()
+    serving.WarmSession = BigAnswerSession
+    serving.main()

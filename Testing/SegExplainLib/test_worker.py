@@ -21,6 +21,7 @@ from SegExplainLib.io.imaging import read_sequences
 from SegExplainLib.models.loading import ModelCard
 from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
 from SegExplainLib.frontends import worker as worker_module
+from SegExplainLib.frontends.worker import process_tree
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import ExplainRequest
 from SegExplainLib.frontends.worker import WarmSession, Worker
@@ -306,8 +307,8 @@ def test_a_request_cancelled_while_queued_is_not_run(worker):
 def test_windows_starts_a_process_group_and_kills_the_tree_with_taskkill():
     """The Windows path, by its logic (the OS calls injected): a new process group without a console window, and
     ``taskkill /T /F`` for the tree; POSIX: a new session, and SIGKILL to its process group."""
-    assert worker_module._tree_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
-    assert worker_module._tree_options("posix") == {"start_new_session": True}
+    assert process_tree.tree_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
+    assert process_tree.tree_options("posix") == {"start_new_session": True}
 
     class Running:
         pid = 4242
@@ -316,9 +317,9 @@ def test_windows_starts_a_process_group_and_kills_the_tree_with_taskkill():
             return None
 
     calls = []
-    worker_module._kill_tree(Running(), system="nt", run=lambda *args, **options: calls.append((args, options)))
+    process_tree.kill_tree(Running(), system="nt", run=lambda *args, **options: calls.append((args, options)))
     assert calls[0][0] == (["taskkill", "/PID", "4242", "/T", "/F"],) and calls[0][1]["creationflags"] == 0x08000000
-    worker_module._kill_tree(Running(), system="posix", killpg=lambda *args: calls.append(args))
+    process_tree.kill_tree(Running(), system="posix", killpg=lambda *args: calls.append(args))
     assert calls[1] == (4242, signal.SIGKILL)
 
 
