@@ -635,9 +635,9 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
         Read from the card, nnU-Net's dataset.json or the bundle's metadata: no network is loaded in Slicer.
         """
-        from SegExplainMRML.job import ModelSource
+        from SegExplainLib.application.model_source import ModelSource
 
-        return (model if isinstance(model, ModelSource) else ModelSource("card", model or "")).sequenceNames()
+        return (model if isinstance(model, ModelSource) else ModelSource("card", model or "")).sequence_names()
 
     def newClickedPointsNode(self):
         """The markups node whose placed points trigger click-to-explain."""
@@ -680,7 +680,7 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
         ``trustModelCode`` is the user's word that the model may run code of someone else (a model file, a module
         outside the built-in networks, MONAI and torch.nn, a pickle, classes named by nnU-Net plans or a bundle's
-        configuration); see ``SegExplainMRML.job.ModelSource.check``.
+        configuration); see ``SegExplainLib.application.model_source.ModelSource.check``.
         """
         from SegExplainMRML import workflow
         from SegExplainMRML.nodes import splitVectorVolume

@@ -19,8 +19,9 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import nodes, results, workflow
-from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun, fileSafe
+from SegExplainMRML.job import ExplainSettings, Region, WarmExplainer, WarmRun, fileSafe
 
+from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.parent_watch import remove_with_host
 from SegExplainLib.application.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.errors import SegExplainError
@@ -83,7 +84,7 @@ class ReviewCase:
     @property
     def names(self) -> list[str]:
         """The model's sequence names (from the card, nnU-Net's dataset.json or the bundle's metadata)."""
-        return self.model.sequenceNames()
+        return self.model.sequence_names()
 
     @classmethod
     def fromFile(cls, path: str | Path, model: str | ModelSource) -> ReviewCase:
@@ -97,7 +98,7 @@ class ReviewCase:
         """
         model = _modelSource(model)
         image, geometry = read_sequences([path])
-        names = model.sequenceNames()
+        names = model.sequence_names()
         if len(image) != len(names):
             raise SegExplainError(f"{str(path)!r} has {len(image)} channels; the {_what(model)}'s sequences are "
                                   f"{', '.join(names)} ({len(names)})")
@@ -127,7 +128,7 @@ class ReviewCase:
             raise SegExplainError(f"case folder {str(folder)!r} does not exist")
         files = [p for p in sorted(folder.iterdir()) if image_stem(p.name)]
         stems = [image_stem(p.name) for p in files]
-        names = model.sequenceNames()
+        names = model.sequence_names()
         label, *sequences = match_names(stems, ["label", *names])
         missing = [name for name, index in zip(names, sequences) if index is None]
         if missing:

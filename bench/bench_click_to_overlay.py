@@ -70,7 +70,9 @@ def benchMrml(clicks: int, *, size: int | None = None, device: str = "auto") -> 
     import slicer
     from mrml_scene import wiredScene
     from SegExplainMRML import workflow
-    from SegExplainMRML.job import ExplainSettings, ModelSource, WarmExplainer
+    from SegExplainMRML.job import ExplainSettings, WarmExplainer
+
+    from SegExplainLib.application.model_source import ModelSource
 
     scene = wiredScene()
     slicer.mrmlScene = scene

@@ -71,11 +71,13 @@ def case(folder: Path, shape: tuple[int, ...] | None):
 
 def bench(folder: Path, folds: list[str], methods: list[str], clicks: int, device: str,
           shape: tuple[int, ...] | None) -> dict[str, dict[str, list[float]]]:
+    from SegExplainLib.application.model_source import ModelSource
+    from SegExplainLib.application.requests import ExplainRequest
     from SegExplainLib.frontends.worker import Worker
 
     image, geometry, centre = case(folder, shape)
     times: dict[str, dict[str, list[float]]] = {}
-    with Worker(["--nnunet", str(folder), *(["--folds", *folds] if folds else [])]) as worker:
+    with Worker(ModelSource("nnunet", str(folder), folds=tuple(folds or ()))) as worker:
         worker.start()
         started = time.perf_counter()
         prepared = worker.wait(worker.set_case(image, geometry), timeout=3600)
@@ -87,8 +89,7 @@ def bench(folder: Path, folds: list[str], methods: list[str], clicks: int, devic
             for index in range(clicks + 1):  # the first click warms the method up
                 voxel = (centre[0], centre[1] + index % 3 - 1, centre[2])
                 started = time.perf_counter()
-                request = worker.explain(["--voxel", *(str(v) for v in voxel), "--method", method,
-                                          "--device", device], preview=True)
+                request = worker.explain(ExplainRequest(voxel=voxel, method=method, device=device, preview=True))
                 while worker.preview(request) is None and worker.answer(request) is None:
                     worker.poll(0.01)
                 preview = time.perf_counter() - started

@@ -6,9 +6,10 @@ explanation of under one. So a :class:`WarmExplainer` keeps one worker process (
 started as soon as the model and the input volumes are chosen, keeps them loaded, and answers every click with the
 maps as arrays, without files. Another model starts another worker; other volumes send a new case; a crashed worker
 is restarted by the next click, which first reports the click it took down. Each click is a :class:`WarmRun`, which
-a GUI timer polls. The worker's requests are the options of ``segexplain explain``, so the record of a result holds
-the command line that reproduces it from the input files. The worker ends with its host
-(``SegExplainLib.application.parent_watch``).
+a GUI timer polls. The model is the application's :class:`~SegExplainLib.application.model_source.ModelSource` and
+each click an :class:`~SegExplainLib.application.requests.ExplainRequest` (:meth:`ExplainSettings.request`), the
+classes ``segexplain explain`` parses into, so the record of a result holds the command line that reproduces it from
+the input files. The worker ends with its host (``SegExplainLib.application.parent_watch``).
 """
 
 from __future__ import annotations
@@ -16,27 +17,27 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from SegExplainLib.engine import metrics
 from SegExplainLib.application.demo import demo_card_path
+from SegExplainLib.application.model_source import ModelSource
+from SegExplainLib.application.requests import CaseRun, ExplainRequest
+from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.models.loading import ModelCard, refuse_untrusted_code
-from SegExplainLib.models.pipelines import sequence_names
 from SegExplainLib.frontends.worker import Worker
 
 from . import nodes
 
 #: The regions a user can pick, and what each needs.
 REGION_KINDS = ("segment", "box", "point", "predicted", "class")
-#: The kinds of model a job explains: a model card file, an nnU-Net v2 results folder, a MONAI bundle folder.
+#: The kinds of model the module offers: a model card file, an nnU-Net v2 results folder, a MONAI bundle folder.
 MODEL_KINDS = ("card", "nnunet", "bundle")
-#: How messages name each kind's path.
-_MODEL_PATHS = {"card": "model card", "nnunet": "nnU-Net results folder", "bundle": "MONAI bundle"}
+#: How a refusal of a model's code tells the module's user to allow it.
+TRUST_ADVICE = (", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow code from "
+                "this model' in the Slicer module, or start segexplain review with --trust-model-code")
 #: Methods offered in the module, in menu order (the engine's names).
 METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
            "deconvolution", "occlusion")
@@ -127,130 +128,23 @@ class ExplainSettings:
         if not isinstance(self.preview, bool):
             raise SegExplainError(f"preview must be True or False, got {self.preview!r}")
 
-    def arguments(self) -> list[str]:
-        """The ``segexplain explain`` options for these settings."""
-        args = ["--method", self.method, "--class", str(self.classIndex), "--aggregation", self.aggregation,
-                "--device", self.device, "--seed", str(self.seed)]
-        if self.method == "lrp":
-            args += ["--composite", self.composite] + (["--layer-filter", self.layerFilter] if self.layerFilter else [])
-        if self.method == "integrated_gradients":
-            args += ["--n-steps", str(self.nSteps), "--baseline", self.baseline]
-        if self.aggregation == "normalized" and self.samples:
-            args += ["--samples", str(self.samples)]
-        for key, value in self.extraOptions.items():
-            args += ["--option", f"{key}={json.dumps(value)}"]
-        return args
-
-
-def parseFolds(text: Any) -> tuple[str, ...]:
-    """nnU-Net folds from a text such as ``"0 1"`` or ``"0, 1"`` (or a sequence); empty for every trained fold.
-
-    Raises:
-        SegExplainError: A fold that is neither a fold number nor ``all``.
-    """
-    items = re.split(r"[\s,;]+", text.strip()) if isinstance(text, str) else [str(f) for f in (text or ())]
-    folds = tuple(item for item in items if item)
-    bad = [fold for fold in folds if not (fold.isdigit() or fold == "all")]
-    if bad:
-        raise SegExplainError(f"folds must be fold numbers (0, 1, ...) or 'all', got {', '.join(map(repr, bad))}")
-    return folds
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """The explained model: a model card, an nnU-Net v2 results folder or a MONAI bundle folder.
-
-    Attributes:
-        kind: One of :data:`MODEL_KINDS`.
-        path: The card file (empty: the bundled demo network) or the model folder.
-        configuration: nnU-Net configuration; empty for ``3d_fullres``.
-        folds: nnU-Net folds to average (``"0 1"``, ``("0", "1")``); empty for every trained fold.
-        mirroring: nnU-Net: average over the mirrored inputs the trainer allowed (``--no-mirroring`` when off).
-
-    Example:
-        >>> ModelSource("nnunet", "/results/Dataset001/nnUNetTrainer__nnUNetPlans__3d_fullres", folds="0",
-        ...             mirroring=False).arguments()
-        ['--nnunet', '/results/...', '--folds', '0', '--no-mirroring']
-    """
-
-    kind: str = "card"
-    path: str = ""
-    configuration: str = ""
-    folds: tuple[str, ...] = ()
-    mirroring: bool = True
-
-    def __post_init__(self) -> None:
-        if self.kind not in MODEL_KINDS:
-            raise SegExplainError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
-        object.__setattr__(self, "path", str(self.path or ""))
-        object.__setattr__(self, "configuration", str(self.configuration or "").strip())
-        object.__setattr__(self, "folds", parseFolds(self.folds))
-        if not isinstance(self.mirroring, bool):
-            raise SegExplainError(f"mirroring must be True or False, got {self.mirroring!r}")
-        nnunetOptions = [name for name, given in (("configuration", self.configuration), ("folds", self.folds),
-                                                  ("mirroring off", not self.mirroring)) if given]
-        if nnunetOptions and self.kind != "nnunet":
-            raise SegExplainError(f"{', '.join(nnunetOptions)} belong to an nnU-Net results folder, not a "
-                                  f"{_MODEL_PATHS[self.kind]}")
-
-    @property
-    def location(self) -> str:
-        """The card file or folder, the bundled demo card for an empty card path."""
-        return self.path or (demoCardPath() if self.kind == "card" else "")
-
-    def check(self, *, trustModelCode: bool = False) -> None:
-        """Refuse a missing card or folder, and a card whose model would run code without ``trustModelCode``.
-
-        The plans of an nnU-Net folder and the configuration of a bundle are checked by the job's process, which
-        gets ``--trust-model-code`` from the user's word only.
-        """
-        what = _MODEL_PATHS[self.kind]
-        if self.kind == "card":
-            if not Path(self.location).is_file():
-                raise SegExplainError(f"{what} {self.location!r} is not a file")
-            refuse_untrusted_code(
-                ModelCard.read(self.location).model, f"{what} {self.location!r}", trusted=trustModelCode,
-                advice=", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow "
-                       "code from this model' in the Slicer module, or start segexplain review with "
-                       "--trust-model-code")
-        elif not self.path:
-            raise SegExplainError(f"choose the {what} to explain")
-        elif not Path(self.path).is_dir():
-            raise SegExplainError(f"{what} {self.path!r} is not a folder")
-
-    def sequenceNames(self) -> list[str]:
-        """The model's input sequences, read from its description files (no network is built, see
-        :func:`SegExplainLib.models.pipelines.sequence_names`)."""
-        self.check(trustModelCode=True)  # the paths only: nothing of the model runs here
-        return sequence_names(self.kind, self.location, configuration=self.configuration or None)
-
-    def arguments(self) -> list[str]:
-        """The ``segexplain explain`` options naming this model."""
-        if self.kind == "card":
-            return ["--card", self.location]
-        if self.kind == "bundle":
-            return ["--bundle", self.path]
-        return ["--nnunet", self.path, *(["--configuration", self.configuration] if self.configuration else []),
-                *(["--folds", *self.folds] if self.folds else []), *([] if self.mirroring else ["--no-mirroring"])]
+    def request(self, region: Region) -> ExplainRequest:
+        """The application's request for these settings and ``region`` (a segment travels to the worker as its mask,
+        outside the request)."""
+        where = {"box": {"box_index": region.box}, "point": {"point_ras": region.pointRas, "radius": region.radius},
+                 "class": {"whole_class": True}}.get(region.kind, {})
+        method = {"lrp": {"composite": self.composite, "layer_filter": self.layerFilter or None},
+                  "integrated_gradients": {"n_steps": self.nSteps, "baseline": self.baseline}}.get(self.method, {})
+        samples = self.samples if self.aggregation == "normalized" and self.samples else None
+        return ExplainRequest(**where, **method, method=self.method, class_index=self.classIndex,
+                              aggregation=self.aggregation, samples=samples, options=dict(self.extraOptions),
+                              device=self.device, seed=self.seed, preview=self.preview)
 
 
 def fileSafe(name: str) -> str:
     """A sequence name usable in a file name: anything but letters, digits, '.', '-' and '_' becomes '_'."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).strip(".")
     return safe or "sequence"
-
-
-def regionArguments(region: Region) -> list[str]:
-    """The region options of ``segexplain explain``; a segment travels to the worker as its mask."""
-    if region.kind == "segment":
-        return []
-    if region.kind == "box":
-        return ["--box-index", *(str(v) for v in region.box)]
-    if region.kind == "point":
-        return ["--point-ras", *(f"{v:.6g}" for v in region.pointRas), "--radius", f"{region.radius:g}"]
-    if region.kind == "class":
-        return ["--whole-class"]
-    return []
 
 
 def _caseKey(volumes: list[Any], names: list[str]) -> tuple:
@@ -281,7 +175,6 @@ class WarmExplainer:
         self.model: ModelSource | None = None
         self.stack: nodes.VolumeStack | None = None
         self.step = ""
-        self._modelKey: tuple | None = None
         self._caseKey: tuple | None = None
         self._run: WarmRun | None = None
 
@@ -300,12 +193,12 @@ class WarmExplainer:
             raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
         if not isinstance(trustModelCode, bool):
             raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
-        model.check(trustModelCode=trustModelCode)
-        modelKey = (tuple(model.arguments()), trustModelCode)
-        if self.worker is None or modelKey != self._modelKey:
+        model = replace(model, trust_code=trustModelCode)  # the user's word, never the model's
+        model.check(advice=TRUST_ADVICE)
+        if self.worker is None or model != self.model:
             self.close()
-            self.worker = Worker(model.arguments(), trust_code=trustModelCode, python=self.python).start()
-            self.model, self._modelKey, self._caseKey = model, modelKey, None
+            self.worker = Worker(model, python=self.python).start()
+            self.model, self._caseKey = model, None
         else:
             load = self.worker.answer(self.worker.load_request)
             if self.worker.state == "dead" or (load is not None and load.state != "done"):
@@ -361,7 +254,7 @@ class WarmExplainer:
         """End the worker (the module's cleanup, a closed scene, the review server's end)."""
         if self.worker is not None:
             self.worker.close()
-        self.worker, self._modelKey, self._caseKey, self.stack, self._run = None, None, None, None, None
+        self.worker, self.model, self._caseKey, self.stack, self._run = None, None, None, None, None
 
 
 #: Progress of a click while the worker does each step.
@@ -384,14 +277,13 @@ class WarmRun:
 
     def __init__(self, explainer: WarmExplainer, region: Region, settings: ExplainSettings) -> None:
         self.explainer, self.worker, self.stack = explainer, explainer.worker, explainer.stack
-        self.model, self.trustModelCode = explainer.model, explainer._modelKey[1]
-        self.region, self.settings = region, settings
-        self.arguments = [*regionArguments(region), *settings.arguments()]
+        self.model, self.region, self.settings = explainer.model, region, settings
+        #: What the worker is asked: the application's request (a segment travels as its mask).
+        self.explainRequest = settings.request(region)
         self.state, self.fraction, self.step, self.error = "running", 0.0, "waiting for the worker", ""
         self.answer = self.preview = self.explanation = None
         self._explaining = False
-        self.request = self.worker.explain(self.arguments, mask=region.mask if region.kind == "segment" else None,
-                                           preview=settings.preview)
+        self.request = self.worker.explain(self.explainRequest, mask=region.mask if region.kind == "segment" else None)
 
     @property
     def running(self) -> bool:
@@ -452,12 +344,12 @@ class WarmRun:
     def command(self) -> list[str]:
         """The ``segexplain explain`` command line of this result, from the input files written from the scene
         (``<name>.nrrd``; a segment as a label file ``<segment>.nrrd``)."""
-        names = [fileSafe(n) for n in self.stack.names]
-        region = (["--label", "<segment>.nrrd", "--label-value", "1"] if self.region.kind == "segment"
-                  else regionArguments(self.region))
-        return ["segexplain", "explain", "--input", *(f"<{n}>.nrrd" for n in names), "--sequence-names", *names,
-                *self.model.arguments(), *(["--trust-model-code"] if self.trustModelCode else []), *region,
-                *self.settings.arguments(), "--output", "<output folder>"]
+        names = tuple(fileSafe(n) for n in self.stack.names)
+        request = (replace(self.explainRequest, label="<segment>.nrrd") if self.region.kind == "segment"
+                   else self.explainRequest)
+        run = CaseRun(tuple(f"<{n}>.nrrd" for n in names), "<output folder>", self.model, request,
+                      sequence_names=names)
+        return ["segexplain", "explain", *run.arguments()]
 
     def record(self) -> dict[str, Any]:
         """The record of the shown answer (:attr:`shown`), as ``summary.json`` of the command line holds it: the

@@ -19,10 +19,11 @@ from dataclasses import fields
 from pathlib import Path, PurePath
 from typing import Any
 
+from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.errors import SegExplainError
 
 from . import display, export, nodes, results
-from .job import ExplainSettings, ModelSource, Region, WarmExplainer, WarmRun
+from .job import ExplainSettings, Region, WarmExplainer, WarmRun
 
 #: Reference from an overlay volume to the relevance volume whose (filtered) map it shows.
 _SHOWN_RELEVANCE = "segexplainShownRelevance"

@@ -333,17 +333,23 @@ def write_demo_case(folder: str | Path, seed: int = HELD_OUT_SEEDS[0]) -> tuple[
     return paths, label_path
 
 
-def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite: bool = False,
-             extra_args: Sequence[str] = ()) -> Path:
+def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite: bool = False, figures: bool = True,
+             progress: str | None = None) -> Path:
     """Explain the shipped demo network on a demo case, exactly as ``segexplain explain --card`` would.
 
-    Writes the case to a temporary folder and runs :func:`SegExplainLib.frontends.cli.main` with the demo card, the
-    case's ground truth and LRP of the predicted lesion region. The composite is ``epsilon_plus`` (z-plus on every
-    convolution, the first one included) rather than the default ``epsilon_plus_flat``: the flat rule spreads the
-    first layer's relevance uniformly over its receptive field, channels included, so with it every sequence
-    gets exactly 1/6 of the relevance and the per-sequence shares say nothing. With ``epsilon_plus`` the shares
-    follow the lesion's contrast (T2 and the late phases high, the 20 s phase low). ``extra_args`` go to
-    ``segexplain explain`` after these, e.g. ``["--no-figures"]`` or ``["--composite", "epsilon_plus_flat"]``.
+    Writes the case to a temporary folder and runs it (:func:`~SegExplainLib.application.case_run.run_case`) with the
+    demo card, the case's ground truth and LRP of the predicted lesion region. The composite is ``epsilon_plus``
+    (z-plus on every convolution, the first one included) rather than the default ``epsilon_plus_flat``: the flat rule
+    spreads the first layer's relevance uniformly over its receptive field, channels included, so with it every
+    sequence gets exactly 1/6 of the relevance and the per-sequence shares say nothing. With ``epsilon_plus`` the
+    shares follow the lesion's contrast (T2 and the late phases high, the 20 s phase low).
+
+    Args:
+        output_dir: The output folder.
+        seed: Which generated case (held out from training).
+        overwrite: Replace an output folder that SegExplain wrote earlier.
+        figures: Draw the PNG figures.
+        progress: ``bar``, ``json`` or ``none``; None: a bar on a terminal.
 
     Returns:
         ``output_dir`` with the relevance maps, ``summary.json`` and figures.
@@ -351,15 +357,16 @@ def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite
     Raises:
         SegExplainError: The explain run failed (its message names why).
     """
-    from ..frontends import cli
+    from .case_run import run_case
+    from .model_source import ModelSource
+    from .requests import CaseRun, ExplainRequest
 
     with tempfile.TemporaryDirectory(prefix="segexplain-demo-") as folder:
         inputs, label = write_demo_case(folder, seed)
-        argv = ["explain", "--input", *map(str, inputs), "--card", str(demo_card_path()),
-                "--ground-truth", str(label), "--class", "1", "--method", "lrp", "--composite", "epsilon_plus",
-                "--device", "cpu", "--output", str(output_dir), *(["--overwrite"] if overwrite else []),
-                *extra_args]
-        return cli.run_explain(cli._parser().parse_args(argv))
+        run = CaseRun(tuple(map(str, inputs)), str(output_dir), ModelSource("card", str(demo_card_path())),
+                      ExplainRequest(class_index=1, method="lrp", composite="epsilon_plus", device="cpu"),
+                      ground_truth=str(label), overwrite=overwrite, figures=figures, progress=progress)
+        return run_case(run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,19 +1,21 @@
 """``segexplain cohort --workers N``: the cases of a cohort explained by warm Ray actors.
 
-Each actor holds a :class:`~SegExplainLib.frontends.worker.WarmSession`, so the model is loaded once per actor rather than once
-per case. The driver (the ``segexplain cohort`` process) reads each case's files, sends the image (and the label's
-mask) to a free actor, gets the maps, the record and the figures back (arrays and PNG bytes: the actors draw the
-figures, which take longer than explaining a small case), and writes the case folder itself with
-:func:`~SegExplainLib.frontends.cli.write_case_outputs`, the function ``segexplain explain`` writes with. Only the model files
-have to be readable by the actors; the cases and the output folder need not be shared with the machines of a
+Each actor holds a :class:`~SegExplainLib.frontends.worker.WarmSession`, so the model is loaded once per actor rather
+than once per case. The driver (the ``segexplain cohort`` process) sends the actors the model and the request as their
+JSON (:class:`~SegExplainLib.application.model_source.ModelSource`,
+:class:`~SegExplainLib.application.requests.ExplainRequest`), reads each case's files, sends the image (and the
+label's mask) to a free actor, gets the maps, the record and the figures back (arrays and PNG bytes: the actors draw
+the figures, which take longer than explaining a small case), and writes the case folder itself with
+:func:`~SegExplainLib.io.outputs.write_case_outputs`, the function ``segexplain explain`` writes with. Only the model
+files have to be readable by the actors; the cases and the output folder need not be shared with the machines of a
 cluster given with ``--address``. The package itself is shipped to the actors (Ray's ``py_modules``), so they run
 the driver's code.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..application.requests import CaseRun
 from ..errors import SegExplainError
 
 __all__ = ["CaseWorker", "check_address", "explain_cases", "import_ray", "start_ray"]
@@ -135,46 +138,47 @@ class CaseWorker:
     """A Ray actor's state: the model loaded once, then one case after another.
 
     Args:
-        model_arguments: The model options of ``segexplain explain``.
-        trust_code: ``--trust-model-code``.
+        model: The model's JSON (:meth:`ModelSource.to_json`), with the user's word on its code.
         threads: torch threads of this actor (its share of the CPU cores).
     """
 
-    def __init__(self, model_arguments: Sequence[str], trust_code: bool, threads: int) -> None:
+    def __init__(self, model: dict[str, Any], threads: int) -> None:
         import torch
 
-        from .cli import failure_text, model_fields
+        from ..application.case_run import failure_text
+        from ..application.model_source import ModelSource
+        from ..application.opening import model_fields
         from .worker import WarmSession
 
         torch.set_num_threads(threads)
         self.session, self.info = None, {}
         try:
-            self.session = WarmSession(model_arguments, trust_code=trust_code)
+            self.session = WarmSession(ModelSource.from_json(model))
         except Exception as error:  # noqa: BLE001 - told to the driver, which stops the run
             self.info = {"error": failure_text(error)}
             return
-        session = self.session
-        self.info = {"sequences": session.sequences, "model": model_fields(
-            session.description, normalized=session.card is not None or session.pipeline is not None,
-            model=session.model)}
+        self.info = {"sequences": self.session.sequences, "model": model_fields(self.session.pipeline)}
 
     def ready(self) -> dict[str, Any]:
         """``{"sequences", "model"}`` (the model's entries of summary.json), or ``{"error"}``."""
         return self.info
 
-    def explain(self, image: np.ndarray, geometry: dict[str, Any], request: Sequence[str], mask: np.ndarray | None,
+    def explain(self, image: np.ndarray, geometry: dict[str, Any], request: dict[str, Any], mask: np.ndarray | None,
                 names: Sequence[str] | None) -> dict[str, Any]:
         """Explain one case: ``{"maps", "record", "figures"}``, or ``{"error"}`` (the actor stays for the next case).
 
-        ``figures`` (file name to PNG bytes) are drawn here when ``names`` (the sequence names) are given: drawing
-        takes longer than explaining a small case, and the driver would draw one case after another.
+        ``request`` is the JSON of the :class:`ExplainRequest`, checked here by the same class. ``figures`` (file name
+        to PNG bytes) are drawn here when ``names`` (the sequence names) are given: drawing takes longer than
+        explaining a small case, and the driver would draw one case after another.
         """
-        from .cli import case_figures, failure_text
+        from ..application.case_run import failure_text
+        from ..application.requests import ExplainRequest
         from ..io.imaging import Geometry
+        from ..io.outputs import case_figures
 
         try:
             self.session.set_case(image, Geometry(**geometry))
-            result = self.session.explain(request, mask=mask)
+            result = self.session.explain(ExplainRequest.from_json(request), mask=mask)
             maps = result.maps.astype(np.float32)
             pngs = {}
             if names is not None:
@@ -184,23 +188,6 @@ class CaseWorker:
         except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
             return {"error": failure_text(error)}
         return {"maps": maps, "record": result.record(), "figures": pngs}
-
-
-def _options(parser: argparse.ArgumentParser, args: argparse.Namespace, leave_out: Sequence[str]) -> list[str]:
-    """The values in ``args`` of ``parser``'s options, as command-line words; defaults are left out."""
-    words: list[str] = []
-    for action in parser._actions:  # argparse has no public list of a parser's options
-        value = getattr(args, action.dest, action.default)
-        if not action.option_strings or action.dest in leave_out or value == action.default:
-            continue
-        flag = action.option_strings[0]
-        if action.nargs == 0:  # store_true
-            words.append(flag)
-        elif isinstance(action, argparse._AppendAction):
-            words += [word for item in value for word in (flag, str(item))]
-        else:
-            words += [flag, *map(str, value if isinstance(value, list) else [value])]
-    return words
 
 
 def _resources(ray, workers: int) -> dict[str, float]:
@@ -214,13 +201,15 @@ def _resources(ray, workers: int) -> dict[str, float]:
             "num_gpus": 1.0 if gpus >= workers else gpus / workers}
 
 
-def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: int, address: str | None,
-                  progress) -> dict[str, str]:
+def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Path, *, workers: int,
+                  address: str | None, progress) -> dict[str, str]:
     """Explain and write ``cases`` with ``workers`` warm Ray actors; the failures, case name to message.
 
     Args:
-        cases: Each case's name and its ``segexplain explain`` arguments (as parsed; ``output`` is its folder).
-            Every case has the same model, region and method options.
+        cases: The cases (:func:`~SegExplainLib.application.cohort.read_cases`).
+        template: The model, request and options of every case (:func:`~SegExplainLib.application.cohort.case_run`
+            gives each case its run).
+        output: The cohort folder (each case is written to ``output/cases/<case>``).
         workers: Number of actors.
         address: A running Ray cluster, or None for a local Ray started for the run.
         progress: The cohort's progress display (one step per finished case).
@@ -231,24 +220,23 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
     Raises:
         SegExplainError: Ray is missing or unreachable, or the actors cannot load the model.
     """
-    from ..io import imaging
-    from .cli import _label_mask, _resample_advice, failure_text, sequence_names, write_case_outputs
+    from ..application.case_run import case_sequence_names, failure_text, resample_advice
+    from ..application.cohort import case_run
     from ..engine.filters import AmplitudeFilter
-    from .worker import _model_parser, _request_parser
+    from ..io import imaging
+    from ..io.outputs import write_case_outputs
 
     if not cases:
         return {}
-    first = cases[0][1]
-    model_arguments = _options(_model_parser(), first, leave_out=("trust_model_code",))
-    request = _options(_request_parser(), first, leave_out=("label",))  # a label is sent as its mask
-    filters = [AmplitudeFilter.parse(spec) for spec in first.filter]
+    request = dataclasses.replace(template.request, label=None).to_json()  # a label is sent as its mask
+    filters = [AmplitudeFilter.parse(spec) for spec in template.filters]
     ray = import_ray()
     started = start_ray(address)
     try:
         shares = _resources(ray, workers)
         actor_class = ray.remote(CaseWorker).options(max_restarts=1, **shares)
         threads = max(1, int(shares["num_cpus"]))
-        actors = [actor_class.remote(model_arguments, first.trust_model_code, threads) for _ in range(workers)]
+        actors = [actor_class.remote(template.model.to_json(), threads) for _ in range(workers)]
         try:
             info = ray.get([actor.ready.remote() for actor in actors])[0]
         except ray.exceptions.RayError as error:  # the actor could not even start (a package missing there)
@@ -257,7 +245,7 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
             msg = f"the Ray workers cannot load the model: {info['error']}"
             raise SegExplainError(msg)
         failures: dict[str, str] = {}
-        running: dict[Any, tuple[Any, str, argparse.Namespace, Any]] = {}
+        running: dict[Any, tuple[Any, str, CaseRun, Any]] = {}
         queue = list(cases)
 
         def fail(name: str, text: str) -> None:
@@ -266,19 +254,21 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
 
         def submit(actor) -> None:
             while queue:
-                name, args = queue.pop(0)
+                case = queue.pop(0)
+                name = case["case"]
                 try:
-                    with _resample_advice():
-                        image, geometry = imaging.read_sequences(args.input, resample=args.resample)
-                        names = sequence_names(args.sequence_names, info["sequences"], image.shape[0])
-                        mask = _label_mask(args, geometry, args.label) if args.label else None
+                    run = case_run(case, template, output)
+                    with resample_advice():
+                        image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
+                        names = case_sequence_names(run.sequence_names, info["sequences"], image.shape[0])
+                        mask = run.request.label_mask(geometry, resample=run.resample) if run.request.label else None
                 except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
                     progress.step(name)
                     fail(name, failure_text(error))
                     continue
                 reference = actor.explain.remote(image, geometry.to_dict(), request, mask,
-                                                 None if args.no_figures else names)
-                running[reference] = (actor, name, args, (image, geometry, names))
+                                                 names if run.figures else None)
+                running[reference] = (actor, name, run, (image, geometry, names))
                 return
 
         for actor in actors:
@@ -286,7 +276,7 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
                 submit(actor)
         while running:
             [reference], _ = ray.wait(list(running), num_returns=1)
-            actor, name, args, (image, geometry, names) = running.pop(reference)
+            actor, name, run, (image, geometry, names) = running.pop(reference)
             submit(actor)  # before writing: the actor works while the driver writes
             progress.step(name)
             try:
@@ -300,11 +290,12 @@ def explain_cases(cases: Sequence[tuple[str, argparse.Namespace]], *, workers: i
             for warning in answer["record"].get("warnings", []):
                 progress.warn(warning)
             try:  # the maps are copied: Ray hands out read-only views of its object store
-                with _resample_advice():
-                    write_case_outputs(Path(args.output), overwrite=True, image=image, geometry=geometry,
-                                       maps=np.array(answer["maps"]), record=answer["record"], names=names, inputs=args.input,
-                                       model=info["model"], filters=filters, ground_truth=args.ground_truth,
-                                       resample=args.resample, figures=answer["figures"] or False)
+                with resample_advice():
+                    write_case_outputs(Path(run.output), overwrite=True, image=image, geometry=geometry,
+                                       maps=np.array(answer["maps"]), record=answer["record"], names=names,
+                                       inputs=list(run.inputs), model=info["model"], filters=filters,
+                                       ground_truth=run.ground_truth, resample=run.resample,
+                                       figures=answer["figures"] or False)
             except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
                 fail(name, failure_text(error))
     finally:

@@ -37,34 +37,39 @@ def test_settings_validation_names_the_value(options, message):
         job.ExplainSettings(**options)
 
 
+def words(settings: job.ExplainSettings) -> list[str]:
+    """The ``segexplain explain`` options of ``settings`` for the predicted region."""
+    return settings.request(job.Region("predicted")).arguments()
+
+
 def test_settings_accept_cuda_devices():
     """'cuda' and 'cuda:N' are valid devices."""
-    arguments = job.ExplainSettings(device="cuda:1").arguments()
+    arguments = words(job.ExplainSettings(device="cuda:1"))
     assert arguments[arguments.index("--device") + 1] == "cuda:1"
     assert job.ExplainSettings(device="cuda").device == "cuda"
 
 
 def test_arguments_per_method():
     """LRP passes its composite (and layer filter), IG its steps and baseline, other methods neither."""
-    lrp = job.ExplainSettings(method="lrp", composite="epsilon_plus_flat", layerFilter="pass:0.4").arguments()
+    lrp = words(job.ExplainSettings(method="lrp", composite="epsilon_plus_flat", layerFilter="pass:0.4"))
     assert lrp[lrp.index("--composite") + 1] == "epsilon_plus_flat"
     assert lrp[lrp.index("--layer-filter") + 1] == "pass:0.4"
     assert "--n-steps" not in lrp and "--baseline" not in lrp
-    assert "--layer-filter" not in job.ExplainSettings(method="lrp").arguments()
-    ig = job.ExplainSettings(method="integrated_gradients", nSteps=16, baseline="blur:2").arguments()
+    assert "--layer-filter" not in words(job.ExplainSettings(method="lrp"))
+    ig = words(job.ExplainSettings(method="integrated_gradients", nSteps=16, baseline="blur:2"))
     assert ig[ig.index("--n-steps") + 1] == "16" and ig[ig.index("--baseline") + 1] == "blur:2"
     assert "--composite" not in ig
     for method in ("gradient", "smoothgrad", "occlusion"):
-        arguments = job.ExplainSettings(method=method, classIndex=2, seed=7).arguments()
+        arguments = words(job.ExplainSettings(method=method, classIndex=2, seed=7))
         assert not {"--composite", "--n-steps", "--baseline"} & set(arguments)
-        assert arguments[:2] == ["--method", method]
+        assert arguments[arguments.index("--method") + 1] == method
         assert arguments[arguments.index("--class") + 1] == "2" and arguments[arguments.index("--seed") + 1] == "7"
 
 
 def test_arguments_for_sampling_and_extra_options():
     """Samples are passed only for the normalized aggregation; extra options are passed as JSON."""
-    assert "--samples" not in job.ExplainSettings(samples=100).arguments()
-    normalized = job.ExplainSettings(aggregation="normalized", samples=100, extraOptions={"epsilon": 0.25}).arguments()
+    assert "--samples" not in words(job.ExplainSettings(samples=100))
+    normalized = words(job.ExplainSettings(aggregation="normalized", samples=100, extraOptions={"epsilon": 0.25}))
     assert normalized[normalized.index("--samples") + 1] == "100"
     key, value = normalized[normalized.index("--option") + 1].split("=", 1)
     assert key == "epsilon" and json.loads(value) == 0.25
@@ -84,15 +89,17 @@ def test_region_validation(arguments, message):
         job.Region(**arguments)
 
 
-def test_region_arguments():
-    """Each region kind becomes its command-line options; a segment travels as its mask."""
-    assert job.regionArguments(job.Region("segment", mask=np.ones((2, 2, 2), bool))) == []
-    assert job.regionArguments(job.Region("box", box=(0, 1, 2, 3, 4, 5))) == [
-        "--box-index", "0", "1", "2", "3", "4", "5"]
-    assert job.regionArguments(job.Region("point", pointRas=(1.5, -2.25, 30.0), radius=4)) == [
-        "--point-ras", "1.5", "-2.25", "30", "--radius", "4"]
-    assert job.regionArguments(job.Region("class")) == ["--whole-class"]
-    assert job.regionArguments(job.Region("predicted")) == []
+def test_region_requests():
+    """Each region kind becomes the request's region; a segment travels as its mask, outside the request."""
+    settings = job.ExplainSettings()
+    predicted = settings.request(job.Region("predicted"))
+    assert settings.request(job.Region("segment", mask=np.ones((2, 2, 2), bool))) == predicted
+    assert settings.request(job.Region("box", box=(0, 1, 2, 3, 4, 5))).box_index == (0, 1, 2, 3, 4, 5)
+    point = settings.request(job.Region("point", pointRas=(1.5, -2.25, 30.0), radius=4))
+    assert point.point_ras == (1.5, -2.25, 30.0) and point.radius == 4.0
+    assert point.arguments()[:6] == ["--point-ras", "1.5", "-2.25", "30.0", "--radius", "4.0"]
+    assert settings.request(job.Region("class")).whole_class
+    assert predicted.arguments()[0] == "--composite"  # no region option: the predicted region
 
 
 @pytest.fixture

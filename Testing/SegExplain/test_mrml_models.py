@@ -51,7 +51,7 @@ def test_a_job_explains_an_nnunet_folder_onto_the_input_volumes(scene, nnunet_mo
     parameters = SimpleNamespace(modelKind="nnunet", modelCard="", modelFolder=str(nnunet_model),
                                  nnunetConfiguration="3d_fullres", nnunetFolds="0", nnunetMirroring=False)
     model = workflow.modelSource(parameters)
-    names = model.sequenceNames()
+    names = model.sequence_names()
     assert names == ["T2", "ADC"]
     assert nodes.guessSequenceVolumes(scene, names) == volumes
     region = job.Region("point", pointRas=_ras(volumes[0], centre), radius=2.0, description="lesion centre")
@@ -90,7 +90,7 @@ def test_a_missing_model_is_refused_naming_it(scene, tmp_path, kind, message):
     volume = addVolume(scene, np.zeros((2, 3, 4)))
     model = job.ModelSource(kind, str(tmp_path / "missing"))
     with pytest.raises(SegExplainError, match=message):
-        model.sequenceNames()
+        model.sequence_names()
     explainer = job.WarmExplainer()
     with pytest.raises(SegExplainError, match=message):
         workflow.startExplanation(explainer, [volume], ["T2"], job.Region("class"), job.ExplainSettings(), model)
@@ -98,7 +98,7 @@ def test_a_missing_model_is_refused_naming_it(scene, tmp_path, kind, message):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"kind": "onnx"}, "model kind must be one of card, nnunet, bundle, got 'onnx'"),
+    ({"kind": "onnx"}, "model kind must be one of card, spec, nnunet, bundle, got 'onnx'"),
     ({"kind": "nnunet"}, "choose the nnU-Net results folder to explain"),
     ({"kind": "bundle", "folds": "0"}, "folds belong to an nnU-Net results folder, not a MONAI bundle"),
     ({"kind": "card", "configuration": "3d_lowres", "mirroring": False},
@@ -124,7 +124,7 @@ def test_model_source_arguments(nnunet_model):
     bundle = workflow.modelSource(SimpleNamespace(modelKind="bundle", modelFolder="/b", nnunetFolds="0",
                                                   nnunetConfiguration="x", nnunetMirroring=False))
     assert bundle == job.ModelSource("bundle", "/b")  # the nnU-Net options of the panel do not reach a bundle
-    assert job.ModelSource("nnunet", str(nnunet_model.parent)).sequenceNames() == ["T2", "ADC"]  # dataset folder
+    assert job.ModelSource("nnunet", str(nnunet_model.parent)).sequence_names() == ["T2", "ADC"]  # dataset folder
 
 
 def test_model_paths_from_slicers_path_fields():

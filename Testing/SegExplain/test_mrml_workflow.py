@@ -10,7 +10,7 @@ import pytest
 import slicer
 from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import workflow
-from SegExplainMRML.job import ExplainSettings, WarmExplainer
+from SegExplainMRML.job import ExplainSettings, Region, WarmExplainer
 
 from SegExplainLib.errors import SegExplainError
 
@@ -80,7 +80,7 @@ def test_settings_take_the_front_ends_values_and_the_logics_defaults_for_the_res
 def test_layer_wise_filter_is_the_current_filter_only_when_asked():
     asked = controls(layerwiseFilter=True, filterKind="pass", filterLow=0.1, filterHigh=0.6)
     assert workflow.settings(asked).layerFilter == "pass:0.1,0.6"
-    assert "--layer-filter" in workflow.settings(asked).arguments()
+    assert workflow.settings(asked).request(Region("predicted")).layer_filter == "pass:0.1,0.6"
     assert workflow.settings(controls(layerwiseFilter=False, filterKind="pass")).layerFilter == ""
     assert workflow.settings(controls(layerwiseFilter=True, filterKind="none")).layerFilter == ""
 
@@ -145,7 +145,7 @@ def test_show_filters_the_chosen_sequence_into_the_overlay(scene, finishedJob):
 def test_other_options_are_a_json_object_passed_to_the_engine():
     settings = workflow.settings(controls(method="smoothgrad", advancedOptions=' {"noise_level": 0.2, "n_samples": 4} '))
     assert settings.extraOptions == {"noise_level": 0.2, "n_samples": 4}
-    arguments = settings.arguments()
+    arguments = settings.request(Region("predicted")).arguments()
     assert arguments[arguments.index("--option") + 1] == "noise_level=0.2"
     assert workflow.settings(controls(advancedOptions="")).extraOptions == {}
     with pytest.raises(SegExplainError, match="JSON object .* got '\\{noise: 1\\}'"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from SegExplainLib.frontends import worker
+from SegExplainLib.frontends.worker import serving
 
 SHAPE = (6, 128, 128, 128)
 
@@ -29,14 +29,14 @@ class _Result:
 class BigAnswerSession:
     """A :class:`~SegExplainLib.frontends.worker.WarmSession` stand-in: no model, maps of :data:`SHAPE` for every request."""
 
-    def __init__(self, model_arguments, *, trust_code=False) -> None:
-        self.model_arguments, self.sequences, self.description = list(model_arguments), [], {}
+    def __init__(self, model) -> None:
+        self.source, self.sequences, self.description = model, [], {}
         self.preview = None  # no cheaper stand-in
 
     def set_case(self, image, geometry) -> dict:
         return {"shape": list(image.shape)}
 
-    def explain(self, request_arguments, *, mask=None, preview=False) -> _Result:
+    def explain(self, request, *, mask=None, preview=False) -> _Result:
         return _Result()
 
     def shown(self, *, preview) -> dict:
@@ -44,5 +44,5 @@ class BigAnswerSession:
 
 
 if __name__ == "__main__":
-    worker.WarmSession = BigAnswerSession
-    worker.main()
+    serving.WarmSession = BigAnswerSession
+    serving.main()

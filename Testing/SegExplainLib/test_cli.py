@@ -237,7 +237,7 @@ def test_a_failed_overwrite_leaves_the_old_results(case, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr("SegExplainLib.engine.api.explain", broken)
+    monkeypatch.setattr("SegExplainLib.models.protocol.explain", broken)
     assert cli.main([*base_args(case, output), "--overwrite"]) == cli.EXIT_ERROR
     assert "out of memory" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
@@ -333,7 +333,7 @@ def test_interrupt_leaves_nothing_behind(case, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("SegExplainLib.engine.api.explain", interrupted)
+    monkeypatch.setattr("SegExplainLib.models.protocol.explain", interrupted)
     output = case["dir"] / "interrupted"
     assert cli.main(base_args(case, output)) == cli.EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
@@ -462,7 +462,7 @@ def test_unexpected_failures_are_one_line_too(case, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full\nmore detail")
 
-    monkeypatch.setattr("SegExplainLib.engine.api.explain", broken)
+    monkeypatch.setattr("SegExplainLib.models.protocol.explain", broken)
     output = case["dir"] / "broken"
     assert cli.main(base_args(case, output)) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()

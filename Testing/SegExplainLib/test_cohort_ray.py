@@ -128,20 +128,20 @@ def test_a_cluster_given_by_address_is_named_as_where_the_images_go(local_ray, c
 
 
 def test_request_options_survive_the_way_to_the_workers():
-    from SegExplainLib.frontends.worker import _model_parser, _request_parser
+    """The driver sends the actors the model and the request as their JSON: every option comes back the same."""
+    from SegExplainLib.application.model_source import ModelSource
+    from SegExplainLib.application.requests import CaseRun, ExplainRequest
 
-    argv = ["explain", "--input", "a.nii", "--output", "o", "--card", "c.json", "--patch-size", "8", "16", "16",
-            "--no-mirroring", "--nnunet", "n", "--folds", "0", "all", "--trust-model-code", "--point-ras", "1.5",
-            "-30", "4", "--radius", "2", "--class", "2", "--method", "integrated_gradients", "--n-steps", "8",
-            "--option", "window=4", "--option", "x=1", "--filter", "pass:0.4", "--seed", "3", "--label-value", "2"]
-    args = cli._parser().parse_args(argv)
-    model = raycohort._options(_model_parser(), args, leave_out=("trust_model_code",))
-    request = raycohort._options(_request_parser(), args, leave_out=("label",))
-    assert "--trust-model-code" not in model and "--card" not in request and "--method" not in model
-    for parser, words in ((_model_parser(), model), (_request_parser(), request)):
-        again = parser.parse_args(words)
-        assert all(getattr(again, key) == value for key, value in vars(args).items()
-                   if hasattr(again, key) and key not in ("trust_model_code", "label")), words
+    for model in (["--card", "c.json", "--patch-size", "8", "16", "16", "--overlap", "0.25"],
+                  ["--nnunet", "n", "--folds", "0", "all", "--no-mirroring", "--configuration", "2d"]):
+        argv = ["explain", "--input", "a.nii", "--output", "o", *model, "--trust-model-code", "--point-ras", "1.5",
+                "-30", "4", "--radius", "2", "--class", "2", "--method", "integrated_gradients", "--n-steps", "8",
+                "--option", "window=4", "--option", "x=1", "--filter", "pass:0.4", "--seed", "3", "--label-value", "2"]
+        run = CaseRun.from_namespace(cli.parser().parse_args(argv))
+        sent = json.loads(json.dumps({"model": run.model.to_json(), "request": run.request.to_json()}))
+        assert ModelSource.from_json(sent["model"]) == run.model and run.model.trust_code
+        assert ExplainRequest.from_json(sent["request"]) == run.request
+        assert run.request.options == {"window": 4, "x": 1} and run.request.point_ras == (1.5, -30.0, 4.0)
 
 
 def test_two_workers_write_the_serial_cohort(cases, serial, local_ray, capsys):

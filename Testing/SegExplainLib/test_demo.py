@@ -134,7 +134,7 @@ def test_shares_follow_lesion_contrast(card, model):
 
 
 def test_run_demo_goes_through_the_cli(tmp_path):
-    output = demo.run_demo(tmp_path / "demo", extra_args=["--no-figures", "--progress", "none"])
+    output = demo.run_demo(tmp_path / "demo", figures=False, progress="none")
     summary = json.loads((output / "summary.json").read_text())
     assert summary["sequence_names"] == demo.SEQUENCE_NAMES and summary["normalized_input"] is True
     assert abs(summary["relative_delta"]) < RELATIVE_DELTA_BOUND

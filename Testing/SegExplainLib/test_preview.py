@@ -18,9 +18,16 @@ from SegExplainLib.errors import SegExplainError
 from SegExplainLib.models.nnunet import open_nnunet
 from SegExplainLib.models.pipelines import explain_case
 from SegExplainLib.engine.targets import VoxelTarget
+from SegExplainLib.application.model_source import ModelSource
+from SegExplainLib.application.requests import ExplainRequest
 from SegExplainLib.frontends.worker import WarmSession, Worker
 
 GRADIENT = ["--method", "gradient", "--device", "cpu"]
+
+
+def ask(*words: str, preview: bool = False) -> ExplainRequest:
+    """A request from the words of ``segexplain explain``, with the worker's preview choice."""
+    return ExplainRequest(**{**ExplainRequest.from_arguments(words).to_json(), "preview": preview})
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +61,10 @@ def test_a_click_answers_the_preview_then_the_exact_ensemble(nnunet_model, case)
     target = VoxelTarget(centre, class_index=1)
     fold0 = explain_case(open_nnunet(nnunet_model, folds=(0,), mirroring=False), image, geometry, target, "gradient",
                          device="cpu")
-    with Worker(["--nnunet", str(nnunet_model), "--folds", "0", "1", "--no-mirroring"]) as worker:
+    with Worker(ModelSource("nnunet", str(nnunet_model), folds="0 1", mirroring=False)) as worker:
         worker.start()
         worker.wait(worker.set_case(image, geometry), timeout=300)
-        request = worker.explain(click, preview=True)
+        request = worker.explain(ask(*click, preview=True))
         events = []
         while worker.answer(request) is None:
             events += [e["event"] for e in worker.poll(0.5) if e.get("request") == request and "event" in e]
@@ -71,7 +78,7 @@ def test_a_click_answers_the_preview_then_the_exact_ensemble(nnunet_model, case)
         assert exact.record["extras"]["pipeline"]["folds"] == ["0", "1"]
         assert not np.allclose(preview.maps, exact.maps)
 
-        without = worker.explain(click)  # preview off: the default of a request
+        without = worker.explain(ask(*click))  # preview off: the default of a request
         answer = worker.wait(without)
         assert worker.preview(without) is None and answer.record["preview"] is False
         np.testing.assert_array_equal(answer.maps, exact.maps)
@@ -82,10 +89,10 @@ def test_cancel_during_the_refinement_keeps_the_preview_and_the_worker(nnunet_mo
     answers the next click."""
     image, geometry, centre = case
     click = ["--voxel", *(str(v) for v in centre), *GRADIENT]
-    with Worker(["--nnunet", str(nnunet_model), "--folds", "0"]) as worker:
+    with Worker(ModelSource("nnunet", str(nnunet_model), folds="0")) as worker:
         worker.start()
         worker.wait(worker.set_case(image, geometry), timeout=300)
-        request = worker.explain(click, preview=True)
+        request = worker.explain(ask(*click, preview=True))
         deadline = time.monotonic() + 120
         while worker.preview(request) is None and time.monotonic() < deadline:
             worker.poll(0.2)
@@ -95,7 +102,7 @@ def test_cancel_during_the_refinement_keeps_the_preview_and_the_worker(nnunet_mo
         assert worker.wait(request, timeout=30).state == "cancelled"
         assert time.monotonic() - started < 30
         assert worker.preview(request).record["preview"] is True
-        following = worker.explain(click, preview=True)
+        following = worker.explain(ask(*click, preview=True))
         while worker.preview(following) is None and worker.answer(following) is None:
             worker.poll(0.2)
         np.testing.assert_array_equal(worker.preview(following).maps, worker.preview(request).maps)
@@ -105,10 +112,10 @@ def test_cancel_during_the_refinement_keeps_the_preview_and_the_worker(nnunet_mo
 
 def test_a_model_without_a_preview_answers_only_the_exact_answer(nnunet_model, case):
     image, geometry, centre = case
-    session = WarmSession(["--nnunet", str(nnunet_model), "--folds", "0", "--no-mirroring"])
+    session = WarmSession(ModelSource("nnunet", str(nnunet_model), folds="0", mirroring=False))
     session.set_case(image, geometry)
     assert session.preview is None and session.shown(preview=False) == {}
     with pytest.raises(SegExplainError, match="this model has no preview"):
-        session.explain(["--voxel", *(str(v) for v in centre), *GRADIENT], preview=True)
+        session.explain(ask("--voxel", *(str(v) for v in centre), *GRADIENT), preview=True)
     with pytest.raises(SegExplainError, match="preview must be True or False, got 'yes'"):
-        Worker(["--nnunet", str(nnunet_model)]).explain([], preview="yes")
+        ExplainRequest(preview="yes")

@@ -21,10 +21,18 @@ from SegExplainLib.io.imaging import read_sequences
 from SegExplainLib.models.loading import ModelCard
 from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
 from SegExplainLib.frontends import worker as worker_module
+from SegExplainLib.frontends.worker import process_tree
+from SegExplainLib.application.model_source import ModelSource
+from SegExplainLib.application.requests import ExplainRequest
 from SegExplainLib.frontends.worker import WarmSession, Worker
 
 CLICK = ["--voxel", "9", "24", "24", "--radius", "1"]
 LRP = ["--method", "lrp", "--composite", "epsilon_plus"]
+
+
+def ask(*words: str) -> ExplainRequest:
+    """A request from the words of ``segexplain explain``."""
+    return ExplainRequest.from_arguments(words)
 
 
 @pytest.fixture(scope="module")
@@ -45,43 +53,43 @@ def reference(case):
 @pytest.fixture(scope="module")
 def worker(case):
     image, geometry = case
-    with Worker(["--card", str(demo_card_path())]) as running:
+    with Worker(ModelSource.from_arguments(["--card", str(demo_card_path())])) as running:
         running.start()
         running.wait(running.set_case(image, geometry), timeout=120)
         yield running
 
 
 def test_a_session_answers_as_the_engine(case, reference):
-    session = WarmSession(["--card", str(demo_card_path())])
+    session = WarmSession(ModelSource.from_arguments(["--card", str(demo_card_path())]))
     assert session.sequences == ModelCard.read(demo_card_path()).sequences
     session.set_case(*case)
-    result = session.explain([*CLICK, *LRP, "--device", "cpu"])
+    result = session.explain(ask(*CLICK, *LRP, "--device", "cpu"))
     np.testing.assert_allclose(result.maps, reference.maps, rtol=1e-5, atol=1e-7)
     assert result.target == reference.target
 
 
 def test_requests_are_checked_as_the_command_line_checks_them(case):
-    session = WarmSession(["--card", str(demo_card_path())])
+    session = WarmSession(ModelSource.from_arguments(["--card", str(demo_card_path())]))
     with pytest.raises(SegExplainError, match="no case yet"):
-        session.explain(CLICK)
+        session.explain(ask(*CLICK))
     session.set_case(*case)
     with pytest.raises(SegExplainError, match=r"voxel \(99, 24, 24\) lies outside the output grid"):
-        session.explain(["--voxel", "99", "24", "24"])
+        session.explain(ask("--voxel", "99", "24", "24"))
     with pytest.raises(SegExplainError, match="unrecognized arguments: --bogus"):
-        session.explain(["--bogus"])
+        session.explain(ask("--bogus"))
     with pytest.raises(SegExplainError, match="mask has shape"):
-        session.explain([], mask=np.ones((2, 2, 2), bool))
+        session.explain(ask(), mask=np.ones((2, 2, 2), bool))
     with pytest.raises(SegExplainError, match="no model given"):
-        WarmSession([])
+        WarmSession(ModelSource.from_arguments([]))
 
 
 def test_the_worker_answers_every_click_with_the_engines_maps(worker, case, reference):
     assert worker.sequences == ModelCard.read(demo_card_path()).sequences
     for _ in range(2):  # the same warm process for every click
-        answer = worker.wait(worker.explain([*CLICK, *LRP, "--device", "cpu"]), timeout=120)
+        answer = worker.wait(worker.explain(ask(*CLICK, *LRP, "--device", "cpu")), timeout=120)
         np.testing.assert_allclose(answer.maps, reference.maps, rtol=1e-5, atol=1e-7)
         assert answer.record["target"]["kind"] == "voxel"
-        assert answer.record["request_arguments"] == [*CLICK, *LRP, "--device", "cpu"]
+        assert ExplainRequest.from_arguments(answer.record["request_arguments"]) == ask(*CLICK, *LRP, "--device", "cpu")
         assert answer.record["model_arguments"] == ["--card", str(demo_card_path())]
     assert worker.starts == 1
 
@@ -90,7 +98,7 @@ def test_a_segment_travels_as_an_array(worker, case):
     image, _ = case
     mask = np.zeros(image.shape[1:], bool)
     mask[8:11, 22:27, 22:27] = True
-    answer = worker.wait(worker.explain(["--method", "gradient"], mask=mask), timeout=120)
+    answer = worker.wait(worker.explain(ask("--method", "gradient"), mask=mask), timeout=120)
     card = ModelCard.read(demo_card_path())
     expected = explain(card.load_model(), card.normalize(image), MaskTarget(mask, class_index=1), "gradient",
                        device="cpu")
@@ -99,54 +107,57 @@ def test_a_segment_travels_as_an_array(worker, case):
 
 def test_a_failed_request_leaves_the_worker_warm(worker):
     with pytest.raises(SegExplainError, match="lies outside the output grid"):
-        worker.wait(worker.explain(["--voxel", "99", "24", "24"]), timeout=60)
-    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+        worker.wait(worker.explain(ask("--voxel", "99", "24", "24")), timeout=60)
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
 
 
 def test_cancel_interrupts_the_request_and_keeps_the_model_and_case(worker):
-    slow = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    slow = worker.explain(ask("--method", "occlusion", "--option", "window=2"))
     while not any(e.get("step") == "explaining" for e in worker.poll()):
         time.sleep(0.01)
     time.sleep(0.3)
     worker.cancel()
     assert worker.wait(slow, timeout=60).state == "cancelled"
-    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
     assert worker.starts == 1
 
 
 def test_a_crash_fails_the_pending_request_and_a_restart_brings_model_and_case_back(case):
     image, geometry = case
-    with Worker(["--card", str(demo_card_path())]) as crashing:
+    with Worker(ModelSource.from_arguments(["--card", str(demo_card_path())])) as crashing:
         crashing.start()
         crashing.wait(crashing.set_case(image, geometry), timeout=120)
-        pending = crashing.explain(["--method", "occlusion", "--option", "window=2"])
+        pending = crashing.explain(ask("--method", "occlusion", "--option", "window=2"))
         crashing._process.kill()
         with pytest.raises(SegExplainError, match="the worker process ended"):
             crashing.wait(pending, timeout=60)
         assert crashing.state == "dead"
         assert any(event["event"] == "dead" for event in crashing.poll())
         with pytest.raises(SegExplainError, match="the worker is dead; start or restart it first"):
-            crashing.explain(CLICK)
+            crashing.explain(ask(*CLICK))
         crashing.restart()
-        answer = crashing.wait(crashing.explain([*CLICK, "--method", "gradient"]), timeout=120)
+        answer = crashing.wait(crashing.explain(ask(*CLICK, "--method", "gradient")), timeout=120)
         assert answer.state == "done" and answer.maps.shape == image.shape and crashing.starts == 2
 
 
 def test_a_model_that_cannot_load_fails_its_load_request(tmp_path):
-    with Worker(["--card", str(tmp_path / "missing.yaml")]) as broken:
+    with Worker(ModelSource.from_arguments(["--card", str(tmp_path / "missing.yaml")])) as broken:
         broken.start()
         with pytest.raises(SegExplainError, match="missing.yaml"):
             broken.wait(broken.load_request, timeout=60)
         with pytest.raises(SegExplainError, match="no model loaded"):
-            broken.wait(broken.explain(CLICK), timeout=60)
+            broken.wait(broken.explain(ask(*CLICK)), timeout=60)
 
 
 def test_trust_is_the_callers_word():
     with pytest.raises(SegExplainError, match="trust_code must be True or False"):
-        Worker(["--card", "x"], trust_code="yes")
+        ModelSource("card", "x", trust_code="yes")
+    with pytest.raises(SegExplainError, match="model must be a ModelSource, got"):
+        Worker(["--card", "x", "--trust-model-code"])
 
 
-HOST = ("import sys, time; from SegExplainLib.frontends.worker import Worker; worker = Worker(sys.argv[1:]).start(); "
+HOST = ("import sys, time; from SegExplainLib.frontends.worker import Worker; "
+        "from SegExplainLib.application.model_source import ModelSource; worker = Worker(ModelSource.from_arguments(sys.argv[1:])).start(); "
         "worker.wait(worker.load_request, timeout=120); print(worker._process.pid, flush=True); time.sleep(120)")
 
 
@@ -225,24 +236,25 @@ def test_behind_a_launcher_cancel_reaches_the_work_and_close_leaves_no_process(c
     """As inside Slicer: the worker runs behind a launcher that forwards no signal. Cancel stops the computation
     (answered cancelled, the same warm worker answers the next click); close ends the launcher and the worker."""
     image, geometry = case
-    with Worker(["--card", str(demo_card_path())], python=launcher) as behind:
+    with Worker(ModelSource.from_arguments(["--card", str(demo_card_path())]), python=launcher) as behind:
         behind.start()
         behind.wait(behind.load_request, timeout=120)
         started = behind._process.pid
         real = _child_of(started)  # the interpreter, the launcher's own child
         behind.wait(behind.set_case(image, geometry), timeout=120)
-        slow = behind.explain(["--method", "occlusion", "--option", "window=2"])
+        slow = behind.explain(ask("--method", "occlusion", "--option", "window=2"))
         _explaining(behind, slow)
         behind.cancel()
         assert behind.wait(slow, timeout=30).state == "cancelled"
-        assert behind.wait(behind.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+        assert behind.wait(behind.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
         assert behind.starts == 1 and _alive(real) and _alive(started)
-        _explaining(behind, behind.explain(["--method", "occlusion", "--option", "window=2"]))  # close while it runs
+        _explaining(behind, behind.explain(ask("--method", "occlusion", "--option", "window=2")))  # close while it runs
     assert _ended(started, real, within=2 * worker_module.CLOSE_GRACE_S + 2), "a process outlived close()"
 
 
 LAUNCHED_HOST = ("import sys, time; from SegExplainLib.frontends.worker import Worker; "
-                 "worker = Worker(sys.argv[2:], python=sys.argv[1]).start(); "
+                 "from SegExplainLib.application.model_source import ModelSource; "
+                 "worker = Worker(ModelSource.from_arguments(sys.argv[2:]), python=sys.argv[1]).start(); "
                  "worker.wait(worker.load_request, timeout=120); "
                  "print(worker._process.pid, open(f'/proc/{worker._process.pid}/task/{worker._process.pid}/children')"
                  ".read(), flush=True); time.sleep(120)")
@@ -272,31 +284,31 @@ def test_cancel_and_close_use_no_signal(worker, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "send_signal", no_signal)
     monkeypatch.setattr(os, "kill", no_signal)
-    slow = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    slow = worker.explain(ask("--method", "occlusion", "--option", "window=2"))
     _explaining(worker, slow)
     worker.cancel()
     assert worker.wait(slow, timeout=30).state == "cancelled"
-    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
 
 
 def test_a_request_cancelled_while_queued_is_not_run(worker):
     """A click cancelled while it waits behind another request is answered cancelled without running."""
-    slow = worker.explain(["--method", "occlusion", "--option", "window=2"])
-    queued = worker.explain(["--method", "occlusion", "--option", "window=2"])
+    slow = worker.explain(ask("--method", "occlusion", "--option", "window=2"))
+    queued = worker.explain(ask("--method", "occlusion", "--option", "window=2"))
     worker.cancel(queued)
     _explaining(worker, slow)
     worker.cancel(slow)
     assert worker.wait(slow, timeout=30).state == "cancelled"
     answer = worker.wait(queued, timeout=30)
     assert answer.state == "cancelled" and answer.seconds < 0.5
-    assert worker.wait(worker.explain([*CLICK, "--method", "gradient"]), timeout=60).state == "done"
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
 
 
 def test_windows_starts_a_process_group_and_kills_the_tree_with_taskkill():
     """The Windows path, by its logic (the OS calls injected): a new process group without a console window, and
     ``taskkill /T /F`` for the tree; POSIX: a new session, and SIGKILL to its process group."""
-    assert worker_module._tree_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
-    assert worker_module._tree_options("posix") == {"start_new_session": True}
+    assert process_tree.tree_options("nt") == {"creationflags": 0x00000200 | 0x08000000}
+    assert process_tree.tree_options("posix") == {"start_new_session": True}
 
     class Running:
         pid = 4242
@@ -305,9 +317,9 @@ def test_windows_starts_a_process_group_and_kills_the_tree_with_taskkill():
             return None
 
     calls = []
-    worker_module._kill_tree(Running(), system="nt", run=lambda *args, **options: calls.append((args, options)))
+    process_tree.kill_tree(Running(), system="nt", run=lambda *args, **options: calls.append((args, options)))
     assert calls[0][0] == (["taskkill", "/PID", "4242", "/T", "/F"],) and calls[0][1]["creationflags"] == 0x08000000
-    worker_module._kill_tree(Running(), system="posix", killpg=lambda *args: calls.append(args))
+    process_tree.kill_tree(Running(), system="posix", killpg=lambda *args: calls.append(args))
     assert calls[1] == (4242, signal.SIGKILL)
 
 
@@ -319,10 +331,10 @@ def test_the_host_starts_no_thread_and_a_128_cubed_answer_comes_in_one_tick(tmp_
 
     python = _executable(tmp_path, "python", f'"{HERE / "big_answer_worker.py"}"')
     threads = threading.active_count()
-    with Worker([], python=python) as big:
+    with Worker(ModelSource(), python=python) as big:
         big.start()
         big.wait(big.load_request, timeout=120)
-        request = big.explain([])
+        request = big.explain(ask())
         ticks, halfway, delivering = 0, 0, 0.0
         while big.answer(request) is None:
             assert threading.active_count() == threads

@@ -43,7 +43,7 @@ def test_a_case_opens_with_an_nnunet_folder_and_is_explained(nnunetCase, nnunet_
     """The command line's nnU-Net options reach the case; its files are matched by dataset.json's channel names;
     the session explains it through ``segexplain explain --nnunet`` onto the case's volumes."""
     pytest.importorskip("trame_slicer", reason="the review app needs its extra (pip install -e '.[review]')")
-    from SegExplainMRML.job import ModelSource
+    from SegExplainLib.application.model_source import ModelSource
     from SegExplainMRML.nodes import geometryOfVolume
     from trame_slicer.core import SlicerApp
 
@@ -85,4 +85,4 @@ def test_review_model_options_are_checked_before_serving(tmp_path, capsys, argum
 
 def test_a_model_folder_needs_a_case(tmp_path):
     with pytest.raises(SegExplainError, match="--bundle needs a CASE_OR_FOLDER"):
-        cli.run_review(cli._parser().parse_args(["review", "--bundle", str(tmp_path)]))
+        cli.run_review(cli.parser().parse_args(["review", "--bundle", str(tmp_path)]))

@@ -201,7 +201,7 @@ def test_the_cards_code_runs_only_when_the_case_allows_it(session, tmp_path, mon
     monkeypatch.setattr(session, "case", replace(session.case, model=str(card), trustModelCode=True))
     started = session.startExplanation(parameters)
     try:
-        assert started.trustModelCode and "--trust-model-code" in started.command()
+        assert started.model.trust_code and "--trust-model-code" in started.command()
     finally:
         started.cancel()
 

@@ -1,0 +1,142 @@
+"""A case run: read the sequence files, open the model, prepare, explain and write the output folder.
+
+:func:`run_case` is what ``segexplain explain`` does with a :class:`~SegExplainLib.application.requests.CaseRun`; it
+tells its steps and warnings to a :class:`Progress` (a bar on a terminal, JSON lines for a GUI, ``[k/N] step`` lines,
+or nothing). The output folder is written whole at the end, or not at all (:mod:`SegExplainLib.io.outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..errors import GridMismatchError, SegExplainError
+from .requests import CaseRun
+
+#: The steps of :func:`run_case`, as its progress names them.
+CASE_STEPS = ("reading images", "loading model", "explaining", "writing maps", "figures", "summary")
+
+
+class Progress:
+    """Progress of the steps of one run: a bar on a terminal, JSON lines for a GUI, ``[k/N] step`` lines, or
+    nothing."""
+
+    def __init__(self, mode: str, steps: Sequence[str], stream=None) -> None:
+        self.mode, self.steps, self.done = mode, list(steps), 0
+        self.stream = stream or (sys.stdout if mode == "json" else sys.stderr)
+        self.started = time.perf_counter()
+
+    def step(self, name: str) -> None:
+        """Announce that step ``name`` starts."""
+        fraction = self.done / len(self.steps)
+        self.done += 1
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "progress", "step": name, "fraction": round(fraction, 3)}) + "\n")
+        elif self.mode == "bar":
+            filled = int(30 * fraction)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {name:<28}")
+        elif self.mode == "lines":
+            self.stream.write(f"[{self.done}/{len(self.steps)}] {name}\n")
+        self.stream.flush()
+
+    def warn(self, message: str) -> None:
+        """Show something the user should know about the result (it is also in summary.json)."""
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "warning", "message": message}) + "\n")
+            self.stream.flush()
+        else:  # also without a progress display: a warning is never silent
+            self.say(f"warning: {message}")
+
+    def say(self, line: str) -> None:
+        """Write a line on stderr, below the bar if one is drawn."""
+        sys.stderr.write(f"{chr(10) if self.mode == 'bar' else ''}{line}\n")
+        sys.stderr.flush()
+
+    def finish(self, output: Path) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.mode == "json":
+            self.stream.write(json.dumps({"event": "done", "fraction": 1.0, "output": str(output),
+                                          "seconds": round(seconds, 3)}) + "\n")
+        elif self.mode == "bar":
+            self.stream.write(f"\r[{'#' * 30}] done in {seconds:.1f} s{' ' * 20}\n")
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def resample_advice() -> Iterator[None]:
+    """Grid mismatches advise the option: the library's advice names its argument."""
+    try:
+        yield
+    except GridMismatchError as error:
+        raise GridMismatchError(error.problem, advice="pass --resample to resample it") from None
+
+
+def failure_text(error: BaseException) -> str:
+    """How ``failures.json`` records a case's error: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def case_sequence_names(given: Sequence[str] | None, known: Sequence[str] | None, channels: int) -> list[str]:
+    """The sequence names of a case: those given, else the model's, else ``sequence0``, ...; one per channel."""
+    names = list(given or known or [f"sequence{i}" for i in range(channels)])
+    if len(names) != channels:
+        msg = f"{len(names)} sequence names given for {channels} image channels"
+        raise SegExplainError(msg)
+    return names
+
+
+def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
+    """Explain one case from its files into its output folder (``segexplain explain``); returns the folder as given.
+
+    Args:
+        run: The case, model, request and outputs.
+        progress: The display of the steps (:data:`CASE_STEPS`) and warnings; default: ``run.progress`` (a bar on a
+            terminal, nothing otherwise).
+
+    Raises:
+        SegExplainError: Bad input (files, grids, model, region), or an output folder that may not be replaced
+            (refused before anything is computed).
+    """
+    import torch
+
+    from ..engine.filters import AmplitudeFilter
+    from ..io import imaging
+    from ..io.outputs import check_replaceable, write_case_outputs
+    from ..models.pipelines import explain_case
+    from .opening import model_fields, open_model
+
+    output = Path(run.output)
+    destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
+    filters = [AmplitudeFilter.parse(spec) for spec in run.filters]
+    progress = progress or Progress(run.progress or ("bar" if sys.stderr.isatty() else "none"), CASE_STEPS)
+    check_replaceable(destination, run.overwrite)  # refused at once, not after the explanation
+    request = run.request
+    with resample_advice():
+        progress.step("reading images")
+        image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
+        progress.step("loading model")
+        pipeline = open_model(run.model)
+        names = case_sequence_names(run.sequence_names, pipeline.sequences, image.shape[0])
+        target = request.target(geometry, resample=run.resample)
+        torch.manual_seed(request.seed)
+        progress.step("explaining")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = explain_case(pipeline, image, geometry, target, request.method, **request.engine_options())
+        for warning in caught:  # the explanation's own warnings are shown once, by the progress display
+            if str(warning.message) not in result.warnings:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        for warning in result.warnings:
+            progress.warn(warning)
+        write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
+                           record=result.record(), names=names, inputs=list(run.inputs), model=model_fields(pipeline),
+                           filters=filters, ground_truth=run.ground_truth, resample=run.resample,
+                           figures=run.figures, progress=progress)
+    progress.finish(output)
+    return output

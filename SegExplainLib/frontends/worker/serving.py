@@ -1,0 +1,184 @@
+"""The worker's child: it answers the host's requests from a :class:`~.session.WarmSession`, one after another,
+and acts on ``cancel`` and ``close`` messages while a request runs (:class:`_Control`).
+
+The model and each explanation request come as their JSON and are read with the application's classes
+(:meth:`ModelSource.from_json`, :meth:`ExplainRequest.from_json`), so a bad field is answered ``failed`` with the
+class's one-line message.
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ...application.model_source import ModelSource
+from ...application.requests import ExplainRequest
+from ...errors import SegExplainError
+from .framing import Inbox, Outbox
+from .process_tree import CLOSE_GRACE_S
+from .session import WarmSession
+
+#: What the child is doing for each request, as its progress events name it.
+_STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining"}
+#: The progress step of a request whose preview was sent, while its exact answer is computed.
+REFINING = "refining to the full ensemble"
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).splitlines()[0] if str(error) else ""
+    return text if isinstance(error, SegExplainError) else f"{type(error).__name__}: {text}"
+
+
+class _Control:
+    """The child's control of its requests, fed by the thread that reads its input.
+
+    ``cancel`` messages act at once: the running request is interrupted in the main thread (``KeyboardInterrupt``,
+    through :func:`_thread.interrupt_main`: no OS signal, so the same on every system), a queued one is answered
+    ``cancelled`` without running. The end of the input (the host closed or ended) interrupts the running request, and
+    ends the process if the request does not stop within :data:`CLOSE_GRACE_S`.
+    """
+
+    def __init__(self) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.running: int | None = None
+        self.stopping: int | None = None
+        self.cancelled: set[int] = set()
+        self.closing = threading.Event()
+
+    def receive(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if header.get("op") == "cancel":
+            self.cancel(header.get("target"))
+        elif header.get("op") == "close":
+            self.close()
+        else:
+            self.requests.put((header, arrays))
+
+    def close(self) -> None:
+        """Stop the running request and let no queued one start."""
+        self.closing.set()
+        self.cancel(None)
+        self.requests.put(None)
+
+    def cancel(self, target: int | None) -> None:
+        """Interrupt ``target`` if it runs (None: whatever runs), or answer it ``cancelled`` when its turn comes."""
+        with self.lock:
+            if self.running is not None and target in (None, self.running):
+                self.stopping = self.running
+                _thread.interrupt_main(signal.SIGINT)
+            elif target is not None:
+                self.cancelled.add(target)
+
+    def begin(self, number: int) -> bool:
+        """Mark ``number`` running; False when it was cancelled while queued, or the worker closes."""
+        with self.lock:
+            if number in self.cancelled or self.closing.is_set():
+                self.cancelled.discard(number)
+                return False
+            self.running = number
+            return True
+
+    @contextlib.contextmanager
+    def sending(self, number: int) -> Iterator[None]:
+        """Write a message while request ``number`` runs: no interrupt may land in it (half a message would break
+        the stream), so a cancel that comes meanwhile is raised once the message is whole."""
+        with self.lock:
+            self.running = None
+        try:
+            yield
+        finally:
+            with self.lock:
+                stop = self.stopping == number or number in self.cancelled
+                self.cancelled.discard(number)
+                self.running = None if stop else number
+        if stop:
+            raise KeyboardInterrupt
+
+    def interrupt(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - a signal handler's signature
+        # only the request that was cancelled is interrupted, never the next one (the interrupt may come late)
+        if self.stopping is not None and self.stopping == self.running:
+            raise KeyboardInterrupt
+
+    def read_until_end(self, fd: int) -> None:
+        """The input thread: hand every message over, then stop the work when the input ends."""
+        Inbox(fd, self.receive).read()
+        self.close()
+        time.sleep(CLOSE_GRACE_S)
+        os._exit(0)  # the main thread is deaf to the interrupt (a long native call): the host is gone, so end
+
+
+def serve(inputs: int, outputs: int) -> None:
+    """The child's loop: answer requests from the descriptor ``inputs`` on ``outputs`` until ``close`` or the end of
+    the input; ``cancel`` messages are read and acted on while a request runs (see :class:`_Control`)."""
+    from ...io.imaging import Geometry
+
+    session: WarmSession | None = None
+    control, out = _Control(), Outbox(outputs)
+
+    def send(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        out.put(header, arrays)
+        out.write()
+
+    signal.signal(signal.SIGINT, control.interrupt)
+    threading.Thread(target=control.read_until_end, args=(inputs,), name="segexplain-input", daemon=True).start()
+    while (message := control.requests.get()) is not None:
+        header, arrays = message
+        number, operation, started = header.get("request", 0), header.get("op"), time.perf_counter()
+        if operation in _STEPS and number not in control.cancelled:
+            send({"event": "progress", "request": number, "step": _STEPS[operation]})
+        try:  # only in here may the interrupt of a cancel land (it is raised while this request runs)
+            if not control.begin(number):
+                raise KeyboardInterrupt
+            if operation == "load":
+                session = WarmSession(ModelSource.from_json(header["model"]))
+                record = {"sequences": session.sequences, "model": session.description}
+                answer = ({"state": "done", "record": record}, {})
+            elif session is None:
+                raise SegExplainError("no model loaded")
+            elif operation == "case":
+                record = session.set_case(arrays["image"], Geometry(**header["geometry"]))
+                answer = ({"state": "done", "record": record}, {})
+            elif operation == "explain":
+                request = ExplainRequest.from_json(header["explain"])
+                preview = request.preview and session.preview is not None
+                for shown in (True, False) if preview else (False,):
+                    result = session.explain(request, mask=arrays.get("mask"), preview=shown)
+                    record = {**result.record(), **session.shown(preview=shown),
+                              "request_arguments": request.arguments(),
+                              "model_arguments": session.source.arguments()}  # the command line of the exact answer
+                    answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
+                    if shown:  # the first answer at once; the exact one follows in this request, unless cancelled
+                        with control.sending(number):
+                            send({"event": "preview", "request": number, "seconds": time.perf_counter() - started,
+                                  **answer[0]}, answer[1])
+                            send({"event": "progress", "request": number, "step": REFINING})
+            else:
+                raise SegExplainError(f"unknown request {operation!r}")
+        except KeyboardInterrupt:
+            answer = ({"state": "cancelled"}, {})
+        except Exception as error:  # noqa: BLE001 - every failure is an answer; the worker stays
+            answer = ({"state": "failed", "error": _one_line(error)}, {})
+        finally:
+            control.running = None  # a late interrupt must find nothing to stop
+        send({"event": "answer", "request": number, "seconds": time.perf_counter() - started, **answer[0]}, answer[1])
+
+
+
+def main() -> None:
+    """``python -m SegExplainLib.frontends.worker``: serve requests on standard input and output."""
+    from ...application import parent_watch
+
+    parent_watch.end_with_parent()
+    outputs = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints of libraries (nnU-Net's) must not enter the protocol
+    serve(sys.stdin.fileno(), outputs)
