@@ -12,7 +12,7 @@ Example:
     >>> sx.relevance_shares(result.maps)                 # per-sequence share of the positive relevance
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .engine.method import AttributionMethod, AttributionOutput
 from .engine.api import METHODS, explain, make_method

@@ -16,7 +16,7 @@ def software_versions() -> dict[str, str]:
     """Versions of the packages that determine the numbers of an explanation."""
     import torch
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"segexplain": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
