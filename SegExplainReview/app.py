@@ -17,6 +17,7 @@ anything is allocated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import secrets
@@ -44,6 +45,7 @@ from vtkmodules.vtkCommonDataModel import vtkImageData
 from wslink.chunking import UnChunker
 
 from SegExplainLib import composite_names
+from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.errors import SegExplainError
 
 from .session import ReviewCase, ReviewParameters, ReviewSession
@@ -637,6 +639,22 @@ class ReviewApp(TrameApp):
                      show_size=True, id="upload")
         v.VAlert(text=("upload_error",), v_if="upload_error", type="error", density="compact", id="upload-error")
         html.Div("{{ upload_message }}", v_if="upload_message", classes="text-caption", id="upload-message")
+
+
+def serveCase(model: ModelSource, case: str | Path | None, *, trustModelCode: bool = False, host: str = "127.0.0.1",
+              port: int = 8080) -> None:
+    """What ``segexplain review`` runs: the case of a file (4D, a channel per sequence), a folder (a file per
+    sequence) or, for None, the demo case in memory, explained with ``model``, served until interrupted.
+
+    ``trustModelCode`` is the user's word (``--trust-model-code``), never the case's or the card's.
+    """
+    if case is None:
+        reviewCase = ReviewCase.demo(model)  # in memory, as a 4D case: nothing is written, so nothing can be left
+    elif Path(case).is_file():
+        reviewCase = ReviewCase.fromFile(case, model)
+    else:
+        reviewCase = ReviewCase.fromFolder(case, model)
+    serve(dataclasses.replace(reviewCase, trustModelCode=trustModelCode), host=host, port=port)
 
 
 def serve(case: ReviewCase, *, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -41,7 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from SegExplainLib.application import demo
+from SegExplainLib.application import demo  # noqa: E402
+from SegExplainLib.models.demo_card import demo_card_path  # noqa: E402
 from SegExplainLib.models import realnets  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
 from SegExplainLib.engine.gradients import IntegratedGradients  # noqa: E402
@@ -64,14 +65,14 @@ class BoxScore(nn.Module):
 
 
 def networks(seeds: list[int]) -> list[tuple[str, nn.Module]]:
-    card = ModelCard.read(demo.demo_card_path())
+    card = ModelCard.read(demo_card_path())
     found = [("demo", card.load_model())]
     found += [(f"nnunet_like seed {s}", realnets.nnunet_like(in_channels=6, out_channels=2, seed=s)) for s in seeds]
     return found
 
 
 def case() -> torch.Tensor:
-    card = ModelCard.read(demo.demo_card_path())
+    card = ModelCard.read(demo_card_path())
     image = card.normalize(demo.make_case(demo.HELD_OUT_SEEDS[0])[0])
     return torch.as_tensor(image, dtype=torch.float32)[None]
 

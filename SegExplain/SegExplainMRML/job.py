@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from SegExplainLib.application.demo import demo_card_path
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import CaseRun, ExplainRequest
 from SegExplainLib.engine import metrics

@@ -11,10 +11,11 @@ The shipped model (``Resources/demo/``) was made with ``python -m SegExplainLib.
 trained on z-score normalized inputs, and its card records the held-out Dice.
 
 Example:
-    >>> from SegExplainLib import demo
+    >>> from SegExplainLib.application import demo
+    >>> from SegExplainLib.models.demo_card import demo_card_path
     >>> image, label = demo.make_case(1000)             # (6, 24, 48, 48) float32, (24, 48, 48) uint8
     >>> files, label_path = demo.write_demo_case("case/")  # NIfTI files for segexplain explain --card ...
-    >>> card = ModelCard.read(demo.demo_card_path())
+    >>> card = ModelCard.read(demo_card_path())
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..models.demo_card import DEMO_CARD_NAME, DEMO_RESOURCES, DEMO_WEIGHTS_NAME
+
 if TYPE_CHECKING:
     from ..io.imaging import Geometry
 
@@ -39,7 +42,6 @@ __all__ = [
     "MODEL_KWARGS",
     "SEQUENCE_NAMES",
     "SPACING",
-    "demo_card_path",
     "demo_geometry",
     "dice",
     "make_case",
@@ -70,9 +72,6 @@ _LESION = np.array([0.55, -0.30, 0.04, 0.30, 0.40, 0.50])
 _VESSEL = np.array([-0.20, 0.10, 0.60, 0.40, 0.20, 0.05])
 _NOISE = 0.04
 
-_RESOURCES = Path(__file__).resolve().parents[1] / "Resources" / "demo"
-_WEIGHTS_NAME = "demo_unet.safetensors"
-_CARD_NAME = "card.json"
 
 
 # --------------------------------------------------------------------------------------------------- synthetic cases
@@ -258,14 +257,14 @@ def train(output_dir: str | Path, *, cases: int = 64, epochs: int = 50, seed: in
     train_dice = float(np.mean([dice(p == 1, labels[i].numpy() == 1) for i, p in enumerate(train_predictions)]))
     held_out_dice = float(np.mean(per_case))
 
-    weights_path = output / _WEIGHTS_NAME
+    weights_path = output / DEMO_WEIGHTS_NAME
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path))
     card = {
         "name": "segexplain-demo-unet",
         "model": "unet3d",
         "kwargs": dict(MODEL_KWARGS),
-        "weights": _WEIGHTS_NAME,
+        "weights": DEMO_WEIGHTS_NAME,
         "sequences": list(SEQUENCE_NAMES),
         "classes": list(CLASS_NAMES),
         "normalization": {"kind": "zscore"},
@@ -279,7 +278,7 @@ def train(output_dir: str | Path, *, cases: int = 64, epochs: int = 50, seed: in
             f"model. Reproduce with: python -m SegExplainLib.application.demo train"
         ),
     }
-    card_path = output / _CARD_NAME
+    card_path = output / DEMO_CARD_NAME
     card_path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return {
         "held_out_dice": held_out_dice,
@@ -297,12 +296,7 @@ def train(output_dir: str | Path, *, cases: int = 64, epochs: int = 50, seed: in
     }
 
 
-# --------------------------------------------------------------------------------------------------- shipped files
-def demo_card_path() -> Path:
-    """The model card of the shipped demo network: ``SegExplainLib/Resources/demo/card.json``."""
-    return _RESOURCES / _CARD_NAME
-
-
+# --------------------------------------------------------------------------------------------------- demo case files
 def demo_geometry(shape: Sequence[int]) -> Geometry:
     """The grid of a demo case of ``shape`` ``(D, H, W)``: spacing :data:`SPACING`, origin 0, identity direction."""
     from ..io.imaging import Geometry
@@ -374,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m SegExplainLib.application.demo", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="train the demo network and write weights and card")
-    train_parser.add_argument("--output", default=str(_RESOURCES), help=f"folder (default: {_RESOURCES})")
+    train_parser.add_argument("--output", default=str(DEMO_RESOURCES), help=f"folder (default: {DEMO_RESOURCES})")
     train_parser.add_argument("--cases", type=int, default=64)
     train_parser.add_argument("--epochs", type=int, default=50)
     train_parser.add_argument("--seed", type=int, default=0)

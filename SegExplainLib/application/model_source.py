@@ -132,7 +132,7 @@ class ModelSource:
     def location(self) -> str:
         """The card file or folder, the bundled demo card for an empty card path."""
         if self.kind == "card" and not self.path:
-            from .demo import demo_card_path
+            from ..models.demo_card import demo_card_path
 
             return str(demo_card_path())
         return self.path
@@ -217,7 +217,7 @@ class ModelSource:
         if args.spec:
             return cls("spec", spec=args.spec, kwargs=opt.json_text(args.kwargs, "--model-kwargs"),
                        weights=args.weights, **window, **common)
-        from .demo import demo_card_path
+        from ..models.demo_card import demo_card_path
 
         raise SegExplainError(f"no model given: pass --card FILE (a model card: network, weights, sequences, "
                               f"normalization) or --model SPEC with --weights FILE; to try the bundled demo network, "

@@ -112,8 +112,7 @@ def run_review(args: argparse.Namespace) -> None:
     if args.case is None and given:
         raise SegExplainError(f"{given[0]} needs a CASE_OR_FOLDER whose sequences the model takes")
     try:  # the one way into the review app: SegExplainLib imports it nowhere else
-        from SegExplainReview.app import serve
-        from SegExplainReview.session import ReviewCase
+        from SegExplainReview.app import serveCase
     except ImportError as error:
         raise SegExplainError(f"the review app needs its extra: pip install 'segexplain[review]' ({error})") from None
     if args.nnunet:
@@ -130,21 +129,15 @@ def run_review(args: argparse.Namespace) -> None:
     for ending in (getattr(signal, "SIGHUP", None), signal.SIGTERM):
         if ending is not None:
             signal.signal(ending, signal.default_int_handler)
-    if args.case is None:
-        case = ReviewCase.demo(model)  # in memory, as a 4D case: nothing is written, so nothing can be left behind
-    elif Path(args.case).is_file():
-        case = ReviewCase.fromFile(args.case, model)
-    else:
-        case = ReviewCase.fromFolder(args.case, model)
     try:
-        serve(dataclasses.replace(case, trustModelCode=args.trust_code), host=args.host, port=args.port)
+        serveCase(model, args.case, trustModelCode=args.trust_code, host=args.host, port=args.port)
     except KeyboardInterrupt:
         print("review app stopped", file=sys.stderr)
 
 
 def _is_own(warning: warnings.WarningMessage) -> bool:
     """Whether a warning is SegExplain's (raised in its package, never a deprecation notice) or another library's."""
-    own = Path(warning.filename).resolve().is_relative_to(Path(__file__).resolve().parent)
+    own = Path(warning.filename).resolve().is_relative_to(Path(__file__).resolve().parents[1])  # SegExplainLib
     return own and not issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning))
 
 

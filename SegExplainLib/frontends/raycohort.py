@@ -39,7 +39,7 @@ __all__ = ["CaseWorker", "check_address", "explain_cases", "import_ray", "start_
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
 #: Cases queued at each actor: the next case is there when one ends, while the driver writes the finished one.
 CASES_PER_ACTOR = 2
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # SegExplainLib itself, shipped to the workers
 
 
 @functools.cache

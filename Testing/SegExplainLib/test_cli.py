@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from SegExplainLib.frontends import cli
 from SegExplainLib.engine.api import explain
-from SegExplainLib.application.demo import demo_card_path
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.models.networks import tiny_unet
 from SegExplainLib.engine.targets import BoxTarget
 
@@ -471,3 +472,20 @@ def test_unexpected_failures_are_one_line_too(case, capsys, monkeypatch):
     monkeypatch.setenv("SEGEXPLAIN_DEBUG", "1")
     with pytest.raises(RuntimeError, match="disk full"):
         cli.main(base_args(case, output))
+
+
+@pytest.mark.parametrize(("where", "category", "shown"), [
+    (("engine", "api.py"), UserWarning, True),  # SegExplain's own, raised below the front ends too
+    (("io", "imaging", "reading.py"), UserWarning, True),
+    (("frontends", "cli.py"), UserWarning, True),
+    (("engine", "api.py"), DeprecationWarning, False),  # a deprecation notice is never the user's business
+])
+def test_own_warnings_are_those_of_the_whole_library(where, category, shown):
+    import warnings
+
+    import SegExplainLib
+
+    path = Path(SegExplainLib.__file__).resolve().parent.joinpath(*where)
+    message = warnings.WarningMessage("w", category, str(path), 1)
+    assert cli._is_own(message) is shown
+    assert not cli._is_own(warnings.WarningMessage("w", UserWarning, warnings.__file__, 1))

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ import SimpleITK as sitk
 
 from SegExplainLib.frontends import cli
 from SegExplainLib.frontends import raycohort
-from SegExplainLib.application.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.application.demo import SEQUENCE_NAMES, write_demo_case
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import Geometry, write_volume
 
@@ -249,3 +251,21 @@ def test_a_ray_without_the_token_api_starts_no_local_cluster(monkeypatch):
     with pytest.raises(SegExplainError, match=r"starts a local Ray only with token authentication.*tested with Ray"):
         raycohort._require_local_token()
     assert "RAY_AUTH_MODE" not in os.environ
+
+
+def test_ray_workers_are_sent_the_whole_library(monkeypatch):
+    """A cluster's workers import SegExplainLib from the runtime environment: it ships the package folder itself, not
+    the folder of the front end that starts Ray."""
+    import SegExplainLib
+
+    calls = []
+
+    class FakeRay:
+        is_initialized = staticmethod(lambda: False)
+        init = staticmethod(lambda **options: calls.append(options))
+
+    monkeypatch.setattr(raycohort, "import_ray", lambda: FakeRay)
+    monkeypatch.setattr(raycohort, "_require_local_token", lambda: None)
+    assert raycohort.start_ray(None)
+    (shipped,) = calls[0]["runtime_env"]["py_modules"]
+    assert shipped == str(Path(SegExplainLib.__file__).resolve().parent)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from SegExplainLib.application import demo
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.engine.api import explain
 from SegExplainLib.io.imaging import read_label, read_sequences
 from SegExplainLib.models.loading import ModelCard, load_model
@@ -36,7 +37,7 @@ def lesion_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def card() -> ModelCard:
-    return ModelCard.read(demo.demo_card_path())
+    return ModelCard.read(demo_card_path())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_shipped_card_and_weights_load(card, model):
     assert card.model == "unet3d" and card.sequences == demo.SEQUENCE_NAMES and card.classes == demo.CLASS_NAMES
     assert card.normalization == {"kind": "zscore"}
     assert card.weights is not None and card.weights.is_file() and card.weights.stat().st_size < 5_000_000
-    raw = json.loads(demo.demo_card_path().read_text())
+    raw = json.loads(demo_card_path().read_text())
     assert "Held-out lesion Dice" in raw["description"]
     same = load_model(card.model, kwargs=card.kwargs, weights=card.weights)
     for (name, a), (_, b) in zip(model.state_dict().items(), same.state_dict().items()):

@@ -19,3 +19,15 @@ def test_no_module_of_the_engine_imports_slicer_vtk_qt_or_trame():
             "('slicer', 'vtk', 'vtkmodules', 'qt', 'ctk', 'PythonQt', 'trame', 'SegExplainMRML', 'SegExplainReview'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install copies only the packages pyproject.toml lists: each folder of the layout must be there."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(folder.relative_to(root).parts) for folder in (root / "SegExplainLib").rglob("*")
+             if (folder / "__init__.py").is_file()} | {"SegExplainLib", "SegExplainMRML", "SegExplainReview"}
+    assert listed == found

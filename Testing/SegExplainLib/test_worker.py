@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from SegExplainLib.engine.api import explain
-from SegExplainLib.application.demo import demo_card_path, write_demo_case
+from SegExplainLib.application.demo import write_demo_case
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import read_sequences
 from SegExplainLib.models.loading import ModelCard

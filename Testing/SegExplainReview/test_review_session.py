@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib.application.demo import SEQUENCE_NAMES, demo_card_path, write_demo_case
+from SegExplainLib.application.demo import SEQUENCE_NAMES, write_demo_case
+from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.errors import SegExplainError
 
 
