@@ -2,8 +2,8 @@
 
 A method explains the scalar score ``sum(seed * logits)`` of each batch element, where ``seed`` has the shape of
 the model output ``(B, K, D, H, W)``. Targets (a segment, a box, a clicked voxel, ...) only build seeds, so every
-method supports every target, and the normalized aggregation of :mod:`SegExplainLib.aggregation` can combine many
-seeds in one batch.
+method supports every target, and the normalized aggregation of :func:`SegExplainLib.engine.api.explain` can combine
+many seeds in one batch.
 """
 
 from __future__ import annotations
