@@ -12,18 +12,22 @@ Example:
     >>> sx.relevance_shares(result.maps)                 # per-sequence share of the positive relevance
 """
 
-from .version import __version__
-
-from .engine.method import AttributionMethod, AttributionOutput
 from .engine.api import METHODS, explain, make_method
-from .engine.baselines import Baseline, BlurredBaseline, ChannelMinimumBaseline, ConstantBaseline, ZeroBaseline, make_baseline
+from .engine.baselines import (
+                        Baseline,
+                        BlurredBaseline,
+                        ChannelMinimumBaseline,
+                        ConstantBaseline,
+                        ZeroBaseline,
+                        make_baseline,
+)
 from .engine.canonizers import Canonizer, MergeBatchNorm
 from .engine.composites import Composite, composite_names, get_composite, lrp_defaults, register_composite
-from .errors import SegExplainError, UnsupportedLayerError
 from .engine.explanation import Explanation
 from .engine.filters import AmplitudeFilter, clamp_filter, pass_filter
 from .engine.gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
 from .engine.lrp import LRP, Deconvolution, GuidedBackprop
+from .engine.method import AttributionMethod, AttributionOutput
 from .engine.metrics import (
                         PerturbationCurve,
                         alpha_sweep,
@@ -35,9 +39,11 @@ from .engine.metrics import (
                         relevance_mass_in_region,
                         relevance_shares,
 )
-from .models.networks import UNet3D, reference_unet, tiny_unet
 from .engine.rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
 from .engine.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget
+from .errors import SegExplainError, UnsupportedLayerError
+from .models.networks import UNet3D, reference_unet, tiny_unet
+from .version import __version__ as __version__
 
 __all__ = [
     "AlphaBeta", "AmplitudeFilter", "AttributionMethod", "AttributionOutput", "Baseline", "BlurredBaseline",

@@ -19,11 +19,11 @@ import numpy as np
 import slicer
 import vtk
 from SegExplainMRML import nodes, results, workflow
-from SegExplainMRML.job import ExplainSettings, Region, WarmExplainer, WarmRun, fileSafe
+from SegExplainMRML.job import ExplainSettings, Region, WarmExplainer, WarmRun
 
+from SegExplainLib.application.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.parent_watch import remove_with_host
-from SegExplainLib.application.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import (
     WRITE_SUFFIXES,
@@ -34,7 +34,6 @@ from SegExplainLib.io.imaging import (
     read_geometry,
     read_label,
     read_sequences,
-    write_volume,
 )
 
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).

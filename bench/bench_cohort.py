@@ -41,9 +41,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
-from SegExplainLib.frontends import cli  # noqa: E402
-from SegExplainLib.frontends import raycohort  # noqa: E402
 from SegExplainLib.application.demo import write_demo_case  # noqa: E402
+from SegExplainLib.frontends import cli, raycohort  # noqa: E402
 from SegExplainLib.models.demo_card import demo_card_path  # noqa: E402
 
 

@@ -51,8 +51,8 @@ if ROOT not in sys.path:
 from SegExplainLib.engine.api import explain  # noqa: E402
 from SegExplainLib.engine.gradients import Gradient, GradientXInput, IntegratedGradients, SmoothGrad  # noqa: E402
 from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop  # noqa: E402
-from SegExplainLib.models.networks import reference_unet  # noqa: E402
 from SegExplainLib.engine.targets import BoxTarget  # noqa: E402
+from SegExplainLib.models.networks import reference_unet  # noqa: E402
 
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "A": (1, 6, 19, 48, 48),

@@ -42,10 +42,10 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from SegExplainLib.application import demo  # noqa: E402
-from SegExplainLib.models.demo_card import demo_card_path  # noqa: E402
-from SegExplainLib.models import realnets  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
 from SegExplainLib.engine.gradients import IntegratedGradients  # noqa: E402
+from SegExplainLib.models import realnets  # noqa: E402
+from SegExplainLib.models.demo_card import demo_card_path  # noqa: E402
 from SegExplainLib.models.loading import ModelCard  # noqa: E402
 
 BOX = (slice(8, 16), slice(20, 28), slice(20, 28))

@@ -38,9 +38,9 @@ if ROOT not in sys.path:
 from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib.engine.api import explain  # noqa: E402
+from SegExplainLib.engine.targets import VoxelTarget  # noqa: E402
 from SegExplainLib.models.networks import UNet3D  # noqa: E402
 from SegExplainLib.models.sliding import SlidingWindow  # noqa: E402
-from SegExplainLib.engine.targets import VoxelTarget  # noqa: E402
 
 CASES = {"full": ((128, 256, 256), (64, 128, 128)), "quick": ((32, 64, 64), (16, 32, 32))}
 METHODS = {"lrp": {"composite": "epsilon_plus"}, "gradient": {}}

@@ -17,8 +17,8 @@ import numpy as np
 import slicer
 import torch
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.errors import SegExplainError
 
 from .nodes import nodeLabel
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import CaseRun, ExplainRequest
 from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends.worker import Worker
+from SegExplainLib.models.demo_card import demo_card_path
 
 from . import nodes
 

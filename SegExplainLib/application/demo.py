@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..models.demo_card import DEMO_CARD_NAME, DEMO_RESOURCES, DEMO_WEIGHTS_NAME
+from ..models.demo_card import DEMO_CARD_NAME, DEMO_RESOURCES, DEMO_WEIGHTS_NAME, demo_card_path
 
 if TYPE_CHECKING:
     from ..io.imaging import Geometry

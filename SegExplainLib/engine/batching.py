@@ -36,8 +36,8 @@ from collections.abc import Callable
 
 import torch
 
-from .checks import is_int
 from ..errors import SegExplainError
+from .checks import is_int
 
 __all__ = [
     "choose_internal_batch_size",

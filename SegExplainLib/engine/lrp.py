@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .method import AttributionMethod, AttributionOutput
+from ..errors import SegExplainError
 from .composites import DECONVOLUTION, GUIDED_BACKPROP, Composite, get_composite
 from .deployment import check_walkable
-from ..errors import SegExplainError
 from .filters import AmplitudeFilter
 from .kernels import onednn_convolutions
+from .method import AttributionMethod, AttributionOutput
 from .rules.base import PropagationContext
 from .rules.window import box_share
 

@@ -21,8 +21,8 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from .checks import check_choice
 from ..errors import SegExplainError
+from .checks import check_choice
 from .filters import AmplitudeFilter
 
 __all__ = [

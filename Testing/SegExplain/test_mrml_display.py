@@ -9,8 +9,8 @@ from mrml_scene import addVolume
 from SegExplainMRML import display
 from vtk.util.numpy_support import vtk_to_numpy
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.errors import SegExplainError
 
 
 def tableColor(node, index):

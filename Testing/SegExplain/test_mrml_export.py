@@ -12,8 +12,8 @@ from matplotlib.image import imread
 from mrml_scene import addDemoCase, addVolume
 from SegExplainMRML import display, export, nodes, results
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.filters import AmplitudeFilter
+from SegExplainLib.errors import SegExplainError
 
 GREY = 100.0
 

@@ -8,8 +8,8 @@ returns such paths, so that every one of them can be written into every name-tak
 
 from __future__ import annotations
 
-import importlib
 import builtins
+import importlib
 import os
 import pickle
 import shutil

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from SegExplainLib.engine.api import explain, make_method
-from SegExplainLib.models.networks import tiny_unet
 from SegExplainLib.engine.targets import BoxTarget, VoxelTarget
+from SegExplainLib.models.networks import tiny_unet
 
 SHAPE = (2, 6, 8, 8)
 

@@ -31,6 +31,7 @@ monai_bundle = pytest.importorskip("monai.bundle")
 pytest.importorskip("nibabel")
 
 from attribute_probes import DANGEROUS, callable_paths, reaches  # noqa: E402
+
 from SegExplainLib.models import bundle_inferer, bundle_safety  # noqa: E402
 from SegExplainLib.models import monai_bundle as bundles  # noqa: E402
 

@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 import torch
 
+from SegExplainLib.engine.targets import BoxTarget
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import Geometry
 from SegExplainLib.models.pipelines import explain_case, open_pipeline
-from SegExplainLib.engine.targets import BoxTarget
 
 monai_bundle = pytest.importorskip("monai.bundle")
 

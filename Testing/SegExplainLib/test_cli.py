@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from SegExplainLib.frontends import cli
 from SegExplainLib.engine.api import explain
+from SegExplainLib.engine.targets import BoxTarget
+from SegExplainLib.frontends import cli
 from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.models.networks import tiny_unet
-from SegExplainLib.engine.targets import BoxTarget
 
 SHAPE = (6, 8, 10)  # D, H, W
 SPACING = (0.8, 0.9, 3.0)  # x, y, z

@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib.frontends import cli
-from SegExplainLib.frontends import raycohort
 from SegExplainLib.application.demo import SEQUENCE_NAMES, write_demo_case
-from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.frontends import cli, raycohort
 from SegExplainLib.io.imaging import Geometry, write_volume
+from SegExplainLib.models.demo_card import demo_card_path
 
 EXPLAIN = ["--card", str(demo_card_path()), "--class", "1", "--method", "lrp", "--composite", "epsilon_plus",
            "--device", "cpu", "--filter", "pass:0.4"]

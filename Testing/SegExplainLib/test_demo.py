@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from SegExplainLib.application import demo
-from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.engine.api import explain
-from SegExplainLib.io.imaging import read_label, read_sequences
-from SegExplainLib.models.loading import ModelCard, load_model
 from SegExplainLib.engine.metrics import relevance_shares
 from SegExplainLib.engine.targets import PredictedRegion
+from SegExplainLib.io.imaging import read_label, read_sequences
+from SegExplainLib.models.demo_card import demo_card_path
+from SegExplainLib.models.loading import ModelCard, load_model
 
 # Lesion Dice of the shipped model on held-out seeds 1000 and 1001, measured with the shipped weights: 0.976 and
 # 0.966 (mean 0.971; the mean over all ten held-out seeds 1000..1009 is 0.980, as the card says). The test allows

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.filters import AmplitudeFilter, clamp_filter, pass_filter
+from SegExplainLib.errors import SegExplainError
 
 ALPHAS = [0.4, (0.05, 0.4), (0.5, 1.0), 1.0]
 

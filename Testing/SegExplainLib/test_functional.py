@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from lrp_reference import as_matrix, reference_layer
 from torch import nn
 
-from SegExplainLib.errors import UnsupportedLayerError
 from SegExplainLib.engine.gradients import Gradient
 from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
+from SegExplainLib.errors import UnsupportedLayerError
 from SegExplainLib.models.realnets import Interpolate
 
 

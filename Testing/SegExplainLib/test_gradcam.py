@@ -9,8 +9,8 @@ import torch
 from testnets import frozen
 from torch import nn
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.gradients import GradCAM
+from SegExplainLib.errors import SegExplainError
 
 captum_attr = pytest.importorskip("captum.attr")
 

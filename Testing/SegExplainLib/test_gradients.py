@@ -10,8 +10,6 @@ import torch
 from testnets import frozen
 from torch import nn
 
-from SegExplainLib.engine.method import AttributionMethod
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.gradients import (
     GradCAM,
     Gradient,
@@ -20,6 +18,8 @@ from SegExplainLib.engine.gradients import (
     Occlusion,
     SmoothGrad,
 )
+from SegExplainLib.engine.method import AttributionMethod
+from SegExplainLib.errors import SegExplainError
 
 captum_attr = pytest.importorskip("captum.attr")
 

@@ -22,10 +22,10 @@ from torch import nn
 
 from SegExplainLib.engine.api import explain
 from SegExplainLib.engine.composites import Composite, lrp_defaults
-from SegExplainLib.errors import SegExplainError, UnsupportedLayerError
 from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
 from SegExplainLib.engine.rules import Flat
 from SegExplainLib.engine.targets import ClassChannel
+from SegExplainLib.errors import SegExplainError, UnsupportedLayerError
 
 METHODS = {"lrp": LRP, "guided_backprop": GuidedBackprop, "deconvolution": Deconvolution}
 

@@ -16,6 +16,7 @@ from torch import nn
 import SegExplainLib.engine.batching as batching
 import SegExplainLib.engine.gradients.integrated_gradients as integrated_gradients
 import SegExplainLib.engine.gradients.passes as passes
+from SegExplainLib.engine.baselines import BlurredBaseline, ConstantBaseline, ZeroBaseline
 from SegExplainLib.engine.batching import (
     BUDGETED_MAX_BATCH,
     DEFAULT_MAX_BATCH,
@@ -24,10 +25,9 @@ from SegExplainLib.engine.batching import (
     estimate_sample_bytes,
     max_batch_for,
 )
-from SegExplainLib.engine.baselines import BlurredBaseline, ConstantBaseline, ZeroBaseline
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.gradients import IntegratedGradients
 from SegExplainLib.engine.quadrature import FIXED_RULES, fixed_rule
+from SegExplainLib.errors import SegExplainError
 
 captum_attr = pytest.importorskip("captum.attr")
 

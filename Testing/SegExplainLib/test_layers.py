@@ -19,10 +19,10 @@ from lrp_reference import EPS, as_matrix, reference_layer, stab
 from torch import nn
 
 from SegExplainLib.engine.composites import Composite, lrp_defaults
-from SegExplainLib.errors import UnsupportedLayerError
 from SegExplainLib.engine.lrp import LRP, Deconvolution, GuidedBackprop
-from SegExplainLib.models.networks import tiny_unet
 from SegExplainLib.engine.rules import Epsilon
+from SegExplainLib.errors import UnsupportedLayerError
+from SegExplainLib.models.networks import tiny_unet
 
 WEIGHTED = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 PARAMETER_FREE = (nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.Upsample)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.filters import AmplitudeFilter
 from SegExplainLib.engine.metrics import (
     PerturbationCurve,
@@ -23,6 +22,7 @@ from SegExplainLib.engine.metrics import (
     relevance_shares,
     shares_by_name,
 )
+from SegExplainLib.errors import SegExplainError
 
 SHAPE = (3, 4, 5, 6)
 

@@ -32,12 +32,12 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from SegExplainLib.models import pipelines
 from SegExplainLib.engine.api import explain
+from SegExplainLib.engine.targets import BoxTarget, MaskTarget, PredictedRegion
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import Geometry, read_sequences
+from SegExplainLib.models import pipelines
 from SegExplainLib.models.pipelines import explain_case, open_pipeline, sequence_names
-from SegExplainLib.engine.targets import BoxTarget, MaskTarget, PredictedRegion
 
 monai_bundle = pytest.importorskip("monai.bundle")
 sitk = pytest.importorskip("SimpleITK")

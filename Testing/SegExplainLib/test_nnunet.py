@@ -12,12 +12,12 @@ import SimpleITK as sitk
 import torch
 
 from SegExplainLib.engine.api import explain
-from SegExplainLib.frontends.cli import main
+from SegExplainLib.engine.targets import BoxTarget, MaskTarget, VoxelTarget
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.frontends.cli import main
 from SegExplainLib.io.imaging import Geometry, read_sequences
 from SegExplainLib.models.nnunet import open_nnunet
 from SegExplainLib.models.pipelines import explain_case, sequence_names
-from SegExplainLib.engine.targets import BoxTarget, MaskTarget, VoxelTarget
 
 PLANS_SPACING = (0.8, 0.8, 2.0)
 _C, _S = np.cos(np.pi / 6), np.sin(np.pi / 6)

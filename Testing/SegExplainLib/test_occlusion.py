@@ -10,8 +10,8 @@ from testnets import frozen
 from torch import nn
 
 from SegExplainLib.engine.baselines import ChannelMinimumBaseline, ConstantBaseline
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.gradients import Occlusion
+from SegExplainLib.errors import SegExplainError
 
 captum_attr = pytest.importorskip("captum.attr")
 

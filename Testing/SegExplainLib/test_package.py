@@ -23,8 +23,9 @@ def test_no_module_of_the_engine_imports_slicer_vtk_qt_or_trame():
 
 def test_every_package_folder_is_installed():
     """A non-editable install copies only the packages pyproject.toml lists: each folder of the layout must be there."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[2]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])

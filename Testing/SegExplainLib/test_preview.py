@@ -14,13 +14,13 @@ import pytest
 import torch
 from test_nnunet import _case
 
-from SegExplainLib.errors import SegExplainError
-from SegExplainLib.models.nnunet import open_nnunet
-from SegExplainLib.models.pipelines import explain_case
-from SegExplainLib.engine.targets import VoxelTarget
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import ExplainRequest
+from SegExplainLib.engine.targets import VoxelTarget
+from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends.worker import WarmSession, Worker
+from SegExplainLib.models.nnunet import open_nnunet
+from SegExplainLib.models.pipelines import explain_case
 
 GRADIENT = ["--method", "gradient", "--device", "cpu"]
 

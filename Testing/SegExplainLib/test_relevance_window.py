@@ -11,9 +11,9 @@ from torch import nn
 from SegExplainLib.engine import lrp as lrp_module
 from SegExplainLib.engine.filters import AmplitudeFilter
 from SegExplainLib.engine.lrp import LRP
-from SegExplainLib.models.networks import tiny_unet
 from SegExplainLib.engine.rules.affine import affine_vjp
 from SegExplainLib.engine.rules.window import RelevanceWindow, box_share, occupied_box
+from SegExplainLib.models.networks import tiny_unet
 
 CONVOLUTIONS = {
     "3d_k3_s1_p1": lambda: nn.Conv3d(2, 3, 3, padding=1),

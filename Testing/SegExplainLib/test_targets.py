@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from SegExplainLib.errors import SegExplainError
 from SegExplainLib.engine.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, VoxelTarget
+from SegExplainLib.errors import SegExplainError
 
 LOGITS = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(1))
 

@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SegExplainLib.engine.api import explain
 from SegExplainLib.application.demo import write_demo_case
-from SegExplainLib.models.demo_card import demo_card_path
-from SegExplainLib.errors import SegExplainError
-from SegExplainLib.io.imaging import read_sequences
-from SegExplainLib.models.loading import ModelCard
-from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
-from SegExplainLib.frontends import worker as worker_module
-from SegExplainLib.frontends.worker import process_tree
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import ExplainRequest
-from SegExplainLib.frontends.worker import WarmSession, Worker
+from SegExplainLib.engine.api import explain
+from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
+from SegExplainLib.errors import SegExplainError
+from SegExplainLib.frontends import worker as worker_module
+from SegExplainLib.frontends.worker import WarmSession, Worker, process_tree
+from SegExplainLib.io.imaging import read_sequences
+from SegExplainLib.models.demo_card import demo_card_path
+from SegExplainLib.models.loading import ModelCard
 
 CLICK = ["--voxel", "9", "24", "24", "--radius", "1"]
 LRP = ["--method", "lrp", "--composite", "epsilon_plus"]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SegExplainLib.frontends import cli
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.frontends import cli
 
 _C, _S = np.cos(np.pi / 6), np.sin(np.pi / 6)
 
@@ -43,10 +43,10 @@ def test_a_case_opens_with_an_nnunet_folder_and_is_explained(nnunetCase, nnunet_
     """The command line's nnU-Net options reach the case; its files are matched by dataset.json's channel names;
     the session explains it through ``segexplain explain --nnunet`` onto the case's volumes."""
     pytest.importorskip("trame_slicer", reason="the review app needs its extra (pip install -e '.[review]')")
-    from SegExplainLib.application.model_source import ModelSource
     from SegExplainMRML.nodes import geometryOfVolume
     from trame_slicer.core import SlicerApp
 
+    from SegExplainLib.application.model_source import ModelSource
     from SegExplainReview import app
     from SegExplainReview.session import ReviewParameters, ReviewSession
 

@@ -16,8 +16,8 @@ import pytest
 import SimpleITK as sitk
 
 from SegExplainLib.application.demo import SEQUENCE_NAMES, write_demo_case
-from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.models.demo_card import demo_card_path
 
 
 @pytest.fixture(scope="module")
