@@ -27,6 +27,7 @@ The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (th
 :mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`.
 """
 
+from .case import explanation_figures, explanation_title
 from .charts import ShareKind, inclusivity_figure, shares_figure
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
@@ -35,6 +36,8 @@ from .saving import save_figure
 __all__ = [
     "Placement",
     "ShareKind",
+    "explanation_figures",
+    "explanation_title",
     "inclusivity_figure",
     "maximum_intensity_projection",
     "mip_figure",
