@@ -96,17 +96,25 @@ def explanation_title(record: Mapping[str, Any]) -> list[str]:
     lines = [f"{_method_text(record)} | {_region_text(target)}, class {target['class_index']} | "
              f"target score {score:.4g}"]
     if score < 0:
-        lines.append(f"The target score is negative: the model scores this region mostly against class "
-                     f"{target['class_index']}, so blue (against) outweighs red (for); the red shares are the "
-                     f"evidence for the class only.")
+        lines.append(f"The target score is negative: the class {target['class_index']} logits over this region sum "
+                     f"below zero (the model sees mostly not class {target['class_index']} there). Red marks evidence "
+                     f"for the class, blue against it; the red and the blue shares are each of their own sign, "
+                     f"not shares of the score.")
     elif score == 0:
-        lines.append("The target score is zero: red (for) and blue (against) cancel; neither share is the score.")
+        lines.append("The target score is zero: the evidence for the class (red) and against it (blue) cancel; the "
+                     "shares are each of their own sign, not shares of the score.")
     return lines
 
 
-def _bar_label(class_index: int, per_panel: bool) -> str:
-    scale = "scale per sequence: relevance / the sequence's max |R|" if per_panel else "one scale for all sequences"
-    return f"relevance: red for, blue against\nthe class {class_index} score\n({scale})"
+def _bar_label(class_index: int) -> str:
+    return f"relevance\nred: for, blue: against class {class_index}"
+
+
+def _scale_line(limits: np.ndarray, per_panel: bool) -> str:
+    if per_panel:
+        return ("Colour scale per sequence (on request): each is scaled to its own max |R|, given beside its name; "
+                "colours do not compare across sequences.")
+    return f"One colour scale for all sequences: ±{limits[0]:.3g} (the largest |R| of any sequence)."
 
 
 def _title(sheet: Sheet, lines: list[str]) -> None:
@@ -145,7 +153,8 @@ def _mip_figure(image, maps, names, geometry, title, limits, per_panel, table, a
     shown = [view.show(maximum_intensity_projection(m, axis=0)) for m in maps]
     height, width = tile_size(shown[0].shape, _pixel_mm(geometry, view), 240)
     sheet_width = max(640, 2 * _MARGIN + len(names) * (width + _GAP) + _BAR_WIDTH)
-    lines = _wrapped(title + [f"Maximum intensity projections along {view.through}"], sheet_width)
+    lines = _wrapped(title + [f"Maximum intensity projections along {view.through}. {_scale_line(limits, per_panel)}"],
+                     sheet_width)
     top = _MARGIN + _LINE * len(lines) + _LINE + 4
     sheet = Sheet(sheet_width, top + height + _LINE + _MARGIN)
     _title(sheet, lines)
@@ -159,7 +168,7 @@ def _mip_figure(image, maps, names, geometry, title, limits, per_panel, table, a
         _letters(sheet, view, top, left, height, width)
     bar_left = _MARGIN + len(names) * (width + _GAP) + 8
     sheet.colour_bar = (bar_left, top, 12, height, 1.0 if per_panel else float(limits[0]), cmap,
-                        _bar_label(class_index, per_panel))
+                        _bar_label(class_index))
     return sheet.figure()
 
 
@@ -169,7 +178,8 @@ def _montage_figure(image, maps, names, geometry, region, title, limits, per_pan
     columns = case_slices(maps, region, axis=0, count=slices)
     height, width = tile_size(view.show(maps[0, 0]).shape, _pixel_mm(geometry, view), 150)
     sheet_width = max(640, _MARGIN + _LABEL_WIDTH + len(columns) * (width + _GAP) + _BAR_WIDTH)
-    lines = _wrapped(title + [f"Slices through the region and the relevance, across {view.through}"], sheet_width)
+    lines = _wrapped(title + [f"Slices through the region and the relevance, across {view.through}. "
+                              f"{_scale_line(limits, per_panel)}"], sheet_width)
     top = _MARGIN + _LINE * len(lines) + _LINE + 4
     sheet = Sheet(sheet_width, top + len(names) * (height + _GAP) + _MARGIN)
     _title(sheet, lines)
@@ -190,7 +200,7 @@ def _montage_figure(image, maps, names, geometry, region, title, limits, per_pan
             _letters(sheet, view, row_top, left, height, width)
     bar_left = _MARGIN + _LABEL_WIDTH + len(columns) * (width + _GAP) + 8
     sheet.colour_bar = (bar_left, top, 12, min(len(names) * (height + _GAP) - _GAP, 320),
-                        1.0 if per_panel else float(limits[0]), cmap, _bar_label(class_index, per_panel))
+                        1.0 if per_panel else float(limits[0]), cmap, _bar_label(class_index))
     return sheet.figure()
 
 

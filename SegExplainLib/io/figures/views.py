@@ -95,11 +95,13 @@ def slice_label(geometry: Geometry, axis: int, index: int) -> str:
 
 
 def case_slices(maps: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
-    """Slices of a case's montage: ``count`` evenly spaced slices over the span of the region and of the central
-    90 % of ``|R|`` along ``axis``, the one nearest the slice of most ``|R|`` moved onto it.
+    """Slices of a case's montage: ``count`` evenly spaced slices over the span of the region and of the slices
+    where the relevance stands out, the one nearest the slice of most ``|R|`` moved onto it.
 
-    Slices of noise before and after the region and the relevance are left out; the slice where relevance peaks
-    is always shown.
+    A slice's relevance stands out when its ``|R|`` (summed over the slice and all sequences) exceeds the median
+    slice's by at least a tenth of the most any slice does; weak relevance spread over the whole volume does not
+    widen the span, so slices of noise before and after the region and the relevance are left out, and the slice
+    where relevance peaks is always shown.
 
     Args:
         maps: Relevance ``(C, D, H, W)``.
@@ -112,22 +114,18 @@ def case_slices(maps: np.ndarray, region: np.ndarray | None, *, axis: int, count
     """
     other = tuple(a for a in range(4) if a != axis + 1)
     profile = np.abs(maps).sum(axis=other, dtype=np.float64)
-    total = profile.sum()
-    if total > 0:
-        cumulative = np.cumsum(profile) / total
-        low, high = int(np.searchsorted(cumulative, 0.05)), int(np.searchsorted(cumulative, 0.95))
-        peak = int(np.argmax(profile))
-    else:  # no relevance: the region alone, or the whole axis
-        low, high, peak = profile.size - 1, 0, None
+    excess = profile - np.median(profile)
+    standing_out = np.flatnonzero(excess >= 0.1 * excess.max()) if excess.max() > 0 else np.array([], int)
+    peak = int(np.argmax(profile)) if profile.max() > 0 else None
+    ends = [int(standing_out[0]), int(standing_out[-1])] if standing_out.size else []
     if region is not None:
         hit = np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis)))
-        low, high = min(low, int(hit[0])), max(high, int(hit[-1]))
-    if low > high:
-        low, high = 0, profile.size - 1
+        ends += [int(hit[0]), int(hit[-1])]
+    low, high = (min(ends), max(ends)) if ends else (0, profile.size - 1)  # nothing stands out: the whole axis
     span = high - low + 1
     shown = min(count, span)
     chosen = sorted({low + int(round(i * (span - 1) / max(shown - 1, 1))) for i in range(shown)})
-    if peak is not None and peak not in chosen:
+    if peak is not None and low <= peak <= high and peak not in chosen:
         nearest = min(range(len(chosen)), key=lambda i: abs(chosen[i] - peak))
         chosen[nearest] = peak
     return sorted(set(chosen))
