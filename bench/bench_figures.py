@@ -9,7 +9,8 @@
 
 The case is a synthetic one: six sequences of a smooth ellipsoid "head" with noise, and relevance in a lesion-sized
 blob (with weak noise everywhere), on a 1 x 1 x 3 mm grid. After one warm-up of each, old and new are timed
-``--repeats`` times, interleaved (garbage collected before each), and the best of each is printed with the ratio old / new, for the demo-sized case
+``--repeats`` times, interleaved (garbage collected before each), and the best of each is printed with the ratio old / new,
+in wall-clock seconds and in CPU seconds of this process (less sensitive to other processes on a shared machine), for the demo-sized case
 (6, 24, 48, 48) and a larger one (6, 64, 160, 160), with the machine and its load average.
 
 Run from the repository root: ``python bench/bench_figures.py [--repeats 3] [--sizes 24x48x48 64x160x160]``.
@@ -89,19 +90,19 @@ def main() -> None:
             image, maps, geometry, region = synthetic_case(shape)
             old_way(image, maps, folder)  # warm-up: fonts, caches
             new_way(image, maps, geometry, region, folder)
-            old_times, new_times = [], []
+            times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
             for _ in range(args.repeats):
-                gc.collect()  # neither way pays for the other's garbage
-                start = time.perf_counter()
-                old_way(image, maps, folder)
-                old_times.append(time.perf_counter() - start)
-                gc.collect()
-                start = time.perf_counter()
-                new_way(image, maps, geometry, region, folder)
-                new_times.append(time.perf_counter() - start)
-            old, new = min(old_times), min(new_times)
-            print(f"case (6, {', '.join(map(str, shape))}): old {old:.3f} s, new {new:.3f} s, "
-                  f"old / new {old / new:.1f}x (best of {args.repeats})")
+                for way, run in (("old", lambda: old_way(image, maps, folder)),
+                                 ("new", lambda: new_way(image, maps, geometry, region, folder))):
+                    gc.collect()  # neither way pays for the other's garbage
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    run()
+                    times[way].append((time.perf_counter() - wall, time.process_time() - cpu))
+            (old_wall, old_cpu), (new_wall, new_cpu) = (
+                (min(t[0] for t in times[w]), min(t[1] for t in times[w])) for w in ("old", "new"))
+            print(f"case (6, {', '.join(map(str, shape))}): old {old_wall:.3f} s, new {new_wall:.3f} s, "
+                  f"old / new {old_wall / new_wall:.1f}x wall-clock; CPU {old_cpu:.3f} s vs {new_cpu:.3f} s, "
+                  f"{old_cpu / new_cpu:.1f}x (best of {args.repeats})")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -463,7 +463,7 @@ def case(rng: np.random.Generator, shape=(2, 24, 16, 16)) -> tuple[np.ndarray, n
 
 def letters_drawn(fig: Figure) -> list[str]:
     """The letters of the figure's letter collection, read back from their outlines."""
-    (collection,) = [c for ax in fig.axes for c in ax.collections if c.get_gid() == "letters"]
+    (collection,) = [a for a in fig.artists if a.get_gid() == "letters"]
     known = {letter: letter_path(letter).vertices for letter in "RLAPSI"}
     return [next(k for k, v in known.items() if v.shape == p.vertices.shape and np.allclose(v, p.vertices))
             for p in collection.get_paths()]
@@ -518,10 +518,10 @@ def test_slice_label_is_the_ras_position_in_mm():
 
 def test_case_slices_go_through_the_region_and_the_relevance(rng):
     _, maps = case(rng)
-    assert case_slices(maps, None, axis=0, count=6) == [9, 10, 11]  # weak noise elsewhere does not widen them
+    assert case_slices(np.abs(maps), None, axis=0, count=6) == [9, 10, 11]  # weak noise elsewhere does not widen them
     region = np.zeros((24, 16, 16), bool)
     region[3:6, 2:5, 2:5] = True
-    chosen = case_slices(maps, region, axis=0, count=4)
+    chosen = case_slices(np.abs(maps), region, axis=0, count=4)
     peak = int(np.argmax(np.abs(maps).sum(axis=(0, 2, 3))))
     assert len(chosen) == 4 and chosen[0] == 3 and chosen[-1] <= 11 and peak in chosen
     peak = np.zeros_like(maps)
@@ -573,7 +573,7 @@ def test_explanation_figures_montage_in_mm_with_orientation_letters(rng):
     region[7:12, 10:14, 10:14] = True
     montage = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD,
                                   region=region)["montage.png"]
-    columns = case_slices(maps, region, axis=0, count=6)
+    columns = case_slices(np.abs(maps), region, axis=0, count=6)
     assert columns[0] == 7 and columns[-1] == 11
     labels = {t.get_gid(): t.get_text() for t in montage.texts if (t.get_gid() or "").startswith("slice:")}
     assert labels == {f"slice:{i}": f"S: {-30 + 3 * i:.1f} mm" for i in columns}

@@ -1,8 +1,8 @@
 """Figures drawn as one picture: overlays coloured and scaled in numpy, laid out in pixels, shown by one image.
 
 Matplotlib spends its time on axes, their layout and resampling many small images; a case figure needs none of
-that. A :class:`Sheet` holds the whole picture as RGB pixels plus its texts and colour bar, and becomes a figure
-with a single image, no layout engine, and one colour bar axes.
+that. A :class:`Sheet` holds the whole picture as RGBA pixels plus its texts, letters and colour bar, and becomes a
+figure whose pixels the renderer gets as they are, with no layout engine and one colour bar axes.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import PathCollection
@@ -103,25 +104,21 @@ class Sheet:
         self.letters.append((x, y, letter))
 
     def figure(self) -> Figure:
-        """The sheet as a figure: one image axes labelled ``"sheet"`` (data coordinates are the sheet's pixels),
-        the texts, the letters as one collection of outlines with gid ``"letters"`` (path ``i`` is letter ``i``; a
-        text artist each would cost more than the rest of the figure), and the colour bar's axes labelled
-        ``"colorbar"``."""
+        """The sheet as a figure: its pixels (:class:`SheetPixels`), the texts, the letters as one collection of
+        outlines with gid ``"letters"`` (path ``i`` is letter ``i``; a text artist each would cost more than the
+        rest of the figure), and the colour bar's axes labelled ``"colorbar"``."""
         figure = Figure(figsize=(self.width / DPI, self.height / DPI), dpi=DPI)
         FigureCanvasAgg(figure)  # its own Agg canvas: no pyplot, no global backend
-        ax = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-        ax.set_axis_off()
-        ax.set_label("sheet")
-        ax.imshow(self.pixels, interpolation="nearest", aspect="auto")
+        figure.add_artist(SheetPixels(self.pixels))
         for x, y, text, style in self.texts:
             figure.text(x / self.width, 1.0 - y / self.height, text, **style)
         if self.letters:
-            # Outlines in points, scaled to pixels at whatever resolution the figure is saved.
-            collection = PathCollection([letter_path(letter) for _, _, letter in self.letters],
-                                        offsets=[(x, y) for x, y, _ in self.letters], offset_transform=ax.transData,
-                                        transform=Affine2D().scale(1 / 72) + figure.dpi_scale_trans,
-                                        facecolors="#ffd92f", edgecolors="black", linewidths=0.4, gid="letters")
-            ax.add_collection(collection, autolim=False)
+            # Offsets in the sheet's pixels (from the top), outlines in points: right at any resolution.
+            sheet = Affine2D().scale(1 / self.width, -1 / self.height).translate(0.0, 1.0) + figure.transFigure
+            figure.add_artist(PathCollection(
+                [letter_path(letter) for _, _, letter in self.letters], offsets=[(x, y) for x, y, _ in self.letters],
+                offset_transform=sheet, transform=Affine2D().scale(1 / 72) + figure.dpi_scale_trans,
+                facecolors="#ffd92f", edgecolors="black", linewidths=0.4, gid="letters"))
         if self.colour_bar is not None:
             left, top, width, height, limit, cmap, label = self.colour_bar
             cax = figure.add_axes((left / self.width, 1.0 - (top + height) / self.height, width / self.width,
@@ -131,3 +128,31 @@ class Sheet:
             cax.set_label("colorbar")
             cax.tick_params(labelsize=7)
         return figure
+
+
+class SheetPixels(Artist):
+    """A sheet's RGBA pixels filling the figure, handed to the renderer as they are (gid ``"sheet"``).
+
+    At the sheet's resolution (``DPI``) nothing is resampled: an image in an axes would be resampled and copied by
+    matplotlib, which costs more than drawing everything else. At another resolution the pixels are scaled by
+    nearest neighbour, and a vector backend (PDF) scales them itself.
+    """
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        super().__init__()
+        self.set_gid("sheet")
+        self.rgba = pixels
+
+    def draw(self, renderer: Any) -> None:
+        height, width = self.rgba.shape[:2]
+        scale = renderer.dpi / DPI
+        bottom_up = self.rgba[::-1]  # renderers take the bottom row first
+        gc = renderer.new_gc()
+        if renderer.option_scale_image():
+            renderer.draw_image(gc, 0, 0, np.ascontiguousarray(bottom_up),
+                                Affine2D().scale(width * scale, height * scale))
+        else:
+            if scale != 1:
+                bottom_up = resample(bottom_up, round(height * scale), round(width * scale))
+            renderer.draw_image(gc, 0, 0, np.ascontiguousarray(bottom_up))
+        gc.restore()

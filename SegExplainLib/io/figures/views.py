@@ -94,7 +94,7 @@ def slice_label(geometry: Geometry, axis: int, index: int) -> str:
     return f"{_RAS_LETTERS[normal]}: {ras[normal]:.1f} mm"
 
 
-def case_slices(maps: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
+def case_slices(magnitude: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
     """Slices of a case's montage: ``count`` evenly spaced slices over the span of the region and of the slices
     where the relevance stands out, the one nearest the slice of most ``|R|`` moved onto it.
 
@@ -104,7 +104,7 @@ def case_slices(maps: np.ndarray, region: np.ndarray | None, *, axis: int, count
     where relevance peaks is always shown.
 
     Args:
-        maps: Relevance ``(C, D, H, W)``.
+        magnitude: The relevance's magnitude ``|R|``, ``(C, D, H, W)``.
         region: The target region ``(D, H, W)`` (boolean, not empty) on the maps' grid, or None.
         axis: The array axis that is sliced.
         count: How many slices at most.
@@ -113,7 +113,7 @@ def case_slices(maps: np.ndarray, region: np.ndarray | None, *, axis: int, count
         Increasing, distinct slice indices.
     """
     other = tuple(a for a in range(4) if a != axis + 1)
-    profile = np.abs(maps).sum(axis=other, dtype=np.float64)
+    profile = magnitude.sum(axis=other, dtype=np.float64)
     excess = profile - np.median(profile)
     standing_out = np.flatnonzero(excess >= 0.1 * excess.max()) if excess.max() > 0 else np.array([], int)
     peak = int(np.argmax(profile)) if profile.max() > 0 else None
