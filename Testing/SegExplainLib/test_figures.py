@@ -627,3 +627,25 @@ def test_explanation_figures_rejects_bad_input(rng):
         explanation_figures(image, maps, **options, per_panel_scale=1)
     with errors("geometry must be a Geometry (from read_sequences), got tuple"):
         explanation_figures(image, maps, **{**options, "geometry": (1.0, 1.0, 3.0)})
+
+
+def test_explanation_figures_save_at_any_resolution_and_as_pdf(rng, tmp_path):
+    image, maps = case(rng)
+    figures = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD)
+    width, height = (round(v * 120) for v in figures["mip.png"].get_size_inches())
+    pictures = {}
+    for dpi in (120, 60):
+        data = save_figure(figures["mip.png"], tmp_path / f"mip{dpi}.png", dpi=dpi, close=False).read_bytes()
+        pictures[dpi] = (matplotlib.image.imread(io.BytesIO(data), format="png")[..., :3] * 255).astype(int)
+    assert pictures[120].shape[:2] == (height, width) and pictures[60].shape[:2] == (height // 2, width // 2)
+    bar_left = axes_by_label(figures["mip.png"], "colorbar")[0].get_position().x0  # its red end left out
+    where = []
+    for picture in pictures.values():  # the sheet's pixels are scaled with the figure: the blobs lie where they did
+        views = picture[:, : int(bar_left * picture.shape[1])]
+        rows, cols = np.nonzero((views[..., 0] - views[..., 1] > 40) & (views[..., 0] - views[..., 2] > 30))
+        assert rows.size > 0
+        where.append((rows.mean() / picture.shape[0], cols.mean() / picture.shape[1]))
+    np.testing.assert_allclose(where[0], where[1], atol=0.02)
+    pdf = save_figure(figures["montage.png"], tmp_path / "montage.pdf").read_bytes()
+    montage_width = round(figures["montage.png"].get_figwidth() * 120)
+    assert pdf[:4] == b"%PDF" and f"/Subtype /Image /Width {montage_width} ".encode() in pdf

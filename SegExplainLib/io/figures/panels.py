@@ -68,9 +68,9 @@ def tile_size(shape: tuple[int, int], pixel_mm: tuple[float, float], longest: in
 
 
 def grey_window(volume: np.ndarray) -> tuple[float, float]:
-    """The 0.5 and 99.5 percentiles of a volume (of at most about 200 000 of its voxels): a bright outlier does not
+    """The 0.5 and 99.5 percentiles of a volume (of at most about 50 000 of its voxels): a bright outlier does not
     darken the whole image."""
-    values = volume.reshape(-1)[:: max(1, volume.size // 200_000)]
+    values = volume.reshape(-1)[:: max(1, volume.size // 50_000)]
     low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
     return (low, high) if high > low else (low - 0.5, high + 0.5)
 
@@ -124,6 +124,7 @@ class Sheet:
             cax = figure.add_axes((left / self.width, 1.0 - (top + height) / self.height, width / self.width,
                                    height / self.height))
             bar = figure.colorbar(ScalarMappable(norm=Normalize(vmin=-limit, vmax=limit), cmap=cmap), cax=cax)
+            bar.set_ticks(np.linspace(-limit, limit, 5))  # the ends, their halves and zero: enough to read
             bar.set_label(label, fontsize=8)
             cax.set_label("colorbar")
             cax.tick_params(labelsize=7)
