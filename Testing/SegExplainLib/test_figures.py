@@ -27,7 +27,7 @@ from SegExplainLib.io.figures import (
     shares_figure,
 )
 from SegExplainLib.io.figures.panels import letter_path
-from SegExplainLib.io.figures.views import case_slices, slice_label, view_of
+from SegExplainLib.io.figures.views import case_slices, slice_label, slice_profile, view_of
 from SegExplainLib.io.imaging import Geometry
 
 NAMES = ["T1", "FLAIR"]
@@ -518,15 +518,14 @@ def test_slice_label_is_the_ras_position_in_mm():
 
 def test_case_slices_go_through_the_region_and_the_relevance(rng):
     _, maps = case(rng)
-    assert case_slices(np.abs(maps), None, axis=0, count=6) == [9, 10, 11]  # weak noise elsewhere does not widen them
+    profile = slice_profile(np.abs(maps).sum(axis=0), 0)
+    assert case_slices(profile, None, axis=0, count=6) == [9, 10, 11]  # weak noise elsewhere does not widen them
     region = np.zeros((24, 16, 16), bool)
     region[3:6, 2:5, 2:5] = True
-    chosen = case_slices(np.abs(maps), region, axis=0, count=4)
-    peak = int(np.argmax(np.abs(maps).sum(axis=(0, 2, 3))))
+    chosen = case_slices(profile, region, axis=0, count=4)
+    peak = int(np.argmax(profile))
     assert len(chosen) == 4 and chosen[0] == 3 and chosen[-1] <= 11 and peak in chosen
-    peak = np.zeros_like(maps)
-    peak[0, 20] = 1.0  # all relevance in one slice outside the region: it is shown
-    assert 20 in case_slices(peak, region, axis=0, count=3)
+    assert 20 in case_slices(np.eye(24)[20], region, axis=0, count=3)  # all relevance in one slice outside the region
 
 
 def test_explanation_figures_share_one_scale_and_say_what_they_show(rng):
@@ -573,7 +572,7 @@ def test_explanation_figures_montage_in_mm_with_orientation_letters(rng):
     region[7:12, 10:14, 10:14] = True
     montage = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD,
                                   region=region)["montage.png"]
-    columns = case_slices(np.abs(maps), region, axis=0, count=6)
+    columns = case_slices(slice_profile(np.abs(maps).sum(axis=0), 0), region, axis=0, count=6)
     assert columns[0] == 7 and columns[-1] == 11
     labels = {t.get_gid(): t.get_text() for t in montage.texts if (t.get_gid() or "").startswith("slice:")}
     assert labels == {f"slice:{i}": f"S: {-30 + 3 * i:.1f} mm" for i in columns}

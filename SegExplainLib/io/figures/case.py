@@ -12,19 +12,19 @@ import math
 import numbers
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ...engine import metrics
 from ...errors import SegExplainError
 from ..imaging import Geometry
 from .checks import check_bool, check_cmap, check_fraction, image_and_maps
 from .panels import DPI, Sheet, colour_table, grey_window, overlay_pixels, resample, tile_size
 from .projections import maximum_intensity_projection
-from .views import View, case_slices, slice_label, view_of
+from .views import View, case_slices, slice_label, slice_profile, view_of
 
 _MARGIN = 12
 _GAP = 6
@@ -140,10 +140,34 @@ def _pixel_mm(geometry: Geometry, view: View) -> tuple[float, float]:
     return (spacing[cols], spacing[rows]) if view.transpose else (spacing[rows], spacing[cols])
 
 
-def _limits(magnitude: np.ndarray, per_panel: bool) -> np.ndarray:
-    per_channel = magnitude.reshape(magnitude.shape[0], -1).max(axis=1).astype(np.float64)
-    if not per_panel:
-        per_channel[:] = per_channel.max()
+@dataclass(frozen=True)
+class _Statistics:
+    """What the figures need of the maps, per sequence: ``max|R|``, the positive and the negative sum; and ``|R|``
+    per slice along the first axis, over all sequences."""
+
+    largest: np.ndarray
+    positive: np.ndarray
+    negative: np.ndarray
+    profile: np.ndarray
+
+
+def _statistics(maps: np.ndarray) -> _Statistics:
+    # One sequence at a time through one buffer: a temporary the size of all the maps costs more in fresh memory
+    # pages than the arithmetic (half a second for 6 x 155 x 240 x 240).
+    buffer = np.empty(maps.shape[1:], dtype=maps.dtype)
+    largest, positive, negative = (np.zeros(len(maps)) for _ in range(3))
+    profile = np.zeros(maps.shape[1])
+    for c, channel in enumerate(maps):
+        np.abs(channel, out=buffer)
+        largest[c] = buffer.max()
+        profile += slice_profile(buffer, 0)
+        positive[c] = np.maximum(channel, 0, out=buffer).sum(dtype=np.float64)
+        negative[c] = -np.minimum(channel, 0, out=buffer).sum(dtype=np.float64)
+    return _Statistics(largest, positive, negative, profile)
+
+
+def _limits(largest: np.ndarray, per_panel: bool) -> np.ndarray:
+    per_channel = largest.copy() if per_panel else np.full_like(largest, largest.max())
     # An all-zero map gets limits ±1: nothing is overlaid and the colour bar stays readable.
     return np.where(per_channel > 0, per_channel, 1.0)
 
@@ -172,10 +196,10 @@ def _mip_figure(image, maps, names, geometry, title, limits, per_panel, table, a
     return sheet.figure()
 
 
-def _montage_figure(image, maps, magnitude, names, geometry, region, title, limits, per_panel, table, alpha, cmap,
+def _montage_figure(image, maps, profile, names, geometry, region, title, limits, per_panel, table, alpha, cmap,
                     class_index, slices) -> Figure:
     view = view_of(geometry, 0)
-    columns = case_slices(magnitude, region, axis=0, count=slices)
+    columns = case_slices(profile, region, axis=0, count=slices)
     height, width = tile_size(view.show(maps[0, 0]).shape, _pixel_mm(geometry, view), 150)
     sheet_width = max(640, _MARGIN + _LABEL_WIDTH + len(columns) * (width + _GAP) + _BAR_WIDTH)
     lines = _wrapped(title + [f"Slices through the region and the relevance, across {view.through}. "
@@ -204,8 +228,10 @@ def _montage_figure(image, maps, magnitude, names, geometry, region, title, limi
     return sheet.figure()
 
 
-def _shares_figure(maps: np.ndarray, names: list[str], title: list[str], class_index: int) -> Figure:
-    shares = {kind: 100.0 * metrics.relevance_shares(maps, kind=kind) for kind in _SHARE_COLOURS}
+def _shares_figure(statistics: _Statistics, names: list[str], title: list[str], class_index: int) -> Figure:
+    # As metrics.relevance_shares gives them, from the sums at hand.
+    shares = {kind: 100.0 * part / part.sum() if part.sum() > 0 else np.zeros_like(part)
+              for kind, part in (("positive", statistics.positive), ("negative", statistics.negative))}
     width = max(640, 110 * len(names) + 120)
     lines = _wrapped(title + ["Share of each sequence in the relevance for and against the class score"], width)
     height = 300 + _LINE * len(lines)
@@ -293,13 +319,13 @@ def explanation_figures(
             f"maps shape {maps_array.shape} does not match the geometry's (D, H, W) {geometry.shape}")
     region_mask = _check_region(region, geometry.shape)
     class_index = record["target"]["class_index"]
-    magnitude = np.abs(maps_array)  # once: the colour limits and the montage's slices both need it
-    limits = _limits(magnitude, per_panel)
+    statistics = _statistics(maps_array)
+    limits = _limits(statistics.largest, per_panel)
     table = colour_table(colours)
     return {
         "mip.png": _mip_figure(image_array, maps_array, names, geometry, title, limits, per_panel, table, alpha,
                                colours, class_index),
-        "montage.png": _montage_figure(image_array, maps_array, magnitude, names, geometry, region_mask, title,
-                                       limits, per_panel, table, alpha, colours, class_index, int(slices)),
-        "shares.png": _shares_figure(maps_array, names, title, class_index),
+        "montage.png": _montage_figure(image_array, maps_array, statistics.profile, names, geometry, region_mask,
+                                       title, limits, per_panel, table, alpha, colours, class_index, int(slices)),
+        "shares.png": _shares_figure(statistics, names, title, class_index),
     }

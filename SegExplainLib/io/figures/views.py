@@ -94,7 +94,12 @@ def slice_label(geometry: Geometry, axis: int, index: int) -> str:
     return f"{_RAS_LETTERS[normal]}: {ras[normal]:.1f} mm"
 
 
-def case_slices(magnitude: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
+def slice_profile(magnitude: np.ndarray, axis: int) -> np.ndarray:
+    """``|R|`` of each slice along array ``axis`` of a volume ``(D, H, W)`` of magnitudes, in float64."""
+    return magnitude.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.float64)
+
+
+def case_slices(profile: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
     """Slices of a case's montage: ``count`` evenly spaced slices over the span of the region and of the slices
     where the relevance stands out, the one nearest the slice of most ``|R|`` moved onto it.
 
@@ -104,7 +109,8 @@ def case_slices(magnitude: np.ndarray, region: np.ndarray | None, *, axis: int, 
     where relevance peaks is always shown.
 
     Args:
-        magnitude: The relevance's magnitude ``|R|``, ``(C, D, H, W)``.
+        profile: The relevance's magnitude ``|R|`` of each slice along ``axis``, summed over the slice and all
+            sequences (:func:`slice_profile`).
         region: The target region ``(D, H, W)`` (boolean, not empty) on the maps' grid, or None.
         axis: The array axis that is sliced.
         count: How many slices at most.
@@ -112,8 +118,6 @@ def case_slices(magnitude: np.ndarray, region: np.ndarray | None, *, axis: int, 
     Returns:
         Increasing, distinct slice indices.
     """
-    other = tuple(a for a in range(4) if a != axis + 1)
-    profile = magnitude.sum(axis=other, dtype=np.float64)
     excess = profile - np.median(profile)
     standing_out = np.flatnonzero(excess >= 0.1 * excess.max()) if excess.max() > 0 else np.array([], int)
     peak = int(np.argmax(profile)) if profile.max() > 0 else None
