@@ -9,9 +9,10 @@
 
 The case is a synthetic one: six sequences of a smooth ellipsoid "head" with noise, and relevance in a lesion-sized
 blob (with weak noise everywhere), on a 1 x 1 x 3 mm grid. After one warm-up of each, old and new are timed
-``--repeats`` times, interleaved (garbage collected before each), and the best of each is printed with the ratio old / new,
-in wall-clock seconds and in CPU seconds of this process (less sensitive to other processes on a shared machine), for the demo-sized case
-(6, 24, 48, 48) and a larger one (6, 64, 160, 160), with the machine and its load average.
+``--repeats`` times, interleaved (garbage collected before each), and the best of each is printed with the ratio
+old / new, in wall-clock seconds and in CPU seconds of this process (less sensitive to other processes on a shared
+machine), for the demo-sized case (6, 24, 48, 48) and a larger one (6, 64, 160, 160), with the machine and its load
+average.
 
 Run from the repository root: ``python bench/bench_figures.py [--repeats 3] [--sizes 24x48x48 64x160x160]``.
 """
@@ -92,11 +93,13 @@ def main() -> None:
             new_way(image, maps, geometry, region, folder)
             times: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
             for _ in range(args.repeats):
-                for way, run in (("old", lambda: old_way(image, maps, folder)),
-                                 ("new", lambda: new_way(image, maps, geometry, region, folder))):
+                for way in ("old", "new"):
                     gc.collect()  # neither way pays for the other's garbage
                     wall, cpu = time.perf_counter(), time.process_time()
-                    run()
+                    if way == "old":
+                        old_way(image, maps, folder)
+                    else:
+                        new_way(image, maps, geometry, region, folder)
                     times[way].append((time.perf_counter() - wall, time.process_time() - cpu))
             (old_wall, old_cpu), (new_wall, new_cpu) = (
                 (min(t[0] for t in times[w]), min(t[1] for t in times[w])) for w in ("old", "new"))

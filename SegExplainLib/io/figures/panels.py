@@ -29,7 +29,7 @@ DPI = 120
 LETTER_POINTS = 7
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def letter_path(letter: str) -> Path:
     """The outline of a bold letter, ``LETTER_POINTS`` high in points, centred on (0, 0)."""
     path = TextPath((0, 0), letter, size=LETTER_POINTS, prop=FontProperties(weight="bold"))
