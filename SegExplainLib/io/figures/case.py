@@ -202,7 +202,7 @@ def _montage_figure(image, maps, profile, names, geometry, region, title, limits
     columns = case_slices(profile, region, axis=0, count=slices)
     height, width = tile_size(view.show(maps[0, 0]).shape, _pixel_mm(geometry, view), 150)
     sheet_width = max(640, _MARGIN + _LABEL_WIDTH + len(columns) * (width + _GAP) + _BAR_WIDTH)
-    lines = _wrapped(title + [f"Slices through the region and the relevance, across {view.through}. "
+    lines = _wrapped(title + [f"Slices through the region and the relevance, along {view.through}. "
                               f"{_scale_line(limits, per_panel)}"], sheet_width)
     top = _MARGIN + _LINE * len(lines) + _LINE + 4
     sheet = Sheet(sheet_width, top + len(names) * (height + _GAP) + _MARGIN)
