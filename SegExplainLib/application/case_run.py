@@ -15,6 +15,9 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from ..errors import GridMismatchError, SegExplainError
 from .requests import CaseRun
@@ -91,6 +94,13 @@ def case_sequence_names(given: Sequence[str] | None, known: Sequence[str] | None
     return names
 
 
+def shown_region(target: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The region the figures' slices go through: the target's own on the case's grid (a segment, a box, a clicked
+    ball), or None when it depends on the prediction or covers the whole volume (the slices then follow relevance)."""
+    region = target.grid_region(tuple(shape))
+    return None if region is None or region.all() else np.asarray(region, bool)
+
+
 def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
     """Explain one case from its files into its output folder (``segexplain explain``); returns the folder as given.
 
@@ -137,6 +147,6 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
                            record=result.record(), names=names, inputs=list(run.inputs), model=model_fields(pipeline),
                            filters=filters, ground_truth=run.ground_truth, resample=run.resample,
-                           figures=run.figures, progress=progress)
+                           figures=run.figures, region=shown_region(target, image.shape[1:]), progress=progress)
     progress.finish(output)
     return output

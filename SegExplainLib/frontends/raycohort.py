@@ -171,20 +171,23 @@ class CaseWorker:
         to PNG bytes) are drawn here when ``names`` (the sequence names) are given: drawing takes longer than
         explaining a small case, and the driver would draw one case after another.
         """
-        from ..application.case_run import failure_text
+        from ..application.case_run import failure_text, shown_region
         from ..application.requests import ExplainRequest
         from ..io.imaging import Geometry
         from ..io.outputs import case_figures
 
         try:
-            self.session.set_case(image, Geometry(**geometry))
-            result = self.session.explain(ExplainRequest.from_json(request), mask=mask)
+            grid, explain_request = Geometry(**geometry), ExplainRequest.from_json(request)
+            self.session.set_case(image, grid)
+            result = self.session.explain(explain_request, mask=mask)
             maps = result.maps.astype(np.float32)
             pngs = {}
             if names is not None:
+                region = shown_region(explain_request.target(grid, mask), image.shape[1:])
                 with tempfile.TemporaryDirectory(prefix="segexplain-figures-") as folder:
-                    pngs = {name: (Path(folder) / name).read_bytes()
-                            for name in case_figures(image, maps, names, Path(folder))}
+                    drawn = case_figures(image, maps, names, Path(folder), geometry=grid, record=result.record(),
+                                         region=region)
+                    pngs = {name: (Path(folder) / name).read_bytes() for name in drawn}
         except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
             return {"error": failure_text(error)}
         return {"maps": maps, "record": result.record(), "figures": pngs}

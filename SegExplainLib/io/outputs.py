@@ -78,7 +78,8 @@ def move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
 def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray, geometry, maps: np.ndarray,
                        record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
                        filters: Sequence[Any], ground_truth: str | None, resample: bool,
-                       figures: bool | dict[str, bytes], progress: Any = None) -> dict[str, Any]:
+                       figures: bool | dict[str, bytes], region: np.ndarray | None = None,
+                       progress: Any = None) -> dict[str, Any]:
     """Write one case's results as ``segexplain explain`` does: maps per sequence, ``summary.json``, figures.
 
     Used by ``segexplain explain`` and by both ways of ``segexplain cohort`` (serial, Ray workers), so that a case's
@@ -100,6 +101,7 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
         resample: Resample the ground truth onto the case's grid.
         figures: Draw and write the PNG figures; or the figures already drawn (:func:`case_figures`, by a Ray
             worker), file name to PNG bytes, written as they are.
+        region: The explained region on the case's grid, for the montage's slices (None: where relevance is).
         progress: The run's progress display (its ``step(name)`` is told each step), or None.
 
     Returns:
@@ -138,7 +140,8 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
                 (staging / filename).write_bytes(png)
             summary["figures"] = list(figures)
         elif figures:
-            summary["figures"] = case_figures(image, maps, names, staging)
+            summary["figures"] = case_figures(image, maps, names, staging, geometry=geometry, record=record,
+                                              region=region)
         step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         move_into_place(staging, destination, overwrite)
@@ -147,17 +150,18 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
     return summary
 
 
-def case_figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], folder: Path) -> list[str]:
-    """Write a case's figures (``mip.png``, ``montage.png``, ``shares.png``) into ``folder``; their names."""
-    from ..engine import metrics
+def case_figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], folder: Path, *, geometry,
+                 record: dict[str, Any], region: np.ndarray | None = None) -> list[str]:
+    """Write a case's figures (``mip.png``, ``montage.png``, ``shares.png``, see
+    :func:`~SegExplainLib.io.figures.explanation_figures`) into ``folder``; their names.
+
+    ``record`` is the explanation's record (method, region, class, target score for the titles); ``region`` the
+    explained region on the case's grid, which the montage's slices go through (None: where relevance is).
+    """
     from . import figures
 
-    shares = dict(zip(names, metrics.relevance_shares(maps, kind="positive").tolist()))
-    made = []
-    for filename, figure in (("mip.png", figures.mip_figure(image, maps, sequence_names=names)),
-                             ("montage.png", figures.montage_figure(image, maps, sequence_names=names)),
-                             ("shares.png", figures.shares_figure(np.array([shares[n] for n in names]),
-                                                                  sequence_names=names))):
+    drawn = figures.explanation_figures(image, maps, sequence_names=names, geometry=geometry, record=record,
+                                        region=region)
+    for filename, figure in drawn.items():
         figures.save_figure(figure, folder / filename)
-        made.append(filename)
-    return made
+    return list(drawn)

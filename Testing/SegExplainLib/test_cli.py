@@ -349,6 +349,32 @@ def test_figures_are_written(case):
         assert (output / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_figures_are_drawn_from_the_explanation(case, monkeypatch):
+    """The case's figures know what they show: the record (method, region, class, score for the titles), the grid
+    (orientation letters, mm) and the explained box, which the montage's slices go through."""
+    from SegExplainLib.io import figures
+
+    drawn = []
+    real = figures.explanation_figures
+
+    def spy(image, maps, **options):
+        drawn.append(options)
+        return real(image, maps, **options)
+
+    monkeypatch.setattr(figures, "explanation_figures", spy)
+    output = case["dir"] / "explained-figures"
+    args = [a for a in base_args(case, output) if a != "--no-figures"]
+    assert cli.main([*args, "--method", "gradient", "--box-index", "1", "2", "2", "4", "6", "7"]) == 0
+    (options,) = drawn
+    summary = json.loads((output / "summary.json").read_text())
+    assert options["record"]["method"] == "gradient" and options["record"]["target"]["kind"] == "box"
+    assert options["geometry"].to_dict() == summary["geometry"]
+    box = np.zeros(SHAPE, bool)
+    box[1:4, 2:6, 2:7] = True
+    np.testing.assert_array_equal(options["region"], box)
+    assert summary["figures"] == ["mip.png", "montage.png", "shares.png"]
+
+
 def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
     labels = np.zeros(SHAPE, np.uint8)
     labels[2:4, 3:5, 3:6] = 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +14,10 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from SegExplainLib.engine.metrics import relevance_shares
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.figures import (
+    explanation_figures,
     inclusivity_figure,
     maximum_intensity_projection,
     mip_figure,
@@ -23,6 +26,9 @@ from SegExplainLib.io.figures import (
     save_figure,
     shares_figure,
 )
+from SegExplainLib.io.figures.panels import letter_path
+from SegExplainLib.io.figures.views import case_slices, slice_label, slice_profile, view_of
+from SegExplainLib.io.imaging import Geometry
 
 NAMES = ["T1", "FLAIR"]
 SHAPE = (2, 6, 16, 16)
@@ -430,3 +436,215 @@ def test_figures_are_made_and_saved_in_threads_without_pyplot(tmp_path, planted)
         rgb = (picture * 255).astype(int)
         assert ((rgb[..., 0] - rgb[..., 2]) > 60).any() and ((rgb[..., 2] - rgb[..., 0]) > 60).any()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"mip{i}.png" for i in range(4)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# explanation_figures: what a reader needs (issue 19)
+
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+RECORD = {"method": "lrp", "options": {"composite": "epsilon_plus_flat"},
+          "target": {"kind": "box", "class_index": 2, "aggregation": "sum", "start": [8, 2, 2], "stop": [12, 10, 10]},
+          "target_score": 41.5}
+
+
+def grid(direction=IDENTITY, shape=(24, 16, 16), spacing=(1.0, 1.0, 3.0), origin=(10.0, 20.0, -30.0)) -> Geometry:
+    return Geometry(spacing, origin, direction, shape[::-1])
+
+
+def case(rng: np.random.Generator, shape=(2, 24, 16, 16)) -> tuple[np.ndarray, np.ndarray]:
+    """Image with noise; weak relevance everywhere, a strong positive blob in slices 9..11 (rows and columns 11..13,
+    the patient's posterior left on the identity grid) of every sequence, three times stronger in the second."""
+    image = 0.5 + 0.1 * rng.standard_normal(shape)
+    maps = 0.001 * rng.standard_normal(shape)
+    maps[:, 9:12, 11:14, 11:14] = 1.0
+    maps[1] *= 3.0
+    return image, maps
+
+
+def letters_drawn(fig: Figure) -> list[str]:
+    """The letters of the figure's letter collection, read back from their outlines."""
+    (collection,) = [a for a in fig.artists if a.get_gid() == "letters"]
+    known = {letter: letter_path(letter).vertices for letter in "RLAPSI"}
+    return [next(k for k, v in known.items() if v.shape == p.vertices.shape and np.allclose(v, p.vertices))
+            for p in collection.get_paths()]
+
+
+def text_by_gid(fig: Figure, gid: str) -> str:
+    (text,) = [t for t in fig.texts if t.get_gid() == gid]
+    return text.get_text()
+
+
+def title_of(fig: Figure) -> str:
+    """The figure's title with its lines joined, as a reader reads it."""
+    return " ".join(text_by_gid(fig, "title").split())
+
+
+def redness_by_panel(fig: Figure) -> list[int]:
+    """The largest red minus green of the rendered pixels of each sequence's view of a MIP figure of T1 and FLAIR."""
+    pixels = render(fig)
+    centres = [fig.transFigure.transform(t.get_position())[0] for n in NAMES for t in fig.texts
+               if t.get_gid() == f"name:{n}"]
+    middle, end = (centres[0] + centres[1]) / 2, centres[1] + (centres[1] - centres[0]) / 2
+    redness = pixels[..., 0] - pixels[..., 1]  # not minus blue: the yellow orientation letters would count
+    return [int(redness[:, : int(middle)].max()), int(redness[:, int(middle): int(end)].max())]
+
+
+def test_views_turn_slices_to_the_radiological_convention():
+    axial = view_of(grid(), 0)
+    assert axial.letters == {"left": "R", "right": "L", "top": "A", "bottom": "P"} and axial.through == "S-I"
+    assert not (axial.transpose or axial.flip_rows or axial.flip_cols)
+    # x and y stored the other way round (a NIfTI in RAS order): the patient's left still shows on the right.
+    flipped = view_of(grid((-1, 0, 0, 0, -1, 0, 0, 0, 1)), 0)
+    assert flipped.letters == axial.letters and flipped.flip_rows and flipped.flip_cols
+    plane = np.zeros((16, 16))
+    plane[0, 0] = 1.0  # voxel (x, y) = (0, 0): the most left and posterior one of this grid
+    assert flipped.show(plane)[-1, -1] == 1.0
+    # Index x runs to S, y to L, z to A: slicing z cuts A-P, a coronal view (R-L across, S at the top).
+    coronal = view_of(grid((0, 1, 0, 0, 0, 1, 1, 0, 0)), 0)
+    assert coronal.letters == {"left": "R", "right": "L", "top": "S", "bottom": "I"} and coronal.through == "A-P"
+    assert coronal.transpose and coronal.flip_rows and not coronal.flip_cols
+    # Oblique by 20 degrees about the z axis: named by each axis' largest component.
+    c, s = math.cos(math.radians(20)), math.sin(math.radians(20))
+    assert view_of(grid((c, -s, 0, s, c, 0, 0, 0, 1)), 0).letters == axial.letters
+    sagittal = view_of(grid(), 2)
+    assert sagittal.letters == {"left": "A", "right": "P", "top": "S", "bottom": "I"} and sagittal.through == "R-L"
+
+
+def test_slice_label_is_the_ras_position_in_mm():
+    assert slice_label(grid(), 0, 4) == "S: -18.0 mm"  # LPS z = -30 + 4 * 3
+    assert slice_label(grid((1, 0, 0, 0, 1, 0, 0, 0, -1)), 0, 4) == "S: -42.0 mm"
+    assert slice_label(grid(), 2, 5) == "R: -15.0 mm"  # LPS x = 10 + 5: RAS x = -15
+
+
+def test_case_slices_go_through_the_region_and_the_relevance(rng):
+    _, maps = case(rng)
+    profile = slice_profile(np.abs(maps).sum(axis=0), 0)
+    assert case_slices(profile, None, axis=0, count=6) == [9, 10, 11]  # weak noise elsewhere does not widen them
+    region = np.zeros((24, 16, 16), bool)
+    region[3:6, 2:5, 2:5] = True
+    chosen = case_slices(profile, region, axis=0, count=4)
+    peak = int(np.argmax(profile))
+    assert len(chosen) == 4 and chosen[0] == 3 and chosen[-1] <= 11 and peak in chosen
+    assert 20 in case_slices(np.eye(24)[20], region, axis=0, count=3)  # all relevance in one slice outside the region
+
+
+def test_explanation_figures_share_one_scale_and_say_what_they_show(rng):
+    image, maps = case(rng)
+    figures = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD)
+    assert list(figures) == ["mip.png", "montage.png", "shares.png"]
+    for filename in ("mip.png", "montage.png"):
+        fig = figures[filename]
+        (bar,) = axes_by_label(fig, "colorbar")
+        np.testing.assert_allclose(bar.get_ylim(), (-3.0, 3.0))  # the largest |R| of both sequences
+        assert bar.get_ylabel() == "relevance\nred: for, blue: against class 2"
+        title = title_of(fig)
+        assert title.startswith("lrp (composite epsilon_plus_flat) | box [8:12, 2:10, 2:10], class 2 | target "
+                                 "score 41.5")
+        assert "One colour scale for all sequences: ±3" in title
+        assert "negative" not in title
+    # On one scale FLAIR's blob (3.0) is a deeper red than T1's (1.0), as its relevance is larger.
+    t1, flair = redness_by_panel(figures["mip.png"])
+    assert flair > t1 + 30
+    shares = figures["shares.png"]
+    (ax,) = axes_by_label(shares, "shares")
+    for kind in ("positive", "negative"):
+        bars = [p for p in ax.patches if (p.get_gid() or "").startswith(f"share:{kind}:")]
+        assert [b.get_gid() for b in bars] == [f"share:{kind}:{n}" for n in NAMES]
+        np.testing.assert_allclose([b.get_height() for b in bars], 100 * relevance_shares(maps, kind=kind))
+
+
+def test_explanation_figures_per_panel_scale_only_on_request_and_said(rng):
+    image, maps = case(rng)
+    figures = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD,
+                                  per_panel_scale=True)
+    mip = figures["mip.png"]
+    (bar,) = axes_by_label(mip, "colorbar")
+    np.testing.assert_allclose(bar.get_ylim(), (-1.0, 1.0))
+    assert "Colour scale per sequence" in title_of(mip)
+    assert [text_by_gid(mip, f"name:{n}") for n in NAMES] == ["T1 (±1)", "FLAIR (±3)"]
+    t1, flair = redness_by_panel(mip)
+    assert abs(flair - t1) <= 2  # each at its own limit: the same red
+
+
+def test_explanation_figures_montage_in_mm_with_orientation_letters(rng):
+    image, maps = case(rng)
+    region = np.zeros((24, 16, 16), bool)
+    region[7:12, 10:14, 10:14] = True
+    montage = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD,
+                                  region=region)["montage.png"]
+    columns = case_slices(slice_profile(np.abs(maps).sum(axis=0), 0), region, axis=0, count=6)
+    assert columns[0] == 7 and columns[-1] == 11
+    labels = {t.get_gid(): t.get_text() for t in montage.texts if (t.get_gid() or "").startswith("slice:")}
+    assert labels == {f"slice:{i}": f"S: {-30 + 3 * i:.1f} mm" for i in columns}
+    assert letters_drawn(montage) == ["R", "L", "A", "P"] * (len(columns) * len(NAMES))
+    coronal = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid((0, 1, 0, 0, 0, 1, 1, 0, 0)),
+                                  record=RECORD)
+    assert letters_drawn(coronal["mip.png"]) == ["R", "L", "S", "I"] * len(NAMES)
+
+
+@pytest.mark.parametrize(("direction", "side"), [(IDENTITY, "right"), ((-1, 0, 0, 0, -1, 0, 0, 0, 1), "left")])
+def test_explanation_figures_show_the_patients_left_on_the_right(rng, direction, side):
+    image, maps = case(rng)
+    # The blob lies at high x indices: the patient's left on the identity grid, the right when x runs to R.
+    mip = explanation_figures(image[:1], maps[:1], sequence_names=["T1"], geometry=grid(direction),
+                              record=RECORD)["mip.png"]
+    pixels = render(mip)
+    centre, _ = mip.transFigure.transform(mip.texts[[t.get_gid() for t in mip.texts].index("name:T1")]
+                                          .get_position())
+    bar_left = axes_by_label(mip, "colorbar")[0].get_window_extent().x0
+    red = np.nonzero((pixels[..., 0] - pixels[..., 2] > 40) & (pixels[..., 0] - pixels[..., 1] > 40))
+    red = (red[0][red[1] < bar_left], red[1][red[1] < bar_left])  # the colour bar's red end left out
+    assert red[1].size > 0
+    assert (red[1].mean() > centre) == (side == "right")
+
+
+@pytest.mark.parametrize(("score", "said"), [(-3596.0, "The target score is negative"),
+                                             (0.0, "The target score is zero")])
+def test_explanation_figures_say_a_target_score_that_is_not_positive(rng, score, said):
+    image, maps = case(rng)
+    figures = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(),
+                                  record={**RECORD, "target_score": score})
+    for fig in figures.values():
+        title = title_of(fig)
+        assert f"target score {score:.4g}" in title and said in title
+
+
+def test_explanation_figures_rejects_bad_input(rng):
+    image, maps = case(rng)
+    options = {"sequence_names": NAMES, "geometry": grid(), "record": RECORD}
+    with errors("record lacks 'target_score'; expected Explanation.record()"):
+        explanation_figures(image, maps, **{**options, "record": {k: v for k, v in RECORD.items()
+                                                                  if k != "target_score"}})
+    with errors("record['target_score'] must be a finite number, got nan"):
+        explanation_figures(image, maps, **{**options, "record": {**RECORD, "target_score": float("nan")}})
+    with errors("maps shape (2, 24, 16, 16) does not match the geometry's (D, H, W) (24, 16, 8)"):
+        explanation_figures(image, maps, **{**options, "geometry": grid(shape=(24, 16, 8))})
+    with errors("region must be a non-empty boolean mask shaped (24, 16, 16) (the maps' grid), got dtype bool "
+                "shape (24, 16, 16)"):
+        explanation_figures(image, maps, **options, region=np.zeros((24, 16, 16), bool))
+    with errors("per_panel_scale must be True or False, got 1"):
+        explanation_figures(image, maps, **options, per_panel_scale=1)
+    with errors("geometry must be a Geometry (from read_sequences), got tuple"):
+        explanation_figures(image, maps, **{**options, "geometry": (1.0, 1.0, 3.0)})
+
+
+def test_explanation_figures_save_at_any_resolution_and_as_pdf(rng, tmp_path):
+    image, maps = case(rng)
+    figures = explanation_figures(image, maps, sequence_names=NAMES, geometry=grid(), record=RECORD)
+    width, height = (round(v * 120) for v in figures["mip.png"].get_size_inches())
+    pictures = {}
+    for dpi in (120, 60):
+        data = save_figure(figures["mip.png"], tmp_path / f"mip{dpi}.png", dpi=dpi, close=False).read_bytes()
+        pictures[dpi] = (matplotlib.image.imread(io.BytesIO(data), format="png")[..., :3] * 255).astype(int)
+    assert pictures[120].shape[:2] == (height, width) and pictures[60].shape[:2] == (height // 2, width // 2)
+    bar_left = axes_by_label(figures["mip.png"], "colorbar")[0].get_position().x0  # its red end left out
+    where = []
+    for picture in pictures.values():  # the sheet's pixels are scaled with the figure: the blobs lie where they did
+        views = picture[:, : int(bar_left * picture.shape[1])]
+        rows, cols = np.nonzero((views[..., 0] - views[..., 1] > 40) & (views[..., 0] - views[..., 2] > 30))
+        assert rows.size > 0
+        where.append((rows.mean() / picture.shape[0], cols.mean() / picture.shape[1]))
+    np.testing.assert_allclose(where[0], where[1], atol=0.02)
+    pdf = save_figure(figures["montage.png"], tmp_path / "montage.pdf").read_bytes()
+    montage_width = round(figures["montage.png"].get_figwidth() * 120)
+    assert pdf[:4] == b"%PDF" and f"/Subtype /Image /Width {montage_width} ".encode() in pdf

@@ -23,10 +23,22 @@ Example:
     >>> save_figure(mip_figure(image, result.maps, sequence_names=names), "mip.png")
     >>> save_figure(montage_figure(image, result.maps, sequence_names=names, placement="relevance"), "montage.pdf")
 
+A case's figures, as a clinician reads them, come from :func:`explanation_figures`: one colour scale for all
+sequences, a title naming method, region, class and target score, orientation letters and slice positions in mm
+(docs/figures.md):
+
+    >>> figures = explanation_figures(image, result.maps, sequence_names=names, geometry=geometry,
+    ...                               record=result.record(), region=region)
+    >>> for filename, figure in figures.items():                # mip.png, montage.png, shares.png
+    ...     save_figure(figure, folder / filename)
+
 The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (the overlay primitives),
-:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`.
+:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`;
+:mod:`.case` (a case's figures), :mod:`.views` (views in the patient frame) and :mod:`.panels` (figures drawn as
+one picture).
 """
 
+from .case import explanation_figures, explanation_title
 from .charts import ShareKind, inclusivity_figure, shares_figure
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
@@ -35,6 +47,8 @@ from .saving import save_figure
 __all__ = [
     "Placement",
     "ShareKind",
+    "explanation_figures",
+    "explanation_title",
     "inclusivity_figure",
     "maximum_intensity_projection",
     "mip_figure",

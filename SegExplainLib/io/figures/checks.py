@@ -25,7 +25,8 @@ def as_array(x: object, name: str) -> np.ndarray:
             raise SegExplainError(f"{name} must be an array of real numbers, got {type(x).__name__}") from error
     if array.dtype.kind not in "biuf":
         raise SegExplainError(f"{name} must hold real numbers, got dtype {array.dtype}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    # NaN and infinity show in the minimum or the maximum: no boolean temporary the size of the array.
+    if array.dtype.kind == "f" and array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
         raise SegExplainError(f"{name} contains NaN or infinite values; expected finite numbers")
     return array
 

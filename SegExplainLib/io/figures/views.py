@@ -1,0 +1,135 @@
+"""Views of a volume in the patient frame: how a slice is turned for display, its orientation letters, its position
+in millimetres, and which slices a case's montage shows.
+
+A view of the arrays ``(D, H, W)`` with one axis removed is turned (transposed and flipped, never resampled) to the
+radiological convention a clinician reads: the axis closest to the patient's left-right runs across the screen
+with the patient's left on the right (L), else the anterior-posterior axis with posterior on the right (P); the
+other axis runs down towards posterior (P) or inferior (I). An oblique axis is named by its largest component.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..imaging import Geometry, index_to_physical
+
+# LPS axis (x, y, z) to the letter of its positive and of its negative direction.
+_POSITIVE_LETTERS = ("L", "P", "S")
+_NEGATIVE_LETTERS = ("R", "A", "I")
+# Screen-down runs towards +x (L), +y (P) or -z (I): sagittal and coronal views show superior at the top.
+_DOWN_SIGN = (1.0, 1.0, -1.0)
+# Slicer names a slice by its RAS coordinate along the axis it cuts: R, A or S.
+_RAS_LETTERS = ("R", "A", "S")
+
+
+@dataclass(frozen=True)
+class View:
+    """How a 2-D slice (rows: the first remaining array axis, columns: the second) is shown.
+
+    Attributes:
+        axis: The array axis (0 D, 1 H, 2 W) that is sliced or projected away.
+        transpose: Swap rows and columns first.
+        flip_rows: Then reverse the rows.
+        flip_cols: Then reverse the columns.
+        letters: The patient directions at the ``"left"``, ``"right"``, ``"top"`` and ``"bottom"`` edges.
+        through: The patient axis the view cuts or projects along, ``"R-L"``, ``"A-P"`` or ``"S-I"``.
+    """
+
+    axis: int
+    transpose: bool
+    flip_rows: bool
+    flip_cols: bool
+    letters: dict[str, str]
+    through: str
+
+    def show(self, plane: np.ndarray) -> np.ndarray:
+        """The slice as it is displayed (a view of ``plane``, no copy)."""
+        shown = plane.T if self.transpose else plane
+        return shown[::-1 if self.flip_rows else 1, ::-1 if self.flip_cols else 1]
+
+
+def _lps_direction(geometry: Geometry, array_axis: int) -> np.ndarray:
+    """The LPS unit vector of an array axis: (D, H, W) are the index axes (z, y, x)."""
+    return np.reshape(geometry.direction, (3, 3))[:, 2 - array_axis]
+
+
+def view_of(geometry: Geometry, axis: int) -> View:
+    """The display of the views of ``geometry``'s arrays with array ``axis`` removed.
+
+    Example:
+        >>> view_of(Geometry((1, 1, 3), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (64, 64, 20)), 0).letters
+        {'left': 'R', 'right': 'L', 'top': 'A', 'bottom': 'P'}
+    """
+    rows, cols = (a for a in range(3) if a != axis)
+    vectors = {a: _lps_direction(geometry, a) for a in (rows, cols)}
+    dominant = {a: int(np.argmax(np.abs(vectors[a]))) for a in (rows, cols)}
+    # Across the screen goes the axis closest to x (L), else to y (P); at a tie the array's column axis.
+    across, down = (rows, cols) if dominant[rows] < dominant[cols] else (cols, rows)
+    across_patient, down_patient = dominant[across], dominant[down]
+    flip_cols = vectors[across][across_patient] < 0
+    flip_rows = vectors[down][down_patient] * _DOWN_SIGN[down_patient] < 0
+    down_letters = (_POSITIVE_LETTERS if _DOWN_SIGN[down_patient] > 0 else _NEGATIVE_LETTERS)[down_patient]
+    up_letters = (_NEGATIVE_LETTERS if _DOWN_SIGN[down_patient] > 0 else _POSITIVE_LETTERS)[down_patient]
+    normal = int(np.argmax(np.abs(_lps_direction(geometry, axis))))
+    return View(
+        axis=axis,
+        transpose=across == rows,
+        flip_rows=bool(flip_rows),
+        flip_cols=bool(flip_cols),
+        letters={"left": _NEGATIVE_LETTERS[across_patient], "right": _POSITIVE_LETTERS[across_patient],
+                 "top": up_letters, "bottom": down_letters},
+        through=("R-L", "A-P", "S-I")[normal],
+    )
+
+
+def slice_label(geometry: Geometry, axis: int, index: int) -> str:
+    """The position of slice ``index`` along array ``axis`` as Slicer names it: its RAS coordinate (mm) along the
+    patient axis the slice cuts, at the slice's centre, e.g. ``"S: 12.5 mm"``."""
+    centre = [(n - 1) / 2.0 for n in geometry.shape]
+    centre[axis] = float(index)
+    ras = index_to_physical(centre, geometry, frame="ras")
+    normal = int(np.argmax(np.abs(_lps_direction(geometry, axis))))
+    return f"{_RAS_LETTERS[normal]}: {ras[normal]:.1f} mm"
+
+
+def slice_profile(magnitude: np.ndarray, axis: int) -> np.ndarray:
+    """``|R|`` of each slice along array ``axis`` of a volume ``(D, H, W)`` of magnitudes, in float64."""
+    return magnitude.sum(axis=tuple(a for a in range(3) if a != axis), dtype=np.float64)
+
+
+def case_slices(profile: np.ndarray, region: np.ndarray | None, *, axis: int, count: int) -> list[int]:
+    """Slices of a case's montage: ``count`` evenly spaced slices over the span of the region and of the slices
+    where the relevance stands out, the one nearest the slice of most ``|R|`` moved onto it.
+
+    A slice's relevance stands out when its ``|R|`` (summed over the slice and all sequences) exceeds the median
+    slice's by at least a tenth of the most any slice does; weak relevance spread over the whole volume does not
+    widen the span, so slices of noise before and after the region and the relevance are left out, and the slice
+    where relevance peaks is always shown.
+
+    Args:
+        profile: The relevance's magnitude ``|R|`` of each slice along ``axis``, summed over the slice and all
+            sequences (:func:`slice_profile`).
+        region: The target region ``(D, H, W)`` (boolean, not empty) on the maps' grid, or None.
+        axis: The array axis that is sliced.
+        count: How many slices at most.
+
+    Returns:
+        Increasing, distinct slice indices.
+    """
+    excess = profile - np.median(profile)
+    standing_out = np.flatnonzero(excess >= 0.1 * excess.max()) if excess.max() > 0 else np.array([], int)
+    peak = int(np.argmax(profile)) if profile.max() > 0 else None
+    ends = [int(standing_out[0]), int(standing_out[-1])] if standing_out.size else []
+    if region is not None:
+        hit = np.flatnonzero(region.any(axis=tuple(a for a in range(3) if a != axis)))
+        ends += [int(hit[0]), int(hit[-1])]
+    low, high = (min(ends), max(ends)) if ends else (0, profile.size - 1)  # nothing stands out: the whole axis
+    span = high - low + 1
+    shown = min(count, span)
+    chosen = sorted({low + int(round(i * (span - 1) / max(shown - 1, 1))) for i in range(shown)})
+    if peak is not None and low <= peak <= high and peak not in chosen:
+        nearest = min(range(len(chosen)), key=lambda i: abs(chosen[i] - peak))
+        chosen[nearest] = peak
+    return sorted(set(chosen))
