@@ -326,7 +326,7 @@ def test_no_model_is_an_error_naming_the_card_and_the_demo(case, capsys):
 
 def test_review_refuses_a_card_that_runs_code_unless_trusted(case, capsys):
     card = _card(case, "evil.py:Net")
-    assert cli.main(["review", str(case["dir"]), "--model", card]) == cli.EXIT_ERROR
+    assert cli.main(["review", str(case["dir"]), "--card", card]) == cli.EXIT_ERROR
     assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
 
 
@@ -558,3 +558,11 @@ def test_the_default_composite_gives_shares_without_a_warning(demo_files, tmp_pa
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert ("ignores the input values" in capsys.readouterr().err) is warned
     assert any("ignores the input values" in w for w in summary["warnings"]) is warned
+
+
+def test_review_takes_the_card_as_explain_does(case, capsys):
+    card = case["dir"] / "card.json"
+    assert cli.main(["review", str(case["dir"]), "--model", str(card)]) == cli.EXIT_ERROR
+    assert f"review takes a model card as --card {card} (as explain does)" in capsys.readouterr().err
+    assert cli.main(["review", str(case["dir"]), "--card", str(card)]) == cli.EXIT_ERROR  # the same name as explain's
+    assert f"model card {str(card)!r}" in capsys.readouterr().err
