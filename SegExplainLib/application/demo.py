@@ -323,7 +323,7 @@ def write_demo_case(folder: str | Path, seed: int = HELD_OUT_SEEDS[0]) -> tuple[
     geometry = demo_geometry(label.shape)
     paths = [write_volume(image[c], geometry, folder / f"case_{seed}_{name}.nii.gz")
              for c, name in enumerate(SEQUENCE_NAMES)]
-    label_path = write_volume(label.astype(np.float32), geometry, folder / f"case_{seed}_label.nii.gz")
+    label_path = write_volume(label.astype(np.uint8), geometry, folder / f"case_{seed}_label.nii.gz")
     return paths, label_path
 
 
