@@ -160,7 +160,8 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
         for warning in result.warnings:
             progress.warn(warning)
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
-                           record={**result.record(), **sequence_record(run, match)}, names=names, inputs=list(run.inputs), model=model_fields(pipeline),
+                           record={**result.record(), **sequence_record(run, match)}, names=names,
+                           inputs=list(run.inputs), model=model_fields(pipeline),
                            filters=filters, ground_truth=run.ground_truth, resample=run.resample,
                            figures=run.figures, progress=progress)
     progress.finish(output)
