@@ -566,3 +566,13 @@ def test_review_takes_the_card_as_explain_does(case, capsys):
     assert f"review takes a model card as --card {card} (as explain does)" in capsys.readouterr().err
     assert cli.main(["review", str(case["dir"]), "--card", str(card)]) == cli.EXIT_ERROR  # the same name as explain's
     assert f"model card {str(card)!r}" in capsys.readouterr().err
+
+
+def test_cohort_cases_with_sorted_files_go_to_their_sequences(demo_files, tmp_path):
+    (tmp_path / "cases.csv").write_text(f"case,inputs\nsorted,{';'.join(demo_files['sorted'])}\n"
+                                        f"ordered,{';'.join(demo_files['ordered'])}\n")
+    assert cli.main(["cohort", "--cases", str(tmp_path / "cases.csv"), "--output", str(tmp_path / "out"), "--",
+                     "--card", str(demo_card_path()), "--method", "gradient", "--device", "cpu", "--no-figures"]) == 0
+    ordered, shuffled = (json.loads((tmp_path / "out" / "cases" / k / "summary.json").read_text())
+                         for k in ("ordered", "sorted"))
+    assert shuffled["relevance_shares"] == ordered["relevance_shares"] and shuffled["sequence_order"] == "matched by name"
