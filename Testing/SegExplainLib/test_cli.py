@@ -575,4 +575,5 @@ def test_cohort_cases_with_sorted_files_go_to_their_sequences(demo_files, tmp_pa
                      "--card", str(demo_card_path()), "--method", "gradient", "--device", "cpu", "--no-figures"]) == 0
     ordered, shuffled = (json.loads((tmp_path / "out" / "cases" / k / "summary.json").read_text())
                          for k in ("ordered", "sorted"))
-    assert shuffled["relevance_shares"] == ordered["relevance_shares"] and shuffled["sequence_order"] == "matched by name"
+    assert shuffled["relevance_shares"] == ordered["relevance_shares"]
+    assert shuffled["sequence_order"] == "matched by name"
