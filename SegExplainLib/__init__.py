@@ -7,7 +7,7 @@ how each map was made. Plain Python (torch, numpy): no Slicer, Qt or VTK import.
 Example:
     >>> import SegExplainLib as sx
     >>> unet = sx.reference_unet()                       # 6 MRI sequences in, background/lesion out
-    >>> result = sx.explain(unet, image, sx.PredictedRegion(class_index=1), "lrp", composite="epsilon_plus_flat")
+    >>> result = sx.explain(unet, image, sx.PredictedRegion(class_index=1), "lrp", composite="epsilon_plus")
     >>> result.maps.shape                                # (6, D, H, W): one relevance map per sequence
     >>> sx.relevance_shares(result.maps)                 # per-sequence share of the positive relevance
 """

@@ -17,16 +17,20 @@ anything is allocated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import secrets
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import numpy as np
+import vtk
 from aiohttp import web
 from SegExplainMRML import export, workflow
 from SegExplainMRML.job import METHODS, REGION_KINDS
@@ -648,6 +652,7 @@ def serveCase(model: ModelSource, case: str | Path | None, *, trustModelCode: bo
 
     ``trustModelCode`` is the user's word (``--trust-model-code``), never the case's or the card's.
     """
+    chooseRendering()
     if case is None:
         reviewCase = ReviewCase.demo(model)  # in memory, as a 4D case: nothing is written, so nothing can be left
     elif Path(case).is_file():
@@ -657,12 +662,35 @@ def serveCase(model: ModelSource, case: str | Path | None, *, trustModelCode: bo
     serve(dataclasses.replace(reviewCase, trustModelCode=trustModelCode), host=host, port=port)
 
 
+def chooseRendering() -> None:
+    """Render offscreen with EGL where there is no display (a server, an SSH session) and VTK has EGL, unless the
+    user chose a render window (``VTK_DEFAULT_OPENGL_WINDOW``): an X window would fail there, with warnings."""
+    if (sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
+            and hasattr(vtk, "vtkEGLRenderWindow")):
+        os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+
+@contextlib.contextmanager
+def quietVtk():
+    """Keep VTK's warnings off the terminal while the app is built (an interactor's deprecation notice, a label
+    map's colour table set after its display node): they are about VTK, and would bury the address printed next."""
+    shown, verbosity = vtk.vtkObject.GetGlobalWarningDisplay(), vtk.vtkLogger.GetCurrentVerbosityCutoff()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    vtk.vtkLogger.SetStderrVerbosity(vtk.vtkLogger.VERBOSITY_ERROR)
+    try:
+        yield
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(shown)
+        vtk.vtkLogger.SetStderrVerbosity(verbosity)
+
+
 def serve(case: ReviewCase, *, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Build the app and serve it until interrupted; never opens a browser.
 
     It prints the address to open, which carries this run's token: ``http://127.0.0.1:8080/?secret=<token>``.
     """
-    app = ReviewApp(case, host=host)
+    with quietVtk():
+        app = ReviewApp(case, host=host)
 
     def announce(**_: Any) -> None:
         print(f"SegExplain review: serving {app.url} (bound to {host}; the address carries this run's access token)",

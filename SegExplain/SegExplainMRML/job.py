@@ -24,6 +24,7 @@ import numpy as np
 
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import CaseRun, ExplainRequest
+from SegExplainLib.application.sequences import match_sequences
 from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends.worker import Worker
@@ -186,11 +187,16 @@ class WarmExplainer:
         send a new case; a dead worker, or one whose model failed to load, is started again.
 
         Raises:
-            SegExplainError: A missing volume, volumes off one grid, a missing model or one that would run code
-                without ``trustModelCode``.
+            SegExplainError: A missing volume, volumes whose names contradict the sequences they were chosen for
+                (:func:`~SegExplainLib.application.sequences.match_sequences`), volumes off one grid, a missing model
+                or one that would run code without ``trustModelCode``.
         """
         if len(volumes) != len(names) or not all(volumes):
             raise SegExplainError(f"select one volume for each of the {len(names)} sequences: {', '.join(names)}")
+        match = match_sequences([node.GetName() for node in volumes], names, given_order=True)  # refuses a mix-up
+        if match.reordered:  # a volume was chosen for each sequence: names that say otherwise are refused, not swapped
+            raise SegExplainError(f"the volumes' names say other sequences than they were chosen for: {match.pairs()}; "
+                                  "choose each volume for its sequence")
         if not isinstance(trustModelCode, bool):
             raise SegExplainError(f"trustModelCode must be True or False, got {trustModelCode!r}")
         model = replace(model, trust_code=trustModelCode)  # the user's word, never the model's

@@ -8,6 +8,7 @@ or nothing). The output folder is written whole at the end, or not at all (:mod:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..errors import GridMismatchError, SegExplainError
 from .requests import CaseRun
+from .sequences import AS_GIVEN, SequenceMatch, input_name, match_sequences
 
 #: The steps of :func:`run_case`, as its progress names them.
 CASE_STEPS = ("reading images", "loading model", "explaining", "writing maps", "figures", "summary")
@@ -89,7 +91,8 @@ def case_sequence_names(given: Sequence[str] | None, known: Sequence[str] | None
     """The sequence names of a case: those given, else the model's, else ``sequence0``, ...; one per channel."""
     names = list(given or known or [f"sequence{i}" for i in range(channels)])
     if len(names) != channels:
-        msg = f"{len(names)} sequence names given for {channels} image channels"
+        whose = "sequence names given" if given else "sequences of the model, in order:"
+        msg = f"{channels} image channels for {len(names)} {whose} {', '.join(names)}"
         raise SegExplainError(msg)
     return names
 
@@ -99,6 +102,25 @@ def shown_region(target: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     ball), or None when it depends on the prediction or covers the whole volume (the slices then follow relevance)."""
     region = target.grid_region(tuple(shape))
     return None if region is None or region.all() else np.asarray(region, bool)
+
+
+def match_case_inputs(run: CaseRun, known: Sequence[str]) -> tuple[CaseRun, SequenceMatch | None]:
+    """The run with its files in the order of its sequences (``--sequence-names``, else the model's ``known``),
+    matched by their names (:func:`~SegExplainLib.application.sequences.match_sequences`), and the match; the run as
+    it is and None for one file (a 4D file's channels are in its own order) or when no sequence has a name."""
+    names = run.sequence_names or known
+    if len(run.inputs) == 1 or not names:
+        return run, None
+    match = match_sequences([input_name(path) for path in run.inputs], names, given_order=True)
+    return dataclasses.replace(run, inputs=tuple(match.ordered(run.inputs))), match
+
+
+def sequence_record(run: CaseRun, match: SequenceMatch | None) -> dict:
+    """The entries of ``summary.json`` that say which file went to which sequence (:func:`match_case_inputs`'s run
+    and match)."""
+    if match is None:
+        return {"sequence_order": AS_GIVEN}
+    return match.record([Path(path).name for path in run.inputs])
 
 
 def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
@@ -127,6 +149,9 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
     progress = progress or Progress(run.progress or ("bar" if sys.stderr.isatty() else "none"), CASE_STEPS)
     check_replaceable(destination, run.overwrite)  # refused at once, not after the explanation
     request = run.request
+    run, match = match_case_inputs(run, run.model.sequence_names())  # the files in the model's order, or refused
+    if match is not None and match.message():
+        progress.say(match.message())
     with resample_advice():
         progress.step("reading images")
         image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
@@ -145,7 +170,8 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
         for warning in result.warnings:
             progress.warn(warning)
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
-                           record=result.record(), names=names, inputs=list(run.inputs), model=model_fields(pipeline),
+                           record={**result.record(), **sequence_record(run, match)}, names=names,
+                           inputs=list(run.inputs), model=model_fields(pipeline),
                            filters=filters, ground_truth=run.ground_truth, resample=run.resample,
                            figures=run.figures, region=shown_region(target, image.shape[1:]), progress=progress)
     progress.finish(output)

@@ -323,7 +323,7 @@ def write_demo_case(folder: str | Path, seed: int = HELD_OUT_SEEDS[0]) -> tuple[
     geometry = demo_geometry(label.shape)
     paths = [write_volume(image[c], geometry, folder / f"case_{seed}_{name}.nii.gz")
              for c, name in enumerate(SEQUENCE_NAMES)]
-    label_path = write_volume(label.astype(np.float32), geometry, folder / f"case_{seed}_label.nii.gz")
+    label_path = write_volume(label.astype(np.uint8), geometry, folder / f"case_{seed}_label.nii.gz")
     return paths, label_path
 
 
@@ -332,11 +332,10 @@ def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite
     """Explain the shipped demo network on a demo case, exactly as ``segexplain explain --card`` would.
 
     Writes the case to a temporary folder and runs it (:func:`~SegExplainLib.application.case_run.run_case`) with the
-    demo card, the case's ground truth and LRP of the predicted lesion region. The composite is ``epsilon_plus``
-    (z-plus on every convolution, the first one included) rather than the default ``epsilon_plus_flat``: the flat rule
-    spreads the first layer's relevance uniformly over its receptive field, channels included, so with it every
-    sequence gets exactly 1/6 of the relevance and the per-sequence shares say nothing. With ``epsilon_plus`` the
-    shares follow the lesion's contrast (T2 and the late phases high, the 20 s phase low).
+    demo card, the case's ground truth and LRP (the default composite ``epsilon_plus``) of the predicted lesion region;
+    the case's files are then kept in the output folder's ``case`` folder, where ``summary.json``'s ``inputs`` point
+    (``demo_case`` records its seed). The shares follow the lesion's contrast (T2 and the late phases high, the 20 s
+    phase low).
 
     Args:
         output_dir: The output folder.
@@ -358,9 +357,18 @@ def run_demo(output_dir: str | Path, *, seed: int = HELD_OUT_SEEDS[0], overwrite
     with tempfile.TemporaryDirectory(prefix="segexplain-demo-") as folder:
         inputs, label = write_demo_case(folder, seed)
         run = CaseRun(tuple(map(str, inputs)), str(output_dir), ModelSource("card", str(demo_card_path())),
-                      ExplainRequest(class_index=1, method="lrp", composite="epsilon_plus", device="cpu"),
+                      ExplainRequest(class_index=1, method="lrp", device="cpu"),
                       ground_truth=str(label), overwrite=overwrite, figures=figures, progress=progress)
-        return run_case(run)
+        output = run_case(run)
+    # the results are complete: the case joins them, so that summary.json never names the deleted temporary folder
+    kept, _ = write_demo_case(Path(output) / "case", seed)
+    summary_path = Path(output) / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary.update(inputs=[str(p.resolve()) for p in kept], demo_case={
+        "seed": seed, "folder": "case", "written_by": f"python -m SegExplainLib.application.demo case --output DIR "
+                                                      f"--seed {seed}"})
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    return output
 
 
 def main(argv: Sequence[str] | None = None) -> int:

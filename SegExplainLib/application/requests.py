@@ -95,7 +95,7 @@ class ExplainRequest:
                                      help="normalized aggregation estimated from this many voxels")
     method: str = opt.option("lrp", "--method", help="lrp, integrated_gradients, gradient, gradient_x_input, "
                                                      "smoothgrad, guided_backprop, deconvolution, occlusion, gradcam")
-    composite: str | None = opt.option(None, "--composite", help="LRP composite (default epsilon_plus_flat)")
+    composite: str | None = opt.option(None, "--composite", help="LRP composite (default epsilon_plus)")
     layer_filter: str | None = opt.option(None, "--layer-filter", metavar="SPEC",
                                           help="Tjoa filter inside the propagation, e.g. pass:0.4")
     n_steps: int | None = opt.option(None, "--n-steps", type=int,

@@ -147,7 +147,7 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         The :class:`~SegExplainLib.engine.explanation.Explanation`: maps (C, D, H, W) on the image grid and the record.
 
     Example:
-        >>> explanation = explain(unet, mri, PredictedRegion(class_index=1), "lrp", composite="epsilon_plus_flat")
+        >>> explanation = explain(unet, mri, PredictedRegion(class_index=1), "lrp", composite="epsilon_plus")
         >>> explanation.maps.shape, explanation.relative_delta
     """
     started = time.perf_counter()

@@ -395,6 +395,8 @@ def lrp_defaults(epsilon: float = 1e-6, norm: Rule | None = None) -> dict[str, R
 
 def _conv_preset(conv_rule: Callable[[], Rule], first_layer: Callable[[], Rule] | None = None):
     def factory(epsilon: float = 1e-6, **first_layer_options: Any) -> Composite:
+        if first_layer is None and first_layer_options:  # no first-layer rule to take them: never dropped silently
+            raise TypeError(f"no first-layer rule takes {sorted(first_layer_options)}")
         first = None if first_layer is None else first_layer(**first_layer_options)
         return Composite(rules={**lrp_defaults(epsilon), "convolution": conv_rule()}, first_layer=first)
     return factory

@@ -123,20 +123,22 @@ class LRP(_RuleMethod):
     input voxels of every MRI sequence. ``delta`` reports conservation: ``sum(R_input) - sum(seed * logits)``.
 
     Args:
-        composite: A registered name (``"epsilon_plus_flat"``, ``"z_plus"``, ``"epsilon"``, ...; see
-            :func:`SegExplainLib.engine.composites.composite_names`) or a :class:`Composite`.
+        composite: A registered name (``"epsilon_plus"``, ``"z_plus"``, ``"epsilon"``, ...; see
+            :func:`SegExplainLib.engine.composites.composite_names`) or a :class:`Composite`. The default
+            ``epsilon_plus`` keeps the input values in the first layer, so that per-sequence shares mean something
+            (``epsilon_plus_flat`` and ``epsilon_plus_w_square`` ignore them: a warning says so).
         layer_filter: An :class:`~SegExplainLib.engine.filters.AmplitudeFilter` (or its spec, e.g. ``"pass:0.4"``)
             applied to the relevance entering every linear and norm layer during the propagation (Tjoa et al.'s
             layer-wise mode). The map is then no longer linear in the seed.
         **composite_options: Passed to the composite's factory, e.g. ``epsilon=1e-3``.
 
     Example:
-        >>> lrp = LRP(composite="epsilon_plus_flat")  # z+ in convolutions, flat in the first layer
+        >>> lrp = LRP(composite="epsilon_plus")  # z+ in convolutions, the first one included
     """
 
     name = "lrp"
 
-    def __init__(self, *, composite: str | Composite = "epsilon_plus_flat", layer_filter: Any = None,
+    def __init__(self, *, composite: str | Composite = "epsilon_plus", layer_filter: Any = None,
                  **composite_options: Any) -> None:
         self.composite = get_composite(composite, **composite_options)
         self.composite_options = dict(composite_options)

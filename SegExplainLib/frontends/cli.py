@@ -89,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
                              ".mha, named after the card's sequences, nnU-Net's channel_names or the bundle's "
                              "channels) and optionally label.*; or one 4D file with a channel per sequence")
     review_model = review.add_argument_group("model (one of; default: the bundled demo model)")
-    review_model.add_argument("--model", dest="card", metavar="CARD", help="model card")
+    review_model.add_argument("--card", metavar="FILE", help="model card (YAML/JSON), as explain takes it")
+    review_model.add_argument("--model", dest="old_model", help=argparse.SUPPRESS)  # its earlier name, refused below
     review_model.add_argument("--nnunet", metavar="FOLDER",
                               help="an nnU-Net v2 results folder (Dataset.../Trainer__Plans__configuration, or the "
                                    "dataset folder)")
@@ -108,7 +109,10 @@ def run_review(args: argparse.Namespace) -> None:
     """Run ``segexplain review``: build the case and serve the app (blocks until interrupted)."""
     from ..application.model_source import ModelSource, models_given
 
-    given = models_given(args, {"--model": "card", "--nnunet": "nnunet", "--bundle": "bundle"})
+    if args.old_model is not None:
+        raise SegExplainError(f"review takes a model card as --card {args.old_model} (as explain does); --model names "
+                              "a network in explain")
+    given = models_given(args, {"--card": "card", "--nnunet": "nnunet", "--bundle": "bundle"})
     if args.case is None and given:
         raise SegExplainError(f"{given[0]} needs a CASE_OR_FOLDER whose sequences the model takes")
     try:  # the one way into the review app: SegExplainLib imports it nowhere else

@@ -223,7 +223,13 @@ def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Pa
     Raises:
         SegExplainError: Ray is missing or unreachable, or the actors cannot load the model.
     """
-    from ..application.case_run import case_sequence_names, failure_text, resample_advice
+    from ..application.case_run import (
+        case_sequence_names,
+        failure_text,
+        match_case_inputs,
+        resample_advice,
+        sequence_record,
+    )
     from ..application.cohort import case_run
     from ..engine.filters import AmplitudeFilter
     from ..io import imaging
@@ -260,7 +266,7 @@ def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Pa
                 case = queue.pop(0)
                 name = case["case"]
                 try:
-                    run = case_run(case, template, output)
+                    run, match = match_case_inputs(case_run(case, template, output), info["sequences"])
                     with resample_advice():
                         image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
                         names = case_sequence_names(run.sequence_names, info["sequences"], image.shape[0])
@@ -271,7 +277,7 @@ def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Pa
                     continue
                 reference = actor.explain.remote(image, geometry.to_dict(), request, mask,
                                                  names if run.figures else None)
-                running[reference] = (actor, name, run, (image, geometry, names))
+                running[reference] = (actor, name, run, (image, geometry, names, sequence_record(run, match)))
                 return
 
         for actor in actors:
@@ -279,7 +285,7 @@ def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Pa
                 submit(actor)
         while running:
             [reference], _ = ray.wait(list(running), num_returns=1)
-            actor, name, run, (image, geometry, names) = running.pop(reference)
+            actor, name, run, (image, geometry, names, matched) = running.pop(reference)
             submit(actor)  # before writing: the actor works while the driver writes
             progress.step(name)
             try:
@@ -295,8 +301,8 @@ def explain_cases(cases: Sequence[dict[str, Any]], template: CaseRun, output: Pa
             try:  # the maps are copied: Ray hands out read-only views of its object store
                 with resample_advice():
                     write_case_outputs(Path(run.output), overwrite=True, image=image, geometry=geometry,
-                                       maps=np.array(answer["maps"]), record=answer["record"], names=names,
-                                       inputs=list(run.inputs), model=info["model"], filters=filters,
+                                       maps=np.array(answer["maps"]), record={**answer["record"], **matched},
+                                       names=names, inputs=list(run.inputs), model=info["model"], filters=filters,
                                        ground_truth=run.ground_truth, resample=run.resample,
                                        figures=answer["figures"] or False)
             except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort

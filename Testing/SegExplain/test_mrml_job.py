@@ -144,6 +144,19 @@ def test_missing_card_is_refused(scene, tmp_path, explainer):
     assert explainer.worker is None
 
 
+def test_volumes_named_after_other_sequences_are_refused(scene, explainer):
+    """The module's mix-up of issue 19: a volume chosen for a sequence whose name says another one."""
+    from SegExplainLib.application.demo import SEQUENCE_NAMES
+
+    volumes, _ = addDemoCase(scene)
+    swapped = [volumes[1], volumes[0], *volumes[2:]]
+    with pytest.raises(SegExplainError, match=r"names say other sequences .*: 4: T2 -> T2, 5: T1 -> T1, "):
+        explainer.prepare(job.ModelSource("card", ""), swapped, list(SEQUENCE_NAMES))
+    assert explainer.worker is None
+    explainer.prepare(job.ModelSource("card", ""), volumes, list(SEQUENCE_NAMES))  # each where it belongs
+    assert explainer.worker is not None
+
+
 CODE_MODEL_FILE = """
 from pathlib import Path
 

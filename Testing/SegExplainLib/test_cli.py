@@ -326,7 +326,7 @@ def test_no_model_is_an_error_naming_the_card_and_the_demo(case, capsys):
 
 def test_review_refuses_a_card_that_runs_code_unless_trusted(case, capsys):
     card = _card(case, "evil.py:Net")
-    assert cli.main(["review", str(case["dir"]), "--model", card]) == cli.EXIT_ERROR
+    assert cli.main(["review", str(case["dir"]), "--card", card]) == cli.EXIT_ERROR
     assert "would run the Python file" in capsys.readouterr().err and not (case["dir"] / "ran.txt").exists()
 
 
@@ -515,3 +515,91 @@ def test_own_warnings_are_those_of_the_whole_library(where, category, shown):
     message = warnings.WarningMessage("w", category, str(path), 1)
     assert cli._is_own(message) is shown
     assert not cli._is_own(warnings.WarningMessage("w", UserWarning, warnings.__file__, 1))
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    """The demo case's sequence files as a shell lists ``case_1000_*.nii.gz``: sorted by name, not the card's order."""
+    from SegExplainLib.application.demo import write_demo_case
+
+    paths, label = write_demo_case(tmp_path_factory.mktemp("demo_case"), 1000)
+    return {"ordered": [str(p) for p in paths], "sorted": sorted(map(str, paths)), "label": str(label)}
+
+
+def demo_args(inputs, output):
+    return ["explain", "--input", *inputs, "--card", str(demo_card_path()), "--method", "gradient", "--device", "cpu",
+            "--output", str(output), "--no-figures", "--progress", "none"]
+
+
+def test_sequence_files_sorted_by_the_shell_go_to_their_sequences(demo_files, tmp_path, capsys):
+    assert demo_files["sorted"] != demo_files["ordered"]
+    assert cli.main(demo_args(demo_files["ordered"], tmp_path / "ordered")) == 0
+    assert cli.main(demo_args(demo_files["sorted"], tmp_path / "sorted")) == 0
+    err = capsys.readouterr().err
+    assert "inputs put in the model's order by their names: case_1000_T2 -> T2, case_1000_T1 -> T1, " in err
+    ordered, shuffled = (json.loads((tmp_path / k / "summary.json").read_text()) for k in ("ordered", "sorted"))
+    assert shuffled["relevance_shares"] == ordered["relevance_shares"]
+    assert shuffled["sequence_order"] == "matched by name"
+    assert shuffled["sequence_inputs"] == {name: Path(p).name for name, p in zip(ordered["sequence_names"],
+                                                                                  demo_files["ordered"])}
+    for name in ordered["sequence_names"]:
+        np.testing.assert_array_equal(*(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / k / f"relevance_{name}"
+                                                                                    ".nii.gz")))
+                                        for k in ("ordered", "sorted")))
+
+
+def test_names_that_contradict_the_order_are_refused(demo_files, tmp_path, capsys):
+    inputs = list(demo_files["ordered"])
+    inputs[2], inputs[3] = inputs[3], tmp_path / "unnamed.nii.gz"  # T1-20s's place holds T1-60s; one name tells nothing
+    Path(inputs[3]).write_bytes(Path(demo_files["ordered"][2]).read_bytes())
+    assert cli.main(demo_args(map(str, inputs), tmp_path / "out")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "case_1000_T1-60s (given as T1-20s) contradict the order given" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unnamed_files_keep_the_order_given_and_say_so(demo_files, tmp_path):
+    inputs = []
+    for index, path in enumerate(demo_files["ordered"]):
+        inputs.append(tmp_path / f"scan{index}.nii.gz")
+        inputs[-1].write_bytes(Path(path).read_bytes())
+    assert cli.main(demo_args(map(str, inputs), tmp_path / "out")) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sequence_order"] == "taken as given"
+    assert list(summary["sequence_inputs"].values()) == [p.name for p in inputs]
+
+
+def test_a_missing_sequence_file_names_the_models_sequences_and_the_matches(demo_files, tmp_path, capsys):
+    assert cli.main(demo_args(demo_files["sorted"][:5], tmp_path / "out")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "5 inputs (case_1000_T1-120s, " in err and "the model's 6 sequences, in order: T2, T1, T1-20s, T1-60s, " \
+        "T1-120s, T1-15min" in err and "matched: case_1000_T1-120s -> T1-120s" in err, err
+
+
+@pytest.mark.parametrize(("composite", "warned"), [([], False), (["--composite", "epsilon_plus_flat"], True)])
+def test_the_default_composite_gives_shares_without_a_warning(demo_files, tmp_path, capsys, composite, warned):
+    args = demo_args(demo_files["ordered"], tmp_path / "out")
+    args[args.index("gradient")] = "lrp"
+    assert cli.main([*args, *composite]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert ("ignores the input values" in capsys.readouterr().err) is warned
+    assert any("ignores the input values" in w for w in summary["warnings"]) is warned
+
+
+def test_review_takes_the_card_as_explain_does(case, capsys):
+    card = case["dir"] / "card.json"
+    assert cli.main(["review", str(case["dir"]), "--model", str(card)]) == cli.EXIT_ERROR
+    assert f"review takes a model card as --card {card} (as explain does)" in capsys.readouterr().err
+    assert cli.main(["review", str(case["dir"]), "--card", str(card)]) == cli.EXIT_ERROR  # the same name as explain's
+    assert f"model card {str(card)!r}" in capsys.readouterr().err
+
+
+def test_cohort_cases_with_sorted_files_go_to_their_sequences(demo_files, tmp_path):
+    (tmp_path / "cases.csv").write_text(f"case,inputs\nsorted,{';'.join(demo_files['sorted'])}\n"
+                                        f"ordered,{';'.join(demo_files['ordered'])}\n")
+    assert cli.main(["cohort", "--cases", str(tmp_path / "cases.csv"), "--output", str(tmp_path / "out"), "--",
+                     "--card", str(demo_card_path()), "--method", "gradient", "--device", "cpu", "--no-figures"]) == 0
+    ordered, shuffled = (json.loads((tmp_path / "out" / "cases" / k / "summary.json").read_text())
+                         for k in ("ordered", "sorted"))
+    assert shuffled["relevance_shares"] == ordered["relevance_shares"]
+    assert shuffled["sequence_order"] == "matched by name"

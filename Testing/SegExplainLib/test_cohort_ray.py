@@ -153,7 +153,8 @@ def test_two_workers_write_the_serial_cohort(cases, serial, local_ray, capsys):
     failures = json.loads((output / "failures.json").read_text())
     assert failures == json.loads((serial / "failures.json").read_text())
     assert list(failures) == ["missing_sequence", "too_small"]
-    assert "6 sequence names given for 5 image channels" in failures["missing_sequence"]
+    assert "5 inputs (case_1002_T2, " in failures["missing_sequence"]
+    assert "the model's 6 sequences, in order: T2, T1, " in failures["missing_sequence"]
     assert failures["too_small"].startswith("SegExplainError: the model failed on an image of shape (6, 1, 3, 3): input "
                                             "of spatial size (1, 3, 3) is too small for this U-Net")
     ray_rows, serial_rows = table(output / "cohort.csv"), table(serial / "cohort.csv")

@@ -141,6 +141,11 @@ def test_run_demo_goes_through_the_cli(tmp_path):
     assert abs(summary["relative_delta"]) < RELATIVE_DELTA_BOUND
     assert set(summary["ground_truth_inclusivity"]) == set(demo.SEQUENCE_NAMES)
     assert len(list(output.glob("*.nii.gz"))) == len(demo.SEQUENCE_NAMES)
+    assert summary["options"]["composite"] == "epsilon_plus" and summary["warnings"] == []  # the default's shares
+    # the case stays with its results: the inputs are the files summary.json names
+    assert [Path(p).parent for p in summary["inputs"]] == [(output / "case").resolve()] * len(demo.SEQUENCE_NAMES)
+    np.testing.assert_allclose(read_sequences(summary["inputs"])[0], demo.make_case(1000)[0], rtol=1e-6)
+    assert summary["demo_case"]["seed"] == 1000
 
 
 def test_case_command_writes_the_files_it_prints(tmp_path, capsys):

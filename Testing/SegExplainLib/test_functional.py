@@ -228,7 +228,7 @@ def test_lrp_on_swinunetr_names_its_attention_before_its_layer_norm_and_the_meth
     message = str(refused.value)
     # the layer norm comes first in the forward pass, but attention is what no module can replace
     assert re.match(r"functional Tensor\.matmul in the forward of 'swinViT\.layers1\.0\.blocks\.0\.attn' "
-                    r"\(WindowAttention\) bypasses the 'epsilon_plus_flat' rules; attention has no rule here", message)
+                    r"\(WindowAttention\) bypasses the 'epsilon_plus' rules; attention has no rule here", message)
     assert "also without a rule: F.layer_norm in 'swinViT' (SwinTransformer)" in message
     assert "use a module" not in message
     named = re.search(r"explain with (.+) instead", message).group(1).replace(" or ", ", ").split(", ")

@@ -32,8 +32,8 @@ SERVING = re.compile(r"SegExplain review: serving (http://\S+) \(bound to ([^;)]
 class Server:
     """``segexplain review`` in a subprocess; ``url`` (with the token) once it serves, ``output`` what it printed."""
 
-    def __init__(self, *arguments: str) -> None:
-        environment = dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow")
+    def __init__(self, *arguments: str, environment: dict[str, str] | None = None) -> None:
+        environment = environment or dict(os.environ, VTK_DEFAULT_OPENGL_WINDOW="vtkEGLRenderWindow")
         self.process = subprocess.Popen([sys.executable, "-m", "SegExplainLib", "review", "--port", "0", *arguments],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
         self.output = ""

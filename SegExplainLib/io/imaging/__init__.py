@@ -26,7 +26,7 @@ The package holds a module per subject: :mod:`.geometry`, :mod:`.headers` (the c
 from .coordinates import FRAMES, Frame, box_to_index, index_to_physical, physical_to_index
 from .geometry import Geometry
 from .headers import MAX_VOXELS, SELF_CONTAINED_HEADER_BYTES, check_self_contained
-from .names import image_stem, match_names
+from .names import image_stem, match_names, sequence_of
 from .reading import read_geometry, read_label, read_sequences
 from .writing import WRITE_SUFFIXES, write_maps, write_volume
 
@@ -46,6 +46,7 @@ __all__ = [
     "read_geometry",
     "read_label",
     "read_sequences",
+    "sequence_of",
     "write_maps",
     "write_volume",
 ]

@@ -18,8 +18,31 @@ def image_stem(name: str) -> str | None:
     """
     return next((name[:-len(s)] for s in WRITE_SUFFIXES if name.endswith(s)), None)
 
+
 def _name_key(text: str) -> str:
     return text.strip(" _-:.").lower()
+
+
+def _holds(key: str, name: str) -> bool:
+    """Whether a name key equals a sequence key, or ends with it after a separator (``case7_t2`` holds ``t2``)."""
+    return key == name or (key.endswith(name) and not key[:-len(name)][-1:].isalnum())
+
+
+def sequence_of(name: str, sequences: Sequence[str]) -> list[int]:
+    """The sequences a name (a file stem, a volume name) holds: the longest sequence names it equals or ends with.
+
+    Case and surrounding ``" _-:."`` are ignored, and an ending counts only after a separator, so ``case_T1-120s``
+    holds ``T1-120s`` (not ``120s``) and ``case_xT1`` holds no ``T1``. More than one index means the sequence names
+    themselves cannot be told apart (``T2`` and ``t2``).
+
+    Example:
+        >>> sequence_of("case_1000_T1-120s", ["T2", "120s", "T1-120s"]), sequence_of("case_T1c", ["T1"])
+        ([2], [])
+    """
+    key = _name_key(name)
+    lengths = [len(_name_key(s)) if _holds(key, _name_key(s)) else 0 for s in sequences]
+    longest = max(lengths, default=0)
+    return [i for i, length in enumerate(lengths) if longest and length == longest]
 
 
 def match_names(candidates: Sequence[str], wanted: Sequence[str]) -> list[int | None]:
@@ -44,11 +67,8 @@ def match_names(candidates: Sequence[str], wanted: Sequence[str]) -> list[int | 
     def same(key: str, name: str) -> bool:
         return key == name
 
-    def ends_with(key: str, name: str) -> bool:
-        return key.endswith(name) and not key[:-len(name)][-1:].isalnum()
-
     chosen: list[int | None] = [None] * len(wanted)
-    for matches in (same, ends_with):
+    for matches in (same, _holds):
         for index, name in enumerate(wanted):
             if chosen[index] is None:
                 chosen[index] = next((i for i, key in enumerate(keys)
