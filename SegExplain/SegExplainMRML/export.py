@@ -10,24 +10,28 @@ share chart and the full record.
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import textwrap
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import slicer
 import vtk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.io.figures import save_figure
+from SegExplainLib.io.figures import region_views, save_figure
 
 from .display import checkedOpacity
-from .nodes import worldFromLocalMatrix
-from .results import Explanation
+from .nodes import geometryOfVolume, worldFromLocalMatrix
+from .results import Explanation, subjectHierarchy
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 
@@ -176,53 +180,124 @@ def _sliceOffsets(overlay: Any, orientation: str, count: int) -> list[float]:
 
 
 def recordLines(record: dict[str, Any]) -> list[str]:
-    """The parameter record as short 'key: value' lines for the report."""
+    """The parameter record as short 'key: value' lines for the report's appendix, the command line as one would
+    type it."""
     keys = ("method", "options", "target", "target_score", "region_voxels", "expected_sum", "delta",
-            "relative_delta", "device", "dtype", "seconds", "warnings",
-            "sequence_names", "normalized_input", "sliding_window", "model", "software", "command")
+            "relative_delta", "device", "dtype", "seconds", "warnings", "sequence_names", "scene_inputs",
+            "normalized_input", "sliding_window", "model", "software", "command")
     lines = []
     for key in keys:
         if key in record:
-            value = record[key] if isinstance(record[key], str) else json.dumps(record[key], default=str)
+            value = record[key]
+            if key == "command" and isinstance(value, list):
+                value = shlex.join(str(part) for part in value)
+            elif not isinstance(value, str):
+                value = json.dumps(value, default=str)
             lines += textwrap.wrap(f"{key}: {value}", 110, subsequent_indent="    ")
     return lines
 
 
-def writeReport(explanation: Explanation, montage: np.ndarray, path: str | Path, *, title: str = "") -> Path:
-    """The one-page report (A4 portrait; PNG or PDF by suffix): montage, share chart, inclusivity and the record.
+def _modelFields(record: dict[str, Any]) -> dict[str, Any]:
+    """The model's description in the record, with a card's fields (nested in it) brought up."""
+    model = record.get("model") if isinstance(record.get("model"), dict) else {}
+    nested = [value for value in model.values() if isinstance(value, dict) and "name" in value]
+    return {**(nested[0] if nested else {}), **{k: v for k, v in model.items() if v is not None}}
+
+
+def _modelText(model: dict[str, Any]) -> str:
+    if not model:
+        return "Model: not recorded."
+    classes = model.get("classes")
+    classText = f"; classes {', '.join(map(str, classes))}" if isinstance(classes, list) else ""
+    return f"Model: {model.get('name') or model.get('kind') or 'unnamed'}{classText}."
+
+
+def reportNotes(explanation: Explanation, inclusivity: dict[str, Any] | None = None) -> list[str]:
+    """The report's summary in words: case and model, the class, the shares of each sign (and the inclusivity, when
+    computed), the warnings and where the full record is."""
+    record, names = explanation.record, explanation.sequenceNames
+    classIndex = record["target"]["class_index"]
+    model = _modelFields(record)
+    classes = model.get("classes") if isinstance(model.get("classes"), list) else []
+    className = f" ({classes[classIndex]})" if 0 <= classIndex < len(classes) else ""
+    volumes = [entry["volume"] for entry in record.get("scene_inputs") or []] or names
+    lines = [f"Case: the scene's volumes {', '.join(map(repr, volumes))}, as the sequences {', '.join(names)}.",
+             _modelText(model),
+             f"Explained: class {classIndex}{className}; the target score {record['target_score']:.4g} is the sum of "
+             f"the class {classIndex} logits over the region.",
+             "Shares of the relevance per sequence: positive (red, for the class) and negative (blue, against it), "
+             "each of its own sign" + (f"; inclusivity of the segment {inclusivity['segment']!r}" if inclusivity
+                                        else "") + ":"]
+    table = explanation.table.GetTable()
+    for row, name in enumerate(names):
+        positive, negative = (100 * table.GetValueByName(row, f"{kind} share").ToDouble()
+                              for kind in ("Positive", "Negative"))
+        included = f", inclusivity {inclusivity['values'][name]:.2f}" if inclusivity else ""
+        lines.append(f"    {name}: {positive:.1f} % positive, {negative:.1f} % negative{included}")
+    if not inclusivity:
+        lines.append("Inclusivity: not computed (choose a ground-truth segment and press Inclusivity).")
+    warnings = explanation.warnings
+    lines.append("Warnings: " + (" ".join(warnings) if warnings else "none."))
+    lines.append("The full record, with the command line that reproduces this result, is the appendix (page 2).")
+    return lines
+
+
+def writeReport(explanation: Explanation, path: str | Path, *, title: str = "", opacity: float = 0.7) -> Path:
+    """The report (PDF, its text searchable; or PNG of its first page): page 1 a summary, the full record after it.
+
+    Page 1 names the case and the model, the method, region, class and target score (with what a negative one
+    means), shows the three orthogonal views through the region for each sequence on one colour scale with
+    orientation letters, slice positions in mm and a labelled colour bar (``region_views``), and gives the shares of
+    each sign, the inclusivity when computed and the warnings in words. The pages after it hold the full record.
+
+    Args:
+        explanation: The explanation.
+        path: A ``.pdf`` or ``.png`` file.
+        title: The report's heading, e.g. the explanation's folder name.
+        opacity: The overlay's opacity at the colour limit, in [0, 1].
 
     Example:
-        >>> writeReport(explanation, sliceMontage(scene, appLogic, t2, explanation.overlay), "lesion-report.pdf")
+        >>> writeReport(explanation, "lesion-report.pdf", title="lrp epsilon_plus, point 'F-1'")
     """
-    names = explanation.sequenceNames
-    table = explanation.table.GetTable()
-    figure = Figure(figsize=(8.27, 11.69), layout="constrained")
-    FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(3, 2, height_ratios=[2.2, 1.2, 2.0])
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".pdf", ".png"):
+        raise SegExplainError(f"report path {str(path)!r} must end in .pdf or .png")
+    opacity = checkedOpacity(opacity)
+    shNode = subjectHierarchy(explanation.overlay.GetScene())
+    attribute = shNode.GetItemAttribute(explanation.folderItem, "SegExplain.groundTruthInclusivity")
+    reference = explanation.relevance[0]
+    image = np.stack([slicer.util.arrayFromVolume(explanation.inputVolume(i))
+                      for i in range(len(explanation.relevance))])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    figure.suptitle(f"{title or 'SegExplain explanation'}\n{stamp}", fontsize=11)
-    image = figure.add_subplot(grid[0, :])
-    image.imshow(montage)
-    image.set_axis_off()
-    image.set_title(f"Relevance overlay ({explanation.overlay.GetAttribute('SegExplain.sequence')}), red for, "
-                    "blue against the explained class", fontsize=8)
-    shares = figure.add_subplot(grid[1, 0])
-    positive = [table.GetValueByName(row, "Positive share").ToDouble() for row in range(len(names))]
-    shares.bar(range(len(names)), positive, color="#d6604d")
-    shares.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-    shares.set_ylabel("share of positive relevance", fontsize=7)
-    shares.tick_params(labelsize=7)
-    numbers = figure.add_subplot(grid[1, 1])
-    numbers.set_axis_off()
-    columns = [table.GetColumnName(c) for c in range(1, table.GetNumberOfColumns())]
-    cells = [[f"{table.GetValueByName(row, c).ToDouble():.3f}" for c in columns] for row in range(len(names))]
-    shown = numbers.table(cellText=cells, rowLabels=names, colLabels=[c.replace(" share", "") for c in columns],
-                          loc="center", fontsize=7)
-    shown.auto_set_font_size(False)
-    shown.set_fontsize(6)
-    text = figure.add_subplot(grid[2, :])
-    text.set_axis_off()
-    text.text(0, 1, "\n".join(recordLines(explanation.record)), va="top", ha="left", family="monospace",
-              fontsize=5.5, transform=text.transAxes)
-    return save_figure(figure, path, dpi=150)
+    summary = region_views(image, explanation.maps(), sequence_names=explanation.sequenceNames,
+                           geometry=geometryOfVolume(reference), record=explanation.record,
+                           heading=[f"{title or 'SegExplain explanation'}: SegExplain report, {stamp}"],
+                           notes=reportNotes(explanation, json.loads(attribute) if attribute else None),
+                           alpha=opacity)
+    if suffix == ".png":
+        return save_figure(summary, path, dpi=120)
+    pages = [summary] + _recordPages(explanation.record)
+    temporary = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.part")
+    try:
+        with matplotlib.rc_context({"pdf.fonttype": 42}), PdfPages(temporary) as pdf:  # text as text: searchable
+            for page in pages:
+                pdf.savefig(page)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return Path(path)
 
+
+def _recordPages(record: dict[str, Any], linesPerPage: int = 90) -> list[Figure]:
+    """A4 pages of the full record as 'key: value' lines."""
+    lines = recordLines(record)
+    pages = []
+    for first in range(0, len(lines), linesPerPage):
+        page = Figure(figsize=(8.27, 11.69))
+        FigureCanvasAgg(page)
+        heading = "Appendix: the full record" + (" (continued)" if first else "")
+        page.text(0.06, 0.97, heading, fontsize=10, va="top", ha="left", weight="bold")
+        page.text(0.06, 0.94, "\n".join(lines[first:first + linesPerPage]), va="top", ha="left",
+                  family="monospace", fontsize=6)
+        pages.append(page)
+    return pages

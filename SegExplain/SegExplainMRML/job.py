@@ -348,12 +348,13 @@ class WarmRun:
         self.state, self.step = "cancelled", "cancelled"
 
     def command(self) -> list[str]:
-        """The ``segexplain explain`` command line of this result, from the input files written from the scene
-        (``<name>.nrrd``; a segment as a label file ``<segment>.nrrd``)."""
+        """The ``segexplain explain`` command line of this result, run in a folder where the scene's volumes are
+        saved under their file-safe sequence names (``4__T2.nrrd``; the record's ``scene_inputs`` says which volume
+        each is) and a segment as the label file ``segment.nrrd``; it writes ``segexplain-output``."""
         names = tuple(fileSafe(n) for n in self.stack.names)
-        request = (replace(self.explainRequest, label="<segment>.nrrd") if self.region.kind == "segment"
+        request = (replace(self.explainRequest, label="segment.nrrd") if self.region.kind == "segment"
                    else self.explainRequest)
-        run = CaseRun(tuple(f"<{n}>.nrrd" for n in names), "<output folder>", self.model, request,
+        run = CaseRun(tuple(f"{n}.nrrd" for n in names), "segexplain-output", self.model, request,
                       sequence_names=names)
         return ["segexplain", "explain", *run.arguments()]
 

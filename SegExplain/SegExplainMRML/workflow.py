@@ -197,6 +197,8 @@ def montage(explanation: results.Explanation, parameters: Any, applicationLogic:
 
 
 def writeReport(explanation: results.Explanation, parameters: Any, applicationLogic: Any, path: str | Path) -> Path:
-    """The one-page report of an explanation, titled with its folder name."""
+    """The report of an explanation (:func:`export.writeReport`), titled with its folder name, its overlay at the
+    controls' opacity. ``applicationLogic`` is not needed (the report draws its views itself); the front ends
+    pass it as for :func:`montage`."""
     name = results.subjectHierarchy(explanation.overlay.GetScene()).GetItemName(explanation.folderItem)
-    return export.writeReport(explanation, montage(explanation, parameters, applicationLogic), path, title=name)
+    return export.writeReport(explanation, path, title=name, opacity=float(parameters.overlayOpacity))

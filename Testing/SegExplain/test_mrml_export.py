@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import zlib
 from types import SimpleNamespace
 
 import numpy as np
@@ -173,20 +175,88 @@ def test_record_lines(explanation):
     lines = export.recordLines(explanation.explanation.record)
     assert "method: lrp" in lines
     assert any(line.startswith("target: ") and '"kind": "voxel"' in line for line in lines)
-    assert any(line.startswith('command: ["segexplain", "explain", "--input"') for line in lines)
+    assert any(line.startswith("command: segexplain explain --input ") for line in lines)
     assert all(len(line) <= 110 for line in lines)
 
 
-@pytest.mark.parametrize("suffix", [".png", ".pdf"])
-def test_write_report(scene, explanation, tmp_path, suffix):
-    """The report is written as PNG (an A4 page at 150 dpi) or PDF; other suffixes are refused."""
-    montage = export.sliceMontage(scene, scene.applicationLogic, explanation.volumes[0],
-                                  explanation.explanation.overlay, count=4, tileSize=48)
-    path = export.writeReport(explanation.explanation, montage, tmp_path / f"report{suffix}", title="Lesion")
-    if suffix == ".pdf":
-        assert path.read_bytes().startswith(b"%PDF")
-    else:
-        height, width = imread(path).shape[:2]
-        assert abs(height - 11.69 * 150) <= 1 and abs(width - 8.27 * 150) <= 1
+def pdfPages(path) -> list[str]:
+    """The text of each page of a PDF that matplotlib wrote with ``pdf.fonttype 42``: the strings of its text
+    objects (UTF-16 with kerning between characters), a text object a line, and what a reader's search finds."""
+    data = path.read_bytes()
+    pages = []
+    for stream in re.findall(rb"stream\r?\n(.*?)endstream", data, re.S):
+        try:
+            content = zlib.decompress(stream)
+        except zlib.error:
+            continue  # an image or a font
+        if b"BT" not in content:
+            continue
+        lines = []
+        for block in re.findall(rb"BT(.*?)ET", content, re.S):
+            parts = re.findall(rb"\(((?:\\.|[^\\)])*)\)", block, re.S)
+            raw = b"".join(re.sub(rb"\\(.)", lambda m: {b"n": b"\n", b"r": b"\r"}.get(m.group(1), m.group(1)), p)
+                           for p in parts)
+            lines.append(raw.decode("utf-16-be"))
+        pages.append("\n".join(lines))
+    return pages
+
+
+def test_report_is_a_designed_summary_with_the_record_as_appendix(scene, explanation, tmp_path):
+    """Page 1 says case, model, method, region, class, score, the shares of each sign per sequence, inclusivity and
+    the warnings in words, over three orthogonal views per sequence on one scale with mm labels, letters and a
+    labelled colour bar; page 2 holds the full record with a command line without placeholders; all searchable."""
+    loaded = explanation.explanation
+    loaded.record["warnings"] = ["integrated gradients misses completeness by 7 %"]
+    path = export.writeReport(loaded, tmp_path / "report.pdf", title="LRP lesion")
+    summary, appendix = pdfPages(path)
+    words = " ".join(summary.split())
+    record = loaded.record
+    names = loaded.sequenceNames
+    assert "LRP lesion: SegExplain report" in words
+    assert "Case: the scene's volumes '4: T2'" in words and "Model: segexplain-demo-unet; classes background, lesion" \
+        in words
+    assert f"lrp (composite epsilon_plus) | voxel {tuple(record['target']['index'])}, class 1" in words
+    assert f"target score {record['target_score']:.4g}" in words and "class 1 (lesion)" in words
+    for name in names:
+        share = 100 * record["relevance_shares"]["positive"][results.fileSafe(name)]
+        assert f"{name}: {share:.1f} % positive, 0.0 % negative" in words
+    assert "Inclusivity: not computed" in words
+    assert "Warnings: integrated gradients misses completeness by 7 %" in words
+    largest = np.abs(loaded.maps()).max()
+    assert f"One colour scale for all sequences: ±{largest:.3g}" in words
+    assert "red: for, blue: against class 1" in words  # the colour bar's label
+    assert re.search(r"S: -?\d+\.\d mm \(through S-I\)", words) and re.search(r"A: -?\d+\.\d mm", words) \
+        and re.search(r"R: -?\d+\.\d mm", words)
+    assert "{" not in words  # no JSON on page 1
+    text = " ".join(appendix.split())
+    assert "Appendix: the full record" in text and "method: lrp" in text
+    assert "command: segexplain explain --input 4__T2.nrrd 5__T1.nrrd" in text and "<" not in appendix
+    assert "--output segexplain-output" in text
+
+
+def test_report_views_share_one_scale_and_carry_orientation_letters(explanation, tmp_path):
+    """The summary's views have one colour bar from -max|R| to max|R| of all sequences, and each of the three
+    views of every sequence its four orientation letters."""
+    loaded = explanation.explanation
+    captured = {}
+    original = export.region_views
+
+    def spy(*args, **kwargs):
+        figure = original(*args, **kwargs)  # read before the report saves (and clears) it
+        (bar,) = [ax for ax in figure.axes if ax.get_label() == "colorbar"]
+        (letters,) = [a for a in figure.artists if a.get_gid() == "letters"]
+        captured.update(limits=bar.get_ylim(), letters=len(letters.get_paths()))
+        return figure
+
+    export.region_views = spy
+    try:
+        export.writeReport(loaded, tmp_path / "report.png")
+    finally:
+        export.region_views = original
+    np.testing.assert_allclose(captured["limits"], np.array([-1, 1]) * np.abs(loaded.maps()).max(), rtol=1e-5)
+    assert captured["letters"] == 4 * 3 * len(loaded.relevance)
+
+
+def test_write_report_refuses_other_suffixes(explanation, tmp_path):
     with pytest.raises(SegExplainError, match="report.txt"):
-        export.writeReport(explanation.explanation, montage, tmp_path / "report.txt")
+        export.writeReport(explanation.explanation, tmp_path / "report.txt")

@@ -38,7 +38,7 @@ The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (th
 one picture).
 """
 
-from .case import explanation_figures, explanation_title
+from .case import explanation_figures, explanation_title, region_views
 from .charts import ShareKind, inclusivity_figure, shares_figure
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
@@ -54,6 +54,7 @@ __all__ = [
     "mip_figure",
     "montage_figure",
     "montage_slices",
+    "region_views",
     "save_figure",
     "shares_figure",
 ]

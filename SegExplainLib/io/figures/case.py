@@ -1,4 +1,5 @@
-"""A case's figures from what its explanation knows: ``mip.png``, ``montage.png`` and ``shares.png``.
+"""A case's figures from what its explanation knows: ``mip.png``, ``montage.png`` and ``shares.png``, and the three
+orthogonal views through the region (:func:`region_views`) that the Slicer module's report shows.
 
 Each figure says what it shows: a title with the method (its composite or baseline), the target region, the class
 and the target score (a negative or zero score in words), one colour scale shared by all sequences (a scale per
@@ -329,3 +330,118 @@ def explanation_figures(
                                        title, limits, per_panel, table, alpha, colours, class_index, int(slices)),
         "shares.png": _shares_figure(statistics, names, title, class_index),
     }
+
+
+def _region_peak(record: Mapping[str, Any], magnitude: np.ndarray, region: np.ndarray | None) -> tuple[int, ...]:
+    """The voxel the orthogonal views go through: the clicked voxel, else the region's voxel of most ``|R|``."""
+    target = record["target"]
+    if target["kind"] == "voxel":
+        return tuple(int(i) for i in target["index"])
+    inside = np.zeros(magnitude.shape, dtype=bool) if region is None else region.copy()
+    if target["kind"] == "box":
+        inside[tuple(slice(a, b) for a, b in zip(target["start"], target["stop"]))] = True
+    elif region is None and target["kind"] == "mask" and target.get("bounds"):
+        inside[tuple(slice(a, b) for a, b in target["bounds"])] = True  # the segment's bounding box
+    if not inside.any():  # no region known (a segment, the predicted region or the channel): all voxels
+        inside[...] = True
+    return tuple(int(i) for i in np.unravel_index(np.argmax(np.where(inside, magnitude, -1.0)), magnitude.shape))
+
+
+def region_views(
+    image: object,
+    maps: object,
+    *,
+    sequence_names: Sequence[str],
+    geometry: Geometry,
+    record: Mapping[str, Any],
+    region: np.ndarray | None = None,
+    heading: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    width: int = 992,
+    alpha: float = 0.7,
+    cmap: str = "RdBu_r",
+) -> Figure:
+    """The three orthogonal views through the region, one row per sequence, on one colour scale for all sequences.
+
+    The views cross at the clicked voxel, or at the region's voxel of most ``|R|`` summed over the sequences (a box
+    or a segment's bounding box from the record, ``region`` if given, else the whole volume). Each is turned to the radiological convention
+    with its orientation letters (:func:`~.views.view_of`) and headed by its position in mm
+    (:func:`~.views.slice_label`); the title is :func:`explanation_title`, the colour bar says what red and blue
+    mean, and ``notes`` (e.g. the shares and the warnings in words) follow the views as text.
+
+    Args:
+        image: The case ``(C, D, H, W)``, one channel per sequence, on ``geometry``.
+        maps: Its relevance ``(C, D, H, W)`` on the same grid.
+        sequence_names: One name per channel.
+        geometry: The case's grid.
+        record: The explanation's record (method, options, target, target_score).
+        region: The target region as a boolean mask ``(D, H, W)``, or None.
+        heading: Lines of text written above the title (e.g. a report's name and date).
+        notes: Lines of text written under the views (wrapped to the width).
+        width: The figure's width in pixels at 120 dpi (992: an A4 page's).
+        alpha: Opacity of the overlay at the colour limit, in [0, 1].
+        cmap: A diverging matplotlib colour map.
+
+    Returns:
+        The figure, with its own Agg canvas (texts, letters and colour bar as for :func:`explanation_figures`).
+
+    Raises:
+        SegExplainError: Shapes that do not match each other or the geometry, a bad record, region or option.
+
+    Example:
+        >>> save_figure(region_views(image, result.maps, sequence_names=names, geometry=geometry,
+        ...                          record=result.record(), notes=["T2 carries 27 % of the positive relevance"]),
+        ...             "views.pdf")
+    """
+    alpha = check_fraction(alpha, "alpha")
+    colours = check_cmap(cmap)
+    if not isinstance(geometry, Geometry):
+        raise SegExplainError(f"geometry must be a Geometry (from read_sequences), got {type(geometry).__name__}")
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 480:
+        raise SegExplainError(f"width must be an integer of at least 480 pixels, got {width!r}")
+    for name, lines in (("heading", heading), ("notes", notes)):
+        if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
+            raise SegExplainError(f"{name} must be a sequence of lines of text, got {lines!r}")
+    title = explanation_title(record)
+    image_array, maps_array, names = image_and_maps(image, maps, sequence_names)
+    if maps_array.shape[1:] != geometry.shape:
+        raise SegExplainError(
+            f"maps shape {maps_array.shape} does not match the geometry's (D, H, W) {geometry.shape}")
+    region_mask = _check_region(region, geometry.shape)
+    statistics = _statistics(maps_array)
+    limit = float(_limits(statistics.largest, False)[0])
+    peak = _region_peak(record, np.abs(maps_array).sum(axis=0), region_mask)
+    views = [view_of(geometry, axis) for axis in range(3)]
+    tile = (width - 2 * _MARGIN - _LABEL_WIDTH - _BAR_WIDTH) // 3 - _GAP
+    sizes = [tile_size(view.show(maps_array[0].take(peak[view.axis], axis=view.axis)).shape,
+                      _pixel_mm(geometry, view), tile) for view in views]
+    row_height = max(height for height, _ in sizes)
+    lines = _wrapped(list(heading) + title + [f"Orthogonal views through voxel {peak} (index (k, j, i)). "
+                              f"{_scale_line(np.array([limit]), False)}"], width)
+    top = _MARGIN + _LINE * len(lines) + _LINE + 4
+    notes_top = top + len(names) * (row_height + _GAP) + _LINE
+    note_lines = _wrapped(list(notes), width)
+    sheet = Sheet(int(width), notes_top + _LINE * len(note_lines) + _MARGIN)
+    _title(sheet, lines)
+    table = colour_table(colours)
+    for j, view in enumerate(views):
+        left = _MARGIN + _LABEL_WIDTH + j * (tile + _GAP)
+        sheet.text(left + tile / 2, top - 4, f"{slice_label(geometry, view.axis, peak[view.axis])} "
+                   f"(through {view.through})", fontsize=8, ha="center", va="bottom", gid=f"slice:{view.axis}")
+    for c, name in enumerate(names):
+        row_top = top + c * (row_height + _GAP)
+        grey_range = grey_window(image_array[c])
+        sheet.text(_MARGIN, row_top + row_height / 2, name, fontsize=9, ha="left", va="center", gid=f"name:{name}")
+        for j, (view, (height, tile_width)) in enumerate(zip(views, sizes)):
+            left = _MARGIN + _LABEL_WIDTH + j * (tile + _GAP)
+            rgb = overlay_pixels(view.show(image_array[c].take(peak[view.axis], axis=view.axis)),
+                                 view.show(maps_array[c].take(peak[view.axis], axis=view.axis)),
+                                 grey_range=grey_range, limit=limit, table=table, alpha=alpha)
+            sheet.paste(row_top, left, resample(rgb, height, tile_width))
+            _letters(sheet, view, row_top, left, height, tile_width)
+    bar_left = _MARGIN + _LABEL_WIDTH + 3 * (tile + _GAP) + 8
+    sheet.colour_bar = (bar_left, top, 12, min(len(names) * (row_height + _GAP) - _GAP, 320), limit, colours,
+                        _bar_label(record["target"]["class_index"]))
+    if note_lines:
+        sheet.text(_MARGIN, notes_top, "\n".join(note_lines), fontsize=9, ha="left", va="top", gid="notes")
+    return sheet.figure()
