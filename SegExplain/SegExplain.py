@@ -777,7 +777,7 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
         if explanation is None:
             raise ValueError(_("run or select an explanation first"))
-        workflow.writeReport(explanation, parameters, slicer.app.applicationLogic(), path)
+        workflow.writeReport(explanation, parameters, path)
 
 
 #

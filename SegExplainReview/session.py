@@ -392,4 +392,4 @@ class ReviewSession:
 
     def writeReport(self, explanation: results.Explanation, parameters: ReviewParameters, path: str | Path) -> Path:
         """The module's one-page report (montage of the filtered overlay, shares, record)."""
-        return workflow.writeReport(explanation, parameters, self.app.app_logic, path)
+        return workflow.writeReport(explanation, parameters, path)

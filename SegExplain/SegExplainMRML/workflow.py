@@ -196,9 +196,8 @@ def montage(explanation: results.Explanation, parameters: Any, applicationLogic:
                                opacity=float(parameters.overlayOpacity))
 
 
-def writeReport(explanation: results.Explanation, parameters: Any, applicationLogic: Any, path: str | Path) -> Path:
+def writeReport(explanation: results.Explanation, parameters: Any, path: str | Path) -> Path:
     """The report of an explanation (:func:`export.writeReport`), titled with its folder name, its overlay at the
-    controls' opacity. ``applicationLogic`` is not needed (the report draws its views itself); the front ends
-    pass it as for :func:`montage`."""
+    controls' opacity; it draws its views itself, without the slice views."""
     name = results.subjectHierarchy(explanation.overlay.GetScene()).GetItemName(explanation.folderItem)
     return export.writeReport(explanation, path, title=name, opacity=float(parameters.overlayOpacity))
