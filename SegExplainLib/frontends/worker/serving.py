@@ -54,7 +54,8 @@ def choose_threads(*, load: float, cores: int, requested: str | None = None) -> 
     """
     if requested is not None:
         if not requested.strip().isdigit() or int(requested) < 1:
-            raise SegExplainError(f"{THREADS_VARIABLE} must be a whole number of threads, at least 1, got {requested!r}")
+            raise SegExplainError(f"{THREADS_VARIABLE} must be a whole number of threads, at least 1, "
+                                  f"got {requested!r}")
         return int(requested)
     return max(1, min(cores, math.floor(cores - load + 0.5)))
 
@@ -190,7 +191,8 @@ def serve(inputs: int, outputs: int) -> None:
                     result = session.explain(request, mask=arrays.get("mask"), preview=shown)
                     record = {**result.record(), **session.shown(preview=shown),
                               "request_arguments": request.arguments(),
-                              "model_arguments": session.source.arguments(), "torch_threads": threads}  # the command line of the exact answer
+                              "model_arguments": session.source.arguments(),  # the command line of the exact answer
+                              "torch_threads": threads}
                     answer = ({"state": "done", "record": record}, {"maps": result.maps.astype(np.float32)})
                     if shown:  # the first answer at once; the exact one follows in this request, unless cancelled
                         with control.sending(number):
