@@ -236,7 +236,7 @@ class ReviewApp(TrameApp):
         create_vertical_slice_view_gutter_ui(server, viewId, sliceView)
         labels = f"view_labels[{sliceView.get_singleton_tag()!r}]"
         edges = {"left": "left: 4px; top: 50%", "right": "right: 4px; top: 50%", "top": "top: 2px; left: 50%",
-                 "bottom": "bottom: 2px; left: 50%"}
+                 "bottom": "bottom: 30px; left: 50%"}  # above the slice slider
         with html.Div(v_if=labels, classes="view-labels", style="position: absolute; inset: 0; pointer-events: none;"
                       " color: white; font-size: 13px; text-shadow: 0 0 3px black, 0 0 2px black;"):
             html.Div(f"{{{{ {labels}.name }}}}", classes="view-name",
