@@ -41,6 +41,7 @@ from trame.widgets import html
 from trame.widgets import vuetify3 as v
 from trame_server.utils.asynchronous import create_task
 from trame_slicer import module as trame_slicer_module
+from trame_slicer.app.ui import create_vertical_slice_view_gutter_ui
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, SliceView, ViewLayoutDefinition, ViewProps, ViewType
@@ -52,6 +53,7 @@ from SegExplainLib import composite_names
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.errors import SegExplainError
 
+from .layout import Legend, composeLayout, legendGradient, sliceViewLabels
 from .session import ReviewCase, ReviewParameters, ReviewSession
 
 logger = logging.getLogger(__name__)
@@ -127,7 +129,7 @@ class ReviewApp(TrameApp):
         self.host, self.token = host, token or secrets.token_urlsafe(32)
         self.server.enable_module(trame_slicer_module)
         self.slicerApp = SlicerApp()
-        register_rca_factories(self.slicerApp.view_manager, self.server)
+        register_rca_factories(self.slicerApp.view_manager, self.server, slice_view_ui_f=self._sliceViewUi)
         self.session = ReviewSession(self.slicerApp, case)
         self.layoutManager = LayoutManager(self.slicerApp.scene, self.slicerApp.view_manager, self.server)
         self.layoutManager.register_layout("review", LAYOUTS["review"])
@@ -173,7 +175,7 @@ class ReviewApp(TrameApp):
             "share_columns": [], "inclusivity": {},
             "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
             "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
-            "box_pending": False, "worker_ready": False,
+            "box_pending": False, "worker_ready": False, "view_labels": {}, "legend": None,
         })
 
     def parameters(self) -> ReviewParameters:
@@ -210,14 +212,40 @@ class ReviewApp(TrameApp):
                 for d in definitions if d.view_type == ViewType.SLICE_VIEW]
 
     def _setUpViews(self, definitions: list[ViewLayoutDefinition]) -> None:
-        """Click observers on the slice views, no depth peeling in 3D (llvmpipe bug), then the case."""
-        for view in self._views(definitions):
+        """Click observers and labels on the slice views, no depth peeling in 3D (llvmpipe bug), then the case."""
+        for definition, view in zip(definitions, self._views(definitions)):
             if isinstance(view, SliceView):
                 view.interactor().AddObserver("LeftButtonPressEvent", self._onSliceClick, 1.0)
+                name = f"{definition.properties.label}: {definition.properties.orientation}"
+                view.get_view_node().AddObserver(vtk.vtkCommand.ModifiedEvent,
+                                                 lambda node, _event, tag=definition.singleton_tag, name=name:
+                                                 self._updateViewLabels(tag, sliceViewLabels(node, name)))
+                self._updateViewLabels(definition.singleton_tag, sliceViewLabels(view.get_view_node(), name))
             else:
                 view.renderer().SetUseDepthPeeling(False)
                 view.renderer().SetUseDepthPeelingForVolumes(False)
         self._showCase(definitions)
+
+    def _updateViewLabels(self, tag: str, labels: dict[str, Any]) -> None:
+        if self.state.view_labels.get(tag) != labels:
+            with self.state:
+                self.state.view_labels = {**self.state.view_labels, tag: labels}
+
+    def _sliceViewUi(self, server: Any, viewId: str, sliceView: Any) -> None:
+        """trame-slicer's gutter (slice slider, tools), then the view's name, position and edge letters over it."""
+        create_vertical_slice_view_gutter_ui(server, viewId, sliceView)
+        labels = f"view_labels[{sliceView.get_singleton_tag()!r}]"
+        edges = {"left": "left: 4px; top: 50%", "right": "right: 4px; top: 50%", "top": "top: 2px; left: 50%",
+                 "bottom": "bottom: 30px; left: 50%"}  # above the slice slider
+        with html.Div(v_if=labels, classes="view-labels", style="position: absolute; inset: 0; pointer-events: none;"
+                      " color: white; font-size: 13px; text-shadow: 0 0 3px black, 0 0 2px black;"):
+            html.Div(f"{{{{ {labels}.name }}}}", classes="view-name",
+                     style="position: absolute; top: 2px; right: 8px; font-weight: bold")
+            html.Div(f"{{{{ {labels}.position }}}}", classes="view-position",
+                     style="position: absolute; top: 18px; right: 8px")
+            for edge, place in edges.items():
+                html.Div(f"{{{{ {labels}.letters.{edge} }}}}", classes=f"view-letter view-letter-{edge}",
+                         style=f"position: absolute; {place}; font-weight: bold")
 
     def _showCase(self, definitions: list[ViewLayoutDefinition]) -> None:
         """The first sequence as background, views fitted to it and centred on the segmentation."""
@@ -359,7 +387,7 @@ class ReviewApp(TrameApp):
             self.state.box_pending = False
 
     def _refreshExplanations(self) -> None:
-        self.state.explanations = [{"value": item, "title": name} for item, name in self.session.explanations()]
+        self.state.explanations = self.session.explanationItems()
 
     def _currentExplanation(self) -> Any:
         return self.session.explanation(int(self.state.current)) if self.state.current is not None else None
@@ -373,6 +401,7 @@ class ReviewApp(TrameApp):
         except SegExplainError as error:
             self.state.error = str(error)
             return
+        self.state.legend = Legend.of(explanation, self.parameters()).state()
         rows = self.session.sharesRows(explanation)
         self.state.shares = rows
         self.state.share_columns = [c for c in rows[0] if c != "sequence"] if rows else []
@@ -436,18 +465,24 @@ class ReviewApp(TrameApp):
 
     # downloads ---------------------------------------------------------------------------------------------------
 
-    def screenshot(self) -> np.ndarray:
-        """The views of the current layout side by side, as they are shown (RGBA, rows top to bottom)."""
+    def screenshot(self) -> tuple[np.ndarray, list[str]]:
+        """The views as the page lays them out, with their names, letters and positions, the sequence shown and the
+        colour legend (RGBA, rows top to bottom), and the texts drawn in it."""
         layout = LAYOUTS["compare" if self.state.compare_on else "review"]
-        images = []
-        for view in self._views(layout.get_views(is_recursive=True)):
+        definitions = layout.get_views(is_recursive=True)
+        tiles = {}
+        for definition, view in zip(definitions, self._views(definitions)):
             view.render()
             buffer = vtkImageData()
             vtkMRMLLayerDisplayableManager.RenderWindowBufferToImage(view.render_window(), buffer)
             width, height, _ = buffer.GetDimensions()
-            pixels = vtk_to_numpy(buffer.GetPointData().GetScalars()).reshape(height, width, -1)
-            images.append(pixels[::-1])
-        return self.session.viewsImage(images)
+            tiles[definition.singleton_tag] = vtk_to_numpy(buffer.GetPointData().GetScalars()).reshape(
+                height, width, -1)[::-1]
+        labels = {tag: self.state.view_labels.get(tag, {"name": tag}) for tag in tiles}
+        explanation = self._currentExplanation()
+        legend = Legend.of(explanation, self.parameters()) if explanation is not None else None
+        sequence = legend.sequence if legend is not None else self.session.names[int(self.state.sequence)]
+        return composeLayout(layout, tiles, labels, sequence=sequence, legend=legend)
 
     def _addRoutes(self, wslinkServer: Any) -> None:
         """The download routes and the guard, and the run's token as wslink's secret (before the server listens)."""
@@ -524,7 +559,7 @@ class ReviewApp(TrameApp):
 
     async def _screenshotResponse(self, _request: web.Request) -> web.Response:
         with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
-            path = export.writePng(self.screenshot(), Path(folder) / "screenshot.png")
+            path = export.writePng(self.screenshot()[0], Path(folder) / "screenshot.png")
             return self._attachment(path.read_bytes(), "segexplain-views.png", "image/png")
 
     async def _reportResponse(self, _request: web.Request) -> web.Response:
@@ -554,9 +589,26 @@ class ReviewApp(TrameApp):
                 self._displayControls()
                 v.VDivider(classes="my-2")
                 self._resultControls()
-            with v.VMain(), html.Div(style="height: 100vh; display: flex;"):
-                self.layoutManager.initialize_layout_grid(layout)
+            with v.VMain(), html.Div(style="height: 100vh; display: flex; flex-direction: column;"):
+                self._toolbar()
+                with html.Div(style="flex: 1; display: flex; min-height: 0;"):
+                    self.layoutManager.initialize_layout_grid(layout)
         self.ui = layout
+
+    def _toolbar(self) -> None:
+        """Above the views, always in sight: the downloads and the shown explanation's sequence and colour legend."""
+        with html.Div(classes="d-flex align-center ga-2 px-2 text-caption", id="toolbar", style="flex: 0 0 40px;"):
+            v.VBtn("Screenshot", href=f"{ROUTE}/screenshot.png", download="segexplain-views.png", size="small",
+                   id="screenshot")
+            v.VBtn("Report", href=f"{ROUTE}/report.pdf", download="segexplain-report.pdf", size="small",
+                   disabled=("current === null",), id="report")
+            with html.Div(v_if="legend", classes="d-flex align-center ga-2 ml-4", id="legend"):
+                html.Span("Sequence: {{ legend.sequence }}", id="legend-sequence")
+                html.Span("-{{ legend.amplitude }}")
+                html.Div(style=f"width: 160px; height: 12px; background: {legendGradient()};", id="legend-bar")
+                html.Span("+{{ legend.amplitude }}")
+                html.Span("blue: against class {{ legend.class_index }}, red: for class {{ legend.class_index }}",
+                          id="legend-meaning")
 
     def _explainControls(self) -> None:
         compact = {"density": "compact", "hide_details": True, "classes": "mb-2"}
@@ -601,7 +653,12 @@ class ReviewApp(TrameApp):
 
     def _displayControls(self) -> None:
         compact = {"density": "compact", "hide_details": True, "classes": "mb-2"}
-        v.VSelect(label="Explanation", v_model=("current",), items=("explanations",), id="explanation", **compact)
+        # the short title in the list, the folder's full name on hover
+        with html.Div(title=("explanations.find(e => e.value === current)?.description",), id="explanation-field"):
+            with v.VSelect(label="Explanation", v_model=("current",), items=("explanations",), id="explanation",
+                           **compact), v.Template(v_slot_item="{ props, item }"):
+                with html.Div(title=("item.raw.description",), classes="explanation-item"):
+                    v.VListItem(v_bind="props")
         v.VSelect(label="Sequence", v_model=("sequence",), items=("sequences",), id="sequence", **compact)
         v.VSlider(label="Opacity", v_model=("opacity",), min=0, max=1, step=0.05, id="opacity", **compact)
         v.VSelect(label="Filter", v_model=("filter_kind",), items=("filter_kinds",), id="filter-kind", **compact)
@@ -634,11 +691,6 @@ class ReviewApp(TrameApp):
                 html.Td("{{ row[c].toFixed(3) }}", v_for="c in share_columns", key="c")
         v.VBtn("Ground-truth inclusivity", click=self.inclusivity, size="small", classes="my-2",
                disabled=("!segments.length || current === null",), id="inclusivity")
-        with html.Div(classes="d-flex ga-2 my-2"):
-            v.VBtn("Screenshot", href=f"{ROUTE}/screenshot.png", download="segexplain-views.png", size="small",
-                   id="screenshot")
-            v.VBtn("Report", href=f"{ROUTE}/report.pdf", download="segexplain-report.pdf", size="small",
-                   disabled=("current === null",), id="report")
         v.VFileInput(label="Add a sequence (<name>.nii.gz) or label map", v_model=("upload",), density="compact",
                      show_size=True, id="upload")
         v.VAlert(text=("upload_error",), v_if="upload_error", type="error", density="compact", id="upload-error")

@@ -350,6 +350,26 @@ class ReviewSession:
         shNode = results.subjectHierarchy(self.scene)
         return [(item, shNode.GetItemName(item)) for item in results.explanationFolders(self.scene)]
 
+    def explanationItems(self) -> list[dict[str, Any]]:
+        """The page's list of explanations, oldest first: a short distinct title (number, method, region) and the
+        folder's full name as the description, e.g. ``#3 lrp point (12.0, -30.0, 44.0) mm``."""
+        items = []
+        for number, (item, name) in enumerate(self.explanations(), 1):
+            record = self.explanation(item).record
+            items.append({"value": item, "title": f"#{number} {record.get('method', '?')} {self._where(record)}",
+                          "description": name})
+        return items
+
+    def _where(self, record: dict[str, Any]) -> str:
+        """The region of a record in a few words: a point's RAS position (mm), else its kind."""
+        target = record.get("target", {})
+        if target.get("kind") != "voxel":
+            return str(target.get("kind", "region"))
+        ijkToRas = vtk.vtkMatrix4x4()
+        self.volumes[0].GetIJKToRASMatrix(ijkToRas)
+        ras = ijkToRas.MultiplyPoint([*reversed(target["index"]), 1.0])[:3]  # the record's index is (D, H, W)
+        return f"point ({', '.join(f'{c:.1f}' for c in ras)}) mm"
+
     def explanation(self, folderItem: int) -> results.Explanation:
         return results.explanationOf(self.scene, folderItem)
 
@@ -377,18 +397,6 @@ class ReviewSession:
                 for row in range(table.GetNumberOfRows())]
 
     # export ----------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def viewsImage(images: list[np.ndarray]) -> np.ndarray:
-        """Views side by side (RGB or RGBA, rows top to bottom), padded to the tallest, as one RGBA image."""
-        height = max(image.shape[0] for image in images)
-        tiles = []
-        for image in images:
-            rgba = np.full((height, image.shape[1], 4), 255, np.uint8)
-            rgba[:, :, :3] = 0
-            rgba[:image.shape[0], :, :image.shape[2]] = image
-            tiles.append(rgba)
-        return np.concatenate(tiles, axis=1)
 
     def writeReport(self, explanation: results.Explanation, parameters: ReviewParameters, path: str | Path) -> Path:
         """The module's one-page report (montage of the filtered overlay, shares, record)."""

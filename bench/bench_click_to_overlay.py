@@ -7,8 +7,12 @@
     received a new image.
 
 The worker is warm in both (model and case loaded before the first timed click; one untimed warm-up click). Prints
-the machine, torch's version, the load average, every click and the median. Run from the repository root:
-``python bench/bench_click_to_overlay.py [--clicks 7] [--no-browser]``.
+the machine, torch's version, the load average, every click (with the worker's torch threads) and the median. Run
+from the repository root: ``python bench/bench_click_to_overlay.py [--clicks 7] [--no-browser] [--load N]``.
+
+``--load N`` runs N processes that each keep a core busy during both parts (a shared machine's other jobs), after
+letting the one-minute load average rise for ``--load-wait`` seconds (default 60), from which the worker chooses its
+threads.
 
 ``--size 128 --device cuda --no-browser`` times part (a) on a 128^3 case instead (the demo case resampled, six
 sequences), whose target on a GPU is 0.3 s.
@@ -17,9 +21,11 @@ sequences), whose target on a GPU is 0.3 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,7 +106,8 @@ def benchMrml(clicks: int, *, size: int | None = None, device: str = "auto") -> 
             assert slicer.util.arrayFromVolume(explanation.overlay).any()
             if index:  # the first click also waits for the model and the case
                 seconds.append(elapsed)
-                print(f"  (a) click {index}: {elapsed:.3f} s (worker {run.answer.seconds:.3f} s)", flush=True)
+                print(f"  (a) click {index}: {elapsed:.3f} s (worker {run.answer.seconds:.3f} s, "
+                      f"{run.answer.record['torch_threads']} torch threads)", flush=True)
         assert explainer.worker.starts == 1
     finally:
         explainer.close()
@@ -153,21 +160,40 @@ def benchBrowser(clicks: int) -> list[float]:
     return seconds
 
 
+@contextlib.contextmanager
+def busyProcesses(count: int, wait: float):
+    """``count`` processes that each spin on a core until the block ends, started ``wait`` seconds before it."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(wait if count else 0.0)
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clicks", type=int, default=7, help="timed clicks of each part (after one warm-up click)")
     parser.add_argument("--no-browser", action="store_true", help="skip part (b)")
     parser.add_argument("--size", type=int, help="part (a) on the demo case resampled to SIZE^3 voxels")
     parser.add_argument("--device", default="auto", help="the worker's device: auto, cpu or cuda")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running during the timed clicks")
+    parser.add_argument("--load-wait", type=float, default=60.0, help="seconds the busy processes run before")
     args = parser.parse_args()
+    if args.load < 0 or args.load_wait < 0:
+        parser.error(f"--load and --load-wait must be at least 0, got {args.load} and {args.load_wait}")
     if args.size is not None and not args.no_browser:
         parser.error("--size times part (a) only: add --no-browser")
     target = 0.3 if args.device.startswith("cuda") else TARGET_SECONDS
-    print(f"machine: {machine()}", flush=True)
-    rows = [("(a) MRML: region -> overlay volume filled", benchMrml(args.clicks, size=args.size, device=args.device))]
-    if not args.no_browser:
-        rows.append(("(b) browser: click -> overlay shown", benchBrowser(args.clicks)))
-    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    with busyProcesses(args.load, args.load_wait):
+        print(f"machine: {machine()}; {args.load} busy processes", flush=True)
+        rows = [("(a) MRML: region -> overlay volume filled",
+                 benchMrml(args.clicks, size=args.size, device=args.device))]
+        if not args.no_browser:
+            rows.append(("(b) browser: click -> overlay shown", benchBrowser(args.clicks)))
+        print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     for name, seconds in rows:
         median = statistics.median(seconds)
         print(f"{name}: median {median:.3f} s, min {min(seconds):.3f} s, max {max(seconds):.3f} s over "

@@ -22,6 +22,7 @@ from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends import worker as worker_module
 from SegExplainLib.frontends.worker import WarmSession, Worker, process_tree
+from SegExplainLib.frontends.worker.serving import THREADS_VARIABLE, choose_threads
 from SegExplainLib.io.imaging import read_sequences
 from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.models.loading import ModelCard
@@ -92,6 +93,32 @@ def test_the_worker_answers_every_click_with_the_engines_maps(worker, case, refe
         assert ExplainRequest.from_arguments(answer.record["request_arguments"]) == ask(*CLICK, *LRP, "--device", "cpu")
         assert answer.record["model_arguments"] == ["--card", str(demo_card_path())]
     assert worker.starts == 1
+
+
+@pytest.mark.parametrize(("load", "cores", "expected"), [(0.1, 2, 2), (0.8, 2, 1), (3.5, 2, 1), (0.0, 16, 16),
+                                                         (5.2, 16, 11), (40.0, 16, 1)])
+def test_the_threads_are_the_cores_the_load_leaves_free(load, cores, expected):
+    assert choose_threads(load=load, cores=cores) == expected
+
+
+def test_a_thread_setting_is_honoured_and_checked():
+    assert choose_threads(load=40.0, cores=2, requested="2") == 2
+    for bad in ("0", "two", "-1", ""):
+        with pytest.raises(SegExplainError, match=f"{THREADS_VARIABLE} must be a whole number.*got {bad!r}"):
+            choose_threads(load=0.0, cores=2, requested=bad)
+
+
+def test_the_record_says_how_many_threads_the_click_got(worker, case, monkeypatch):
+    """The machine's choice in the shared worker; the user's setting (inherited by a new child) in another."""
+    answer = worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60)
+    assert 1 <= answer.record["torch_threads"] <= os.cpu_count()
+    monkeypatch.setenv(THREADS_VARIABLE, "3")
+    image, geometry = case
+    with Worker(ModelSource.from_arguments(["--card", str(demo_card_path())])) as set_by_user:
+        set_by_user.start()
+        set_by_user.wait(set_by_user.set_case(image, geometry), timeout=120)
+        answer = set_by_user.wait(set_by_user.explain(ask(*CLICK, "--method", "gradient")), timeout=60)
+    assert answer.record["torch_threads"] == 3
 
 
 def test_a_segment_travels_as_an_array(worker, case):

@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 from PIL import Image
-from review_page import reddish, setState, until
+from review_page import explained, reddish, setState, until
 
 
 def png(data: bytes) -> np.ndarray:
@@ -67,6 +67,54 @@ def test_click_explains_and_slider_filters_the_overlay(server, page):
     assert np.any(filtered != explained)
 
 
+def test_views_are_named_lettered_and_placed_and_the_downloads_stay_in_sight(page):
+    """At 1600x857: each slice view's name, edge letters and position in mm, the shown explanation's legend, short
+    distinct titles with the full name on hover, and the Screenshot and Report buttons on screen."""
+    explained(page)
+    page.send("Emulation.setDeviceMetricsOverride", {"width": 1600, "height": 857, "deviceScaleFactor": 1,
+                                                     "mobile": False})
+    try:
+        views = page.waitFor("document.querySelectorAll('.view-labels').length === 3 && [...document.querySelectorAll("
+                             "'.view-labels')].map(e => [...e.children].map(c => [c.className, c.innerText.trim()]))",
+                             timeout=30)
+        shown = {dict(view)["view-name"]: {c.split()[-1]: text for c, text in view} for view in views}
+        assert set(shown) == {"Red: Axial", "Green: Coronal", "Yellow: Sagittal"}, shown
+        expected = {"Red: Axial": ("S", "RLAP"), "Green: Coronal": ("A", "RLSI"), "Yellow: Sagittal": ("R", "APSI")}
+        for name, (axis, letters) in expected.items():
+            assert shown[name]["view-position"].startswith(f"{axis}: ") and shown[name]["view-position"].endswith(" mm")
+            assert "".join(shown[name][f"view-letter-{edge}"] for edge in ("left", "right", "top", "bottom")) == letters
+        sequence = page.evaluate("window.trame.state.get('sequences')[window.trame.state.get('sequence')].title")
+        legend = page.evaluate("document.querySelector('#legend').innerText")
+        assert f"Sequence: {sequence}" in legend and "blue: against class 1, red: for class 1" in legend, legend
+        assert "gradient" in page.evaluate("getComputedStyle(document.querySelector('#legend-bar')).backgroundImage")
+        items = page.evaluate("window.trame.state.get('explanations')")
+        assert len({item["title"] for item in items}) == len(items) and items[0]["title"].startswith("#1 ")
+        assert all(len(item["title"]) < len(item["description"]) for item in items)
+        current = next(item for item in items if item["value"] == page.evaluate("window.trame.state.get('current')"))
+        assert page.evaluate("document.querySelector('#explanation-field').title") == current["description"]
+        for button in ("#screenshot", "#report"):
+            box = page.evaluate(f"(() => {{ const r = document.querySelector('{button}').getBoundingClientRect();"
+                                " return [r.left, r.top, r.right, r.bottom, innerWidth, innerHeight]; })()")
+            assert 0 <= box[0] < box[2] <= box[4] and 0 <= box[1] < box[3] <= box[5], (button, box)
+    finally:
+        page.send("Emulation.clearDeviceMetricsOverride")
+
+
+def test_the_screenshot_is_the_layout_as_shown(server, page):
+    """Two columns of two views, at the sizes the page shows them, over the band with the sequence and legend."""
+    from SegExplainReview.layout import LEGEND_BAND, legendColors
+
+    explained(page)
+    rects = [viewRect(page, index) for index in range(4)]
+    width, height = rects[0]["width"] + rects[2]["width"], rects[0]["height"] + rects[1]["height"]
+    shot = until(lambda: png(server.get("/segexplain/screenshot.png")),
+                 lambda image: abs(image.shape[1] - width) <= 8, interval=0.5)
+    assert abs(shot.shape[1] - width) <= 8 and abs(shot.shape[0] - LEGEND_BAND - height) <= 8, (shot.shape, rects)
+    band = shot[-LEGEND_BAND:].reshape(-1, 4)[:, :3]
+    for color in legendColors()[[0, -1]]:
+        assert (band == color).all(axis=-1).sum() >= 100
+
+
 def centre(page, selector: str) -> tuple[float, float]:
     return tuple(page.evaluate(f"(() => {{ const e = document.querySelector('{selector}');"
                                " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
@@ -94,7 +142,7 @@ def test_a_box_drawn_on_a_slice_view_is_explained(server, page):
     page.waitFor(f"window.trame.state.get('explanations').length > {before} && !window.trame.state.get('running') "
                  "|| window.trame.state.get('error')", timeout=120)
     assert page.evaluate("window.trame.state.get('error')") == ""
-    newest = page.evaluate("window.trame.state.get('explanations')")[-1]["title"]
+    newest = page.evaluate("window.trame.state.get('explanations')")[-1]["description"]  # the full name
     box = tuple(int(v) for v in newest.split("voxels (")[1].rstrip(")").split(","))
     assert "box 'SegExplain box'" in newest
     low, high = np.array(box[:3]), np.array(box[3:])

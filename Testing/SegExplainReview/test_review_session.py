@@ -252,12 +252,40 @@ def _explaining(run, timeout=60):
         time.sleep(0.01)
 
 
-def test_views_image_pads_to_the_tallest():
-    from SegExplainReview.session import ReviewSession
+def test_the_screenshot_is_the_layout_with_names_letters_positions_sequence_and_legend():
+    """Two columns of two views (as the page shows them), each labelled, and a band with the sequence and legend."""
+    import slicer
+    from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
-    image = ReviewSession.viewsImage([np.full((4, 3, 3), 200, np.uint8), np.full((2, 5, 4), 100, np.uint8)])
-    assert image.shape == (4, 8, 4)
-    assert np.all(image[:, :3, :3] == 200) and np.all(image[2:, 3:, :3] == 0) and np.all(image[..., 3] > 0)
+    from SegExplainReview.layout import LEGEND_BAND, Legend, composeLayout, legendColors, sliceViewLabels
+
+    axial = slicer.vtkMRMLSliceNode()
+    matrix = axial.GetSliceToRAS()
+    for column, vector in enumerate([(-1, 0, 0), (0, 1, 0), (0, 0, 1), (3, -4, 12.5)]):  # Slicer's axial preset
+        for row, value in enumerate(vector):
+            matrix.SetElement(row, column, value)
+    labels = sliceViewLabels(axial, "Red: Axial")
+    assert labels == {"name": "Red: Axial", "position": "S: 12.5 mm",
+                      "letters": {"left": "R", "right": "L", "top": "A", "bottom": "P"}}
+
+    views = [ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
+             ViewLayoutDefinition.sagittal_view(), ViewLayoutDefinition.threed_view()]
+    layout = Layout(LayoutDirection.Horizontal, [Layout(LayoutDirection.Vertical, views[:2]),
+                                                 Layout(LayoutDirection.Vertical, views[2:])])
+    shades = {"Red": 40, "Green": 80, "Yellow": 120, views[3].singleton_tag: 160}
+    tiles = {tag: np.full((100, 150, 4), shade, np.uint8) for tag, shade in shades.items()}
+    image, drawn = composeLayout(layout, tiles, {"Red": labels, views[3].singleton_tag: {"name": "3D"}},
+                                 sequence="T2", legend=Legend("T2", 1, 0.0123))
+    assert image.shape == (200 + LEGEND_BAND, 300, 4)
+    for (top, left), tag in zip([(0, 0), (100, 0), (0, 150), (100, 150)], shades):  # column by column
+        assert np.median(image[top:top + 100, left:left + 150, 0]) == shades[tag], tag
+    assert drawn == ["Red: Axial", "S: 12.5 mm", "R", "L", "A", "P", "3D", "Sequence: T2", "-0.0123", "+0.0123",
+                     "blue: against class 1, red: for class 1"]
+    name = image[4:18, 6:60, :3]  # the view's name, white on the grey tile
+    assert (name == 255).all(axis=-1).sum() > 20
+    band = image[200:].reshape(-1, 4)[:, :3]
+    for color in legendColors()[[0, -1]]:  # the bar's two ends: the colours of max|R| against and for the class
+        assert (band == color).all(axis=-1).sum() >= 100
 
 
 def test_page_parameters_are_validated_settings_with_the_modules_names():

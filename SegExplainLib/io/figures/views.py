@@ -90,8 +90,21 @@ def slice_label(geometry: Geometry, axis: int, index: int) -> str:
     centre = [(n - 1) / 2.0 for n in geometry.shape]
     centre[axis] = float(index)
     ras = index_to_physical(centre, geometry, frame="ras")
-    normal = int(np.argmax(np.abs(_lps_direction(geometry, axis))))
-    return f"{_RAS_LETTERS[normal]}: {ras[normal]:.1f} mm"
+    return position_label(_lps_direction(geometry, axis), ras)
+
+
+def position_label(normal: np.ndarray, ras: np.ndarray) -> str:
+    """The position of a slice through the RAS point ``ras`` with ``normal`` (any frame's axis order x, y, z; only
+    its largest component counts) as Slicer names it, e.g. ``"S: 12.5 mm"``."""
+    axis = int(np.argmax(np.abs(normal)))
+    return f"{_RAS_LETTERS[axis]}: {ras[axis]:.1f} mm"
+
+
+def direction_letter(ras_direction: np.ndarray) -> str:
+    """The patient direction a RAS vector points to, named by its largest component: ``(-1, 0.1, 0)`` is ``"L"``."""
+    lps = np.asarray(ras_direction, dtype=float) * (-1.0, -1.0, 1.0)
+    axis = int(np.argmax(np.abs(lps)))
+    return (_POSITIVE_LETTERS if lps[axis] > 0 else _NEGATIVE_LETTERS)[axis]
 
 
 def slice_profile(magnitude: np.ndarray, axis: int) -> np.ndarray:
