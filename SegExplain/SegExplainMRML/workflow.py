@@ -178,10 +178,11 @@ def showExplanation(explanation: results.Explanation, parameters: Any, composite
     relevance = explanation.relevance[index]
     overlay = overlay or explanation.overlay
     if overlay.GetNodeReferenceID(_SHOWN_RELEVANCE) != relevance.GetID():
-        # a new map for this overlay: its window, from max|R| (a full pass over the volume), not at every slider step
+        # a new map for this overlay: the explanation's shared window, from max|R| over all its sequences (a full
+        # pass over the volumes), not at every slider step
         overlay.SetNodeReferenceID(_SHOWN_RELEVANCE, relevance.GetID())
         overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, relevance.GetAttribute(results.SEQUENCE_ATTRIBUTE))
-        display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
+        display.setDivergingDisplay(overlay, display.sharedAmplitude(explanation.relevance))
     amplitudeFilter = display.amplitudeFilter(parameters.filterKind, float(parameters.filterLow),
                                               float(parameters.filterHigh))
     display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
