@@ -190,11 +190,12 @@ def showExplanation(explanation: results.Explanation, parameters: Any, composite
 
 
 def montage(explanation: results.Explanation, parameters: Any, applicationLogic: Any) -> Any:
-    """The slice montage of the displayed overlay over its sequence (orientation ``montageOrientation``)."""
-    scene = explanation.overlay.GetScene()
-    return export.sliceMontage(scene, applicationLogic, explanation.inputVolume(displayedIndex(explanation, parameters)),
-                               explanation.overlay, orientation=getattr(parameters, "montageOrientation", "Axial"),
-                               opacity=float(parameters.overlayOpacity))
+    """The slice montage of the displayed overlay over its sequence (orientation ``montageOrientation``), titled,
+    its slices in mm with orientation letters and a labelled colour bar (:func:`export.explanationMontage`): uint8
+    RGBA, rows top to bottom."""
+    return export.figurePixels(export.explanationMontage(
+        explanation, applicationLogic, explanation.inputVolume(displayedIndex(explanation, parameters)),
+        orientation=getattr(parameters, "montageOrientation", "Axial"), opacity=float(parameters.overlayOpacity)))
 
 
 def writeReport(explanation: results.Explanation, parameters: Any, path: str | Path) -> Path:
