@@ -1,7 +1,9 @@
 """Relevance overlays on Slicer's slice views: a diverging colour table centred on zero, and live amplitude filters.
 
 A relevance map is signed: red is evidence for the explained class, blue against, and near zero it is transparent so that
-the anatomy shows through. The window is symmetric (level 0, width 2 max|R|), so zero is always the centre colour.
+the anatomy shows through. The window is symmetric (level 0, width 2 max|R|), so zero is always the centre colour; all
+sequences of one explanation share it (max|R| over all of them, :func:`sharedAmplitude`), so that a colour means the
+same relevance in every sequence.
 
 The filter sliders act post hoc on the finished map (Tjoa et al.'s alpha-pass and alpha-clamp, normalized per map by
 max|R|): the relevance volumes themselves are never changed; the filtered map goes into one overlay volume per
@@ -66,6 +68,11 @@ def maximumAmplitude(volumeNode: Any) -> float:
     """max|R| of a relevance volume (1 for an all-zero map, so that the window stays valid)."""
     amplitude = float(np.abs(slicer.util.arrayFromVolume(volumeNode)).max())
     return amplitude if amplitude > 0 else 1.0
+
+
+def sharedAmplitude(volumeNodes: list[Any]) -> float:
+    """max|R| over the relevance volumes of one explanation: the window all of them are shown with."""
+    return max(maximumAmplitude(node) for node in volumeNodes)
 
 
 def setDivergingDisplay(volumeNode: Any, amplitude: float | None = None) -> Any:

@@ -23,15 +23,17 @@ import slicer
 import vtk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.io.figures import region_views, save_figure
+from SegExplainLib.io.figures import region_views, rendered_montage, save_figure
+from SegExplainLib.io.figures.views import slice_view_label, slice_view_letters
 
-from .display import checkedOpacity
+from .display import checkedOpacity, divergingColors
 from .nodes import geometryOfVolume, worldFromLocalMatrix
-from .results import Explanation, subjectHierarchy
+from .results import SEQUENCE_ATTRIBUTE, Explanation, subjectHierarchy
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 
@@ -134,6 +136,20 @@ def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: An
     Returns:
         The montage, uint8 RGBA, rows top to bottom.
     """
+    tiles, _ = _montageTiles(scene, applicationLogic, background, overlay, orientation=orientation, count=count,
+                             opacity=opacity, tileSize=tileSize, columns=columns, label=label)
+    rows = -(-len(tiles) // columns)
+    montage = np.zeros((rows * tileSize, min(columns, len(tiles)) * tileSize, 4), dtype=np.uint8)
+    montage[..., 3] = 255
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        montage[row * tileSize:(row + 1) * tileSize, column * tileSize:(column + 1) * tileSize] = tile
+    return montage
+
+
+def _montageTiles(scene: Any, applicationLogic: Any, background: Any, overlay: Any, *, orientation: str, count: int,
+                  opacity: float, tileSize: int, columns: int, label: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The montage's tiles (opaque RGBA) as Slicer's slice logic draws them, and the slice-to-RAS matrix of each."""
     if orientation not in ORIENTATIONS:
         raise SegExplainError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     for name, value in (("count", count), ("tileSize", tileSize), ("columns", columns)):
@@ -141,7 +157,7 @@ def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: An
             raise SegExplainError(f"{name} must be a positive integer, got {value!r}")
     opacity = checkedOpacity(opacity)
     offsets = _sliceOffsets(overlay, orientation, count)
-    tiles = []
+    tiles, matrices = [], []
     with _PrivateSliceView(scene, applicationLogic, (tileSize, tileSize)) as logic:
         logic.GetSliceNode().SetOrientation(orientation)
         composite = logic.GetSliceCompositeNode()
@@ -154,13 +170,51 @@ def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: An
         for offset in offsets:
             logic.SetSliceOffset(offset)
             tiles.append(_onBlack(sliceImage(logic)))
-    rows = -(-len(tiles) // columns)
-    montage = np.zeros((rows * tileSize, min(columns, len(tiles)) * tileSize, 4), dtype=np.uint8)
-    montage[..., 3] = 255
-    for index, tile in enumerate(tiles):
-        row, column = divmod(index, columns)
-        montage[row * tileSize:(row + 1) * tileSize, column * tileSize:(column + 1) * tileSize] = tile
-    return montage
+            matrices.append(slicer.util.arrayFromVTKMatrix(logic.GetSliceNode().GetSliceToRAS()))
+    return tiles, matrices
+
+
+def explanationMontage(explanation: Explanation, applicationLogic: Any, background: Any, *,
+                       orientation: str = "Axial", count: int = 8, opacity: float = 0.6, tileSize: int = 256,
+                       columns: int = 4, label: Any = None) -> Figure:
+    """The explanation's overlay over ``background`` in evenly spaced slices as Slicer's slice views draw them
+    (:func:`sliceMontage`), labelled as the library's case figures are (``rendered_montage``): a title with the
+    method, region, class and target score, the sequence's name, each slice's position in mm as Slicer gives it,
+    orientation letters from the slice's direction, and a colour bar of the overlay's window (the scale shared by
+    all sequences of the explanation) that says what red and blue mean.
+
+    Args:
+        explanation: The explanation; its overlay (as the slice views show it, filtered) is drawn.
+        applicationLogic: Slicer's application logic (``slicer.app.applicationLogic()`` in Slicer).
+        background: Input sequence shown under the overlay.
+        orientation: ``Axial``, ``Coronal`` or ``Sagittal``.
+        count: Number of slices.
+        opacity: Overlay opacity in [0, 1].
+        tileSize: Pixels per tile side.
+        columns: Tiles per row.
+        label: Optional labelmap volume drawn as outline layer.
+
+    Returns:
+        The figure, for :func:`figurePixels` or ``save_figure``.
+    """
+    overlay = explanation.overlay
+    tiles, matrices = _montageTiles(overlay.GetScene(), applicationLogic, background, overlay,
+                                    orientation=orientation, count=count, opacity=opacity, tileSize=tileSize,
+                                    columns=columns, label=label)
+    colours = divergingColors(np.linspace(-1.0, 1.0, 257))[:, :3]
+    return rendered_montage(tiles, captions=[slice_view_label(matrix) for matrix in matrices],
+                            letters=[slice_view_letters(matrix) for matrix in matrices], record=explanation.record,
+                            sequence_name=overlay.GetAttribute(SEQUENCE_ATTRIBUTE),
+                            limit=overlay.GetDisplayNode().GetWindow() / 2.0,  # the window the views show
+                            cmap=ListedColormap(colours), columns=columns,
+                            note=f"{orientation.lower()} slices, the overlay as the slice views show it "
+                                 f"(opacity {opacity:g})")
+
+
+def figurePixels(figure: Figure) -> np.ndarray:
+    """A figure drawn at its own resolution: uint8 RGBA, rows top to bottom (for :func:`writePng`)."""
+    figure.canvas.draw()
+    return np.array(figure.canvas.buffer_rgba())
 
 
 def _sliceOffsets(overlay: Any, orientation: str, count: int) -> list[float]:

@@ -28,7 +28,7 @@ import vtk
 from SegExplainLib.engine import metrics
 from SegExplainLib.errors import SegExplainError
 
-from .display import setDivergingDisplay
+from .display import setDivergingDisplay, sharedAmplitude
 from .job import fileSafe
 from .nodes import ROLE_ATTRIBUTE, VolumeStack, addVolumeLike, segmentMask
 
@@ -132,12 +132,11 @@ def addExplanation(maps: np.ndarray, record: dict[str, Any], stack: VolumeStack,
         node = addVolumeLike(stack.reference, array, f"{folderName} {sequence}")
         node.SetAttribute(SEQUENCE_ATTRIBUTE, sequence)
         node.SetNodeReferenceID(INPUT_REFERENCE, source.GetID())
-        setDivergingDisplay(node)
         _placeInFolder(shNode, node, folder, "relevance")
         relevance.append(node)
     overlay = addVolumeLike(stack.reference, maps[0], f"{folderName} overlay")
     overlay.SetAttribute(SEQUENCE_ATTRIBUTE, stack.names[0])
-    setDivergingDisplay(overlay)
+    _setSharedDisplay(relevance, overlay)
     _placeInFolder(shNode, overlay, folder, "overlay")
     shares = {kind: {n: values[fileSafe(n)] for n in stack.names}  # the job names the sequences file-safe
               for kind, values in record["relevance_shares"].items()}
@@ -170,12 +169,20 @@ def replaceMaps(explanation: Explanation, maps: np.ndarray, record: dict[str, An
                                 json.dumps(record.get(field), default=str))
     for node, array in zip(explanation.relevance, maps):
         slicer.util.updateVolumeFromArray(node, array)
-        setDivergingDisplay(node)
+    _setSharedDisplay(explanation.relevance, explanation.overlay)
     names = explanation.sequenceNames
     for kind in SHARE_KINDS:
         values = record["relevance_shares"][kind]
         _addNumberColumn(explanation.table, f"{kind.capitalize()} share", [values[fileSafe(n)] for n in names])
     explanation.record = record
+
+
+def _setSharedDisplay(relevance: list[Any], overlay: Any) -> None:
+    """One symmetric window, max|R| over all sequences, for every relevance volume and the overlay: a colour means
+    the same relevance in every sequence (issue 19: a 5 % share must not look as red as a 29 % one)."""
+    amplitude = sharedAmplitude(relevance)
+    for node in (*relevance, overlay):
+        setDivergingDisplay(node, amplitude)
 
 
 def _sharesTable(scene: Any, name: str, sequences: tuple[str, ...], shares: dict[str, dict[str, float]]) -> Any:

@@ -178,10 +178,11 @@ def showExplanation(explanation: results.Explanation, parameters: Any, composite
     relevance = explanation.relevance[index]
     overlay = overlay or explanation.overlay
     if overlay.GetNodeReferenceID(_SHOWN_RELEVANCE) != relevance.GetID():
-        # a new map for this overlay: its window, from max|R| (a full pass over the volume), not at every slider step
+        # a new map for this overlay: the explanation's shared window, from max|R| over all its sequences (a full
+        # pass over the volumes), not at every slider step
         overlay.SetNodeReferenceID(_SHOWN_RELEVANCE, relevance.GetID())
         overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, relevance.GetAttribute(results.SEQUENCE_ATTRIBUTE))
-        display.setDivergingDisplay(overlay, display.maximumAmplitude(relevance))
+        display.setDivergingDisplay(overlay, display.sharedAmplitude(explanation.relevance))
     amplitudeFilter = display.amplitudeFilter(parameters.filterKind, float(parameters.filterLow),
                                               float(parameters.filterHigh))
     display.updateFilteredOverlay(relevance, overlay, amplitudeFilter)
@@ -189,11 +190,12 @@ def showExplanation(explanation: results.Explanation, parameters: Any, composite
 
 
 def montage(explanation: results.Explanation, parameters: Any, applicationLogic: Any) -> Any:
-    """The slice montage of the displayed overlay over its sequence (orientation ``montageOrientation``)."""
-    scene = explanation.overlay.GetScene()
-    return export.sliceMontage(scene, applicationLogic, explanation.inputVolume(displayedIndex(explanation, parameters)),
-                               explanation.overlay, orientation=getattr(parameters, "montageOrientation", "Axial"),
-                               opacity=float(parameters.overlayOpacity))
+    """The slice montage of the displayed overlay over its sequence (orientation ``montageOrientation``), titled,
+    its slices in mm with orientation letters and a labelled colour bar (:func:`export.explanationMontage`): uint8
+    RGBA, rows top to bottom."""
+    return export.figurePixels(export.explanationMontage(
+        explanation, applicationLogic, explanation.inputVolume(displayedIndex(explanation, parameters)),
+        orientation=getattr(parameters, "montageOrientation", "Axial"), opacity=float(parameters.overlayOpacity)))
 
 
 def writeReport(explanation: results.Explanation, parameters: Any, path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from SegExplainMRML import display, export, nodes, results
 
 from SegExplainLib.engine.filters import AmplitudeFilter
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.io.figures.panels import letter_path
 
 GREY = 100.0
 
@@ -160,6 +161,34 @@ def test_slice_montage_validates_arguments(view, scene):
             export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, **options)
 
 
+def lettersOf(figure) -> list[str]:
+    """The orientation letters of a figure's letter collection, read back from their outlines."""
+    (collection,) = [a for a in figure.artists if a.get_gid() == "letters"]
+    known = {letter: letter_path(letter).vertices for letter in "RLAPSI"}
+    return [next(k for k, v in known.items() if v.shape == p.vertices.shape and np.allclose(v, p.vertices))
+            for p in collection.get_paths()]
+
+
+def test_explanation_montage_puts_r_on_the_left_of_an_axial_slice(view, scene):
+    """Slicer's axial view shows the patient's right on the left: the negative square (high i, towards R) is drawn
+    left of the positive one, and the letters say so; coronal and sagittal slices get their own letters."""
+    view.overlay.SetAttribute(results.SEQUENCE_ATTRIBUTE, "T2")
+    record = {"method": "lrp", "options": {}, "target": {"kind": "predicted", "class_index": 1}, "target_score": 2.5}
+    explanation = results.Explanation(0, record, [view.relevance], view.overlay, None, None)
+    figure = export.explanationMontage(explanation, scene.applicationLogic, view.background, count=1, tileSize=64,
+                                       opacity=1.0)
+    assert lettersOf(figure) == ["R", "L", "A", "P"]
+    pixels = export.figurePixels(figure).astype(int)
+    (bar,) = [ax for ax in figure.axes if ax.get_label() == "colorbar"]
+    tile = pixels[:, :int(bar.get_window_extent().x0) - 10]  # the colour bar's ends left out
+    red = np.nonzero((tile[..., 0] - tile[..., 2] > 60) & (tile[..., 0] - tile[..., 1] > 60))[1]
+    blue = np.nonzero((tile[..., 2] - tile[..., 0] > 60) & (tile[..., 2] - tile[..., 1] > 20))[1]
+    assert red.size and blue.size and blue.mean() < red.mean()
+    for orientation, letters in (("Coronal", ["R", "L", "S", "I"]), ("Sagittal", ["A", "P", "S", "I"])):
+        assert lettersOf(export.explanationMontage(explanation, scene.applicationLogic, view.background, count=1,
+                                                   tileSize=32, orientation=orientation)) == letters
+
+
 @pytest.fixture
 def explanation(scene, demoRun):
     """The session click's explanation loaded into the scene, and the volumes it explains."""
@@ -255,6 +284,29 @@ def test_report_views_share_one_scale_and_carry_orientation_letters(explanation,
         export.region_views = original
     np.testing.assert_allclose(captured["limits"], np.array([-1, 1]) * np.abs(loaded.maps()).max(), rtol=1e-5)
     assert captured["letters"] == 4 * 3 * len(loaded.relevance)
+
+
+def test_explanation_montage_is_titled_with_mm_positions_letters_and_a_labelled_scale(scene, explanation):
+    """Issue 19.3-5 in the module's montage: a title with method, region, class and target score, the sequence, each
+    axial slice's position in mm as Slicer gives it, four orientation letters per tile and a colour bar of the
+    scale shared by all sequences that says what red and blue mean; drawn as uint8 RGBA."""
+    loaded = explanation.explanation
+    record = loaded.record
+    figure = export.explanationMontage(loaded, scene.applicationLogic, loaded.inputVolume(2), count=3, tileSize=64)
+    texts = {text.get_gid(): " ".join(text.get_text().split()) for text in figure.texts}
+    assert texts["title"].startswith(f"lrp (composite epsilon_plus) | voxel {tuple(record['target']['index'])}, "
+                                     f"class 1 | target score {record['target_score']:.4g}")
+    largest = np.abs(loaded.maps()).max()
+    assert texts[f"name:{loaded.sequenceNames[0]}"].startswith(f"{loaded.sequenceNames[0]}: axial slices")
+    assert f"One colour scale for all sequences: ±{largest:.3g}" in texts[f"name:{loaded.sequenceNames[0]}"]
+    offsets = export._sliceOffsets(loaded.overlay, "Axial", 3)
+    assert [texts[f"slice:{i}"] for i in range(3)] == [f"S: {offset:.1f} mm" for offset in offsets]
+    assert lettersOf(figure) == ["R", "L", "A", "P"] * 3
+    (bar,) = [ax for ax in figure.axes if ax.get_label() == "colorbar"]
+    np.testing.assert_allclose(bar.get_ylim(), (-largest, largest), rtol=1e-5)
+    assert bar.get_ylabel() == "relevance\nred: for, blue: against class 1"
+    pixels = export.figurePixels(figure)
+    assert pixels.dtype == np.uint8 and pixels.shape[2] == 4 and pixels.shape[1] > 3 * 64
 
 
 def test_write_report_refuses_other_suffixes(explanation, tmp_path):

@@ -108,10 +108,23 @@ def test_relevance_volumes_are_the_files_on_the_input_grid(case):
         assert explanation.inputVolume(index).GetID() == volume.GetID()
         assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == explanation.folderItem
         assert node.GetDisplayNode().GetColorNodeID() == display.divergingColorNode(case.scene).GetID()
-        assert node.GetDisplayNode().GetWindow() == pytest.approx(2 * np.abs(maps[index]).max())
     np.testing.assert_array_equal(explanation.maps(), maps)
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(explanation.overlay), maps[0])
     assert np.abs(maps).max() > 0
+
+
+def assertSharedWindow(explanation, maps):
+    """Every relevance volume and the overlay are windowed on the same +-max|R| over all sequences."""
+    largest = np.abs(maps).reshape(len(maps), -1).max(axis=1)
+    assert largest.min() < 0.5 * largest.max()  # the sequences' own maxima differ: a per-sequence window would show
+    for node in (*explanation.relevance, explanation.overlay):
+        shown = node.GetDisplayNode()
+        assert shown.GetWindow() == pytest.approx(2 * largest.max()) and shown.GetLevel() == 0.0, node.GetName()
+
+
+def test_all_sequences_share_one_colour_scale(case):
+    """Issue 19.3: one symmetric scale per explanation, so that a colour means the same relevance in each sequence."""
+    assertSharedWindow(load(case), case.maps)
 
 
 def test_shares_table_and_chart(case):
@@ -160,6 +173,7 @@ def test_only_a_preview_is_replaced_and_in_its_own_folder(case):
     results.replaceMaps(preview, -case.maps, record)
     again = results.explanationOf(case.scene, preview.folderItem)
     np.testing.assert_array_equal(again.maps(), -case.maps)
+    assertSharedWindow(again, -case.maps)  # the window of the exact maps, not of the preview's
     assert again.record["preview"] is False and again.record["ensemble"] == "2 folds (0, 1) x 8 mirrorings"
     shNode = results.subjectHierarchy(case.scene)
     assert shNode.GetItemAttribute(preview.folderItem, "SegExplain.preview") == "false"

@@ -154,13 +154,14 @@ def test_other_options_are_a_json_object_passed_to_the_engine():
         workflow.settings(controls(advancedOptions="[1, 2]"))
 
 
-def test_show_sets_the_window_of_each_newly_shown_map(scene, finishedJob):
-    """The overlay's window is +-max|R| of the map it shows: kept while a filter changes, renewed with the map."""
+def test_show_gives_every_map_the_shared_window(scene, finishedJob):
+    """The overlay's window is the explanation's shared +-max|R| over all its sequences, whichever map it shows and
+    whatever the filter."""
     job, volumes = finishedJob
     explanation = workflow.finishExplanation(job, volumes)
     for index, filterKind in ((2, "none"), (2, "pass"), (0, "pass"), (2, "clamp")):
         workflow.showExplanation(explanation, controls(displayedSequence=index, filterKind=filterKind,
                                                        filterLow=0.2, filterHigh=0.6), [])
-        raw = slicer.util.arrayFromVolume(explanation.relevance[index])
-        assert explanation.overlay.GetDisplayNode().GetWindow() == pytest.approx(2 * np.abs(raw).max(), rel=1e-6)
+        assert explanation.overlay.GetDisplayNode().GetWindow() == pytest.approx(2 * np.abs(explanation.maps()).max(),
+                                                                                 rel=1e-6)
         assert explanation.overlay.GetAttribute("SegExplain.sequence") == explanation.sequenceNames[index]

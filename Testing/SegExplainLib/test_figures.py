@@ -8,6 +8,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import matplotlib
 import matplotlib.image
 import numpy as np
 import pytest
@@ -23,11 +24,19 @@ from SegExplainLib.io.figures import (
     mip_figure,
     montage_figure,
     montage_slices,
+    rendered_montage,
     save_figure,
     shares_figure,
 )
 from SegExplainLib.io.figures.panels import letter_path
-from SegExplainLib.io.figures.views import case_slices, slice_label, slice_profile, view_of
+from SegExplainLib.io.figures.views import (
+    case_slices,
+    slice_label,
+    slice_profile,
+    slice_view_label,
+    slice_view_letters,
+    view_of,
+)
 from SegExplainLib.io.imaging import Geometry
 
 NAMES = ["T1", "FLAIR"]
@@ -514,6 +523,49 @@ def test_slice_label_is_the_ras_position_in_mm():
     assert slice_label(grid(), 0, 4) == "S: -18.0 mm"  # LPS z = -30 + 4 * 3
     assert slice_label(grid((1, 0, 0, 0, 1, 0, 0, 0, -1)), 0, 4) == "S: -42.0 mm"
     assert slice_label(grid(), 2, 5) == "R: -15.0 mm"  # LPS x = 10 + 5: RAS x = -15
+
+
+def test_slice_view_letters_and_label_follow_the_slice_to_ras_matrix():
+    """Slicer's axial, coronal and sagittal presets (columns: screen right, up, normal in RAS; a slice offset)."""
+    axial = np.array([[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, -12.04], [0, 0, 0, 1]], float)
+    coronal = np.array([[-1, 0, 0, 0], [0, 0, 1, 7.5], [0, 1, 0, 0], [0, 0, 0, 1]], float)
+    sagittal = np.array([[0, 0, 1, 3.0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], float)
+    assert slice_view_letters(axial) == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    assert slice_view_letters(coronal) == {"left": "R", "right": "L", "top": "S", "bottom": "I"}
+    assert slice_view_letters(sagittal) == {"left": "A", "right": "P", "top": "S", "bottom": "I"}
+    assert [slice_view_label(m) for m in (axial, coronal, sagittal)] == ["S: -12.0 mm", "A: 7.5 mm", "R: 3.0 mm"]
+    flipped = axial @ np.diag([-1.0, -1.0, 1.0, 1.0])  # the same slice turned by 180 degrees
+    assert slice_view_letters(flipped) == {"left": "L", "right": "R", "top": "P", "bottom": "A"}
+
+
+def test_rendered_montage_lays_out_views_drawn_elsewhere(rng):
+    """Views drawn elsewhere keep their pixels, get their captions and letters, the title and a labelled bar."""
+    tiles = [rng.integers(0, 256, (30, 40, 4), dtype=np.uint8) for _ in range(3)]
+    letters = [{"left": "R", "right": "L", "top": "A", "bottom": "P"}] * 3
+    fig = rendered_montage(tiles, captions=["S: 1.0 mm", "S: 2.0 mm", "S: 3.0 mm"], letters=letters, record=RECORD,
+                           sequence_name="T2", limit=0.25, cmap=matplotlib.colormaps["RdBu_r"], columns=2)
+    assert title_of(fig).startswith("lrp (composite epsilon_plus_flat) | box [8:12, 2:10, 2:10], class 2")
+    assert "One colour scale for all sequences: ±0.25" in text_by_gid(fig, "name:T2")
+    assert [text_by_gid(fig, f"slice:{i}") for i in range(3)] == ["S: 1.0 mm", "S: 2.0 mm", "S: 3.0 mm"]
+    assert letters_drawn(fig) == ["R", "L", "A", "P"] * 3
+    (bar,) = axes_by_label(fig, "colorbar")
+    np.testing.assert_allclose(bar.get_ylim(), (-0.25, 0.25))
+    assert bar.get_ylabel() == "relevance\nred: for, blue: against class 2"
+    sheet = [a for a in fig.artists if a.get_gid() == "sheet"][0].rgba
+    for tile in tiles:  # each view pasted as it is
+        corners = np.argwhere((sheet[..., :3] == tile[0, 0, :3]).all(axis=-1))
+        assert any(np.array_equal(sheet[r:r + 30, c:c + 40, :3], tile[..., :3]) for r, c in corners)
+    options = {"captions": ["a"], "letters": letters[:1], "record": RECORD, "sequence_name": "T2", "limit": 1.0,
+               "cmap": matplotlib.colormaps["RdBu_r"]}
+    with errors("tiles must be uint8 RGB or RGBA images of one size, got shapes [(30, 40, 4), (31, 40, 4)]"):
+        rendered_montage([tiles[0], np.zeros((31, 40, 4), np.uint8)], **{**options, "captions": ["a", "b"],
+                                                                         "letters": letters[:2]})
+    with errors("captions and letters must be one per tile (1), got 2 and 1"):
+        rendered_montage(tiles[:1], **{**options, "captions": ["a", "b"]})
+    with errors("limit must be a positive number, got 0.0"):
+        rendered_montage(tiles[:1], **{**options, "limit": 0.0})
+    with errors("cmap must be a matplotlib Colormap, got 'RdBu_r'"):
+        rendered_montage(tiles[:1], **{**options, "cmap": "RdBu_r"})
 
 
 def test_case_slices_go_through_the_region_and_the_relevance(rng):

@@ -38,7 +38,7 @@ The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (th
 one picture).
 """
 
-from .case import explanation_figures, explanation_title, region_views
+from .case import explanation_figures, explanation_title, region_views, rendered_montage
 from .charts import ShareKind, inclusivity_figure, shares_figure
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
@@ -55,6 +55,7 @@ __all__ = [
     "montage_figure",
     "montage_slices",
     "region_views",
+    "rendered_montage",
     "save_figure",
     "shares_figure",
 ]

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -127,13 +128,6 @@ def _wrapped(lines: list[str], width: int) -> list[str]:
     return [part for line in lines for part in textwrap.wrap(line, characters)]
 
 
-def _letters(sheet: Sheet, view: View, top: int, left: int, height: int, width: int) -> None:
-    """The orientation letters inside the four edges of a view."""
-    for edge, (x, y) in {"left": (left + 6, top + height / 2), "right": (left + width - 6, top + height / 2),
-                         "top": (left + width / 2, top + 7), "bottom": (left + width / 2, top + height - 7)}.items():
-        sheet.letter(x, y, view.letters[edge])
-
-
 def _pixel_mm(geometry: Geometry, view: View) -> tuple[float, float]:
     """The displayed (height, width) in mm of one voxel of a view."""
     rows, cols = (a for a in range(3) if a != view.axis)
@@ -190,7 +184,7 @@ def _mip_figure(image, maps, names, geometry, title, limits, per_panel, table, a
         sheet.paste(top, left, resample(rgb, height, width))
         caption = f"{name} (±{limits[c]:.2g})" if per_panel else name
         sheet.text(left + width / 2, top - 4, caption, fontsize=9, ha="center", va="bottom", gid=f"name:{name}")
-        _letters(sheet, view, top, left, height, width)
+        sheet.edge_letters(view.letters, top, left, height, width)
     bar_left = _MARGIN + len(names) * (width + _GAP) + 8
     sheet.colour_bar = (bar_left, top, 12, height, 1.0 if per_panel else float(limits[0]), cmap,
                         _bar_label(class_index))
@@ -222,7 +216,7 @@ def _montage_figure(image, maps, profile, names, geometry, region, title, limits
             rgb = overlay_pixels(view.show(image[c, index]), view.show(maps[c, index]), grey_range=grey_range,
                                  limit=limits[c], table=table, alpha=alpha)
             sheet.paste(row_top, left, resample(rgb, height, width))
-            _letters(sheet, view, row_top, left, height, width)
+            sheet.edge_letters(view.letters, row_top, left, height, width)
     bar_left = _MARGIN + _LABEL_WIDTH + len(columns) * (width + _GAP) + 8
     sheet.colour_bar = (bar_left, top, 12, min(len(names) * (height + _GAP) - _GAP, 320),
                         1.0 if per_panel else float(limits[0]), cmap, _bar_label(class_index))
@@ -438,10 +432,86 @@ def region_views(
                                  view.show(maps_array[c].take(peak[view.axis], axis=view.axis)),
                                  grey_range=grey_range, limit=limit, table=table, alpha=alpha)
             sheet.paste(row_top, left, resample(rgb, height, tile_width))
-            _letters(sheet, view, row_top, left, height, tile_width)
+            sheet.edge_letters(view.letters, row_top, left, height, tile_width)
     bar_left = _MARGIN + _LABEL_WIDTH + 3 * (tile + _GAP) + 8
     sheet.colour_bar = (bar_left, top, 12, min(len(names) * (row_height + _GAP) - _GAP, 320), limit, colours,
                         _bar_label(record["target"]["class_index"]))
     if note_lines:
         sheet.text(_MARGIN, notes_top, "\n".join(note_lines), fontsize=9, ha="left", va="top", gid="notes")
+    return sheet.figure()
+
+
+def rendered_montage(
+    tiles: Sequence[np.ndarray],
+    *,
+    captions: Sequence[str],
+    letters: Sequence[Mapping[str, str]],
+    record: Mapping[str, Any],
+    sequence_name: str,
+    limit: float,
+    cmap: matplotlib.colors.Colormap,
+    columns: int = 4,
+    note: str = "",
+) -> Figure:
+    """Views drawn elsewhere (e.g. by Slicer's slice views) laid out as a case figure that says what it shows.
+
+    The title is :func:`explanation_title`; a line under it names the sequence, ``note`` and the colour scale. Each
+    view is headed by its caption (its position in mm) and carries its orientation letters inside its edges; the
+    colour bar gives the scale the views were drawn with and says what red and blue mean.
+
+    Args:
+        tiles: The views, uint8 RGB or RGBA images of one size, rows top to bottom.
+        captions: One caption per view, e.g. ``"S: 12.0 mm"`` (:func:`~.views.slice_view_label`).
+        letters: The patient directions at the ``"left"``, ``"right"``, ``"top"`` and ``"bottom"`` edges of each
+            view (:func:`~.views.slice_view_letters`).
+        record: The explanation's record (method, options, target, target_score).
+        sequence_name: The sequence shown.
+        limit: The views' colour limit, the scale shared by all sequences: ``±limit`` (positive).
+        cmap: The colour map the overlay was drawn with, ``-limit`` to ``+limit``.
+        columns: Views per row.
+        note: Said after the sequence's name, e.g. how the views were drawn.
+
+    Returns:
+        The figure, with its own Agg canvas; texts with gids ``"title"``, ``"name:<sequence_name>"`` and
+        ``"slice:<i>"`` for view ``i``, the letters and the colour bar as for :func:`explanation_figures`.
+
+    Raises:
+        SegExplainError: Views of different sizes or not uint8 images, captions or letters not one per view, a bad
+            record, limit or option.
+    """
+    title = explanation_title(record)
+    shapes = {np.shape(tile) for tile in tiles}
+    if not tiles or len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] not in (3, 4) or any(
+            np.asarray(tile).dtype != np.uint8 for tile in tiles):
+        raise SegExplainError(f"tiles must be uint8 RGB or RGBA images of one size, got shapes {sorted(shapes)}")
+    if len(captions) != len(tiles) or len(letters) != len(tiles):
+        raise SegExplainError(f"captions and letters must be one per tile ({len(tiles)}), got {len(captions)} and "
+                              f"{len(letters)}")
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit <= 0:
+        raise SegExplainError(f"limit must be a positive number, got {limit!r}")
+    if isinstance(columns, bool) or not isinstance(columns, numbers.Integral) or columns < 1:
+        raise SegExplainError(f"columns must be an integer >= 1, got {columns!r}")
+    if not isinstance(cmap, matplotlib.colors.Colormap):
+        raise SegExplainError(f"cmap must be a matplotlib Colormap, got {cmap!r}")
+    height, width = next(iter(shapes))[:2]
+    shown = min(int(columns), len(tiles))
+    sheet_width = max(640, 2 * _MARGIN + shown * (width + _GAP) + _BAR_WIDTH)
+    lines = _wrapped(title, sheet_width)
+    name_top = _MARGIN + _LINE * len(lines)
+    name_lines = _wrapped([f"{sequence_name}{': ' + note if note else ''}. {_scale_line(np.array([limit]), False)}"],
+                          sheet_width)
+    top = name_top + _LINE * len(name_lines) + _LINE + 4
+    rows = -(-len(tiles) // shown)
+    sheet = Sheet(sheet_width, top + rows * (height + _GAP + _LINE) + _MARGIN)
+    _title(sheet, lines)
+    sheet.text(_MARGIN, name_top, "\n".join(name_lines), fontsize=9, ha="left", va="top", gid=f"name:{sequence_name}")
+    for i, (tile, caption, edges) in enumerate(zip(tiles, captions, letters)):
+        row, column = divmod(i, shown)
+        tile_top, left = top + row * (height + _GAP + _LINE), _MARGIN + column * (width + _GAP)
+        sheet.paste(tile_top, left, np.asarray(tile)[..., :3])
+        sheet.text(left + width / 2, tile_top - 4, caption, fontsize=8, ha="center", va="bottom", gid=f"slice:{i}")
+        sheet.edge_letters(dict(edges), tile_top, left, height, width)
+    sheet.colour_bar = (_MARGIN + shown * (width + _GAP) + 8, top, 12, min(rows * (height + _GAP + _LINE) - _GAP
+                                                                           - _LINE, 320),
+                        float(limit), cmap, _bar_label(record["target"]["class_index"]))
     return sheet.figure()

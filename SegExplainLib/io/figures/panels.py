@@ -103,6 +103,13 @@ class Sheet:
         """A letter centred at (x, y), e.g. an orientation letter on a view."""
         self.letters.append((x, y, letter))
 
+    def edge_letters(self, letters: dict[str, str], top: int, left: int, height: int, width: int) -> None:
+        """The orientation letters (``"left"``, ``"right"``, ``"top"``, ``"bottom"``) inside the edges of a view."""
+        for edge, (x, y) in {"left": (left + 6, top + height / 2), "right": (left + width - 6, top + height / 2),
+                             "top": (left + width / 2, top + 7),
+                             "bottom": (left + width / 2, top + height - 7)}.items():
+            self.letter(x, y, letters[edge])
+
     def figure(self) -> Figure:
         """The sheet as a figure: its pixels (:class:`SheetPixels`), the texts, the letters as one collection of
         outlines with gid ``"letters"`` (path ``i`` is letter ``i``; a text artist each would cost more than the

@@ -22,6 +22,8 @@ _NEGATIVE_LETTERS = ("R", "A", "I")
 _DOWN_SIGN = (1.0, 1.0, -1.0)
 # Slicer names a slice by its RAS coordinate along the axis it cuts: R, A or S.
 _RAS_LETTERS = ("R", "A", "S")
+# RAS axis (x, y, z) to the letter of its negative direction.
+_RAS_NEGATIVE_LETTERS = ("L", "P", "I")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,34 @@ def direction_letter(ras_direction: np.ndarray) -> str:
     lps = np.asarray(ras_direction, dtype=float) * (-1.0, -1.0, 1.0)
     axis = int(np.argmax(np.abs(lps)))
     return (_POSITIVE_LETTERS if lps[axis] > 0 else _NEGATIVE_LETTERS)[axis]
+
+
+def _ras_letter(vector: np.ndarray) -> str:
+    """The patient direction a RAS vector points to most (an oblique one is named by its largest component)."""
+    axis = int(np.argmax(np.abs(vector)))
+    return (_RAS_LETTERS if vector[axis] > 0 else _RAS_NEGATIVE_LETTERS)[axis]
+
+
+def slice_view_letters(slice_to_ras: np.ndarray) -> dict[str, str]:
+    """The patient directions at the ``"left"``, ``"right"``, ``"top"`` and ``"bottom"`` edges of a slice view
+    whose slice-to-RAS matrix (4 x 4; columns: the screen's right, up and normal in RAS) is ``slice_to_ras``, as
+    Slicer's slice nodes give it.
+
+    Example:
+        >>> slice_view_letters(np.diag([-1.0, 1.0, 1.0, 1.0]))  # Slicer's axial view
+        {'left': 'R', 'right': 'L', 'top': 'A', 'bottom': 'P'}
+    """
+    right, up = np.asarray(slice_to_ras, dtype=float)[:3, 0], np.asarray(slice_to_ras, dtype=float)[:3, 1]
+    return {"left": _ras_letter(-right), "right": _ras_letter(right), "top": _ras_letter(up),
+            "bottom": _ras_letter(-up)}
+
+
+def slice_view_label(slice_to_ras: np.ndarray) -> str:
+    """The position of a slice view's slice as :func:`slice_label` writes it: the RAS coordinate (mm) of the slice's
+    centre along the patient axis closest to its normal, e.g. ``"S: 12.0 mm"`` for an axial slice."""
+    matrix = np.asarray(slice_to_ras, dtype=float)
+    normal = int(np.argmax(np.abs(matrix[:3, 2])))
+    return f"{_RAS_LETTERS[normal]}: {matrix[normal, 3]:.1f} mm"
 
 
 def slice_profile(magnitude: np.ndarray, axis: int) -> np.ndarray:
