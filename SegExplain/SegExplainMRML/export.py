@@ -116,10 +116,10 @@ class _PrivateSliceView:
                 self.scene.RemoveNode(node)
 
 
-def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: Any, *, orientation: str = "Axial",
-                 count: int = 8, opacity: float = 0.6, tileSize: int = 256, columns: int = 4,
-                 label: Any = None) -> np.ndarray:
-    """Tiles of evenly spaced slices through the overlay's non-zero extent, as Slicer's slice views draw them.
+def montageTiles(scene: Any, applicationLogic: Any, background: Any, overlay: Any, *, orientation: str, count: int,
+                  opacity: float, tileSize: int, columns: int, label: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Evenly spaced slices through the overlay's non-zero extent as Slicer's slice logic draws them (opaque RGBA
+    tiles, in a private slice view that leaves no node behind), and the slice-to-RAS matrix of each.
 
     Args:
         scene: The scene holding the volumes.
@@ -130,26 +130,9 @@ def sliceMontage(scene: Any, applicationLogic: Any, background: Any, overlay: An
         count: Number of slices.
         opacity: Overlay opacity in [0, 1].
         tileSize: Pixels per tile side.
-        columns: Tiles per row.
+        columns: Tiles per row of the montage (checked here, laid out by :func:`explanationMontage`).
         label: Optional labelmap volume (e.g. the exported ground-truth segment) drawn as outline layer.
-
-    Returns:
-        The montage, uint8 RGBA, rows top to bottom.
     """
-    tiles, _ = _montageTiles(scene, applicationLogic, background, overlay, orientation=orientation, count=count,
-                             opacity=opacity, tileSize=tileSize, columns=columns, label=label)
-    rows = -(-len(tiles) // columns)
-    montage = np.zeros((rows * tileSize, min(columns, len(tiles)) * tileSize, 4), dtype=np.uint8)
-    montage[..., 3] = 255
-    for index, tile in enumerate(tiles):
-        row, column = divmod(index, columns)
-        montage[row * tileSize:(row + 1) * tileSize, column * tileSize:(column + 1) * tileSize] = tile
-    return montage
-
-
-def _montageTiles(scene: Any, applicationLogic: Any, background: Any, overlay: Any, *, orientation: str, count: int,
-                  opacity: float, tileSize: int, columns: int, label: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The montage's tiles (opaque RGBA) as Slicer's slice logic draws them, and the slice-to-RAS matrix of each."""
     if orientation not in ORIENTATIONS:
         raise SegExplainError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
     for name, value in (("count", count), ("tileSize", tileSize), ("columns", columns)):
@@ -178,7 +161,7 @@ def explanationMontage(explanation: Explanation, applicationLogic: Any, backgrou
                        orientation: str = "Axial", count: int = 8, opacity: float = 0.6, tileSize: int = 256,
                        columns: int = 4, label: Any = None) -> Figure:
     """The explanation's overlay over ``background`` in evenly spaced slices as Slicer's slice views draw them
-    (:func:`sliceMontage`), labelled as the library's case figures are (``rendered_montage``): a title with the
+    (:func:`montageTiles`), labelled as the library's case figures are (``rendered_montage``): a title with the
     method, region, class and target score, the sequence's name, each slice's position in mm as Slicer gives it,
     orientation letters from the slice's direction, and a colour bar of the overlay's window (the scale shared by
     all sequences of the explanation) that says what red and blue mean.
@@ -198,7 +181,7 @@ def explanationMontage(explanation: Explanation, applicationLogic: Any, backgrou
         The figure, for :func:`figurePixels` or ``save_figure``.
     """
     overlay = explanation.overlay
-    tiles, matrices = _montageTiles(overlay.GetScene(), applicationLogic, background, overlay,
+    tiles, matrices = montageTiles(overlay.GetScene(), applicationLogic, background, overlay,
                                     orientation=orientation, count=count, opacity=opacity, tileSize=tileSize,
                                     columns=columns, label=label)
     colours = divergingColors(np.linspace(-1.0, 1.0, 257))[:, :3]

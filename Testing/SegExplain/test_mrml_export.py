@@ -102,20 +102,24 @@ def test_capture_slice_view_writes_the_view_as_png(view, tmp_path):
         export.captureSliceView(view.logic, tmp_path / "red.jpg")
 
 
-@pytest.mark.parametrize(("count", "columns", "shape"), [(5, 4, (2, 4)), (3, 4, (1, 3)), (4, 2, (2, 2))])
-def test_slice_montage_shape_and_cleanup(view, scene, count, columns, shape):
-    """The montage is rows x columns opaque RGBA tiles; its private slice view leaves no node behind and the user's
-    view as it was."""
+TILE_OPTIONS = {"opacity": 0.6, "columns": 4, "label": None}
+
+
+@pytest.mark.parametrize(("count", "orientation"), [(5, "Coronal"), (3, "Axial")])
+def test_montage_tiles_and_cleanup(view, scene, count, orientation):
+    """The montage's tiles are opaque RGBA slices with their slice-to-RAS matrices; their private slice view leaves no
+    node behind and the user's view as it was."""
     before = scene.GetNumberOfNodes()
     shown = export.sliceImage(view.logic)
-    montage = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=count,
-                                  tileSize=32, columns=columns, orientation="Coronal")
-    assert montage.shape == (shape[0] * 32, shape[1] * 32, 4) and montage.dtype == np.uint8
-    assert (montage[..., 3] == 255).all()
+    tiles, matrices = export.montageTiles(scene, scene.applicationLogic, view.background, view.overlay, count=count,
+                                          tileSize=32, orientation=orientation, **TILE_OPTIONS)
+    assert len(tiles) == len(matrices) == count
+    assert all(tile.shape == (32, 32, 4) and tile.dtype == np.uint8 and (tile[..., 3] == 255).all() for tile in tiles)
+    assert all(matrix.shape == (4, 4) for matrix in matrices)
     assert scene.GetNumberOfNodes() == before
     assert scene.GetNumberOfNodesByClass("vtkMRMLSliceNode") == 1
     np.testing.assert_array_equal(export.sliceImage(view.logic), shown)
-    red = montage[..., 0].astype(int) - montage[..., 2]
+    red = np.stack(tiles)[..., 0].astype(int) - np.stack(tiles)[..., 2]
     assert red.max() > 50 and red.min() < -50  # both signs of the overlay show
 
 
@@ -131,7 +135,8 @@ def test_slice_montage_adds_no_view_to_the_layout(view, scene):
     onNodeAdded.CallDataType = vtk.VTK_OBJECT
     tag = scene.AddObserver(scene.NodeAddedEvent, onNodeAdded)
     try:
-        export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=2, tileSize=16)
+        export.montageTiles(scene, scene.applicationLogic, view.background, view.overlay, count=2, tileSize=16,
+                            orientation="Axial", **TILE_OPTIONS)
     finally:
         scene.RemoveObserver(tag)
     assert added and all(hasParent for _name, hasParent in added), added
@@ -140,16 +145,18 @@ def test_slice_montage_adds_no_view_to_the_layout(view, scene):
 
 def test_slice_montage_of_transformed_volumes(view, scene):
     """Volumes moved by a transform give the same montage: the slices follow the overlay into world space."""
-    montage = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32)
+    tiles, _ = export.montageTiles(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32,
+                                   orientation="Axial", **TILE_OPTIONS)
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
     matrix = vtk.vtkMatrix4x4()
     matrix.SetElement(2, 3, 40.0)
     transform.SetMatrixTransformToParent(matrix)
     for node in (view.background, view.overlay):
         node.SetAndObserveTransformNodeID(transform.GetID())
-    moved = export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32)
-    np.testing.assert_array_equal(moved, montage)
-    assert (montage[..., 0].astype(int) - montage[..., 2]).max() > 50
+    moved, _ = export.montageTiles(scene, scene.applicationLogic, view.background, view.overlay, count=3, tileSize=32,
+                                   orientation="Axial", **TILE_OPTIONS)
+    np.testing.assert_array_equal(np.stack(moved), np.stack(tiles))
+    assert (np.stack(tiles)[..., 0].astype(int) - np.stack(tiles)[..., 2]).max() > 50
 
 
 def test_slice_montage_validates_arguments(view, scene):
@@ -158,7 +165,8 @@ def test_slice_montage_validates_arguments(view, scene):
                              ({"tileSize": True}, "tileSize .* got True"), ({"columns": 1.5}, "columns .* got 1.5"),
                              ({"opacity": 2}, "opacity .* got 2")):
         with pytest.raises(SegExplainError, match=message):
-            export.sliceMontage(scene, scene.applicationLogic, view.background, view.overlay, **options)
+            export.montageTiles(scene, scene.applicationLogic, view.background, view.overlay,
+                                **{"orientation": "Axial", "count": 2, "tileSize": 16, **TILE_OPTIONS, **options})
 
 
 def lettersOf(figure) -> list[str]:
