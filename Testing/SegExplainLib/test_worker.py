@@ -22,7 +22,7 @@ from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends import worker as worker_module
 from SegExplainLib.frontends.worker import WarmSession, Worker, process_tree
-from SegExplainLib.frontends.worker.serving import THREADS_VARIABLE, choose_threads
+from SegExplainLib.frontends.worker.serving import THREADS_VARIABLE, choose_threads, machine_load
 from SegExplainLib.io.imaging import read_sequences
 from SegExplainLib.models.demo_card import demo_card_path
 from SegExplainLib.models.loading import ModelCard
@@ -95,8 +95,8 @@ def test_the_worker_answers_every_click_with_the_engines_maps(worker, case, refe
     assert worker.starts == 1
 
 
-@pytest.mark.parametrize(("load", "cores", "expected"), [(0.1, 2, 2), (0.8, 2, 1), (3.5, 2, 1), (0.0, 16, 16),
-                                                         (5.2, 16, 11), (40.0, 16, 1)])
+@pytest.mark.parametrize(("load", "cores", "expected"), [(0.1, 2, 2), (0.8, 2, 2), (1.2, 2, 1), (3.5, 2, 1),
+                                                         (0.0, 16, 16), (5.2, 16, 11), (40.0, 16, 1)])
 def test_the_threads_are_the_cores_the_load_leaves_free(load, cores, expected):
     assert choose_threads(load=load, cores=cores) == expected
 
@@ -377,3 +377,14 @@ def test_the_host_starts_no_thread_and_a_128_cubed_answer_comes_in_one_tick(tmp_
         print(f"128^3 x 6 answer: {ticks} ticks, {halfway} left it half read, the last took {delivering:.3f} s")
         assert halfway <= 1  # one tick; two when the machine paused the child for longer than a flow's pause
         assert threading.active_count() == threads
+
+
+@pytest.mark.parametrize(("average", "text", "expected"), [
+    (0.63, "0.63 2.78 3.29 1/345 12345\n", 0.0),  # the average still falls after a busy spell; nothing else runs
+    (4.3, "4.30 4.10 3.90 3/345 12345\n", 2.0),  # two busy processes beside the worker
+    (0.2, "0.20 0.90 1.10 4/345 12345\n", 0.2),  # a moment's crowd does not outweigh a quiet minute
+    (1.5, None, 1.5),  # no /proc/loadavg (macOS, Windows): the average alone
+    (1.5, "garbled", 1.5),
+])
+def test_machine_load_is_the_average_unless_the_machine_is_quiet_now(average, text, expected):
+    assert machine_load(average, text) == expected

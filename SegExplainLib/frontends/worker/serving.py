@@ -39,7 +39,7 @@ THREADS_VARIABLE = "SEGEXPLAIN_THREADS"
 
 def choose_threads(*, load: float, cores: int, requested: str | None = None) -> int:
     """The torch threads of an explanation: ``requested`` (the user's setting) if given, else the cores that the
-    machine's load leaves free, rounded, at least one.
+    machine's load leaves free (a core counts as taken once a whole process keeps it busy), at least one.
 
     On a busy machine a second thread waits for a core and slows the explanation down (on a 2-core machine at load
     3-4, 0.65-6.6 s with 2 threads against 0.21-0.29 s with 1, issue 19).
@@ -57,13 +57,36 @@ def choose_threads(*, load: float, cores: int, requested: str | None = None) -> 
             raise SegExplainError(f"{THREADS_VARIABLE} must be a whole number of threads, at least 1, "
                                   f"got {requested!r}")
         return int(requested)
-    return max(1, min(cores, math.floor(cores - load + 0.5)))
+    return max(1, min(cores, cores - math.floor(load)))
+
+
+def machine_load(average: float, loadavg_text: str | None) -> float:
+    """How busy the machine is now: the one-minute load average, or fewer when Linux's count of processes running
+    this instant (``/proc/loadavg``'s ``running/total``, this worker itself left out) says the load has gone.
+
+    The average trails the machine by about a minute: after a busy spell, an idle machine still shows a load of 0.6
+    on two cores. A load that has just begun is seen a minute late, by the average; the count alone would be too
+    noisy.
+
+    Args:
+        average: The one-minute load average (``os.getloadavg()[0]``).
+        loadavg_text: The text of ``/proc/loadavg``, or None where there is none.
+    """
+    fields = (loadavg_text or "").split()
+    running = fields[3].partition("/")[0] if len(fields) > 3 else ""
+    return min(average, max(int(running) - 1, 0)) if running.isdigit() else average
 
 
 def _machine_threads() -> int:
     """:func:`choose_threads` for this machine now (no load average on Windows: all cores)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return choose_threads(load=load, cores=os.cpu_count() or 1, requested=os.environ.get(THREADS_VARIABLE))
+    average = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        with open("/proc/loadavg") as handle:
+            text = handle.read()
+    except OSError:  # not Linux
+        text = None
+    return choose_threads(load=machine_load(average, text), cores=os.cpu_count() or 1,
+                          requested=os.environ.get(THREADS_VARIABLE))
 
 
 def _one_line(error: BaseException) -> str:
