@@ -44,7 +44,7 @@ def parse_folds(text: Any) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSource:
+class ModelSource(opt.JsonFields):
     """The explained model, and the user's word on its code.
 
     Attributes:
@@ -175,15 +175,6 @@ class ModelSource:
                  "bundle": ["--bundle", self.path]}[self.kind]
         return [*first, *opt.words(self, ("kwargs", "weights", "configuration", "folds", "checkpoint", "mirroring",
                                           "patch_size", "overlap", "trust_code"))]
-
-    def to_json(self) -> dict[str, Any]:
-        """This model as a JSON object (:meth:`from_json` reads it back)."""
-        return opt.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> ModelSource:
-        """A model from its JSON object, checked as at construction; unknown keys are refused by name."""
-        return opt.from_json(cls, data)
 
     @classmethod
     def from_arguments(cls, arguments: Sequence[str]) -> ModelSource:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import SegExplainError
 
@@ -152,6 +152,26 @@ def from_json(cls: type, data: Any, nested: dict[str, type] | None = None) -> An
         if name in values and values[name] is not None:
             values[name] = kind.from_json(values[name])
     return cls(**values)
+
+
+class JsonFields:
+    """What makes a request class JSON: its fields as a JSON object and back, checked as at construction.
+
+    Attributes:
+        nested_json: The fields that hold other request classes, read back by their own ``from_json``.
+    """
+
+    nested_json: ClassVar[dict[str, type]] = {}
+
+    def to_json(self) -> dict[str, Any]:
+        """This object as a JSON object (:meth:`from_json` reads it back)."""
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Any:
+        """An object from its JSON object (or its text), checked as at construction; unknown keys are refused by
+        name."""
+        return from_json(cls, data, cls.nested_json)
 
 
 # The checks of the fields: each returns the value (tuples for sequences) or raises a one-line SegExplainError.

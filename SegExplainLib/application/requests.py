@@ -17,7 +17,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def _read_method_options(items: list[str]) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExplainRequest:
+class ExplainRequest(opt.JsonFields):
     """What to explain in a case, and how: the region, the class, the method and its options.
 
     Attributes:
@@ -205,15 +205,6 @@ class ExplainRequest:
         """The ``segexplain explain`` options of this request (those at their defaults left out)."""
         return opt.words(self, (*REGION_FIELDS, *_REGION_OPTIONS, *_METHOD_OPTIONS, *_RUN_OPTIONS))
 
-    def to_json(self) -> dict[str, Any]:
-        """This request as a JSON object (:meth:`from_json` reads it back)."""
-        return opt.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> ExplainRequest:
-        """A request from its JSON object, checked as at construction; unknown keys are refused by name."""
-        return opt.from_json(cls, data)
-
     @classmethod
     def from_arguments(cls, arguments: Sequence[str]) -> ExplainRequest:
         """The request of ``segexplain explain``'s region, method and run options, e.g. ``["--voxel", "9", "24", "24",
@@ -232,7 +223,7 @@ class ExplainRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class CaseRun:
+class CaseRun(opt.JsonFields):
     """One case explained from its files to its output folder, as ``segexplain explain`` does (:func:`run_case`).
 
     Attributes:
@@ -248,6 +239,8 @@ class CaseRun:
         figures: Draw the PNG figures.
         progress: ``bar``, ``json`` or ``none``; None: a bar on a terminal, none otherwise.
     """
+
+    nested_json: ClassVar[dict[str, type]] = {"model": ModelSource, "request": ExplainRequest}
 
     inputs: tuple[str, ...] = opt.option(dataclasses.MISSING, "--input", nargs="+", required=True, metavar="FILE",
                                          help="one file per MRI sequence (NIfTI, NRRD, MHA), or one 4D file")
@@ -300,15 +293,6 @@ class CaseRun:
                 *self.request.arguments(), *opt.words(self, ("ground_truth", "output", "overwrite", "progress",
                                                              "filters")),
                 *([] if self.figures else ["--no-figures"])]
-
-    def to_json(self) -> dict[str, Any]:
-        """This run as a JSON object (:meth:`from_json` reads it back)."""
-        return opt.to_json(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> CaseRun:
-        """A run from its JSON object, checked as at construction; unknown keys are refused by name."""
-        return opt.from_json(cls, data, nested={"model": ModelSource, "request": ExplainRequest})
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> CaseRun:
