@@ -34,6 +34,7 @@ from SegExplainLib.io.imaging import (
     read_geometry,
     read_label,
     read_sequences,
+    sequence_of,
 )
 
 #: Segment colours, away from the overlay's red (relevance for) and blue (against).
@@ -119,7 +120,7 @@ class ReviewCase:
         label map is ``label.*`` or ``*_label.*``.
 
         Raises:
-            SegExplainError: Not a folder, or a sequence of the model without its file.
+            SegExplainError: Not a folder, a sequence of the model without its file, or two files naming one.
         """
         model = _modelSource(model)
         folder = Path(folder)
@@ -129,6 +130,12 @@ class ReviewCase:
         stems = [image_stem(p.name) for p in files]
         names = model.sequence_names()
         label, *sequences = match_names(stems, ["label", *names])
+        for index, name in enumerate(names):  # two files that both name a sequence: never pick one silently
+            holders = [p.name for p, stem in zip(files, stems) if sequence_of(stem, names) == [index]]
+            if len(holders) > 1:
+                raise SegExplainError(f"case folder {str(folder)!r} has {' and '.join(holders)}, which both name the "
+                                      f"sequence {name}; keep one file per sequence of the {_what(model)} "
+                                      f"({', '.join(names)})")
         missing = [name for name, index in zip(names, sequences) if index is None]
         if missing:
             raise SegExplainError(f"case folder {str(folder)!r} has no file for {', '.join(missing)} (expected "

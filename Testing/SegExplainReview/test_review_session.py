@@ -333,6 +333,17 @@ def test_case_folder_as_the_demo_case_command_writes_it(tmp_path):
     assert case.sequences == tuple(sequences) and case.label == label
 
 
+def test_case_folder_with_two_files_for_one_sequence_is_refused(tmp_path):
+    """Two files that both name a sequence (two cases' T1 in one folder) are refused, not one of them picked."""
+    from SegExplainReview.session import ReviewCase
+
+    sequences, _ = write_demo_case(tmp_path, 1001)
+    (tmp_path / "case_1002_T1.nii.gz").write_bytes(sequences[1].read_bytes())
+    with pytest.raises(SegExplainError, match=r"case_1001_T1.nii.gz and case_1002_T1.nii.gz, which both name the "
+                                              r"sequence T1"):
+        ReviewCase.fromFolder(tmp_path, str(demo_card_path()))
+
+
 def test_the_demo_case_is_made_in_memory_as_its_files_would_be_read(caseFolder, session, monkeypatch, tmp_path):
     """The demo case of ``segexplain review`` without a case was written to the temporary folder (and stayed there
     after SIGKILL); it is now made in memory: the same voxels, grid and segment as its files."""
