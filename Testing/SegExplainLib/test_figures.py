@@ -700,3 +700,22 @@ def test_explanation_figures_save_at_any_resolution_and_as_pdf(rng, tmp_path):
     pdf = save_figure(figures["montage.png"], tmp_path / "montage.pdf").read_bytes()
     montage_width = round(figures["montage.png"].get_figwidth() * 120)
     assert pdf[:4] == b"%PDF" and f"/Subtype /Image /Width {montage_width} ".encode() in pdf
+
+
+def test_explanation_figures_keep_every_label_inside_the_figure_and_clear_of_the_views(rng):
+    """The colour bar's two-line label stays on the figure and a sequence name such as T1-15min ends before the
+    first view of its row (both were cut or covered in the demo's montage)."""
+    names = ["T2", "T1-15min"]
+    image, maps = case(rng)
+    for filename in ("mip.png", "montage.png"):
+        fig = explanation_figures(image, maps, sequence_names=names, geometry=grid(), record=RECORD)[filename]
+        render(fig)  # lays the texts out
+        renderer = fig.canvas.get_renderer()
+        (bar,) = axes_by_label(fig, "colorbar")
+        label = bar.yaxis.label.get_window_extent(renderer)
+        assert fig.bbox.x0 <= label.x0 and label.x1 <= fig.bbox.x1, (filename, label.x1, fig.bbox.x1)
+    (name,) = [t.get_window_extent(renderer) for t in fig.texts if t.get_gid() == "name:T1-15min"]
+    (sheet,) = [a for a in fig.artists if a.get_gid() == "sheet"]
+    row = sheet.rgba[int(fig.bbox.y1 - (name.y0 + name.y1) / 2), :, :3]  # the views, without the texts
+    first_view = int(np.argmax(row.min(axis=1) < 250))
+    assert name.x1 < first_view, (name.x1, first_view)

@@ -30,8 +30,8 @@ from .views import View, case_slices, slice_label, slice_profile, view_of
 
 _MARGIN = 12
 _GAP = 6
-_LABEL_WIDTH = 70
-_BAR_WIDTH = 110
+_LABEL_WIDTH = 90  # a sequence name such as "T1-15min" at 9 points, clear of the first view
+_BAR_WIDTH = 150  # the colour bar, its ticks and its two-line label
 _LINE = 19  # pixels of a 9-point line at DPI, with its spacing
 _SHARE_COLOURS = {"positive": "#b2182b", "negative": "#2166ac"}
 
