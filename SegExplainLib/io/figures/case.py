@@ -61,6 +61,20 @@ def _check_region(region: object, shape: tuple[int, ...]) -> np.ndarray | None:
     return array
 
 
+def _checked_case(image: object, maps: object, sequence_names: Sequence[str], geometry: object, record: object,
+                  region: object) -> tuple[list[str], np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """What every figure of a case checks first: the title from the record, the image and maps as arrays with their
+    names, on ``geometry``'s grid, and the region mask (or None)."""
+    if not isinstance(geometry, Geometry):
+        raise SegExplainError(f"geometry must be a Geometry (from read_sequences), got {type(geometry).__name__}")
+    title = explanation_title(record)
+    image_array, maps_array, names = image_and_maps(image, maps, sequence_names)
+    if maps_array.shape[1:] != geometry.shape:
+        raise SegExplainError(
+            f"maps shape {maps_array.shape} does not match the geometry's (D, H, W) {geometry.shape}")
+    return title, image_array, maps_array, names, _check_region(region, geometry.shape)
+
+
 def _region_text(target: Mapping[str, Any]) -> str:
     kind = target["kind"]
     if kind == "box":
@@ -305,14 +319,8 @@ def explanation_figures(
     colours = check_cmap(cmap)
     if not isinstance(slices, numbers.Integral) or isinstance(slices, bool) or slices < 1:
         raise SegExplainError(f"slices must be an integer >= 1, got {slices!r}")
-    if not isinstance(geometry, Geometry):
-        raise SegExplainError(f"geometry must be a Geometry (from read_sequences), got {type(geometry).__name__}")
-    title = explanation_title(record)
-    image_array, maps_array, names = image_and_maps(image, maps, sequence_names)
-    if maps_array.shape[1:] != geometry.shape:
-        raise SegExplainError(
-            f"maps shape {maps_array.shape} does not match the geometry's (D, H, W) {geometry.shape}")
-    region_mask = _check_region(region, geometry.shape)
+    title, image_array, maps_array, names, region_mask = _checked_case(image, maps, sequence_names, geometry, record,
+                                                                        region)
     class_index = record["target"]["class_index"]
     statistics = _statistics(maps_array)
     limits = _limits(statistics.largest, per_panel)
@@ -358,8 +366,8 @@ def region_views(
     """The three orthogonal views through the region, one row per sequence, on one colour scale for all sequences.
 
     The views cross at the clicked voxel, or at the region's voxel of most ``|R|`` summed over the sequences (a box
-    or a segment's bounding box from the record, ``region`` if given, else the whole volume). Each is turned to the radiological convention
-    with its orientation letters (:func:`~.views.view_of`) and headed by its position in mm
+    or a segment's bounding box from the record, ``region`` if given, else the whole volume). Each is turned to the
+    radiological convention with its orientation letters (:func:`~.views.view_of`) and headed by its position in mm
     (:func:`~.views.slice_label`); the title is :func:`explanation_title`, the colour bar says what red and blue
     mean, and ``notes`` (e.g. the shares and the warnings in words) follow the views as text.
 
@@ -389,19 +397,13 @@ def region_views(
     """
     alpha = check_fraction(alpha, "alpha")
     colours = check_cmap(cmap)
-    if not isinstance(geometry, Geometry):
-        raise SegExplainError(f"geometry must be a Geometry (from read_sequences), got {type(geometry).__name__}")
     if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 480:
         raise SegExplainError(f"width must be an integer of at least 480 pixels, got {width!r}")
     for name, lines in (("heading", heading), ("notes", notes)):
         if isinstance(lines, str) or not all(isinstance(line, str) for line in lines):
             raise SegExplainError(f"{name} must be a sequence of lines of text, got {lines!r}")
-    title = explanation_title(record)
-    image_array, maps_array, names = image_and_maps(image, maps, sequence_names)
-    if maps_array.shape[1:] != geometry.shape:
-        raise SegExplainError(
-            f"maps shape {maps_array.shape} does not match the geometry's (D, H, W) {geometry.shape}")
-    region_mask = _check_region(region, geometry.shape)
+    title, image_array, maps_array, names, region_mask = _checked_case(image, maps, sequence_names, geometry, record,
+                                                                        region)
     statistics = _statistics(maps_array)
     limit = float(_limits(statistics.largest, False)[0])
     peak = _region_peak(record, np.abs(maps_array).sum(axis=0), region_mask)
