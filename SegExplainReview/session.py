@@ -129,19 +129,21 @@ class ReviewCase:
         files = [p for p in sorted(folder.iterdir()) if image_stem(p.name)]
         stems = [image_stem(p.name) for p in files]
         names = model.sequence_names()
-        label, *sequences = match_names(stems, ["label", *names])
-        for index, name in enumerate(names):  # two files that both name a sequence: never pick one silently
-            holders = [p.name for p, stem in zip(files, stems) if sequence_of(stem, names) == [index]]
-            if len(holders) > 1:
-                raise SegExplainError(f"case folder {str(folder)!r} has {' and '.join(holders)}, which both name the "
-                                      f"sequence {name}; keep one file per sequence of the {_what(model)} "
-                                      f"({', '.join(names)})")
-        missing = [name for name, index in zip(names, sequences) if index is None]
+        (label,) = match_names(stems, ["label"])
+        # each sequence's files by the one naming rule of every front end (sequence_of): never pick one of two
+        holders = [[p for p, stem in zip(files, stems) if sequence_of(stem, names) == [index]]
+                   for index in range(len(names))]
+        for name, found in zip(names, holders):
+            if len(found) > 1:
+                raise SegExplainError(f"case folder {str(folder)!r} has {' and '.join(p.name for p in found)}, which "
+                                      f"both name the sequence {name}; keep one file per sequence of the "
+                                      f"{_what(model)} ({', '.join(names)})")
+        missing = [name for name, found in zip(names, holders) if not found]
         if missing:
             raise SegExplainError(f"case folder {str(folder)!r} has no file for {', '.join(missing)} (expected "
                                   f"{', '.join(n + '.nii.gz' for n in missing)}; the {_what(model)}'s sequences are "
                                   f"{', '.join(names)})")
-        return cls(model, tuple(files[i] for i in sequences), files[label] if label is not None else None)
+        return cls(model, tuple(found[0] for found in holders), files[label] if label is not None else None)
 
 
 @dataclass
