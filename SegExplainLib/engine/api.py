@@ -16,7 +16,18 @@ from torch import nn
 from ..errors import SegExplainError
 from .deployment import check_walkable, deployed, statistics_record
 from .explanation import Explanation
-from .gradients import GradCAM, Gradient, GradientXInput, IntegratedGradients, Occlusion, SmoothGrad
+from .gradients import (
+    DeepLift,
+    DeepLiftShap,
+    GradCAM,
+    Gradient,
+    GradientShap,
+    GradientXInput,
+    GuidedGradCAM,
+    IntegratedGradients,
+    Occlusion,
+    SmoothGrad,
+)
 from .kernels import onednn_convolutions
 from .lrp import LRP, Deconvolution, GuidedBackprop
 from .method import AttributionMethod
@@ -25,7 +36,7 @@ from .targets import Target, bounds_of
 
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls for cls in (LRP, IntegratedGradients, Gradient, GradientXInput, SmoothGrad, GuidedBackprop,
-                              Deconvolution, Occlusion, GradCAM)
+                              Deconvolution, Occlusion, GradCAM, DeepLift, DeepLiftShap, GradientShap, GuidedGradCAM)
 }
 
 # A voxel whose map sums to less than this fraction of the largest map sum cannot be normalized reliably.
@@ -132,8 +143,8 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         target: What to explain: a :class:`~SegExplainLib.engine.targets.MaskTarget` (segment), ``BoxTarget``,
             ``VoxelTarget`` (click), ``PredictedRegion`` or ``ClassChannel``, with its class and aggregation.
         method: Registry name (``"lrp"``, ``"integrated_gradients"``, ``"gradient"``, ``"gradient_x_input"``,
-            ``"smoothgrad"``, ``"guided_backprop"``, ``"deconvolution"``, ``"occlusion"``, ``"gradcam"``) or a
-            method instance.
+            ``"smoothgrad"``, ``"guided_backprop"``, ``"deconvolution"``, ``"occlusion"``, ``"gradcam"``,
+            ``"deeplift"``, ``"deeplift_shap"``, ``"gradient_shap"``, ``"guided_gradcam"``) or a method instance.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
         dtype: Computation type, e.g. ``torch.float64`` for reference-grade numbers; default: the model's.
         samples: For ``aggregation="normalized"``: estimate from this many randomly drawn region voxels instead of
