@@ -138,7 +138,8 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
             device, dtype, parameters, hooks), also when an error is raised. A
             :class:`~SegExplainLib.models.sliding.SlidingWindow` (any :class:`~SegExplainLib.engine.regional.RegionalModel`) runs
             only the windows that reach the region's bounding box when the method is ``seed_local`` (all but
-            Grad-CAM), with the same maps; ``extras`` records ``windows_run`` and ``windows_total``.
+            Grad-CAM and Guided Grad-CAM), with the same maps; ``extras`` records ``windows_run`` and
+            ``windows_total``.
         image: Float array or tensor (C, D, H, W), one channel per MRI sequence, normalized as the model expects.
         target: What to explain: a :class:`~SegExplainLib.engine.targets.MaskTarget` (segment), ``BoxTarget``,
             ``VoxelTarget`` (click), ``PredictedRegion`` or ``ClassChannel``, with its class and aggregation.

@@ -62,7 +62,7 @@ class Rescale(Rule):
         half = x.shape[0] // 2
         with torch.no_grad():
             dx, dy = x[:half] - x[half:], y[:half] - y[half:]
-            tiny = dx.abs() <= math.sqrt(torch.finfo(x.dtype).eps) * (x[:half].abs() + x[half:].abs())
+            tiny = _tiny(dx, x[:half], x[half:])
             slope = dy / torch.where(tiny, torch.ones_like(dx), dx)
             if bool(tiny.any()):
                 slope = torch.where(tiny, _derivative(module, x[:half]), slope)
@@ -78,28 +78,70 @@ def _derivative(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-#: Rescale on every element-wise nonlinearity; linear layers, norms on running statistics and the functional
-#: operations of :data:`DEEPLIFT_FUNCTIONS` keep their gradient, which is exact for a linear map.
-DEEPLIFT = Composite(rules={"rectifier": Rescale(), "activation": Rescale()}, canonizers=(),
-                     required=frozenset({"rectifier", "activation"}), passed_functions=DEEPLIFT_FUNCTIONS,
-                     name="deeplift")
+def _tiny(dx: torch.Tensor, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Where ``dx = x - x0`` is within rounding of zero, so that a quotient by it is rounding noise."""
+    return dx.abs() <= math.sqrt(torch.finfo(dx.dtype).eps) * (x.abs() + x0.abs())
+
+
+class RescaleMax(Rule):
+    """DeepLIFT on max pooling, as captum's: the change ``y - y0`` of each output goes to the maximum of the input
+    where ``y >= y0`` and to the maximum of the reference otherwise, and a voxel's multiplier is the change it
+    receives divided by its own ``x - x0`` (the gradient where that is within rounding of zero). Summed over a
+    window, the contributions give ``y - y0``. Other pass-through layers (identity, padding, dropout) keep the
+    gradient, which is exact for them.
+    """
+
+    name = "rescale_max"
+    categories = frozenset({"passthrough"})
+
+    def wrap(self, module, x, y, ctx):
+        if not isinstance(module, _MAX_POOLS):
+            return y
+        if not isinstance(y, torch.Tensor):
+            msg = f"{type(module).__name__} returns {type(y).__name__}; DeepLIFT needs max pooling without indices"
+            raise UnsupportedLayerError(msg)
+
+        def propagate(x_in, _saved, grad):
+            half = x_in.shape[0] // 2
+            create_graph = torch.is_grad_enabled()
+            g = grad[:half]
+            with torch.enable_grad():
+                leaf = x_in.detach().requires_grad_(True)
+                out = unwired(module)(leaf)
+                y_x, y_0 = out[:half].detach(), out[half:].detach()
+                top = torch.maximum(y_x, y_0)
+                # the change to the input's maximum (first half) and to the reference's (second half)
+                change = torch.cat([g * (top - y_0), g * (y_x - top)])
+                (routed,) = torch.autograd.grad(out, leaf, change, retain_graph=True, create_graph=create_graph)
+                (gradient,) = torch.autograd.grad(out, leaf, torch.cat([g, torch.zeros_like(g)]),
+                                                  create_graph=create_graph)
+            dx = x_in[:half] - x_in[half:]
+            tiny = _tiny(dx, x_in[:half], x_in[half:])
+            share = (routed[:half] + routed[half:]) / torch.where(tiny, torch.ones_like(dx), dx)
+            multiplier = torch.where(tiny, gradient[:half], share)
+            return torch.cat([multiplier, multiplier])
+
+        return replace_backward(x, y, propagate)
+
+
+#: Rescale on every element-wise nonlinearity and max pooling; linear layers, norms on running statistics and the
+#: functional operations of :data:`DEEPLIFT_FUNCTIONS` keep their gradient, which is exact for a linear map.
+DEEPLIFT = Composite(rules={"rectifier": Rescale(), "activation": Rescale(), "passthrough": RescaleMax()},
+                     canonizers=(), required=frozenset({"rectifier", "activation"}),
+                     passed_functions=DEEPLIFT_FUNCTIONS, name="deeplift")
 
 
 def check_deeplift_layers(model: nn.Module, method: str) -> None:
-    """Refuse the modules whose multipliers would silently be the gradient: max pooling and norms that normalize
-    with the statistics of their input (a norm in train mode, an InstanceNorm or GroupNorm without running
-    statistics), which are not linear maps of the activations."""
+    """Refuse the norms whose multipliers would silently be the gradient: those that normalize with the statistics
+    of their input (a norm in train mode, an InstanceNorm or GroupNorm without running statistics), which are not
+    linear maps of the activations."""
     for name, module in model.named_modules():
         statistics = norm_statistics(module)
-        if isinstance(module, _MAX_POOLS):
-            why = "max pooling"
-        elif statistics not in (None, "running"):
-            why = f"a norm on the {statistics} statistics of its input (not a fixed linear map)"
-        else:
-            continue
-        msg = (f"method {method!r} has no rule for {type(module).__name__} at '{name}': {why}; explain with lrp, "
-               f"{rule_free_methods()} instead")
-        raise UnsupportedLayerError(msg)
+        if statistics not in (None, "running"):
+            msg = (f"method {method!r} has no rule for {type(module).__name__} at '{name}': a norm on the "
+                   f"{statistics} statistics of its input is not a fixed linear map; explain with lrp, "
+                   f"{rule_free_methods()} instead")
+            raise UnsupportedLayerError(msg)
 
 
 def baseline_of(x: torch.Tensor, baseline: Baseline) -> torch.Tensor:
