@@ -61,6 +61,10 @@ ROUND_TRIPS = {  # every registered method, with options other than its defaults
     "deconvolution": {},
     "occlusion": {"window": 2, "baseline": "min"},
     "gradcam": {"layer": "decoder.0", "relu": False},
+    "deeplift": {"baseline": "zero"},
+    "deeplift_shap": {"n_baselines": 2, "noise_level": 0.2, "baseline_seed": 3},
+    "gradient_shap": {"n_samples": 3, "n_baselines": 2, "stdevs": 0.1, "seed": 5},
+    "guided_gradcam": {"layer": "decoder.0", "upsample": "nearest"},
 }
 
 

@@ -84,7 +84,8 @@ def small_net() -> nn.Module:
 
 
 OPTIONS = {"gradcam": {"layer": "2"}, "integrated_gradients": {"n_steps": 4, "quadrature": "gausslegendre"},
-           "smoothgrad": {"n_samples": 2}, "occlusion": {"window": 4}}
+           "smoothgrad": {"n_samples": 2}, "occlusion": {"window": 4}, "guided_gradcam": {"layer": "2"},
+           "deeplift_shap": {"n_baselines": 2}, "gradient_shap": {"n_samples": 2, "n_baselines": 2}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

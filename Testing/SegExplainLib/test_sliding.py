@@ -193,6 +193,8 @@ METHODS = {
     "gradient": ("gradient", "sum", {}),
     "ig_normalized": ("integrated_gradients", "normalized", {"quadrature": "gausslegendre", "n_steps": 4}),
     "occlusion": ("occlusion", "sum", {"window": 4}),
+    "deeplift_normalized": ("deeplift", "normalized", {"baseline": "zero"}),
+    "gradient_shap": ("gradient_shap", "sum", {"n_samples": 2, "n_baselines": 2}),
 }
 
 
@@ -286,4 +288,4 @@ def test_layer_signals_are_read_from_every_window():
 
 
 def test_only_grad_cam_reads_beyond_the_seed():
-    assert {name for name, cls in sx.METHODS.items() if not cls.seed_local} == {"gradcam"}
+    assert {name for name, cls in sx.METHODS.items() if not cls.seed_local} == {"gradcam", "guided_gradcam"}
