@@ -3,6 +3,7 @@ written as real ones are, summation-to-delta, refusals, hooks, and every path in
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -251,6 +252,7 @@ class Gated(nn.Module):
     (F.relu, r"functional F\.relu in the forward of '' \(Gated\) bypasses the 'deeplift' rules"),
     (lambda h: F.max_pool3d(h, 2), r"F\.max_pool3d"),
     (lambda h: h * torch.sigmoid(h), r"a product of two activations \(a gate\)"),
+    (lambda h: F.layer_norm(h, h.shape[1:]), r"F\.layer_norm"),
 ])
 def test_functional_nonlinearities_are_refused_and_hooks_removed(functional, message):
     net = frozen(Gated(functional)).double()
@@ -263,19 +265,35 @@ def test_functional_nonlinearities_are_refused_and_hooks_removed(functional, mes
     DeepLift().attribute(linear, x, torch.ones(1, 2, 2, 6, 6, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("norm, statistics", [
-    (lambda: nn.InstanceNorm3d(4, affine=True), "instance"),  # nnU-Net's: no running statistics
-    (lambda: nn.GroupNorm(2, 4), "group"),
-    (lambda: nn.BatchNorm3d(4).train(), "instance"),  # a train-mode norm: the statistics of its input
-])
-def test_norms_on_input_statistics_are_refused_by_name(norm, statistics):
-    net = frozen(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), norm(), nn.ReLU(), nn.Conv3d(4, 2, 1))).double()
+@pytest.mark.parametrize("norm", [
+    lambda: nn.InstanceNorm3d(4, affine=True),  # nnU-Net's: no running statistics
+    lambda: nn.GroupNorm(2, 4),
+    lambda: nn.BatchNorm3d(4).train(),  # a train-mode norm: the statistics of its input
+], ids=["instance", "group", "batch_train"])
+@pytest.mark.parametrize("baseline", ["zero", "blur:1"])
+def test_a_norm_on_input_statistics_takes_its_jacobian_averaged_along_the_line(norm, baseline):
+    """With the norm the only nonlinearity between two convolutions, the straight line in the input maps to the
+    straight line in the norm's input, so DeepLIFT is exactly Integrated Gradients: captum's, with many nodes."""
+    torch.manual_seed(0)
+    net = frozen(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), norm(), nn.Conv3d(4, 2, 1))).double()
+    with torch.no_grad():
+        net[0].bias.uniform_(-1.0, 1.0)
+        if net[1].weight is not None:
+            net[1].weight.uniform_(0.5, 1.5)
     net[1].train(norm().training)
     x, seed = _data()
-    with pytest.raises(UnsupportedLayerError, match=rf"no rule for \w+ at '1': a norm on the {statistics} statistics"
-                                                    r".*explain with lrp, gradient"):
-        DeepLift().attribute(net, x, seed)
-    assert _no_hooks(net)
+    result = DeepLift(baseline=baseline).attribute(net, x, seed)
+    oracle = net
+    if isinstance(net[1], nn.BatchNorm3d):  # as the user runs it on one image: that image's statistics
+        oracle = copy.deepcopy(net)
+        oracle[1] = nn.InstanceNorm3d(4, affine=True, eps=net[1].eps).double().requires_grad_(False)
+        oracle[1].load_state_dict({"weight": net[1].weight, "bias": net[1].bias})
+    ref = captum_attr.IntegratedGradients(Scored(oracle, seed)).attribute(
+        x, baselines=make_baseline(baseline)(x), target=0, n_steps=160, method="gausslegendre")
+    np.testing.assert_allclose(result.maps.numpy(), ref.detach().numpy(), rtol=1e-6,
+                               atol=1e-6 * float(ref.abs().max()))
+    assert abs(float(result.delta)) < 1e-9 * abs(float(result.expected))
+    assert _no_hooks(net) and net[1].training == norm().training
 
 
 def test_hooks_are_removed_after_success_and_after_an_error_in_the_forward():
@@ -307,7 +325,8 @@ TARGETS = [
 @pytest.mark.parametrize("method", ["deeplift", "deeplift_shap"])
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: type(t).__name__)
 def test_every_target_through_explain_sums_to_the_score_change(method, target):
-    model = tiny_unet().eval()
+    """On the demo's architecture: instance norms without running statistics, LeakyReLU, max pooling."""
+    model = tiny_unet(norm="instance", activation="leaky_relu").eval()
     image = np.random.default_rng(0).normal(size=(2, 6, 8, 8))
     options = {"n_baselines": 2} if method == "deeplift_shap" else {}
     result = sx.explain(model, image, target, method, dtype=torch.float64, baseline="zero", **options)
