@@ -390,3 +390,27 @@ def test_the_command_line_explains_with_deeplift_shap(tmp_path):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["method"] == "deeplift_shap" and summary["options"]["n_baselines"] == 2
     assert summary["options"]["baseline"] == {"type": "zero"}
+
+
+@pytest.mark.parametrize("var_a, cov, var_d", [
+    (1.0, 0.3, 2.0),  # smooth
+    (0.0, 0.0, 3.0),  # a constant reference: the variance is eps at t = 0
+    (1.0, -1.0, 1.0),  # a + t d vanishes at t = 1/2 inside the path
+    (2.0, 0.0, 0.0),  # the input equals the reference
+])
+def test_the_norm_rule_integrals_match_adaptive_quadrature(var_a, cov, var_d):
+    """The four integrals along the path, from a group built to have these moments, against scipy's quad."""
+    from scipy.integrate import quad
+
+    from SegExplainLib.engine.gradients.deeplift import _path_integrals
+
+    eps = 1e-5
+    basis = np.random.default_rng(0).normal(size=(64, 2))
+    e1, e2 = np.linalg.qr(basis - basis.mean(0))[0].T * 8.0  # centred, mean(e1^2) = mean(e2^2) = 1, mean(e1 e2) = 0
+    a = np.sqrt(var_a) * e1
+    d = cov / np.sqrt(var_a) * e1 + np.sqrt(max(var_d - cov**2 / var_a, 0.0)) * e2 if var_a else np.sqrt(var_d) * e2
+    ours = [float(v) for v in _path_integrals(torch.as_tensor(a)[None, None], torch.as_tensor(d)[None, None], eps)]
+    s2 = lambda t: var_a + 2 * cov * t + var_d * t**2 + eps  # noqa: E731
+    expected = [quad(f, 0, 1, epsabs=0, epsrel=1e-12, limit=500, points=[0.5])[0] for f in (
+        lambda t: s2(t) ** -0.5, lambda t: s2(t) ** -1.5, lambda t: t * s2(t) ** -1.5, lambda t: t**2 * s2(t) ** -1.5)]
+    np.testing.assert_allclose(ours, expected, rtol=1e-9)

@@ -137,9 +137,8 @@ class NormPath(Rule):
     centred activation is ``a + t d`` and the variance a quadratic ``A + 2 B t + C t^2``, so the averaged backward is
     ``gamma`` times ``(g - mean g) I0 - a (p I30 + q I31) - d (p I31 + q I32)`` with ``p = mean(g a)``,
     ``q = mean(g d)`` and the scalar integrals ``I0 = int 1/s``, ``I3k = int t^k / s^3`` over ``t`` in ``[0, 1]``
-    (``s^2`` the variance plus ``eps``), taken per sample and group by a 1024-node Gauss-Legendre rule in float64:
-    its nodes crowd at both ends, where a constant reference puts the sliver in which ``s`` is smallest. A norm on
-    running statistics is a fixed affine map and keeps its gradient.
+    (``s^2`` the variance plus ``eps``), taken per sample and group by a 128-node Gauss-Legendre rule in float64
+    (:func:`_path_integrals`). A norm on running statistics is a fixed affine map and keeps its gradient.
     """
 
     name = "norm_path"
@@ -156,12 +155,38 @@ class NormPath(Rule):
         return replace_backward(x, y, lambda x_in, _saved, grad: _norm_multipliers(module, groups, x_in, grad))
 
 
-_NORM_NODES = 1024
+_NORM_NODES = 128
 
 
 @functools.lru_cache(maxsize=1)
 def _norm_rule() -> tuple[np.ndarray, np.ndarray]:
     return fixed_rule("gausslegendre", _NORM_NODES)
+
+
+def _path_integrals(a: torch.Tensor, d: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """``I0 = int 1/s``, ``I3k = int t^k / s^3`` over ``t`` in ``[0, 1]``, ``s^2 = A + 2 B t + C t^2 + eps`` the
+    variance of ``a + t d`` plus ``eps``, per sample and group (float64, last axis kept).
+
+    ``s`` is smallest at ``t* = -B / C``, in a sliver of width ``w = sqrt(A C + eps C - B^2) / C`` that is tiny from a
+    constant reference (``A = 0``, ``t* = 0``). Where ``w < 1`` the rule runs in ``u`` with
+    ``t = t* + w sinh(u)``, in which the integrands are smooth bumps of unit width; elsewhere in ``t`` itself.
+    """
+    var_a, cov, var_d = ((u * v).mean(-1, keepdim=True) for u, v in ((a, a), (a, d), (d, d)))
+    q0 = var_a + eps
+    nodes, weights = (torch.as_tensor(v, device=a.device) for v in _norm_rule())
+    positive = var_d.clamp(min=torch.finfo(a.dtype).tiny)
+    width = (q0 * var_d - cov**2).clamp(min=0).sqrt() / positive
+    sharp = (var_d > 0) & (width < 1)
+    centre = torch.where(sharp, -cov / positive, torch.zeros_like(cov))
+    width = torch.where(sharp, width, torch.ones_like(width))
+    u0, u1 = torch.asinh(-centre / width), torch.asinh((1 - centre) / width)
+    u = u0 + (u1 - u0) * nodes
+    t = torch.where(sharp, centre + width * torch.sinh(u), nodes.expand_as(u))
+    w = torch.where(sharp, weights * (u1 - u0) * width * torch.cosh(u), weights.expand_as(u))
+    variance = q0 + 2 * cov * t + var_d * t**2
+    inverse = w / variance.sqrt()
+    cubed = inverse / variance
+    return tuple(v.sum(-1, keepdim=True) for v in (inverse, cubed, cubed * t, cubed * t**2))
 
 
 def _norm_multipliers(module: nn.Module, groups: int, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -172,13 +197,7 @@ def _norm_multipliers(module: nn.Module, groups: int, x: torch.Tensor, grad: tor
         a = x[half:].reshape(shape).double()
         d = x[:half].reshape(shape).double() - a
         a, d = a - a.mean(-1, keepdim=True), d - d.mean(-1, keepdim=True)
-        nodes, weights = (torch.as_tensor(v, device=x.device) for v in _norm_rule())
-        variance = ((a * a).mean(-1, keepdim=True) + 2 * (a * d).mean(-1, keepdim=True) * nodes
-                    + (d * d).mean(-1, keepdim=True) * nodes**2 + module.eps)  # (half, groups, nodes)
-        inverse = weights / variance.sqrt()
-        cubed = inverse / variance
-        i0, i30, i31, i32 = (v.sum(-1, keepdim=True).to(x.dtype)
-                             for v in (inverse, cubed, cubed * nodes, cubed * nodes**2))
+        i0, i30, i31, i32 = (v.to(x.dtype) for v in _path_integrals(a, d, module.eps))
         a, d = a.to(x.dtype), d.to(x.dtype)
     g = grad[:half]
     if getattr(module, "weight", None) is not None:
