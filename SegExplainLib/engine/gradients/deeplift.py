@@ -248,8 +248,9 @@ class DeepLift(AttributionMethod):
     that is left. One forward pass of input and reference stacked along the batch, and one backward pass.
 
     The map is linear in the seed: for a fixed input and reference every multiplier is a constant, so the backward
-    pass is a fixed linear map of the seed. A module without a rule (max pooling, a norm on its input's statistics,
-    a functional nonlinearity, attention) is an error naming it.
+    pass is a fixed linear map of the seed. Max pooling (:class:`RescaleMax`) and norms on their input's statistics
+    (:class:`NormPath`) have rules of their own; an operation without one (a functional nonlinearity such as
+    ``F.relu``, a gate, attention) is an error naming it.
 
     Args:
         baseline: The reference, a :class:`~SegExplainLib.engine.baselines.Baseline` or a spec for
