@@ -235,3 +235,16 @@ def test_command_line_refuses_nnunet_options_without_nnunet(tmp_path, capsys):
     code = main(["explain", "--card", "x.yaml", "--folds", "0", "--input", "a.nii", "--output", str(tmp_path / "o")])
     assert code != 0
     assert "--folds belong to --nnunet" in capsys.readouterr().err
+
+
+def test_deeplift_explains_nnunet_with_its_instance_norms_and_keeps_its_sum_rule(nnunet_model, tmp_path, capsys):
+    """nnU-Net's InstanceNorm3d has no running statistics: DeepLIFT's norm rule carries the sum rule through it."""
+    image, geometry, centre = _case((12, 30, 34))
+    paths = _write_case(image, geometry, tmp_path)
+    output = tmp_path / "out"
+    code = main(["explain", "--nnunet", str(nnunet_model), "--folds", "0", "--input", *map(str, paths), "--voxel",
+                 *map(str, centre), "--radius", "2", "--method", "deeplift", "--output", str(output), "--no-figures"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["method"] == "deeplift" and summary["expected_sum"] != 0
+    assert abs(summary["delta"]) < 1e-3 * abs(summary["expected_sum"])
