@@ -127,3 +127,18 @@ def test_through_explain_on_a_torchscript_model_and_the_record_rebuilds_it():
 def test_constructor_errors_name_the_value(kwargs, message):
     with pytest.raises(SegExplainError, match=message):
         GradientShap(**kwargs)
+
+
+@pytest.mark.parametrize("target", [
+    sx.MaskTarget(np.pad(np.ones((2, 2, 2), bool), ((1, 1), (2, 2), (2, 2))), class_index=1),
+    sx.VoxelTarget((2, 3, 3), class_index=1, radius=1.0),
+    sx.PredictedRegion(class_index=1, aggregation="normalized"),
+    sx.ClassChannel(class_index=0),
+], ids=lambda t: type(t).__name__)
+def test_every_target_through_explain_reports_its_expected_change(target):
+    model = net()
+    image = np.random.default_rng(0).normal(size=(2, 4, 6, 6))
+    result = sx.explain(model, image, target, "gradient_shap", dtype=torch.float64, n_samples=4, n_baselines=2)
+    assert result.maps.shape == image.shape and np.isfinite(result.maps).all()
+    assert result.delta == pytest.approx(float(result.maps.sum()) - result.expected_sum, abs=1e-9)
+    assert len(result.record()["extras"]["completeness_standard_error"]) == 1
