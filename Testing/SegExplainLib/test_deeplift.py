@@ -336,8 +336,9 @@ def test_every_target_through_explain_sums_to_the_score_change(method, target):
     assert record["options"]["baseline"] == {"type": "zero"}
 
 
-def test_normalized_aggregation_is_the_sum_of_unit_maps_per_voxel():
-    model = tiny_unet().double().eval()
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_normalized_aggregation_is_the_sum_of_unit_maps_per_voxel(norm):
+    model = tiny_unet(norm=norm).double().eval()
     image = torch.randn(2, 6, 8, 8, dtype=torch.float64)
     target = sx.BoxTarget((1, 2, 2), (3, 4, 4), class_index=1, aggregation="normalized")
     result = sx.explain(model, image, target, "deeplift", dtype=torch.float64)
