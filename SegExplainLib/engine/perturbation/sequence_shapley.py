@@ -17,18 +17,24 @@ from .passes import masked_scores
 MAX_CHANNELS = 10
 
 
-def shapley_weights(players: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The matrix ``W`` (players, 2^players) with ``phi = W @ v``: coalition ``S`` (bit ``p`` set: player ``p`` is
-    in) enters ``phi_p`` with ``(|S|-1)! (n-|S|)! / n!`` when ``p`` is in ``S`` and ``-|S|! (n-|S|-1)! / n!`` when
-    not, the Shapley value as the weighted sum of the marginal contributions ``v(S + p) - v(S)``."""
-    coalitions = torch.arange(2**players)
-    members = (coalitions[None, :] >> torch.arange(players)[:, None]) & 1  # (players, 2^players)
-    size = members.sum(0)
-    weight = [math.factorial(s) * math.factorial(players - s - 1) / math.factorial(players) for s in range(players)]
-    table = torch.tensor(weight + [0.0], dtype=torch.float64)
-    inside = table[(size - 1).clamp(min=0)]
-    outside = table[size.clamp(max=players)]
-    return torch.where(members.bool(), inside, -outside).to(dtype=dtype, device=device)
+def shapley_values(scores: torch.Tensor) -> torch.Tensor:
+    """The Shapley values ``(B, n)`` of the ``n`` players from the scores ``(B, 2^n)`` of every coalition (bit ``p``
+    of a coalition's index set: player ``p`` is in).
+
+    ``phi_p = sum over S without p of |S|! (n - |S| - 1)! / n! * (v(S + p) - v(S))``: the marginal contributions are
+    formed first, so a player that never changes a score gets exactly 0, not a rounding residue.
+    """
+    players = (scores.shape[1] - 1).bit_length()
+    coalitions = torch.arange(scores.shape[1], device=scores.device)
+    size = sum((coalitions >> p) & 1 for p in range(players))
+    weight = torch.tensor([math.factorial(s) * math.factorial(players - s - 1) / math.factorial(players)
+                           for s in range(players)] + [0.0], dtype=scores.dtype, device=scores.device)
+    values = []
+    for p in range(players):
+        without = coalitions[(coalitions >> p) & 1 == 0]
+        gains = scores[:, without | (1 << p)] - scores[:, without]
+        values.append(gains @ weight[size[without]])
+    return torch.stack(values, dim=1)
 
 
 class SequenceShapley(AttributionMethod):
@@ -77,7 +83,7 @@ class SequenceShapley(AttributionMethod):
             return ((index[:, None] >> bits) & 1).bool().reshape(len(index), channels, 1, 1, 1)
 
         scores = masked_scores(self, model, x, x0, seed, count, masks)  # (B, 2^C); bit c set: channel c is kept
-        values = scores @ shapley_weights(channels, scores.dtype, x.device).T  # (B, C)
+        values = shapley_values(scores)  # (B, C)
         voxels = math.prod(x.shape[2:])
         maps = (values / voxels).reshape(*values.shape, 1, 1, 1).expand(-1, -1, *x.shape[2:]).contiguous()
         expected = scores[:, -1] - scores[:, 0]
