@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small case: (16, 64, 64), patch (16, 32, 32)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best is printed (default 2)")
+    parser.add_argument("--internal-batch-size", type=int, default=2, help=(
+        "coalitions per pass (default 2, the CPU's best); 0: the automatic choice, whose memory probe adds one "
+        "forward and backward pass of the region's windows"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     volume, patch = CASES["quick" if args.quick else "full"]
@@ -65,7 +68,8 @@ def main() -> None:
     def timed(model: nn.Module):
         rows[0] = 0
         wall, cpu = time.perf_counter(), time.process_time()
-        result = explain(model, image, target, "sequence_shapley", device="cpu")
+        result = explain(model, image, target, "sequence_shapley", device="cpu",
+                         internal_batch_size=args.internal_batch_size or None)
         return (time.perf_counter() - wall, time.process_time() - cpu), rows[0], result
 
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {args.threads} torch threads; torch {torch.__version__}; "
@@ -80,7 +84,8 @@ def main() -> None:
         seconds, whole_rows, whole = timed(nn.Sequential(window))  # no RegionalModel: every window
         whole_times.append(seconds)
     reached, total = region.extras["windows_run"], region.extras["windows_total"]
-    # explain()'s own first pass (the target's score) runs the same windows once more than the coalitions
+    # explain()'s own first pass (the target's score) runs the same windows once more than the coalitions (and the
+    # automatic batch choice's probe once more)
     method_rows = region_rows - reached
     print(f"windows reaching the region: {reached} of {total}")
     print(f"window passes of the coalitions: {method_rows} = {method_rows // reached} x {reached} "
