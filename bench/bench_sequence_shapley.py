@@ -9,8 +9,9 @@ times the explanation against the whole-volume one (the same window inside a pla
 
 Set-up: ``UNet3D(in_channels=6, out_channels=2, base_channels=4, depth=3)`` (seeded, eval), 6 sequences of shape
 (D, H, W) = (32, 96, 96), patch (16, 48, 48), overlap 0.5: 27 windows. The region is a 3 x 6 x 6 box at (2, 10, 10),
-inside one window (``--quick``: 9 windows, the region in one). After one warm-up explanation, the two are timed ``--repeats`` times, interleaved, and the best of
-each is printed, in wall-clock and CPU seconds, with the machine, thread count, torch version and the load average.
+inside one window (``--quick``: 9 windows, the region in one). After one warm-up explanation, the two are timed
+``--repeats`` times, interleaved, and the best of each is printed, in wall-clock and CPU seconds, with the machine,
+thread count, torch version and the load average.
 
 Run from the repository root::
 
