@@ -119,7 +119,12 @@ def test_the_map_is_differentiable_in_the_seed_so_the_exact_normalized_form_hold
     np.testing.assert_allclose(exact.maps, every.maps, rtol=1e-8, atol=1e-12)
 
 
-def test_a_sliding_window_runs_only_the_windows_of_the_region():
+@pytest.mark.parametrize("method, options", [
+    ("sequence_shapley", {}),
+    ("supervoxel_shapley", {"block_size": 4, "n_permutations": 4}),  # the same masked passes serve all three
+    ("rise", {"n_masks": 6, "mask_resolution": 2}),
+])
+def test_a_sliding_window_runs_only_the_windows_of_the_region(method, options):
     torch.manual_seed(0)
     net = frozen(nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1)))
     calls = []
@@ -127,12 +132,14 @@ def test_a_sliding_window_runs_only_the_windows_of_the_region():
     window = SlidingWindow(net, (4, 8, 8), overlap=0.5)
     image = np.random.default_rng(2).normal(size=(3, 8, 16, 16)).astype(np.float32)
     target = sx.VoxelTarget((1, 1, 1), class_index=1)
-    region = sx.explain(window, image, target, "sequence_shapley", internal_batch_size=8)
+    region = sx.explain(window, image, target, method, internal_batch_size=8, **options)
     run = sum(calls)
-    whole = sx.explain(nn.Sequential(window), image, target, "sequence_shapley", internal_batch_size=8)
+    whole = sx.explain(nn.Sequential(window), image, target, method, internal_batch_size=8, **options)
     assert (region.extras["windows_run"], region.extras["windows_total"]) == (1, 27)
-    # the first pass (the target's score) and the 2^3 coalitions, each of the one window
-    assert run == 1 + 2**3
+    # the first pass (the target's score) and the method's passes (2^3 coalitions for the sequences), one window each
+    assert run == 1 + region.extras["forward_passes"]
+    if method == "sequence_shapley":
+        assert region.extras["forward_passes"] == 2**3
     np.testing.assert_allclose(region.maps, whole.maps, rtol=1e-5, atol=1e-7)
 
 
