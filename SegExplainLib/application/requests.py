@@ -95,7 +95,8 @@ class ExplainRequest(opt.JsonFields):
                                      help="normalized aggregation estimated from this many voxels")
     method: str = opt.option("lrp", "--method", help="lrp, integrated_gradients, gradient, gradient_x_input, "
                                                      "smoothgrad, guided_backprop, deconvolution, occlusion, gradcam, "
-                                                     "deeplift, deeplift_shap, gradient_shap, guided_gradcam")
+                                                     "deeplift, deeplift_shap, gradient_shap, guided_gradcam, "
+                                                     "sequence_shapley, supervoxel_shapley, rise, score_cam")
     composite: str | None = opt.option(None, "--composite", help="LRP composite (default epsilon_plus)")
     layer_filter: str | None = opt.option(None, "--layer-filter", metavar="SPEC",
                                           help="Tjoa filter inside the propagation, e.g. pass:0.4")
@@ -106,8 +107,8 @@ class ExplainRequest(opt.JsonFields):
         "riemann_middle"))
     tolerance: float | None = opt.option(None, "--tolerance", type=float,
                                          help="IG adaptive: relative completeness aimed for (default 0.01)")
-    baseline: str | None = opt.option(None, "--baseline", help="baseline of IG, occlusion, DeepLIFT(-SHAP) and "
-                                      "GradientSHAP: zero, constant:V, min, blur:SIGMA")
+    baseline: str | None = opt.option(None, "--baseline", help="baseline of IG, occlusion, DeepLIFT(-SHAP), "
+                                      "GradientSHAP and the perturbation methods: zero, constant:V, min, blur:SIGMA")
     options: dict[str, Any] = opt.option(
         {}, "--option", repeat=True, metavar="KEY=JSON", help="any other option of the method, e.g. --option window=4",
         read=_read_method_options, write=lambda value: [f"{k}={json.dumps(v)}" for k, v in value.items()])

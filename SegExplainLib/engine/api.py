@@ -31,12 +31,14 @@ from .gradients import (
 from .kernels import onednn_convolutions
 from .lrp import LRP, Deconvolution, GuidedBackprop
 from .method import AttributionMethod
+from .perturbation import Rise, ScoreCAM, SequenceShapley, SupervoxelShapley
 from .regional import RegionalModel
 from .targets import Target, bounds_of
 
 METHODS: dict[str, type[AttributionMethod]] = {
     cls.name: cls for cls in (LRP, IntegratedGradients, Gradient, GradientXInput, SmoothGrad, GuidedBackprop,
-                              Deconvolution, Occlusion, GradCAM, DeepLift, DeepLiftShap, GradientShap, GuidedGradCAM)
+                              Deconvolution, Occlusion, GradCAM, DeepLift, DeepLiftShap, GradientShap, GuidedGradCAM,
+                              SequenceShapley, SupervoxelShapley, Rise, ScoreCAM)
 }
 
 # A voxel whose map sums to less than this fraction of the largest map sum cannot be normalized reliably.
@@ -138,14 +140,15 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
             device, dtype, parameters, hooks), also when an error is raised. A
             :class:`~SegExplainLib.models.sliding.SlidingWindow` (any :class:`~SegExplainLib.engine.regional.RegionalModel`) runs
             only the windows that reach the region's bounding box when the method is ``seed_local`` (all but
-            Grad-CAM and Guided Grad-CAM), with the same maps; ``extras`` records ``windows_run`` and
+            Grad-CAM, Guided Grad-CAM and Score-CAM), with the same maps; ``extras`` records ``windows_run`` and
             ``windows_total``.
         image: Float array or tensor (C, D, H, W), one channel per MRI sequence, normalized as the model expects.
         target: What to explain: a :class:`~SegExplainLib.engine.targets.MaskTarget` (segment), ``BoxTarget``,
             ``VoxelTarget`` (click), ``PredictedRegion`` or ``ClassChannel``, with its class and aggregation.
         method: Registry name (``"lrp"``, ``"integrated_gradients"``, ``"gradient"``, ``"gradient_x_input"``,
             ``"smoothgrad"``, ``"guided_backprop"``, ``"deconvolution"``, ``"occlusion"``, ``"gradcam"``,
-            ``"deeplift"``, ``"deeplift_shap"``, ``"gradient_shap"``, ``"guided_gradcam"``) or a method instance.
+            ``"deeplift"``, ``"deeplift_shap"``, ``"gradient_shap"``, ``"guided_gradcam"``, ``"sequence_shapley"``,
+            ``"supervoxel_shapley"``, ``"rise"``, ``"score_cam"``) or a method instance.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda:N"``.
         dtype: Computation type, e.g. ``torch.float64`` for reference-grade numbers; default: the model's.
         samples: For ``aggregation="normalized"``: estimate from this many randomly drawn region voxels instead of

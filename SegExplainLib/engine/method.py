@@ -17,8 +17,8 @@ import torch
 #: The registered methods that attach no rules to the network's modules (``walks_modules`` false): they explain any
 #: network the gradient runs on, TorchScript included. Kept here, below the methods and the modules that name them
 #: in advice; test_api checks it against :data:`~SegExplainLib.engine.api.METHODS`.
-RULE_FREE_METHODS = ("gradient", "gradient_shap", "gradient_x_input", "integrated_gradients", "occlusion",
-                     "smoothgrad")
+RULE_FREE_METHODS = ("gradient", "gradient_shap", "gradient_x_input", "integrated_gradients", "occlusion", "rise",
+                     "sequence_shapley", "smoothgrad", "supervoxel_shapley")
 
 
 def rule_free_methods() -> str:

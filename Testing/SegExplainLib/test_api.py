@@ -65,6 +65,10 @@ ROUND_TRIPS = {  # every registered method, with options other than its defaults
     "deeplift_shap": {"n_baselines": 2, "noise_level": 0.2, "baseline_seed": 3},
     "gradient_shap": {"n_samples": 3, "n_baselines": 2, "stdevs": 0.1, "seed": 5},
     "guided_gradcam": {"layer": "decoder.0", "upsample": "nearest"},
+    "sequence_shapley": {"baseline": "min", "internal_batch_size": 3},
+    "supervoxel_shapley": {"block_size": [2, 4, 4], "n_permutations": 4, "seed": 3},
+    "rise": {"n_masks": 8, "mask_resolution": [2, 3, 3], "keep_probability": 0.3, "seed": 1},
+    "score_cam": {"layer": "decoder.0", "weights": "softmax", "baseline": "blur:2"},
 }
 
 

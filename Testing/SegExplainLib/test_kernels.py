@@ -85,7 +85,9 @@ def small_net() -> nn.Module:
 
 OPTIONS = {"gradcam": {"layer": "2"}, "integrated_gradients": {"n_steps": 4, "quadrature": "gausslegendre"},
            "smoothgrad": {"n_samples": 2}, "occlusion": {"window": 4}, "guided_gradcam": {"layer": "2"},
-           "deeplift_shap": {"n_baselines": 2}, "gradient_shap": {"n_samples": 2, "n_baselines": 2}}
+           "deeplift_shap": {"n_baselines": 2}, "gradient_shap": {"n_samples": 2, "n_baselines": 2},
+           "score_cam": {"layer": "2"}, "supervoxel_shapley": {"block_size": 4, "n_permutations": 4},
+           "rise": {"n_masks": 4}}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -287,5 +287,5 @@ def test_layer_signals_are_read_from_every_window():
     assert len(calls) == 2 * 75  # the prediction, then the propagation: no window left out
 
 
-def test_only_grad_cam_reads_beyond_the_seed():
-    assert {name for name, cls in sx.METHODS.items() if not cls.seed_local} == {"gradcam", "guided_gradcam"}
+def test_only_the_class_activation_maps_read_beyond_the_seed():
+    assert {name for name, cls in sx.METHODS.items() if not cls.seed_local} == {"gradcam", "guided_gradcam", "score_cam"}

@@ -14,6 +14,25 @@ from ..method import AttributionMethod, AttributionOutput
 from .passes import check_inputs, check_output, check_seed, seed_scores
 
 
+def check_layer_name(layer: Any) -> str:
+    """``layer`` if it can name a module (a non-empty text), else a one-line error."""
+    if not isinstance(layer, str) or not layer:
+        raise SegExplainError(f"layer must be a non-empty module name from model.named_modules(), got {layer!r}")
+    return layer
+
+
+def named_layer(model: torch.nn.Module, layer: str) -> torch.nn.Module:
+    """The module named ``layer`` in ``model.named_modules()``, or an error listing some of the names there are."""
+    modules = dict(model.named_modules())
+    if layer not in modules or not layer:
+        names = [n for n in modules if n]
+        shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+        raise SegExplainError(
+            f"layer {layer!r} is not a module of the model; expected one of {len(names)} names such as {shown}"
+        )
+    return modules[layer]
+
+
 class GradCAM(AttributionMethod):
     """3D Grad-CAM (Selvaraju et al. 2017) on the output of a named layer.
 
@@ -37,8 +56,7 @@ class GradCAM(AttributionMethod):
     walks_modules = True
 
     def __init__(self, *, layer: str, relu: bool = True, upsample: str = "trilinear") -> None:
-        if not isinstance(layer, str) or not layer:
-            raise SegExplainError(f"layer must be a non-empty module name from model.named_modules(), got {layer!r}")
+        check_layer_name(layer)
         if not isinstance(relu, bool):
             raise SegExplainError(f"relu must be a bool, got {relu!r}")
         if upsample not in ("trilinear", "nearest"):
@@ -48,22 +66,12 @@ class GradCAM(AttributionMethod):
         self.upsample = upsample
         self.linear_in_seed = not relu  # type: ignore[misc]
 
-    def _module(self, model: torch.nn.Module) -> torch.nn.Module:
-        modules = dict(model.named_modules())
-        if self.layer not in modules or not self.layer:
-            names = [n for n in modules if n]
-            shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-            raise SegExplainError(
-                f"layer {self.layer!r} is not a module of the model; expected one of {len(names)} names such as {shown}"
-            )
-        return modules[self.layer]
-
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = check_inputs(inputs)
         seed = check_seed(seed, x)
         create_graph = seed.requires_grad
         check_walkable(model, self.name)
-        module = self._module(model)
+        module = named_layer(model, self.layer)
         captured: list[torch.Tensor] = []
         layer = self.layer
 
