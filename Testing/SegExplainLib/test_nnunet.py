@@ -235,3 +235,26 @@ def test_command_line_refuses_nnunet_options_without_nnunet(tmp_path, capsys):
     code = main(["explain", "--card", "x.yaml", "--folds", "0", "--input", "a.nii", "--output", str(tmp_path / "o")])
     assert code != 0
     assert "--folds belong to --nnunet" in capsys.readouterr().err
+
+
+def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanation_per_class(nnunet_model):
+    from SegExplainLib.engine.targets import PredictedRegion
+    from SegExplainLib.models.pipelines import segment_matrix_case
+
+    pipeline = open_nnunet(nnunet_model, folds=(0,), mirroring=False)
+    image, geometry, centre = _case((12, 30, 34), spacing=(0.7, 0.9, 2.5), direction=OBLIQUE)
+    labels = np.zeros(image.shape[1:], np.int64)
+    labels[:, :, centre[2]:] = 2  # two halves of another grid than the network's
+    labels[tuple(slice(c - 2, c + 2) for c in centre)] = 1
+    matrix = segment_matrix_case(pipeline, image, geometry, "gradient", segmentation=labels, device="cpu")
+    assert matrix.rows == ["background", "lesion"] and matrix.columns == ["background", "lesion", "label 2"]
+    predicted = segment_matrix_case(pipeline, image, geometry, "gradient", device="cpu")
+    assert predicted.columns == ["background", "lesion"] and predicted.segmentation == "predicted"
+    for k, status in enumerate(matrix.status):
+        if status == "not predicted":
+            continue
+        maps = explain_case(pipeline, image, geometry, PredictedRegion(class_index=k), "gradient", device="cpu").maps
+        for j in range(3):
+            inside = maps[:, labels == j]
+            assert matrix.positive[k, j] == pytest.approx(np.clip(inside, 0, None).sum(), rel=1e-5, abs=1e-9)
+    assert "explained" in matrix.status
