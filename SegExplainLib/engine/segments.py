@@ -112,6 +112,20 @@ class SegmentMatrix:
         """The record as JSON text."""
         return json.dumps(self.record(), default=str, **kwargs)
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> SegmentMatrix:
+        """The matrix from its :meth:`record` (a worker's answer, ``summary.json``'s ``segment_matrix``)."""
+        try:
+            arrays = {name: np.array(record[key], dtype=float) for name, key in (
+                ("shares", "shares"), ("positive", "positive_sums"), ("negative", "negative_sums"))}
+            return cls(rows=record["rows"], row_classes=record["row_classes"], columns=record["columns"],
+                       column_labels=record["column_labels"], status=record["status"], method=record["method"],
+                       options=record["options"], segmentation=record["segmentation"],
+                       explanations=record["explanations"], passes=record["passes"], seconds=record["seconds"],
+                       case=record.get("case", ""), extras=record.get("extras", {}), **arrays)
+        except (KeyError, TypeError, ValueError) as error:
+            raise SegExplainError(f"not a segment matrix record: {type(error).__name__}: {error}") from None
+
     def to_csv(self) -> str:
         """The shares as CSV: a header naming the input segments, one line per explained output segment, then its
         positive relevance, negative share and status; an empty cell where a row has no shares."""
