@@ -5,10 +5,23 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import urllib.error
+import urllib.request
+
+import pytest
 
 import numpy as np
 from PIL import Image
 from review_page import setState
+
+
+def test_the_csv_download_needs_the_token_and_a_computed_matrix(server):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{server.url.split('?')[0].rstrip('/')}/segexplain/segment_matrix.csv", timeout=30)
+    assert refused.value.code == 403
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        server.get("/segexplain/segment_matrix.csv")
+    assert missing.value.code == 404
 
 
 def test_segment_matrix_shows_its_figure_and_downloads_its_csv(server, page):
