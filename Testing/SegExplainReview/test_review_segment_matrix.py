@@ -15,19 +15,13 @@ from PIL import Image
 from review_page import setState
 
 
-def test_the_csv_download_needs_the_token_and_a_computed_matrix(server):
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{server.url.split('?')[0].rstrip('/')}/segexplain/segment_matrix.csv", timeout=30)
-    assert refused.value.code == 403
-    with pytest.raises(urllib.error.HTTPError) as missing:
-        server.get("/segexplain/segment_matrix.csv")
-    assert missing.value.code == 404
-
-
 def test_segment_matrix_shows_its_figure_and_downloads_its_csv(server, page):
     setState(page, method="gradient")
     try:
         assert page.evaluate("document.querySelector('#segment-matrix-csv')") is None  # nothing to download yet
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            server.get("/segexplain/segment_matrix.csv")
+        assert missing.value.code == 404
         page.evaluate("document.querySelector('#segment-matrix').click()")
         page.waitFor("(window.trame.state.get('segment_matrix_png') && !window.trame.state.get("
                      "'segment_matrix_running')) || window.trame.state.get('error')", timeout=120)
@@ -45,5 +39,8 @@ def test_segment_matrix_shows_its_figure_and_downloads_its_csv(server, page):
                            "negative share", "status"]
         assert [row[0] for row in rows[1:]] == ["background", "lesion"] and rows[2][-1] == "explained"
         assert abs(float(rows[2][1]) + float(rows[2][2]) - 1.0) < 1e-4
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the download needs the run's token
+            urllib.request.urlopen(f"{server.url.split('?')[0].rstrip('/')}{href}", timeout=30)
+        assert refused.value.code == 403
     finally:
         setState(page, method="lrp")
