@@ -237,7 +237,8 @@ def test_command_line_refuses_nnunet_options_without_nnunet(tmp_path, capsys):
     assert "--folds belong to --nnunet" in capsys.readouterr().err
 
 
-def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanation_per_class(nnunet_model):
+def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanation_per_class(nnunet_model, tmp_path,
+                                                                                              capsys):
     from SegExplainLib.engine.targets import PredictedRegion
     from SegExplainLib.models.pipelines import segment_matrix_case
 
@@ -258,3 +259,17 @@ def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanati
             inside = maps[:, labels == j]
             assert matrix.positive[k, j] == pytest.approx(np.clip(inside, 0, None).sum(), rel=1e-5, abs=1e-9)
     assert "explained" in matrix.status
+    paths = _write_case(image, geometry, tmp_path)  # the command line writes and prints the same matrix
+    label_path = tmp_path / "organs.nii.gz"
+    label_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    label_image.SetSpacing(geometry.spacing)
+    label_image.SetOrigin(geometry.origin)
+    label_image.SetDirection(geometry.direction)
+    sitk.WriteImage(label_image, str(label_path))
+    code = main(["explain", "--nnunet", str(nnunet_model), "--folds", "0", "--no-mirroring", "--input",
+                 *map(str, paths), "--method", "gradient", "--device", "cpu", "--segment-matrix", "--segment-labels",
+                 str(label_path), "--output", str(tmp_path / "out"), "--no-figures"])
+    assert code == 0
+    assert "segment matrix (gradient, 1 batched passes)" in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())["segment_matrix"]
+    np.testing.assert_allclose(recorded["positive_sums"], matrix.positive, rtol=1e-5)
