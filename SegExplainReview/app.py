@@ -475,7 +475,7 @@ class ReviewApp(TrameApp):
                 encoded = base64.b64encode(path.read_bytes()).decode("ascii")
             self.state.segment_matrix_png = f"data:image/png;base64,{encoded}"
             self.state.message = (f"Segment matrix in {answer.seconds:.1f} s "
-                                  f"({self.segmentMatrixResult.passes} batched passes)")
+                                  f"(batched passes: {self.segmentMatrixResult.passes})")
 
     def _onUpload(self, upload: Any, **_: Any) -> None:
         if not upload:

@@ -179,7 +179,7 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
             matrix = segment_matrix_case(pipeline, image, geometry, request.method, segmentation=labels,
                                          prepared=prepared, case=Path(run.inputs[0]).name, device=request.device,
                                          **request.method_options())
-            progress.say(f"segment matrix ({matrix.method}, {matrix.passes} batched passes):\n"
+            progress.say(f"segment matrix ({matrix.method}, batched passes: {matrix.passes}):\n"
                          f"{matrix.to_csv().rstrip()}")
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
                            record={**result.record(), **sequence_record(run, match)}, names=names,

@@ -190,7 +190,7 @@ def test_segment_matrix_is_written_as_csv_figure_and_summary_entry(case, capsys)
     output = case["dir"] / "matrix"
     args = [a for a in base_args(case, output) if a != "--no-figures"]
     assert cli.main([*args, "--method", "gradient", "--segment-matrix"]) == 0
-    assert "segment matrix (gradient, 1 batched passes)" in capsys.readouterr().err
+    assert "segment matrix (gradient, batched passes: 1)" in capsys.readouterr().err
     summary = json.loads((output / "summary.json").read_text())
     image, _ = read_sequences(case["images"])
     reference = segment_matrix(case["model"], image, method="gradient", device="cpu")

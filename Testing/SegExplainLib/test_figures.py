@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
@@ -748,6 +749,19 @@ def test_segment_matrix_figure_writes_each_share_in_its_cell_and_greys_a_row_not
     pixels = render(fig)
     assert is_red(pixel(fig, pixels, ax, 1, 1)) and not is_red(pixel(fig, pixels, ax, 2, 1))
     assert is_grey(pixel(fig, pixels, ax, 0, 2))
+
+
+def test_segment_matrix_figure_of_two_classes_has_room_for_its_title_and_colour_bar_label():
+    matrix = _matrix([[0.97, 0.03, 0.0], [0.25, 0.75, 0.0], [np.nan] * 3], ["explained"] * 2 + ["not predicted"])
+    matrix = dataclasses.replace(matrix, rows=matrix.rows[:2], columns=matrix.columns[:2], shares=matrix.shares[:2, :2],
+                                 status=matrix.status[:2], case="case_1000_T2.nii.gz")
+    fig = segment_matrix_figure(matrix)
+    render(fig)
+    renderer = fig.canvas.get_renderer()
+    (bar,) = axes_by_label(fig, "colorbar:segment_matrix")
+    for text in (fig._suptitle, bar.yaxis.label):
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, text
 
 
 def test_segment_matrix_figure_rejects_what_is_no_matrix():

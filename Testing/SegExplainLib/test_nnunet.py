@@ -270,6 +270,6 @@ def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanati
                  *map(str, paths), "--method", "gradient", "--device", "cpu", "--segment-matrix", "--segment-labels",
                  str(label_path), "--output", str(tmp_path / "out"), "--no-figures"])
     assert code == 0
-    assert "segment matrix (gradient, 1 batched passes)" in capsys.readouterr().err
+    assert "segment matrix (gradient, batched passes: 1)" in capsys.readouterr().err
     recorded = json.loads((tmp_path / "out" / "summary.json").read_text())["segment_matrix"]
     np.testing.assert_allclose(recorded["positive_sums"], matrix.positive, rtol=1e-5)

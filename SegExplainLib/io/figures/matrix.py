@@ -21,8 +21,9 @@ def segment_matrix_title(matrix: SegmentMatrix) -> list[str]:
     method = f"{matrix.method} ({composite})" if composite else matrix.method
     source = "the predicted segmentation" if matrix.segmentation == "predicted" else "the given label map"
     return [f"Segment matrix: {method}{f', case {matrix.case}' if matrix.case else ''}",
-            "Each row: where the positive relevance for finding that output segment lies, summed over the sequences,",
-            f"as a share of the row's total (rows sum to 100 %); columns: the segments of {source}"]
+            "Each row: where the positive relevance for finding that output segment lies,",
+            "summed over the sequences, in % of the row's total (rows sum to 100 %);",
+            f"columns: the segments of {source}"]
 
 
 def segment_matrix_figure(matrix: SegmentMatrix) -> Figure:
@@ -44,8 +45,8 @@ def segment_matrix_figure(matrix: SegmentMatrix) -> Figure:
     rows, columns = len(matrix.rows), len(matrix.columns)
     if not rows or not columns:
         raise SegExplainError(f"the segment matrix has {rows} rows and {columns} columns; it needs one of each")
-    width = max(5.5, 1.0 * columns + 3.5)
-    figure = new_figure(width, max(3.2, 0.6 * rows + 2.4))
+    # room for the four title lines and the colour bar's label even with two rows and two columns
+    figure = new_figure(max(7.0, 1.0 * columns + 3.5), max(4.4, 0.6 * rows + 3.0))
     ax = figure.add_subplot()
     ax.set_label("segment_matrix")
     norm, cmap = Normalize(vmin=0.0, vmax=100.0), "Reds"
