@@ -163,3 +163,19 @@ def test_bad_input_is_refused_by_name(rng, options, message):
     with pytest.raises(sx.SegExplainError) as error:
         segment_matrix(net, _image(rng), device="cpu", **{"method": "gradient", **options})
     assert message in str(error.value)
+
+
+def test_through_a_sliding_window_the_matrix_equals_one_explain_per_class():
+    from SegExplainLib.models.sliding import SlidingWindow
+
+    window = SlidingWindow(_three_class_unet(), (4, 8, 8), overlap=0.5)
+    image = np.random.default_rng(1).normal(size=(2, *SHAPE))
+    matrix = segment_matrix(window, image, method="lrp", device="cpu")
+    predicted = window(torch.as_tensor(image)[None])[0].argmax(0).numpy()
+    for k, status in enumerate(matrix.status):
+        if status == "not predicted":
+            continue
+        maps = sx.explain(window, image, sx.PredictedRegion(class_index=k), "lrp", device="cpu").maps
+        expected = [np.clip(maps[:, predicted == j], 0, None).sum() for j in range(3)]
+        np.testing.assert_allclose(matrix.positive[k], expected, rtol=1e-9, atol=1e-12)
+    assert matrix.status.count("explained") >= 2
