@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import SegExplainError
-from .api import prepared_run, make_method
+from .api import check_image, make_method, prepared_run
 from .checks import is_int
 from .deployment import check_walkable, statistics_record
 from .explanation import Explanation
@@ -212,6 +212,10 @@ def segment_matrix(model: nn.Module, image: Any, *, method: str = "lrp", segment
     attribution = make_method(method, **options)
     if attribution.walks_modules:
         check_walkable(model, attribution.name)
+    grid = tuple(check_image(image).shape[1:])
+    if segmentation is not None:  # checked before anything runs; a zero map tells the grid the maps are brought to
+        grid = grid if maps_to_grid is None else tuple(np.shape(maps_to_grid(np.zeros((1, *grid))))[1:])
+        segmentation = _labels(segmentation, grid)
     norm_statistics = statistics_record(model)
     # the whole output channel as the target: every window of a sliding window runs, as the regions are not known yet
     with prepared_run(model, image, ClassChannel(class_index=0), device, dtype, restrict=False) as (
@@ -253,21 +257,17 @@ def segment_matrix(model: nn.Module, image: Any, *, method: str = "lrp", segment
             device=device_name, dtype=dtype_name, norm_statistics=norm_statistics, warnings=warns,
             extras={**attribution.details(), **extras[i], "segment_matrix_passes": passes}).record()
     if maps_to_grid is not None and segmentation is not None:
-        # a zero map when no class is predicted: it still tells the grid the label map must be on
-        mapped = [maps_to_grid(m) for m in (maps if len(maps) else np.zeros((1, *maps.shape[1:])))]
-        maps = np.stack(mapped)[:len(maps)]
-    labels = predicted if segmentation is None else _labels(segmentation, tuple(maps.shape[2:]))
+        maps = np.stack([maps_to_grid(m) for m in maps]) if len(maps) else maps
+    labels = predicted if segmentation is None else segmentation
     column_labels = list(range(count)) if segmentation is None else sorted({0, *np.unique(labels).tolist()})
+    inside = [labels == label for label in column_labels]
     positive = np.zeros((len(rows), len(column_labels)))
     negative = np.zeros_like(positive)
     for i, c in enumerate(explained):
-        row = rows.index(c)
         per_voxel_positive = np.clip(maps[i], 0, None).sum(0, dtype=np.float64)
         per_voxel_negative = np.clip(-maps[i], 0, None).sum(0, dtype=np.float64)
-        for j, label in enumerate(column_labels):
-            inside = labels == label
-            positive[row, j] = per_voxel_positive[inside].sum()
-            negative[row, j] = per_voxel_negative[inside].sum()
+        positive[rows.index(c)] = [per_voxel_positive[mask].sum() for mask in inside]
+        negative[rows.index(c)] = [per_voxel_negative[mask].sum() for mask in inside]
     totals = positive.sum(1, keepdims=True)
     shares = np.where(totals > 0, positive / np.where(totals > 0, totals, 1.0), np.nan)
     status = [NOT_PREDICTED if c not in records else EXPLAINED if totals[r, 0] > 0 else NO_POSITIVE

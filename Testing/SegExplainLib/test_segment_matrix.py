@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -179,3 +180,17 @@ def test_through_a_sliding_window_the_matrix_equals_one_explain_per_class():
         expected = [np.clip(maps[:, predicted == j], 0, None).sum() for j in range(3)]
         np.testing.assert_allclose(matrix.positive[k], expected, rtol=1e-9, atol=1e-12)
     assert matrix.status.count("explained") >= 2
+
+
+class Unrunnable(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the network ran")
+
+
+@pytest.mark.parametrize("maps_to_grid", [None, lambda maps: maps.repeat(2, axis=1)])
+def test_a_label_map_off_the_grid_is_refused_before_the_network_runs(rng, maps_to_grid):
+    grid = "(12, 10, 10)" if maps_to_grid else "(6, 10, 10)"
+    with pytest.raises(sx.SegExplainError, match=re.escape(f"segmentation has shape (6, 10, 9) but the relevance "
+                                                           f"maps' grid is {grid}")):
+        segment_matrix(Unrunnable(), _image(rng), method="gradient", segmentation=np.zeros((6, 10, 9), int),
+                       maps_to_grid=maps_to_grid, device="cpu")
