@@ -445,6 +445,18 @@ def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
     assert json.loads((output / "failures.json").read_text()) == {}
 
 
+def test_a_cohort_writes_each_cases_segment_matrix_but_not_on_ray_workers_yet(case, capsys):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\na,{';'.join(case['images'])}\n")
+    output = case["dir"] / "cohort"
+    argv = ["cohort", "--cases", str(cases), "--output", str(output), "--", "--model", "SegExplainLib.models:tiny_unet",
+            "--weights", case["weights"], "--method", "gradient", "--no-figures", "--segment-matrix"]
+    assert cli.main(argv) == 0
+    assert (output / "cases" / "a" / "segment_matrix.csv").is_file()
+    assert cli.main([*argv[:5], "--workers", "1", *argv[5:]]) == cli.EXIT_ERROR
+    assert "--segment-matrix is computed by 'segexplain cohort' without --workers only" in capsys.readouterr().err
+
+
 def test_cohort_output_is_marked_and_never_mixes_into_another_folder(case, capsys):
     cases = case["dir"] / "cases.csv"
     cases.write_text(f"case,inputs\na,{';'.join(case['images'])}\n")
