@@ -40,6 +40,7 @@ from .engine.metrics import (
                         relevance_shares,
 )
 from .engine.rules import RULES, AlphaBeta, Epsilon, Flat, Gamma, Pass, Rule, WSquare, ZBox, Zero, ZPlus, make_rule
+from .engine.segments import SegmentMatrix, segment_matrix
 from .engine.targets import BoxTarget, ClassChannel, MaskTarget, PredictedRegion, Target, VoxelTarget
 from .errors import SegExplainError, UnsupportedLayerError
 from .models.networks import UNet3D, reference_unet, tiny_unet
@@ -50,10 +51,11 @@ __all__ = [
     "BoxTarget", "Canonizer", "ChannelMinimumBaseline", "ClassChannel", "Composite", "ConstantBaseline",
     "Deconvolution", "Epsilon", "Explanation", "Flat", "Gamma", "GradCAM", "Gradient", "GradientXInput",
     "GuidedBackprop", "IntegratedGradients", "LRP", "METHODS", "MaskTarget", "MergeBatchNorm", "Occlusion", "Pass",
-    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "SegExplainError", "SmoothGrad", "Target", "UNet3D",
+    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "SegExplainError", "SegmentMatrix", "SmoothGrad",
+    "Target", "UNet3D",
     "UnsupportedLayerError", "VoxelTarget", "WSquare", "ZBox", "ZPlus", "Zero", "ZeroBaseline", "alpha_sweep",
     "binarize", "clamp_filter", "composite_names", "explain", "get_composite", "ground_truth_inclusivity",
     "inclusivity", "input_inclusivity", "lrp_defaults", "make_baseline", "make_method", "make_rule", "pass_filter",
     "perturbation_curve", "reference_unet", "register_composite", "relevance_mass_in_region", "relevance_shares",
-    "tiny_unet",
+    "segment_matrix", "tiny_unet",
 ]

@@ -17,6 +17,7 @@ anything is allocated.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import ipaddress
@@ -51,7 +52,9 @@ from wslink.chunking import UnChunker
 
 from SegExplainLib import composite_names
 from SegExplainLib.application.model_source import ModelSource
+from SegExplainLib.engine.segments import SegmentMatrix
 from SegExplainLib.errors import SegExplainError
+from SegExplainLib.io.figures import save_figure, segment_matrix_figure
 
 from .layout import Legend, composeLayout, legendGradient, sliceViewLabels
 from .session import ReviewCase, ReviewParameters, ReviewSession
@@ -135,6 +138,7 @@ class ReviewApp(TrameApp):
         self.layoutManager.register_layout("review", LAYOUTS["review"])
         self.layoutManager.register_layout("compare", LAYOUTS["compare"], lazy_initialization=True)
         self.job: Any = None
+        self.segmentMatrixResult: SegmentMatrix | None = None  # the last one computed, for its CSV download
         self._initializeState()
         self._buildUi()
         self.layoutManager.set_layout("review")
@@ -176,6 +180,7 @@ class ReviewApp(TrameApp):
             "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
             "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
             "box_pending": False, "worker_ready": False, "view_labels": {}, "legend": None,
+            "segment_matrix_running": False, "segment_matrix_png": "",
         })
 
     def parameters(self) -> ReviewParameters:
@@ -440,6 +445,38 @@ class ReviewApp(TrameApp):
             return
         self._onDisplayChanged()
 
+    def segmentMatrix(self) -> None:
+        """Ask the warm worker for the segment x segment matrix of the case with the chosen method, watched by an
+        asyncio task that shows its figure and keeps it for the CSV download."""
+        if self.state.segment_matrix_running:
+            return
+        try:
+            number = self.session.startSegmentMatrix(self.parameters())
+        except SegExplainError as error:
+            self.state.error = str(error)
+            return
+        self.state.update({"segment_matrix_running": True, "error": "",
+                           "message": "Explaining every predicted segment for the segment matrix"})
+        create_task(self._watchSegmentMatrix(self.session.explainer.worker, number))
+
+    async def _watchSegmentMatrix(self, worker: Any, number: int) -> None:
+        while (answer := worker.answer(number)) is None and worker.state == "running":
+            await asyncio.sleep(0.05)
+            worker.poll()  # the answers are kept by number: a click's watcher finds its own
+        with self.state:
+            self.state.segment_matrix_running = False
+            if answer is None or answer.state != "done":
+                self.state.error = answer.error if answer is not None and answer.error else (
+                    f"the segment matrix was not computed (the worker is {worker.state})")
+                return
+            self.segmentMatrixResult = SegmentMatrix.from_record(answer.record)
+            with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
+                path = save_figure(segment_matrix_figure(self.segmentMatrixResult), Path(folder) / "matrix.png")
+                encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+            self.state.segment_matrix_png = f"data:image/png;base64,{encoded}"
+            self.state.message = (f"Segment matrix in {answer.seconds:.1f} s "
+                                  f"(batched passes: {self.segmentMatrixResult.passes})")
+
     def _onUpload(self, upload: Any, **_: Any) -> None:
         if not upload:
             return
@@ -488,7 +525,8 @@ class ReviewApp(TrameApp):
         """The download routes and the guard, and the run's token as wslink's secret (before the server listens)."""
         wslinkServer.app.middlewares.append(self._guard)
         wslinkServer.app.add_routes([web.get(f"{ROUTE}/screenshot.png", self._screenshotResponse),
-                                     web.get(f"{ROUTE}/report.pdf", self._reportResponse)])
+                                     web.get(f"{ROUTE}/report.pdf", self._reportResponse),
+                                     web.get(f"{ROUTE}/segment_matrix.csv", self._segmentMatrixResponse)])
         self.server.protocol.updateSecret(self.token)
         for handler in wslinkServer._ws_handlers:  # wslink has no setting for the size a message may declare
             self._capMessages(handler)
@@ -572,6 +610,12 @@ class ReviewApp(TrameApp):
             except SegExplainError as error:
                 return web.Response(status=400, text=str(error))
             return self._attachment(path.read_bytes(), "segexplain-report.pdf", "application/pdf")
+
+    async def _segmentMatrixResponse(self, _request: web.Request) -> web.Response:
+        if self.segmentMatrixResult is None:
+            return web.Response(status=404, text="no segment matrix yet: compute it first")
+        return self._attachment(self.segmentMatrixResult.to_csv().encode(), "segexplain-segment-matrix.csv",
+                                "text/csv")
 
     @staticmethod
     def _attachment(body: bytes, name: str, mime: str) -> web.Response:
@@ -691,6 +735,14 @@ class ReviewApp(TrameApp):
                 html.Td("{{ row[c].toFixed(3) }}", v_for="c in share_columns", key="c")
         v.VBtn("Ground-truth inclusivity", click=self.inclusivity, size="small", classes="my-2",
                disabled=("!segments.length || current === null",), id="inclusivity")
+        with html.Div(classes="d-flex ga-2 mb-2"):
+            v.VBtn("Segment matrix", click=self.segmentMatrix, size="small", disabled=("segment_matrix_running",),
+                   id="segment-matrix")
+            v.VBtn("CSV", href=f"{ROUTE}/segment_matrix.csv", download="segexplain-segment-matrix.csv", size="small",
+                   v_if="segment_matrix_png", id="segment-matrix-csv")
+        v.VProgressLinear(indeterminate=True, active=("segment_matrix_running",), height=4, color="primary")
+        html.Img(src=("segment_matrix_png",), v_if="segment_matrix_png", style="width: 100%;",
+                 id="segment-matrix-figure")
         v.VFileInput(label="Add a sequence (<name>.nii.gz) or label map", v_model=("upload",), density="compact",
                      show_size=True, id="upload")
         v.VAlert(text=("upload_error",), v_if="upload_error", type="error", density="compact", id="upload-error")

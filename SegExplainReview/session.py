@@ -337,6 +337,14 @@ class ReviewSession:
                                          workflow.settings(parameters), self.case.model,
                                          trustModelCode=self.case.trustModelCode)
 
+    def startSegmentMatrix(self, parameters: ReviewParameters) -> int:
+        """Ask the warm worker for the case's segment x segment matrix with the page's method and options (every
+        predicted segment explained; the region controls are not used); the request's number on
+        ``self.explainer.worker``."""
+        settings = workflow.settings(parameters)
+        self.prepareExplanation()
+        return self.explainer.worker.segment_matrix(settings.request(Region(kind="predicted")))
+
     def finishExplanation(self, run: WarmRun) -> results.Explanation:
         """Load a done click into the scene as a new explanation folder (its preview's folder, if one is shown)."""
         return workflow.finishExplanation(run, self.volumes)

@@ -140,7 +140,7 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
     from ..engine.filters import AmplitudeFilter
     from ..io import imaging
     from ..io.outputs import check_replaceable, write_case_outputs
-    from ..models.pipelines import explain_case
+    from ..models.pipelines import explain_case, segment_matrix_case
     from .opening import model_fields, open_model
 
     output = Path(run.output)
@@ -161,18 +161,31 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
         target = request.target(geometry, resample=run.resample)
         torch.manual_seed(request.seed)
         progress.step("explaining")
+        pipeline.check_method(request.method)  # before the case is prepared
+        prepared = pipeline.prepare(image, geometry)  # once, for the explanation and the segment matrix
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = explain_case(pipeline, image, geometry, target, request.method, **request.engine_options())
+            result = explain_case(pipeline, image, geometry, target, request.method, prepared=prepared,
+                                  **request.engine_options())
         for warning in caught:  # the explanation's own warnings are shown once, by the progress display
             if str(warning.message) not in result.warnings:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
         for warning in result.warnings:
             progress.warn(warning)
+        matrix = None
+        if run.segment_matrix:
+            labels = imaging.read_label(run.segment_labels, geometry, resample=run.resample) if (
+                run.segment_labels) else None
+            matrix = segment_matrix_case(pipeline, image, geometry, request.method, segmentation=labels,
+                                         prepared=prepared, case=Path(run.inputs[0]).name, device=request.device,
+                                         **request.method_options())
+            progress.say(f"segment matrix ({matrix.method}, batched passes: {matrix.passes}):\n"
+                         f"{matrix.to_csv().rstrip()}")
         write_case_outputs(destination, overwrite=run.overwrite, image=image, geometry=geometry, maps=result.maps,
                            record={**result.record(), **sequence_record(run, match)}, names=names,
                            inputs=list(run.inputs), model=model_fields(pipeline),
                            filters=filters, ground_truth=run.ground_truth, resample=run.resample,
-                           figures=run.figures, region=shown_region(target, image.shape[1:]), progress=progress)
+                           figures=run.figures, region=shown_region(target, image.shape[1:]), progress=progress,
+                           segment_matrix=matrix)
     progress.finish(output)
     return output

@@ -241,6 +241,10 @@ class CaseRun(opt.JsonFields):
         filters: Post-hoc filters whose maps are written as well, e.g. ``pass:0.4``.
         figures: Draw the PNG figures.
         progress: ``bar``, ``json`` or ``none``; None: a bar on a terminal, none otherwise.
+        segment_matrix: Also explain every predicted segment with the method and write the segment x segment matrix
+            (``segment_matrix.csv``, ``.png``, ``summary.json``'s ``segment_matrix``).
+        segment_labels: A label map on the case's grid whose segments are the matrix's columns (default: the
+            prediction's).
     """
 
     nested_json: ClassVar[dict[str, type]] = {"model": ModelSource, "request": ExplainRequest}
@@ -264,6 +268,11 @@ class CaseRun(opt.JsonFields):
     figures: bool = opt.option(True, "--no-figures", switch=True, help="skip the PNG figures")
     progress: str | None = opt.option(None, "--progress", choices=PROGRESS_MODES,
                                       help="progress display (default: bar on a terminal, none otherwise)")
+    segment_matrix: bool = opt.option(False, "--segment-matrix", switch=True, help=(
+        "also explain every predicted segment and write segment_matrix.csv and .png: per explained segment, the share "
+        "of its positive relevance in each input segment"))
+    segment_labels: str | None = opt.option(None, "--segment-labels", metavar="FILE", help=(
+        "label map whose segments are the segment matrix's columns (default: the predicted segmentation)"))
 
     def __post_init__(self) -> None:
         from ..engine.filters import AmplitudeFilter
@@ -289,19 +298,23 @@ class CaseRun(opt.JsonFields):
             AmplitudeFilter.parse(spec)
         opt.check_bool("figures", self.figures)
         opt.check_text("progress", self.progress, optional=True, choices=PROGRESS_MODES)
+        opt.check_bool("segment_matrix", self.segment_matrix)
+        if opt.check_text("segment_labels", self.segment_labels, optional=True) and not self.segment_matrix:
+            raise SegExplainError(f"segment_labels {self.segment_labels!r} needs segment_matrix (--segment-matrix)")
 
     def arguments(self) -> list[str]:
         """The ``segexplain explain`` words of this run (after ``segexplain explain``)."""
         return [*opt.words(self, ("inputs", "sequence_names", "resample")), *self.model.arguments(),
                 *self.request.arguments(), *opt.words(self, ("ground_truth", "output", "overwrite", "progress",
-                                                             "filters")),
+                                                             "filters", "segment_matrix", "segment_labels")),
                 *([] if self.figures else ["--no-figures"])]
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> CaseRun:
         """The run of a parsed ``segexplain explain`` command line (:func:`add_case_arguments`)."""
         return cls(**opt.from_namespace(cls, args, ("inputs", "output", "sequence_names", "resample", "ground_truth",
-                                                    "overwrite", "filters", "progress")),
+                                                    "overwrite", "filters", "progress", "segment_matrix",
+                                                    "segment_labels")),
                    figures=not args.no_figures, model=ModelSource.from_namespace(args),
                    request=ExplainRequest.from_namespace(args))
 
@@ -333,6 +346,6 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> Any:
     run = parser.add_argument_group("run")
     opt.add_options(run, CaseRun, ("ground_truth",))
     opt.add_options(run, ExplainRequest, _RUN_OPTIONS)
-    opt.add_options(run, CaseRun, ("output", "overwrite", "progress"))
+    opt.add_options(run, CaseRun, ("output", "overwrite", "progress", "segment_matrix", "segment_labels"))
     run.add_argument("--no-figures", action="store_true", help=opt.flag_of(CaseRun, "figures").help)
     return run

@@ -176,7 +176,7 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
     norm_statistics = statistics_record(model)
-    with _prepared(model, image, target, device, dtype, restrict=attribution.seed_local) as (
+    with prepared_run(model, image, target, device, dtype, restrict=attribution.seed_local) as (
             model, x, logits, region, windows):
         score = float(logits[0, target.class_index][region].sum())
         aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
@@ -231,7 +231,7 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
         raise SegExplainError(msg)
     check_walkable(model, attribution.name)
     # a layer's signal is read beyond the seeded outputs, so every window of a sliding window must run
-    with _prepared(model, image, target, device, dtype, restrict=False) as (model, x, logits, region, _):
+    with prepared_run(model, image, target, device, dtype, restrict=False) as (model, x, logits, region, _):
         seed = torch.zeros_like(logits)
         seed[0, target.class_index] = region.to(x.dtype)
         signals = attribution.attribute_layers(model, x, seed, list(layers))
@@ -246,8 +246,8 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
 
 
 @contextlib.contextmanager
-def _prepared(model: nn.Module, image: Any, target: Target, device: str | torch.device, dtype: torch.dtype | None,
-              *, restrict: bool) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
+def prepared_run(model: nn.Module, image: Any, target: Target, device: str | torch.device,
+                 dtype: torch.dtype | None, *, restrict: bool) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
     """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region
     and what a :class:`~SegExplainLib.engine.regional.RegionalModel` ran (``{}`` for other models).
 

@@ -20,3 +20,16 @@ def check_choice(value: Any, name: str, choices: Any) -> str:
     if not isinstance(value, str) or value not in options:
         raise SegExplainError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def check_triple(value: Any, option: str) -> tuple[int, int, int]:
+    """A size per spatial axis ``(D, H, W)`` from one positive integer or three (a window, a block, a mask grid)."""
+    if is_int(value):
+        values = (int(value),) * 3
+    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(is_int(v) for v in value):
+        values = tuple(int(v) for v in value)
+    else:
+        raise SegExplainError(f"{option} must be an integer or 3 integers (D, H, W), got {value!r}")
+    if min(values) < 1:
+        raise SegExplainError(f"{option} must be >= 1 along every axis, got {value!r}")
+    return values  # type: ignore[return-value]

@@ -188,6 +188,9 @@ def run_cohort(args: argparse.Namespace, explain_options: Sequence[str]) -> Path
                                         *explain_options])
     cases = cohort.read_cases(Path(args.cases), explain_args.sequence_names)
     template = CaseRun.from_namespace(explain_args)  # the options of every case, checked once
+    if args.workers is not None and template.segment_matrix:
+        msg = "--segment-matrix is computed by 'segexplain cohort' without --workers only (the Ray workers do not yet)"
+        raise SegExplainError(msg)
     filters = [AmplitudeFilter.parse(spec) for spec in args.inclusivity_filters]
     output = Path(args.output)
     holds_results(output)  # an earlier cohort's folder is resumed; another folder is never written into

@@ -79,7 +79,7 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
                        record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
                        filters: Sequence[Any], ground_truth: str | None, resample: bool,
                        figures: bool | dict[str, bytes], region: np.ndarray | None = None,
-                       progress: Any = None) -> dict[str, Any]:
+                       progress: Any = None, segment_matrix: Any = None) -> dict[str, Any]:
     """Write one case's results as ``segexplain explain`` does: maps per sequence, ``summary.json``, figures.
 
     Used by ``segexplain explain`` and by both ways of ``segexplain cohort`` (serial, Ray workers), so that a case's
@@ -103,12 +103,16 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
             worker), file name to PNG bytes, written as they are.
         region: The explained region on the case's grid, for the montage's slices (None: where relevance is).
         progress: The run's progress display (its ``step(name)`` is told each step), or None.
+        segment_matrix: A :class:`~SegExplainLib.engine.segments.SegmentMatrix` to write as
+            ``segment_matrix.csv`` (and ``segment_matrix.png`` with the figures), in ``summary.json`` under
+            ``segment_matrix``; or None.
 
     Returns:
         The summary written to ``summary.json``.
     """
     from ..engine import metrics
     from ..engine.explanation import software_versions
+    from . import figures as figures_module
     from . import imaging
 
     step = progress.step if progress is not None else lambda name: None
@@ -134,6 +138,10 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
                 maps, truth, smoothing=1.0).tolist()))
             summary["input_inclusivity"] = dict(zip(names, metrics.input_inclusivity(maps, image,
                                                                                      smoothing=1.0).tolist()))
+        if segment_matrix is not None:
+            (staging / "segment_matrix.csv").write_text(segment_matrix.to_csv())
+            summary["files"].append("segment_matrix.csv")
+            summary["segment_matrix"] = segment_matrix.record()
         step("figures")
         if isinstance(figures, dict):
             for filename, png in figures.items():
@@ -142,6 +150,10 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
         elif figures:
             summary["figures"] = case_figures(image, maps, names, staging, geometry=geometry, record=record,
                                               region=region)
+            if segment_matrix is not None:
+                figures_module.save_figure(figures_module.segment_matrix_figure(segment_matrix),
+                                           staging / "segment_matrix.png")
+                summary["figures"].append("segment_matrix.png")
         step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         move_into_place(staging, destination, overwrite)

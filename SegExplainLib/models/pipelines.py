@@ -17,10 +17,17 @@ from typing import Any
 
 from ..errors import SegExplainError
 from . import monai_bundle, network_pipeline, nnunet
-from .protocol import Pipeline, PreparedCase, explain_case, region_to_grid, relevance_from_grid
+from .protocol import (
+                       Pipeline,
+                       PreparedCase,
+                       explain_case,
+                       region_to_grid,
+                       relevance_from_grid,
+                       segment_matrix_case,
+)
 
 __all__ = ["PIPELINES", "Pipeline", "PreparedCase", "explain_case", "open_pipeline", "region_to_grid",
-           "relevance_from_grid", "sequence_names"]
+           "relevance_from_grid", "segment_matrix_case", "sequence_names"]
 
 #: Pipeline kinds: the function that opens one from a path (or spec) and keyword options.
 PIPELINES: dict[str, Callable[..., Pipeline]] = {

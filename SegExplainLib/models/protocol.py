@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from ..engine.api import explain
+from ..engine.segments import SegmentMatrix, segment_matrix
 from ..engine.targets import ClassChannel, MaskTarget, PredictedRegion, Target
 from ..errors import SegExplainError
 
-__all__ = ["Pipeline", "PreparedCase", "explain_case", "region_to_grid", "relevance_from_grid"]
+__all__ = ["Pipeline", "PreparedCase", "explain_case", "region_to_grid", "relevance_from_grid", "segment_matrix_case"]
 
 
 @dataclass
@@ -171,6 +172,16 @@ def _on_network(target: Target, original_shape: tuple[int, ...], prepared: Prepa
     return MaskTarget(mapped, class_index=target.class_index, aggregation=target.aggregation)
 
 
+def _checked_image(pipeline: Pipeline, image: Any) -> np.ndarray:
+    """The case as an array (C, D, H, W) with one channel per sequence of the pipeline, or an error saying so."""
+    image = np.asarray(image)
+    channels = len(pipeline.sequences)  # none for a model spec: any number
+    if image.ndim != 4 or (channels and image.shape[0] != channels):
+        raise SegExplainError(f"image has shape {image.shape}; the model expects (C, D, H, W)" + (
+            f" with C = {channels} channels ({', '.join(pipeline.sequences)})" if channels else ""))
+    return image
+
+
 def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: Target,
                  method: str = "lrp", *, prepared: PreparedCase | None = None, **options: Any):
     """Explain ``target`` on the original images through the pipeline; maps come back on the original grid.
@@ -192,11 +203,7 @@ def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: T
         the original grid, the network-grid target in ``extras["network_target"]`` and the pipeline's record in
         ``extras["pipeline"]``.
     """
-    image = np.asarray(image)
-    channels = len(pipeline.sequences)  # none for a model spec: any number
-    if image.ndim != 4 or (channels and image.shape[0] != channels):
-        raise SegExplainError(f"image has shape {image.shape}; the model expects (C, D, H, W)" + (
-            f" with C = {channels} channels ({', '.join(pipeline.sequences)})" if channels else ""))
+    image = _checked_image(pipeline, image)
     pipeline.check_method(method)
     prepared = prepared or pipeline.prepare(image, geometry)
     if prepared.on_image_grid:  # nothing to map: the record is explain's own
@@ -208,3 +215,24 @@ def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: T
     extras = {**result.extras, "network_target": result.target, "network_map_shape": list(result.maps.shape),
               "pipeline": {**pipeline.describe(), **prepared.record}}
     return replace(result, maps=maps, standard_error=error, target=target.describe(), extras=extras)
+
+
+def segment_matrix_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, method: str = "lrp", *,
+                        segmentation: np.ndarray | None = None, prepared: PreparedCase | None = None, case: str = "",
+                        **options: Any) -> SegmentMatrix:
+    """The segment x segment matrix (:func:`~SegExplainLib.engine.segments.segment_matrix`) of a case, through the
+    pipeline, with the model's class names.
+
+    Args:
+        pipeline, image, geometry, method, prepared: As for :func:`explain_case`.
+        segmentation: A label map (D, H, W) on the original grid, whose segments are the columns; the maps are
+            brought onto that grid as sums. None: the network's predicted segmentation, summed on the network's grid.
+        case: The case's name, for the figure's title.
+        **options: As for :func:`~SegExplainLib.engine.segments.segment_matrix` (``device``, the method's options).
+    """
+    image = _checked_image(pipeline, image)
+    pipeline.check_method(method)
+    prepared = prepared or pipeline.prepare(image, geometry)
+    return segment_matrix(prepared.model, prepared.input, method=method, segmentation=segmentation,
+                          class_names=pipeline.classes, case=case,
+                          maps_to_grid=None if prepared.on_image_grid else prepared.maps_to_original, **options)

@@ -183,6 +183,45 @@ def test_label_segment_and_empty_label(case, capsys):
     assert "label value 7 does not occur" in capsys.readouterr().err
 
 
+def test_segment_matrix_is_written_as_csv_figure_and_summary_entry(case, capsys):
+    from SegExplainLib.engine.segments import segment_matrix
+    from SegExplainLib.io.imaging import read_sequences
+
+    output = case["dir"] / "matrix"
+    args = [a for a in base_args(case, output) if a != "--no-figures"]
+    assert cli.main([*args, "--method", "gradient", "--segment-matrix"]) == 0
+    assert "segment matrix (gradient, batched passes: 1)" in capsys.readouterr().err
+    summary = json.loads((output / "summary.json").read_text())
+    image, _ = read_sequences(case["images"])
+    reference = segment_matrix(case["model"], image, method="gradient", device="cpu")
+    recorded = summary["segment_matrix"]
+    assert recorded["rows"] == recorded["columns"] == ["background", "label 1"]
+    np.testing.assert_allclose(recorded["positive_sums"], reference.positive, rtol=1e-5)
+    assert (output / "segment_matrix.csv").read_text().splitlines()[0] == (
+        "output segment \\ input segment,background,label 1,positive relevance,negative share,status")
+    assert "segment_matrix.csv" in summary["files"] and "segment_matrix.png" in summary["figures"]
+    assert (output / "segment_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_segment_matrix_of_a_label_map_and_its_errors(case, capsys):
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:4, 3:5, 3:6] = 3
+    label_path = write_image(case["dir"] / "organs.nii.gz", labels)
+    output = case["dir"] / "organs"
+    assert cli.main([*base_args(case, output), "--method", "gradient", "--segment-matrix", "--segment-labels",
+                     str(label_path)]) == 0
+    recorded = json.loads((output / "summary.json").read_text())["segment_matrix"]
+    assert recorded["columns"] == ["background", "label 3"] and recorded["segmentation"] == "given"
+    explained = [row for row, status in zip(recorded["shares"], recorded["status"]) if status == "explained"]
+    assert explained and np.allclose(np.sum(explained, axis=1), 1.0)
+    small = write_image(case["dir"] / "small.nii.gz", labels[:, :, :5])
+    assert cli.main([*base_args(case, case["dir"] / "bad"), "--segment-matrix", "--segment-labels",
+                     str(small)]) == cli.EXIT_ERROR
+    assert "small.nii.gz" in capsys.readouterr().err
+    assert cli.main([*base_args(case, case["dir"] / "bad"), "--segment-labels", str(label_path)]) == cli.EXIT_ERROR
+    assert "needs segment_matrix (--segment-matrix)" in capsys.readouterr().err
+
+
 def test_existing_results_are_not_overwritten_unless_asked(case, capsys):
     output = case["dir"] / "keep"
     assert cli.main([*base_args(case, output), "--method", "gradient"]) == 0
@@ -404,6 +443,18 @@ def test_cohort_continues_after_a_failure_resumes_and_summarizes(case, capsys):
     assert cli.main(argv) == 0
     assert (output / "cases" / "a" / "summary.json").stat().st_mtime_ns == finished  # not recomputed
     assert json.loads((output / "failures.json").read_text()) == {}
+
+
+def test_a_cohort_writes_each_cases_segment_matrix_but_not_on_ray_workers_yet(case, capsys):
+    cases = case["dir"] / "cases.csv"
+    cases.write_text(f"case,inputs\na,{';'.join(case['images'])}\n")
+    output = case["dir"] / "cohort"
+    argv = ["cohort", "--cases", str(cases), "--output", str(output), "--", "--model", "SegExplainLib.models:tiny_unet",
+            "--weights", case["weights"], "--method", "gradient", "--no-figures", "--segment-matrix"]
+    assert cli.main(argv) == 0
+    assert (output / "cases" / "a" / "segment_matrix.csv").is_file()
+    assert cli.main([*argv[:5], "--workers", "1", *argv[5:]]) == cli.EXIT_ERROR
+    assert "--segment-matrix is computed by 'segexplain cohort' without --workers only" in capsys.readouterr().err
 
 
 def test_cohort_output_is_marked_and_never_mixes_into_another_folder(case, capsys):

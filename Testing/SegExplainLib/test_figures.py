@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import re
@@ -16,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 from SegExplainLib.engine.metrics import relevance_shares
+from SegExplainLib.engine.segments import SegmentMatrix
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.figures import (
     explanation_figures,
@@ -26,6 +28,7 @@ from SegExplainLib.io.figures import (
     montage_slices,
     rendered_montage,
     save_figure,
+    segment_matrix_figure,
     shares_figure,
 )
 from SegExplainLib.io.figures.panels import letter_path
@@ -719,3 +722,48 @@ def test_explanation_figures_keep_every_label_inside_the_figure_and_clear_of_the
     row = sheet.rgba[int(fig.bbox.y1 - (name.y0 + name.y1) / 2), :, :3]  # the views, without the texts
     first_view = int(np.argmax(row.min(axis=1) < 250))
     assert name.x1 < first_view, (name.x1, first_view)
+
+
+def _matrix(shares: list[list[float]], status: list[str]) -> SegmentMatrix:
+    shares = np.asarray(shares, float)
+    return SegmentMatrix(
+        rows=["background", "liver", "kidney"], row_classes=[0, 1, 2], columns=["background", "liver", "kidney"],
+        column_labels=[0, 1, 2], shares=shares, positive=np.nan_to_num(shares), negative=np.zeros_like(shares),
+        status=status, method="lrp", options={"composite": "epsilon_plus"}, segmentation="predicted",
+        explanations=[None] * 3, passes=1, seconds=0.1, case="case_007")
+
+
+def test_segment_matrix_figure_writes_each_share_in_its_cell_and_greys_a_row_not_predicted():
+    matrix = _matrix([[0.9, 0.1, 0.0], [0.05, 0.95, 0.0], [np.nan] * 3], ["explained", "explained", "not predicted"])
+    fig = segment_matrix_figure(matrix)
+    (ax,) = axes_by_label(fig, "segment_matrix")
+    cells = {t.get_gid(): t.get_text() for t in ax.texts}
+    assert cells["cell:liver:liver"] == "95 %" and cells["cell:background:kidney"] == "0 %"
+    assert "not predicted" in [cells[f"cell:kidney:{c}"] for c in matrix.columns]
+    assert [t.get_text() for t in ax.get_yticklabels()] == matrix.rows
+    assert [t.get_text() for t in ax.get_xticklabels()] == matrix.columns
+    title = fig._suptitle.get_text()
+    assert "lrp (epsilon_plus), case case_007" in title and "rows sum to 100 %" in title
+    (bar,) = axes_by_label(fig, "colorbar:segment_matrix")
+    assert bar.get_ylabel() == "share of the row's positive relevance (%)" and bar.get_ylim() == (0.0, 100.0)
+    pixels = render(fig)
+    assert is_red(pixel(fig, pixels, ax, 1, 1)) and not is_red(pixel(fig, pixels, ax, 2, 1))
+    assert is_grey(pixel(fig, pixels, ax, 0, 2))
+
+
+def test_segment_matrix_figure_of_two_classes_has_room_for_its_title_and_colour_bar_label():
+    matrix = _matrix([[0.97, 0.03, 0.0], [0.25, 0.75, 0.0], [np.nan] * 3], ["explained"] * 2 + ["not predicted"])
+    matrix = dataclasses.replace(matrix, rows=matrix.rows[:2], columns=matrix.columns[:2], shares=matrix.shares[:2, :2],
+                                 status=matrix.status[:2], case="case_1000_T2.nii.gz")
+    fig = segment_matrix_figure(matrix)
+    render(fig)
+    renderer = fig.canvas.get_renderer()
+    (bar,) = axes_by_label(fig, "colorbar:segment_matrix")
+    for text in (fig._suptitle, bar.yaxis.label):
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, text
+
+
+def test_segment_matrix_figure_rejects_what_is_no_matrix():
+    with pytest.raises(SegExplainError, match="matrix must be a SegmentMatrix, got dict"):
+        segment_matrix_figure({"shares": [[1.0]]})

@@ -248,3 +248,41 @@ def test_deeplift_explains_nnunet_with_its_instance_norms_and_keeps_its_sum_rule
     summary = json.loads((output / "summary.json").read_text())
     assert summary["method"] == "deeplift" and summary["expected_sum"] != 0
     assert abs(summary["delta"]) < 1e-3 * abs(summary["expected_sum"])
+
+
+def test_segment_matrix_of_a_label_map_on_the_original_grid_equals_one_explanation_per_class(nnunet_model, tmp_path,
+                                                                                              capsys):
+    from SegExplainLib.engine.targets import PredictedRegion
+    from SegExplainLib.models.pipelines import segment_matrix_case
+
+    pipeline = open_nnunet(nnunet_model, folds=(0,), mirroring=False)
+    image, geometry, centre = _case((12, 30, 34), spacing=(0.7, 0.9, 2.5), direction=OBLIQUE)
+    labels = np.zeros(image.shape[1:], np.int64)
+    labels[:, :, centre[2]:] = 2  # two halves of another grid than the network's
+    labels[tuple(slice(c - 2, c + 2) for c in centre)] = 1
+    matrix = segment_matrix_case(pipeline, image, geometry, "gradient", segmentation=labels, device="cpu")
+    assert matrix.rows == ["background", "lesion"] and matrix.columns == ["background", "lesion", "label 2"]
+    predicted = segment_matrix_case(pipeline, image, geometry, "gradient", device="cpu")
+    assert predicted.columns == ["background", "lesion"] and predicted.segmentation == "predicted"
+    for k, status in enumerate(matrix.status):
+        if status == "not predicted":
+            continue
+        maps = explain_case(pipeline, image, geometry, PredictedRegion(class_index=k), "gradient", device="cpu").maps
+        for j in range(3):
+            inside = maps[:, labels == j]
+            assert matrix.positive[k, j] == pytest.approx(np.clip(inside, 0, None).sum(), rel=1e-5, abs=1e-9)
+    assert "explained" in matrix.status
+    paths = _write_case(image, geometry, tmp_path)  # the command line writes and prints the same matrix
+    label_path = tmp_path / "organs.nii.gz"
+    label_image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    label_image.SetSpacing(geometry.spacing)
+    label_image.SetOrigin(geometry.origin)
+    label_image.SetDirection(geometry.direction)
+    sitk.WriteImage(label_image, str(label_path))
+    code = main(["explain", "--nnunet", str(nnunet_model), "--folds", "0", "--no-mirroring", "--input",
+                 *map(str, paths), "--method", "gradient", "--device", "cpu", "--segment-matrix", "--segment-labels",
+                 str(label_path), "--output", str(tmp_path / "out"), "--no-figures"])
+    assert code == 0
+    assert "segment matrix (gradient, batched passes: 1)" in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "out" / "summary.json").read_text())["segment_matrix"]
+    np.testing.assert_allclose(recorded["positive_sums"], matrix.positive, rtol=1e-5)

@@ -132,6 +132,24 @@ def test_a_segment_travels_as_an_array(worker, case):
     np.testing.assert_allclose(answer.maps, expected.maps, rtol=1e-5, atol=1e-8)
 
 
+def test_the_segment_matrix_travels_as_its_record_and_equals_the_engines(worker, case):
+    from SegExplainLib.engine.segments import SegmentMatrix, segment_matrix
+
+    image, _ = case
+    labels = np.zeros(image.shape[1:], np.int64)
+    labels[8:11, 22:27, 22:27] = 4
+    answer = worker.wait(worker.segment_matrix(ask("--method", "gradient"), labels=labels), timeout=120)
+    matrix = SegmentMatrix.from_record(answer.record)
+    card = ModelCard.read(demo_card_path())
+    expected = segment_matrix(card.load_model(), card.normalize(image), method="gradient", segmentation=labels,
+                              class_names=card.classes, device="cpu")
+    assert matrix.rows == ["background", "lesion"] and matrix.columns == ["background", "label 4"]
+    np.testing.assert_allclose(matrix.positive, expected.positive, rtol=1e-5)
+    np.testing.assert_allclose(matrix.shares, expected.shares, rtol=1e-5)
+    with pytest.raises(SegExplainError, match="segmentation has shape"):
+        worker.wait(worker.segment_matrix(ask("--method", "gradient"), labels=labels[1:]), timeout=60)
+
+
 def test_a_failed_request_leaves_the_worker_warm(worker):
     with pytest.raises(SegExplainError, match="lies outside the output grid"):
         worker.wait(worker.explain(ask("--voxel", "99", "24", "24")), timeout=60)

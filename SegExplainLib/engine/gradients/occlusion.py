@@ -9,7 +9,7 @@ import torch
 
 from ...errors import SegExplainError
 from ..baselines import Baseline
-from ..checks import is_int
+from ..checks import check_triple
 from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
 from .passes import (
@@ -23,18 +23,6 @@ from .passes import (
     seed_scores,
     set_batching,
 )
-
-
-def _triple(value: Any, option: str) -> tuple[int, int, int]:
-    if is_int(value):
-        values = (int(value),) * 3
-    elif isinstance(value, (tuple, list)) and len(value) == 3 and all(is_int(v) for v in value):
-        values = tuple(int(v) for v in value)
-    else:
-        raise SegExplainError(f"{option} must be an integer or 3 integers (D, H, W), got {value!r}")
-    if min(values) < 1:
-        raise SegExplainError(f"{option} must be >= 1 along every axis, got {value!r}")
-    return values  # type: ignore[return-value]
 
 
 def _window_positions(size: int, window: int, stride: int) -> tuple[list[int], int]:
@@ -90,8 +78,8 @@ class Occlusion(AttributionMethod):
         internal_batch_size: int | None = None,
         memory_budget_bytes: int | None = None,
     ) -> None:
-        self.window = _triple(window, "window")
-        self.stride = self.window if stride is None else _triple(stride, "stride")
+        self.window = check_triple(window, "window")
+        self.stride = self.window if stride is None else check_triple(stride, "stride")
         if any(s > w for s, w in zip(self.stride, self.window)):
             raise SegExplainError(
                 f"stride {self.stride} must not exceed window {self.window} along any axis (voxels would be skipped)"

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from ...errors import SegExplainError
 from ..baselines import Baseline
-from ..checks import is_int
-from ..gradients.occlusion import _triple
+from ..checks import check_triple, is_int
 from ..gradients.passes import check_inputs, check_seed, coerce_baseline, set_batching
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores
@@ -47,7 +46,7 @@ class Rise(AttributionMethod):
                  internal_batch_size: int | None = None, memory_budget_bytes: int | None = None) -> None:
         if not is_int(n_masks) or n_masks < 1:
             raise SegExplainError(f"n_masks must be an integer >= 1, got {n_masks!r}")
-        self.mask_resolution = _triple(mask_resolution, "mask_resolution")
+        self.mask_resolution = check_triple(mask_resolution, "mask_resolution")
         p = keep_probability
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p < 1:
             raise SegExplainError(f"keep_probability must be a number in (0, 1), got {keep_probability!r}")

@@ -9,8 +9,7 @@ import torch
 
 from ...errors import SegExplainError
 from ..baselines import Baseline
-from ..checks import is_int
-from ..gradients.occlusion import _triple
+from ..checks import check_triple, is_int
 from ..gradients.passes import check_inputs, check_seed, coerce_baseline, set_batching
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores, spread
@@ -56,7 +55,7 @@ class SupervoxelShapley(AttributionMethod):
     def __init__(self, *, block_size: int | Sequence[int] = 8, n_permutations: int = 10, antithetic: bool = True,
                  seed: int = 0, baseline: Baseline | str | float = "zero", internal_batch_size: int | None = None,
                  memory_budget_bytes: int | None = None) -> None:
-        self.block_size = _triple(block_size, "block_size")
+        self.block_size = check_triple(block_size, "block_size")
         if not isinstance(antithetic, bool):
             raise SegExplainError(f"antithetic must be a bool, got {antithetic!r}")
         least = 4 if antithetic else 2

@@ -140,6 +140,15 @@ class Worker:
         arrays = {} if mask is None else {"mask": np.asarray(mask, bool)}
         return self._request({"op": "explain", "explain": request.to_json()}, arrays)
 
+    def segment_matrix(self, request: ExplainRequest, *, labels: np.ndarray | None = None) -> int:
+        """Ask for the segment x segment matrix of the current case with the request's method and options
+        (``labels``: a label map on the case's grid whose segments are the columns; default: the prediction's); the
+        request's number. The answer's record is :meth:`~SegExplainLib.engine.segments.SegmentMatrix.record`."""
+        if not isinstance(request, ExplainRequest):
+            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
+        arrays = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
+        return self._request({"op": "segment_matrix", "explain": request.to_json()}, arrays)
+
     def cancel(self, request: int | None = None) -> None:
         """Cancel ``request`` (default: the running one) through the child's input, on every system.
 

@@ -30,7 +30,8 @@ from .process_tree import CLOSE_GRACE_S
 from .session import WarmSession
 
 #: What the child is doing for each request, as its progress events name it.
-_STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining"}
+_STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining",
+          "segment_matrix": "explaining every segment"}
 #: The progress step of a request whose preview was sent, while its exact answer is computed.
 REFINING = "refining to the full ensemble"
 #: The environment variable that sets the child's torch threads, instead of the choice from the machine's load.
@@ -222,6 +223,13 @@ def serve(inputs: int, outputs: int) -> None:
                             send({"event": "preview", "request": number, "seconds": time.perf_counter() - started,
                                   **answer[0]}, answer[1])
                             send({"event": "progress", "request": number, "step": REFINING})
+            elif operation == "segment_matrix":
+                import torch
+
+                torch.set_num_threads(_machine_threads())
+                matrix = session.segment_matrix(ExplainRequest.from_json(header["explain"]),
+                                                labels=arrays.get("labels"))
+                answer = ({"state": "done", "record": matrix.record()}, {})
             else:
                 raise SegExplainError(f"unknown request {operation!r}")
         except KeyboardInterrupt:

@@ -100,6 +100,31 @@ class WarmSession:
             return explain_case(pipeline, self.image, self.geometry, target, request.method, prepared=prepared,
                                 **request.engine_options())
 
+    def segment_matrix(self, request: ExplainRequest, *, labels: np.ndarray | None = None):
+        """The segment x segment matrix of the current case with the request's method and options (its region is
+        not used: every predicted segment is explained).
+
+        Args:
+            request: The method and its options, the device and the seed.
+            labels: A label map (D, H, W) on the case's grid whose segments are the columns; None: the prediction's.
+
+        Returns:
+            The :class:`~SegExplainLib.engine.segments.SegmentMatrix`.
+        """
+        import torch
+
+        from ...models.pipelines import segment_matrix_case
+
+        if not isinstance(request, ExplainRequest):
+            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
+        if self.prepared is None:
+            raise SegExplainError("no case yet: call set_case first")
+        torch.manual_seed(request.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # each warning is in the explanations' records
+            return segment_matrix_case(self.pipeline, self.image, self.geometry, request.method, segmentation=labels,
+                                       prepared=self.prepared, device=request.device, **request.method_options())
+
     def shown(self, *, preview: bool) -> dict[str, Any]:
         """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
         "preview: fold 0 without mirroring, of 2 folds (0, 1) x 8 mirrorings"}``, or the exact ensemble with

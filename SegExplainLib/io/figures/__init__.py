@@ -33,13 +33,15 @@ sequences, a title naming method, region, class and target score, orientation le
     ...     save_figure(figure, folder / filename)
 
 The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (the overlay primitives),
-:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`;
+:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.matrix` (the segment matrix),
+:mod:`.saving` and :mod:`.checks`;
 :mod:`.case` (a case's figures), :mod:`.views` (views in the patient frame) and :mod:`.panels` (figures drawn as
 one picture).
 """
 
 from .case import explanation_figures, explanation_title, region_views, rendered_montage
 from .charts import ShareKind, inclusivity_figure, shares_figure
+from .matrix import segment_matrix_figure, segment_matrix_title
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
 from .saving import save_figure
@@ -57,5 +59,7 @@ __all__ = [
     "region_views",
     "rendered_montage",
     "save_figure",
+    "segment_matrix_figure",
+    "segment_matrix_title",
     "shares_figure",
 ]
