@@ -139,14 +139,21 @@ def curves(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, refer
     blocks = (shape[0], *(-(-size // block_size) for size in shape[1:]))
     entries = int(np.prod(blocks))
     generator = torch.Generator().manual_seed(seed)
-    jobs = [(index, mode, step) for index in range(len(orders)) for mode in ("deletion", "insertion")
-            for step in range(steps + 1)]
-    scores = np.zeros(len(jobs))
+    # the ends are the same for every order (the image, the reference): scored once, as job None
+    jobs = [None] + [(index, mode, step) for index in range(len(orders)) for mode in ("deletion", "insertion")
+                     for step in range(1, steps)]
+    scores = np.zeros(len(jobs) + 1)
     for first in range(0, len(jobs), batch_size):
         if cancelled():
             raise SegExplainError("the evaluation was cancelled")
         batch, masks = [], []
-        for index, mode, step in jobs[first:first + batch_size]:
+        for job in jobs[first:first + batch_size]:
+            if job is None:
+                removed = torch.zeros_like(x[0], dtype=torch.bool)
+                masks += [removed, ~removed]
+                batch += [x[0], reference[0]]
+                continue
+            index, mode, step = job
             count = step * entries // steps
             order = torch.as_tensor(orders[index], device=x.device)
             removed = _entry_mask(order, count if mode == "deletion" else entries, blocks, shape, block_size)
@@ -157,10 +164,13 @@ def curves(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, refer
         stacked = torch.stack(batch)
         if road_noise is not None:
             stacked = impute(stacked, torch.stack(masks), noise=road_noise, generator=generator)
-        scores[first:first + len(batch)] = score(stacked).detach().cpu().double().numpy()
-    per_order = scores.reshape(len(orders), 2, steps + 1)
+        offset = first + (first > 0)  # job None fills two places
+        scores[offset:offset + len(batch)] = score(stacked).detach().cpu().double().numpy()
+    image, removed_all = scores[0], scores[1]
+    inner = scores[2:].reshape(len(orders), 2, steps - 1)
     fractions = np.arange(steps + 1) / steps
-    return [Curves(fractions, deletion, insertion) for deletion, insertion in per_order]
+    return [Curves(fractions, np.concatenate([[image], deletion, [removed_all]]),
+                   np.concatenate([[removed_all], insertion, [image]])) for deletion, insertion in inner]
 
 
 def normalized_area(curve: Curves, random: list[Curves], mode: PerturbationMode) -> np.ndarray:
@@ -176,9 +186,9 @@ def normalized_area(curve: Curves, random: list[Curves], mode: PerturbationMode)
         base = other.area(mode)
         span = base - curve.insertion[0] if mode == "deletion" else curve.deletion[0] - base
         if not span > 1e-12 * max(1.0, abs(curve.deletion[0])):
-            msg = (f"the {mode} curve of a random order is already at its end ({base:.4g}; image {curve.deletion[0]:.4g},"
-                   f" reference {curve.insertion[0]:.4g}): the reference does not lower the target score; choose "
-                   "another reference")
+            msg = (f"the {mode} curve of a random order is already at its end ({base:.4g}; image "
+                   f"{curve.deletion[0]:.4g}, reference {curve.insertion[0]:.4g}): the reference does not lower the "
+                   "target score; choose another reference")
             raise SegExplainError(msg)
         values.append((base - area) / span if mode == "deletion" else (area - base) / span)
     return np.array(values)

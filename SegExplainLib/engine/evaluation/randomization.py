@@ -63,14 +63,15 @@ def cascade(model: nn.Module, stages: int, seed: int) -> Iterator[tuple[str, nn.
     randomized further).
     """
     layers = parameter_layers(model)
-    with torch.no_grad():
+    with torch.no_grad():  # not around the yield: grad mode would stay off in the caller while this waits
         copy = deepcopy(model)
-        modules = dict(copy.named_modules())
-        generator = torch.Generator().manual_seed(seed)
-        cuts = np.unique(np.linspace(0, len(layers), min(stages, len(layers)) + 1).round().astype(int))[1:]
-        done = 0
-        for cut in cuts:
+    modules = dict(copy.named_modules())
+    generator = torch.Generator().manual_seed(seed)
+    cuts = np.unique(np.linspace(0, len(layers), min(stages, len(layers)) + 1).round().astype(int))[1:]
+    done = 0
+    for cut in cuts:
+        with torch.no_grad():
             for name in layers[done:cut]:
                 _randomize(modules[name], generator)
-            done = cut
-            yield layers[cut - 1], copy
+        done = cut
+        yield layers[cut - 1], copy
