@@ -40,7 +40,7 @@ from ..targets import MaskTarget, Target
 from . import faithfulness, localization, randomization, robustness
 from .faithfulness import Curves
 
-__all__ = ["SCORES", "Scorecard", "evaluate"]
+__all__ = ["SCORES", "Scorecard", "evaluate", "evaluation_steps"]
 
 #: The scores :func:`evaluate` can compute, in the scorecard's order.
 SCORES = ("faithfulness", "randomization", "robustness", "localization")
@@ -92,13 +92,21 @@ class Scorecard:
             faithful, sanity = row.get("faithfulness", {}), row.get("randomization", {})
             local = row.get("localization", {})
             area = {mode: f"{number(faithful[mode]['mean'])}+-{number(faithful[mode]['std'])}" if mode in faithful
-                    else "-" for mode in ("deletion", "insertion")}
+                    else "undefined" if "undefined" in faithful else "-" for mode in ("deletion", "insertion")}
             lines.append(f"{name:<22} {area['deletion']:>13} {area['insertion']:>13} "
                          f"{number(sanity.get('final_spearman')):>10} "
                          f"{number(row.get('robustness', {}).get('max_sensitivity')):>8} "
                          f"{number(local.get('outside_receptive_field')):>6} {number(local.get('outside_target')):>10} "
                          f"{row['seconds']:>7.2f}  {row['verdict']}")
         return "\n".join([*lines, "", f"recommendation: {self.recommendation}"])
+
+
+def evaluation_steps(methods: Sequence[str], scores: Sequence[str] = SCORES) -> list[str]:
+    """The names of :func:`evaluate`'s steps, in the order its ``progress`` is told them."""
+    named = {"faithfulness": "faithfulness curves", "randomization": "cascading randomization",
+             "robustness": "robustness", "localization": "localization"}
+    return ["fixing the region", *[f"explaining: {name}" for name in methods],
+            *[named[score] for score in SCORES if score in scores], "verdicts"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -215,7 +223,7 @@ def evaluate(model: nn.Module, image: Any, target: Target, methods: Sequence[str
     run_device = resolve_device(device)
     run_model, run_dtype = placed(model, run_device, dtype)
     x = tensor.to(device=run_device, dtype=run_dtype)[None]
-    steps_total = 2 + len(methods) + sum(1 for s in scores if s != "faithfulness") + 1
+    steps_total = len(evaluation_steps(methods, scores))
 
     def step(name: str, done: list[int] = [0]) -> None:  # noqa: B006 - the count of steps of this call
         if cancelled is not None and cancelled():
@@ -319,21 +327,29 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
         curves[f"random:{index}"] = curve
     for name, curve in zip(maps, computed):
         curves[name] = curve
-        values = {mode: faithfulness.normalized_area(curve, random, mode) for mode in ("deletion", "insertion")}
+        try:
+            values = {mode: faithfulness.normalized_area(curve, random, mode) for mode in ("deletion", "insertion")}
+        except SegExplainError as error:  # the curves are kept; no map can be told from random with this reference
+            rows[name]["faithfulness"] = {"undefined": str(error), "faithful": None, "combined": None,
+                                          "batch_size": batch_size}
+            rows[name]["warnings"].append(f"faithfulness undefined: {error}")
+            continue
+        both = (values["deletion"] + values["insertion"]) / 2
         rows[name]["faithfulness"] = {
             **{mode: {"mean": float(v.mean()), "std": float(v.std()), "area": curve.area(mode)}
                for mode, v in values.items()},
             "random_area": {mode: float(np.mean([c.area(mode) for c in random])) for mode in values},
+            "faithful": bool(both.mean() > max(2 * both.std(), FAITHFUL_MARGIN)), "combined": float(both.mean()),
             "batch_size": batch_size}
-        both = (values["deletion"] + values["insertion"]) / 2
-        rows[name]["faithfulness"]["faithful"] = bool(both.mean() > max(2 * both.std(), FAITHFUL_MARGIN))
-        rows[name]["faithfulness"]["combined"] = float(both.mean())
 
 
 def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
     """A verdict in words with its reasons, and whether the method can be trusted here."""
     reasons, failed, caveats = [], False, False
-    if "faithfulness" in row:
+    if "faithfulness" in row and row["faithfulness"]["faithful"] is None:
+        reasons.append("faithfulness undefined (the reference does not lower the target score)")
+        caveats = True
+    elif "faithfulness" in row:
         f = row["faithfulness"]
         text = (f"deletion {f['deletion']['mean']:.2f} +- {f['deletion']['std']:.2f} and insertion "
                 f"{f['insertion']['mean']:.2f} +- {f['insertion']['std']:.2f}")
@@ -361,9 +377,9 @@ def _recommendation(rows: dict[str, dict[str, Any]]) -> str:
     for group, why in (([n for n, r in rows.items() if r["trustworthy"]], "passes every test"),
                        ([n for n, r in rows.items() if not r["verdict"].startswith("not")], "fails no test")):
         if group:
-            best = max(group, key=lambda n: rows[n].get("faithfulness", {}).get("combined", 0.0))
-            if "faithfulness" not in rows[best]:
-                return f"{best}: it {why} (faithfulness not scored)"
+            best = max(group, key=lambda n: rows[n].get("faithfulness", {}).get("combined") or 0.0)
+            if rows[best].get("faithfulness", {}).get("combined") is None:
+                return f"{best}: it {why} (faithfulness not scored or undefined)"
             return (f"{best}: it {why} and is the most faithful of those "
                     f"({rows[best]['faithfulness']['combined']:.2f} above random)")
     return "none: every method failed faithfulness or randomization on this network and case"

@@ -34,8 +34,8 @@ sequences, a title naming method, region, class and target score, orientation le
 
 The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (the overlay primitives),
 :mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`;
-:mod:`.case` (a case's figures), :mod:`.views` (views in the patient frame) and :mod:`.panels` (figures drawn as
-one picture).
+:mod:`.case` (a case's figures), :mod:`.scorecard` (the scorecard of methods), :mod:`.views` (views in the patient
+frame) and :mod:`.panels` (figures drawn as one picture).
 """
 
 from .case import explanation_figures, explanation_title, region_views, rendered_montage
@@ -43,6 +43,7 @@ from .charts import ShareKind, inclusivity_figure, shares_figure
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
 from .saving import save_figure
+from .scorecard import scorecard_figure
 
 __all__ = [
     "Placement",
@@ -57,5 +58,6 @@ __all__ = [
     "region_views",
     "rendered_montage",
     "save_figure",
+    "scorecard_figure",
     "shares_figure",
 ]
