@@ -100,10 +100,13 @@ def test_a_random_order_scores_about_zero_and_the_network_s_own_input_well_above
     with torch.no_grad():
         computed = faithfulness.curves(score, x, reference, orders, block_size=2, steps=8, batch_size=16)
     baseline = computed[2:]
+    low, high = faithfulness.score_range(computed)
     for mode in ("deletion", "insertion"):
-        good_values = faithfulness.normalized_area(computed[0], baseline, mode)
-        random_values = faithfulness.normalized_area(computed[1], baseline, mode)
-        spread = np.std([faithfulness.normalized_area(c, baseline, mode).mean() for c in baseline])
+        good_values = faithfulness.normalized_area(computed[0], baseline, mode, low=low, high=high)
+        random_values = faithfulness.normalized_area(computed[1], baseline, mode, low=low, high=high)
+        spread = np.std([faithfulness.normalized_area(c, baseline, mode, low=low, high=high).mean()
+                         for c in baseline])
+        assert good_values.max() <= 1.0
         assert abs(random_values.mean()) < 3 * spread, mode
         assert good_values.mean() > 0.5 and good_values.mean() > 5 * spread, mode
 
@@ -125,4 +128,4 @@ def test_a_reference_that_does_not_lower_the_score_is_refused():
         computed = faithfulness.curves(lambda b: torch.zeros(len(b), dtype=b.dtype), x, x * 0,
                                        [np.arange(2 * 2 * 3 * 3)] * 3, block_size=4, steps=2, batch_size=4)
     with pytest.raises(SegExplainError, match=re.escape("the reference does not lower the target score")):
-        faithfulness.normalized_area(computed[0], computed[1:], "deletion")
+        faithfulness.normalized_area(computed[0], computed[1:], "deletion", low=0.0, high=0.0)

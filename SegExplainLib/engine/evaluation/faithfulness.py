@@ -7,10 +7,12 @@ from the reference and restores them; both are read at ``steps + 1`` fractions o
 the curves of "no better than random", computed once for every method.
 
 The normalized score compares a curve's area ``A`` (the mean of the curve over the fractions, trapezoidal) with the
-area ``R`` of a random order and the scores of the image ``f(x)`` and of the reference ``f(r)``:
+area ``R`` of a random order and the lowest and highest scores ``L`` and ``H`` that any step of any curve of the
+scorecard reached (the image's and the reference's included: removing part of a lesion can score lower than
+removing all of it):
 
-* deletion: ``(R - A) / (R - f(r))``, 1 when the score falls to the reference's at the first step;
-* insertion: ``(A - R) / (f(x) - R)``, 1 when it rises to the image's at the first step;
+* deletion: ``(R - A) / (R - L)``, at most 1, reached when the score falls to ``L`` at once;
+* insertion: ``(A - R) / (H - R)``, at most 1, reached when the score rises to ``H`` at once;
 
 both 0 when the map is no better than a random order, negative when it is worse. Each random seed gives one value;
 the scorecard reports their mean and standard deviation.
@@ -29,7 +31,8 @@ from ...errors import SegExplainError
 from ..baselines import make_baseline
 from ..metrics import PerturbationMode
 
-__all__ = ["ROAD", "Curves", "block_sums", "curves", "normalized_area", "random_orders", "reference_image"]
+__all__ = ["ROAD", "Curves", "block_sums", "curves", "normalized_area", "random_orders", "reference_image",
+           "score_range"]
 
 #: The reference name of ROAD's noisy linear imputation (Rong et al. 2022).
 ROAD = "road"
@@ -173,22 +176,33 @@ def curves(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, refer
                    np.concatenate([[removed_all], insertion, [image]])) for deletion, insertion in inner]
 
 
-def normalized_area(curve: Curves, random: list[Curves], mode: PerturbationMode) -> np.ndarray:
+def score_range(computed: list[Curves]) -> tuple[float, float]:
+    """The lowest and highest target score of any step of any of the curves (the image and the reference included)."""
+    scores = np.concatenate([np.concatenate([c.deletion, c.insertion]) for c in computed])
+    return float(scores.min()), float(scores.max())
+
+
+def normalized_area(curve: Curves, random: list[Curves], mode: PerturbationMode, *, low: float,
+                    high: float) -> np.ndarray:
     """The normalized area of ``curve`` against each random order's (see the module docs): one value per order.
 
+    Args:
+        curve: The method's curves.
+        random: The random orders' curves.
+        mode: ``"deletion"`` or ``"insertion"``.
+        low, high: The lowest and highest score any curve of the scorecard reached (:func:`score_range`).
+
     Raises:
-        SegExplainError: The reference scores as high as the image (deletion) or a random insertion reaches the
-            image's score at once, so no map can be told from random.
+        SegExplainError: The reference does not lower the target score, so no map can be told from random.
     """
+    image, reference = curve.deletion[0], curve.insertion[0]
+    if not image - reference > 1e-12 * max(1.0, abs(image)):
+        msg = (f"the reference scores {reference:.4g}, the image {image:.4g}: the reference does not lower the "
+               "target score, so no order of the voxels can be told from a random one; choose another reference")
+        raise SegExplainError(msg)
     area = curve.area(mode)
     values = []
     for other in random:
         base = other.area(mode)
-        span = base - curve.insertion[0] if mode == "deletion" else curve.deletion[0] - base
-        if not span > 1e-12 * max(1.0, abs(curve.deletion[0])):
-            msg = (f"the {mode} curve of a random order is already at its end ({base:.4g}; image "
-                   f"{curve.deletion[0]:.4g}, reference {curve.insertion[0]:.4g}): the reference does not lower the "
-                   "target score; choose another reference")
-            raise SegExplainError(msg)
-        values.append((base - area) / span if mode == "deletion" else (area - base) / span)
+        values.append((base - area) / (base - low) if mode == "deletion" else (area - base) / (high - base))
     return np.array(values)

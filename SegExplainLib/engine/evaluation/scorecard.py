@@ -323,12 +323,14 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
             steps=settings["steps"], batch_size=batch_size, seed=settings["seed"], cancelled=cancelled,
             road_noise=settings["road_noise"] if reference == faithfulness.ROAD else None)
     random = computed[len(maps):]
+    low, high = faithfulness.score_range(computed)
     for index, curve in enumerate(random):
         curves[f"random:{index}"] = curve
     for name, curve in zip(maps, computed):
         curves[name] = curve
         try:
-            values = {mode: faithfulness.normalized_area(curve, random, mode) for mode in ("deletion", "insertion")}
+            values = {mode: faithfulness.normalized_area(curve, random, mode, low=low, high=high)
+                      for mode in ("deletion", "insertion")}
         except SegExplainError as error:  # the curves are kept; no map can be told from random with this reference
             rows[name]["faithfulness"] = {"undefined": str(error), "faithful": None, "combined": None,
                                           "batch_size": batch_size}
@@ -339,6 +341,7 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
             **{mode: {"mean": float(v.mean()), "std": float(v.std()), "area": curve.area(mode)}
                for mode, v in values.items()},
             "random_area": {mode: float(np.mean([c.area(mode) for c in random])) for mode in values},
+            "score_range": [low, high],
             "faithful": bool(both.mean() > max(2 * both.std(), FAITHFUL_MARGIN)), "combined": float(both.mean()),
             "batch_size": batch_size}
 
