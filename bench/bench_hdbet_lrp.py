@@ -8,10 +8,12 @@ train mode as deployed), in-place LeakyReLU, random weights, one T1 channel, two
 
 Timed, interleaved (round robin; best of ``--repeats`` after one warm-up), on one random volume:
 
-- ``plain gradient``: ``torch.autograd.grad((seed * model(x)).sum(), x)`` in plain torch, with the seed of the
-  predicted brain made beforehand: every ratio is relative to it;
+- ``plain gradient``: in plain torch, one forward pass with grad, the predicted brain read off its logits as the
+  seed, ``torch.autograd.grad(logits, x, seed)``: the unit of every ratio, finding the region included;
+- ``plain gradient, seed given``: the same with the seed made beforehand;
 - ``explain gradient`` / ``explain lrp <composite>``: :func:`SegExplainLib.explain` with
-  ``PredictedRegion(class_index=1)``, so including the forward pass that finds the predicted region;
+  ``PredictedRegion(class_index=1)``, so including finding the predicted region (LRP reads it off its own
+  forward pass; the gradient runs a separate one);
 - ``lrp <composite> alone``: ``LRP(composite).attribute`` with that seed (no region to find).
 
 Run from the repository root (about 3 minutes on 2 CPU cores at the default size)::
@@ -42,7 +44,7 @@ from SegExplainLib import PredictedRegion, explain  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
 from SegExplainLib.engine.lrp import LRP  # noqa: E402
 
-COMPOSITES = ("epsilon_plus_flat", "epsilon")
+COMPOSITES = ("epsilon_plus", "epsilon_plus_flat", "epsilon")
 TARGET = 1.3  # LRP's time, finding the region included, in units of one plain gradient
 
 
@@ -87,13 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     seed = torch.zeros(1, 2, *args.shape)
     seed[:, 1:2][predicted] = 1.0
 
-    def plain() -> None:
+    def plain(given: torch.Tensor | None = None) -> None:
         with deployed(model):
             leaf = x.clone().requires_grad_(True)
-            torch.autograd.grad((seed * model(leaf)).sum(), leaf)
+            logits = model(leaf)
+            if given is None:
+                given = torch.zeros_like(logits)
+                given[:, 1:2][logits.detach().argmax(1, keepdim=True) == 1] = 1.0
+            torch.autograd.grad(logits, leaf, given)
 
     runs: dict[str, Callable[[], object]] = {
         "plain gradient": plain,
+        "plain gradient, seed given": lambda: plain(seed),
         "explain gradient": lambda: explain(model, image, PredictedRegion(class_index=1), "gradient", device="cpu"),
     }
     for composite in COMPOSITES:
