@@ -20,6 +20,7 @@ Run from the repository root (about 3 minutes on 2 CPU cores at the default size
 
     python bench/bench_hdbet_lrp.py
     python bench/bench_hdbet_lrp.py --shape 64 64 64 --repeats 3 --json hdbet.json
+    python bench/bench_hdbet_lrp.py --composites epsilon_plus epsilon
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], help="volume D H W (multiples of 32)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--composites", nargs="+", default=list(COMPOSITES), help="LRP composites to time")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "plain gradient, seed given": lambda: plain(seed),
         "explain gradient": lambda: explain(model, image, PredictedRegion(class_index=1), "gradient", device="cpu"),
     }
-    for composite in COMPOSITES:
+    for composite in args.composites:
         runs[f"explain lrp {composite}"] = lambda c=composite: explain(
             model, image, PredictedRegion(class_index=1), "lrp", device="cpu", composite=c)
         runs[f"lrp {composite} alone"] = lambda c=composite: LRP(composite=c).attribute(model, x, seed)

@@ -70,13 +70,13 @@ class _RuleMethod(AttributionMethod):
             return backward(seed)
 
     @contextlib.contextmanager
-    def seeded_by_output(self, model: nn.Module,
-                         inputs: torch.Tensor) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], Any]]]:
-        """Run the wired forward pass, yield its logits and ``finish(seed)``, which returns the output for a seed.
+    def seeded_by_output(self, model: nn.Module, inputs: torch.Tensor,
+                         ) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], AttributionOutput]]]:
+        """Run the wired forward pass, yield its logits (detached) and ``finish(seed)``, which explains a seed.
 
-        For a seed read off the prediction (a predicted region), this forward pass also finds the region: no
-        separate one is needed. The logits are detached, and those of the plain model as far as the rules' forward
-        passes are the layers' own (every conv preset: the first ones before they know the seed, see ``ZPlus``).
+        A seed read off the prediction (a predicted region) then needs no forward pass of its own. The rules'
+        forward passes run the layers' own functions (z+ too, while it does not know the seed), so the logits are
+        the plain model's (to rounding where a canonizer merges a batch norm into a convolution).
         """
         with self._forward(model, inputs, ()) as (logits, backward):
             yield logits.detach(), lambda seed: backward(seed)[0]
