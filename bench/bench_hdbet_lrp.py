@@ -8,16 +8,19 @@ train mode as deployed), in-place LeakyReLU, random weights, one T1 channel, two
 
 Timed, interleaved (round robin; best of ``--repeats`` after one warm-up), on one random volume:
 
-- ``plain gradient``: ``torch.autograd.grad((seed * model(x)).sum(), x)`` in plain torch, with the seed of the
-  predicted brain made beforehand: every ratio is relative to it;
+- ``plain gradient``: in plain torch, one forward pass with grad, the predicted brain read off its logits as the
+  seed, ``torch.autograd.grad(logits, x, seed)``: the unit of every ratio, finding the region included;
+- ``plain gradient, seed given``: the same with the seed made beforehand;
 - ``explain gradient`` / ``explain lrp <composite>``: :func:`SegExplainLib.explain` with
-  ``PredictedRegion(class_index=1)``, so including the forward pass that finds the predicted region;
+  ``PredictedRegion(class_index=1)``, so including finding the predicted region (LRP reads it off its own
+  forward pass; the gradient runs a separate one);
 - ``lrp <composite> alone``: ``LRP(composite).attribute`` with that seed (no region to find).
 
 Run from the repository root (about 3 minutes on 2 CPU cores at the default size)::
 
     python bench/bench_hdbet_lrp.py
     python bench/bench_hdbet_lrp.py --shape 64 64 64 --repeats 3 --json hdbet.json
+    python bench/bench_hdbet_lrp.py --composites epsilon_plus epsilon
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from SegExplainLib import PredictedRegion, explain  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
 from SegExplainLib.engine.lrp import LRP  # noqa: E402
 
-COMPOSITES = ("epsilon_plus_flat", "epsilon")
+COMPOSITES = ("epsilon_plus", "epsilon_plus_flat", "epsilon")
 TARGET = 1.3  # LRP's time, finding the region included, in units of one plain gradient
 
 
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], help="volume D H W (multiples of 32)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--composites", nargs="+", default=list(COMPOSITES), help="LRP composites to time")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -87,16 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     seed = torch.zeros(1, 2, *args.shape)
     seed[:, 1:2][predicted] = 1.0
 
-    def plain() -> None:
+    def plain(given: torch.Tensor | None = None) -> None:
         with deployed(model):
             leaf = x.clone().requires_grad_(True)
-            torch.autograd.grad((seed * model(leaf)).sum(), leaf)
+            logits = model(leaf)
+            if given is None:
+                given = torch.zeros_like(logits)
+                given[:, 1:2][logits.detach().argmax(1, keepdim=True) == 1] = 1.0
+            torch.autograd.grad(logits, leaf, given)
 
     runs: dict[str, Callable[[], object]] = {
         "plain gradient": plain,
+        "plain gradient, seed given": lambda: plain(seed),
         "explain gradient": lambda: explain(model, image, PredictedRegion(class_index=1), "gradient", device="cpu"),
     }
-    for composite in COMPOSITES:
+    for composite in args.composites:
         runs[f"explain lrp {composite}"] = lambda c=composite: explain(
             model, image, PredictedRegion(class_index=1), "lrp", device="cpu", composite=c)
         runs[f"lrp {composite} alone"] = lambda c=composite: LRP(composite=c).attribute(model, x, seed)

@@ -176,12 +176,14 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
     norm_statistics = statistics_record(model)
-    with prepared_run(model, image, target, device, dtype, restrict=attribution.seed_local) as (
-            model, x, logits, region, windows):
+    # LRP's own forward pass gives the logits, and the region read off them, when one pass explains the target
+    one_pass = attribution if hasattr(attribution, "seeded_by_output") else None
+    with prepared_run(model, image, target, device, dtype, restrict=attribution.seed_local, one_pass=one_pass) as (
+            model, x, logits, region, windows, finish):
         score = float(logits[0, target.class_index][region].sum())
         aggregate = _Aggregator(attribution, model, x, logits, target, region, voxel_batch_size)
         if target.aggregation == "sum":
-            maps, expected, delta, extras, warns, error = aggregate.summed()
+            maps, expected, delta, extras, warns, error = aggregate.summed(finish)
         elif samples is not None:
             maps, expected, delta, extras, warns, error = aggregate.sampled(samples, sampling_seed)
         elif attribution.linear_in_seed:
@@ -231,7 +233,7 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
         raise SegExplainError(msg)
     check_walkable(model, attribution.name)
     # a layer's signal is read beyond the seeded outputs, so every window of a sliding window must run
-    with prepared_run(model, image, target, device, dtype, restrict=False) as (model, x, logits, region, _):
+    with prepared_run(model, image, target, device, dtype, restrict=False) as (model, x, logits, region, _, _):
         seed = torch.zeros_like(logits)
         seed[0, target.class_index] = region.to(x.dtype)
         signals = attribution.attribute_layers(model, x, seed, list(layers))
@@ -247,9 +249,14 @@ def explain_layers(model: nn.Module, image: Any, target: Target, layers: Sequenc
 
 @contextlib.contextmanager
 def prepared_run(model: nn.Module, image: Any, target: Target, device: str | torch.device,
-                 dtype: torch.dtype | None, *, restrict: bool) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict]]:
-    """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region
-    and what a :class:`~SegExplainLib.engine.regional.RegionalModel` ran (``{}`` for other models).
+                 dtype: torch.dtype | None, *, restrict: bool, one_pass: AttributionMethod | None = None,
+                 ) -> Iterator[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, dict, Any]]:
+    """Validate, place the model, run it once: yields the placed model, the batched input, its logits, the region,
+    what a :class:`~SegExplainLib.engine.regional.RegionalModel` ran (``{}`` for other models) and ``finish``.
+
+    With ``one_pass`` (a method with ``seeded_by_output``), the ``"sum"`` aggregation and a model that is not
+    regional, that method's forward pass is the one run: ``finish(seed)`` then completes its explanation; otherwise
+    ``finish`` is ``None``.
 
     With ``restrict``, a regional model runs only what the region depends on, in this first pass when the region
     follows from the grid and in every pass inside the block; the logits are then exact inside the region only.
@@ -267,12 +274,16 @@ def prepared_run(model: nn.Module, image: Any, target: Target, device: str | tor
     model, run_dtype = placed(model, run_device, dtype)
     # a regional model (a sliding window) runs only the windows that reach the region, when the method allows it
     regional = isinstance(model, RegionalModel)
-    with deployed(model):
+    with deployed(model), contextlib.ExitStack() as stack:
         x = image_tensor.to(device=run_device, dtype=run_dtype)[None]
         known = target.grid_region(tuple(x.shape[2:])) if regional and restrict else None
+        finish = None
         with torch.no_grad(), onednn_convolutions():
             try:
-                if not regional:
+                if one_pass is not None and target.aggregation == "sum" and not regional:
+                    with torch.enable_grad():
+                        logits, finish = stack.enter_context(one_pass.seeded_by_output(model, x))
+                elif not regional:
                     logits = model(x)
                 elif known is not None:
                     with model.restricted_to(bounds_of(known)):
@@ -291,7 +302,7 @@ def prepared_run(model: nn.Module, image: Any, target: Target, device: str | tor
         restriction = (model.restricted_to(bounds_of(region) if restrict else None) if regional
                        else contextlib.nullcontext({}))
         with restriction as windows:
-            yield model, x, logits, torch.as_tensor(region, device=run_device), windows
+            yield model, x, logits, torch.as_tensor(region, device=run_device), windows, finish
 
 
 def _as_float(value: torch.Tensor | None) -> float | None:
@@ -311,8 +322,9 @@ class _Aggregator:
         seed[0, self.target.class_index] = weights
         return seed
 
-    def summed(self):
-        out = self.method.attribute(self.model, self.x, self._seed(self.region.to(self.x.dtype)))
+    def summed(self, finish=None):
+        seed = self._seed(self.region.to(self.x.dtype))
+        out = self.method.attribute(self.model, self.x, seed) if finish is None else finish(seed)
         return out.maps, _as_float(out.expected), _as_float(out.delta), out.extras, [], None
 
     def _for_region(self) -> AttributionMethod:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,12 @@ from .rules.window import box_share
 
 # explained outputs within a box of at most this share of the output grid count as a small target
 SPARSE_SEED_SHARE = 0.25
+
+
+def _small_target(seed: torch.Tensor) -> bool:
+    """Whether the rules may work on the box of the explained outputs only (a seed that is differentiated, as in
+    the normalized aggregation, needs the whole backward pass anyway)."""
+    return not seed.requires_grad and seed.dim() > 2 and box_share(seed) <= SPARSE_SEED_SHARE
 
 
 def check_logits(logits: Any, seed: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -59,6 +66,28 @@ class _RuleMethod(AttributionMethod):
         return signals
 
     def _propagate(self, model, inputs, seed, layers):
+        with self._forward(model, inputs, layers, seed) as (_, backward):
+            return backward(seed)
+
+    @contextlib.contextmanager
+    def seeded_by_output(self, model: nn.Module, inputs: torch.Tensor,
+                         ) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], AttributionOutput]]]:
+        """Run the wired forward pass, yield its logits (detached) and ``finish(seed)``, which explains a seed.
+
+        A seed read off the prediction (a predicted region) then needs no forward pass of its own. The rules'
+        forward passes run the layers' own functions (z+ too, while it does not know the seed), so the logits are
+        the plain model's (to rounding where a canonizer merges a batch norm into a convolution).
+        """
+        with self._forward(model, inputs, ()) as (logits, backward):
+            yield logits.detach(), lambda seed: backward(seed)[0]
+
+    @contextlib.contextmanager
+    def _forward(self, model, inputs, layers, seed=None):
+        """The wired forward pass of ``inputs``: yields its logits and ``backward(seed) -> (output, signals)``.
+
+        Without ``seed`` the rules do not yet know whether the target is small: ``ZPlus`` then leaves all it can to
+        the backward pass, which gets the seed.
+        """
         check_walkable(model, self.name)
         modules = dict(model.named_modules())
         unknown = [name for name in layers if name not in modules or name == ""]
@@ -68,30 +97,34 @@ class _RuleMethod(AttributionMethod):
             raise SegExplainError(msg)
         x = inputs.detach().requires_grad_(True)
         sink = torch.zeros_like(x, requires_grad=True)
-        # a seed that is differentiated (the normalized aggregation) needs the whole backward pass anyway
-        sparse = not seed.requires_grad and seed.dim() > 2 and box_share(seed) <= SPARSE_SEED_SHARE
         ctx = PropagationContext(network_input=x, input_sink=sink, layer_filter=self._layer_filter(),
-                                 sparse_relevance=sparse)
+                                 sparse_relevance=None if seed is None else _small_target(seed))
         captured: dict[str, torch.Tensor] = {}
         handles = [modules[name].register_forward_hook(_capture(captured, name)) for name in layers]
+
+        def backward(seed):
+            logits_checked = check_logits(logits, seed, inputs)
+            ctx.sparse_relevance = _small_target(seed)
+            grads = torch.autograd.grad(logits_checked, (x, sink, *captured.values()), grad_outputs=seed,
+                                        allow_unused=True, create_graph=seed.requires_grad)
+            missing = [name for name in layers if name not in captured]
+            if missing:
+                msg = f"layer(s) {missing} did not run in the forward pass (merged into a convolution, or unused)"
+                raise SegExplainError(msg)
+            grad_x, grad_sink = grads[:2]
+            signals = {}
+            for (name, tensor), grad in zip(captured.items(), grads[2:]):
+                grad = torch.zeros_like(tensor) if grad is None else grad
+                signals[name] = tensor.detach() * grad if self.relevance_times_input else grad
+            return self._maps(x, grad_x, grad_sink, seed, logits), signals
+
         try:
             with onednn_convolutions(), self.composite.attached(model, ctx) as forward:
-                logits = check_logits(forward(x), seed, inputs)
-                grads = torch.autograd.grad(logits, (x, sink, *captured.values()), grad_outputs=seed,
-                                            allow_unused=True, create_graph=seed.requires_grad)
+                logits = forward(x)
+                yield logits, backward
         finally:
             for handle in handles:
                 handle.remove()
-        missing = [name for name in layers if name not in captured]
-        if missing:
-            msg = f"layer(s) {missing} did not run in the forward pass (merged into a convolution, or unused)"
-            raise SegExplainError(msg)
-        grad_x, grad_sink = grads[:2]
-        signals = {}
-        for (name, tensor), grad in zip(captured.items(), grads[2:]):
-            grad = torch.zeros_like(tensor) if grad is None else grad
-            signals[name] = tensor.detach() * grad if self.relevance_times_input else grad
-        return self._maps(x, grad_x, grad_sink, seed, logits), signals
 
     def _maps(self, x, grad_x, grad_sink, seed, logits) -> AttributionOutput:
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x

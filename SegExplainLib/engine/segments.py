@@ -219,7 +219,7 @@ def segment_matrix(model: nn.Module, image: Any, *, method: str = "lrp", segment
     norm_statistics = statistics_record(model)
     # the whole output channel as the target: every window of a sliding window runs, as the regions are not known yet
     with prepared_run(model, image, ClassChannel(class_index=0), device, dtype, restrict=False) as (
-            model, x, logits, _, _):
+            model, x, logits, _, _, _):
         count = logits.shape[1]
         rows = list(range(count)) if classes is None else [int(c) for c in classes]
         if any(c >= count for c in rows):

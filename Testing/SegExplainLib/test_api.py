@@ -12,6 +12,7 @@ from torch import nn
 
 import SegExplainLib as sx
 from SegExplainLib.engine.api import resolve_device
+from SegExplainLib.engine.deployment import deployed
 from SegExplainLib.engine.method import RULE_FREE_METHODS
 from SegExplainLib.errors import SegExplainError
 
@@ -105,6 +106,23 @@ def test_lrp_records_its_rules_apart_from_its_options(model, image):
     record = sx.explain(model.eval(), image, TARGET, "lrp", composite="epsilon_plus").record()
     assert record["options"] == {"composite": "epsilon_plus", "layer_filter": None}
     assert record["extras"]["rules"]["rules"]["convolution"]["rule"] == "z_plus"
+
+
+@pytest.mark.parametrize("target", [sx.PredictedRegion(class_index=1), TARGET], ids=["predicted", "box"])
+def test_lrp_finds_the_region_in_its_own_forward_pass(model, image, target):
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    result = sx.explain(model, image, target, "lrp")
+    assert len(calls) == 1  # no separate forward pass for the logits
+    x = torch.as_tensor(image)[None]
+    with torch.no_grad(), deployed(model):
+        logits = model(x)
+    seed = torch.zeros_like(logits)
+    seed[0, 1] = torch.as_tensor(target.region(logits[0]))
+    assert result.region_voxels == int(seed.sum())
+    given = sx.LRP().attribute(model, x, seed).maps[0].numpy()
+    np.testing.assert_allclose(result.maps, given, rtol=1e-4, atol=1e-6 * np.abs(given).max())
+    assert result.target_score == pytest.approx(float((seed * logits).sum()), rel=1e-6)
 
 
 def test_model_is_left_exactly_as_it_was(model, image):

@@ -157,3 +157,24 @@ def test_seeds_that_are_large_or_differentiated_take_the_whole_pass(monkeypatch)
     assert taken == []
     LRP(composite="epsilon_plus_flat").attribute(model, x, small.detach())
     assert taken
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small_region", "large_region"])
+@pytest.mark.parametrize("composite", ["epsilon_plus", "epsilon_plus_flat", "z_plus", "epsilon"])
+def test_a_seed_read_off_the_wired_forward_pass_gives_the_maps_of_that_seed_given(composite, small):
+    model = leaky_unet()
+    x = torch.randn(1, 2, 8, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with LRP(composite=composite).seeded_by_output(model, x) as (logits, finish):
+        torch.testing.assert_close(logits, model(x), rtol=1e-12, atol=1e-12)
+        assert not logits.requires_grad
+        seed = torch.zeros_like(logits)
+        seed[0, 1] = (logits[0].argmax(0) == 1).to(x.dtype)
+        if small:  # a box of 18 voxels: the rules' backward passes work on windows
+            seed[0, 1, :, :, :] = 0.0
+            seed[0, 1, 3:5, 6:9, 6:9] = 1.0
+        deferred = finish(seed)
+    given = LRP(composite=composite).attribute(model, x, seed)
+    scale = float(given.maps.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(deferred.maps, given.maps, rtol=1e-10, atol=1e-12 * scale)
+    torch.testing.assert_close(deferred.delta, given.delta, rtol=1e-10, atol=1e-12 * scale)

@@ -64,13 +64,14 @@ class PropagationContext:
             (Tjoa et al.'s layer-wise mode), or ``None``.
         sparse_relevance: Whether the explained outputs are a small box of the output grid (a click, a box, a
             small segment): rules then compute what they need in the backward pass, and only over the part of each
-            layer that receives relevance.
+            layer that receives relevance. ``None`` while the forward pass runs before the seed is known (the
+            seed is read off its logits); the seed decides it before the backward pass.
     """
 
     network_input: torch.Tensor
     input_sink: torch.Tensor
     layer_filter: Any = None
-    sparse_relevance: bool = False
+    sparse_relevance: bool | None = False
 
     def filtered(self, relevance: torch.Tensor) -> torch.Tensor:
         if self.layer_filter is None:

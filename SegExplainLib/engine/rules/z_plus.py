@@ -33,9 +33,11 @@ class ZPlus(WeightRule):
         weight = module.weight.detach()
         bias = None if module.bias is None else module.bias.detach()
         rectified = known_non_negative(x)
-        if ctx.sparse_relevance:
+        if ctx.sparse_relevance is not False:
             # A small target (a click, a box) leaves most of the decoder's output voxels without relevance: the
-            # denominators z+ are computed in the backward pass, over the box of voxels that receive some.
+            # denominators z+ are computed in the backward pass, over the box of voxels that receive some. So they
+            # are while the target is not yet known (read off this forward pass's logits): on signed inputs at no
+            # extra cost, as the dense path below runs the same convolutions.
             with torch.no_grad():
                 y = affine_forward(module, x, weight, bias)
 
