@@ -24,6 +24,7 @@ from ..rules.affine import unwired
 from ..rules.base import PropagationContext, Rule, replace_backward
 from .passes import (
     accumulate,
+    baseline_of,
     check_inputs,
     check_output,
     check_seed,
@@ -216,15 +217,6 @@ DEEPLIFT = Composite(rules={"rectifier": Rescale(), "activation": Rescale(), "pa
                             "norm": NormPath()},
                      canonizers=(), required=frozenset({"rectifier", "activation", "norm"}),
                      passed_functions=DEEPLIFT_FUNCTIONS, name="deeplift")
-
-
-def baseline_of(x: torch.Tensor, baseline: Baseline) -> torch.Tensor:
-    """The baseline of ``x`` in its type and on its device, checked against its shape."""
-    x0 = baseline(x).to(dtype=x.dtype, device=x.device)
-    if x0.shape != x.shape:
-        msg = f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}"
-        raise SegExplainError(msg)
-    return x0
 
 
 def reference_samples(x: torch.Tensor, baseline: Baseline, n: int, noise_level: float,

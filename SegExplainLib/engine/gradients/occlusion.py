@@ -13,6 +13,7 @@ from ..checks import check_triple
 from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
 from .passes import (
+    baseline_of,
     check_inputs,
     check_output,
     check_seed,
@@ -94,9 +95,7 @@ class Occlusion(AttributionMethod):
         x = check_inputs(inputs)
         seed = check_seed(seed, x)
         batch, channels = x.shape[:2]
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        x0 = baseline_of(x, self.baseline)
         axes = [_window_positions(size, w, s) for size, w, s in zip(x.shape[2:], self.window, self.stride)]
         (pd, wd), (ph, wh), (pw, ww) = axes
         groups = channels if self.per_channel else 1

@@ -137,6 +137,15 @@ def coerce_baseline(value: Any, option: str = "baseline") -> Baseline:
         raise SegExplainError(f"{option}: {exc}") from None
 
 
+def baseline_of(x: torch.Tensor, baseline: Baseline) -> torch.Tensor:
+    """The baseline of ``x`` in its type and on its device, checked against its shape."""
+    x0 = baseline(x).to(dtype=x.dtype, device=x.device)
+    if x0.shape != x.shape:
+        msg = f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}"
+        raise SegExplainError(msg)
+    return x0
+
+
 def accumulate(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor, create_graph: bool) -> torch.Tensor:
     if create_graph:
         return acc.index_add(0, index, values)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ...errors import SegExplainError
 from ..baselines import Baseline
 from ..checks import check_triple, is_int
-from ..gradients.passes import check_inputs, check_seed, coerce_baseline, set_batching
+from ..gradients.passes import baseline_of, check_inputs, check_seed, coerce_baseline, set_batching
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores
 
@@ -78,9 +78,7 @@ class Rise(AttributionMethod):
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = check_inputs(inputs)
         seed = check_seed(seed, x)
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        x0 = baseline_of(x, self.baseline)
         masks = self.masks(x.shape[2:], x.dtype, x.device)
         scores = masked_scores(self, model, x, x0, seed, self.n_masks, masks)  # (B, N)
         saliency = torch.zeros((x.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)

@@ -12,7 +12,7 @@ from ..baselines import Baseline
 from ..checks import check_choice
 from ..deployment import check_walkable
 from ..gradients.gradcam import check_layer_name, named_layer
-from ..gradients.passes import check_inputs, check_output, check_seed, coerce_baseline, set_batching
+from ..gradients.passes import baseline_of, check_inputs, check_output, check_seed, coerce_baseline, set_batching
 from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores
@@ -75,9 +75,7 @@ class ScoreCAM(AttributionMethod):
         x = check_inputs(inputs)
         seed = check_seed(seed, x)
         check_walkable(model, self.name)
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        x0 = baseline_of(x, self.baseline)
         act = self._activation(model, x, seed)
         channels = act.shape[1]
         upsampled = F.interpolate(act.to(x.dtype), size=tuple(x.shape[2:]), mode="trilinear", align_corners=False)

@@ -9,7 +9,7 @@ import torch
 
 from ...errors import SegExplainError
 from ..baselines import Baseline
-from ..gradients.passes import check_inputs, check_seed, coerce_baseline, set_batching
+from ..gradients.passes import baseline_of, check_inputs, check_seed, coerce_baseline, set_batching
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores
 
@@ -73,9 +73,7 @@ class SequenceShapley(AttributionMethod):
         if channels > MAX_CHANNELS:
             raise SegExplainError(f"sequence_shapley runs all 2^C coalitions of the C input channels; got C = "
                                   f"{channels}, expected at most {MAX_CHANNELS}")
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        x0 = baseline_of(x, self.baseline)
         count = 2**channels
         bits = torch.arange(channels, device=x.device)
 

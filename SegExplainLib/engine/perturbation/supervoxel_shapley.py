@@ -10,7 +10,7 @@ import torch
 from ...errors import SegExplainError
 from ..baselines import Baseline
 from ..checks import check_triple, is_int
-from ..gradients.passes import check_inputs, check_seed, coerce_baseline, set_batching
+from ..gradients.passes import baseline_of, check_inputs, check_seed, coerce_baseline, set_batching
 from ..method import AttributionMethod, AttributionOutput
 from .passes import masked_scores, spread
 
@@ -81,9 +81,7 @@ class SupervoxelShapley(AttributionMethod):
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:
         x = check_inputs(inputs)
         seed = check_seed(seed, x)
-        x0 = self.baseline(x).to(dtype=x.dtype, device=x.device)
-        if x0.shape != x.shape:
-            raise SegExplainError(f"baseline shape {tuple(x0.shape)} does not match the inputs shape {tuple(x.shape)}")
+        x0 = baseline_of(x, self.baseline)
         labels = block_labels(x.shape[2:], self.block_size, x.device)
         players = int(labels.max()) + 1
         if players < 2:
