@@ -22,7 +22,6 @@ from trame.widgets import html
 from trame.widgets import vuetify3 as v
 from trame_server.utils.asynchronous import create_task
 
-from SegExplainLib.application.requests import EvaluationRequest
 from SegExplainLib.engine.api import METHODS
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.figures import save_figure, scorecard_figure

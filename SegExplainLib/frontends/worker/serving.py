@@ -237,7 +237,7 @@ def serve(inputs: int, outputs: int) -> None:
                 threads = _machine_threads()
                 torch.set_num_threads(threads)
 
-                def told(step: str, fraction: float) -> None:
+                def told(step: str, fraction: float, number: int = number) -> None:
                     with control.sending(number):  # a cancel meanwhile stops the scoring once the event is whole
                         send({"event": "progress", "request": number, "step": step, "fraction": fraction})
 
