@@ -76,7 +76,8 @@ class ScoreAction:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self.number: int | None = None  # the running request's number on the worker
+        self.worker: Any = None  # the worker of the running request, and its number there
+        self.number: int | None = None
         self.summary: dict[str, Any] | None = None  # the last scorecard, as summary.json
         self.figure = b""  # its PNG
 
@@ -95,21 +96,19 @@ class ScoreAction:
             return
         try:
             methods = tuple(state.score_methods or ())
-            if not methods:
-                raise SegExplainError("choose at least one method to score")
-            worker, self.number = self.app.session.startEvaluation(self.app.parameters(), methods,
+            self.worker, self.number = self.app.session.startEvaluation(self.app.parameters(), methods,
                                                                           **REVIEW_SCORING)
         except SegExplainError as error:
             state.error = str(error)
             return
         state.update({"scoring": True, "score_progress": 0, "score_step": "starting", "error": "",
                       "message": f"Scoring {len(methods)} methods on the region"})
-        create_task(self._watch(worker, self.number))
+        create_task(self._watch(self.worker, self.number))
 
     def cancel(self) -> None:
         """Stop the running scorecard; the worker stays warm."""
-        if self.app.state.scoring and self.number is not None:
-            self.app.session.explainer.worker.cancel(self.number)
+        if self.app.state.scoring and self.worker is not None:
+            self.worker.cancel(self.number)
 
     async def _watch(self, worker: Any, number: int) -> None:
         while (answer := worker.answer(number)) is None and worker.state == "running":

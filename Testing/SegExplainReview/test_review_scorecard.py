@@ -30,7 +30,8 @@ def test_no_method_chosen_is_an_error_and_nothing_is_offered(server, page):
     setState(page, score_methods=[], region_kind="predicted", error="")
     page.evaluate("document.querySelector('#score-button').click()")
     page.waitFor("window.trame.state.get('error')", timeout=30)
-    assert page.evaluate("window.trame.state.get('error')") == "choose at least one method to score"
+    assert page.evaluate("window.trame.state.get('error')") == (
+        "methods must name at least one method to score, got none")
     assert not page.evaluate("window.trame.state.get('scoring')")
     assert status(server, SUMMARY) == status(server, FIGURE) == 404
     assert page.evaluate("document.querySelector('#score-summary')") is None
