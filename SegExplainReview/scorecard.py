@@ -132,7 +132,7 @@ class ScoreAction:
         from SegExplainLib.engine.explanation import software_versions
 
         record = answer.record["scorecard"]
-        self.summary = {**answer.record, "inputs": list(self.app.session.names), "software": software_versions()}
+        self.summary = {**answer.record, "software": software_versions()}
         with tempfile.TemporaryDirectory(dir=self.app.session.scratchFolder()) as folder:
             self.figure = save_figure(scorecard_figure(record), Path(folder) / "scorecard.png").read_bytes()
         self.app.state.update({"scorecard_png": f"data:image/png;base64,{base64.b64encode(self.figure).decode()}",
