@@ -150,8 +150,8 @@ def test_the_segment_matrix_travels_as_its_record_and_equals_the_engines(worker,
         worker.wait(worker.segment_matrix(ask("--method", "gradient"), labels=labels[1:]), timeout=60)
 
 
-#: A scorecard that takes seconds on the demo case: two methods, short curves, one randomization stage.
-QUICK_SCORING = {"methods": ("gradient", "gradient_x_input"), "steps": 4, "random_orders": 2,
+#: A scorecard that takes seconds on the demo case: one method, short curves, one randomization stage.
+QUICK_SCORING = {"methods": ("gradient",), "steps": 4, "random_orders": 2,
                  "randomization_stages": 1, "n_perturbations": 2}
 
 
@@ -200,6 +200,16 @@ def test_an_evaluate_request_is_checked_in_the_child_and_leaves_the_worker_warm(
         worker.evaluate(ask(*CLICK))
     assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
     assert worker.starts == 1
+
+
+def test_a_segment_travels_as_the_scorecards_region(worker, case):
+    image, _ = case
+    mask = np.zeros(image.shape[1:], bool)
+    mask[8:11, 22:27, 22:27] = True
+    answer = worker.wait(worker.evaluate(EvaluationRequest(methods=("gradient",), scores=("localization",)),
+                                         mask=mask), timeout=120)
+    assert answer.record["scorecard"]["target"]["region_voxels"] == mask.sum() == 75
+    assert list(answer.record["scorecard"]["methods"]) == ["gradient"]
 
 
 def test_cancel_stops_a_scorecard_and_keeps_the_model_and_case(worker):
