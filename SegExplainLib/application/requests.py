@@ -380,6 +380,8 @@ def _check_scoring(run: Any, request: ExplainRequest) -> None:
         raise SegExplainError(f"samples={request.samples} has no use in a scorecard, which scores the exact maps; "
                               "leave it out")
     methods = opt.check_tuple("methods", run.methods)
+    if not methods:
+        raise SegExplainError("methods must name at least one method to score, got none")
     for method in methods:
         if method not in METHODS:
             raise SegExplainError(f"unknown method {method!r}; expected some of {sorted(METHODS)}")
