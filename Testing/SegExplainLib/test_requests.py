@@ -9,7 +9,7 @@ import pytest
 
 from SegExplainLib.application import options as opt
 from SegExplainLib.application.model_source import ModelSource
-from SegExplainLib.application.requests import CaseRun, ExplainRequest
+from SegExplainLib.application.requests import CaseRun, EvaluationRequest, EvaluationRun, ExplainRequest
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends import cli
 from SegExplainLib.frontends.worker import Worker
@@ -110,6 +110,11 @@ def test_the_command_line_takes_its_defaults_from_the_classes():
     (lambda: CaseRun(("a",), "o", "card.yaml"), "model must be a ModelSource, got 'card.yaml'"),
     (lambda: CaseRun(("a",), "o", ModelSource(), filters=("band:0.2",)), "band"),
     (lambda: CaseRun(("a",), "o", ModelSource(), progress="dots"), "progress must be one of bar, json, none"),
+    (lambda: EvaluationRequest(methods=()), "methods must name at least one method to score, got none"),
+    (lambda: EvaluationRequest("voxel"), "request must be an ExplainRequest, got 'voxel'"),
+    (lambda: EvaluationRequest(ExplainRequest(aggregation="normalized", samples=4)),
+     "samples=4 has no use in a scorecard"),
+    (lambda: EvaluationRequest(steps=0), "steps must be an integer >= 1, got 0"),
 ])
 def test_each_bad_value_is_named_in_one_line(make, message):
     with pytest.raises(SegExplainError, match=message) as raised:
@@ -117,7 +122,7 @@ def test_each_bad_value_is_named_in_one_line(make, message):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("cls", [ModelSource, ExplainRequest, CaseRun])
+@pytest.mark.parametrize("cls", [ModelSource, ExplainRequest, CaseRun, EvaluationRequest])
 def test_json_with_unknown_keys_or_bad_values_is_refused(cls):
     with pytest.raises(SegExplainError, match=rf"{cls.__name__} has no key\(s\) 'bogus', 'colour'; expected some of"):
         cls.from_json({"bogus": 1, "colour": "red"})
@@ -133,6 +138,19 @@ def test_case_run_json_checks_its_model_and_request():
         CaseRun.from_json({**data, "request": {**data["request"], "seed": -2}})
     with pytest.raises(SegExplainError, match="ModelSource has no key\\(s\\) 'script'"):
         CaseRun.from_json({**data, "model": {**data["model"], "script": "rm -rf /"}})
+
+
+def test_the_workers_evaluation_request_has_the_runs_scoring_and_travels_as_json():
+    run = EvaluationRun(CaseRun(("a",), "o", ModelSource(), ExplainRequest(voxel=(1, 2, 3), seed=4)))
+    request = EvaluationRequest(run.case.request)
+    assert request.evaluation_options() == run.evaluation_options()  # the same defaults, device and seed
+    changed = EvaluationRequest(ExplainRequest(class_index=2), methods=("gradient", "lrp"),
+                                method_options={"lrp": {"composite": "epsilon_plus"}}, scores=("faithfulness",),
+                                block_size=2, reference="road", batch_size=3)
+    for made in (request, changed):
+        assert EvaluationRequest.from_json(json.loads(json.dumps(made.to_json()))) == made
+    with pytest.raises(SegExplainError, match="unknown method 'nope'"):
+        EvaluationRequest.from_json({**changed.to_json(), "methods": ["nope"]})
 
 
 def test_the_worker_answers_a_request_with_a_bad_field_with_its_error():
