@@ -1,5 +1,5 @@
-"""The typed requests of the front ends: what to explain (:class:`ExplainRequest`) and a whole case run
-(:class:`CaseRun`).
+"""The typed requests of the front ends: what to explain (:class:`ExplainRequest`), a whole case run
+(:class:`CaseRun`) and a scorecard of methods on a case (:class:`EvaluationRun`).
 
 Each is a frozen dataclass checked field by field when made (a one-line SegExplainError naming the value and what was
 expected), converts to and from JSON (:meth:`to_json`, :meth:`from_json`, which refuses unknown keys by name) and to
@@ -348,4 +348,133 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> Any:
     opt.add_options(run, ExplainRequest, _RUN_OPTIONS)
     opt.add_options(run, CaseRun, ("output", "overwrite", "progress", "segment_matrix", "segment_labels"))
     run.add_argument("--no-figures", action="store_true", help=opt.flag_of(CaseRun, "figures").help)
+    return run
+
+
+#: The methods ``segexplain evaluate`` scores by default: six rule-free and LRP-family methods of every kind.
+EVALUATED_METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "lrp", "guided_backprop")
+#: The fields of :class:`EvaluationRun` that are options of :func:`~SegExplainLib.engine.evaluation.evaluate`.
+_EVALUATION_OPTIONS = ("method_options", "scores", "block_size", "steps", "reference", "random_orders",
+                       "randomization_stages", "n_perturbations", "noise_radius", "batch_size")
+
+
+def _read_scored_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--method-option METHOD:KEY=JSON`` words as ``{method: {key: value}}``."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        method, sep, rest = item.partition(":")
+        if not sep or not method:
+            raise SegExplainError(f"--method-option must look like METHOD:KEY=JSON, got {item!r}")
+        options.setdefault(method, {}).update(_read_method_options([rest]))
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRun(opt.JsonFields):
+    """A scorecard of methods on one case, as ``segexplain evaluate`` makes it (:func:`run_evaluation`).
+
+    Attributes:
+        case: The case's files, model, region (its request's region, class, device and seed; its method is not
+            used), sequence names, output folder and display.
+        methods: The methods to score (:data:`EVALUATED_METHODS` by default).
+        method_options: Per method, options of its constructor.
+        scores, block_size, steps, reference, random_orders, randomization_stages, n_perturbations, noise_radius,
+            batch_size: Options of :func:`~SegExplainLib.engine.evaluation.evaluate` (docs/evaluation.md).
+    """
+
+    nested_json: ClassVar[dict[str, type]] = {"case": CaseRun}
+
+    case: CaseRun = opt.option(dataclasses.MISSING)
+    methods: tuple[str, ...] = opt.option(EVALUATED_METHODS, "--methods", nargs="+", metavar="METHOD",
+                                          help=f"methods to score (default: {' '.join(EVALUATED_METHODS)})")
+    method_options: dict[str, Any] = opt.option(
+        {}, "--method-option", repeat=True, metavar="METHOD:KEY=JSON",
+        help="an option of one method, e.g. integrated_gradients:n_steps=16 (repeatable)",
+        read=_read_scored_method_options,
+        write=lambda value: [f"{m}:{k}={json.dumps(v)}" for m, given in value.items() for k, v in given.items()])
+    scores: tuple[str, ...] = opt.option(("faithfulness", "randomization", "robustness", "localization"),
+                                         "--scores", nargs="+", metavar="SCORE",
+                                         help="which scores (default: all four)")
+    block_size: int = opt.option(4, "--block-size", type=int, help="voxels per side of a removed block (default 4)")
+    steps: int = opt.option(16, "--steps", type=int, help="points of the deletion and insertion curves, less one")
+    reference: str = opt.option("blur:2", "--reference",
+                                help="what replaces a removed block: blur:SIGMA (default blur:2), min, road...")
+    random_orders: int = opt.option(5, "--random-orders", type=int, help="random orders of the faithfulness baseline")
+    randomization_stages: int = opt.option(3, "--randomization-stages", type=int,
+                                           help="layer groups randomized from the output down (default 3)")
+    n_perturbations: int = opt.option(4, "--n-perturbations", type=int, help="noisy inputs of the max-sensitivity")
+    noise_radius: float = opt.option(0.02, "--noise-radius", type=float,
+                                     help="noise of the max-sensitivity, relative to the intensity range")
+    batch_size: int | None = opt.option(None, "--batch-size", type=int,
+                                        help="perturbed images per forward pass (default: from the memory budget)")
+
+    def __post_init__(self) -> None:
+        from ..engine.api import METHODS
+        from ..engine.evaluation import SCORES
+
+        if not isinstance(self.case, CaseRun):
+            raise SegExplainError(f"case must be a CaseRun, got {self.case!r}")
+        if self.case.request.samples is not None:  # a sampled map would be scored as if it were the exact one
+            raise SegExplainError(f"samples={self.case.request.samples} has no use in a scorecard, which scores the "
+                                  "exact maps; leave it out")
+        methods = opt.check_tuple("methods", self.methods)
+        for method in methods:
+            if method not in METHODS:
+                raise SegExplainError(f"unknown method {method!r}; expected some of {sorted(METHODS)}")
+        object.__setattr__(self, "methods", methods)
+        opt.check_dict("method_options", self.method_options)
+        scores = opt.check_tuple("scores", self.scores)
+        for score in scores:
+            opt.check_text("scores", score, choices=SCORES)
+        object.__setattr__(self, "scores", scores)
+        for name in ("block_size", "steps", "randomization_stages", "n_perturbations"):
+            opt.check_int(name, getattr(self, name), minimum=1)
+        opt.check_int("random_orders", self.random_orders, minimum=2)
+        opt.check_int("batch_size", self.batch_size, minimum=1, optional=True)
+        opt.check_text("reference", self.reference)
+        object.__setattr__(self, "noise_radius", opt.check_number("noise_radius", self.noise_radius, positive=True,
+                                                                  below=1.0))
+
+    def evaluation_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`~SegExplainLib.engine.evaluation.evaluate` for this run."""
+        request = self.case.request
+        return {name: getattr(self, name) for name in _EVALUATION_OPTIONS} | {"device": request.device,
+                                                                               "seed": request.seed}
+
+    def arguments(self) -> list[str]:
+        """The ``segexplain evaluate`` words of this run (after ``segexplain evaluate``)."""
+        case = self.case
+        return [*opt.words(case, ("inputs", "sequence_names", "resample")), *case.model.arguments(),
+                *opt.words(case.request, (*REGION_FIELDS, *_REGION_OPTIONS, *_RUN_OPTIONS)),
+                *opt.words(self, ("methods", *_EVALUATION_OPTIONS)),
+                *opt.words(case, ("output", "overwrite", "progress")), *([] if case.figures else ["--no-figures"])]
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> EvaluationRun:
+        """The run of a parsed ``segexplain evaluate`` command line (:func:`add_evaluation_arguments`)."""
+        from .model_source import ModelSource
+
+        request = ExplainRequest(**opt.from_namespace(ExplainRequest, args, (*REGION_FIELDS, *_REGION_OPTIONS,
+                                                                             *_RUN_OPTIONS)))
+        case = CaseRun(**opt.from_namespace(CaseRun, args, ("inputs", "output", "sequence_names", "resample",
+                                                            "overwrite", "progress")),
+                       figures=not args.no_figures, model=ModelSource.from_namespace(args), request=request)
+        return cls(case, **opt.from_namespace(cls, args, ("methods", *_EVALUATION_OPTIONS)))
+
+
+def add_evaluation_arguments(parser: argparse.ArgumentParser) -> Any:
+    """Every option of ``segexplain evaluate`` but ``--verbose``: the inputs, model and region of ``segexplain
+    explain``, the methods and scores, and the run; returns the group of the run's options."""
+    from .model_source import add_model_arguments
+
+    inputs = parser.add_argument_group("inputs")
+    opt.add_options(inputs, CaseRun, ("inputs", "sequence_names", "resample"))
+    add_model_arguments(parser)
+    add_region_arguments(parser)
+    opt.add_options(parser.add_argument_group("methods and scores (docs/evaluation.md)"), EvaluationRun,
+                    ("methods", *_EVALUATION_OPTIONS))
+    run = parser.add_argument_group("run")
+    opt.add_options(run, ExplainRequest, _RUN_OPTIONS)
+    opt.add_options(run, CaseRun, ("output", "overwrite", "progress"))
+    run.add_argument("--no-figures", action="store_true", help="skip the PNG figure")
     return run

@@ -104,7 +104,7 @@ def _status_bytes(field: str) -> int:
     raise OSError(f"{field} is not in /proc/self/status")
 
 
-def _added_peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
+def added_peak_bytes(run: Callable[[], None], device: torch.device) -> int | None:
     """Peak memory that ``run()`` adds on ``device``, or ``None`` where it cannot be read."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,7 +155,7 @@ def estimate_sample_bytes(model: torch.nn.Module, sample: torch.Tensor) -> int:
         if isinstance(scalar, torch.Tensor):
             torch.autograd.grad(scalar, probe, allow_unused=True)
 
-    measured = _added_peak_bytes(forward_and_backward, probe.device)
+    measured = added_peak_bytes(forward_and_backward, probe.device)
     saved = SAFETY_FACTOR * (sum(seen.values()) + out_bytes + 2 * probe.numel() * probe.element_size())
     if measured is not None and saved >= MEASURED_FROM_BYTES:
         return max(1, int(max(saved, MEASURED_MARGIN * measured)))

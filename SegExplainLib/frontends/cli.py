@@ -11,6 +11,7 @@ place at the very end. Output folders carry a marker file (:data:`OUTPUT_MARKER`
 folder that has it, and only once the new results are complete. ``segexplain cohort`` runs the same explanation over
 the cases of a CSV, goes on after a failing case (exit status 1 when any failed) and does not recompute finished
 cases when run again; with ``--workers N`` on N warm Ray workers (:mod:`SegExplainLib.frontends.raycohort`).
+``segexplain evaluate`` scores several methods on one case (docs/evaluation.md) and writes the scorecard.
 ``segexplain review`` serves the browser review app (package ``SegExplainReview``, the ``review`` extra) on
 127.0.0.1.
 """
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from ..application.cohort import INCLUSIVITY_FILTERS
 from ..application.model_source import add_nnunet_arguments
-from ..application.requests import CaseRun, add_case_arguments
+from ..application.requests import CaseRun, EvaluationRun, add_case_arguments, add_evaluation_arguments
 from ..errors import SegExplainError
 from ..io.outputs import OUTPUT_MARKER
 
@@ -51,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     explain = commands.add_parser("explain", help="explain one case: sequence files in, relevance maps out")
     add_case_arguments(explain).add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    evaluate = commands.add_parser(
+        "evaluate", help="score attribution methods on one case: which map can be trusted for this network?",
+        description="Scores each method's map on the case (faithfulness by deletion and insertion against random "
+                    "orders, cascading randomization, max-sensitivity, relevance outside the receptive field and the "
+                    "target; docs/evaluation.md), prints the scorecard and writes summary.json, curves.csv and "
+                    "scorecard.png. Inputs, model and region are given as for explain.")
+    add_evaluation_arguments(evaluate).add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     demo = commands.add_parser("demo", help="explain the bundled demo network on a generated 6-sequence case")
     demo.add_argument("--output", default="segexplain-demo", metavar="DIR", help="output folder "
                                                                                  "(default: segexplain-demo)")
@@ -245,6 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "review":
             run_review(args)
             return 0
+        elif args.command == "evaluate":
+            from ..application.evaluation import run_evaluation
+
+            run = EvaluationRun.from_namespace(args)
+            with _library_warnings(args.verbose):
+                scorecard = run_evaluation(run)
+            output = Path(run.case.output)
+            if args.progress != "json":
+                print(scorecard.table())
         else:
             from ..application.case_run import run_case
 

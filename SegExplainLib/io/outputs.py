@@ -177,3 +177,48 @@ def case_figures(image: np.ndarray, maps: np.ndarray, names: Sequence[str], fold
     for filename, figure in drawn.items():
         figures.save_figure(figure, folder / filename)
     return list(drawn)
+
+
+def write_scorecard_outputs(destination: Path, *, overwrite: bool, scorecard: Any, record: dict[str, Any],
+                            figures: bool, progress: Any = None) -> dict[str, Any]:
+    """Write a scorecard (``segexplain evaluate``): ``summary.json``, ``curves.csv`` and ``scorecard.png``.
+
+    Written like a case's results: to a staging folder renamed into place at the end, into a folder SegExplain
+    wrote or a new one.
+
+    Args:
+        destination: The output folder.
+        overwrite: Replace an earlier SegExplain result there.
+        scorecard: The :class:`~SegExplainLib.engine.evaluation.Scorecard`.
+        record: The run's other entries of ``summary.json`` (inputs, model, sequence order, request).
+        figures: Draw ``scorecard.png``.
+        progress: The run's progress display (its ``step(name)`` is told each step), or None.
+
+    Returns:
+        The summary written to ``summary.json``.
+    """
+    import csv
+
+    from ..engine.explanation import software_versions
+
+    step = progress.step if progress is not None else lambda name: None
+    staging = prepare_output(destination, overwrite)
+    try:
+        step("writing scorecard")
+        with (staging / "curves.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["order", "mode", "fraction", "score"])
+            for name, curve in scorecard.curves.items():
+                for mode in ("deletion", "insertion"):
+                    writer.writerows([name, mode, f, s] for f, s in zip(curve.fractions, getattr(curve, mode)))
+        summary = {**record, **scorecard.to_json(), "files": ["curves.csv"], "software": software_versions()}
+        if figures:
+            from . import figures as drawing
+
+            drawing.save_figure(drawing.scorecard_figure(scorecard), staging / "scorecard.png")
+            summary["figures"] = ["scorecard.png"]
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        move_into_place(staging, destination, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
+    return summary

@@ -39,7 +39,11 @@ from ..engine.segments import SegmentMatrix, segment_matrix
 from ..engine.targets import ClassChannel, MaskTarget, PredictedRegion, Target
 from ..errors import SegExplainError
 
+<<<<<<< HEAD
 __all__ = ["Pipeline", "PreparedCase", "explain_case", "region_to_grid", "relevance_from_grid", "segment_matrix_case"]
+=======
+__all__ = ["Pipeline", "PreparedCase", "explain_case", "network_target", "region_to_grid", "relevance_from_grid"]
+>>>>>>> scorecard
 
 
 @dataclass
@@ -157,7 +161,7 @@ def region_to_grid(region: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return resampled
 
 
-def _on_network(target: Target, original_shape: tuple[int, ...], prepared: PreparedCase) -> Target:
+def network_target(target: Target, original_shape: tuple[int, ...], prepared: PreparedCase) -> Target:
     """``target`` on the network grid: regions drawn on the images are mapped; the network's own ones stay."""
     if isinstance(target, (PredictedRegion, ClassChannel)):
         return target
@@ -208,8 +212,8 @@ def explain_case(pipeline: Pipeline, image: np.ndarray, geometry: Any, target: T
     prepared = prepared or pipeline.prepare(image, geometry)
     if prepared.on_image_grid:  # nothing to map: the record is explain's own
         return explain(prepared.model, prepared.input, target, method, **options)
-    network_target = _on_network(target, tuple(image.shape[1:]), prepared)
-    result = explain(prepared.model, prepared.input, network_target, method, **options)
+    on_network = network_target(target, tuple(image.shape[1:]), prepared)
+    result = explain(prepared.model, prepared.input, on_network, method, **options)
     maps = prepared.maps_to_original(result.maps)
     error = None if result.standard_error is None else prepared.maps_to_original(result.standard_error)
     extras = {**result.extras, "network_target": result.target, "network_map_shape": list(result.maps.shape),

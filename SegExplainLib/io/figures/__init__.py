@@ -33,10 +33,16 @@ sequences, a title naming method, region, class and target score, orientation le
     ...     save_figure(figure, folder / filename)
 
 The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (the overlay primitives),
+<<<<<<< HEAD
 :mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.matrix` (the segment matrix),
 :mod:`.saving` and :mod:`.checks`;
 :mod:`.case` (a case's figures), :mod:`.views` (views in the patient frame) and :mod:`.panels` (figures drawn as
 one picture).
+=======
+:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`;
+:mod:`.case` (a case's figures), :mod:`.scorecard` (the scorecard of methods), :mod:`.views` (views in the patient
+frame) and :mod:`.panels` (figures drawn as one picture).
+>>>>>>> scorecard
 """
 
 from .case import explanation_figures, explanation_title, region_views, rendered_montage
@@ -45,6 +51,7 @@ from .matrix import segment_matrix_figure, segment_matrix_title
 from .overlays import mip_figure, montage_figure
 from .projections import Placement, maximum_intensity_projection, montage_slices
 from .saving import save_figure
+from .scorecard import scorecard_figure
 
 __all__ = [
     "Placement",
@@ -59,7 +66,11 @@ __all__ = [
     "region_views",
     "rendered_montage",
     "save_figure",
+<<<<<<< HEAD
     "segment_matrix_figure",
     "segment_matrix_title",
+=======
+    "scorecard_figure",
+>>>>>>> scorecard
     "shares_figure",
 ]
