@@ -52,16 +52,10 @@ __all__ = [
     "BoxTarget", "Canonizer", "ChannelMinimumBaseline", "ClassChannel", "Composite", "ConstantBaseline",
     "Deconvolution", "Epsilon", "Explanation", "Flat", "Gamma", "GradCAM", "Gradient", "GradientXInput",
     "GuidedBackprop", "IntegratedGradients", "LRP", "METHODS", "MaskTarget", "MergeBatchNorm", "Occlusion", "Pass",
-<<<<<<< HEAD
-    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "SegExplainError", "SegmentMatrix", "SmoothGrad",
-    "Target", "UNet3D",
+    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "Scorecard", "SegExplainError", "SegmentMatrix",
+    "SmoothGrad", "Target", "UNet3D",
     "UnsupportedLayerError", "VoxelTarget", "WSquare", "ZBox", "ZPlus", "Zero", "ZeroBaseline", "alpha_sweep",
-    "binarize", "clamp_filter", "composite_names", "explain", "get_composite", "ground_truth_inclusivity",
-=======
-    "PerturbationCurve", "PredictedRegion", "RULES", "Rule", "Scorecard", "SegExplainError", "SmoothGrad", "Target",
-    "UNet3D", "UnsupportedLayerError", "VoxelTarget", "WSquare", "ZBox", "ZPlus", "Zero", "ZeroBaseline", "alpha_sweep",
     "binarize", "clamp_filter", "composite_names", "evaluate", "explain", "get_composite", "ground_truth_inclusivity",
->>>>>>> scorecard
     "inclusivity", "input_inclusivity", "lrp_defaults", "make_baseline", "make_method", "make_rule", "pass_filter",
     "perturbation_curve", "reference_unet", "register_composite", "relevance_mass_in_region", "relevance_shares",
     "segment_matrix", "tiny_unet",

@@ -39,11 +39,8 @@ from ..engine.segments import SegmentMatrix, segment_matrix
 from ..engine.targets import ClassChannel, MaskTarget, PredictedRegion, Target
 from ..errors import SegExplainError
 
-<<<<<<< HEAD
-__all__ = ["Pipeline", "PreparedCase", "explain_case", "region_to_grid", "relevance_from_grid", "segment_matrix_case"]
-=======
-__all__ = ["Pipeline", "PreparedCase", "explain_case", "network_target", "region_to_grid", "relevance_from_grid"]
->>>>>>> scorecard
+__all__ = ["Pipeline", "PreparedCase", "explain_case", "network_target", "region_to_grid", "relevance_from_grid",
+           "segment_matrix_case"]
 
 
 @dataclass

@@ -33,16 +33,10 @@ sequences, a title naming method, region, class and target score, orientation le
     ...     save_figure(figure, folder / filename)
 
 The package holds a module per subject: :mod:`.projections`, :mod:`.drawing` (the overlay primitives),
-<<<<<<< HEAD
 :mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.matrix` (the segment matrix),
 :mod:`.saving` and :mod:`.checks`;
-:mod:`.case` (a case's figures), :mod:`.views` (views in the patient frame) and :mod:`.panels` (figures drawn as
-one picture).
-=======
-:mod:`.overlays` (MIP, montage), :mod:`.charts` (shares, inclusivity), :mod:`.saving` and :mod:`.checks`;
 :mod:`.case` (a case's figures), :mod:`.scorecard` (the scorecard of methods), :mod:`.views` (views in the patient
 frame) and :mod:`.panels` (figures drawn as one picture).
->>>>>>> scorecard
 """
 
 from .case import explanation_figures, explanation_title, region_views, rendered_montage
@@ -66,11 +60,8 @@ __all__ = [
     "region_views",
     "rendered_montage",
     "save_figure",
-<<<<<<< HEAD
+    "scorecard_figure",
     "segment_matrix_figure",
     "segment_matrix_title",
-=======
-    "scorecard_figure",
->>>>>>> scorecard
     "shares_figure",
 ]
