@@ -121,7 +121,9 @@ class SegExplainParameterNode:
     explainOnClick: bool = True
     preview: bool = True
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
-                                   "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
+                                   "guided_backprop", "deconvolution", "occlusion", "gradcam", "deeplift",
+                                   "deeplift_shap", "gradient_shap", "guided_gradcam", "sequence_shapley",
+                                   "supervoxel_shapley", "rise", "score_cam"])] = "lrp"
     composite: Annotated[str, Choice(["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
                                       "epsilon_alpha2_beta1_flat", "epsilon_plus_z_box", "epsilon_plus_w_square",
                                       "epsilon_gamma_z_box", "z_plus", "alpha1_beta0", "alpha2_beta1", "gamma",

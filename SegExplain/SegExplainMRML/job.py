@@ -26,6 +26,7 @@ from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.requests import CaseRun, ExplainRequest
 from SegExplainLib.application.sequences import match_sequences
 from SegExplainLib.engine import metrics
+from SegExplainLib.engine.api import METHODS as ENGINE_METHODS
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends.worker import Worker
 from SegExplainLib.models.demo_card import demo_card_path
@@ -39,9 +40,9 @@ MODEL_KINDS = ("card", "nnunet", "bundle")
 #: How a refusal of a model's code tells the module's user to allow it.
 TRUST_ADVICE = (", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow code from "
                 "this model' in the Slicer module, or start segexplain review with --trust-model-code")
-#: Methods offered in the module, in menu order (the engine's names).
-METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
-           "deconvolution", "occlusion")
+#: Methods offered in the module, in menu order: the engine's registry, so a method registered there is offered here
+#: (the module file's menu, which cannot import the engine when Slicer starts, is checked against this).
+METHODS = tuple(ENGINE_METHODS)
 #: The largest seed: what Qt's spin box (a C int) holds, so the panel's seed field covers every seed.
 SEED_MAX = 2**31 - 1
 

@@ -20,6 +20,7 @@ from SegExplainMRML import workflow
 from SegExplainMRML.job import METHODS, MODEL_KINDS, REGION_KINDS, ExplainSettings, ModelSource
 
 from SegExplainLib import composite_names
+from SegExplainLib.engine.api import METHODS as ENGINE_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "SegExplain" / "SegExplain.py"
@@ -101,6 +102,12 @@ def test_parameter_defaults_match_the_logic(parameters):
 
 def test_parameter_choices_match_the_logic(parameters):
     assert _choices(parameters["method"][0]) == list(METHODS)
+
+
+def test_the_method_menu_is_the_engines_registry(parameters):
+    # a method registered in the engine (DeepLIFT, Shapley, RISE, ...) is offered by the module and the review app
+    assert list(METHODS) == list(ENGINE_METHODS)
+    assert _choices(parameters["method"][0]) == list(ENGINE_METHODS)
     assert _choices(parameters["regionKind"][0]) == list(REGION_KINDS)
     assert _choices(parameters["filterKind"][0]) == ["none", "pass", "clamp"]
 
