@@ -57,6 +57,7 @@ from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.figures import save_figure, segment_matrix_figure
 
 from .layout import Legend, composeLayout, legendGradient, sliceViewLabels
+from .scorecard import ScoreAction
 from .session import ReviewCase, ReviewParameters, ReviewSession
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class ReviewApp(TrameApp):
         self.layoutManager.register_layout("compare", LAYOUTS["compare"], lazy_initialization=True)
         self.job: Any = None
         self.segmentMatrixResult: SegmentMatrix | None = None  # the last one computed, for its CSV download
+        self.scoring = ScoreAction(self)
         self._initializeState()
         self._buildUi()
         self.layoutManager.set_layout("review")
@@ -180,7 +182,7 @@ class ReviewApp(TrameApp):
             "compare_on": False, "compare_item": None, "compare_filter_kind": "pass", "compare_alpha1": 0.3,
             "compare_alpha2": 1.0, "upload": None, "upload_message": "", "upload_error": "",
             "box_pending": False, "worker_ready": False, "view_labels": {}, "legend": None,
-            "segment_matrix_running": False, "segment_matrix_png": "",
+            "segment_matrix_running": False, "segment_matrix_png": "", **ScoreAction.initialState(),
         })
 
     def parameters(self) -> ReviewParameters:
@@ -526,7 +528,8 @@ class ReviewApp(TrameApp):
         wslinkServer.app.middlewares.append(self._guard)
         wslinkServer.app.add_routes([web.get(f"{ROUTE}/screenshot.png", self._screenshotResponse),
                                      web.get(f"{ROUTE}/report.pdf", self._reportResponse),
-                                     web.get(f"{ROUTE}/segment_matrix.csv", self._segmentMatrixResponse)])
+                                     web.get(f"{ROUTE}/segment_matrix.csv", self._segmentMatrixResponse),
+                                     *self.scoring.routes(ROUTE)])
         self.server.protocol.updateSecret(self.token)
         for handler in wslinkServer._ws_handlers:  # wslink has no setting for the size a message may declare
             self._capMessages(handler)
@@ -598,7 +601,7 @@ class ReviewApp(TrameApp):
     async def _screenshotResponse(self, _request: web.Request) -> web.Response:
         with tempfile.TemporaryDirectory(dir=self.session.scratchFolder()) as folder:
             path = export.writePng(self.screenshot()[0], Path(folder) / "screenshot.png")
-            return self._attachment(path.read_bytes(), "segexplain-views.png", "image/png")
+            return self.attachment(path.read_bytes(), "segexplain-views.png", "image/png")
 
     async def _reportResponse(self, _request: web.Request) -> web.Response:
         explanation = self._currentExplanation()
@@ -609,16 +612,17 @@ class ReviewApp(TrameApp):
                 path = self.session.writeReport(explanation, self.parameters(), Path(folder) / "report.pdf")
             except SegExplainError as error:
                 return web.Response(status=400, text=str(error))
-            return self._attachment(path.read_bytes(), "segexplain-report.pdf", "application/pdf")
+            return self.attachment(path.read_bytes(), "segexplain-report.pdf", "application/pdf")
 
     async def _segmentMatrixResponse(self, _request: web.Request) -> web.Response:
         if self.segmentMatrixResult is None:
             return web.Response(status=404, text="no segment matrix yet: compute it first")
-        return self._attachment(self.segmentMatrixResult.to_csv().encode(), "segexplain-segment-matrix.csv",
+        return self.attachment(self.segmentMatrixResult.to_csv().encode(), "segexplain-segment-matrix.csv",
                                 "text/csv")
 
     @staticmethod
-    def _attachment(body: bytes, name: str, mime: str) -> web.Response:
+    def attachment(body: bytes, name: str, mime: str) -> web.Response:
+        """A download of ``body`` named ``name``, never cached (it holds the patient's data)."""
         return web.Response(body=body, content_type=mime, headers={
             "Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
 
@@ -743,6 +747,7 @@ class ReviewApp(TrameApp):
         v.VProgressLinear(indeterminate=True, active=("segment_matrix_running",), height=4, color="primary")
         html.Img(src=("segment_matrix_png",), v_if="segment_matrix_png", style="width: 100%;",
                  id="segment-matrix-figure")
+        self.scoring.controls(ROUTE)
         v.VFileInput(label="Add a sequence (<name>.nii.gz) or label map", v_model=("upload",), density="compact",
                      show_size=True, id="upload")
         v.VAlert(text=("upload_error",), v_if="upload_error", type="error", density="compact", id="upload-error")

@@ -24,6 +24,7 @@ from SegExplainMRML.job import ExplainSettings, Region, WarmExplainer, WarmRun
 from SegExplainLib.application.demo import HELD_OUT_SEEDS, demo_geometry, make_case
 from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.application.parent_watch import remove_with_host
+from SegExplainLib.application.requests import EvaluationRequest
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.io.imaging import (
     WRITE_SUFFIXES,
@@ -344,6 +345,15 @@ class ReviewSession:
         settings = workflow.settings(parameters)
         self.prepareExplanation()
         return self.explainer.worker.segment_matrix(settings.request(Region(kind="predicted")))
+
+    def startEvaluation(self, parameters: ReviewParameters, methods: tuple[str, ...]) -> tuple[Any, int]:
+        """Ask the warm worker for the scorecard of ``methods`` on the page's region (docs/evaluation.md; each method
+        with its defaults); the worker and the request's number on it."""
+        region = self.region(parameters)
+        request = EvaluationRequest(workflow.settings(parameters).request(region), methods=methods)
+        self.prepareExplanation()
+        worker = self.explainer.worker
+        return worker, worker.evaluate(request, mask=region.mask)
 
     def finishExplanation(self, run: WarmRun) -> results.Explanation:
         """Load a done click into the scene as a new explanation folder (its preview's folder, if one is shown)."""

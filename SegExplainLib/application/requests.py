@@ -1,5 +1,6 @@
 """The typed requests of the front ends: what to explain (:class:`ExplainRequest`), a whole case run
-(:class:`CaseRun`) and a scorecard of methods on a case (:class:`EvaluationRun`).
+(:class:`CaseRun`) and a scorecard of methods on a case (:class:`EvaluationRun`; the warm worker's
+:class:`EvaluationRequest`).
 
 Each is a frozen dataclass checked field by field when made (a one-line SegExplainError naming the value and what was
 expected), converts to and from JSON (:meth:`to_json`, :meth:`from_json`, which refuses unknown keys by name) and to
@@ -369,6 +370,43 @@ def _read_scored_method_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def _check_scoring(run: Any, request: ExplainRequest) -> None:
+    """Check the scoring fields of ``run`` (an :class:`EvaluationRun` or :class:`EvaluationRequest`) and its
+    region's ``request``, making its sequences tuples."""
+    from ..engine.api import METHODS
+    from ..engine.evaluation import SCORES
+
+    if request.samples is not None:  # a sampled map would be scored as if it were the exact one
+        raise SegExplainError(f"samples={request.samples} has no use in a scorecard, which scores the exact maps; "
+                              "leave it out")
+    methods = opt.check_tuple("methods", run.methods)
+    if not methods:
+        raise SegExplainError("methods must name at least one method to score, got none")
+    for method in methods:
+        if method not in METHODS:
+            raise SegExplainError(f"unknown method {method!r}; expected some of {sorted(METHODS)}")
+    object.__setattr__(run, "methods", methods)
+    opt.check_dict("method_options", run.method_options)
+    scores = opt.check_tuple("scores", run.scores)
+    for score in scores:
+        opt.check_text("scores", score, choices=SCORES)
+    object.__setattr__(run, "scores", scores)
+    for name in ("block_size", "steps", "randomization_stages", "n_perturbations"):
+        opt.check_int(name, getattr(run, name), minimum=1)
+    opt.check_int("random_orders", run.random_orders, minimum=2)
+    opt.check_int("batch_size", run.batch_size, minimum=1, optional=True)
+    opt.check_text("reference", run.reference)
+    object.__setattr__(run, "noise_radius", opt.check_number("noise_radius", run.noise_radius, positive=True,
+                                                             below=1.0))
+
+
+def _evaluation_options(run: Any, request: ExplainRequest) -> dict[str, Any]:
+    """The keyword options of :func:`~SegExplainLib.engine.evaluation.evaluate` of ``run``, with its region's
+    device and seed."""
+    return {name: getattr(run, name) for name in _EVALUATION_OPTIONS} | {"device": request.device,
+                                                                         "seed": request.seed}
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluationRun(opt.JsonFields):
     """A scorecard of methods on one case, as ``segexplain evaluate`` makes it (:func:`run_evaluation`).
@@ -409,37 +447,13 @@ class EvaluationRun(opt.JsonFields):
                                         help="perturbed images per forward pass (default: from the memory budget)")
 
     def __post_init__(self) -> None:
-        from ..engine.api import METHODS
-        from ..engine.evaluation import SCORES
-
         if not isinstance(self.case, CaseRun):
             raise SegExplainError(f"case must be a CaseRun, got {self.case!r}")
-        if self.case.request.samples is not None:  # a sampled map would be scored as if it were the exact one
-            raise SegExplainError(f"samples={self.case.request.samples} has no use in a scorecard, which scores the "
-                                  "exact maps; leave it out")
-        methods = opt.check_tuple("methods", self.methods)
-        for method in methods:
-            if method not in METHODS:
-                raise SegExplainError(f"unknown method {method!r}; expected some of {sorted(METHODS)}")
-        object.__setattr__(self, "methods", methods)
-        opt.check_dict("method_options", self.method_options)
-        scores = opt.check_tuple("scores", self.scores)
-        for score in scores:
-            opt.check_text("scores", score, choices=SCORES)
-        object.__setattr__(self, "scores", scores)
-        for name in ("block_size", "steps", "randomization_stages", "n_perturbations"):
-            opt.check_int(name, getattr(self, name), minimum=1)
-        opt.check_int("random_orders", self.random_orders, minimum=2)
-        opt.check_int("batch_size", self.batch_size, minimum=1, optional=True)
-        opt.check_text("reference", self.reference)
-        object.__setattr__(self, "noise_radius", opt.check_number("noise_radius", self.noise_radius, positive=True,
-                                                                  below=1.0))
+        _check_scoring(self, self.case.request)
 
     def evaluation_options(self) -> dict[str, Any]:
         """The keyword options of :func:`~SegExplainLib.engine.evaluation.evaluate` for this run."""
-        request = self.case.request
-        return {name: getattr(self, name) for name in _EVALUATION_OPTIONS} | {"device": request.device,
-                                                                               "seed": request.seed}
+        return _evaluation_options(self, self.case.request)
 
     def arguments(self) -> list[str]:
         """The ``segexplain evaluate`` words of this run (after ``segexplain evaluate``)."""
@@ -460,6 +474,49 @@ class EvaluationRun(opt.JsonFields):
                                                             "overwrite", "progress")),
                        figures=not args.no_figures, model=ModelSource.from_namespace(args), request=request)
         return cls(case, **opt.from_namespace(cls, args, ("methods", *_EVALUATION_OPTIONS)))
+
+
+def _same_option(cls: type, name: str) -> Any:
+    """A new dataclass field with the default and command-line option of field ``name`` of ``cls``."""
+    found = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return dataclasses.field(default=found.default, default_factory=found.default_factory, metadata=found.metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationRequest(opt.JsonFields):
+    """A scorecard of methods on the warm worker's current case (:meth:`~SegExplainLib.frontends.worker.Worker.
+    evaluate`): the region of :attr:`request` and the scoring of :class:`EvaluationRun`, whose files, model and
+    output folder are the worker's.
+
+    Attributes:
+        request: The region, class, device and seed (its method is not used).
+        methods, method_options, scores, block_size, steps, reference, random_orders, randomization_stages,
+            n_perturbations, noise_radius, batch_size: As :class:`EvaluationRun`'s.
+    """
+
+    nested_json: ClassVar[dict[str, type]] = {"request": ExplainRequest}
+
+    request: ExplainRequest = dataclasses.field(default_factory=ExplainRequest)
+    methods: tuple[str, ...] = _same_option(EvaluationRun, "methods")
+    method_options: dict[str, Any] = _same_option(EvaluationRun, "method_options")
+    scores: tuple[str, ...] = _same_option(EvaluationRun, "scores")
+    block_size: int = _same_option(EvaluationRun, "block_size")
+    steps: int = _same_option(EvaluationRun, "steps")
+    reference: str = _same_option(EvaluationRun, "reference")
+    random_orders: int = _same_option(EvaluationRun, "random_orders")
+    randomization_stages: int = _same_option(EvaluationRun, "randomization_stages")
+    n_perturbations: int = _same_option(EvaluationRun, "n_perturbations")
+    noise_radius: float = _same_option(EvaluationRun, "noise_radius")
+    batch_size: int | None = _same_option(EvaluationRun, "batch_size")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request, ExplainRequest):
+            raise SegExplainError(f"request must be an ExplainRequest, got {self.request!r}")
+        _check_scoring(self, self.request)
+
+    def evaluation_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`~SegExplainLib.engine.evaluation.evaluate` for this request."""
+        return _evaluation_options(self, self.request)
 
 
 def add_evaluation_arguments(parser: argparse.ArgumentParser) -> Any:

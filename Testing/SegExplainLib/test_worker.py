@@ -16,7 +16,7 @@ import pytest
 
 from SegExplainLib.application.demo import write_demo_case
 from SegExplainLib.application.model_source import ModelSource
-from SegExplainLib.application.requests import ExplainRequest
+from SegExplainLib.application.requests import EvaluationRequest, ExplainRequest
 from SegExplainLib.engine.api import explain
 from SegExplainLib.engine.targets import MaskTarget, VoxelTarget
 from SegExplainLib.errors import SegExplainError
@@ -148,6 +148,69 @@ def test_the_segment_matrix_travels_as_its_record_and_equals_the_engines(worker,
     np.testing.assert_allclose(matrix.shares, expected.shares, rtol=1e-5)
     with pytest.raises(SegExplainError, match="segmentation has shape"):
         worker.wait(worker.segment_matrix(ask("--method", "gradient"), labels=labels[1:]), timeout=60)
+
+
+#: A scorecard that takes seconds on the demo case: two methods, short curves, one randomization stage.
+QUICK_SCORING = {"methods": ("gradient", "gradient_x_input"), "steps": 4, "random_orders": 2,
+                 "randomization_stages": 1, "n_perturbations": 2}
+
+
+def test_the_scorecard_travels_as_its_record_with_its_steps_and_equals_the_engines(worker, case):
+    from SegExplainLib.engine.evaluation import evaluate, evaluation_steps
+
+    request = EvaluationRequest(ask(*CLICK, "--device", "cpu"), **QUICK_SCORING)
+    number = worker.evaluate(request)
+    events = []
+    while worker.answer(number) is None:
+        events += [e for e in worker.poll(0.5) if e.get("request") == number and e["event"] == "progress"]
+    record = worker.answer(number).record
+    assert [e["step"] for e in events] == ["scoring methods", *evaluation_steps(QUICK_SCORING["methods"])]
+    assert [e["fraction"] for e in events[1:]] == sorted(e["fraction"] for e in events[1:])
+    assert EvaluationRequest.from_json(record["evaluation_request"]) == request
+    assert record["model_arguments"] == ["--card", str(demo_card_path())]
+    card = ModelCard.read(demo_card_path())
+    image, _ = case
+    expected = evaluate(card.load_model(), card.normalize(image), VoxelTarget((9, 24, 24), radius=1, class_index=1),
+                        list(QUICK_SCORING["methods"]), sequence_names=card.sequences,
+                        **request.evaluation_options()).to_json()["scorecard"]
+    assert record["scorecard"]["recommendation"] == expected["recommendation"]
+    assert record["scorecard"]["curves"].keys() == expected["curves"].keys()
+    for name, curve in expected["curves"].items():
+        for mode in ("deletion", "insertion"):
+            np.testing.assert_allclose(record["scorecard"]["curves"][name][mode], curve[mode], rtol=1e-4)
+    for name, row in expected["methods"].items():
+        got = record["scorecard"]["methods"][name]
+        assert got["verdict"] == row["verdict"]
+        assert got["randomization"]["final_spearman"] == pytest.approx(row["randomization"]["final_spearman"], rel=1e-4)
+        assert got["robustness"] == pytest.approx(row["robustness"], rel=1e-4)
+        assert got["localization"] == pytest.approx(row["localization"], rel=1e-4)
+
+
+def test_an_evaluate_request_is_checked_in_the_child_and_leaves_the_worker_warm(worker, case):
+    good = EvaluationRequest(ask(*CLICK), **QUICK_SCORING).to_json()
+    for change, error in [({"steps": 0}, "steps must be an integer >= 1, got 0"),
+                          ({"methods": ["nope"]}, "unknown method 'nope'"),
+                          ({"bogus": 1}, "EvaluationRequest has no key.s. 'bogus'")]:
+        number = worker._request({"op": "evaluate", "evaluate": {**good, **change}})  # as a bad host would send it
+        with pytest.raises(SegExplainError, match=error):
+            worker.wait(number, timeout=60)
+    with pytest.raises(SegExplainError, match="mask has shape"):
+        worker.wait(worker.evaluate(EvaluationRequest(**QUICK_SCORING), mask=np.ones((2, 2, 2), bool)), timeout=60)
+    with pytest.raises(SegExplainError, match="request must be an EvaluationRequest"):
+        worker.evaluate(ask(*CLICK))
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
+    assert worker.starts == 1
+
+
+def test_cancel_stops_a_scorecard_and_keeps_the_model_and_case(worker):
+    slow = worker.evaluate(EvaluationRequest(ask(*CLICK), methods=("occlusion", "integrated_gradients"),
+                                             method_options={"occlusion": {"window": 2}}))
+    while not any(e.get("step", "").startswith("explaining: ") for e in worker.poll()):
+        time.sleep(0.01)
+    worker.cancel()
+    assert worker.wait(slow, timeout=60).state == "cancelled"
+    assert worker.wait(worker.explain(ask(*CLICK, "--method", "gradient")), timeout=60).state == "done"
+    assert worker.starts == 1
 
 
 def test_a_failed_request_leaves_the_worker_warm(worker):

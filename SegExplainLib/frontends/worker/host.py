@@ -19,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 
 from ...application.model_source import ModelSource
-from ...application.requests import ExplainRequest
+from ...application.requests import EvaluationRequest, ExplainRequest
 from ...errors import SegExplainError
 from .framing import Inbox, Outbox, wait_ready
 from .process_tree import CLOSE_GRACE_S, kill_tree, slicer_python, tree_options
@@ -58,9 +58,10 @@ class Answer:
 class Worker:
     """A :class:`WarmSession` in a child process, driven without blocking and without threads.
 
-    Every request (:meth:`set_case`, :meth:`explain`) returns its number at once. The bytes move when the owner calls
-    :meth:`poll` (a GUI's timer: Slicer's main thread does not hand the interpreter lock to other threads, so the
-    host starts none) or :meth:`wait` (scripts, tests), which blocks for one answer.
+    Every request (:meth:`set_case`, :meth:`explain`, :meth:`segment_matrix`, :meth:`evaluate`) returns its number
+    at once. The bytes move when the owner calls :meth:`poll` (a GUI's timer: Slicer's main thread does not hand the
+    interpreter lock to other threads, so the host starts none) or :meth:`wait` (scripts, tests), which blocks for
+    one answer.
 
     Args:
         model: The model, with the user's word on its code (``trust_code``), never the model's.
@@ -148,6 +149,20 @@ class Worker:
             raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
         arrays = {} if labels is None else {"labels": np.asarray(labels, np.int64)}
         return self._request({"op": "segment_matrix", "explain": request.to_json()}, arrays)
+
+    def evaluate(self, request: EvaluationRequest, *, mask: np.ndarray | None = None) -> int:
+        """Ask for the scorecard of the request's methods on the current case and region (``mask``: a segment on
+        the case's grid instead of the request's region); the request's number.
+
+        Progress events name each step of the scoring and its ``fraction`` done; :meth:`cancel` stops it. The
+        answer's record is the scorecard as ``summary.json`` holds it (``{"scorecard": ...}``, which
+        :func:`~SegExplainLib.io.figures.scorecard_figure` draws), with the ``evaluation_request``, the model and the
+        sequence names; no maps.
+        """
+        if not isinstance(request, EvaluationRequest):
+            raise SegExplainError(f"request must be an EvaluationRequest, got {request!r}")
+        arrays = {} if mask is None else {"mask": np.asarray(mask, bool)}
+        return self._request({"op": "evaluate", "evaluate": request.to_json()}, arrays)
 
     def cancel(self, request: int | None = None) -> None:
         """Cancel ``request`` (default: the running one) through the child's input, on every system.

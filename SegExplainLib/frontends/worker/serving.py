@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...application.model_source import ModelSource
-from ...application.requests import ExplainRequest
+from ...application.requests import EvaluationRequest, ExplainRequest
 from ...errors import SegExplainError
 from .framing import Inbox, Outbox
 from .process_tree import CLOSE_GRACE_S
@@ -31,7 +31,7 @@ from .session import WarmSession
 
 #: What the child is doing for each request, as its progress events name it.
 _STEPS = {"load": "loading model", "case": "preparing the case", "explain": "explaining",
-          "segment_matrix": "explaining every segment"}
+          "segment_matrix": "explaining every segment", "evaluate": "scoring methods"}
 #: The progress step of a request whose preview was sent, while its exact answer is computed.
 REFINING = "refining to the full ensemble"
 #: The environment variable that sets the child's torch threads, instead of the choice from the machine's load.
@@ -230,6 +230,23 @@ def serve(inputs: int, outputs: int) -> None:
                 matrix = session.segment_matrix(ExplainRequest.from_json(header["explain"]),
                                                 labels=arrays.get("labels"))
                 answer = ({"state": "done", "record": matrix.record()}, {})
+            elif operation == "evaluate":
+                import torch
+
+                evaluation = EvaluationRequest.from_json(header["evaluate"])
+                threads = _machine_threads()
+                torch.set_num_threads(threads)
+
+                def told(step: str, fraction: float) -> None:
+                    with control.sending(number):  # a cancel meanwhile stops the scoring once the event is whole
+                        send({"event": "progress", "request": number, "step": step, "fraction": fraction})
+
+                scorecard = session.evaluate(evaluation, mask=arrays.get("mask"), progress=told)
+                record = {**scorecard.to_json(), "evaluation_request": evaluation.to_json(),
+                          "model_arguments": session.source.arguments(), "model": session.description,
+                          "sequence_names": scorecard.settings["sequence_names"],
+                          "grid": "image" if session.prepared.on_image_grid else "network", "torch_threads": threads}
+                answer = ({"state": "done", "record": record}, {})
             else:
                 raise SegExplainError(f"unknown request {operation!r}")
         except KeyboardInterrupt:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ...application.model_source import ModelSource
-from ...application.requests import ExplainRequest
+from ...application.requests import EvaluationRequest, ExplainRequest
 from ...errors import SegExplainError
 
 
@@ -88,11 +89,7 @@ class WarmSession:
             raise SegExplainError("no case yet: call set_case first")
         if preview and self.preview is None:
             raise SegExplainError("this model has no preview (it is one network pass per window already)")
-        if mask is not None:
-            mask = np.asarray(mask, bool)
-            if mask.shape != self.image.shape[1:]:
-                raise SegExplainError(f"mask has shape {mask.shape}; expected the case's grid {self.image.shape[1:]}")
-        target = request.target(self.geometry, mask)
+        target = request.target(self.geometry, self._checked_mask(mask))
         torch.manual_seed(request.seed)
         pipeline, prepared = (self.preview, self.preview_prepared) if preview else (self.pipeline, self.prepared)
         with warnings.catch_warnings():
@@ -125,6 +122,40 @@ class WarmSession:
             return segment_matrix_case(self.pipeline, self.image, self.geometry, request.method, segmentation=labels,
                                        prepared=self.prepared, device=request.device, **request.method_options())
 
+    def evaluate(self, request: EvaluationRequest, *, mask: np.ndarray | None = None,
+                 progress: Callable[[str, float], None] | None = None):
+        """The scorecard of the request's methods on the current case and region, as ``segexplain evaluate`` scores
+        them: on the network's own grid, through the model the pipeline deploys.
+
+        Args:
+            request: The region, the methods and the scoring options.
+            mask: A segment (D, H, W) on the case's grid, instead of the request's region.
+            progress: Told each step's name and the fraction done (:func:`~SegExplainLib.engine.evaluation.evaluate`).
+
+        Returns:
+            The :class:`~SegExplainLib.engine.evaluation.Scorecard`.
+        """
+        import torch
+
+        from ...engine.evaluation import evaluate
+        from ...models.protocol import network_target
+
+        if not isinstance(request, EvaluationRequest):
+            raise SegExplainError(f"request must be an EvaluationRequest, got {request!r}")
+        if self.prepared is None:
+            raise SegExplainError("no case yet: call set_case first")
+        for method in request.methods:
+            self.pipeline.check_method(method)
+        target = request.request.target(self.geometry, self._checked_mask(mask))
+        prepared = self.prepared
+        on_network = target if prepared.on_image_grid else network_target(target, tuple(self.image.shape[1:]),
+                                                                             prepared)
+        torch.manual_seed(request.request.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # each warning is in the scorecard's rows
+            return evaluate(prepared.model, prepared.input, on_network, list(request.methods),
+                            sequence_names=self.sequences or None, progress=progress, **request.evaluation_options())
+
     def shown(self, *, preview: bool) -> dict[str, Any]:
         """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
         "preview: fold 0 without mirroring, of 2 folds (0, 1) x 8 mirrorings"}``, or the exact ensemble with
@@ -137,3 +168,10 @@ class WarmSession:
         return {"preview": True, "ensemble": f"preview: {self.preview.describe().get('ensemble', 'cheaper model')}, "
                                              f"of {exact}"}
 
+    def _checked_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+        if mask is None:
+            return None
+        mask = np.asarray(mask, bool)
+        if mask.shape != self.image.shape[1:]:
+            raise SegExplainError(f"mask has shape {mask.shape}; expected the case's grid {self.image.shape[1:]}")
+        return mask
