@@ -18,7 +18,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the Slicer module tests need slicer-core (pip install -e '.[test]')")
 import vtk  # noqa: E402 - comes with slicer-core
-from mrml_scene import addDemoCase, wiredScene  # noqa: E402
+from mrml_scene import QUICK_SCORING, addDemoCase, wiredScene  # noqa: E402
 
 
 @pytest.fixture
@@ -64,10 +64,6 @@ def demoRun():
     scene.Clear(True)
     return SimpleNamespace(run=run, events=events, label=label, voxel=voxel, maps=run.answer.maps if done else None,
                            record=run.record() if done else None)
-
-
-#: A scoring that takes seconds: short curves, the fewest random orders, noise draws and randomization stages.
-QUICK_SCORING = {"steps": 4, "random_orders": 2, "n_perturbations": 1, "randomization_stages": 1}
 
 
 @pytest.fixture(scope="session")

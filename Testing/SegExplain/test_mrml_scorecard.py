@@ -12,8 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import QUICK_SCORING
-from mrml_scene import addDemoCase
+from mrml_scene import QUICK_SCORING, addDemoCase
 from SegExplainMRML import job, nodes, results, workflow
 
 from SegExplainLib.errors import SegExplainError
