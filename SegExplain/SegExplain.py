@@ -101,6 +101,7 @@ class SegExplainParameterNode:
     regionKind: what to explain: a segment, an ROI box, a clicked point, the predicted region or the whole class.
     preview: show an ensemble's quick preview (nnU-Net: fold 0 without mirroring) first, replaced by the exact answer.
     The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
+    scoreMethods: the methods "Score methods" scores for the region (SegExplainMRML.workflow.scoredMethods).
     """
 
     modelKind: Annotated[str, Choice(["card", "nnunet", "bundle"])] = "card"
@@ -121,7 +122,9 @@ class SegExplainParameterNode:
     explainOnClick: bool = True
     preview: bool = True
     method: Annotated[str, Choice(["lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad",
-                                   "guided_backprop", "deconvolution", "occlusion"])] = "lrp"
+                                   "guided_backprop", "deconvolution", "occlusion", "gradcam", "deeplift",
+                                   "deeplift_shap", "gradient_shap", "guided_gradcam", "sequence_shapley",
+                                   "supervoxel_shapley", "rise", "score_cam"])] = "lrp"
     composite: Annotated[str, Choice(["epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
                                       "epsilon_alpha2_beta1_flat", "epsilon_plus_z_box", "epsilon_plus_w_square",
                                       "epsilon_gamma_z_box", "z_plus", "alpha1_beta0", "alpha2_beta1", "gamma",
@@ -143,6 +146,7 @@ class SegExplainParameterNode:
     groundTruthSegmentation: vtkMRMLSegmentationNode
     groundTruthSegmentId: str = ""
     montageOrientation: Annotated[str, Choice(["Axial", "Coronal", "Sagittal"])] = "Axial"
+    scoreMethods: str = "gradient gradient_x_input lrp"
 
 
 #
@@ -166,6 +170,10 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._warmTimer = qt.QTimer()
         self._warmTimer.setInterval(50)
         self._warmTimer.connect("timeout()", self.onWarmTimer)
+        self._scoring = None
+        self._scoreTimer = qt.QTimer()
+        self._scoreTimer.setInterval(50)
+        self._scoreTimer.connect("timeout()", self.onScoreTimer)
         self._sequenceSelectors = []
         self._explanation = None
         self._clickObserver = None
@@ -203,14 +211,16 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.layoutScreenshotButton.connect("clicked(bool)", self.onLayoutScreenshot)
         self.ui.montageButton.connect("clicked(bool)", self.onMontage)
         self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.scoreButton.connect("clicked(bool)", self.onScoreButton)
         self.ui.installButton.connect("clicked(bool)", self.onInstallRequirements)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self._warmTimer.stop()
-        if self._job is not None:
-            self._job.cancel()
+        for run in (self._job, self._scoring):
+            if run is not None:
+                run.cancel()
         self.logic.closeWorker()
         self._stopObservingClicks()
         self.removeObservers()
@@ -230,6 +240,9 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job.cancel()
             self._finishJobUi()
+        if self._scoring is not None:
+            self._scoring.cancel()
+            self._finishScoringUi()
         self.logic.closeWorker()  # its case is the closing scene's
         self.setParameterNode(None)
 
@@ -408,6 +421,7 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ready = self._job is not None or parameters.multiVolume is not None or (
             parameters.inputVolumes and all(parameters.inputVolumes))
         self.ui.applyButton.enabled = bool(ready)
+        self.ui.scoreButton.enabled = bool(ready) and (self._scoring is not None or self._job is None)
         self.ui.applyButton.toolTip = "" if ready else _(
             "Select a volume for every sequence of the model, or a multi-volume")
         self.ui.lrpFrame.visible = parameters.method == "lrp"
@@ -494,6 +508,52 @@ class SegExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self.ui.applyButton.text = _("Explain")
         self.ui.progressBar.visible = False
+        self._onParameterNodeModified()
+
+    def onScoreButton(self) -> None:
+        if self._scoring is not None:
+            self._scoring.cancel()
+            self._finishScoringUi()
+            self.ui.statusLabel.text = _("Scoring cancelled")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start scoring the methods."), waitCursor=False):
+            self.logic.ensureRequirements(askConfirmation=True)
+            self._scoring = self.logic.startScoring(self._parameterNode,
+                                                    trustModelCode=self.ui.trustModelCodeCheckBox.checked)
+            self._rebuildSequenceSelectors()  # a multi-volume was split into the per-sequence inputs
+            self.ui.scoreButton.text = _("Cancel scoring")
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.visible = True
+            self.ui.statusLabel.text = _("Scoring the methods")
+            self._scoreTimer.start()
+            self._onParameterNodeModified()
+
+    def onScoreTimer(self) -> None:
+        run = self._scoring
+        run.poll()
+        self.ui.progressBar.value = int(100 * run.fraction)
+        self.ui.statusLabel.text = run.step
+        if run.running:
+            return
+        self._finishScoringUi()
+        if run.state == "failed":
+            slicer.util.errorDisplay(_("Scoring failed: {error}").format(error=run.error))
+            self.ui.statusLabel.text = _("Scoring failed")
+            return
+        if run.state == "cancelled":
+            self.ui.statusLabel.text = _("Scoring cancelled")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to load the scorecard."), waitCursor=True):
+            table = self.logic.finishScoring(run, self._explanation)
+            self.logic.showScorecard(table)
+            self.ui.statusLabel.text = _("Scored; recommended: {recommendation}").format(
+                recommendation=run.answer.record["scorecard"]["recommendation"])
+
+    def _finishScoringUi(self) -> None:
+        self._scoreTimer.stop()
+        self._scoring = None
+        self.ui.scoreButton.text = _("Score methods")
+        self.ui.progressBar.visible = self._job is not None
         self._onParameterNodeModified()
 
     # ------------------------------------------------------------------------------------------------ results
@@ -675,6 +735,17 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         workflow.prepareExplanation(self.explainer(), list(parameters.inputVolumes), self.sequenceNames(model), model,
                                     trustModelCode=trustModelCode)
 
+    def _modelAndInputs(self, parameters):
+        """The model and its sequence names; a chosen multi-volume is split into the per-sequence inputs first."""
+        from SegExplainMRML.nodes import splitVectorVolume
+
+        model = self.modelSource(parameters)
+        names = self.sequenceNames(model)
+        if parameters.multiVolume is not None:
+            parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
+            parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
+        return model, names
+
     def startExplanation(self, parameters, trustModelCode: bool = False):
         """Ask the warm worker for an explanation of the region; returns the running click (``WarmRun``).
 
@@ -683,18 +754,41 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
         configuration); see ``SegExplainLib.application.model_source.ModelSource.check``.
         """
         from SegExplainMRML import workflow
-        from SegExplainMRML.nodes import splitVectorVolume
 
-        model = self.modelSource(parameters)
-        names = self.sequenceNames(model)
-        if parameters.multiVolume is not None:
-            parameters.inputVolumes = splitVectorVolume(parameters.multiVolume, names)
-            parameters.multiVolume = None  # the split volumes are now the inputs, shown in the selectors
+        model, names = self._modelAndInputs(parameters)
         run = workflow.startExplanation(self.explainer(), list(parameters.inputVolumes), names,
                                         self.region(parameters), workflow.settings(parameters), model,
                                         trustModelCode=trustModelCode)
         logging.info("SegExplain: %s", " ".join(run.command()))
         return run
+
+    def startScoring(self, parameters, trustModelCode: bool = False):
+        """Ask the warm worker for the scorecard of the chosen methods (``scoreMethods``) for the region, with the
+        panel's class, device and seed; returns the running scoring (``ScoreRun``). Trust as for
+        :meth:`startExplanation`."""
+        from SegExplainMRML import workflow
+
+        model, names = self._modelAndInputs(parameters)
+        run = workflow.startScoring(self.explainer(), list(parameters.inputVolumes), names, self.region(parameters),
+                                    workflow.settings(parameters), workflow.scoredMethods(parameters), model,
+                                    trustModelCode=trustModelCode)
+        logging.info("SegExplain: %s", " ".join(run.command()))
+        return run
+
+    @staticmethod
+    def finishScoring(run, explanation=None):
+        """Load a done scoring into the scene as a new scorecard table, in ``explanation``'s folder (its report then
+        has the scorecard page) or beside the case."""
+        from SegExplainMRML import workflow
+
+        return workflow.finishScoring(run, explanation)
+
+    @staticmethod
+    def showScorecard(table) -> None:
+        """Show the scorecard table in the layout's table view."""
+        from SegExplainMRML.results import showScorecard
+
+        showScorecard(slicer.app.applicationLogic(), table)
 
     @staticmethod
     def finishExplanation(job, parameters, previous=None):

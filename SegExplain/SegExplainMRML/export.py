@@ -3,8 +3,8 @@
 Captures come from Slicer's own slice pipeline (``vtkMRMLSliceLogic``: reslice, window/level, colour table and
 layer blending, exactly what a slice view draws), so they work offscreen and without Qt: in the Slicer module, in the
 browser app and in the tests. The montage uses a private slice logic that is removed again, so the user's views are
-left as they were and no view is added to the layout. The report is one page (PNG or PDF) with the montage, the
-share chart and the full record.
+left as they were and no view is added to the layout. The report (PDF, or PNG of its first page) is a summary page,
+the scorecard of methods when the explanation has one, and the full record.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from matplotlib.figure import Figure
 from vtk.util.numpy_support import vtk_to_numpy
 
 from SegExplainLib.errors import SegExplainError
-from SegExplainLib.io.figures import region_views, rendered_montage, save_figure
+from SegExplainLib.io.figures import region_views, rendered_montage, save_figure, scorecard_figure
 from SegExplainLib.io.figures.views import slice_view_label, slice_view_letters
 
 from .display import checkedOpacity, divergingColors
 from .nodes import geometryOfVolume, worldFromLocalMatrix
-from .results import SEQUENCE_ATTRIBUTE, Explanation, subjectHierarchy
+from .results import SCORECARD_ATTRIBUTE, SEQUENCE_ATTRIBUTE, Explanation, scorecardOf, subjectHierarchy
 
 ORIENTATIONS = ("Axial", "Coronal", "Sagittal")
 
@@ -249,9 +249,10 @@ def _modelText(model: dict[str, Any]) -> str:
     return f"Model: {model.get('name') or model.get('kind') or 'unnamed'}{classText}."
 
 
-def reportNotes(explanation: Explanation, inclusivity: dict[str, Any] | None = None) -> list[str]:
+def reportNotes(explanation: Explanation, inclusivity: dict[str, Any] | None = None, *,
+                scored: bool = False) -> list[str]:
     """The report's summary in words: case and model, the class, the shares of each sign (and the inclusivity, when
-    computed), the warnings and where the full record is."""
+    computed), the warnings and where the scorecard (``scored``) and the full record are."""
     record, names = explanation.record, explanation.sequenceNames
     classIndex = record["target"]["class_index"]
     model = _modelFields(record)
@@ -275,12 +276,16 @@ def reportNotes(explanation: Explanation, inclusivity: dict[str, Any] | None = N
         lines.append("Inclusivity: not computed (choose a ground-truth segment and press Inclusivity).")
     warnings = explanation.warnings
     lines.append("Warnings: " + (" ".join(warnings) if warnings else "none."))
-    lines.append("The full record, with the command line that reproduces this result, is the appendix (page 2).")
+    if scored:
+        lines.append("Page 2 is the scorecard of methods: which map to trust for this network and case.")
+    lines.append("The full record, with the command line that reproduces this result, is the appendix "
+                 f"(page {3 if scored else 2}).")
     return lines
 
 
 def writeReport(explanation: Explanation, path: str | Path, *, title: str = "", opacity: float = 0.7) -> Path:
-    """The report (PDF, its text searchable; or PNG of its first page): page 1 a summary, the full record after it.
+    """The report (PDF, its text searchable; or PNG of its first page): page 1 a summary, then the scorecard of
+    methods when the explanation's folder has one (:func:`scorecardPage`), then the full record.
 
     Page 1 names the case and the model, the method, region, class and target score (with what a negative one
     means), shows the three orthogonal views through the region for each sequence on one colour scale with
@@ -305,15 +310,18 @@ def writeReport(explanation: Explanation, path: str | Path, *, title: str = "", 
     reference = explanation.relevance[0]
     image = np.stack([slicer.util.arrayFromVolume(explanation.inputVolume(i))
                       for i in range(len(explanation.relevance))])
+    scorecard = scorecardOf(explanation)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     summary = region_views(image, explanation.maps(), sequence_names=explanation.sequenceNames,
                            geometry=geometryOfVolume(reference), record=explanation.record,
                            heading=[f"{title or 'SegExplain explanation'}: SegExplain report, {stamp}"],
-                           notes=reportNotes(explanation, json.loads(attribute) if attribute else None),
+                           notes=reportNotes(explanation, json.loads(attribute) if attribute else None,
+                                             scored=scorecard is not None),
                            alpha=opacity)
     if suffix == ".png":
         return save_figure(summary, path, dpi=120)
-    pages = [summary] + _recordPages(explanation.record)
+    scored = [scorecardPage(json.loads(scorecard.GetAttribute(SCORECARD_ATTRIBUTE)))] if scorecard else []
+    pages = [summary, *scored, *_recordPages(explanation.record)]
     temporary = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.part")
     try:
         with matplotlib.rc_context({"pdf.fonttype": 42}), PdfPages(temporary) as pdf:  # text as text: searchable
@@ -338,3 +346,34 @@ def _recordPages(record: dict[str, Any], linesPerPage: int = 90) -> list[Figure]
                   family="monospace", fontsize=6)
         pages.append(page)
     return pages
+
+
+def scorecardLines(summary: dict[str, Any]) -> list[str]:
+    """The scorecard in words for the report: the region scored, one line per method with its verdict and reasons,
+    and the recommendation."""
+    card = summary["scorecard"]
+    target = card["target"]
+    where = summary.get("region") or f"the {target['kind']} region"  # as the scene named it, when it did
+    lines = [f"Scored: {where}, class {target['class_index']} ({target['region_voxels']} voxels); methods "
+             f"{', '.join(card['methods'])}.", ""]
+    for name, row in card["methods"].items():
+        lines += textwrap.wrap(f"{name}: {row['verdict']} ({row['seconds']:.1f} s)", 120, subsequent_indent="    ")
+    return [*lines, "", *textwrap.wrap(f"Recommended: {card['recommendation']}", 120, subsequent_indent="    ")]
+
+
+def scorecardPage(summary: dict[str, Any]) -> Figure:
+    """The report's scorecard page (A4): the scorecard's figure (curves and bars, drawn from ``summary``) and the
+    verdict of every method in words, as text.
+
+    Args:
+        summary: The ``summary.json`` of the scoring, as a scorecard table keeps it (``SegExplain.scorecard``).
+    """
+    page = Figure(figsize=(8.27, 11.69))
+    FigureCanvasAgg(page)
+    page.text(0.06, 0.97, "Which map can I trust? The scorecard of methods", fontsize=10, va="top", ha="left",
+              weight="bold")
+    picture = page.add_axes((0.04, 0.40, 0.92, 0.55))
+    picture.imshow(figurePixels(scorecard_figure(summary["scorecard"])))
+    picture.set_axis_off()
+    page.text(0.06, 0.38, "\n".join(scorecardLines(summary)), va="top", ha="left", family="monospace", fontsize=6.5)
+    return page

@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 
 from SegExplainLib.application.model_source import ModelSource
-from SegExplainLib.application.requests import CaseRun, ExplainRequest
+from SegExplainLib.application.requests import CaseRun, EvaluationRequest, EvaluationRun, ExplainRequest
 from SegExplainLib.application.sequences import match_sequences
 from SegExplainLib.engine import metrics
+from SegExplainLib.engine.api import METHODS as ENGINE_METHODS
 from SegExplainLib.errors import SegExplainError
 from SegExplainLib.frontends.worker import Worker
 from SegExplainLib.models.demo_card import demo_card_path
@@ -39,11 +40,13 @@ MODEL_KINDS = ("card", "nnunet", "bundle")
 #: How a refusal of a model's code tells the module's user to allow it.
 TRUST_ADVICE = (", which a model card cannot allow itself; allow it only if you trust the card: tick 'Allow code from "
                 "this model' in the Slicer module, or start segexplain review with --trust-model-code")
-#: Methods offered in the module, in menu order (the engine's names).
-METHODS = ("lrp", "integrated_gradients", "gradient", "gradient_x_input", "smoothgrad", "guided_backprop",
-           "deconvolution", "occlusion")
+#: Methods offered in the module, in menu order: the engine's registry, so a method registered there is offered here
+#: (the module file's menu, which cannot import the engine when Slicer starts, is checked against this).
+METHODS = tuple(ENGINE_METHODS)
 #: The largest seed: what Qt's spin box (a C int) holds, so the panel's seed field covers every seed.
 SEED_MAX = 2**31 - 1
+#: The methods "Score methods" scores unless the user names others: ones that finish in seconds on the demo case.
+SCORED_METHODS = ("gradient", "gradient_x_input", "lrp")
 
 
 @dataclass
@@ -246,6 +249,19 @@ class WarmExplainer:
         self._run = WarmRun(self, region, settings)
         return self._run
 
+    def score(self, model: ModelSource, volumes: list[Any], names: list[str], region: Region,
+              settings: ExplainSettings, methods: tuple[str, ...], *, trustModelCode: bool = False,
+              options: dict[str, Any] | None = None) -> ScoreRun:
+        """Prepare (see :meth:`prepare`) and ask for the scorecard of ``methods`` for ``region`` (``options``: of the
+        scoring, see :class:`ScoreRun`); returns the running :class:`ScoreRun`. A click refining its preview is
+        cancelled first, as by :meth:`explain`."""
+        request = ScoreRun.evaluationRequestOf(region, settings, methods, options)  # a bad one starts nothing
+        if self._run is not None and self._run.refining:
+            self._run.cancel()
+        self.prepare(model, volumes, names, trustModelCode=trustModelCode)
+        self._run = ScoreRun(self, region, settings, request)
+        return self._run
+
     def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
         """Move the worker's bytes that are ready (this is the front end's timer tick: the host starts no thread), and
         return its events since the last call; ``step`` follows what it is doing. ``timeout``: wait that long for a
@@ -289,7 +305,11 @@ class WarmRun:
         self.state, self.fraction, self.step, self.error = "running", 0.0, "waiting for the worker", ""
         self.answer = self.preview = self.explanation = None
         self._explaining = False
-        self.request = self.worker.explain(self.explainRequest, mask=region.mask if region.kind == "segment" else None)
+        self.request = self._ask(region.mask if region.kind == "segment" else None)
+
+    def _ask(self, mask: np.ndarray | None) -> int:
+        """Send this run's request to the worker (``mask``: a segment's); its number."""
+        return self.worker.explain(self.explainRequest, mask=mask)
 
     @property
     def running(self) -> bool:
@@ -312,7 +332,9 @@ class WarmRun:
         for event in events:
             if event.get("event") == "progress" and self.running:
                 self._explaining = self._explaining or event["request"] == self.request
-                self.step, self.fraction = event["step"], _FRACTIONS.get(event["step"], self.fraction)
+                # a scoring tells its fraction done; an explanation's steps have theirs
+                self.step = event["step"]
+                self.fraction = event.get("fraction", _FRACTIONS.get(event["step"], self.fraction))
         self.preview = self.preview or self.worker.preview(self.request)
         answer = self.worker.answer(self.request)
         if self.running and answer is not None:
@@ -351,12 +373,14 @@ class WarmRun:
         """The ``segexplain explain`` command line of this result, run in a folder where the scene's volumes are
         saved under their file-safe sequence names (``4__T2.nrrd``; the record's ``scene_inputs`` says which volume
         each is) and a segment as the label file ``segment.nrrd``; it writes ``segexplain-output``."""
+        return ["segexplain", "explain", *self._caseRun(self.explainRequest, "segexplain-output").arguments()]
+
+    def _caseRun(self, request: ExplainRequest, output: str) -> CaseRun:
+        """The command line's run of ``request`` on the scene's volumes saved under their file-safe sequence names
+        (a segment as ``segment.nrrd``), writing ``output``."""
         names = tuple(fileSafe(n) for n in self.stack.names)
-        request = (replace(self.explainRequest, label="segment.nrrd") if self.region.kind == "segment"
-                   else self.explainRequest)
-        run = CaseRun(tuple(f"{n}.nrrd" for n in names), "segexplain-output", self.model, request,
-                      sequence_names=names)
-        return ["segexplain", "explain", *run.arguments()]
+        request = replace(request, label="segment.nrrd") if self.region.kind == "segment" else request
+        return CaseRun(tuple(f"{n}.nrrd" for n in names), output, self.model, request, sequence_names=names)
 
     def record(self) -> dict[str, Any]:
         """The record of the shown answer (:attr:`shown`), as ``summary.json`` of the command line holds it: the
@@ -371,6 +395,69 @@ class WarmRun:
                 "model": load.record.get("model") if load else None,
                 "relevance_shares": metrics.shares_by_name(shown.maps, names),
                 "command": self.command()}
+
+
+class ScoreRun(WarmRun):
+    """The scorecard of several methods for one region in the warm worker (the "Score methods" action): polled,
+    waited for and cancelled as a :class:`WarmRun`; its answer's record is the scorecard as ``summary.json`` of
+    ``segexplain evaluate`` holds it, without maps.
+
+    Args:
+        explainer: The warm worker holding the model and the case.
+        region: The region scored.
+        settings: The class, device and seed of the scoring (its method is not used).
+        evaluationRequest: What the worker is asked (:meth:`evaluationRequestOf`).
+    """
+
+    def __init__(self, explainer: WarmExplainer, region: Region, settings: ExplainSettings,
+                 evaluationRequest: EvaluationRequest) -> None:
+        self.evaluationRequest = evaluationRequest
+        super().__init__(explainer, region, settings)
+
+    @staticmethod
+    def evaluationRequestOf(region: Region, settings: ExplainSettings, methods: tuple[str, ...],
+                            options: dict[str, Any] | None = None) -> EvaluationRequest:
+        """The worker's request for scoring ``methods`` for ``region`` with the class, device and seed of
+        ``settings``.
+
+        Args:
+            region: The region scored.
+            settings: The class, device and seed (its method is not used).
+            methods: The engine's methods to score, at least one.
+            options: Other fields of the :class:`~SegExplainLib.application.requests.EvaluationRequest` (``steps``,
+                ``random_orders``, ``method_options``, ...); None for ``segexplain evaluate``'s defaults.
+
+        Raises:
+            SegExplainError: An unknown method or option, or a request the scorecard cannot take (a sampled
+                aggregation).
+        """
+        if isinstance(methods, str) or not methods:
+            raise SegExplainError(f"methods must name at least one method to score, got {methods!r}")
+        options = dict(options or {})
+        allowed = {f.name for f in fields(EvaluationRequest)} - {"request", "methods"}
+        if set(options) - allowed:
+            raise SegExplainError(f"unknown scoring options {sorted(set(options) - allowed)}; expected some of "
+                                  f"{sorted(allowed)}")
+        return EvaluationRequest(request=replace(settings.request(region), preview=False), methods=tuple(methods),
+                                 **options)
+
+    def _ask(self, mask: np.ndarray | None) -> int:
+        return self.worker.evaluate(self.evaluationRequest, mask=mask)
+
+    def command(self) -> list[str]:
+        """The ``segexplain evaluate`` command line of this scorecard, run where the scene's volumes are saved as for
+        :meth:`WarmRun.command`; it writes ``segexplain-scorecard``."""
+        scoring = {f.name: getattr(self.evaluationRequest, f.name) for f in fields(EvaluationRequest)
+                   if f.name != "request"}
+        run = EvaluationRun(self._caseRun(self.evaluationRequest.request, "segexplain-scorecard"), **scoring)
+        return ["segexplain", "evaluate", *run.arguments()]
+
+    def record(self) -> dict[str, Any]:
+        """The scorecard's ``summary.json``: the worker's answer (``scorecard``, ``evaluation_request``, the model,
+        the sequence names), the region as the scene named it and the command line."""
+        if self.answer is None:
+            raise SegExplainError(f"the scoring is {self.state}, not done")
+        return {**self.answer.record, "region": self.region.description, "command": self.command()}
 
 
 def demoCardPath() -> str:

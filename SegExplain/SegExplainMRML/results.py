@@ -6,7 +6,10 @@ A folder holds, for an explanation of a C-sequence image:
 - one overlay volume (role ``overlay``): the filtered map of the sequence shown on the slice views;
 - a table (role ``shares``) with the positive, negative and absolute relevance share per sequence, and the
   inclusivity against a ground-truth segment once computed;
-- a bar chart (role ``chart``) of the positive shares.
+- a bar chart (role ``chart``) of the positive shares;
+- once the methods were scored for its region (:func:`addScorecard`), a table (role ``scorecard``) with one row per
+  method, its ``summary.json`` in the table's attribute ``SegExplain.scorecard`` (the scorecard's figure is drawn
+  from it).
 
 The folder's attributes hold the record of the run (method, options, target, score, delta, software versions, the
 command line that reproduces it), so that the result can be reproduced; they are saved with the scene. Nothing is ever replaced: a new
@@ -39,6 +42,28 @@ INPUT_REFERENCE = "segexplainInput"
 #: Record fields also stored as attributes of their own, for the Data module's attribute view.
 _SHOWN_FIELDS = ("method", "options", "target", "target_score", "delta", "warnings", "preview", "ensemble")
 SHARE_KINDS = ("positive", "negative", "absolute")
+#: Attribute of a scorecard table: the ``summary.json`` of the scoring (``segexplain evaluate``'s), as JSON.
+SCORECARD_ATTRIBUTE = "SegExplain.scorecard"
+#: The scorecard table's number columns: name, unit, description, and where the value is in a method's row.
+SCORECARD_COLUMNS = (
+    ("Deletion", "", "normalized area of the deletion curve: 0 = no better than a random order, 1 = best",
+     ("faithfulness", "deletion", "mean")),
+    ("Deletion spread", "", "standard deviation of the deletion area over the random orders",
+     ("faithfulness", "deletion", "std")),
+    ("Insertion", "", "normalized area of the insertion curve: 0 = no better than a random order, 1 = best",
+     ("faithfulness", "insertion", "mean")),
+    ("Insertion spread", "", "standard deviation of the insertion area over the random orders",
+     ("faithfulness", "insertion", "std")),
+    ("Rank correlation", "", "Spearman correlation of the map with the trained network's after randomizing every "
+     "layer (fails at or above the threshold)", ("randomization", "final_spearman")),
+    ("Max-sensitivity", "", "largest relative change of the map under small input noise",
+     ("robustness", "max_sensitivity")),
+    ("Outside receptive field", "%", "share of the positive relevance where the network cannot see",
+     ("localization", "outside_receptive_field")),
+    ("Outside target", "%", "share of the positive relevance outside the target region",
+     ("localization", "outside_target")),
+    ("Time", "s", "run time of the method on the trained network", ("seconds",)),
+)
 
 
 @dataclass
@@ -187,11 +212,7 @@ def _setSharedDisplay(relevance: list[Any], overlay: Any) -> None:
 
 def _sharesTable(scene: Any, name: str, sequences: tuple[str, ...], shares: dict[str, dict[str, float]]) -> Any:
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
-    labels = vtk.vtkStringArray()
-    labels.SetName("Sequence")
-    for sequence in sequences:
-        labels.InsertNextValue(sequence)
-    table.AddColumn(labels)
+    _addTextColumn(table, "Sequence", list(sequences))
     for kind in SHARE_KINDS:
         _addNumberColumn(table, f"{kind.capitalize()} share", [shares[kind][s] for s in sequences])
     return table
@@ -285,3 +306,97 @@ def addGroundTruthInclusivity(explanation: Explanation, segmentationNode: Any, s
         {"segmentation": segmentationNode.GetName(), "segment": segmentName, "values": result}))
     return result
 
+
+
+def _scoreValue(row: dict[str, Any], path: tuple[str, ...], unit: str) -> float:
+    """A method's score at ``path`` of its scorecard row (NaN where it was not computed or is undefined)."""
+    value: Any = row
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if value is None:
+        return float("nan")
+    return 100.0 * float(value) if unit == "%" else float(value)
+
+
+def addScorecard(summary: dict[str, Any], reference: Any, *, name: str, explanation: Explanation | None = None) -> Any:
+    """Bring a scorecard of methods into the scene as a new table node, one row per method.
+
+    The columns are the method, faithfulness by deletion and insertion above random with their spread, whether it
+    passes the randomization check and its rank correlation, max-sensitivity, the relevance outside the receptive
+    field and the target (%), the time (s) and the verdict, each with its unit and description. ``summary`` is kept
+    whole in the table's attribute :data:`SCORECARD_ATTRIBUTE`, so the figure and the report are drawn from it and it
+    is saved with the scene.
+
+    Args:
+        summary: The ``summary.json`` of the scoring (its ``"scorecard"`` entry as
+            :meth:`~SegExplainLib.engine.evaluation.Scorecard.to_json` writes it).
+        reference: A volume of the scored case: the table goes beside it when there is no ``explanation``.
+        name: The table's name, made unique in the scene (a user's node of that name is left as it is).
+        explanation: The explanation whose folder holds the table (its role ``scorecard``), or None.
+
+    Returns:
+        The table node.
+
+    Raises:
+        SegExplainError: ``summary`` holds no scorecard (nothing is added).
+    """
+    card = summary.get("scorecard") if isinstance(summary, dict) else None
+    if not isinstance(card, dict) or not isinstance(card.get("methods"), dict) or not card["methods"]:
+        raise SegExplainError("the summary holds no scorecard of methods (expected its 'scorecard' entry with "
+                              "'methods', as segexplain evaluate writes it)")
+    scene = reference.GetScene()
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName(name))
+    rows = card["methods"]
+    texts = {"Method": list(rows),
+             "Randomization": [("passes" if row["randomization"]["passed"] else "fails") if "randomization" in row
+                               else "not scored" for row in rows.values()],
+             "Verdict": [row["verdict"] for row in rows.values()]}
+    for column in ("Method", "Randomization"):
+        _addTextColumn(table, column, texts[column])
+    for column, unit, description, path in SCORECARD_COLUMNS:
+        _addNumberColumn(table, column, [_scoreValue(row, path, unit) for row in rows.values()])
+        table.SetColumnUnitLabel(column, unit)
+        table.SetColumnDescription(column, description)
+    _addTextColumn(table, "Verdict", texts["Verdict"])
+    table.SetColumnDescription("Method", "the attribution method, as the engine names it")
+    table.SetColumnDescription("Randomization", "cascading randomization of the weights from the output layer down: "
+                               "a map that does not change fails")
+    table.SetColumnDescription("Verdict", "trustworthy, use with care or not trustworthy, with the reasons")
+    table.SetAttribute(SCORECARD_ATTRIBUTE, json.dumps(summary, default=str))
+    shNode = subjectHierarchy(scene)
+    if explanation is not None:
+        folder = explanation.folderItem
+    else:  # beside the case, as an explanation folder would be
+        item = shNode.GetItemByDataNode(reference)
+        folder = shNode.GetItemParent(item) if item else shNode.GetSceneItemID()
+    _placeInFolder(shNode, table, folder, "scorecard")
+    return table
+
+
+def showScorecard(applicationLogic: Any, table: Any) -> None:
+    """Show a scorecard table in the layout's table views (the selection node's active table, propagated).
+
+    Args:
+        applicationLogic: Slicer's application logic (``slicer.app.applicationLogic()`` in Slicer).
+        table: The scorecard's table node.
+    """
+    applicationLogic.GetSelectionNode().SetActiveTableID(table.GetID())
+    applicationLogic.PropagateTableSelection()
+
+
+def _addTextColumn(table: Any, name: str, values: list[str]) -> None:
+    column = vtk.vtkStringArray()
+    column.SetName(name)
+    for value in values:
+        column.InsertNextValue(value)
+    table.AddColumn(column)
+
+
+def scorecardOf(explanation: Explanation) -> Any:
+    """The newest scorecard table in the explanation's folder, or None."""
+    shNode = subjectHierarchy(explanation.overlay.GetScene())
+    children = vtk.vtkIdList()
+    shNode.GetItemChildren(explanation.folderItem, children)
+    tables = [shNode.GetItemDataNode(children.GetId(i)) for i in range(children.GetNumberOfIds())]
+    tables = [node for node in tables if node is not None and node.GetAttribute(ROLE_ATTRIBUTE) == "scorecard"]
+    return tables[-1] if tables else None

@@ -9,7 +9,8 @@ The attributes read: the model (``modelKind``, ``modelCard``, ``modelFolder``, `
 ``nnunetFolds``, ``nnunetMirroring``; see :func:`modelSource`), ``regionKind``, ``radius``, ``regionSegmentId``; the :class:`ExplainSettings` fields
 (``method``, ``composite``, ``nSteps``, ...); ``advancedOptions`` (any other engine option, a JSON object);
 ``layerwiseFilter`` with ``filterKind``, ``filterLow``, ``filterHigh``;
-``displayedSequence``, ``overlayOpacity``; ``montageOrientation``.
+``displayedSequence``, ``overlayOpacity``; ``montageOrientation``; ``scoreMethods`` (the methods "Score methods"
+scores).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from SegExplainLib.application.model_source import ModelSource
 from SegExplainLib.errors import SegExplainError
 
 from . import display, export, nodes, results
-from .job import ExplainSettings, Region, WarmExplainer, WarmRun
+from .job import SCORED_METHODS, ExplainSettings, Region, ScoreRun, WarmExplainer, WarmRun
 
 #: Reference from an overlay volume to the relevance volume whose (filtered) map it shows.
 _SHOWN_RELEVANCE = "segexplainShownRelevance"
@@ -126,6 +127,32 @@ def startExplanation(explainer: WarmExplainer, volumes: list[Any], names: list[s
     returns the running click."""
     return explainer.explain(_model(model), list(volumes), list(names), region, settings,
                              trustModelCode=trustModelCode)
+
+
+def scoredMethods(parameters: Any) -> tuple[str, ...]:
+    """The methods to score: ``scoreMethods``, engine names separated by spaces or commas (empty or absent: the
+    defaults, :data:`~.job.SCORED_METHODS`); an unknown name is refused when the scoring is asked for."""
+    text = str(getattr(parameters, "scoreMethods", "") or "")
+    return tuple(name for name in text.replace(",", " ").split()) or SCORED_METHODS
+
+
+def startScoring(explainer: WarmExplainer, volumes: list[Any], names: list[str], region: Region,
+                 settings: ExplainSettings, methods: tuple[str, ...], model: str | ModelSource | None, *,
+                 trustModelCode: bool = False, options: dict[str, Any] | None = None) -> ScoreRun:
+    """Ask the warm worker (prepared as for :func:`startExplanation`) for the scorecard of ``methods`` for the
+    region, with the class, device and seed of ``settings`` (``options``: of the scoring, see
+    :class:`~.job.ScoreRun`); returns the running scoring."""
+    return explainer.score(_model(model), list(volumes), list(names), region, settings, methods,
+                           trustModelCode=trustModelCode, options=options)
+
+
+def finishScoring(run: ScoreRun, explanation: results.Explanation | None = None) -> Any:
+    """Load a done scoring into the scene: a new table of the scorecard (:func:`results.addScorecard`), in the
+    folder of ``explanation`` (the one shown, so that its report has the scorecard page) or beside the case."""
+    if run.answer is None:
+        raise SegExplainError(f"the scoring is {run.state}, not done")
+    return results.addScorecard(run.record(), run.stack.reference, explanation=explanation,
+                                name=f"Scorecard, {run.region.description}")
 
 
 def previewExplanation(run: WarmRun, inputs: list[Any]) -> results.Explanation | None:

@@ -4,6 +4,8 @@
 qSlicerCoreApplication does (application logic, colour, volumes, segmentations, markups, subject hierarchy logics,
 slice orientation presets), so the module's Qt-free logic runs on exactly the classes it meets inside Slicer.
 ``demoRun`` runs one real click through the warm worker per session; the results and export tests load its maps.
+``demoScoring`` scores two methods for the same voxel through the warm worker once per session; the scorecard and
+export tests load its scorecard.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the Slicer module tests need slicer-core (pip install -e '.[test]')")
 import vtk  # noqa: E402 - comes with slicer-core
-from mrml_scene import addDemoCase, wiredScene  # noqa: E402
+from mrml_scene import QUICK_SCORING, addDemoCase, wiredScene  # noqa: E402
 
 
 @pytest.fixture
@@ -62,3 +64,27 @@ def demoRun():
     scene.Clear(True)
     return SimpleNamespace(run=run, events=events, label=label, voxel=voxel, maps=run.answer.maps if done else None,
                            record=run.record() if done else None)
+
+
+@pytest.fixture(scope="session")
+def demoScoring(demoRun):
+    """The scorecard of gradient and gradient x input for the session click's voxel (the "Score methods" action)
+    through a real warm worker, polled to its end with a 300 s deadline."""
+    from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer
+    from SegExplainMRML.workflow import startScoring
+
+    scene = wiredScene()
+    volumes, _ = addDemoCase(scene)
+    explainer = WarmExplainer()
+    region = Region("point", pointRas=demoRun.run.region.pointRas, description="point 'F-1', radius 0 mm")
+    run = startScoring(explainer, volumes, [v.GetName() for v in volumes], region, ExplainSettings(),
+                       ("gradient", "gradient_x_input"), ModelSource(), options=QUICK_SCORING)
+    events, deadline = [], time.monotonic() + 300
+    while run.running and time.monotonic() < deadline:
+        events += run.poll()
+        time.sleep(0.02)
+    if run.running:
+        run.cancel()
+    explainer.close()
+    scene.Clear(True)
+    return SimpleNamespace(run=run, events=events, record=run.record() if run.state == "done" else None)

@@ -8,6 +8,9 @@ import vtk
 
 #: The demo case as a scanner would give it: anisotropic voxels and an origin off zero.
 DEMO_SPACING, DEMO_ORIGIN = (1.2, 1.2, 3.0), (-20.0, 10.0, 5.0)
+#: A scoring of methods that takes seconds: short curves, the fewest random orders, noise draws and randomization
+#: stages (options of SegExplainMRML.job.ScoreRun).
+QUICK_SCORING = {"steps": 4, "random_orders": 2, "n_perturbations": 1, "randomization_stages": 1}
 
 
 def wiredScene():

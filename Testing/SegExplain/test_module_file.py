@@ -17,9 +17,10 @@ from types import SimpleNamespace
 
 import pytest
 from SegExplainMRML import workflow
-from SegExplainMRML.job import METHODS, MODEL_KINDS, REGION_KINDS, ExplainSettings, ModelSource
+from SegExplainMRML.job import METHODS, MODEL_KINDS, REGION_KINDS, SCORED_METHODS, ExplainSettings, ModelSource
 
 from SegExplainLib import composite_names
+from SegExplainLib.engine.api import METHODS as ENGINE_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "SegExplain" / "SegExplain.py"
@@ -101,8 +102,22 @@ def test_parameter_defaults_match_the_logic(parameters):
 
 def test_parameter_choices_match_the_logic(parameters):
     assert _choices(parameters["method"][0]) == list(METHODS)
+
+
+def test_the_method_menu_is_the_engines_registry(parameters):
+    # a method registered in the engine (DeepLIFT, Shapley, RISE, ...) is offered by the module and the review app
+    assert list(METHODS) == list(ENGINE_METHODS)
+    assert _choices(parameters["method"][0]) == list(ENGINE_METHODS)
     assert _choices(parameters["regionKind"][0]) == list(REGION_KINDS)
     assert _choices(parameters["filterKind"][0]) == ["none", "pass", "clamp"]
+
+
+def test_the_methods_scored_by_default_are_the_logics(parameters, ui):
+    # what an empty field scores (SegExplainMRML.workflow.scoredMethods), shown as the field's placeholder
+    assert parameters["scoreMethods"][1].split() == list(SCORED_METHODS)
+    field = next(w for w in ui.iter("widget") if w.get("name") == "scoreMethodsLineEdit")
+    placeholder = next(p for p in field.findall("property") if p.get("name") == "placeholderText")
+    assert placeholder.find("string").text.split() == list(SCORED_METHODS)
 
 
 def test_every_bound_widget_names_a_parameter_and_offers_valid_items(ui, parameters):
@@ -149,9 +164,10 @@ def test_trusting_model_code_is_the_users_choice_and_never_saved_with_the_scene(
     assert "checked" not in properties or properties["checked"].find("bool").text == "false"
     assert not [name for name in parameters if "trust" in name.lower()]
     assert "self.ui.trustModelCodeCheckBox.checked = False" in _method(tree, "SegExplainWidget", "onModelChanged")
-    assert "trustModelCode=self.ui.trustModelCodeCheckBox.checked" in _method(tree, "SegExplainWidget",
-                                                                              "onApplyButton")
-    assert "trustModelCode=trustModelCode" in _method(tree, "SegExplainLogic", "startExplanation")
+    for button in ("onApplyButton", "onScoreButton"):
+        assert "trustModelCode=self.ui.trustModelCodeCheckBox.checked" in _method(tree, "SegExplainWidget", button)
+    for starter in ("startExplanation", "startScoring"):
+        assert "trustModelCode=trustModelCode" in _method(tree, "SegExplainLogic", starter)
 
 
 def _widget(ui, name):
@@ -188,8 +204,27 @@ def test_model_is_a_card_an_nnunet_folder_or_a_bundle(tree, parameters, ui):
     assert "self.ui.nnunetFrame.visible = kind == 'nnunet'" in shown
     assert "self.logic.modelSource(self._parameterNode)" in _method(tree, "SegExplainWidget",
                                                                     "_rebuildSequenceSelectors")
-    start = _method(tree, "SegExplainLogic", "startExplanation")
-    assert "model = self.modelSource(parameters)" in start and "model, trustModelCode=trustModelCode" in start
+    assert "model = self.modelSource(parameters)" in _method(tree, "SegExplainLogic", "_modelAndInputs")
+    for starter in ("startExplanation", "startScoring"):  # the scoring runs the same model, with the user's word
+        start = _method(tree, "SegExplainLogic", starter)
+        assert "model, names = self._modelAndInputs(parameters)" in start
+        assert "model, trustModelCode=trustModelCode" in start
+
+
+def test_score_methods_runs_in_the_background_with_cancel_and_shown_errors(tree):
+    """The Score methods button starts the logic's scoring under tryWithErrorDisplay and polls it from its own
+    timer; pressed again it cancels; a failure of the scoring is shown; a closing scene or module cancels it."""
+    pressed = _method(tree, "SegExplainWidget", "onScoreButton")
+    assert "self._scoring.cancel()" in pressed and "slicer.util.tryWithErrorDisplay(" in pressed
+    assert "self.logic.startScoring(self._parameterNode" in pressed and "self._scoreTimer.start()" in pressed
+    polled = _method(tree, "SegExplainWidget", "onScoreTimer")
+    assert "run.poll()" in polled and "slicer.util.errorDisplay(" in polled
+    assert "slicer.util.tryWithErrorDisplay(" in polled and "self.logic.finishScoring(run, self._explanation)" in polled
+    assert "self._scoring.cancel()" in _method(tree, "SegExplainWidget", "onSceneStartClose")
+    assert "self._scoring" in _method(tree, "SegExplainWidget", "cleanup")
+    assert "self._scoreTimer.connect('timeout()', self.onScoreTimer)" in _method(tree, "SegExplainWidget", "__init__")
+    assert "self.ui.scoreButton.connect('clicked(bool)', self.onScoreButton)" in _method(tree, "SegExplainWidget",
+                                                                                          "setup")
 
 
 def test_cmake_ships_the_module_and_the_engine():

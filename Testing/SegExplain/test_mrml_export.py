@@ -271,6 +271,26 @@ def test_report_is_a_designed_summary_with_the_record_as_appendix(scene, explana
     assert "--output segexplain-output" in text
 
 
+def test_report_has_the_scorecard_page_when_the_explanation_was_scored(scene, explanation, demoScoring, tmp_path):
+    """A scored explanation's report has the scorecard as page 2 (its figure and each method's verdict in words,
+    searchable), says so on page 1, and the record follows on page 3; without a scorecard there is no such page."""
+    loaded = explanation.explanation
+    unscored = pdfPages(export.writeReport(loaded, tmp_path / "plain.pdf"))
+    assert not any("scorecard of methods" in page for page in unscored)
+    results.addScorecard(demoScoring.record, explanation.volumes[0], name="Scorecard", explanation=loaded)
+    summary, scorecard, appendix = pdfPages(export.writeReport(loaded, tmp_path / "scored.pdf"))
+    assert "Page 2 is the scorecard of methods" in " ".join(summary.split()) and "(page 3)" in summary
+    words = " ".join(scorecard.split())
+    assert "Which map can I trust? The scorecard of methods" in words
+    assert "Scored: point 'F-1', radius 0 mm, class 1 (1 voxels); methods gradient, gradient_x_input." in words
+    for name, row in demoScoring.record["scorecard"]["methods"].items():
+        assert f"{name}: {row['verdict'].split(':')[0]}" in words
+    assert f"Recommended: {demoScoring.record['scorecard']['recommendation'][:40]}" in words
+    assert "Appendix: the full record" in appendix
+    with_figure = (tmp_path / "scored.pdf").stat().st_size - (tmp_path / "plain.pdf").stat().st_size
+    assert with_figure > 20_000  # the scorecard's figure is drawn on the page
+
+
 def test_report_views_share_one_scale_and_carry_orientation_letters(explanation, tmp_path):
     """The summary's views have one colour bar from -max|R| to max|R| of all sequences, and each of the three
     views of every sequence its four orientation letters."""
