@@ -352,8 +352,9 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> Any:
     return run
 
 
-#: The methods ``segexplain evaluate`` scores by default: six rule-free and LRP-family methods of every kind.
-EVALUATED_METHODS = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad", "lrp", "guided_backprop")
+#: The methods ``segexplain evaluate`` scores by default: one of each family, chosen by measured cost
+#: (docs/evaluation.md): a gradient, a path integral, LRP, DeepLIFT, Guided Backprop and a perturbation method.
+EVALUATED_METHODS = ("gradient", "integrated_gradients", "lrp", "deeplift", "guided_backprop", "sequence_shapley")
 #: The fields of :class:`EvaluationRun` that are options of :func:`~SegExplainLib.engine.evaluation.evaluate`.
 _EVALUATION_OPTIONS = ("method_options", "scores", "block_size", "steps", "reference", "random_orders",
                        "randomization_stages", "n_perturbations", "noise_radius", "batch_size")

@@ -51,3 +51,15 @@ def test_a_map_that_ignores_the_weights_fails_and_the_gradient_passes(monkeypatc
     assert [s["spearman"] for s in edges["randomization"]["stages"]] == pytest.approx([1.0, 1.0])
     assert not edges["randomization"]["passed"] and edges["verdict"].startswith("not trustworthy")
     assert gradient["randomization"]["passed"], gradient["randomization"]
+
+
+def test_the_last_stage_is_the_same_network_whatever_the_number_of_stages():
+    # the verdict reads the last stage only: fewer stages give the same verdict for fewer explanations
+    model = frozen(sx.tiny_unet())
+    last = {}
+    for stages in (1, 2, 3):
+        *_, (deepest, copy) = randomization.cascade(model, stages, seed=3)
+        last[stages] = (deepest, {k: v.clone() for k, v in copy.state_dict().items()})
+    for stages in (2, 3):
+        assert last[stages][0] == last[1][0]
+        assert all(torch.equal(v, last[1][1][k]) for k, v in last[stages][1].items())

@@ -116,3 +116,17 @@ def test_bad_options_are_refused_by_name(options, message):
 def test_the_maps_are_kept_for_the_figures(card):
     maps = card.maps["gradient"]
     assert maps.shape == (2, 8, 12, 12) and np.isfinite(maps).all()
+
+
+def test_the_curves_batch_forward_passes_by_eight_on_cpu_with_the_same_scores():
+    def faithfulness(batch_size):
+        card = sx.evaluate(one_sequence_net(), blob_image(), sx.PredictedRegion(class_index=1), ["gradient", "lrp"],
+                           scores=["faithfulness"], batch_size=batch_size, **FAST)
+        return {name: row["faithfulness"] for name, row in card.methods.items()}
+
+    chosen = faithfulness(None)
+    assert {row.pop("batch_size") for row in chosen.values()} == {8}  # forward passes only: not the cap of 2
+    one_at_a_time = faithfulness(1)
+    for row in one_at_a_time.values():
+        row.pop("batch_size")
+    assert json.dumps(chosen) == json.dumps(one_at_a_time)

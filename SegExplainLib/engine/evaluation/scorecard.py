@@ -49,6 +49,10 @@ SCORES = ("faithfulness", "randomization", "robustness", "localization")
 FAITHFUL_MARGIN = 0.05
 #: Relevance outside the receptive field beyond this share is reported: the network cannot have looked there.
 LEAKAGE_TOLERANCE = 0.01
+#: Cap of the curves' automatic batch: forward passes only, which keep getting cheaper per image up to batch 8 on a
+#: 2-core CPU (the demo network: 0.17, 0.14 and 0.09 CPU seconds per image at batch 2, 4 and 8; docs/benchmarks.md),
+#: unlike the forward and backward passes that :data:`~SegExplainLib.engine.batching.DEFAULT_MAX_BATCH` caps at 2.
+CURVES_MAX_BATCH = 8
 
 
 @dataclass(frozen=True, eq=False)
@@ -310,7 +314,7 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
     block_size, reference = settings["block_size"], settings["reference"]
     if batch_size is None:
         batch_size = choose_internal_batch_size(model, x, memory_budget_bytes=None,
-                                                max_batch=max_batch_for(None, x.device))
+                                                max_batch=max(CURVES_MAX_BATCH, max_batch_for(None, x.device)))
     orders = [faithfulness.order_of(faithfulness.block_sums(maps[name], block_size)) for name in maps]
     orders += faithfulness.random_orders(orders[0].size, settings["random_orders"], settings["seed"])
 
