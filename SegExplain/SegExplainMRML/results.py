@@ -361,7 +361,7 @@ def addScorecard(summary: dict[str, Any], reference: Any, *, name: str, explanat
     table.SetColumnDescription("Method", "the attribution method, as the engine names it")
     table.SetColumnDescription("Randomization", "cascading randomization of the weights from the output layer down: "
                                "a map that does not change fails")
-    table.SetColumnDescription("Verdict", "trustworthy, use with care or not trustworthy, with the reasons")
+    table.SetColumnDescription("Verdict", "trustworthy, use with care, not trustworthy or per-sequence answer, with the reasons")
     table.SetAttribute(SCORECARD_ATTRIBUTE, json.dumps(summary, default=str))
     shNode = subjectHierarchy(scene)
     if explanation is not None:

@@ -59,12 +59,16 @@ class AttributionMethod(abc.ABC):
     (gradient, IG, SmoothGrad, occlusion) or rules that send zero relevance on as zero (LRP, Guided Backprop,
     Deconvolution). A sliding window may then run only the windows that reach the region: the maps are the same.
     Grad-CAM reads a layer's activation over the whole forward pass and is not seed-local.
+
+    ``per_sequence`` is true when the map holds one value per input channel, spread evenly over its voxels
+    (per-sequence Shapley): it orders the sequences, not the voxels, so voxel-level scores do not judge it.
     """
 
     name: ClassVar[str]
     linear_in_seed: ClassVar[bool] = True
     walks_modules: ClassVar[bool] = False
     seed_local: ClassVar[bool] = False
+    per_sequence: ClassVar[bool] = False
 
     @abc.abstractmethod
     def attribute(self, model: torch.nn.Module, inputs: torch.Tensor, seed: torch.Tensor) -> AttributionOutput:

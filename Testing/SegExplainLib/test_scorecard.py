@@ -33,7 +33,8 @@ def card():
         model = one_sequence_net()
         before = {k: v.clone() for k, v in model.state_dict().items()}
         result = sx.evaluate(model, blob_image(), sx.PredictedRegion(class_index=1),
-                             ["gradient", "gradient_x_input", "integrated_gradients", "lrp", RandomMethod.name],
+                             ["gradient", "gradient_x_input", "integrated_gradients", "lrp", "sequence_shapley",
+                              RandomMethod.name],
                              method_options={"integrated_gradients": {"n_steps": 8}}, sequence_names=["T1", "T2"],
                              **FAST)
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -50,6 +51,15 @@ def test_a_network_reading_one_sequence_gets_every_method_to_say_so(card, method
     assert row["faithfulness"]["faithful"], row["faithfulness"]
     # no randomization answer here: the maps of so shallow a network take the shape of its receptive field, which
     # random weights keep (Binder et al. 2023; docs/evaluation.md); the tiny U-Net below passes
+
+
+def test_a_per_sequence_answer_is_given_as_such_not_judged_as_a_voxel_map(card):
+    row = card.methods["sequence_shapley"]
+    assert row["per_sequence"] and not card.methods["gradient"]["per_sequence"]
+    assert row["sequence_shares"] == pytest.approx({"T1": 1.0, "T2": 0.0}, abs=1e-9)  # all on the one read
+    assert row["verdict"].startswith("per-sequence answer") and "T1 100%, T2 0%" in row["verdict"]
+    assert not row["trustworthy"]
+    assert not card.recommendation.startswith("sequence_shapley")
 
 
 def test_a_random_map_scores_about_zero_within_the_random_spread(card):

@@ -265,6 +265,7 @@ def evaluate(model: nn.Module, image: Any, target: Target, methods: Sequence[str
                       "sum_rule": {"expected": result.expected_sum, "delta": result.delta,
                                    "relative_delta": result.relative_delta},
                       "sequence_shares": dict(zip(names, relevance_shares(maps[name]).tolist())),
+                      "per_sequence": METHODS[name].per_sequence,
                       "warnings": list(result.warnings)}
     curves: dict[str, Curves] = {}
     if "faithfulness" in scores:
@@ -352,6 +353,10 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
 
 def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
     """A verdict in words with its reasons, and whether the method can be trusted here."""
+    if row.get("per_sequence"):
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in row["sequence_shares"].items())
+        return (f"per-sequence answer, not judged as a voxel map (its map is flat inside each sequence, so deletion, "
+                f"insertion and randomization by blocks do not apply): positive shares {shares}"), False
     reasons, failed, caveats = [], False, False
     if "faithfulness" in row and row["faithfulness"]["faithful"] is None:
         reasons.append("faithfulness undefined (the reference does not lower the target score)")
@@ -382,7 +387,8 @@ def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
 def _recommendation(rows: dict[str, dict[str, Any]]) -> str:
     """The method to trust: the most faithful of the trustworthy ones (else of those that fail no test)."""
     for group, why in (([n for n, r in rows.items() if r["trustworthy"]], "passes every test"),
-                       ([n for n, r in rows.items() if not r["verdict"].startswith("not")], "fails no test")):
+                       ([n for n, r in rows.items() if not r["verdict"].startswith(("not", "per-sequence"))],
+                        "fails no test")):
         if group:
             best = max(group, key=lambda n: rows[n].get("faithfulness", {}).get("combined") or 0.0)
             if rows[best].get("faithfulness", {}).get("combined") is None:

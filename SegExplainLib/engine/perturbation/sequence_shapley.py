@@ -60,6 +60,7 @@ class SequenceShapley(AttributionMethod):
     name = "sequence_shapley"
     linear_in_seed = True
     seed_local = True
+    per_sequence = True
 
     def __init__(self, *, baseline: Baseline | str | float = "zero", internal_batch_size: int | None = None,
                  memory_budget_bytes: int | None = None) -> None:
