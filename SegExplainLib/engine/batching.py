@@ -27,7 +27,9 @@ Speed note (measured on a 2-core CPU with ``bench/bench_engine.py``): IG on a ``
 fastest with an internal batch of 2 (batch 2 already takes PyTorch's fast oneDNN convolutions) and 15-20 % slower at
 4 to 8 (cache pressure), so on CPU the methods cap the automatic choice at :data:`DEFAULT_MAX_BATCH` = 2 when no
 budget is given; on CUDA, and whenever the caller states a budget, up to :data:`BUDGETED_MAX_BATCH` = 16
-(:func:`max_batch_for`).
+(:func:`max_batch_for`). Forward passes without a backward pass (occlusion, the perturbation methods, the scorecard's
+curves) keep getting cheaper per image up to batch 8 on a 2-core CPU (the demo network: 0.17, 0.14 and 0.09 CPU
+seconds per image at batch 2, 4 and 8, docs/benchmarks.md), so their cap there is :data:`FORWARD_ONLY_MAX_BATCH` = 8.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "max_batch_for",
     "check_batch_option",
     "DEFAULT_MAX_BATCH",
+    "FORWARD_ONLY_MAX_BATCH",
     "BUDGETED_MAX_BATCH",
 ]
 
@@ -53,6 +56,7 @@ SAFETY_FACTOR = 1.5
 MEASURED_MARGIN = 1.1
 MEASURED_FROM_BYTES = 16 * 1024**2
 DEFAULT_MAX_BATCH = 2
+FORWARD_ONLY_MAX_BATCH = 8
 BUDGETED_MAX_BATCH = 16
 FALLBACK_CPU_BUDGET_BYTES = 2 * 1024**3
 CPU_BUDGET_FRACTION = 0.25
@@ -65,10 +69,12 @@ def check_batch_option(name: str, value: object) -> None:
         raise SegExplainError(f"{name} must be None or an integer >= 1, got {value!r}")
 
 
-def max_batch_for(memory_budget_bytes: int | None, device: torch.device | str = "cpu") -> int:
-    """Cap of the automatic choice: 2 on CPU without a stated budget (its sweet spot), else 16."""
+def max_batch_for(memory_budget_bytes: int | None, device: torch.device | str = "cpu", *,
+                  forward_only: bool = False) -> int:
+    """Cap of the automatic choice: on CPU without a stated budget 2 (its sweet spot), or 8 for passes that run
+    forward only; else 16."""
     if memory_budget_bytes is None and torch.device(device).type == "cpu":
-        return DEFAULT_MAX_BATCH
+        return FORWARD_ONLY_MAX_BATCH if forward_only else DEFAULT_MAX_BATCH
     return BUDGETED_MAX_BATCH
 
 

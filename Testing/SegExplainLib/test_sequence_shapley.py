@@ -15,6 +15,7 @@ from testnets import frozen
 from torch import nn
 
 import SegExplainLib as sx
+from SegExplainLib.engine.batching import FORWARD_ONLY_MAX_BATCH
 from SegExplainLib.engine.perturbation import SequenceShapley
 from SegExplainLib.engine.perturbation.sequence_shapley import MAX_CHANNELS
 from SegExplainLib.errors import SegExplainError
@@ -94,6 +95,18 @@ def test_a_network_that_reads_one_sequence_gives_it_everything():
     assert values[2] == pytest.approx(result.expected_sum, rel=1e-5) and values[2] != 0
     # the shares count positive relevance: sequence 2 holds all of it, whichever the sign of the score change
     np.testing.assert_allclose(sx.relevance_shares(np.sign(values[2]) * result.maps), np.eye(6)[2], atol=1e-6)
+
+
+def test_its_forward_only_passes_take_the_higher_cpu_batch_cap_with_the_same_values():
+    model = relu_net(c_in=4)
+    x = torch.randn(1, 4, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    seed = torch.zeros(1, 2, 4, 6, 6, dtype=torch.float64)
+    seed[:, 1, 1:3, 2:4, 2:4] = 1.0
+    automatic = SequenceShapley()
+    maps = automatic.attribute(model, x, seed).maps
+    assert automatic.last_internal_batch_size == FORWARD_ONLY_MAX_BATCH == 8  # not the gradients' cap of 2
+    one_by_one = SequenceShapley(internal_batch_size=1).attribute(model, x, seed).maps
+    torch.testing.assert_close(maps, one_by_one, rtol=0, atol=1e-12)
 
 
 def test_a_linear_network_gives_input_minus_reference_times_weight():

@@ -49,12 +49,6 @@ SCORES = ("faithfulness", "randomization", "robustness", "localization")
 FAITHFUL_MARGIN = 0.05
 #: Relevance outside the receptive field beyond this share is reported: the network cannot have looked there.
 LEAKAGE_TOLERANCE = 0.01
-#: Cap of the curves' automatic batch: forward passes only, which keep getting cheaper per image up to batch 8 on a
-#: 2-core CPU (the demo network: 0.17, 0.14 and 0.09 CPU seconds per image at batch 2, 4 and 8; docs/benchmarks.md),
-#: unlike the forward and backward passes that :data:`~SegExplainLib.engine.batching.DEFAULT_MAX_BATCH` caps at 2.
-CURVES_MAX_BATCH = 8
-
-
 @dataclass(frozen=True, eq=False)
 class Scorecard:
     """The scores of each method on one network, case and region.
@@ -255,8 +249,9 @@ def evaluate(model: nn.Module, image: Any, target: Target, methods: Sequence[str
     maps: dict[str, np.ndarray] = {}
     for name in methods:
         step(f"explaining: {name}")
-        results = []
-        peak = added_peak_bytes(lambda: results.append(explained(run_model, x, name, quiet=False)), run_device)
+        results: list = []  # the call runs at once, inside the measurement: the defaults only bind this round's names
+        peak = added_peak_bytes(lambda name=name, results=results: results.append(
+            explained(run_model, x, name, quiet=False)), run_device)
         result = results[0]
         maps[name] = np.asarray(result.maps, dtype=np.float64)
         rows[name] = {"options": result.options, "seconds": result.seconds, "peak_memory_bytes": peak,
@@ -315,7 +310,7 @@ def _faithfulness(model: nn.Module, x: torch.Tensor, seed_tensor: torch.Tensor, 
     block_size, reference = settings["block_size"], settings["reference"]
     if batch_size is None:
         batch_size = choose_internal_batch_size(model, x, memory_budget_bytes=None,
-                                                max_batch=max(CURVES_MAX_BATCH, max_batch_for(None, x.device)))
+                                                max_batch=max_batch_for(None, x.device, forward_only=True))
     orders = [faithfulness.order_of(faithfulness.block_sums(maps[name], block_size)) for name in maps]
     orders += faithfulness.random_orders(orders[0].size, settings["random_orders"], settings["seed"])
 

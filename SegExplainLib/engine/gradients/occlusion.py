@@ -101,7 +101,7 @@ class Occlusion(AttributionMethod):
         groups = channels if self.per_channel else 1
         per_sample = groups * len(pd) * len(ph) * len(pw)
         total = batch * per_sample
-        k = resolve_batch(self, model, x, total)
+        k = resolve_batch(self, model, x, total, forward_only=True)
 
         ref = forward_no_grad(model, x, max(k, 1))
         check_output(ref, seed, batch)

@@ -107,9 +107,10 @@ def set_batching(method: Any, internal_batch_size: Any, memory_budget_bytes: Any
 
 
 def resolve_batch(
-    method: Any, model: torch.nn.Module, inputs: torch.Tensor, total: int
+    method: Any, model: torch.nn.Module, inputs: torch.Tensor, total: int, *, forward_only: bool = False
 ) -> int:
     """Internal batch size for ``total`` passes: the option, or the memory-budget choice; never above ``total``.
+    ``forward_only`` passes (no backward) take the higher cap of :func:`~SegExplainLib.engine.batching.max_batch_for`.
 
     The choice runs a forward and backward pass of one sample; it is made once per model and sample shape and
     reused by the later calls of the same method (the passes of a normalized aggregation, the voxel batches).
@@ -123,7 +124,8 @@ def resolve_batch(
             if method._probed is None or method._probed[0] != key:
                 budget = method.memory_budget_bytes
                 method._probed = (key, choose_internal_batch_size(
-                    model, inputs[:1], memory_budget_bytes=budget, max_batch=max_batch_for(budget, inputs.device)))
+                    model, inputs[:1], memory_budget_bytes=budget,
+                    max_batch=max_batch_for(budget, inputs.device, forward_only=forward_only)))
             k = method._probed[1]
     k = max(1, min(int(k), total))
     method.last_internal_batch_size = k

@@ -26,7 +26,7 @@ def masked_scores(method: object, model: torch.nn.Module, x: torch.Tensor, refer
     """
     batch = x.shape[0]
     total = batch * count
-    k = resolve_batch(method, model, x, total)
+    k = resolve_batch(method, model, x, total, forward_only=True)
     scores = []
     for rows in chunks(total, k):
         index = torch.arange(rows.start, rows.stop, device=x.device)
