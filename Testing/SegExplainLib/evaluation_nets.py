@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
+from testnets import frozen
 from torch import nn
 
 from SegExplainLib.engine.method import AttributionMethod, AttributionOutput
-
-from testnets import frozen
 
 
 def one_sequence_net(channels: int = 2, read: int = 0) -> nn.Module:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from testnets import frozen
 from torch import nn
 
 import SegExplainLib as sx
@@ -20,7 +21,6 @@ from SegExplainLib.engine.gradients.deeplift import reference_samples
 from SegExplainLib.errors import SegExplainError, UnsupportedLayerError
 from SegExplainLib.frontends import cli
 from SegExplainLib.models.networks import tiny_unet
-from testnets import frozen
 
 captum_attr = pytest.importorskip("captum.attr")
 

@@ -83,7 +83,7 @@ def test_deletion_drops_agree_with_captum_infidelity():
         removed = faithfulness._entry_mask(torch.as_tensor(order), step * order.size // 4,
                                            (2, 4, 6, 6), (2, 8, 12, 12), 2)
         image = torch.where(removed, reference[0], x[0])[None]
-        value = metrics.infidelity(score, lambda inputs: (inputs - image, image), x, torch.zeros_like(x),
+        value = metrics.infidelity(score, lambda inputs, image=image: (inputs - image, image), x, torch.zeros_like(x),
                                    n_perturb_samples=1)
         assert float(value) == pytest.approx((curve.deletion[0] - curve.deletion[step]) ** 2, rel=1e-9)
 

@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 import SegExplainLib as sx
 from SegExplainLib.engine.gradients import GradientShap
 from SegExplainLib.errors import SegExplainError
-from testnets import frozen
 
 captum_attr = pytest.importorskip("captum.attr")
 

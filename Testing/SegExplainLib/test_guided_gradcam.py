@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from testnets import frozen
 from torch import nn
 
 import SegExplainLib as sx
 from SegExplainLib.engine.gradients import GuidedGradCAM
 from SegExplainLib.errors import SegExplainError
-from testnets import frozen
 
 captum_attr = pytest.importorskip("captum.attr")
 

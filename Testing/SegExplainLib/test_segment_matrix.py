@@ -10,12 +10,12 @@ import re
 import numpy as np
 import pytest
 import torch
+from testnets import frozen
 from torch import nn
 
 import SegExplainLib as sx
 from SegExplainLib.engine.segments import segment_matrix
 from SegExplainLib.models.protocol import relevance_from_grid
-from testnets import frozen
 
 SHAPE = (6, 10, 10)
 

@@ -8,9 +8,8 @@ import io
 import urllib.error
 import urllib.request
 
-import pytest
-
 import numpy as np
+import pytest
 from PIL import Image
 from review_page import setState
 
