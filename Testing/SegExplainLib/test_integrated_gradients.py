@@ -447,7 +447,14 @@ def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_nor
 
 ADVICE = {
     # what was used -> what the warning must suggest, and what it must not (it was used already)
-    "adaptive_blur_budget_spent": ({"baseline": "blur:5"}, ["n_steps=256", "spent all 64"], ["'blur:5'", "adaptive'"]),
+    # 11 % at 64 passes, tolerance 1 %: 64 * 11 = 704 passes at 1/passes convergence, rounded up to a power of two
+    "adaptive_blur_budget_spent": ({"baseline": "blur:5"}, ["n_steps=1024", "spent all 64", "about 1024 are"],
+                                   ["'blur:5'", "adaptive'"]),
+    # 5 * 0.11 / 0.05 = 11 passes, 16 as a power of two, but at least 4x the budget spent
+    "adaptive_blur_small_budget": ({"baseline": "blur:5", "n_steps": 5, "tolerance": 0.05},
+                                   ["n_steps=20 ", "spent all 5"], ["'blur:5'"]),
+    "adaptive_blur_beyond_the_largest_budget": ({"baseline": "blur:5", "n_steps": 1024},
+                                                ["n_steps=4096, which may still miss", "about 16384 are"], ["'blur:5'"]),
     "adaptive_loose_tolerance": ({"baseline": "blur:5", "tolerance": 0.2}, ["tolerance below 0.05"], ["n_steps=", "blur"]),
     "fixed_rule_zero_baseline": ({"quadrature": "gausslegendre", "n_steps": 32, "baseline": "zero"},
                                  ["quadrature='adaptive'", "n_steps=128", "'blur:5'"], []),
