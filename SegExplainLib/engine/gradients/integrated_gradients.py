@@ -114,11 +114,22 @@ class IntegratedGradients(AttributionMethod):
     def sum_rule_warnings(self, delta: float | None, expected: float | None) -> list[str]:
         if delta is None or not expected or abs(delta) <= self.WARN_DELTA * abs(expected):
             return []
-        return [f"Integrated Gradients misses completeness by {100 * abs(delta) / abs(expected):.0f} % (maps sum to "
+        relative = abs(delta) / abs(expected)
+        return [f"Integrated Gradients misses completeness by {100 * relative:.0f} % (maps sum to "
                 f"{expected + delta:.4g}, the score changes by {expected:.4g} from the baseline): the quadrature "
-                f"missed where the score changes; {self._advice()}"]
+                f"missed where the score changes; {self._advice(relative)}"]
 
-    def _advice(self) -> str:
+    def passes_needed(self, relative_delta: float) -> int:
+        """Gradient passes estimated to bring ``relative_delta`` (reached with ``n_steps``) within ``tolerance``.
+
+        The adaptive rule's delta falls at least as fast as ``1 / passes`` on nnU-Net-style networks (measured:
+        docs/engine.md), so ``n_steps * relative_delta / tolerance``, rounded up to a power of two and at least
+        ``4 * n_steps`` (the delta does not fall monotonically with the budget). It may exceed :data:`MAX_NODES`.
+        """
+        estimate = self.n_steps * relative_delta / self.tolerance
+        return max(4 * self.n_steps, 2 ** int(np.ceil(np.log2(max(estimate, 1.0)))))
+
+    def _advice(self, relative_delta: float) -> str:
         """What to change, from what was used: only options that differ from this call's and can still help."""
         steps = min(4 * self.n_steps, MAX_NODES)
         if self.quadrature != "adaptive":
@@ -128,8 +139,11 @@ class IntegratedGradients(AttributionMethod):
             tips = [f"a tolerance below {self.WARN_DELTA:g} (it was {self.tolerance:g}, so the adaptive rule stopped "
                     "early)"]
         elif self.n_steps < MAX_NODES:
-            tips = [f"a larger budget, n_steps={steps} (the adaptive rule spent all {self.n_steps} gradient passes "
-                    "before reaching its tolerance)"]
+            needed = self.passes_needed(relative_delta)
+            spent = (f"the adaptive rule spent all {self.n_steps} gradient passes before reaching its tolerance; "
+                     f"about {needed} are estimated to reach it")
+            tips = [f"a larger budget, n_steps={needed} ({spent})" if needed <= MAX_NODES else
+                    f"the largest budget, n_steps={MAX_NODES}, which may still miss ({spent})"]
         else:
             tips = []
         if not isinstance(self.baseline, BlurredBaseline):
