@@ -14,6 +14,8 @@ from testnets import frozen
 
 import SegExplainLib as sx
 from SegExplainLib.engine.api import METHODS
+from SegExplainLib.engine.gradients import GradientXInput
+from SegExplainLib.engine.method import AttributionOutput
 from SegExplainLib.errors import SegExplainError
 
 FAST = {"block_size": 2, "steps": 6, "random_orders": 4, "randomization_stages": 2, "n_perturbations": 2,
@@ -91,6 +93,27 @@ def test_a_method_blind_to_the_weights_is_not_recommended(test_methods):
                        [EdgesMethod.name, "gradient"], scores=["randomization"], **FAST)
     assert not card.methods[EdgesMethod.name]["randomization"]["passed"]
     assert card.recommendation.startswith("gradient:")
+
+
+class HalfSumMethod(GradientXInput):
+    """Gradient x input reporting the sum rule it would have with the maps doubled: it misses it by half."""
+
+    name = "half_sum_test_only"
+
+    def attribute(self, model, inputs, seed):
+        result = super().attribute(model, inputs, seed)
+        expected = 2 * result.maps.flatten(1).sum(1)
+        return AttributionOutput(result.maps, delta=result.maps.flatten(1).sum(1) - expected, expected=expected)
+
+
+def test_a_map_that_misses_its_own_sum_rule_is_used_with_care(monkeypatch):
+    monkeypatch.setitem(METHODS, HalfSumMethod.name, HalfSumMethod)
+    card = sx.evaluate(one_sequence_net(), blob_image(), sx.PredictedRegion(class_index=1),
+                       ["gradient_x_input", HalfSumMethod.name], scores=["faithfulness"], **FAST)
+    half, whole = card.methods[HalfSumMethod.name], card.methods["gradient_x_input"]
+    assert abs(half["sum_rule"]["relative_delta"]) == pytest.approx(0.5)
+    assert half["verdict"].startswith("use with care") and "misses its own sum rule by 50%" in half["verdict"]
+    assert whole["verdict"].startswith("trustworthy"), whole["verdict"]  # the same map, no sum rule to miss
 
 
 def test_road_and_progress_and_cancellation():

@@ -49,6 +49,11 @@ SCORES = ("faithfulness", "randomization", "robustness", "localization")
 FAITHFUL_MARGIN = 0.05
 #: Relevance outside the receptive field beyond this share is reported: the network cannot have looked there.
 LEAKAGE_TOLERANCE = 0.01
+#: A map whose sum misses its method's own rule (LRP conservation, IG or DeepLIFT completeness) by more than this share
+#: of the expected sum is not yet what the method stands for (the threshold of IG's own warning).
+SUM_RULE_TOLERANCE = 0.05
+
+
 @dataclass(frozen=True, eq=False)
 class Scorecard:
     """The scores of each method on one network, case and region.
@@ -371,6 +376,10 @@ def _verdict(row: dict[str, Any]) -> tuple[str, bool]:
         r = row["robustness"]
         reasons.append(f"{'robust' if r['robust'] else 'not robust'} (max-sensitivity {r['max_sensitivity']:.2f})")
         caveats |= not r["robust"]
+    missed = row.get("sum_rule", {}).get("relative_delta")
+    if missed is not None and abs(missed) > SUM_RULE_TOLERANCE:
+        reasons.append(f"misses its own sum rule by {100 * abs(missed):.0f}% (see its warning)")
+        caveats = True
     if "localization" in row and row["localization"]["outside_receptive_field"] > LEAKAGE_TOLERANCE:
         reasons.append(f"{100 * row['localization']['outside_receptive_field']:.0f}% of its positive relevance lies "
                        "where the network cannot see")
