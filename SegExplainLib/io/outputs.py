@@ -8,10 +8,11 @@ that has it, and only once the new results are complete; no other folder is ever
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,18 @@ def move_into_place(staging: Path, path: Path, overwrite: bool) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_output(path: Path, overwrite: bool) -> Iterator[Path]:
+    """A staging folder for the results of ``path`` (see :func:`prepare_output`), moved into place when the block
+    ends without an error; a failed run's partial results are deleted, and nothing at ``path`` is touched."""
+    staging = prepare_output(path, overwrite)
+    try:
+        yield staging
+        move_into_place(staging, path, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone once moved into place
+
+
 def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray, geometry, maps: np.ndarray,
                        record: dict[str, Any], names: Sequence[str], inputs: Sequence[str], model: dict[str, Any],
                        filters: Sequence[Any], ground_truth: str | None, resample: bool,
@@ -116,8 +129,7 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
     from . import imaging
 
     step = progress.step if progress is not None else lambda name: None
-    staging = prepare_output(destination, overwrite)
-    try:
+    with staged_output(destination, overwrite) as staging:
         step("writing maps")
         maps = np.asarray(maps, dtype=np.float32)
         written = imaging.write_maps(maps, geometry, staging, names)
@@ -156,9 +168,6 @@ def write_case_outputs(destination: Path, *, overwrite: bool, image: np.ndarray,
                 summary["figures"].append("segment_matrix.png")
         step("summary")
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        move_into_place(staging, destination, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
     return summary
 
 
@@ -202,8 +211,7 @@ def write_scorecard_outputs(destination: Path, *, overwrite: bool, scorecard: An
     from ..engine.explanation import software_versions
 
     step = progress.step if progress is not None else lambda name: None
-    staging = prepare_output(destination, overwrite)
-    try:
+    with staged_output(destination, overwrite) as staging:
         step("writing scorecard")
         with (staging / "curves.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -218,7 +226,4 @@ def write_scorecard_outputs(destination: Path, *, overwrite: bool, scorecard: An
             drawing.save_figure(drawing.scorecard_figure(scorecard), staging / "scorecard.png")
             summary["figures"] = ["scorecard.png"]
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        move_into_place(staging, destination, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed run's partial results; gone once moved into place
     return summary
