@@ -123,6 +123,43 @@ def sequence_record(run: CaseRun, match: SequenceMatch | None) -> dict:
     return match.record([Path(path).name for path in run.inputs])
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenedCase:
+    """A case read and its model opened: the run with its files in the model's order, how they were matched, the
+    image (C, D, H, W) and its geometry, the model's pipeline, the sequence names and the region to explain."""
+
+    run: CaseRun
+    match: SequenceMatch | None
+    image: np.ndarray
+    geometry: Any
+    pipeline: Any
+    names: list[str]
+    target: Any
+
+
+@contextlib.contextmanager
+def opened_case(run: CaseRun, progress: Progress) -> Iterator[OpenedCase]:
+    """The first steps of every case run (an explanation's, a scorecard's): the output folder checked (refused at
+    once, not after the work), the files put in the model's order (or refused), the images read, the model opened,
+    the sequence names and the region placed; a resampling's advice is given for the whole block."""
+    from ..io import imaging
+    from ..io.outputs import check_replaceable
+    from .opening import open_model
+
+    check_replaceable(Path(os.path.abspath(run.output)), run.overwrite)
+    run, match = match_case_inputs(run, run.model.sequence_names())
+    if match is not None and match.message():
+        progress.say(match.message())
+    with resample_advice():
+        progress.step("reading images")
+        image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
+        progress.step("loading model")
+        pipeline = open_model(run.model)
+        names = case_sequence_names(run.sequence_names, pipeline.sequences, image.shape[0])
+        target = run.request.target(geometry, resample=run.resample)
+        yield OpenedCase(run, match, image, geometry, pipeline, names, target)
+
+
 def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
     """Explain one case from its files into its output folder (``segexplain explain``); returns the folder as given.
 
@@ -139,26 +176,18 @@ def run_case(run: CaseRun, progress: Progress | None = None) -> Path:
 
     from ..engine.filters import AmplitudeFilter
     from ..io import imaging
-    from ..io.outputs import check_replaceable, write_case_outputs
+    from ..io.outputs import write_case_outputs
     from ..models.pipelines import explain_case, segment_matrix_case
-    from .opening import model_fields, open_model
+    from .opening import model_fields
 
     output = Path(run.output)
     destination = Path(os.path.abspath(output))  # "." and "results/.." have a name and a parent folder too
     filters = [AmplitudeFilter.parse(spec) for spec in run.filters]
     progress = progress or Progress(run.progress or ("bar" if sys.stderr.isatty() else "none"), CASE_STEPS)
-    check_replaceable(destination, run.overwrite)  # refused at once, not after the explanation
     request = run.request
-    run, match = match_case_inputs(run, run.model.sequence_names())  # the files in the model's order, or refused
-    if match is not None and match.message():
-        progress.say(match.message())
-    with resample_advice():
-        progress.step("reading images")
-        image, geometry = imaging.read_sequences(list(run.inputs), resample=run.resample)
-        progress.step("loading model")
-        pipeline = open_model(run.model)
-        names = case_sequence_names(run.sequence_names, pipeline.sequences, image.shape[0])
-        target = request.target(geometry, resample=run.resample)
+    with opened_case(run, progress) as case:
+        run, match, image, geometry = case.run, case.match, case.image, case.geometry
+        pipeline, names, target = case.pipeline, case.names, case.target
         torch.manual_seed(request.seed)
         progress.step("explaining")
         pipeline.check_method(request.method)  # before the case is prepared

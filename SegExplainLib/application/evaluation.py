@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .case_run import Progress, case_sequence_names, match_case_inputs, resample_advice, sequence_record
+from .case_run import Progress, opened_case, sequence_record
 from .requests import EvaluationRun
 
 #: The steps of :func:`run_evaluation` around the scoring's own (:func:`~SegExplainLib.engine.evaluation.
@@ -44,28 +44,18 @@ def run_evaluation(run: EvaluationRun, progress: Progress | None = None,
     import torch
 
     from ..engine.evaluation import evaluate, evaluation_steps
-    from ..io import imaging
-    from ..io.outputs import check_replaceable, write_scorecard_outputs
+    from ..io.outputs import write_scorecard_outputs
     from ..models.protocol import network_target
-    from .opening import model_fields, open_model
+    from .opening import model_fields
 
-    case = run.case
-    destination = Path(os.path.abspath(case.output))
+    destination = Path(os.path.abspath(run.case.output))
     steps = [*READING_STEPS, *evaluation_steps(run.methods, run.scores), *WRITING_STEPS]
-    progress = progress or Progress(case.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
-    check_replaceable(destination, case.overwrite)  # refused at once, not after the scoring
-    case, match = match_case_inputs(case, case.model.sequence_names())
-    if match is not None and match.message():
-        progress.say(match.message())
-    with resample_advice():
-        progress.step("reading images")
-        image, geometry = imaging.read_sequences(list(case.inputs), resample=case.resample)
-        progress.step("loading model")
-        pipeline = open_model(case.model)
+    progress = progress or Progress(run.case.progress or ("bar" if sys.stderr.isatty() else "none"), steps)
+    with opened_case(run.case, progress) as opened:
+        case, match, image, geometry = opened.run, opened.match, opened.image, opened.geometry
+        pipeline, names, target = opened.pipeline, opened.names, opened.target
         for method in run.methods:
             pipeline.check_method(method)
-        names = case_sequence_names(case.sequence_names, pipeline.sequences, image.shape[0])
-        target = case.request.target(geometry, resample=case.resample)
         prepared = pipeline.prepare(image, geometry)
         on_network = target if prepared.on_image_grid else network_target(target, tuple(image.shape[1:]), prepared)
         torch.manual_seed(case.request.seed)
