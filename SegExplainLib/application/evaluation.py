@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .case_run import Progress, opened_case, sequence_record
 from .requests import EvaluationRun
@@ -22,6 +23,36 @@ from .requests import EvaluationRun
 #: evaluation_steps`).
 READING_STEPS = ("reading images", "loading model")
 WRITING_STEPS = ("writing scorecard",)
+
+
+def score_case(pipeline: Any, prepared: Any, image_shape: tuple[int, ...], target: Any, methods: Sequence[str], *,
+               seed: int, sequence_names: Sequence[str] | None, options: dict[str, Any],
+               progress: Callable[[str, float], None] | None = None, cancelled: Callable[[], bool] | None = None):
+    """The scorecard of ``methods`` on a prepared case, on the network's own grid, through the model the pipeline
+    deploys: the region brought to the network's grid, the seed set. The caller has checked the methods against the
+    model (``pipeline.check_method``, before the case is prepared).
+
+    Args:
+        pipeline: The opened model (:class:`~SegExplainLib.models.protocol.Pipeline`).
+        prepared: ``pipeline.prepare(image, geometry)``.
+        image_shape: The image's grid (D, H, W), where ``target`` is placed.
+        target: The region on the image's grid.
+        methods: The methods to score.
+        seed: The run's random seed (set before scoring).
+        sequence_names: One per input channel, or None.
+        options: The keyword options of :func:`~SegExplainLib.engine.evaluation.evaluate` (the request's
+            ``evaluation_options()``).
+        progress, cancelled: As for :func:`~SegExplainLib.engine.evaluation.evaluate`.
+    """
+    import torch
+
+    from ..engine.evaluation import evaluate
+    from ..models.protocol import network_target
+
+    on_network = target if prepared.on_image_grid else network_target(target, tuple(image_shape), prepared)
+    torch.manual_seed(seed)
+    return evaluate(prepared.model, prepared.input, on_network, list(methods), sequence_names=sequence_names,
+                    progress=progress, cancelled=cancelled, **options)
 
 
 def run_evaluation(run: EvaluationRun, progress: Progress | None = None,
@@ -41,11 +72,8 @@ def run_evaluation(run: EvaluationRun, progress: Progress | None = None,
         SegExplainError: Bad input (files, grids, model, region, a method the model cannot run), or an output folder
             that may not be replaced (refused before anything is computed).
     """
-    import torch
-
-    from ..engine.evaluation import evaluate, evaluation_steps
+    from ..engine.evaluation import evaluation_steps
     from ..io.outputs import write_scorecard_outputs
-    from ..models.protocol import network_target
     from .opening import model_fields
 
     destination = Path(os.path.abspath(run.case.output))
@@ -54,14 +82,12 @@ def run_evaluation(run: EvaluationRun, progress: Progress | None = None,
     with opened_case(run.case, progress) as opened:
         case, match, image, geometry = opened.run, opened.match, opened.image, opened.geometry
         pipeline, names, target = opened.pipeline, opened.names, opened.target
-        for method in run.methods:
+        for method in run.methods:  # before the case is prepared
             pipeline.check_method(method)
         prepared = pipeline.prepare(image, geometry)
-        on_network = target if prepared.on_image_grid else network_target(target, tuple(image.shape[1:]), prepared)
-        torch.manual_seed(case.request.seed)
-        scorecard = evaluate(prepared.model, prepared.input, on_network, list(run.methods), sequence_names=names,
-                             progress=lambda name, fraction: progress.step(name), cancelled=cancelled,
-                             **run.evaluation_options())
+        scorecard = score_case(pipeline, prepared, image.shape[1:], target, run.methods, seed=case.request.seed,
+                               sequence_names=names, options=run.evaluation_options(),
+                               progress=lambda name, fraction: progress.step(name), cancelled=cancelled)
         for name, row in scorecard.methods.items():
             for warning in row["warnings"]:
                 progress.warn(f"{name}: {warning}")

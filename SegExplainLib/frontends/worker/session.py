@@ -83,10 +83,7 @@ class WarmSession:
 
         from ...models.pipelines import explain_case
 
-        if not isinstance(request, ExplainRequest):
-            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
-        if self.prepared is None:
-            raise SegExplainError("no case yet: call set_case first")
+        self._check_ready(request, ExplainRequest)
         if preview and self.preview is None:
             raise SegExplainError("this model has no preview (it is one network pass per window already)")
         target = request.target(self.geometry, self._checked_mask(mask))
@@ -112,10 +109,7 @@ class WarmSession:
 
         from ...models.pipelines import segment_matrix_case
 
-        if not isinstance(request, ExplainRequest):
-            raise SegExplainError(f"request must be an ExplainRequest, got {request!r}")
-        if self.prepared is None:
-            raise SegExplainError("no case yet: call set_case first")
+        self._check_ready(request, ExplainRequest)
         torch.manual_seed(request.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each warning is in the explanations' records
@@ -135,26 +129,17 @@ class WarmSession:
         Returns:
             The :class:`~SegExplainLib.engine.evaluation.Scorecard`.
         """
-        import torch
+        from ...application.evaluation import score_case
 
-        from ...engine.evaluation import evaluate
-        from ...models.protocol import network_target
-
-        if not isinstance(request, EvaluationRequest):
-            raise SegExplainError(f"request must be an EvaluationRequest, got {request!r}")
-        if self.prepared is None:
-            raise SegExplainError("no case yet: call set_case first")
+        self._check_ready(request, EvaluationRequest)
         for method in request.methods:
             self.pipeline.check_method(method)
         target = request.request.target(self.geometry, self._checked_mask(mask))
-        prepared = self.prepared
-        on_network = target if prepared.on_image_grid else network_target(target, tuple(self.image.shape[1:]),
-                                                                             prepared)
-        torch.manual_seed(request.request.seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # each warning is in the scorecard's rows
-            return evaluate(prepared.model, prepared.input, on_network, list(request.methods),
-                            sequence_names=self.sequences or None, progress=progress, **request.evaluation_options())
+            return score_case(self.pipeline, self.prepared, self.image.shape[1:], target, request.methods,
+                              seed=request.request.seed, sequence_names=self.sequences or None,
+                              options=request.evaluation_options(), progress=progress)
 
     def shown(self, *, preview: bool) -> dict[str, Any]:
         """What an answer's record says it shows, for a model that has a preview: ``{"preview": True, "ensemble":
@@ -167,6 +152,13 @@ class WarmSession:
             return {"preview": False, "ensemble": exact}
         return {"preview": True, "ensemble": f"preview: {self.preview.describe().get('ensemble', 'cheaper model')}, "
                                              f"of {exact}"}
+
+    def _check_ready(self, request: Any, kind: type) -> None:
+        """Refuse a request of another type than ``kind``, or any before the first case."""
+        if not isinstance(request, kind):
+            raise SegExplainError(f"request must be an {kind.__name__}, got {request!r}")
+        if self.prepared is None:
+            raise SegExplainError("no case yet: call set_case first")
 
     def _checked_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
         if mask is None:
