@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -40,6 +39,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib.application import demo  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     at_64 = "-" if result["at_64"] is None else f"{100 * result['at_64']:.2f} %"
                     print(f"{name:<20} {baseline:<7} {label:<28} passes to 1 %: {shown:<16} delta at 64: {at_64}",
                           flush=True)
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+    info = {"machine": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
     print(f"machine: {info}")
     if args.json:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib.application import demo  # noqa: E402
 from SegExplainLib.engine import quadrature  # noqa: E402
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cache.write_text(json.dumps(cache))
         rows.append({"baseline": baseline, "profile": {"alpha": grid.tolist(), "F": f.tolist(),
                                                        "slope": slope.tolist()}})
-    info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
+    info = {"machine": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
             "load": os.getloadavg(), "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
     print(f"machine: {info}")
     if args.json:
