@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -226,14 +227,14 @@ def evaluate(model: nn.Module, image: Any, target: Target, methods: Sequence[str
     run_device = resolve_device(device)
     run_model, run_dtype = placed(model, run_device, dtype)
     x = tensor.to(device=run_device, dtype=run_dtype)[None]
-    steps_total = len(evaluation_steps(methods, scores))
+    steps_total, steps_done = len(evaluation_steps(methods, scores)), itertools.count()
 
-    def step(name: str, done: list[int] = [0]) -> None:  # noqa: B006 - the count of steps of this call
+    def step(name: str) -> None:
         if cancelled is not None and cancelled():
             raise SegExplainError("the evaluation was cancelled")
+        done = next(steps_done)
         if progress is not None:
-            progress(name, done[0] / steps_total)
-        done[0] += 1
+            progress(name, done / steps_total)
 
     step("fixing the region")
     with deployed(run_model), torch.no_grad(), onednn_convolutions():
