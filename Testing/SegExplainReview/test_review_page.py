@@ -105,7 +105,9 @@ def test_the_screenshot_is_the_layout_as_shown(server, page):
     from SegExplainReview.layout import LEGEND_BAND, legendColors
 
     explained(page)
-    rects = [viewRect(page, index) for index in range(4)]
+    # the layout settles after the explanation arrives: the views of one column share a width once it has
+    rects = until(lambda: [viewRect(page, index) for index in range(4)],
+                  lambda r: r[0]["width"] == r[1]["width"] and r[2]["width"] == r[3]["width"], interval=0.2)
     width, height = rects[0]["width"] + rects[2]["width"], rects[0]["height"] + rects[1]["height"]
     shot = until(lambda: png(server.get("/segexplain/screenshot.png")),
                  lambda image: abs(image.shape[1] - width) <= 8, interval=0.5)
