@@ -176,8 +176,8 @@ def explain(model: nn.Module, image: Any, target: Target, method: str | Attribut
         msg = f"voxel_batch_size must be >= 1, got {voxel_batch_size!r}"
         raise SegExplainError(msg)
     norm_statistics = statistics_record(model)
-    # LRP's own forward pass gives the logits, and the region read off them, when one pass explains the target
-    one_pass = attribution if hasattr(attribution, "seeded_by_output") else None
+    # the method's own forward pass gives the logits, and the region read off them, when one pass explains the target
+    one_pass = attribution if _explains_in_one_pass(attribution) else None
     with prepared_run(model, image, target, device, dtype, restrict=attribution.seed_local, one_pass=one_pass) as (
             model, x, logits, region, windows, finish):
         score = float(logits[0, target.class_index][region].sum())
@@ -303,6 +303,17 @@ def prepared_run(model: nn.Module, image: Any, target: Target, device: str | tor
                        else contextlib.nullcontext({}))
         with restriction as windows:
             yield model, x, logits, torch.as_tensor(region, device=run_device), windows, finish
+
+
+def _explains_in_one_pass(method: AttributionMethod) -> bool:
+    """Whether ``method.seeded_by_output`` explains what ``method.attribute`` does: both come from the same class.
+
+    A subclass that changes ``attribute`` alone (to post-process its maps, say) would otherwise be bypassed.
+    """
+    def owner(name: str) -> type | None:
+        return next((cls for cls in type(method).__mro__ if name in vars(cls)), None)
+
+    return owner("seeded_by_output") is not None and owner("seeded_by_output") is owner("attribute")
 
 
 def _as_float(value: torch.Tensor | None) -> float | None:

@@ -109,10 +109,11 @@ def test_lrp_records_its_rules_apart_from_its_options(model, image):
 
 
 @pytest.mark.parametrize("target", [sx.PredictedRegion(class_index=1), TARGET], ids=["predicted", "box"])
-def test_lrp_finds_the_region_in_its_own_forward_pass(model, image, target):
+@pytest.mark.parametrize("method", ["lrp", "gradient", "gradient_x_input"])
+def test_finds_the_region_in_its_own_forward_pass(model, image, target, method):
     calls = []
     model.register_forward_hook(lambda module, args, output: calls.append(1))
-    result = sx.explain(model, image, target, "lrp")
+    result = sx.explain(model, image, target, method)
     assert len(calls) == 1  # no separate forward pass for the logits
     x = torch.as_tensor(image)[None]
     with torch.no_grad(), deployed(model):
@@ -120,7 +121,7 @@ def test_lrp_finds_the_region_in_its_own_forward_pass(model, image, target):
     seed = torch.zeros_like(logits)
     seed[0, 1] = torch.as_tensor(target.region(logits[0]))
     assert result.region_voxels == int(seed.sum())
-    given = sx.LRP().attribute(model, x, seed).maps[0].numpy()
+    given = sx.make_method(method).attribute(model, x, seed).maps[0].numpy()
     np.testing.assert_allclose(result.maps, given, rtol=1e-4, atol=1e-6 * np.abs(given).max())
     assert result.target_score == pytest.approx(float((seed * logits).sum()), rel=1e-6)
 

@@ -222,8 +222,9 @@ def test_explanations_through_the_restricted_window_are_the_whole_volume_ones(me
     np.testing.assert_allclose(part.maps, whole.maps, rtol=1e-10, atol=1e-12 * np.abs(whole.maps).max())
     assert part.target_score == pytest.approx(whole.target_score, rel=1e-12)
     assert (part.extras["windows_run"], part.extras["windows_total"]) == (windows, 75)
-    # LRP reads a "sum" target off its own forward pass; a regional model runs a restricted one of its own first
-    passes_more = 2 if method_name == "lrp_sum" else 1
+    # LRP and the gradient read a "sum" target off their own forward pass; a regional model runs a restricted one of
+    # its own first
+    passes_more = 2 if method_name in ("lrp_sum", "gradient") else 1
     assert len(calls) - whole_calls == whole_calls * windows / 75 * passes_more
     assert "windows_run" not in whole.extras
     if method_name == "lrp_sum":  # conservation through the restricted window

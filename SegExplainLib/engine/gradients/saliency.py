@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from ...errors import SegExplainError
 from ..checks import is_int
+from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
-from .passes import accumulate, check_inputs, check_seed, chunks, input_gradient, resolve_batch, set_batching
+from .passes import (accumulate, check_inputs, check_output, check_seed, chunks, input_gradient, resolve_batch,
+                     set_batching)
 
 
 class Gradient(AttributionMethod):
@@ -30,6 +34,28 @@ class Gradient(AttributionMethod):
         seed = check_seed(seed, x)
         grad = input_gradient(model, x, seed, None, x.shape[0], seed.requires_grad)
         return AttributionOutput(maps=x * grad if self.multiply_by_inputs else grad)
+
+    @contextlib.contextmanager
+    def seeded_by_output(self, model: torch.nn.Module, inputs: torch.Tensor,
+                         ) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor], AttributionOutput]]]:
+        """Run the forward pass with its graph, yield its logits (detached) and ``finish(seed)``, which explains a seed.
+
+        A seed read off the prediction (a predicted region) then needs no forward pass of its own: the gradient
+        costs one forward and one backward pass, finding the region included, as for LRP.
+        """
+        x = check_inputs(inputs).detach().requires_grad_(True)
+        with torch.enable_grad(), onednn_convolutions():
+            out = model(x)
+
+        def finish(seed: torch.Tensor) -> AttributionOutput:
+            seed = check_seed(seed, x)
+            (grad,) = torch.autograd.grad(check_output(out, seed, x.shape[0]), x, seed,
+                                          create_graph=seed.requires_grad)
+            grad = grad if seed.requires_grad else grad.detach()
+            return AttributionOutput(maps=x.detach() * grad if self.multiply_by_inputs else grad)
+
+        # a model that returns no tensor is left to the caller's check, which names what it returned
+        yield (out.detach() if isinstance(out, torch.Tensor) else out), finish
 
     def options(self) -> dict[str, Any]:
         return {}
