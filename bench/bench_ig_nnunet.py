@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    torch.manual_seed(0)  # the initial weights, which train() does not seed
     model = network(args.plans)
     if args.weights and args.weights.exists():
         model.load_state_dict(torch.load(args.weights, weights_only=True))
