@@ -13,8 +13,16 @@ from ...errors import SegExplainError
 from ..checks import is_int
 from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
-from .passes import (accumulate, check_inputs, check_output, check_seed, chunks, input_gradient, resolve_batch,
-                     set_batching)
+from .passes import (
+    accumulate,
+    check_inputs,
+    check_output,
+    check_seed,
+    chunks,
+    input_gradient,
+    resolve_batch,
+    set_batching,
+)
 
 
 class Gradient(AttributionMethod):
