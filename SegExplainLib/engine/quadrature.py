@@ -13,13 +13,16 @@ nodes has two nodes.
 1. ``F`` is evaluated (forward passes only) at the scan points ``0, 1e-8, 1e-7, ..., 0.1, 0.5, 1``. A scan point
    where ``F`` lies on the straight line between its neighbours is dropped (flat runs, and the decades near 0 that a
    path which is smooth there, as from a blurred baseline, crosses in a line); the intervals between the points kept
-   become panels with a Gauss-Legendre rule of a few nodes.
+   become panels with Simpson's rule (both ends and the middle; in ``log alpha`` when a panel spans a factor of 4 or
+   more).
 2. Each panel's completeness is known exactly: its gradient estimate must equal ``F(b) - F(a)``. The panel with the
-   largest error is split (at the geometric mean when it spans a factor of 4 or more, else in the middle; ``F`` at
-   the split point costs one forward pass) until the errors add up to at most ``tolerance`` times the score change,
-   or the next split would exceed the budget of gradient passes.
+   largest error is split at its middle (``F`` there costs one forward pass) until the errors add up to at most
+   ``tolerance`` times the score change, or the next split would exceed the budget of gradient passes. A split
+   keeps the panel's three nodes, which its halves share, and costs the two new middles: two gradient passes where
+   splitting a panel of 4 Gauss-Legendre nodes costs eight and drops its four. Each node's gradient is therefore kept
+   until the end, when the nodes' final weights are known: memory for one input-sized tensor per node.
 
-The result is a composite Gauss-Legendre rule: the map is linear in the explained seed for its nodes, which
+The result is a composite Simpson rule: the map is linear in the explained seed for its nodes, which
 :meth:`SegExplainLib.engine.gradients.integrated_gradients.IntegratedGradients.for_target` fixes once for every pass
 of one target.
 """
@@ -27,7 +30,7 @@ of one target.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,8 +45,6 @@ QUADRATURES = ("adaptive", *FIXED_RULES)
 MAX_NODES = 4096
 #: Where F is scanned first: each decade down to 1e-8, where instance-normalized networks change, and the middle.
 SCAN = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
-#: Gauss-Legendre nodes per panel.
-ORDER = 4
 #: A panel ``[a, b]`` with ``b >= GEOMETRIC * a`` spreads its nodes in ``log(alpha)`` and is split at ``sqrt(a b)``.
 GEOMETRIC = 4.0
 
@@ -74,28 +75,6 @@ def fixed_rule(rule: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     if rule == "riemann_middle":
         return (np.arange(n) + 0.5) / n, weights
     raise SegExplainError(f"quadrature {rule!r} is not valid; expected one of {', '.join(QUADRATURES)}")
-
-
-@dataclass
-class _Panel:
-    """One interval ``[a, b]`` of the path with its Gauss-Legendre estimate."""
-
-    a: float
-    b: float
-    f_a: np.ndarray  # F at a, per batch element
-    f_b: np.ndarray
-    nodes: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    estimate: np.ndarray | None = None  # the gradient estimate of F(b) - F(a), per batch element
-    contribution: Any = None  # the panel's share of the integrated gradient (a tensor of the caller's)
-
-    @property
-    def error(self) -> float:
-        return float(np.abs(self.estimate - (self.f_b - self.f_a)).sum())
-
-    def split_point(self) -> float:
-        return float(np.sqrt(self.a * self.b)) if self.a > 0 and self.b >= GEOMETRIC * self.a else (
-            self.b / 10 if self.a == 0 else 0.5 * (self.a + self.b))
 
 
 @dataclass
@@ -145,53 +124,102 @@ def _initial_panels(f: np.ndarray, max_panels: int, tolerance: float) -> list[in
     return edges
 
 
+def _simpson(a: float, b: float) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Nodes and weights of Simpson's rule on ``[a, b]``: in ``log(alpha)`` when the panel spans a factor of
+    :data:`GEOMETRIC` or more (``d alpha = alpha d log(alpha)``), its middle then the geometric mean."""
+    if a > 0 and b >= GEOMETRIC * a:
+        span = float(np.log(b / a))
+        middle = float(np.sqrt(a * b))
+        return (a, middle, b), (span * a / 6, 4 * span * middle / 6, span * b / 6)
+    middle = 0.5 * (a + b)
+    return (a, middle, b), ((b - a) / 6, 4 * (b - a) / 6, (b - a) / 6)
+
+
 def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
              integrate: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]], *, max_passes: int,
-             tolerance: float) -> AdaptiveResult:
+             tolerance: float, max_stored: int | None = None) -> AdaptiveResult:
     """Integrate along the path with nodes where ``F`` changes (see the module docstring).
 
     Args:
         score_at: ``F`` at the given nodes, shaped ``(nodes, batch)`` (forward passes only).
         integrate: For nodes and weights, the weighted sum of the gradients (a tensor) and its estimate of the change
-            of ``F``, shaped ``(batch,)``.
+            of ``F``, shaped ``(batch,)``; called with one node and weight 1, so that each node's gradient is kept
+            and reweighted as panels split.
         max_passes: Most gradient evaluations (nodes) to spend.
         tolerance: Stop once the panels' errors add up to at most this share of ``|F(1) - F(0)|``.
+        max_stored: Most node gradients kept at once (memory); beyond it the open panel with the smallest error is
+            closed: its share is summed and the gradients of nodes that no open panel uses are freed. ``None``: all.
     """
     scan = np.asarray(SCAN)
     f = np.asarray(score_at(scan), dtype=np.float64)
     forward_passes = len(scan)
-    edges = _initial_panels(f, max_panels=max_passes, tolerance=tolerance)
-    order = max(1, min(ORDER, max_passes // (len(edges) - 1)))
-    base_nodes, base_weights = fixed_rule("gausslegendre", order)
-    passes = 0
-
-    def evaluated(a: float, b: float, f_a: np.ndarray, f_b: np.ndarray) -> _Panel:
-        nonlocal passes
-        if a > 0 and b >= GEOMETRIC * a:  # nodes evenly spread in log(alpha): d alpha = alpha d log(alpha)
-            span = np.log(b / a)
-            nodes = a * np.exp(span * base_nodes)
-            panel = _Panel(a, b, f_a, f_b, nodes, span * base_weights * nodes)
-        else:
-            panel = _Panel(a, b, f_a, f_b, a + (b - a) * base_nodes, (b - a) * base_weights)
-        panel.contribution, panel.estimate = integrate(panel.nodes, panel.weights)
-        passes += order
-        return panel
-
-    panels = [evaluated(scan[i], scan[j], f[i], f[j]) for i, j in zip(edges, edges[1:])]
     scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
-    while passes + 2 * order <= max_passes:
-        errors = [panel.error for panel in panels]
-        if sum(errors) <= tolerance * scale:
+    if max_passes < 3:  # no room for one Simpson panel: Gauss-Legendre on [0, 1]
+        nodes, weights = fixed_rule("gausslegendre", max(max_passes, 1))
+        contribution, estimate = integrate(nodes, weights)
+        bound = float(np.abs(estimate - (f[-1] - f[0])).sum()) / scale
+        return AdaptiveResult(contribution, nodes, weights, len(nodes), forward_passes, bound, 1)
+    scores = {float(alpha): row for alpha, row in zip(scan, f)}
+    slopes: dict[float, np.ndarray] = {}  # per node: the gradient's estimate of F' there
+    stored: dict[float, Any] = {}  # per node of an open panel: its gradient
+    closed: list[tuple[float, float]] = []
+    summed = None  # the closed panels' share
+
+    def add(total: Any, term: Any) -> Any:
+        return term if total is None else total + term
+
+    def share(panel: tuple[float, float]) -> Any:
+        total = None
+        for node, w in zip(*_simpson(*panel)):
+            total = add(total, stored[node] * w)
+        return total
+
+    def evaluated(a: float, b: float) -> tuple[float, float]:
+        for node in _simpson(a, b)[0]:
+            if node not in slopes:
+                stored[node], slopes[node] = integrate(np.array([node]), np.array([1.0]))
+        return a, b
+
+    def error(panel: tuple[float, float]) -> float:
+        nodes, weights = _simpson(*panel)
+        estimate = sum(w * slopes[node] for node, w in zip(nodes, weights))
+        return float(np.abs(estimate - (scores[panel[1]] - scores[panel[0]])).sum())
+
+    def close_beyond_max_stored(keep: float | None = None) -> None:
+        """Close open panels while more gradients are kept than ``max_stored`` (``keep``: a node still to be used)."""
+        nonlocal summed
+        while max_stored is not None and len(stored) > max_stored and len(panels) > 1:
+            panel = panels.pop(int(np.argmin([error(panel) for panel in panels])))
+            summed = add(summed, share(panel))
+            closed.append(panel)
+            still_used = {keep, *(node for open_panel in panels for node in _simpson(*open_panel)[0])}
+            for node in [node for node in stored if node not in still_used]:
+                del stored[node]
+
+    edges = _initial_panels(f, max_panels=(max_passes - 1) // 2, tolerance=tolerance)
+    panels: list[tuple[float, float]] = []
+    for i, j in zip(edges, edges[1:]):
+        panels.append(evaluated(float(scan[i]), float(scan[j])))
+        close_beyond_max_stored(keep=float(scan[j]))  # the next panel's first node
+    while len(slopes) + 2 <= max_passes:
+        errors = [error(panel) for panel in panels]
+        if sum(errors) + sum(error(panel) for panel in closed) <= tolerance * scale:
             break
-        worst = panels.pop(int(np.argmax(errors)))
-        middle = worst.split_point()
-        f_middle = np.asarray(score_at(np.array([middle])), dtype=np.float64)[0]
+        worst = int(np.argmax(errors))
+        a, b = panels.pop(worst)
+        middle = _simpson(a, b)[0][1]  # its gradient is known: the split costs the two new panels' middles
+        scores[middle] = np.asarray(score_at(np.array([middle])), dtype=np.float64)[0]
         forward_passes += 1
-        panels += [evaluated(worst.a, middle, worst.f_a, f_middle), evaluated(middle, worst.b, f_middle, worst.f_b)]
-    panels.sort(key=lambda panel: panel.a)
-    contribution = panels[0].contribution
-    for panel in panels[1:]:
-        contribution = contribution + panel.contribution
-    return AdaptiveResult(contribution, np.concatenate([p.nodes for p in panels]),
-                          np.concatenate([p.weights for p in panels]), passes, forward_passes,
-                          sum(panel.error for panel in panels) / scale, len(panels))
+        panels[worst:worst] = [evaluated(a, middle), evaluated(middle, b)]
+        close_beyond_max_stored()
+    contribution = summed
+    for panel in panels:
+        contribution = add(contribution, share(panel))
+    weight_of: dict[float, float] = {}
+    for panel in panels + closed:
+        for node, w in zip(*_simpson(*panel)):
+            weight_of[node] = weight_of.get(node, 0.0) + w
+    nodes = np.array(sorted(weight_of))
+    bound = sum(error(panel) for panel in panels + closed) / scale
+    return AdaptiveResult(contribution, nodes, np.array([weight_of[node] for node in nodes]), len(slopes),
+                          forward_passes, bound, len(panels) + len(closed))

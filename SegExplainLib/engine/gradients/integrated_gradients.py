@@ -10,6 +10,7 @@ import torch
 
 from ...errors import SegExplainError
 from ..baselines import Baseline, BlurredBaseline
+from ..batching import default_memory_budget
 from ..checks import check_choice, is_int
 from ..kernels import onednn_convolutions
 from ..method import AttributionMethod, AttributionOutput
@@ -217,8 +218,11 @@ class _Path:
         return acc, estimate
 
     def adaptive(self) -> AdaptiveResult:
+        # the rule keeps one gradient per node of its open panels: at most half the memory budget, at least 8
+        budget = self.method.memory_budget_bytes or default_memory_budget(self.x.device)
+        per_node = self.x.numel() * self.x.element_size()
         return adaptive(self.scores, self.integrate, max_passes=self.method.n_steps,
-                        tolerance=self.method.tolerance)
+                        tolerance=self.method.tolerance, max_stored=max(8, budget // (2 * per_node)))
 
     def output(self, acc: torch.Tensor, extras: dict[str, Any]) -> AttributionOutput:
         # scores at both ends of the path (forward only), which also checks the seed against the output shape
