@@ -13,16 +13,21 @@ nodes has two nodes.
 1. ``F`` is evaluated (forward passes only) at the scan points ``0, 1e-8, 1e-7, ..., 0.1, 0.5, 1``. A scan point
    where ``F`` lies on the straight line between its neighbours is dropped (flat runs, and the decades near 0 that a
    path which is smooth there, as from a blurred baseline, crosses in a line); the intervals between the points kept
-   become panels with Simpson's rule (both ends and the middle; in ``log alpha`` when a panel spans a factor of 4 or
-   more).
+   become panels with a Gauss-Legendre rule of a few nodes.
 2. Each panel's completeness is known exactly: its gradient estimate must equal ``F(b) - F(a)``. The panel with the
-   largest error is split at its middle (``F`` there costs one forward pass) until the errors add up to at most
-   ``tolerance`` times the score change, or the next split would exceed the budget of gradient passes. A split
-   keeps the panel's three nodes, which its halves share, and costs the two new middles: two gradient passes where
-   splitting a panel of 4 Gauss-Legendre nodes costs eight and drops its four. Each node's gradient is therefore kept
-   until the end, when the nodes' final weights are known: memory for one input-sized tensor per node.
+   largest error is split (at the geometric mean when it spans a factor of 4 or more, else in the middle; ``F`` at
+   the split point costs one forward pass) until the errors add up to at most ``tolerance`` times the score change,
+   or the next split would exceed the budget of gradient passes.
 
-The result is a composite Simpson rule: the map is linear in the explained seed for its nodes, which
+:func:`adaptive_simpson` (``quadrature="adaptive_simpson"``) does the same with Simpson's rule on each panel (both ends
+and the middle, in ``log alpha`` for wide panels). A split keeps the panel's three nodes, which its halves share, and
+costs the two new middles (their passes also give ``F`` there): two gradient passes where splitting a panel of 4
+Gauss-Legendre nodes costs eight and drops its four. Where the score swings or kinks (ReLU-type layers, a click whose
+score changes little overall) that reaches the tolerance with fewer passes; on a smooth path Simpson's lower order
+needs more (docs/engine.md has both, measured). Each node's gradient is kept until the end, when its final weight is
+known: at most ``max_stored`` of them, beyond which the open panel with the smallest error is closed.
+
+Either result is a composite rule: the map is linear in the explained seed for its nodes, which
 :meth:`SegExplainLib.engine.gradients.integrated_gradients.IntegratedGradients.for_target` fixes once for every pass
 of one target.
 """
@@ -30,21 +35,25 @@ of one target.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import SegExplainError
 
-__all__ = ["FIXED_RULES", "MAX_NODES", "QUADRATURES", "AdaptiveResult", "adaptive", "fixed_rule"]
+__all__ = ["ADAPTIVE_RULES", "FIXED_RULES", "MAX_NODES", "QUADRATURES", "AdaptiveResult", "adaptive",
+           "adaptive_simpson", "fixed_rule"]
 
 FIXED_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
-QUADRATURES = ("adaptive", *FIXED_RULES)
+ADAPTIVE_RULES = ("adaptive", "adaptive_simpson")
+QUADRATURES = (*ADAPTIVE_RULES, *FIXED_RULES)
 #: The most nodes a rule may have (Gauss-Legendre's nodes come from an n x n eigenproblem).
 MAX_NODES = 4096
 #: Where F is scanned first: each decade down to 1e-8, where instance-normalized networks change, and the middle.
 SCAN = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
+#: Gauss-Legendre nodes per panel.
+ORDER = 4
 #: A panel ``[a, b]`` with ``b >= GEOMETRIC * a`` spreads its nodes in ``log(alpha)`` and is split at ``sqrt(a b)``.
 GEOMETRIC = 4.0
 
@@ -75,6 +84,28 @@ def fixed_rule(rule: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     if rule == "riemann_middle":
         return (np.arange(n) + 0.5) / n, weights
     raise SegExplainError(f"quadrature {rule!r} is not valid; expected one of {', '.join(QUADRATURES)}")
+
+
+@dataclass
+class _Panel:
+    """One interval ``[a, b]`` of the path with its Gauss-Legendre estimate."""
+
+    a: float
+    b: float
+    f_a: np.ndarray  # F at a, per batch element
+    f_b: np.ndarray
+    nodes: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    estimate: np.ndarray | None = None  # the gradient estimate of F(b) - F(a), per batch element
+    contribution: Any = None  # the panel's share of the integrated gradient (a tensor of the caller's)
+
+    @property
+    def error(self) -> float:
+        return float(np.abs(self.estimate - (self.f_b - self.f_a)).sum())
+
+    def split_point(self) -> float:
+        return float(np.sqrt(self.a * self.b)) if self.a > 0 and self.b >= GEOMETRIC * self.a else (
+            self.b / 10 if self.a == 0 else 0.5 * (self.a + self.b))
 
 
 @dataclass
@@ -124,6 +155,66 @@ def _initial_panels(f: np.ndarray, max_panels: int, tolerance: float) -> list[in
     return edges
 
 
+def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
+             integrate: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]], *, max_passes: int,
+             tolerance: float) -> AdaptiveResult:
+    """Integrate along the path with nodes where ``F`` changes (see the module docstring).
+
+    Args:
+        score_at: ``F`` at the given nodes, shaped ``(nodes, batch)`` (forward passes only).
+        integrate: For nodes and weights, the weighted sum of the gradients (a tensor) and its estimate of the change
+            of ``F``, shaped ``(batch,)``.
+        max_passes: Most gradient evaluations (nodes) to spend.
+        tolerance: Stop once the panels' errors add up to at most this share of ``|F(1) - F(0)|``.
+    """
+    scan = np.asarray(SCAN)
+    f = np.asarray(score_at(scan), dtype=np.float64)
+    forward_passes = len(scan)
+    edges = _initial_panels(f, max_panels=max_passes, tolerance=tolerance)
+    order = max(1, min(ORDER, max_passes // (len(edges) - 1)))
+    base_nodes, base_weights = fixed_rule("gausslegendre", order)
+    passes = 0
+
+    def evaluated(a: float, b: float, f_a: np.ndarray, f_b: np.ndarray) -> _Panel:
+        nonlocal passes
+        if a > 0 and b >= GEOMETRIC * a:  # nodes evenly spread in log(alpha): d alpha = alpha d log(alpha)
+            span = np.log(b / a)
+            nodes = a * np.exp(span * base_nodes)
+            panel = _Panel(a, b, f_a, f_b, nodes, span * base_weights * nodes)
+        else:
+            panel = _Panel(a, b, f_a, f_b, a + (b - a) * base_nodes, (b - a) * base_weights)
+        panel.contribution, panel.estimate = integrate(panel.nodes, panel.weights)
+        passes += order
+        return panel
+
+    panels = [evaluated(scan[i], scan[j], f[i], f[j]) for i, j in zip(edges, edges[1:])]
+    scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
+    while passes + 2 * order <= max_passes:
+        errors = [panel.error for panel in panels]
+        if sum(errors) <= tolerance * scale:
+            break
+        worst = panels.pop(int(np.argmax(errors)))
+        middle = worst.split_point()
+        f_middle = np.asarray(score_at(np.array([middle])), dtype=np.float64)[0]
+        forward_passes += 1
+        panels += [evaluated(worst.a, middle, worst.f_a, f_middle), evaluated(middle, worst.b, f_middle, worst.f_b)]
+    panels.sort(key=lambda panel: panel.a)
+    contribution = panels[0].contribution
+    for panel in panels[1:]:
+        contribution = contribution + panel.contribution
+    return AdaptiveResult(contribution, np.concatenate([p.nodes for p in panels]),
+                          np.concatenate([p.weights for p in panels]), passes, forward_passes,
+                          sum(panel.error for panel in panels) / scale, len(panels))
+
+
+def _weighted_sum(terms: Any) -> Any:
+    """``sum(tensor * weight)`` over ``(tensor, weight)`` pairs; ``None`` for none."""
+    total = None
+    for tensor, weight in terms:
+        total = tensor * weight if total is None else total + tensor * weight
+    return total
+
+
 def _simpson(a: float, b: float) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Nodes and weights of Simpson's rule on ``[a, b]``: in ``log(alpha)`` when the panel spans a factor of
     :data:`GEOMETRIC` or more (``d alpha = alpha d log(alpha)``), its middle then the geometric mean."""
@@ -135,16 +226,16 @@ def _simpson(a: float, b: float) -> tuple[tuple[float, float, float], tuple[floa
     return (a, middle, b), ((b - a) / 6, 4 * (b - a) / 6, (b - a) / 6)
 
 
-def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
-             integrate: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]], *, max_passes: int,
+def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
+             gradients: Callable[[np.ndarray], tuple[list[Any], np.ndarray, np.ndarray]], *, max_passes: int,
              tolerance: float, max_stored: int | None = None) -> AdaptiveResult:
-    """Integrate along the path with nodes where ``F`` changes (see the module docstring).
+    """:func:`adaptive` with Simpson's panels, whose splits reuse their nodes (see the module docstring).
 
     Args:
         score_at: ``F`` at the given nodes, shaped ``(nodes, batch)`` (forward passes only).
-        integrate: For nodes and weights, the weighted sum of the gradients (a tensor) and its estimate of the change
-            of ``F``, shaped ``(batch,)``; called with one node and weight 1, so that each node's gradient is kept
-            and reweighted as panels split.
+        gradients: For nodes, the gradient at each (a list of tensors, in one batched evaluation), its estimate of
+            ``F'`` there and ``F`` there (which the gradient's pass computes), each shaped ``(nodes, batch)``. Each
+            node's gradient is kept and reweighted as panels split.
         max_passes: Most gradient evaluations (nodes) to spend.
         tolerance: Stop once the panels' errors add up to at most this share of ``|F(1) - F(0)|``.
         max_stored: Most node gradients kept at once (memory); beyond it the open panel with the smallest error is
@@ -156,8 +247,9 @@ def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
     scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
     if max_passes < 3:  # no room for one Simpson panel: Gauss-Legendre on [0, 1]
         nodes, weights = fixed_rule("gausslegendre", max(max_passes, 1))
-        contribution, estimate = integrate(nodes, weights)
-        bound = float(np.abs(estimate - (f[-1] - f[0])).sum()) / scale
+        tensors, slopes_at, _ = gradients(nodes)
+        contribution = _weighted_sum(zip(tensors, weights))
+        bound = float(np.abs(weights @ slopes_at - (f[-1] - f[0])).sum()) / scale
         return AdaptiveResult(contribution, nodes, weights, len(nodes), forward_passes, bound, 1)
     scores = {float(alpha): row for alpha, row in zip(scan, f)}
     slopes: dict[float, np.ndarray] = {}  # per node: the gradient's estimate of F' there
@@ -165,20 +257,19 @@ def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
     closed: list[tuple[float, float]] = []
     summed = None  # the closed panels' share
 
-    def add(total: Any, term: Any) -> Any:
-        return term if total is None else total + term
-
     def share(panel: tuple[float, float]) -> Any:
-        total = None
-        for node, w in zip(*_simpson(*panel)):
-            total = add(total, stored[node] * w)
-        return total
+        nodes, weights = _simpson(*panel)
+        return _weighted_sum((stored[node], w) for node, w in zip(nodes, weights))
 
-    def evaluated(a: float, b: float) -> tuple[float, float]:
-        for node in _simpson(a, b)[0]:
-            if node not in slopes:
-                stored[node], slopes[node] = integrate(np.array([node]), np.array([1.0]))
-        return a, b
+    def evaluated(*new_panels: tuple[float, float]) -> list[tuple[float, float]]:
+        """The panels, their nodes' gradients evaluated in one batched call (those not known yet)."""
+        new = sorted({node for panel in new_panels for node in _simpson(*panel)[0]} - slopes.keys())
+        if new:
+            tensors, slopes_at, scores_at = gradients(np.array(new))
+            for node, tensor, slope, score in zip(new, tensors, slopes_at, scores_at):
+                stored[node], slopes[node] = tensor, slope
+                scores.setdefault(node, score)  # a scan point keeps its forward pass's value
+        return list(new_panels)
 
     def error(panel: tuple[float, float]) -> float:
         nodes, weights = _simpson(*panel)
@@ -190,31 +281,32 @@ def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
         nonlocal summed
         while max_stored is not None and len(stored) > max_stored and len(panels) > 1:
             panel = panels.pop(int(np.argmin([error(panel) for panel in panels])))
-            summed = add(summed, share(panel))
+            summed = share(panel) if summed is None else summed + share(panel)
             closed.append(panel)
             still_used = {keep, *(node for open_panel in panels for node in _simpson(*open_panel)[0])}
             for node in [node for node in stored if node not in still_used]:
                 del stored[node]
 
     edges = _initial_panels(f, max_panels=(max_passes - 1) // 2, tolerance=tolerance)
+    initial = [(float(scan[i]), float(scan[j])) for i, j in zip(edges, edges[1:])]
     panels: list[tuple[float, float]] = []
-    for i, j in zip(edges, edges[1:]):
-        panels.append(evaluated(float(scan[i]), float(scan[j])))
-        close_beyond_max_stored(keep=float(scan[j]))  # the next panel's first node
+    if max_stored is None or 2 * len(initial) + 1 <= max_stored:
+        panels = evaluated(*initial)  # one batch
+    else:  # panel by panel, closing as they come
+        for panel in initial:
+            panels += evaluated(panel)
+            close_beyond_max_stored(keep=panel[1])  # the next panel's first node
     while len(slopes) + 2 <= max_passes:
         errors = [error(panel) for panel in panels]
         if sum(errors) + sum(error(panel) for panel in closed) <= tolerance * scale:
             break
         worst = int(np.argmax(errors))
         a, b = panels.pop(worst)
-        middle = _simpson(a, b)[0][1]  # its gradient is known: the split costs the two new panels' middles
-        scores[middle] = np.asarray(score_at(np.array([middle])), dtype=np.float64)[0]
-        forward_passes += 1
-        panels[worst:worst] = [evaluated(a, middle), evaluated(middle, b)]
+        middle = _simpson(a, b)[0][1]  # its gradient and F are known: the split costs its halves' middles
+        panels[worst:worst] = evaluated((a, middle), (middle, b))
         close_beyond_max_stored()
-    contribution = summed
-    for panel in panels:
-        contribution = add(contribution, share(panel))
+    shares = [share(panel) for panel in panels] + ([] if summed is None else [summed])
+    contribution = sum(shares[1:], shares[0])
     weight_of: dict[float, float] = {}
     for panel in panels + closed:
         for node, w in zip(*_simpson(*panel)):
