@@ -19,7 +19,15 @@ nodes has two nodes.
    the split point costs one forward pass) until the errors add up to at most ``tolerance`` times the score change,
    or the next split would exceed the budget of gradient passes.
 
-The result is a composite Gauss-Legendre rule: the map is linear in the explained seed for its nodes, which
+:func:`adaptive_simpson` (``quadrature="adaptive_simpson"``) does the same with Simpson's rule on each panel (both ends
+and the middle, in ``log alpha`` for wide panels). A split keeps the panel's three nodes, which its halves share, and
+costs the two new middles (their passes also give ``F`` there): two gradient passes where splitting a panel of 4
+Gauss-Legendre nodes costs eight and drops its four. Where the score swings or kinks (ReLU-type layers, a click whose
+score changes little overall) that reaches the tolerance with fewer passes; on a smooth path Simpson's lower order
+needs more (docs/engine.md has both, measured). Each node's gradient is kept until the end, when its final weight is
+known: at most ``max_stored`` of them, beyond which the open panel with the smallest error is closed.
+
+Either result is a composite rule: the map is linear in the explained seed for its nodes, which
 :meth:`SegExplainLib.engine.gradients.integrated_gradients.IntegratedGradients.for_target` fixes once for every pass
 of one target.
 """
@@ -34,10 +42,12 @@ import numpy as np
 
 from ..errors import SegExplainError
 
-__all__ = ["FIXED_RULES", "MAX_NODES", "QUADRATURES", "AdaptiveResult", "adaptive", "fixed_rule"]
+__all__ = ["ADAPTIVE_RULES", "FIXED_RULES", "MAX_NODES", "QUADRATURES", "AdaptiveResult", "adaptive",
+           "adaptive_simpson", "fixed_rule"]
 
 FIXED_RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
-QUADRATURES = ("adaptive", *FIXED_RULES)
+ADAPTIVE_RULES = ("adaptive", "adaptive_simpson")
+QUADRATURES = (*ADAPTIVE_RULES, *FIXED_RULES)
 #: The most nodes a rule may have (Gauss-Legendre's nodes come from an n x n eigenproblem).
 MAX_NODES = 4096
 #: Where F is scanned first: each decade down to 1e-8, where instance-normalized networks change, and the middle.
@@ -195,3 +205,113 @@ def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
     return AdaptiveResult(contribution, np.concatenate([p.nodes for p in panels]),
                           np.concatenate([p.weights for p in panels]), passes, forward_passes,
                           sum(panel.error for panel in panels) / scale, len(panels))
+
+
+def _weighted_sum(terms: Any) -> Any:
+    """``sum(tensor * weight)`` over ``(tensor, weight)`` pairs; ``None`` for none."""
+    total = None
+    for tensor, weight in terms:
+        total = tensor * weight if total is None else total + tensor * weight
+    return total
+
+
+def _simpson(a: float, b: float) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Nodes and weights of Simpson's rule on ``[a, b]``: in ``log(alpha)`` when the panel spans a factor of
+    :data:`GEOMETRIC` or more (``d alpha = alpha d log(alpha)``), its middle then the geometric mean."""
+    if a > 0 and b >= GEOMETRIC * a:
+        span = float(np.log(b / a))
+        middle = float(np.sqrt(a * b))
+        return (a, middle, b), (span * a / 6, 4 * span * middle / 6, span * b / 6)
+    middle = 0.5 * (a + b)
+    return (a, middle, b), ((b - a) / 6, 4 * (b - a) / 6, (b - a) / 6)
+
+
+def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
+             gradients: Callable[[np.ndarray], tuple[list[Any], np.ndarray, np.ndarray]], *, max_passes: int,
+             tolerance: float, max_stored: int | None = None) -> AdaptiveResult:
+    """:func:`adaptive` with Simpson's panels, whose splits reuse their nodes (see the module docstring).
+
+    Args:
+        score_at: ``F`` at the given nodes, shaped ``(nodes, batch)`` (forward passes only).
+        gradients: For nodes, the gradient at each (a list of tensors, in one batched evaluation), its estimate of
+            ``F'`` there and ``F`` there (which the gradient's pass computes), each shaped ``(nodes, batch)``. Each
+            node's gradient is kept and reweighted as panels split.
+        max_passes: Most gradient evaluations (nodes) to spend.
+        tolerance: Stop once the panels' errors add up to at most this share of ``|F(1) - F(0)|``.
+        max_stored: Most node gradients kept at once (memory); beyond it the open panel with the smallest error is
+            closed: its share is summed and the gradients of nodes that no open panel uses are freed. ``None``: all.
+    """
+    scan = np.asarray(SCAN)
+    f = np.asarray(score_at(scan), dtype=np.float64)
+    forward_passes = len(scan)
+    scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
+    if max_passes < 3:  # no room for one Simpson panel: Gauss-Legendre on [0, 1]
+        nodes, weights = fixed_rule("gausslegendre", max(max_passes, 1))
+        tensors, slopes_at, _ = gradients(nodes)
+        contribution = _weighted_sum(zip(tensors, weights))
+        bound = float(np.abs(weights @ slopes_at - (f[-1] - f[0])).sum()) / scale
+        return AdaptiveResult(contribution, nodes, weights, len(nodes), forward_passes, bound, 1)
+    scores = {float(alpha): row for alpha, row in zip(scan, f)}
+    slopes: dict[float, np.ndarray] = {}  # per node: the gradient's estimate of F' there
+    stored: dict[float, Any] = {}  # per node of an open panel: its gradient
+    closed: list[tuple[float, float]] = []
+    summed = None  # the closed panels' share
+
+    def share(panel: tuple[float, float]) -> Any:
+        nodes, weights = _simpson(*panel)
+        return _weighted_sum((stored[node], w) for node, w in zip(nodes, weights))
+
+    def evaluated(*new_panels: tuple[float, float]) -> list[tuple[float, float]]:
+        """The panels, their nodes' gradients evaluated in one batched call (those not known yet)."""
+        new = sorted({node for panel in new_panels for node in _simpson(*panel)[0]} - slopes.keys())
+        if new:
+            tensors, slopes_at, scores_at = gradients(np.array(new))
+            for node, tensor, slope, score in zip(new, tensors, slopes_at, scores_at):
+                stored[node], slopes[node] = tensor, slope
+                scores.setdefault(node, score)  # a scan point keeps its forward pass's value
+        return list(new_panels)
+
+    def error(panel: tuple[float, float]) -> float:
+        nodes, weights = _simpson(*panel)
+        estimate = sum(w * slopes[node] for node, w in zip(nodes, weights))
+        return float(np.abs(estimate - (scores[panel[1]] - scores[panel[0]])).sum())
+
+    def close_beyond_max_stored(keep: float | None = None) -> None:
+        """Close open panels while more gradients are kept than ``max_stored`` (``keep``: a node still to be used)."""
+        nonlocal summed
+        while max_stored is not None and len(stored) > max_stored and len(panels) > 1:
+            panel = panels.pop(int(np.argmin([error(panel) for panel in panels])))
+            summed = share(panel) if summed is None else summed + share(panel)
+            closed.append(panel)
+            still_used = {keep, *(node for open_panel in panels for node in _simpson(*open_panel)[0])}
+            for node in [node for node in stored if node not in still_used]:
+                del stored[node]
+
+    edges = _initial_panels(f, max_panels=(max_passes - 1) // 2, tolerance=tolerance)
+    initial = [(float(scan[i]), float(scan[j])) for i, j in zip(edges, edges[1:])]
+    panels: list[tuple[float, float]] = []
+    if max_stored is None or 2 * len(initial) + 1 <= max_stored:
+        panels = evaluated(*initial)  # one batch
+    else:  # panel by panel, closing as they come
+        for panel in initial:
+            panels += evaluated(panel)
+            close_beyond_max_stored(keep=panel[1])  # the next panel's first node
+    while len(slopes) + 2 <= max_passes:
+        errors = [error(panel) for panel in panels]
+        if sum(errors) + sum(error(panel) for panel in closed) <= tolerance * scale:
+            break
+        worst = int(np.argmax(errors))
+        a, b = panels.pop(worst)
+        middle = _simpson(a, b)[0][1]  # its gradient and F are known: the split costs its halves' middles
+        panels[worst:worst] = evaluated((a, middle), (middle, b))
+        close_beyond_max_stored()
+    shares = [share(panel) for panel in panels] + ([] if summed is None else [summed])
+    contribution = sum(shares[1:], shares[0])
+    weight_of: dict[float, float] = {}
+    for panel in panels + closed:
+        for node, w in zip(*_simpson(*panel)):
+            weight_of[node] = weight_of.get(node, 0.0) + w
+    nodes = np.array(sorted(weight_of))
+    bound = sum(error(panel) for panel in panels + closed) / scale
+    return AdaptiveResult(contribution, nodes, np.array([weight_of[node] for node in nodes]), len(slopes),
+                          forward_passes, bound, len(panels) + len(closed))

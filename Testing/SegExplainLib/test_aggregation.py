@@ -48,6 +48,7 @@ def per_voxel_reference(model, image, target, method, **options) -> np.ndarray:
     ("gradient_x_input", {}),
     ("integrated_gradients", {"n_steps": 8, "quadrature": "gausslegendre"}),
     ("integrated_gradients", {"n_steps": 16, "baseline": "zero"}),  # adaptive: its nodes chosen for the region
+    ("integrated_gradients", {"n_steps": 16, "baseline": "zero", "quadrature": "adaptive_simpson"}),
     ("guided_backprop", {}),  # not linear in the seed: explained voxel by voxel in batches
 ])
 def test_normalized_aggregation_matches_per_voxel_reference(model, image, method, options):

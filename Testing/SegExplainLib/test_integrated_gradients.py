@@ -425,7 +425,8 @@ def test_the_batch_used_is_recorded():
     assert out.extras["internal_batch_size"] == 3
 
 
-def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_normalized_network():
+@pytest.mark.parametrize("quadrature", ["adaptive", "adaptive_simpson"])
+def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_normalized_network(quadrature):
     # nnU-Net's layout from a zero baseline: the score changes only near alpha = 0 (see quadrature.py)
     from SegExplainLib.engine.deployment import deployed
     from SegExplainLib.models.realnets import nnunet_like
@@ -436,7 +437,7 @@ def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_nor
     seed = torch.zeros(1, 2, 16, 16, 16)
     seed[:, 1, 4:12, 4:12, 4:12] = 1.0
     with deployed(model):
-        adaptive = IntegratedGradients(n_steps=64, baseline="zero").attribute(model, x, seed)
+        adaptive = IntegratedGradients(n_steps=64, baseline="zero", quadrature=quadrature).attribute(model, x, seed)
         fixed = IntegratedGradients(n_steps=64, quadrature="gausslegendre", baseline="zero").attribute(model, x, seed)
     relative = {name: float(out.delta.abs() / out.expected.abs()) for name, out in
                 (("adaptive", adaptive), ("fixed", fixed))}
@@ -448,8 +449,11 @@ def test_adaptive_quadrature_converges_where_fixed_rules_miss_on_an_instance_nor
 ADVICE = {
     # what was used -> what the warning must suggest, and what it must not (it was used already)
     # 11 % at 64 passes, tolerance 1 %: 64 * 11 = 704 passes at 1/passes convergence, rounded up to a power of two
-    "adaptive_blur_budget_spent": ({"baseline": "blur:5"}, ["n_steps=1024", "spent all 64", "about 1024 are"],
+    "adaptive_blur_budget_spent": ({"baseline": "blur:5"}, ["quadrature='adaptive_simpson' with the same n_steps=64",
+                                                            "n_steps=1024", "spent all 64", "about 1024 are"],
                                    ["'blur:5'", "adaptive'"]),
+    "simpson_blur_budget_spent": ({"baseline": "blur:5", "quadrature": "adaptive_simpson"},
+                                  ["n_steps=1024", "spent all 64"], ["'blur:5'", "adaptive'", "adaptive_simpson'"]),
     # 5 * 0.11 / 0.05 = 11 passes, 16 as a power of two, but at least 4x the budget spent
     "adaptive_blur_small_budget": ({"baseline": "blur:5", "n_steps": 5, "tolerance": 0.05},
                                    ["n_steps=20 ", "spent all 5"], ["'blur:5'"]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from SegExplainLib.engine.quadrature import MAX_NODES, SCAN, adaptive, fixed_rule
+from SegExplainLib.engine.quadrature import MAX_NODES, SCAN, adaptive, adaptive_simpson, fixed_rule
 
 
 class Path:
@@ -95,3 +95,85 @@ def test_fixed_rules_sum_to_one_and_stay_in_the_interval():
         assert weights.sum() == pytest.approx(1.0, abs=1e-14)
         assert nodes.min() >= 0 and nodes.max() <= 1
     assert MAX_NODES == 4096
+
+
+class SimpsonPath(Path):
+    """The same path as ``adaptive_simpson`` reads it: per node its "gradient", its estimate of ``F'`` and ``F``."""
+
+    def gradients(self, nodes: np.ndarray):
+        self.gradient_calls += len(nodes)
+        values = self.df(np.asarray(nodes, dtype=np.float64))
+        return list(values), values[:, None], self.score_at(nodes)
+
+
+def swings(alphas: np.ndarray) -> np.ndarray:
+    """A score that swings in three decades near 0, as from a zero baseline into an nnU-Net (docs/engine.md)."""
+    widths, heights = np.array([1e-6, 1e-4, 1e-2]), np.array([1.0, -0.6, 0.3])
+    return (heights * np.tanh(np.asarray(alphas, dtype=np.float64)[:, None] / widths)).sum(1)
+
+
+def swings_slope(alphas: np.ndarray) -> np.ndarray:
+    widths, heights = np.array([1e-6, 1e-4, 1e-2]), np.array([1.0, -0.6, 0.3])
+    return (heights / widths / np.cosh(np.asarray(alphas, dtype=np.float64)[:, None] / widths) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("width", [1e-7, 1e-5, 1e-3, 0.3])
+def test_simpson_panels_converge_on_a_sliver_anywhere(width):
+    path = SimpsonPath(sliver(width).f, sliver(width).df)
+    exact = np.tanh(1 / width)
+    result = adaptive_simpson(path.score_at, path.gradients, max_passes=64, tolerance=0.01)
+    error = abs(result.contribution - exact) / exact
+    assert error < 0.01 and result.error_bound >= error - 1e-12, (width, error)
+    assert result.gradient_passes == path.gradient_calls <= 64
+    assert result.forward_passes == len(SCAN)  # F at a split point comes with its gradient's pass
+    assert np.sum(result.weights * path.df(result.nodes)) == pytest.approx(result.contribution, rel=1e-12)
+
+
+def test_every_simpson_pass_is_a_node_of_the_rule():
+    # a split keeps its panel's nodes (Simpson's halves share them): no gradient pass is thrown away, where a split
+    # of the Gauss-Legendre rule drops its panel's nodes
+    path, old = SimpsonPath(swings, swings_slope), Path(swings, swings_slope)
+    result = adaptive_simpson(path.score_at, path.gradients, max_passes=64, tolerance=1e-6)
+    assert result.gradient_passes == path.gradient_calls == len(result.nodes) > 32
+    assert result.panels == (len(result.nodes) - 1) // 2
+    gauss = adaptive(old.score_at, old.integrate, max_passes=64, tolerance=1e-6)
+    assert gauss.gradient_passes > len(gauss.nodes)
+
+
+def test_simpson_keeps_its_gradients_within_max_stored():
+    # each node's gradient is an array here, whose live copies are counted at every gradient pass
+    import weakref
+
+    live: list[weakref.ref] = []
+    most = [0]
+
+    def gradients(nodes):
+        most[0] = max(most[0], sum(ref() is not None for ref in live))
+        values = [np.array([value]) for value in swings_slope(nodes)]
+        live.extend(weakref.ref(value) for value in values)
+        return values, np.array([value.copy() for value in values]), swings(nodes)[:, None]
+
+    def score_at(alphas):
+        return swings(alphas)[:, None]
+
+    exact = float(swings(np.array([1.0]))[0] - swings(np.array([0.0]))[0])
+    free = adaptive_simpson(score_at, gradients, max_passes=64, tolerance=1e-4)
+    assert most[0] > 11
+    live.clear()
+    most[0] = 0
+    bounded = adaptive_simpson(score_at, gradients, max_passes=64, tolerance=1e-4, max_stored=9)
+    assert most[0] <= 9 + 8  # a round of splits adds up to 8 before panels are closed
+    for result in (free, bounded):  # the closed panels' shares are in the result, and the rule reported is the one used
+        assert float(np.sum(result.weights * swings_slope(result.nodes))) == pytest.approx(
+            float(result.contribution[0]), rel=1e-12)
+        assert abs(float(result.contribution[0]) - exact) <= result.error_bound * abs(exact) + 1e-12
+
+
+def test_simpson_panels_need_more_passes_on_a_smooth_path():
+    # the trade: exact for cubics only, where 4 Gauss-Legendre nodes are for degree 7 (docs/engine.md)
+    f, df = (lambda a: a + np.sin(6 * a)), (lambda a: 1 + 6 * np.cos(6 * a))
+    simpson, gauss = SimpsonPath(f, df), Path(f, df)
+    fast = adaptive(gauss.score_at, gauss.integrate, max_passes=64, tolerance=1e-3)
+    slow = adaptive_simpson(simpson.score_at, simpson.gradients, max_passes=64, tolerance=1e-3)
+    assert fast.error_bound <= 1e-3 and slow.error_bound <= 1e-3
+    assert fast.gradient_passes < slow.gradient_passes

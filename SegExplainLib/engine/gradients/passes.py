@@ -84,16 +84,20 @@ def input_gradient(
     b_idx: torch.Tensor | None,
     batch: int,
     create_graph: bool,
-) -> torch.Tensor:
+    *,
+    with_scores: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """d/dx of sum(seed[b_idx] * model(x)) for a batch of rows ``x`` (``b_idx``: the batch element of each row,
-    ``None`` when ``x`` is the whole input batch); checks the full ``seed`` against the output shape."""
+    ``None`` when ``x`` is the whole input batch); checks the full ``seed`` against the output shape. With
+    ``with_scores``, also each row's score ``sum(seed * model(x))`` (detached), which the same pass computed."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), onednn_convolutions():
         out = check_output(model(x), seed, batch)
         rows = seed if b_idx is None else seed[b_idx]
-        score = (rows * out).sum()
-        (grad,) = torch.autograd.grad(score, x, create_graph=create_graph)
-    return grad if create_graph else grad.detach()
+        scores = seed_scores(rows, out)
+        (grad,) = torch.autograd.grad(scores.sum(), x, create_graph=create_graph)
+    grad = grad if create_graph else grad.detach()
+    return (grad, scores.detach()) if with_scores else grad
 
 
 def set_batching(method: Any, internal_batch_size: Any, memory_budget_bytes: Any) -> None:
