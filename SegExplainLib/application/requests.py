@@ -104,8 +104,8 @@ class ExplainRequest(opt.JsonFields):
     n_steps: int | None = opt.option(None, "--n-steps", type=int,
                                      help="IG: most gradient passes (adaptive) or nodes (fixed rules)")
     quadrature: str | None = opt.option(None, "--quadrature", help=(
-        "IG quadrature: adaptive (default), gausslegendre, riemann_trapezoid, riemann_left, riemann_right, "
-        "riemann_middle"))
+        "IG quadrature: adaptive (default), adaptive_simpson (fewer passes where the score swings), gausslegendre, "
+        "riemann_trapezoid, riemann_left, riemann_right, riemann_middle"))
     tolerance: float | None = opt.option(None, "--tolerance", type=float,
                                          help="IG adaptive: relative completeness aimed for (default 0.01)")
     baseline: str | None = opt.option(None, "--baseline", help="baseline of IG, occlusion, DeepLIFT(-SHAP), "
