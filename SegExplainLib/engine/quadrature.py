@@ -227,8 +227,8 @@ def _simpson(a: float, b: float) -> tuple[tuple[float, float, float], tuple[floa
 
 
 def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
-             gradients: Callable[[np.ndarray], tuple[list[Any], np.ndarray, np.ndarray]], *, max_passes: int,
-             tolerance: float, max_stored: int | None = None) -> AdaptiveResult:
+                     gradients: Callable[[np.ndarray], tuple[list[Any], np.ndarray, np.ndarray]], *, max_passes: int,
+                     tolerance: float, max_stored: int | None = None) -> AdaptiveResult:
     """:func:`adaptive` with Simpson's panels, whose splits reuse their nodes (see the module docstring).
 
     Args:
@@ -242,15 +242,14 @@ def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
             closed: its share is summed and the gradients of nodes that no open panel uses are freed. ``None``: all.
     """
     scan = np.asarray(SCAN)
-    f = np.asarray(score_at(scan), dtype=np.float64)
-    forward_passes = len(scan)
+    f = np.asarray(score_at(scan), dtype=np.float64)  # the only forward passes: F at a split comes with its pass
     scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
     if max_passes < 3:  # no room for one Simpson panel: Gauss-Legendre on [0, 1]
         nodes, weights = fixed_rule("gausslegendre", max(max_passes, 1))
         tensors, slopes_at, _ = gradients(nodes)
         contribution = _weighted_sum(zip(tensors, weights))
         bound = float(np.abs(weights @ slopes_at - (f[-1] - f[0])).sum()) / scale
-        return AdaptiveResult(contribution, nodes, weights, len(nodes), forward_passes, bound, 1)
+        return AdaptiveResult(contribution, nodes, weights, len(nodes), len(scan), bound, 1)
     scores = {float(alpha): row for alpha, row in zip(scan, f)}
     slopes: dict[float, np.ndarray] = {}  # per node: the gradient's estimate of F' there
     stored: dict[float, Any] = {}  # per node of an open panel: its gradient
@@ -314,4 +313,4 @@ def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
     nodes = np.array(sorted(weight_of))
     bound = sum(error(panel) for panel in panels + closed) / scale
     return AdaptiveResult(contribution, nodes, np.array([weight_of[node] for node in nodes]), len(slopes),
-                          forward_passes, bound, len(panels) + len(closed))
+                          len(scan), bound, len(panels) + len(closed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -206,33 +207,32 @@ class _Path:
             scores.append(seed_scores(self.seed[b_idx].detach(), out))
         return torch.cat(scores).view(len(alphas), self.batch).double().cpu().numpy()
 
-    def integrate(self, nodes: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """``sum_i w_i grad(x0 + alpha_i diff)`` per batch element, and its estimate of the change of ``F``."""
+    def _interpolated(self, nodes: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The points ``x0 + alpha diff`` for every node and batch element, in batches of the internal batch size:
+        yields each batch's batch-element and node indices and its points."""
         n = len(nodes)
         alphas = torch.as_tensor(nodes, dtype=self.x.dtype, device=self.x.device)
-        w = torch.as_tensor(weights, dtype=self.x.dtype, device=self.x.device)
-        acc = torch.zeros_like(self.x)
-        shape = (-1, 1, 1, 1, 1)
         for rows in chunks(self.batch * n, self.k):
             idx = torch.arange(rows.start, rows.stop, device=self.x.device)
             b_idx, s_idx = idx // n, idx % n
-            xi = self.x0[b_idx] + alphas[s_idx].view(shape) * self.diff[b_idx]
+            yield b_idx, s_idx, self.x0[b_idx] + alphas[s_idx].view(-1, 1, 1, 1, 1) * self.diff[b_idx]
+
+    def integrate(self, nodes: np.ndarray, weights: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """``sum_i w_i grad(x0 + alpha_i diff)`` per batch element, and its estimate of the change of ``F``."""
+        w = torch.as_tensor(weights, dtype=self.x.dtype, device=self.x.device)
+        acc = torch.zeros_like(self.x)
+        for b_idx, s_idx, xi in self._interpolated(nodes):
             grad = input_gradient(self.model, xi, self.seed, b_idx, self.batch, self.create_graph)
-            acc = accumulate(acc, b_idx, grad * w[s_idx].view(shape), self.create_graph)
+            acc = accumulate(acc, b_idx, grad * w[s_idx].view(-1, 1, 1, 1, 1), self.create_graph)
         estimate = (self.diff * acc).detach().flatten(1).sum(1).double().cpu().numpy()
         return acc, estimate
 
     def gradients(self, nodes: np.ndarray) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray]:
         """The gradient at each node (shaped like the inputs), its estimate of ``F'`` there and ``F`` there (from
         the same pass), each ``(nodes, batch)``; the nodes' passes batched as :meth:`integrate` batches them."""
-        n = len(nodes)
-        alphas = torch.as_tensor(nodes, dtype=self.x.dtype, device=self.x.device)
-        per_node = [torch.empty_like(self.x) for _ in range(n)]
-        scores = np.zeros((n, self.batch))
-        for rows in chunks(self.batch * n, self.k):
-            idx = torch.arange(rows.start, rows.stop, device=self.x.device)
-            b_idx, s_idx = idx // n, idx % n
-            xi = self.x0[b_idx] + alphas[s_idx].view(-1, 1, 1, 1, 1) * self.diff[b_idx]
+        per_node = [torch.empty_like(self.x) for _ in nodes]
+        scores = np.zeros((len(nodes), self.batch))
+        for b_idx, s_idx, xi in self._interpolated(nodes):
             grad, row_scores = input_gradient(self.model, xi, self.seed, b_idx, self.batch, False, with_scores=True)
             for row, (b, s) in enumerate(zip(b_idx.tolist(), s_idx.tolist())):
                 per_node[s][b] = grad[row]
