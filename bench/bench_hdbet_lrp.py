@@ -26,7 +26,6 @@ Run from the repository root (about 3 minutes on 2 CPU cores at the default size
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -39,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
+from _machine import cpu_model, report  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib import PredictedRegion, explain  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
@@ -123,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<32} {seconds:8.2f} s  {seconds / unit:5.2f}x one gradient{verdict}  (runs: {every})")
     info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "shape": args.shape, "load_average_before": load_before, "load_average_after": load_after}
-    print(f"machine: {info}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"info": info, "seconds": times, "ratios": {k: v / unit for k, v in best.items()}}, handle,
-                      indent=2)
+    report(info, {"seconds": times, "ratios": {k: v / unit for k, v in best.items()}}, args.json)
     return 0
 
 

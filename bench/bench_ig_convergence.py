@@ -26,7 +26,6 @@ Run from the repository root (about 15 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
+from _machine import cpu_model, report  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib.application import demo  # noqa: E402
 from SegExplainLib.engine.deployment import deployed  # noqa: E402
@@ -145,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
     info = {"machine": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
             "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
-    print(f"machine: {info}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"info": info, "rows": rows}, handle, indent=2, default=float)
+    report(info, {"rows": rows}, args.json)
     return 0
 
 

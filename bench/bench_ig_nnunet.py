@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _machine import cpu_model  # noqa: E402 - bench/, the script's folder
+from _machine import cpu_model, report  # noqa: E402 - bench/, the script's folder
 
 from SegExplainLib.application import demo  # noqa: E402
 from SegExplainLib.engine import quadrature  # noqa: E402
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**case, "profile": {"alpha": grid.tolist(), "F": f.tolist(), "slope": slope.tolist()}})
     info = {"machine": cpu_model(), "cpus": os.cpu_count(), "threads": args.threads,
             "load": os.getloadavg(), "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1)}
-    print(f"machine: {info}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"info": info, "rows": rows}, handle, indent=2, default=float)
+    report(info, {"rows": rows}, args.json)
     return 0
 
 
