@@ -10,7 +10,6 @@ export tests load its scorecard.
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the Slicer module tests need slicer-core (pip install -e '.[test]')")
 import vtk  # noqa: E402 - comes with slicer-core
-from mrml_scene import QUICK_SCORING, addDemoCase, wiredScene  # noqa: E402
+from mrml_scene import QUICK_SCORING, addDemoCase, polledToEnd, wiredScene  # noqa: E402
 
 
 @pytest.fixture
@@ -53,12 +52,7 @@ def demoRun():
     explainer = WarmExplainer()
     run = startExplanation(explainer, volumes, [v.GetName() for v in volumes], Region("point", pointRas=pointRas),
                            ExplainSettings(), ModelSource())
-    events, deadline = [], time.monotonic() + 120
-    while run.running and time.monotonic() < deadline:
-        events += run.poll()
-        time.sleep(0.02)
-    if run.running:
-        run.cancel()
+    events = polledToEnd(run, 120)
     done = run.state == "done"
     explainer.close()
     scene.Clear(True)
@@ -79,12 +73,7 @@ def demoScoring(demoRun):
     region = Region("point", pointRas=demoRun.run.region.pointRas, description="point 'F-1', radius 0 mm")
     run = startScoring(explainer, volumes, [v.GetName() for v in volumes], region, ExplainSettings(),
                        ("gradient", "gradient_x_input"), ModelSource(), options=QUICK_SCORING)
-    events, deadline = [], time.monotonic() + 300
-    while run.running and time.monotonic() < deadline:
-        events += run.poll()
-        time.sleep(0.02)
-    if run.running:
-        run.cancel()
+    events = polledToEnd(run, 300)
     explainer.close()
     scene.Clear(True)
     return SimpleNamespace(run=run, events=events, record=run.record() if run.state == "done" else None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import slicer
 import vtk
@@ -63,3 +65,23 @@ def addDemoCase(scene):
     volumes = [addVolume(scene, channel, name=f"{series}: {name}", spacing=DEMO_SPACING, origin=DEMO_ORIGIN)
                for series, (channel, name) in enumerate(zip(image, SEQUENCE_NAMES), start=4)]
     return volumes, label
+
+
+def explaining(run, timeout=120):
+    """Poll until the worker runs this run's request (model and case are ready)."""
+    deadline = time.monotonic() + timeout
+    while not run._explaining and run.running and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.01)
+    assert run._explaining and run.running, run.error
+
+
+def polledToEnd(run, seconds: float) -> list:
+    """Poll a run as the widget's timer does until it ends, cancelling it after ``seconds``; its events."""
+    events, deadline = [], time.monotonic() + seconds
+    while run.running and time.monotonic() < deadline:
+        events += run.poll()
+        time.sleep(0.02)
+    if run.running:
+        run.cancel()
+    return events

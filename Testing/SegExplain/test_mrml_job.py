@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import slicer
-from mrml_scene import addDemoCase, addVolume
+from mrml_scene import addDemoCase, addVolume, explaining
 from SegExplainMRML import job, workflow
 
 from SegExplainLib.errors import SegExplainError
@@ -117,15 +117,6 @@ def click(explainer, volumes, region=None, settings=None, model=None):
     """What the Explain button does, with the demo model by default."""
     return workflow.startExplanation(explainer, volumes, [v.GetName() for v in volumes], region or job.Region(
         "predicted", description="predicted region"), settings or job.ExplainSettings(), model or job.ModelSource())
-
-
-def explaining(run, timeout=120):
-    """Poll until the worker runs this click's explanation (model and case are ready)."""
-    deadline = time.monotonic() + timeout
-    while not run._explaining and run.running and time.monotonic() < deadline:
-        run.poll()
-        time.sleep(0.01)
-    assert run._explaining and run.running, run.error
 
 
 @pytest.mark.parametrize(("name", "safe"), [("T2", "T2"), ("T1-20s", "T1-20s"), ("T1 post/Gd", "T1_post_Gd"),

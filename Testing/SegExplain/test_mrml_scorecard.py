@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from mrml_scene import QUICK_SCORING, addDemoCase
+from mrml_scene import QUICK_SCORING, addDemoCase, explaining
 from SegExplainMRML import job, nodes, results, workflow
 
 from SegExplainLib.errors import SegExplainError
@@ -197,10 +197,7 @@ def test_cancel_stops_the_scoring_and_the_worker_stays_warm(scene, explainer):
     volumes, _ = addDemoCase(scene)
     slow = score(explainer, volumes, methods=("occlusion",),
                  settings=job.ExplainSettings(extraOptions={"window": 2}))
-    deadline = time.monotonic() + 120
-    while not slow._explaining and slow.running and time.monotonic() < deadline:
-        slow.poll(0.05)
-    assert slow._explaining and slow.running, slow.error
+    explaining(slow)
     started = time.monotonic()
     slow.cancel()
     assert time.monotonic() - started < 6
