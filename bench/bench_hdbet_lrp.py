@@ -75,12 +75,17 @@ def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64], help="volume D H W (multiples of 32)")
+    parser.add_argument("--shape", type=int, nargs=3, default=[32, 64, 64],
+                        help="volume D H W: multiples of 32, one of them 64 or more (the deepest instance norm needs "
+                             "more than one voxel)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--composites", nargs="+", default=list(COMPOSITES), help="LRP composites to time")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    if any(n <= 0 or n % 32 for n in args.shape) or max(args.shape) < 64:
+        parser.error(f"--shape {' '.join(map(str, args.shape))}: expected multiples of 32 with one of them 64 or more "
+                     "(five stride-2 stages leave shape/32 voxels to the deepest instance norm, which needs two)")
     torch.set_num_threads(args.threads)
     model = hdbet_like()
     x = torch.randn(1, 1, *args.shape)

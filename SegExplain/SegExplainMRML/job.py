@@ -329,18 +329,27 @@ class WarmRun:
         """Move the worker's bytes (the GUI timer's tick) and return its events since the last call; updates
         ``state``, ``fraction``, ``step`` and ``error``. ``timeout``: wait that long for a first event."""
         events = self.explainer.poll(timeout) if self.explainer.worker is self.worker else self.worker.poll(timeout)
-        for event in events:
-            if event.get("event") == "progress" and self.running:
-                self._explaining = self._explaining or event["request"] == self.request
-                # a scoring tells its fraction done; an explanation's steps have theirs
-                self.step = event["step"]
-                self.fraction = event.get("fraction", _FRACTIONS.get(event["step"], self.fraction))
+        # the step is read off the worker, not off these events: another run polling the same worker (a scoring
+        # queued behind a click) may have received this run's events, and this run theirs
+        progress = self.worker.progress(self.request) or self._queuedBehind()
+        if progress is not None and self.running:
+            self._explaining = self._explaining or progress["request"] == self.request
+            # a scoring tells its fraction done; an explanation's steps have theirs
+            self.step = progress["step"]
+            self.fraction = progress.get("fraction", _FRACTIONS.get(progress["step"], self.fraction))
         self.preview = self.preview or self.worker.preview(self.request)
         answer = self.worker.answer(self.request)
         if self.running and answer is not None:
             self.state, self.error, self.fraction = answer.state, answer.error, 1.0
             self.answer = answer if answer.state == "done" else None
         return events
+
+    def _queuedBehind(self) -> dict[str, Any] | None:
+        """The progress of the model's load or the case while this run waits for them, else None."""
+        worker = self.worker
+        waitedFor = [request for request in (worker.case_request, worker.load_request)
+                     if request and worker.answer(request) is None]
+        return next(filter(None, map(worker.progress, waitedFor)), None)
 
     def wait(self, timeout: float | None = None) -> str:
         """Block until the answer (tests and scripts); returns the final state."""

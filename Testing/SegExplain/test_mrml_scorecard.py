@@ -209,6 +209,25 @@ def test_cancel_stops_the_scoring_and_the_worker_stays_warm(scene, explainer):
     assert explainer.worker.starts == 1
 
 
+def test_a_click_and_a_scoring_on_one_worker_each_show_their_own_progress(scene, explainer):
+    """The widget's two timers poll a click and a scoring queued behind it on one worker, and each poll takes the
+    events that came: the scoring, polled alone to its end, never shows the click's step, and the click, polled after
+    the scoring took all of its events, still knows it ran and what it did last."""
+    volumes, _ = addDemoCase(scene)
+    clickRun = workflow.startExplanation(explainer, volumes, [v.GetName() for v in volumes],
+                                         job.Region("predicted"), job.ExplainSettings(method="gradient"),
+                                         job.ModelSource())
+    scoring = score(explainer, volumes)
+    steps, deadline = [], time.monotonic() + 120
+    while scoring.running and time.monotonic() < deadline:
+        scoring.poll(0.05)
+        steps.append(scoring.step)
+    assert scoring.state == "done", scoring.error
+    assert "explaining" not in steps and "explaining: gradient" in steps
+    clickRun.poll()
+    assert clickRun.state == "done" and clickRun._explaining and clickRun.step == "explaining"
+
+
 def test_scored_methods_come_from_the_controls():
     """Spaces or commas separate the names; an empty field scores the defaults."""
     assert workflow.scoredMethods(SimpleNamespace(scoreMethods="lrp, gradient  rise")) == ("lrp", "gradient", "rise")

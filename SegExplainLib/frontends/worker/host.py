@@ -82,6 +82,7 @@ class Worker:
         self._process: subprocess.Popen | None = None
         self._answers: dict[int, Answer] = {}
         self._previews: dict[int, Answer] = {}
+        self._progress: dict[int, dict[str, Any]] = {}
         self._events: list[dict[str, Any]] = []
         self._pending: set[int] = set()
         self._outbox: Outbox | None = None
@@ -189,6 +190,12 @@ class Worker:
         """The answer to ``request``, or None while it runs (:meth:`poll` or :meth:`wait` bring the answers in)."""
         return self._answers.get(request)
 
+    def progress(self, request: int) -> dict[str, Any] | None:
+        """The last progress event of ``request`` (``step``, and ``fraction`` for a scoring), or None before its
+        first. Kept per request because :meth:`poll` hands each event to one caller only: two runs polling one worker
+        each read their own progress here, whichever of them received the event."""
+        return self._progress.get(request)
+
     def preview(self, request: int) -> Answer | None:
         """The preview of explanation ``request`` (asked with ``preview=True``), or None before it came; its record
         says what it shows (``"preview": True``, ``"ensemble"``)."""
@@ -252,7 +259,9 @@ class Worker:
 
     def _received(self, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         event = header.get("event")
-        if event in ("answer", "preview"):
+        if event == "progress":
+            self._progress[header["request"]] = header
+        elif event in ("answer", "preview"):
             answer = Answer(header["request"], header["state"], header.get("record", {}), arrays.get("maps"),
                             header.get("error", ""), header.get("seconds", 0.0))
             if event == "preview":  # the request goes on to its exact answer
