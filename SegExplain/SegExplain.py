@@ -102,6 +102,7 @@ class SegExplainParameterNode:
     preview: show an ensemble's quick preview (nnU-Net: fold 0 without mirroring) first, replaced by the exact answer.
     The method fields mirror SegExplainMRML.job.ExplainSettings; the filter fields drive the live overlay.
     scoreMethods: the methods "Score methods" scores for the region (SegExplainMRML.workflow.scoredMethods).
+    scoringOptions: that scoring's options, a JSON object (SegExplainMRML.workflow.scoringOptions); empty: the defaults.
     """
 
     modelKind: Annotated[str, Choice(["card", "nnunet", "bundle"])] = "card"
@@ -147,6 +148,7 @@ class SegExplainParameterNode:
     groundTruthSegmentId: str = ""
     montageOrientation: Annotated[str, Choice(["Axial", "Coronal", "Sagittal"])] = "Axial"
     scoreMethods: str = "gradient gradient_x_input lrp"
+    scoringOptions: str = ""
 
 
 #
@@ -764,14 +766,15 @@ class SegExplainLogic(ScriptedLoadableModuleLogic):
 
     def startScoring(self, parameters, trustModelCode: bool = False):
         """Ask the warm worker for the scorecard of the chosen methods (``scoreMethods``) for the region, with the
-        panel's class, device and seed; returns the running scoring (``ScoreRun``). Trust as for
+        panel's class, device and seed and the scoring options (``scoringOptions``); returns the running scoring
+        (``ScoreRun``). Trust as for
         :meth:`startExplanation`."""
         from SegExplainMRML import workflow
 
         model, names = self._modelAndInputs(parameters)
         run = workflow.startScoring(self.explainer(), list(parameters.inputVolumes), names, self.region(parameters),
                                     workflow.settings(parameters), workflow.scoredMethods(parameters), model,
-                                    trustModelCode=trustModelCode)
+                                    trustModelCode=trustModelCode, options=workflow.scoringOptions(parameters))
         logging.info("SegExplain: %s", " ".join(run.command()))
         return run
 

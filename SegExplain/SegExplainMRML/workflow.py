@@ -91,18 +91,33 @@ def settings(parameters: Any) -> ExplainSettings:
     """The method and options; the layer-wise filter is the current filter when ``layerwiseFilter`` is on."""
     values = {f.name: getattr(parameters, f.name) for f in fields(ExplainSettings)
               if f.name not in ("layerFilter", "extraOptions") and hasattr(parameters, f.name)}
-    text = getattr(parameters, "advancedOptions", "").strip()
-    if text:
-        try:
-            values["extraOptions"] = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise SegExplainError(f"other options must be a JSON object such as {{\"noise_level\": 0.2}}, got {text!r} "
-                                  f"({error.msg})") from None
-        if not isinstance(values["extraOptions"], dict):
-            raise SegExplainError(f"other options must be a JSON object such as {{\"noise_level\": 0.2}}, got {text!r}")
+    extraOptions = _jsonObject(getattr(parameters, "advancedOptions", ""), "other options", '{"noise_level": 0.2}')
+    if extraOptions is not None:
+        values["extraOptions"] = extraOptions
     if getattr(parameters, "layerwiseFilter", False) and parameters.filterKind != "none":
         values["layerFilter"] = f"{parameters.filterKind}:{float(parameters.filterLow):g},{float(parameters.filterHigh):g}"
     return ExplainSettings(**values)
+
+
+def _jsonObject(text: str, what: str, example: str) -> dict[str, Any] | None:
+    """A panel's text field holding a JSON object (``what`` names the field in the error); None when empty."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SegExplainError(f"{what} must be a JSON object such as {example}, got {text!r} ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise SegExplainError(f"{what} must be a JSON object such as {example}, got {text!r}")
+    return value
+
+
+def scoringOptions(parameters: Any) -> dict[str, Any] | None:
+    """The options of "Score methods" (``scoringOptions``): a JSON object of the scoring's fields (``steps``,
+    ``random_orders``, ``scores``, ...; see :class:`~SegExplainLib.application.requests.EvaluationRequest`), or None
+    for ``segexplain evaluate``'s defaults. An unknown field is refused by name when the scoring is asked for."""
+    return _jsonObject(getattr(parameters, "scoringOptions", ""), "scoring options", '{"steps": 8, "random_orders": 4}')
 
 
 def _model(model: str | ModelSource | None) -> ModelSource:

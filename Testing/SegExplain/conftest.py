@@ -10,6 +10,7 @@ export tests load its scorecard.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -65,14 +66,15 @@ def demoScoring(demoRun):
     """The scorecard of gradient and gradient x input for the session click's voxel (the "Score methods" action)
     through a real warm worker, polled to its end with a 300 s deadline."""
     from SegExplainMRML.job import ExplainSettings, ModelSource, Region, WarmExplainer
-    from SegExplainMRML.workflow import startScoring
+    from SegExplainMRML.workflow import scoringOptions, startScoring
 
     scene = wiredScene()
     volumes, _ = addDemoCase(scene)
     explainer = WarmExplainer()
     region = Region("point", pointRas=demoRun.run.region.pointRas, description="point 'F-1', radius 0 mm")
     run = startScoring(explainer, volumes, [v.GetName() for v in volumes], region, ExplainSettings(),
-                       ("gradient", "gradient_x_input"), ModelSource(), options=QUICK_SCORING)
+                       ("gradient", "gradient_x_input"), ModelSource(),
+                       options=scoringOptions(SimpleNamespace(scoringOptions=json.dumps(QUICK_SCORING))))  # the panel's
     events = polledToEnd(run, 300)
     explainer.close()
     scene.Clear(True)

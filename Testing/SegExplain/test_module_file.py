@@ -217,6 +217,8 @@ def test_score_methods_runs_in_the_background_with_cancel_and_shown_errors(tree)
     pressed = _method(tree, "SegExplainWidget", "onScoreButton")
     assert "self._scoring.cancel()" in pressed and "slicer.util.tryWithErrorDisplay(" in pressed
     assert "self.logic.startScoring(self._parameterNode" in pressed and "self._scoreTimer.start()" in pressed
+    started = _method(tree, "SegExplainLogic", "startScoring")
+    assert "workflow.scoredMethods(parameters)" in started and "options=workflow.scoringOptions(parameters)" in started
     polled = _method(tree, "SegExplainWidget", "onScoreTimer")
     assert "run.poll()" in polled and "slicer.util.errorDisplay(" in polled
     assert "slicer.util.tryWithErrorDisplay(" in polled and "self.logic.finishScoring(run, self._explanation)" in polled

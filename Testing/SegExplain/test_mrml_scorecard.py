@@ -179,6 +179,20 @@ def test_bad_scoring_options_are_refused_by_name(scene, explainer, options, mess
     assert explainer.worker is None
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("{steps: 8}", r"scoring options must be a JSON object such as .* got '\{steps: 8\}' \(Expecting property name"),
+    ("[8]", r"scoring options must be a JSON object such as .* got '\[8\]'"),
+])
+def test_the_panels_scoring_options_are_a_json_object(text, message):
+    """The panel's scoring options are a JSON object of the scoring's fields (an empty field: the defaults); other
+    text is refused with what was typed. Their reaching the worker is checked on the session's scoring (demoScoring
+    passes the panel's text)."""
+    assert workflow.scoringOptions(SimpleNamespace(scoringOptions=" ")) is None
+    assert workflow.scoringOptions(SimpleNamespace(scoringOptions='{"steps": 3}')) == {"steps": 3}
+    with pytest.raises(SegExplainError, match=message):
+        workflow.scoringOptions(SimpleNamespace(scoringOptions=text))
+
+
 def test_a_failing_scoring_reports_one_line_and_the_worker_stays(scene, explainer):
     """A point outside the grid fails the scoring in the worker with the command line's one-line message; the
     worker stays warm and scores the next request."""
