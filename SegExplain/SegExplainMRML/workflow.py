@@ -15,12 +15,12 @@ scores).
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path, PurePath
 from typing import Any
 
 from SegExplainLib.application.model_source import ModelSource
+from SegExplainLib.application.options import json_object
 from SegExplainLib.errors import SegExplainError
 
 from . import display, export, nodes, results
@@ -102,15 +102,7 @@ def settings(parameters: Any) -> ExplainSettings:
 def _jsonObject(text: str, what: str, example: str) -> dict[str, Any] | None:
     """A panel's text field holding a JSON object (``what`` names the field in the error); None when empty."""
     text = str(text or "").strip()
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SegExplainError(f"{what} must be a JSON object such as {example}, got {text!r} ({error.msg})") from None
-    if not isinstance(value, dict):
-        raise SegExplainError(f"{what} must be a JSON object such as {example}, got {text!r}")
-    return value
+    return json_object(text, what, example=example) if text else None
 
 
 def scoringOptions(parameters: Any) -> dict[str, Any] | None:

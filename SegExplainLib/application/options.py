@@ -133,13 +133,22 @@ def to_json(obj: Any) -> dict[str, Any]:
     return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
+def json_object(text: str, what: str, *, example: str = "") -> dict[str, Any]:
+    """``text`` read as a JSON object; otherwise a SegExplainError naming ``what`` (and ``example``) and the text."""
+    expected = f"{what} must be a JSON object" + (f" such as {example}" if example else "")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SegExplainError(f"{expected}, got {text[:80]!r} ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise SegExplainError(f"{expected}, got {text[:80]!r}")
+    return value
+
+
 def from_json(cls: type, data: Any, nested: dict[str, type] | None = None) -> Any:
     """A ``cls`` from its JSON object, checked as at construction; unknown keys are refused by name."""
     if isinstance(data, str):
-        try:
-            data = json.loads(data)
-        except json.JSONDecodeError as error:
-            raise SegExplainError(f"a {cls.__name__} must be a JSON object, got {data[:80]!r} ({error.msg})") from None
+        data = json_object(data, f"a {cls.__name__}")
     if not isinstance(data, dict):
         raise SegExplainError(f"a {cls.__name__} must be a JSON object, got {data!r}")
     known = [f.name for f in dataclasses.fields(cls)]
