@@ -113,11 +113,12 @@ class ScoreAction:
     async def _watch(self, worker: Any, number: int) -> None:
         while (answer := worker.answer(number)) is None and worker.state == "running":
             await asyncio.sleep(0.05)
-            steps = [e for e in worker.poll() if e.get("request") == number and "fraction" in e]
-            if steps:
+            worker.poll()  # another watcher (a click's) may receive this request's events: read them off the worker
+            progress = worker.progress(number)
+            if progress is not None and "fraction" in progress:
                 with self.app.state:
-                    self.app.state.update({"score_progress": round(100 * steps[-1]["fraction"]),
-                                           "score_step": steps[-1]["step"]})
+                    self.app.state.update({"score_progress": round(100 * progress["fraction"]),
+                                           "score_step": progress["step"]})
         with self.app.state:
             self.app.state.update({"scoring": False, "score_step": ""})
             if answer is not None and answer.state == "cancelled":

@@ -3,16 +3,20 @@ cancel; the page shows the figure, the table and the recommendation, and offers 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 from review_page import setState
+
+from SegExplainReview.scorecard import ScoreAction
 
 SUMMARY, FIGURE = "/segexplain/scorecard/summary.json", "/segexplain/scorecard/scorecard.png"
 
@@ -91,3 +95,48 @@ def test_cancel_stops_the_scoring_and_keeps_the_last_scorecard(server, page):
     page.waitFor("!window.trame.state.get('scoring')", timeout=300)
     assert page.evaluate("window.trame.state.get('error')") == ""
     assert [row["method"] for row in page.evaluate("window.trame.state.get('score_rows')")] == ["gradient"]
+
+
+class _State(dict):
+    """The app state's part the watcher uses: attributes, update (each one kept in ``updates``), and ``with``."""
+
+    __getattr__, __setattr__ = dict.get, dict.__setitem__
+
+    def update(self, values):
+        self.setdefault("updates", []).append(dict(values))
+        super().update(values)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+class _SharedWorker:
+    """A worker whose every event another poller (a click's watcher) has taken: ``poll`` gives this one nothing."""
+
+    state = "running"
+
+    def __init__(self, number):
+        self.number, self.polls = number, 0
+
+    def poll(self):
+        self.polls += 1
+        return []
+
+    def progress(self, request):
+        return {"event": "progress", "request": request, "step": "faithfulness curves", "fraction": 0.4} if (
+            request == self.number and self.polls >= 1) else None
+
+    def answer(self, request):
+        return SimpleNamespace(state="cancelled", error="") if self.polls >= 2 else None
+
+
+def test_the_scoring_shows_its_progress_when_a_click_took_its_events():
+    """The watcher reads the scoring's progress off the worker, which keeps each request's last step, so that the
+    progress bar moves even when the click's watcher, polling the same worker, received the events."""
+    action = ScoreAction(SimpleNamespace(state=_State(scoring=True, score_progress=0, score_step="starting")))
+    asyncio.run(action._watch(_SharedWorker(7), 7))
+    assert {"score_progress": 40, "score_step": "faithfulness curves"} in action.app.state["updates"]
+    assert action.app.state["message"] == "Scoring cancelled" and not action.app.state["scoring"]
