@@ -155,6 +155,12 @@ def _initial_panels(f: np.ndarray, max_panels: int, tolerance: float) -> list[in
     return edges
 
 
+def _scale(f: np.ndarray) -> float:
+    """What the tolerance is a share of: the score's change ``|F(1) - F(0)|`` over the scan ``f`` (summed over the
+    batch), kept above zero for a path whose ends score alike."""
+    return max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
+
+
 def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
              integrate: Callable[[np.ndarray, np.ndarray], tuple[Any, np.ndarray]], *, max_passes: int,
              tolerance: float) -> AdaptiveResult:
@@ -188,7 +194,7 @@ def adaptive(score_at: Callable[[np.ndarray], np.ndarray],
         return panel
 
     panels = [evaluated(scan[i], scan[j], f[i], f[j]) for i, j in zip(edges, edges[1:])]
-    scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
+    scale = _scale(f)
     while passes + 2 * order <= max_passes:
         errors = [panel.error for panel in panels]
         if sum(errors) <= tolerance * scale:
@@ -243,7 +249,7 @@ def adaptive_simpson(score_at: Callable[[np.ndarray], np.ndarray],
     """
     scan = np.asarray(SCAN)
     f = np.asarray(score_at(scan), dtype=np.float64)  # the only forward passes: F at a split comes with its pass
-    scale = max(float(np.abs(f[-1] - f[0]).sum()), 1e-12 * float(np.abs(f).max()), 1e-30)
+    scale = _scale(f)
     if max_passes < 3:  # no room for one Simpson panel: Gauss-Legendre on [0, 1]
         nodes, weights = fixed_rule("gausslegendre", max(max_passes, 1))
         tensors, slopes_at, _ = gradients(nodes)
